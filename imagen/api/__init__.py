@@ -1,0 +1,1 @@
+"""The HTTP layer. It never imports torch, diffusers or celery."""

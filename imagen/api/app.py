@@ -1,0 +1,55 @@
+"""Builds the FastAPI application: settings, registry and job backend are wired here, once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from imagen import __version__
+from imagen.api.routes import router
+from imagen.config import Settings
+from imagen.errors import BrokerUnavailableError, QueueFullError
+from imagen.jobs.base import JobBackend
+from imagen.jobs.factory import build_backend
+from imagen.registry import load_registry
+
+QUEUE_FULL = "Queue pleine, réessayez plus tard"
+BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
+
+log = logging.getLogger("imagen.api")
+
+
+def create_app(settings: Settings | None = None, backend: JobBackend | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = load_registry(settings.registry_path)
+    registry.resolve_default_model(settings.default_model)  # a bad default fails at start, not per request
+    backend = backend or build_backend(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend.start()
+        log.info("imagen %s ready: %d model(s), %d LoRA(s)", __version__, len(registry.models), len(registry.loras))
+        try:
+            yield
+        finally:
+            backend.stop()
+
+    app = FastAPI(title="Imagen API", version="2.0", description="Stable Diffusion XL generation", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.backend = backend
+    app.include_router(router)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
+        return JSONResponse({"detail": QUEUE_FULL}, status_code=503, headers={"Retry-After": "30"})
+
+    @app.exception_handler(BrokerUnavailableError)
+    async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
+        return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
+
+    return app

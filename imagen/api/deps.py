@@ -1,0 +1,31 @@
+"""What routes receive, as typed dependencies. Everything is built once in ``app.create_app``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from imagen.config import Settings
+from imagen.jobs.base import JobBackend
+from imagen.registry import Registry
+
+
+def get_backend(request: Request) -> JobBackend:
+    backend: JobBackend = request.app.state.backend
+    return backend
+
+
+def get_registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+BackendDep = Annotated[JobBackend, Depends(get_backend)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,65 @@
+"""All settings, read from ``IMAGEN_*`` environment variables (or a ``.env`` file).
+
+Every field carries a description: the README's configuration table is generated from them
+(``imagen settings --markdown``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEN_", env_file=".env", extra="ignore")
+
+    # --- HTTP -------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the API listens on.")
+    port: int = Field(8009, description="Port the API listens on.")
+
+    # --- files ------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Where the job database and the demo model live.")
+    outputs_dir: Path = Field(Path("outputs"), description="Where generated PNGs are written and served from.")
+    registry_path: Path | None = Field(
+        None,
+        description="YAML file declaring models and LoRAs (see registry.example.yaml). "
+        "Unset: the built-in demo model only.",
+    )
+
+    # --- job system -------------------------------------------------------------------------
+    broker_url: str | None = Field(
+        None,
+        description="Unset: the embedded SQLite job system. `redis://host:6379/0`: Celery + Redis (distributed).",
+    )
+    max_queue: int = Field(100, ge=1, description="Jobs that may wait; beyond that POST /generate answers 503.")
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per job (first run included) on errors that may pass (OOM, dead worker)."
+    )
+    job_timeout_s: float = Field(600.0, gt=0, description="A job running longer than this fails with a timeout.")
+    result_ttl_s: float = Field(3600.0, gt=0, description="Seconds /status and /image keep a finished job.")
+    workers: int = Field(1, ge=1, description="Embedded: generation worker processes (one job at a time each).")
+
+    # --- generation -------------------------------------------------------------------------
+    engine: str = Field(
+        "diffusers",
+        description="Generation engine: `diffusers` (real SDXL), `test-pattern` (no torch; a deterministic "
+        "image after `test_pattern_seconds`), or `module:Class` for your own engine.",
+    )
+    test_pattern_seconds: float = Field(0.0, ge=0, description="Time the test-pattern engine takes per job.")
+    default_model: str | None = Field(
+        None, description="Model used when a request names none. Unset: `sdxl-base` if declared, else the first."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where the diffusers engine runs.")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

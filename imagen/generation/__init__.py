@@ -1,0 +1,1 @@
+"""Generation engines. Only worker processes import the engines themselves (they import torch)."""

@@ -1,0 +1,115 @@
+"""The generator interface between the job system and an engine.
+
+The job system hands an engine a :class:`GenerationTask` (validated request, ids resolved against the
+registry, seed fixed) and a progress callback; the engine returns a :class:`GeneratedImage`. Engines run
+in worker processes only. This module imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from imagen.config import Settings
+from imagen.registry import Registry
+
+# Step names reported in ``meta.step`` (the reference shows ``generation_gpu`` for denoising).
+STEP_LOADING_MODEL = "loading_model"
+STEP_LOADING_LORAS = "loading_loras"
+STEP_ENCODING_PROMPT = "encoding_prompt"
+STEP_GENERATION = "generation_gpu"
+STEP_DECODING = "decoding"
+STEP_SAVING = "saving"
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    name: str
+    weight: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight}
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """Everything an engine needs for one image; plain data, JSON-serialisable via ``as_dict``."""
+
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    loras: tuple[LoraChoice, ...] = ()
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int = 0
+    ip_strength: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": self.model,
+            "loras": [lora.as_dict() for lora in self.loras],
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "ip_strength": self.ip_strength,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationTask:
+        return cls(
+            prompt=data["prompt"],
+            negative_prompt=data.get("negative_prompt"),
+            model=data["model"],
+            loras=tuple(LoraChoice(lo["name"], float(lo["weight"])) for lo in data.get("loras", [])),
+            steps=int(data["steps"]),
+            guidance_scale=float(data["guidance_scale"]),
+            seed=int(data["seed"]),
+            ip_strength=float(data.get("ip_strength", 0.0)),
+        )
+
+
+@dataclass
+class GeneratedImage:
+    """An engine's result: the RGB image and what it actually did (final prompt, size, sampler...)."""
+
+    image: Image.Image
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ProgressCallback(Protocol):
+    def __call__(self, step: str, progress: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    gpu_available: bool
+    device: str
+    dtype: str | None = None
+
+
+class Engine(ABC):
+    """A generation engine, built once per worker process and reused for every job it runs."""
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    @abstractmethod
+    def device_info(self) -> DeviceInfo:
+        """Where this engine computes (reported by ``/health``)."""
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Called once when the worker starts, before the first job (e.g. build/compile the default model)."""
+
+    @abstractmethod
+    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+        """Make one image. Raise ``RetryableGenerationError`` / ``FatalGenerationError`` on purpose;
+        any other exception is classified by the worker (out-of-memory retries, the rest fails)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release memory (called when the worker stops)."""

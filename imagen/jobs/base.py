@@ -1,0 +1,30 @@
+"""The job-backend interface the API talks to. Implementations: ``embedded.EmbeddedBackend`` (SQLite,
+worker processes on this machine) and ``celery_backend.CeleryBackend`` (Redis, workers anywhere)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from imagen.jobs.models import BackendHealth, JobRecord, NewJob, Submitted
+
+
+class JobBackend(ABC):
+    @abstractmethod
+    def start(self) -> None:
+        """Start whatever runs jobs (called once when the API starts)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop cleanly; queued jobs stay queued for the next start."""
+
+    @abstractmethod
+    def submit(self, job: NewJob) -> Submitted:
+        """Queue a job. Raises ``QueueFullError`` when ``max_queue`` jobs wait already,
+        ``BrokerUnavailableError`` when the queue cannot be reached."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job, or None when unknown or expired (finished more than ``result_ttl_s`` ago)."""
+
+    @abstractmethod
+    def health(self) -> BackendHealth: ...

@@ -1,0 +1,61 @@
+"""Small types shared by every job backend."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    PROGRESS = "PROGRESS"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCESS, JobState.FAILURE)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated request, ready to queue: the task and the file name its image will get."""
+
+    job_id: str
+    task: dict[str, Any]
+    output_name: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    position: int  # 1 = next to start
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    state: JobState
+    task: dict[str, Any]
+    output_name: str
+    attempts: int = 0
+    progress_step: str | None = None
+    progress: int | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def meta(self) -> dict[str, Any] | None:
+        if self.progress_step is None:
+            return None
+        return {"step": self.progress_step, "progress": self.progress or 0}
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    queue_broker: str  # "embedded", "connected" or "disconnected"
+    gpu_available: bool

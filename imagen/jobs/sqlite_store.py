@@ -1,0 +1,244 @@
+"""The durable job store of the embedded backend: one SQLite file in WAL mode.
+
+Jobs are claimed inside ``BEGIN IMMEDIATE`` so two workers never take the same job. A running job
+carries its owner and a heartbeat; a job whose owner died is put back in the queue (or failed once it
+used all its attempts), so a job that got a job_id always ends in SUCCESS or FAILURE.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from imagen.errors import QueueFullError
+from imagen.jobs.models import JobRecord, JobState, NewJob, Submitted
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    task TEXT NOT NULL,
+    output_name TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    heartbeat_at REAL,
+    progress_step TEXT,
+    progress INTEGER,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
+"""
+
+RUNNING = (JobState.STARTED.value, JobState.PROGRESS.value)
+COLUMNS = (
+    "job_id, state, task, output_name, attempts, progress_step, progress, result, error, "
+    "created_at, started_at, finished_at"
+)
+
+
+class SqliteJobStore:
+    def __init__(self, path: Path, *, result_ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.result_ttl_s = result_ttl_s
+        self.clock = clock
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection().executescript(SCHEMA)
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged job survives a power cut, not only a crash of this process.
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- API side ------------------------------------------------------------------------------
+    def submit(self, job: NewJob, max_queue: int) -> Submitted:
+        with self._transaction() as db:
+            waiting = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+            ahead = int(waiting.fetchone()[0])
+            if ahead >= max_queue:
+                raise QueueFullError(f"{ahead} jobs waiting (max {max_queue})")
+            db.execute(
+                "INSERT INTO jobs (job_id, state, task, output_name, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job.job_id, JobState.PENDING.value, json.dumps(job.task), job.output_name, self.clock()),
+            )
+        return Submitted(job_id=job.job_id, position=ahead + 1)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._connection().execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        record = _record(row)
+        if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
+            return None
+        return record
+
+    def count_waiting(self) -> int:
+        row = self._connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        return int(row.fetchone()[0])
+
+    def position(self, job_id: str) -> int | None:
+        """1 + the number of waiting jobs queued before this one; None if it is not waiting."""
+        row = self._connection().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= "
+            "(SELECT seq FROM jobs WHERE job_id = ? AND state = ?)",
+            (JobState.PENDING.value, job_id, JobState.PENDING.value),
+        ).fetchone()
+        return int(row[0]) or None
+
+    # -- worker side -----------------------------------------------------------------------------
+    def claim_next(self, owner: str) -> JobRecord | None:
+        now = self.clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT seq FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.PENDING.value,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
+                "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
+                (JobState.STARTED.value, owner, now, now, row["seq"]),
+            )
+            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+        return _record(claimed)
+
+    def report_progress(self, job_id: str, owner: str, step: str, progress: int) -> None:
+        self._connection().execute(
+            "UPDATE jobs SET state = ?, progress_step = ?, progress = ?, heartbeat_at = ? "
+            "WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
+            (JobState.PROGRESS.value, step, progress, self.clock(), job_id, owner, *RUNNING),
+        )
+
+    def heartbeat(self, job_id: str, owner: str) -> None:
+        self._connection().execute(
+            "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
+            (self.clock(), job_id, owner, *RUNNING),
+        )
+
+    def complete(self, job_id: str, owner: str, result: dict[str, Any]) -> bool:
+        return self._finish(job_id, owner, JobState.SUCCESS, result=result)
+
+    def fail(self, job_id: str, owner: str, error: str) -> bool:
+        return self._finish(job_id, owner, JobState.FAILURE, error=error)
+
+    def _finish(
+        self, job_id: str, owner: str, state: JobState, *, result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        cursor = self._connection().execute(
+            "UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, owner = NULL, "
+            "progress_step = NULL, progress = NULL WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
+            (state.value, json.dumps(result) if result is not None else None, error, self.clock(),
+             job_id, owner, *RUNNING),
+        )
+        return cursor.rowcount == 1
+
+    def retry_or_fail(self, job_id: str, owner: str, error: str, max_attempts: int) -> JobState | None:
+        """After a failed attempt that may pass: back to the queue, or FAILURE when attempts are used up."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT attempts FROM jobs WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
+                (job_id, owner, *RUNNING),
+            ).fetchone()
+            if row is None:
+                return None
+            return self._requeue_or_fail(db, job_id, int(row["attempts"]), error, max_attempts)
+
+    def release(self, job_id: str, owner: str) -> None:
+        """Give a running job back to the queue without counting the attempt (clean shutdown)."""
+        self._connection().execute(
+            "UPDATE jobs SET state = ?, owner = NULL, attempts = MAX(attempts - 1, 0), progress_step = NULL, "
+            "progress = NULL WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
+            (JobState.PENDING.value, job_id, owner, *RUNNING),
+        )
+
+    def recover_orphans(self, is_dead: Callable[[str, float | None], bool], max_attempts: int) -> list[str]:
+        """Running jobs whose owner is gone go back to the queue (or fail after max_attempts)."""
+        recovered = []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT job_id, owner, heartbeat_at, attempts FROM jobs WHERE state IN (?, ?)", RUNNING
+            ).fetchall()
+            for row in rows:
+                if is_dead(row["owner"] or "", row["heartbeat_at"]):
+                    error = "worker died while running the job"
+                    self._requeue_or_fail(db, row["job_id"], int(row["attempts"]), error, max_attempts)
+                    recovered.append(row["job_id"])
+        return recovered
+
+    def _requeue_or_fail(
+        self, db: sqlite3.Connection, job_id: str, attempts: int, error: str, max_attempts: int
+    ) -> JobState:
+        if attempts < max_attempts:
+            db.execute(
+                "UPDATE jobs SET state = ?, owner = NULL, error = ?, progress_step = NULL, progress = NULL "
+                "WHERE job_id = ?",
+                (JobState.PENDING.value, error, job_id),
+            )
+            return JobState.PENDING
+        db.execute(
+            "UPDATE jobs SET state = ?, owner = NULL, error = ?, finished_at = ?, progress_step = NULL, "
+            "progress = NULL WHERE job_id = ?",
+            (JobState.FAILURE.value, f"{error} (after {attempts} attempts)", self.clock(), job_id),
+        )
+        return JobState.FAILURE
+
+    def purge_expired(self) -> int:
+        cutoff = self.clock() - self.result_ttl_s
+        cursor = self._connection().execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+        return cursor.rowcount
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    state = JobState(row["state"])
+    return JobRecord(
+        job_id=row["job_id"],
+        state=state,
+        task=json.loads(row["task"]),
+        output_name=row["output_name"],
+        attempts=row["attempts"],
+        progress_step=row["progress_step"],
+        progress=row["progress"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        # A PENDING job may carry the error of its previous attempt; only a FAILURE shows it.
+        error=row["error"] if state is JobState.FAILURE else None,
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )

@@ -1,0 +1,163 @@
+"""The registry: which models and LoRAs this server offers, declared in one YAML file.
+
+Requests name models and LoRAs by id only; paths live here and nowhere else.
+See ``registry.example.yaml`` for the documented format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imagen.errors import RegistryError
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+DEMO_MODEL_ID = "demo"
+
+
+class ModelSpec(BaseModel):
+    """A base model: an SDXL diffusers folder or a single-file ``.safetensors`` checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_PATTERN)
+    name: str
+    description: str = ""
+    path: Path | None = Field(None, description="Diffusers folder or single-file .safetensors checkpoint.")
+    vae_path: str | None = Field(None, description="Optional VAE override (diffusers folder or .safetensors).")
+    default_negative: str = ""
+    prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
+    size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
+    demo: bool = Field(False, description="The built-in untrained demo model (built in code, no file).")
+
+    @property
+    def file_prefix(self) -> str:
+        return self.prefix or self.id.replace("-", "_").replace(".", "_")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ModelSpec:
+        if self.path is None and not self.demo:
+            raise ValueError(f"model {self.id!r}: `path` is required")
+        return self
+
+
+class LoraSpec(BaseModel):
+    """A LoRA / LyCORIS file (kohya or diffusers/PEFT key layout, ``.safetensors`` only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_PATTERN)
+    name: str
+    description: str = ""
+    path: Path
+    default_weight: float = Field(0.8, ge=0.0, le=2.0, allow_inf_nan=False)
+    trigger_words: list[str] | None = None
+
+    @field_validator("trigger_words")
+    @classmethod
+    def _no_blank_words(cls, words: list[str] | None) -> list[str] | None:
+        if words is not None and any(not word.strip() for word in words):
+            raise ValueError("trigger words must not be blank")
+        return words or None
+
+
+class IpAdapterSpec(BaseModel):
+    """The SDXL IP-Adapter used when a request asks ``ip_strength`` > 0, and its reference image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Field(description="IP-Adapter weights (.safetensors, diffusers/h94 layout).")
+    image_encoder_path: Path = Field(description="CLIP vision encoder folder (diffusers/transformers layout).")
+    reference_image: Path = Field(Path("reference/electra_ref.png"), description="Style reference image.")
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelSpec]
+    loras: list[LoraSpec] = []
+    ip_adapter: IpAdapterSpec | None = None
+    default_model: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Registry:
+        if not self.models:
+            raise ValueError("declare at least one model")
+        for kind, ids in (("model", [m.id for m in self.models]), ("LoRA", [lo.id for lo in self.loras])):
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate {kind} ids: {', '.join(duplicates)}")
+        if self.default_model is not None and self.default_model not in self.model_ids:
+            raise ValueError(f"default_model {self.default_model!r} is not a declared model")
+        return self
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+    @property
+    def lora_ids(self) -> list[str]:
+        return [lo.id for lo in self.loras]
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def lora(self, lora_id: str) -> LoraSpec | None:
+        return next((lo for lo in self.loras if lo.id == lora_id), None)
+
+    def resolve_default_model(self, configured: str | None = None) -> str:
+        """The model a request gets when it names none."""
+        for candidate in (configured, self.default_model):
+            if candidate is not None:
+                if candidate not in self.model_ids:
+                    raise RegistryError(f"default model {candidate!r} is not declared in the registry")
+                return candidate
+        return "sdxl-base" if "sdxl-base" in self.model_ids else self.models[0].id
+
+
+def builtin_registry() -> Registry:
+    """What a fresh install serves: the untrained demo model, built in code at first start."""
+    return Registry(
+        models=[
+            ModelSpec(
+                id=DEMO_MODEL_ID,
+                name="Demo SDXL (untrained)",
+                description="SDXL-architecture pipeline with tiny random weights, built in code: an untrained "
+                "demo that exercises the whole service without downloads. Configure real weights in the registry.",
+                default_negative="low quality, blurry, distorted, ugly, bad anatomy",
+                prefix="demo",
+                demo=True,
+            )
+        ]
+    )
+
+
+def load_registry(path: Path | None) -> Registry:
+    """Read and validate the registry file; relative paths are taken from the file's folder."""
+    if path is None:
+        return builtin_registry()
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RegistryError(f"registry file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RegistryError(f"registry file {path} must be a mapping with `models:` (and `loras:`)")
+    base = path.resolve().parent
+    ip_adapter = raw.get("ip_adapter")
+    entries = [*(raw.get("models") or []), *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
+    for entry in entries:
+        if isinstance(entry, dict):
+            for key in ("path", "vae_path", "image_encoder_path", "reference_image"):
+                value = entry.get(key)
+                if isinstance(value, str) and value and not Path(value).is_absolute():
+                    entry[key] = str((base / value).resolve())
+    try:
+        return Registry.model_validate(raw)
+    except ValidationError as exc:
+        raise RegistryError(f"registry file {path} is invalid:\n{exc}") from exc
+
