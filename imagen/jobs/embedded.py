@@ -89,6 +89,10 @@ class EmbeddedBackend(JobBackend):
             queue_broker="embedded", gpu_available=any(slot.gpu_available for slot in self._slots)
         )
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the generation workers (for operators and tests)."""
+        return [pid for slot in self._slots if (pid := slot.pid) is not None]
+
     # -- internals -------------------------------------------------------------------------------
     def notify_new_work(self) -> None:
         with self._new_work:
@@ -147,6 +151,11 @@ class WorkerSlot(threading.Thread):
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._context = multiprocessing.get_context("spawn")
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.is_alive() else None
 
     # -- child process ---------------------------------------------------------------------------
     def _spawn(self) -> bool:

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:  `make run`  and  `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
+# box the same pin takes the CUDA build.
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/imagen: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/imagen
+
+run: install
+	$(BIN)/imagen serve
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check imagen tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/service_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
