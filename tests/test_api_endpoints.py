@@ -1,0 +1,155 @@
+"""Each endpoint of the API reference v2.0: shapes, status codes, headers, files."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.conftest import ServerProcess, wait_status
+
+FILENAME = re.compile(r"^sdxl_base_\d{8}_\d{6}_[0-9a-f]{8}\.png$")
+
+
+def test_generate_answers_201_queued(client: TestClient) -> None:
+    response = client.post("/generate", json={"prompt": "a beautiful sunset over mountains"})
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"job_id", "status", "message"}
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", body["job_id"])
+    assert body["status"] == "queued"
+    assert re.fullmatch(r"Tâche en file d'attente\. Position estimée: \d+", body["message"])
+
+
+def test_success_status_result_and_png(client: TestClient, tmp_path: Path) -> None:
+    body = {"prompt": "a cute robot", "negative_prompt": "blurry", "loras": [{"name": "anime-style", "weight": 0.6}],
+            "steps": 12, "guidance_scale": 8.0, "seed": 42, "ip_strength": 0.0}
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    done = wait_status(client, job_id, {"SUCCESS", "FAILURE"})
+    assert done["status"] == "SUCCESS", done
+    result = done["result"]
+    assert result["status"] == "success"
+    assert FILENAME.match(result["filename"]), result["filename"]
+    assert result["path"] == os.path.join(str(tmp_path / "outputs"), result["filename"])
+    assert result["url"] == f"/outputs/{result['filename']}"
+    metadata = result["metadata"]
+    assert {k: metadata[k] for k in ("model", "loras", "steps", "guidance_scale", "seed", "ip_strength")} == {
+        "model": "sdxl-base", "loras": [{"name": "anime-style", "weight": 0.6}], "steps": 12,
+        "guidance_scale": 8.0, "seed": 42, "ip_strength": 0.0,
+    }
+
+    image = client.get(f"/image/{job_id}")
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/png"
+    assert image.headers["x-job-id"] == job_id
+    assert json.loads(image.headers["x-generation-metadata"]) == metadata
+    assert int(image.headers["content-length"]) == len(image.content)
+    png = Image.open(io.BytesIO(image.content))
+    assert (png.format, png.mode, png.size) == ("PNG", "RGB", (64, 64))  # the registry's native size
+    assert png.text["parameters"].startswith("a cute robot\nNegative prompt: blurry\nSteps: 12, ")
+    assert "CFG scale: 8.0, Seed: 42, Size: 64x64, Model: sdxl-base" in png.text["parameters"]
+    assert json.loads(png.text["imagen"]) == metadata
+
+    for route in ("/download/", "/outputs/"):
+        served = client.get(route + result["filename"])
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "image/png"
+        assert served.content == image.content
+
+
+def test_null_seed_reports_the_seed_used_and_reproduces(client: TestClient) -> None:
+    first = client.post("/generate", json={"prompt": "seedless"}).json()["job_id"]
+    done = wait_status(client, first, {"SUCCESS"})
+    seed = done["result"]["metadata"]["seed"]
+    assert isinstance(seed, int)
+    again = client.post("/generate", json={"prompt": "seedless", "seed": seed}).json()["job_id"]
+    wait_status(client, again, {"SUCCESS"})
+    assert client.get(f"/image/{first}").content == client.get(f"/image/{again}").content
+
+
+def test_image_is_202_while_queued_or_running(client: TestClient) -> None:
+    running = client.post("/generate", json={"prompt": "sleep 2", "steps": 10}).json()["job_id"]
+    queued = client.post("/generate", json={"prompt": "queued"}).json()["job_id"]
+    wait_status(client, running, {"PROGRESS"})
+    response = client.get(f"/image/{running}")
+    assert response.status_code == 202
+    detail = response.json()["detail"]
+    assert detail["status"] == "processing"
+    assert detail["message"] == "Image en cours de génération"
+    assert detail["state"] == "PROGRESS"
+    assert detail["meta"]["step"] == "generation_gpu"
+    waiting = client.get(f"/image/{queued}")
+    assert waiting.status_code == 202
+    assert waiting.json()["detail"]["state"] == "PENDING"
+    assert client.get(f"/status/{queued}").json() == {"job_id": queued, "status": "PENDING", "result": None}
+
+
+def test_download_of_a_missing_file_is_404(client: TestClient) -> None:
+    for route in ("/download/", "/outputs/"):
+        response = client.get(route + "20260130_123456_abc123.png")
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Image non trouvée"}
+
+
+def test_models_loras_health(client: TestClient) -> None:
+    models = client.get("/models").json()["models"]
+    assert models[0] == {
+        "id": "sdxl-base", "name": "SDXL Base 1.0", "description": "Stable Diffusion XL base model - polyvalent",
+        "vae_path": str(Path(client.app.state.settings.registry_path).parent / "madebyollin/sdxl-vae-fp16-fix"),  # type: ignore[attr-defined]
+        "default_negative": "low quality, blurry, distorted, ugly, bad anatomy",
+    }
+    assert [m["id"] for m in models] == ["sdxl-base", "pony-xl-v6"]
+    loras = client.get("/loras").json()["loras"]
+    assert loras == [
+        {"id": "anime-style", "name": "Anime Style Enhancer", "description": "Améliore le style anime et les détails",
+         "default_weight": 0.75, "trigger_words": ["anime style", "detailed"]},
+        {"id": "character-detail", "name": "Character Detail Enhancement",
+         "description": "Améliore les détails des personnages (visage, yeux, etc.)", "default_weight": 0.6,
+         "trigger_words": None},
+    ]
+    assert client.get("/health").json() == {"status": "ok", "gpu_available": False, "queue_broker": "embedded"}
+
+
+def test_file_name_prefix_comes_from_the_registry(client: TestClient) -> None:
+    job_id = client.post("/generate", json={"prompt": "pony", "model": "pony-xl-v6"}).json()["job_id"]
+    done = wait_status(client, job_id, {"SUCCESS"})
+    assert re.fullmatch(r"pony_xl_v6_\d{8}_\d{6}_[0-9a-f]{8}\.png", done["result"]["filename"])
+
+
+def test_nothing_outside_outputs_is_served(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG secret")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "link_out.png").symlink_to(secret)
+    (outputs / "inside.png").write_bytes(b"\x89PNG inside")
+    (outputs / "inside_link.png").symlink_to(outputs / "inside.png")
+    server = make_server()
+    server.start()
+    attacks = [
+        "../secret.png", "..%2fsecret.png", "%2e%2e%2fsecret.png", "%2e%2e/secret.png", "..%5csecret.png",
+        "..\\secret.png", "%2e%2e%5csecret.png", f"{secret}", f"%2F{str(secret).lstrip('/')}", "link_out.png",
+        "./inside.png", "inside.png%00.png", "../outputs/inside.png", "..%252fsecret.png", "",
+        "..", "%2e%2e", ".partial-x.png", "registry.yaml",
+    ]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    for route in ("/download/", "/outputs/"):
+        for attack in attacks:
+            connection.request("GET", route + attack)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 404, (route, attack, body)
+            assert b"secret" not in body and b"inside" not in body
+        connection.request("GET", route + "inside.png")
+        ok = connection.getresponse()
+        assert (ok.status, ok.read()) == (200, b"\x89PNG inside")
+        connection.request("GET", route + "inside_link.png")
+        link = connection.getresponse()
+        assert (link.status, link.read()) == (200, b"\x89PNG inside")
