@@ -70,7 +70,9 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, metadata: dict[str, Any], outputs_dir: Path, filename: str) -> Path:
+def save_png(
+    image: Image.Image, metadata: dict[str, Any], outputs_dir: Path, filename: str, compress_level: int = 1
+) -> Path:
     """Write an RGB 8-bit PNG with its generation parameters, atomically (a reader never sees half a file,
     and a retried job overwrites its own file instead of adding a second one)."""
     outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def save_png(image: Image.Image, metadata: dict[str, Any], outputs_dir: Path, fi
     fd, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=outputs_dir)
     try:
         with os.fdopen(fd, "wb") as handle:
-            image.convert("RGB").save(handle, format="PNG", pnginfo=info)
+            image.convert("RGB").save(handle, format="PNG", pnginfo=info, compress_level=compress_level)
         os.chmod(temporary, 0o644)
         os.replace(temporary, destination)
     except BaseException:

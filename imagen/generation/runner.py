@@ -17,12 +17,13 @@ def run_task(
     output_name: str,
     outputs_dir: Path,
     progress: ProgressCallback,
+    png_compress_level: int = 1,
 ) -> dict[str, Any]:
     """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS."""
     generated = engine.generate(task, progress)
     progress(STEP_SAVING, 100)
     metadata: dict[str, Any] = {**task.as_dict(), **generated.extra_metadata}
-    save_png(generated.image, metadata, outputs_dir, output_name)
+    save_png(generated.image, metadata, outputs_dir, output_name, png_compress_level)
     return {
         "status": "success",
         "filename": output_name,

@@ -76,7 +76,10 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
             break
         _, task_data, output_name = message
         try:
-            result = run_task(engine, GenerationTask.from_dict(task_data), output_name, settings.outputs_dir, progress)
+            result = run_task(
+                engine, GenerationTask.from_dict(task_data), output_name, settings.outputs_dir, progress,
+                settings.png_compress_level,
+            )
         except Exception as exc:
             retryable, text = classify_failure(exc)
             log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)

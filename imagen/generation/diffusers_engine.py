@@ -1,0 +1,391 @@
+"""The real generation engine: SDXL with diffusers, LoRA/LoCon adapters, Compel prompts and IP-Adapter.
+
+One instance lives in each worker process and keeps its pipelines between jobs:
+
+* pipelines stay loaded (``IMAGEN_MAX_LOADED_MODELS``, least recently used freed first);
+* each LoRA is read from disk once per pipeline and kept as a named PEFT adapter, then switched per job
+  with ``set_adapters`` / ``disable_lora`` (an adapter not requested has no effect at all);
+* the IP-Adapter is attached only while a job asks ``ip_strength`` > 0 (its weights stay cached in RAM);
+* noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPVisionModelWithProjection
+
+from imagen.config import Settings
+from imagen.errors import FatalGenerationError, ImagenError, RetryableGenerationError
+from imagen.generation import safe_files
+from imagen.generation.base import (
+    STEP_DECODING,
+    STEP_ENCODING_PROMPT,
+    STEP_GENERATION,
+    STEP_LOADING_LORAS,
+    STEP_LOADING_MODEL,
+    DeviceInfo,
+    Engine,
+    GeneratedImage,
+    GenerationTask,
+    ProgressCallback,
+)
+from imagen.generation.model_loading import load_pipeline
+from imagen.generation.prompts import PromptEncoder, add_trigger_words, trigger_words_for
+from imagen.registry import LoraSpec, ModelSpec, Registry
+
+log = logging.getLogger(__name__)
+
+_SAMPLER_NAMES = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": "ddim",
+}
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ImagenError("IMAGEN_DEVICE=cuda but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def adapter_name(lora_id: str) -> str:
+    """PEFT adapter names end up in module dict keys: no dots."""
+    return "lora_" + re.sub(r"[^A-Za-z0-9_]", "_", lora_id) + f"_{zlib.crc32(lora_id.encode()) % 10_000:04d}"
+
+
+@dataclass
+class EngineStats:
+    """What the engine read from disk (tests use it to check that warm jobs load nothing)."""
+
+    model_loads: int = 0
+    lora_loads: int = 0
+    ip_adapter_loads: int = 0
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    pipe: Any  # StableDiffusionXLPipeline (diffusers ships no usable type hints)
+    encoder: PromptEncoder
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA id -> adapter name
+    lora_enabled: bool = False
+    ip_adapter_attached: bool = False
+
+
+@dataclass
+class IpAdapterWeights:
+    state_dict: dict[str, dict[str, torch.Tensor]]
+    image_encoder: CLIPVisionModelWithProjection
+    reference: Image.Image
+
+
+class DiffusersEngine(Engine):
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        super().__init__(registry, settings)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.stats = EngineStats()
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._ip_weights: IpAdapterWeights | None = None
+
+    # --- Engine interface -------------------------------------------------------------------
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(
+            gpu_available=self.device.type == "cuda",
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def warm_up(self) -> None:
+        model_id = self.registry.resolve_default_model(self.settings.default_model)
+        spec = self.registry.model(model_id)
+        if spec is not None:
+            self._model(spec, lambda step, pct: None)
+
+    def close(self) -> None:
+        self._models.clear()
+        self._ip_weights = None
+        self._free_memory()
+
+    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+        try:
+            with torch.inference_mode():
+                return self._generate(task, progress)
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            raise RetryableGenerationError("CUDA out of memory") from exc
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                self._free_memory()
+                raise RetryableGenerationError("CUDA out of memory") from exc
+            raise
+
+    # --- one job ----------------------------------------------------------------------------
+    def _generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+        spec = self.registry.model(task.model)
+        if spec is None:
+            raise FatalGenerationError(f"unknown model {task.model!r}")
+        loras = self._lora_specs(task)
+        loaded = self._model(spec, progress)
+        pipe = loaded.pipe
+
+        progress(STEP_LOADING_LORAS, 0)
+        active = [(lora, weight) for lora, weight in loras if weight != 0]
+        self._apply_loras(loaded, active)
+        ip_kwargs = self._apply_ip_adapter(loaded, task.ip_strength)
+        progress(STEP_LOADING_LORAS, 100)
+
+        progress(STEP_ENCODING_PROMPT, 0)
+        words = {lora.id: lora.trigger_words for lora, _ in loras}
+        final_prompt = add_trigger_words(
+            task.prompt, trigger_words_for([(lora.id, weight) for lora, weight in loras], words)
+        )
+        final_negative = task.negative_prompt if task.negative_prompt is not None else spec.default_negative
+        embeddings = loaded.encoder.encode(final_prompt, final_negative)
+        progress(STEP_ENCODING_PROMPT, 100)
+
+        steps = task.steps
+
+        def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
+            return kwargs
+
+        progress(STEP_GENERATION, 0)
+        started = time.perf_counter()
+        output = pipe(
+            prompt_embeds=embeddings.prompt_embeds,
+            pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
+            negative_prompt_embeds=embeddings.negative_prompt_embeds,
+            negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
+            num_inference_steps=steps,
+            guidance_scale=task.guidance_scale,
+            width=spec.size,
+            height=spec.size,
+            generator=torch.Generator(device="cpu").manual_seed(task.seed),
+            callback_on_step_end=on_step_end,
+            output_type="latent",
+            **ip_kwargs,
+        )
+        denoise_s = time.perf_counter() - started
+        progress(STEP_DECODING, 0)
+        image = self._decode(pipe, output.images)
+        progress(STEP_DECODING, 100)
+        scheduler = type(pipe.scheduler).__name__
+        return GeneratedImage(
+            image=image,
+            extra_metadata={
+                "final_prompt": final_prompt,
+                "final_negative_prompt": final_negative,
+                "width": image.width,
+                "height": image.height,
+                "sampler": _SAMPLER_NAMES.get(scheduler, scheduler),
+                "scheduler": scheduler,
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "denoise_seconds": round(denoise_s, 3),
+            },
+        )
+
+    def _decode(self, pipe: Any, latents: torch.Tensor) -> Image.Image:
+        vae = pipe.vae
+        # SDXL's original VAE overflows in fp16 (black images): decode it in fp32 unless it is fp16-safe
+        # (the fp16-fix VAE's config says force_upcast: false).
+        upcast = vae.dtype == torch.float16 and bool(vae.config.force_upcast)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            latents = latents.to(dtype=vae.dtype)
+            mean = getattr(vae.config, "latents_mean", None)
+            std = getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std_t / vae.config.scaling_factor + mean_t
+            else:
+                latents = latents / vae.config.scaling_factor
+            decoded = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        image: Image.Image = images[0].convert("RGB")
+        return image
+
+    # --- models -----------------------------------------------------------------------------
+    def _model(self, spec: ModelSpec, progress: ProgressCallback) -> LoadedModel:
+        loaded = self._models.get(spec.id)
+        if loaded is not None:
+            self._models.move_to_end(spec.id)
+            return loaded
+        progress(STEP_LOADING_MODEL, 0)
+        while len(self._models) >= self.settings.max_loaded_models:
+            old_id, _old = self._models.popitem(last=False)
+            del _old
+            log.info("freed model %s", old_id)
+            self._free_memory()
+        pipe = load_pipeline(spec, self.dtype)
+        self.stats.model_loads += 1
+        self._place(pipe)
+        loaded = LoadedModel(
+            spec=spec, pipe=pipe, encoder=PromptEncoder(pipe, self._exec_device(pipe), self.dtype)
+        )
+        self._models[spec.id] = loaded
+        progress(STEP_LOADING_MODEL, 100)
+        return loaded
+
+    def _place(self, pipe: Any) -> None:
+        if self.device.type == "cuda" and self.settings.cpu_offload == "model":
+            pipe.enable_model_cpu_offload()
+        elif self.device.type == "cuda" and self.settings.cpu_offload == "sequential":
+            pipe.enable_sequential_cpu_offload()
+        else:
+            pipe.to(self.device)
+        if self.settings.vae_tiling:
+            pipe.vae.enable_tiling()
+        if self.settings.vae_slicing:
+            pipe.vae.enable_slicing()
+
+    def _exec_device(self, pipe: Any) -> torch.device:
+        device: torch.device = pipe._execution_device
+        return device
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- LoRAs ------------------------------------------------------------------------------
+    def _lora_specs(self, task: GenerationTask) -> list[tuple[LoraSpec, float]]:
+        if len(task.loras) > self.settings.max_loras:
+            raise FatalGenerationError(f"at most {self.settings.max_loras} LoRAs per request")
+        seen: set[str] = set()
+        out: list[tuple[LoraSpec, float]] = []
+        for choice in task.loras:
+            lora = self.registry.lora(choice.name)
+            if lora is None:
+                raise FatalGenerationError(f"unknown LoRA {choice.name!r}")
+            if choice.name in seen:
+                raise FatalGenerationError(f"LoRA {choice.name!r} is listed twice")
+            seen.add(choice.name)
+            out.append((lora, choice.weight))
+        return out
+
+    def _apply_loras(self, loaded: LoadedModel, active: list[tuple[LoraSpec, float]]) -> None:
+        pipe = loaded.pipe
+        for lora, _weight in active:
+            if lora.id not in loaded.adapters:
+                self._load_lora(loaded, lora)
+        if not active:
+            if loaded.lora_enabled:
+                pipe.disable_lora()
+                loaded.lora_enabled = False
+            return
+        if not loaded.lora_enabled:
+            pipe.enable_lora()
+            loaded.lora_enabled = True
+        pipe.set_adapters([loaded.adapters[lora.id] for lora, _ in active], [weight for _, weight in active])
+
+    def _load_lora(self, loaded: LoadedModel, lora: LoraSpec) -> None:
+        try:
+            safe_files.lora_format(lora.path)
+        except safe_files.UnsafeFileError as exc:
+            raise FatalGenerationError(f"LoRA {lora.id!r}: {exc}") from exc
+        name = adapter_name(lora.id)
+        state = load_file(str(lora.path))
+        try:
+            loaded.pipe.load_lora_weights(state, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise FatalGenerationError(
+                f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}: {exc}"
+            ) from exc
+        loaded.adapters[lora.id] = name
+        loaded.lora_enabled = True
+        self.stats.lora_loads += 1
+
+    # --- IP-Adapter -------------------------------------------------------------------------
+    def _apply_ip_adapter(self, loaded: LoadedModel, strength: float) -> dict[str, Any]:
+        pipe = loaded.pipe
+        if strength <= 0:
+            if loaded.ip_adapter_attached:
+                pipe.unload_ip_adapter()
+                loaded.ip_adapter_attached = False
+            return {}
+        weights = self._ip_adapter_weights()
+        if not loaded.ip_adapter_attached:
+            encoder = weights.image_encoder.to(device=self._exec_device(pipe), dtype=self.dtype)  # type: ignore[call-arg]
+            pipe.register_modules(image_encoder=encoder)
+            pipe.load_ip_adapter(
+                weights.state_dict,
+                subfolder="",
+                weight_name="ip_adapter.safetensors",
+                image_encoder_folder=None,
+            )
+            loaded.ip_adapter_attached = True
+        pipe.set_ip_adapter_scale(strength)
+        return {"ip_adapter_image": weights.reference}
+
+    def _ip_adapter_weights(self) -> IpAdapterWeights:
+        if self._ip_weights is not None:
+            return self._ip_weights
+        spec = self.registry.ip_adapter
+        if spec is None:
+            raise FatalGenerationError("ip_strength > 0 but no ip_adapter is configured in the registry")
+        try:
+            safe_files.read_safetensors_header(spec.path)
+            safe_files.check_weights_folder(spec.image_encoder_path)
+            safe_files.check_image(spec.reference_image)
+        except safe_files.UnsafeFileError as exc:
+            raise FatalGenerationError(f"IP-Adapter: {exc}") from exc
+        raw = load_file(str(spec.path))
+        state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in raw.items():
+            group, _, rest = key.partition(".")
+            if group in state:
+                state[group][rest] = value
+        if not state["image_proj"] or not state["ip_adapter"]:
+            raise FatalGenerationError(
+                f"IP-Adapter {spec.path}: expected image_proj.* and ip_adapter.* tensors"
+            )
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            str(spec.image_encoder_path), use_safetensors=True, local_files_only=True
+        )
+        with Image.open(spec.reference_image) as opened:
+            reference = opened.convert("RGB")
+        encoder.eval()  # type: ignore[no-untyped-call]
+        self._ip_weights = IpAdapterWeights(state_dict=state, image_encoder=encoder, reference=reference)
+        self.stats.ip_adapter_loads += 1
+        return self._ip_weights

@@ -1,0 +1,108 @@
+"""Turn a registry :class:`ModelSpec` into a ready ``StableDiffusionXLPipeline``, with no network access.
+
+* ``demo: true``: the tiny random-weight SDXL-architecture pipeline built in code (fixed seed).
+* a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled.
+* a single ``.safetensors`` checkpoint in the original (StabilityAI / civitai) key layout:
+  ``from_single_file`` with the SDXL base configs shipped in ``imagen/data/sdxl-base`` and the shipped CLIP
+  tokenizers. A checkpoint with another architecture size (e.g. the tiny test fixtures) can carry its own
+  configs in a sibling diffusers-layout folder named ``<file name without .safetensors>.config/``.
+* ``vae_path``: a diffusers VAE folder or a single ``.safetensors`` VAE (same sibling ``.config/`` rule).
+
+Every file is checked by :mod:`imagen.generation.safe_files` before a loader sees it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
+
+from imagen.errors import FatalGenerationError
+from imagen.generation import safe_files
+from imagen.generation.sdxl_components import (
+    DEMO_SHAPE,
+    SDXL_CONFIG_DIR,
+    build_tiny_sdxl_pipeline,
+    load_clip_tokenizers,
+)
+from imagen.registry import ModelSpec
+
+DEMO_SEED = 20240130
+
+
+def sibling_config_dir(path: Path) -> Path | None:
+    """``foo.safetensors`` → ``foo.config/`` when that folder exists (configs for a non-standard size)."""
+    candidate = path.with_name(path.stem + ".config")
+    return candidate if candidate.is_dir() else None
+
+
+def _tokenizer_kwargs(folder: Path | None) -> dict[str, Any]:
+    """The shipped CLIP tokenizers, unless the folder brings its own."""
+    if folder is not None and (folder / "tokenizer").is_dir() and (folder / "tokenizer_2").is_dir():
+        return {}
+    tokenizer, tokenizer_2 = load_clip_tokenizers()
+    return {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+
+
+def load_vae(path: Path, dtype: torch.dtype) -> Any:
+    try:
+        safe_files.check_vae_path(path)
+    except safe_files.UnsafeFileError as exc:
+        raise FatalGenerationError(str(exc)) from exc
+    if path.is_dir():
+        vae = AutoencoderKL.from_pretrained(  # type: ignore[no-untyped-call]
+            str(path), torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    else:
+        config = sibling_config_dir(path)
+        if config is not None and (config / "config.json").is_file():
+            kwargs: dict[str, Any] = {"config": str(config)}
+        else:
+            kwargs = {"config": str(config or SDXL_CONFIG_DIR), "subfolder": "vae"}
+        vae = AutoencoderKL.from_single_file(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
+    return vae
+
+
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """Load (on CPU, in ``dtype``) the pipeline a registry entry describes."""
+    if spec.demo:
+        pipe = build_tiny_sdxl_pipeline(DEMO_SHAPE, seed=DEMO_SEED)
+        pipe.to(dtype=dtype)
+    else:
+        assert spec.path is not None  # the registry guarantees it for non-demo models
+        path = Path(spec.path)
+        try:
+            safe_files.check_model_path(path)
+        except safe_files.UnsafeFileError as exc:
+            raise FatalGenerationError(f"model {spec.id!r}: {exc}") from exc
+        extra: dict[str, Any] = {}
+        try:
+            if spec.vae_path:
+                extra["vae"] = load_vae(Path(spec.vae_path), dtype)
+            if path.is_dir():
+                pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+                    str(path),
+                    torch_dtype=dtype,
+                    use_safetensors=True,
+                    local_files_only=True,
+                    **_tokenizer_kwargs(path),
+                    **extra,
+                )
+            else:
+                config = sibling_config_dir(path) or SDXL_CONFIG_DIR
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    str(path),
+                    config=str(config),
+                    torch_dtype=dtype,
+                    local_files_only=True,
+                    **_tokenizer_kwargs(config),
+                    **extra,
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise FatalGenerationError(f"model {spec.id!r} could not be loaded: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

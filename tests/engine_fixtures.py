@@ -1,0 +1,68 @@
+"""Helpers for the engine tests: the tiny fixtures (written once per test process), task builders."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagen.config import Settings
+from imagen.fixtures import write_fixtures
+from imagen.generation.base import GenerationTask, LoraChoice
+from imagen.registry import Registry, load_registry
+
+
+@cache
+def fixtures_registry_path() -> Path:
+    """Write the fixtures once per test process (session-wide, whichever test module asks first)."""
+    directory = Path(tempfile.mkdtemp(prefix="imagen-engine-fixtures-"))
+    return write_fixtures(directory)
+
+
+def fixtures_registry() -> Registry:
+    return load_registry(fixtures_registry_path())
+
+
+def engine_settings(tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"device": "cpu", "dtype": "float32", "data_dir": tmp, "engine": "diffusers"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+BASE_TASK = GenerationTask(
+    prompt="a lighthouse on a cliff at dusk",
+    negative_prompt=None,
+    model="sdxl-base",
+    steps=2,
+    guidance_scale=5.0,
+    seed=42,
+)
+
+
+def task(**changes: Any) -> GenerationTask:
+    if "loras" in changes:
+        changes["loras"] = tuple(LoraChoice(name, weight) for name, weight in changes["loras"])
+    return replace(BASE_TASK, **changes)
+
+
+class ProgressLog:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, step: str, progress: int) -> None:
+        self.calls.append((step, progress))
+
+    def steps(self) -> list[str]:
+        return [step for step, _ in self.calls]
+
+
+def pixels(image: Any) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def image_bytes(image: Any) -> bytes:
+    return bytes(image.tobytes())

@@ -1,0 +1,185 @@
+"""The diffusers engine on the tiny fixture models (real pipelines, CPU, 2 steps, 64x64)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+from imagen.errors import FatalGenerationError
+from imagen.generation import ldm_export
+from imagen.generation.base import (
+    STEP_DECODING,
+    STEP_ENCODING_PROMPT,
+    STEP_GENERATION,
+    STEP_LOADING_LORAS,
+    STEP_LOADING_MODEL,
+)
+from imagen.generation.diffusers_engine import DiffusersEngine, resolve_dtype
+from imagen.registry import ModelSpec, Registry, builtin_registry
+from tests.engine_fixtures import (
+    ProgressLog,
+    engine_settings,
+    fixtures_registry,
+    fixtures_registry_path,
+    image_bytes,
+    pixels,
+    task,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> DiffusersEngine:
+    return DiffusersEngine(fixtures_registry(), engine_settings(tmp_path_factory.mktemp("engine")))
+
+
+def test_diffusers_folder_generates_at_native_size(engine: DiffusersEngine) -> None:
+    result = engine.generate(task(), ProgressLog())
+    assert result.image.size == (64, 64) and result.image.mode == "RGB"
+    meta = result.extra_metadata
+    assert meta["width"] == meta["height"] == 64
+    assert meta["sampler"] == "euler" and meta["scheduler"] == "EulerDiscreteScheduler"
+    assert meta["final_negative_prompt"] == fixtures_registry().models[0].default_negative
+    assert pixels(result.image).std() > 0
+
+
+def test_single_file_checkpoint_matches_the_diffusers_folder(engine: DiffusersEngine) -> None:
+    # Same weights, original key layout: diffusers' from_single_file conversion must give the same image.
+    folder = engine.generate(task(), ProgressLog()).image
+    single = engine.generate(task(model="sdxl-single-file"), ProgressLog()).image
+    assert image_bytes(single) == image_bytes(folder)
+
+
+def test_vae_override_from_folder_and_single_file(tmp_path: Path) -> None:
+    base = fixtures_registry().models[0]
+    models_dir = fixtures_registry_path().parent / "models"
+    # A single-file VAE in the original layout, its tiny config in the sibling ``.config/`` folder.
+    vae = AutoencoderKL.from_pretrained(str(models_dir / "sdxl-base" / "vae"))
+    vae_file = tmp_path / "tiny-vae.safetensors"
+    save_file(
+        {
+            k.removeprefix("first_stage_model."): v.contiguous()
+            for k, v in ldm_export.vae_to_ldm(vae.state_dict(), dict(vae.config)).items()
+        },
+        str(vae_file),
+    )
+    (tmp_path / "tiny-vae.config").mkdir()
+    shutil.copy(
+        models_dir / "sdxl-base" / "vae" / "config.json", tmp_path / "tiny-vae.config" / "config.json"
+    )
+    registry = Registry(
+        models=[
+            base,
+            base.model_copy(update={"id": "vae-folder", "vae_path": str(models_dir / "sdxl-base" / "vae")}),
+            base.model_copy(
+                update={
+                    "id": "vae-file",
+                    "path": models_dir / "sdxl-single-file.safetensors",
+                    "vae_path": str(vae_file),
+                }
+            ),
+        ]
+    )
+    engine = DiffusersEngine(registry, engine_settings(tmp_path, max_loaded_models=3))
+    reference = image_bytes(engine.generate(task(), ProgressLog()).image)
+    assert image_bytes(engine.generate(task(model="vae-folder"), ProgressLog()).image) == reference
+    assert image_bytes(engine.generate(task(model="vae-file"), ProgressLog()).image) == reference
+
+
+def test_same_seed_same_bytes_other_seed_other_image(engine: DiffusersEngine) -> None:
+    first = engine.generate(task(seed=7), ProgressLog()).image
+    again = engine.generate(task(seed=7), ProgressLog()).image
+    other = engine.generate(task(seed=8), ProgressLog()).image
+    assert image_bytes(first) == image_bytes(again)
+    assert image_bytes(first) != image_bytes(other)
+
+
+def test_seed_reproduces_across_engines(tmp_path: Path, engine: DiffusersEngine) -> None:
+    fresh = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path))
+    assert image_bytes(fresh.generate(task(seed=3), ProgressLog()).image) == image_bytes(
+        engine.generate(task(seed=3), ProgressLog()).image
+    )
+
+
+def test_progress_reports_each_stage_and_each_step(tmp_path: Path) -> None:
+    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path))
+    log = ProgressLog()
+    engine.generate(task(steps=4), log)
+    names = log.steps()
+    order = [STEP_LOADING_MODEL, STEP_LOADING_LORAS, STEP_ENCODING_PROMPT, STEP_GENERATION, STEP_DECODING]
+    assert [names.index(name) for name in order] == sorted(names.index(name) for name in order)
+    assert [pct for step, pct in log.calls if step == STEP_GENERATION] == [0, 25, 50, 75, 100]
+    warm = ProgressLog()
+    engine.generate(task(steps=4), warm)
+    assert STEP_LOADING_MODEL not in warm.steps()
+
+
+def test_second_job_on_a_model_loads_nothing_and_switching_frees(tmp_path: Path) -> None:
+    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path))
+    engine.generate(task(), ProgressLog())
+    engine.generate(task(seed=5, prompt="another prompt"), ProgressLog())
+    assert engine.stats.model_loads == 1
+    engine.generate(task(model="sdxl-single-file"), ProgressLog())
+    assert engine.stats.model_loads == 2 and list(engine._models) == ["sdxl-single-file"]
+    two = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path, max_loaded_models=2))
+    for model in ("sdxl-base", "sdxl-single-file", "sdxl-base", "sdxl-single-file"):
+        two.generate(task(model=model), ProgressLog())
+    assert two.stats.model_loads == 2
+
+
+def test_long_prompt_is_not_truncated(engine: DiffusersEngine) -> None:
+    words = " ".join(f"word{i % 50} scenic" for i in range(150))  # 300 words, far beyond 77 tokens
+    first = engine.generate(task(prompt=words + ", red sunset over the sea"), ProgressLog())
+    second = engine.generate(task(prompt=words + ", green forest in the snow"), ProgressLog())
+    assert first.extra_metadata["final_prompt"].endswith("red sunset over the sea")
+    assert image_bytes(first.image) != image_bytes(second.image)
+
+
+def test_prompt_weighting_changes_the_image(engine: DiffusersEngine) -> None:
+    plain = image_bytes(engine.generate(task(prompt="a lighthouse, stormy sea"), ProgressLog()).image)
+    weighted = image_bytes(engine.generate(task(prompt="a lighthouse, (stormy sea)1.5"), ProgressLog()).image)
+    plus = image_bytes(engine.generate(task(prompt="a lighthouse, stormy++ sea"), ProgressLog()).image)
+    negative = image_bytes(
+        engine.generate(
+            task(prompt="a lighthouse, stormy sea", negative_prompt="(blurry)1.4"), ProgressLog()
+        ).image
+    )
+    assert len({plain, weighted, plus, negative}) == 4
+
+
+def test_default_negative_applies_only_when_none(engine: DiffusersEngine) -> None:
+    explicit = engine.generate(task(negative_prompt=""), ProgressLog())
+    default = engine.generate(task(), ProgressLog())
+    assert explicit.extra_metadata["final_negative_prompt"] == ""
+    assert image_bytes(explicit.image) != image_bytes(default.image)
+
+
+def test_unknown_model_is_fatal(engine: DiffusersEngine) -> None:
+    with pytest.raises(FatalGenerationError, match="unknown model"):
+        engine.generate(task(model="nope"), ProgressLog())
+
+
+def test_demo_model_generates_at_1024(tmp_path: Path) -> None:
+    engine = DiffusersEngine(builtin_registry(), engine_settings(tmp_path, dtype="auto"))
+    result = engine.generate(task(model="demo", steps=2), ProgressLog())
+    assert result.image.size == (1024, 1024)
+    assert np.asarray(result.image).std() > 0
+    info = engine.device_info()
+    assert info.gpu_available is False and info.device == "cpu"
+
+
+def test_dtype_setting(tmp_path: Path) -> None:
+    import torch
+
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    spec = ModelSpec(id="demo", name="d", demo=True)
+    engine = DiffusersEngine(Registry(models=[spec]), engine_settings(tmp_path, dtype="bfloat16"))
+    assert engine.device_info().dtype == "bfloat16"
