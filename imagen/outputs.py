@@ -6,13 +6,16 @@ import json
 import os
 import re
 import secrets
+import struct
 import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 # Only plain file names made of these characters are ever served: no separators, no "..", no NUL.
 SERVABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.png")
@@ -76,17 +79,57 @@ def save_png(
     """Write an RGB 8-bit PNG with its generation parameters, atomically (a reader never sees half a file,
     and a retried job overwrites its own file instead of adding a second one)."""
     outputs_dir.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_itxt("parameters", a1111_parameters(metadata))
-    info.add_itxt("imagen", json.dumps(metadata, ensure_ascii=False, sort_keys=True))
+    texts = {
+        "parameters": a1111_parameters(metadata),
+        "imagen": json.dumps(metadata, ensure_ascii=False, sort_keys=True),
+    }
+    data = encode_png(np.asarray(image.convert("RGB")), texts, compress_level)
     destination = outputs_dir / filename
     fd, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=outputs_dir)
     try:
         with os.fdopen(fd, "wb") as handle:
-            image.convert("RGB").save(handle, format="PNG", pnginfo=info, compress_level=compress_level)
+            handle.write(data)
         os.chmod(temporary, 0o644)
         os.replace(temporary, destination)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return destination
+
+
+_COMPRESSORS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="png")
+_PIECE_BYTES = 1 << 20
+
+
+def encode_png(rgb: np.ndarray[Any, np.dtype[np.uint8]], texts: dict[str, str], compress_level: int = 1) -> bytes:
+    """A standard RGB8 PNG, about twice as fast as Pillow's encoder at the same size.
+
+    Every row uses the "Up" filter (computed with numpy), and the deflate stream is compressed in 1 MiB
+    pieces on several threads (zlib releases the GIL), joined with full flushes as pigz does.
+    """
+    height, width, _ = rgb.shape
+    filtered = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type Up
+    rows = rgb.reshape(height, width * 3)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps, as PNG wants
+    raw = filtered.tobytes()
+    pieces = [raw[offset:offset + _PIECE_BYTES] for offset in range(0, len(raw), _PIECE_BYTES)]
+
+    def deflate(index: int) -> bytes:
+        compressor = zlib.compressobj(compress_level, zlib.DEFLATED, -15)
+        last = index == len(pieces) - 1
+        return compressor.compress(pieces[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+
+    body = b"".join(_COMPRESSORS.map(deflate, range(len(pieces))))
+    stream = b"\x78\x01" + body + struct.pack(">I", zlib.adler32(raw))
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))]
+    for key, text in texts.items():  # iTXt: UTF-8 keyword/text, uncompressed
+        chunks.append(_png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")))
+    chunks.append(_png_chunk(b"IDAT", stream))
+    chunks.append(_png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

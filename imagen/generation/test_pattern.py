@@ -30,17 +30,19 @@ class TestPatternEngine(Engine):
         return DeviceInfo(gpu_available=False, device="cpu", dtype=None)
 
     def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+        """Takes ``test_pattern_seconds`` in all (drawing included), like a GPU with a fixed step time."""
+        start = time.perf_counter()
         spec = self.registry.model(task.model)
         size = spec.size if spec is not None else 1024
         progress(STEP_LOADING_MODEL, 0)
-        deadline = time.perf_counter() + self.settings.test_pattern_seconds
-        for step in range(task.steps):
-            progress(STEP_GENERATION, int(100 * step / task.steps))
-            remaining = deadline - time.perf_counter()
-            if remaining > 0:
-                time.sleep(remaining / (task.steps - step))
         digest = hashlib.sha256(repr(sorted(task.as_dict().items())).encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         tile = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
         image = Image.fromarray(tile, "RGB").resize((size, size), Image.Resampling.NEAREST)
+        step_seconds = self.settings.test_pattern_seconds / task.steps
+        for step in range(task.steps):
+            progress(STEP_GENERATION, int(100 * step / task.steps))
+            remaining = start + (step + 1) * step_seconds - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)
         return GeneratedImage(image=image, extra_metadata={"width": size, "height": size})
