@@ -32,6 +32,12 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     settings = settings or Settings()
     registry = load_registry(settings.registry_path)
     registry.resolve_default_model(settings.default_model)  # a bad default fails at start, not per request
+    if settings.engine == "diffusers" and not settings.broker_url:
+        # Missing weights, pickles and unsupported LoRA types stop the start, not a job an hour later.
+        # (Distributed workers check their own files: the API host may not have them.)
+        from imagen.generation.safe_files import check_registry_files  # headers only, no torch
+
+        check_registry_files(registry)
     backend = backend or build_backend(settings)
 
     @asynccontextmanager
