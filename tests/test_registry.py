@@ -1,0 +1,58 @@
+"""The registry file: the documented example parses, mistakes are named, paths resolve from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagen.errors import RegistryError
+from imagen.registry import builtin_registry, load_registry
+from tests.conftest import REPO
+
+
+def test_documented_example_parses() -> None:
+    registry = load_registry(REPO / "registry.example.yaml")
+    assert registry.model_ids == ["sdxl-base", "pony-xl-v6"]
+    assert registry.lora_ids == ["anime-style", "character-detail"]
+    assert registry.resolve_default_model() == "sdxl-base"
+    model = registry.model("sdxl-base")
+    assert model is not None and model.file_prefix == "sdxl_base"
+    assert model.path == (REPO / "models" / "sd_xl_base_1.0.safetensors").resolve()
+    pony = registry.model("pony-xl-v6")
+    assert pony is not None and pony.file_prefix == "pony_xl_v6" and pony.size == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: []\n", "at least one model"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors}\n  - {id: a, name: B, path: b.safetensors}\n",
+         "duplicate model ids: a"),
+        ("models:\n  - {id: a, name: A}\n", "`path` is required"),
+        ("models:\n  - {id: A B, name: A, path: a.safetensors}\n", "id"),
+        ("default_model: nope\nmodels:\n  - {id: a, name: A, path: a.safetensors}\n", "default_model 'nope'"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors}\nloras:\n  - {id: l, name: L, path: l.safetensors, "
+         "default_weight: 3}\n", "less than or equal to 2"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, colour: red}\n", "colour"),
+        ("- just a list\n", "must be a mapping"),
+        ("models: [\n", "not valid YAML"),
+    ],
+)
+def test_mistakes_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(text)
+    with pytest.raises(RegistryError, match=message):
+        load_registry(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="registry file not found"):
+        load_registry(tmp_path / "nope.yaml")
+
+
+def test_builtin_registry_is_the_demo_model() -> None:
+    registry = builtin_registry()
+    assert registry.model_ids == ["demo"] and registry.resolve_default_model() == "demo"
+    with pytest.raises(RegistryError, match="not declared"):
+        registry.resolve_default_model("sdxl-base")
