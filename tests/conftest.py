@@ -129,7 +129,9 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
-def wait_status(client: TestClient | httpx.Client, job_id: str, states: set[str], timeout: float = 20.0) -> dict[str, Any]:
+def wait_status(
+    client: TestClient | httpx.Client, job_id: str, states: set[str], timeout: float = 20.0
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         body: dict[str, Any] = client.get(f"/status/{job_id}").json()
         return body if body.get("status") in states else None
@@ -151,7 +153,10 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, cwd=self.env.get("IMAGEN_TEST_CWD", str(REPO)), stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.env.get("IMAGEN_TEST_CWD", str(REPO)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         wait_for(self._ready, timeout=60, interval=0.05)
 
@@ -175,13 +180,20 @@ class ServerProcess:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, reference_registry: Path, execution_log: Path) -> Iterator[Callable[..., ServerProcess]]:
+def make_server(
+    tmp_path: Path, reference_registry: Path, execution_log: Path
+) -> Iterator[Callable[..., ServerProcess]]:
     servers: list[ServerProcess] = []
 
     def build(**settings: str) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "IMAGEN_DATA_DIR": str(tmp_path / "data"),
-               "IMAGEN_OUTPUTS_DIR": str(tmp_path / "outputs"), "IMAGEN_REGISTRY_PATH": str(reference_registry),
-               "IMAGEN_ENGINE": SCRIPTED_ENGINE}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "IMAGEN_DATA_DIR": str(tmp_path / "data"),
+            "IMAGEN_OUTPUTS_DIR": str(tmp_path / "outputs"),
+            "IMAGEN_REGISTRY_PATH": str(reference_registry),
+            "IMAGEN_ENGINE": SCRIPTED_ENGINE,
+        }
         env.update({f"IMAGEN_{key.upper()}": value for key, value in settings.items()})
         server = ServerProcess(env, free_port(), tmp_path / f"server-{len(servers)}.log")
         servers.append(server)

@@ -28,9 +28,19 @@ def test_encoded_png_decodes_to_the_same_pixels(size: tuple[int, int]) -> None:
 
 
 def test_save_png_writes_atomically_with_metadata(tmp_path: Path) -> None:
-    metadata = {"prompt": "a dragon", "negative_prompt": "blurry", "model": "sdxl-base", "steps": 30,
-                "guidance_scale": 7.5, "seed": 42, "ip_strength": 0.0, "loras": [{"name": "anime-style", "weight": 0.75}],
-                "width": 8, "height": 8, "final_prompt": "anime style, detailed, a dragon"}
+    metadata = {
+        "prompt": "a dragon",
+        "negative_prompt": "blurry",
+        "model": "sdxl-base",
+        "steps": 30,
+        "guidance_scale": 7.5,
+        "seed": 42,
+        "ip_strength": 0.0,
+        "loras": [{"name": "anime-style", "weight": 0.75}],
+        "width": 8,
+        "height": 8,
+        "final_prompt": "anime style, detailed, a dragon",
+    }
     path = save_png(Image.new("RGB", (8, 8), "red"), metadata, tmp_path, "sdxl_base_x.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl_base_x.png"]  # no temporary left behind
     image = Image.open(path)
@@ -39,7 +49,7 @@ def test_save_png_writes_atomically_with_metadata(tmp_path: Path) -> None:
     assert image.text["parameters"].splitlines() == [
         "anime style, detailed, a dragon",
         "Negative prompt: blurry",
-        'Steps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 8x8, Model: sdxl-base, '
+        "Steps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 8x8, Model: sdxl-base, "
         'Lora weights: "anime-style: 0.75", Version: imagen',
     ]
 

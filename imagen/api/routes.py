@@ -29,7 +29,9 @@ router = APIRouter()
 
 
 @router.post("/generate", status_code=201, response_model=GenerationResponse)
-def generate(request: GenerationRequest, backend: BackendDep, registry: RegistryDep, settings: SettingsDep) -> GenerationResponse:
+def generate(
+    request: GenerationRequest, backend: BackendDep, registry: RegistryDep, settings: SettingsDep
+) -> GenerationResponse:
     try:
         job = prepare_job(request, registry, settings)
     except InvalidRequest as exc:
@@ -67,8 +69,12 @@ async def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> File
         return JSONResponse({"detail": {"status": "failed", "error": job.error}}, status_code=500)
     if job.state is not JobState.SUCCESS or job.result is None:
         meta = job.meta or {"step": "queued" if job.state is JobState.PENDING else "starting", "progress": 0}
-        detail = {"status": "processing", "message": "Image en cours de génération", "state": job.state.value,
-                  "meta": meta}
+        detail = {
+            "status": "processing",
+            "message": "Image en cours de génération",
+            "state": job.state.value,
+            "meta": meta,
+        }
         return JSONResponse({"detail": detail}, status_code=202)
     path = resolve_servable(settings.outputs_dir, job.result["filename"])
     if path is None:
@@ -90,20 +96,34 @@ router.add_api_route("/outputs/{filename:path}", _serve_output, methods=["GET"],
 
 @router.get("/models", response_model=ModelList)
 def models(registry: RegistryDep) -> ModelList:
-    return ModelList(models=[
-        ModelInfo(id=m.id, name=m.name, description=m.description, vae_path=m.vae_path,
-                  default_negative=m.default_negative)
-        for m in registry.models
-    ])
+    return ModelList(
+        models=[
+            ModelInfo(
+                id=m.id,
+                name=m.name,
+                description=m.description,
+                vae_path=m.vae_path,
+                default_negative=m.default_negative,
+            )
+            for m in registry.models
+        ]
+    )
 
 
 @router.get("/loras", response_model=LoraList)
 def loras(registry: RegistryDep) -> LoraList:
-    return LoraList(loras=[
-        LoraInfo(id=lo.id, name=lo.name, description=lo.description, default_weight=lo.default_weight,
-                 trigger_words=lo.trigger_words)
-        for lo in registry.loras
-    ])
+    return LoraList(
+        loras=[
+            LoraInfo(
+                id=lo.id,
+                name=lo.name,
+                description=lo.description,
+                default_weight=lo.default_weight,
+                trigger_words=lo.trigger_words,
+            )
+            for lo in registry.loras
+        ]
+    )
 
 
 @router.get("/health", response_model=Health)

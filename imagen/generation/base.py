@@ -8,8 +8,9 @@ in worker processes only. This module imports neither torch nor diffusers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
@@ -81,8 +82,8 @@ class GeneratedImage:
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class ProgressCallback(Protocol):
-    def __call__(self, step: str, progress: int) -> None: ...
+# progress(step_name, percent 0-100)
+ProgressCallback = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Messages (tuples over a ``multiprocessing`` pipe):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -35,10 +36,8 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     """Never outlive the API process: an orphan would finish a job the next start runs again."""
     parent = os.getppid()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the watcher thread below still works
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
     def watch() -> None:  # portable fallback
         while True:
@@ -77,7 +76,11 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         _, task_data, output_name = message
         try:
             result = run_task(
-                engine, GenerationTask.from_dict(task_data), output_name, settings.outputs_dir, progress,
+                engine,
+                GenerationTask.from_dict(task_data),
+                output_name,
+                settings.outputs_dir,
+                progress,
                 settings.png_compress_level,
             )
         except Exception as exc:
