@@ -45,6 +45,23 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(600.0, gt=0, description="A job running longer than this fails with a timeout.")
     result_ttl_s: float = Field(3600.0, gt=0, description="Seconds /status and /image keep a finished job.")
     workers: int = Field(1, ge=1, description="Embedded: generation worker processes (one job at a time each).")
+    worker_gpu: str | None = Field(
+        None,
+        description="Distributed worker: CUDA device index it uses (sets `CUDA_VISIBLE_DEVICES`); "
+        "same as `imagen worker --gpu N`. One worker per GPU.",
+    )
+    job_lock_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        description="Distributed: a running job's lock, renewed by its worker every third of this; a worker "
+        "silent for longer is taken as dead and the job goes back to the queue.",
+    )
+    broker_visibility_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Distributed: seconds before Redis hands an unacknowledged message to another worker "
+        "(a worker host that died). A job never runs twice at once either way.",
+    )
 
     # --- generation -------------------------------------------------------------------------
     engine: str = Field(
@@ -73,6 +90,46 @@ class Settings(BaseSettings):
     )
     vae_tiling: bool = Field(False, description="Decode the image in tiles (less GPU memory when large).")
     vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less GPU memory).")
+    sdpa: bool = Field(
+        True,
+        description="UNet/VAE attention through PyTorch's scaled_dot_product_attention (`AttnProcessor2_0`). "
+        "Off: diffusers' classic attention (slower, more memory; for debugging only).",
+    )
+    channels_last: bool = Field(True, description="UNet and VAE weights in channels_last (NHWC) layout.")
+    fuse_qkv: bool = Field(
+        True,
+        description="Fused QKV projections in UNet and VAE attention (one matmul instead of three). The UNet "
+        "uses them for jobs without LoRA / IP-Adapter; jobs with them run the unfused (LoRA-aware) path.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the UNet (and VAE decoder). `auto`: on with CUDA, off on CPU (compiling "
+        "SDXL takes many minutes on a small CPU for little gain). Skipped with CPU offload.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "max-autotune-no-cudagraphs",
+        description="torch.compile mode. `max-autotune*` compile longest (minutes; cached on disk), run fastest.",
+    )
+    compile_vae: bool = Field(True, description="With compile on: also compile the VAE decoder.")
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Where torch.compile keeps its caches (inductor FX graphs, autotuning, mega-cache) so a "
+        "restart does not recompile from scratch. Unset: `<data_dir>/compile-cache`.",
+    )
+    warm_up_steps: int = Field(
+        2,
+        ge=0,
+        description="At worker start: load the default model, then run one image of this many steps at its "
+        "native size (compiles with compile on) so the first job is not the slow one. 0: load only.",
+    )
+    lora_hotswap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Switch LoRAs on the UNet by copying weights into fixed adapter slots (diffusers/PEFT "
+        "hotswap) instead of adding adapters: no recompilation. `auto`: on when compile is on.",
+    )
+    lora_hotswap_rank: int = Field(
+        128, ge=1, description="With LoRA hotswap: the highest LoRA rank accepted (slots are padded to it)."
+    )
 
     @property
     def database_path(self) -> Path:

@@ -15,16 +15,23 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.celery_support import RedisServer, shared_redis, start_celery_system
 from tests.conftest import wait_for, wait_status
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 RUNNING = {"STARTED", "PROGRESS"}
 
 
-@pytest.fixture(params=["embedded"])
-def job_system(request: pytest.FixtureRequest, make_client: Callable[..., TestClient]) -> Callable[..., TestClient]:
-    assert request.param == "embedded"
-    return make_client
+@pytest.fixture(params=["embedded", "celery"])
+def job_system(
+    request: pytest.FixtureRequest, make_client: Callable[..., TestClient], tmp_path: Path,
+    reference_registry: Path,
+) -> Callable[..., TestClient]:
+    if request.param == "embedded":
+        return make_client
+    # Celery: a real redis-server, one `imagen worker` process whose outputs folder is not the API's.
+    server: RedisServer = request.getfixturevalue("shared_redis")
+    return start_celery_system(server, tmp_path, reference_registry, make_client, request)
 
 
 def submit(client: TestClient, prompt: str, **fields: Any) -> str:
@@ -35,8 +42,13 @@ def submit(client: TestClient, prompt: str, **fields: Any) -> str:
 
 
 def worker_pids(client: TestClient) -> list[int]:
+    """The processes that run jobs: the embedded backend's children, or the Celery workers' pool children
+    (from their heartbeats)."""
     pids: list[int] = client.app.state.backend.worker_pids()  # type: ignore[attr-defined]
     return pids
+
+
+__all__ = ["shared_redis"]  # a fixture, used through request.getfixturevalue
 
 
 def test_job_runs_to_success_with_progress(job_system: Callable[..., TestClient], tmp_path: Path) -> None:
