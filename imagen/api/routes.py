@@ -83,8 +83,11 @@ async def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> File
     return FileResponse(path, media_type="image/png", headers=headers)
 
 
-async def _serve_output(filename: str, settings: SettingsDep) -> FileResponse:
+def _serve_output(filename: str, backend: BackendDep, settings: SettingsDep) -> FileResponse:
     path = resolve_servable(settings.outputs_dir, filename)
+    if path is None:
+        backend.ensure_output(filename)  # distributed: the image may still be on its way from a worker
+        path = resolve_servable(settings.outputs_dir, filename)
     if path is None:
         raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)
     return FileResponse(path, media_type="image/png")

@@ -28,3 +28,7 @@ class JobBackend(ABC):
 
     @abstractmethod
     def health(self) -> BackendHealth: ...
+
+    def ensure_output(self, filename: str) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Make sure a finished image is in this API's outputs folder before it is served. The embedded
+        backend writes it there directly; a distributed one fetches it from the broker on a miss."""

@@ -38,7 +38,10 @@ class CeleryBackend(JobBackend):
         if not settings.broker_url:
             raise ValueError("CeleryBackend needs settings.broker_url")
         self.settings = settings
-        self.store = RedisJobStore(connect(settings.broker_url), result_ttl_s=settings.result_ttl_s)
+        # The API's calls are small: a Redis that accepts connections but does not answer must turn into a
+        # 503 within seconds, not hold a request for the default timeouts.
+        api_client = connect(settings.broker_url, connect_timeout=1.0, socket_timeout=2.0, retries=1)
+        self.store = RedisJobStore(api_client, result_ttl_s=settings.result_ttl_s)
         # Its own connections: a PING never queues behind other traffic, and never waits long.
         self._health_client = connect(
             settings.broker_url, connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S, retries=0
@@ -107,6 +110,9 @@ class CeleryBackend(JobBackend):
         return sorted(int(w["pid"]) for w in self.store.workers() if w.get("host") == host)
 
     # -- images ----------------------------------------------------------------------------------
+    def ensure_output(self, filename: str) -> None:
+        self.fetch_image(filename)
+
     def fetch_image(self, output_name: str, store: RedisJobStore | None = None) -> bool:
         """Make sure this replica's outputs folder holds ``output_name``; False if Redis no longer has it."""
         if not SERVABLE_NAME.fullmatch(output_name) or ".." in output_name:
