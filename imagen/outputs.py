@@ -83,9 +83,15 @@ def save_png(
         "parameters": a1111_parameters(metadata),
         "imagen": json.dumps(metadata, ensure_ascii=False, sort_keys=True),
     }
-    data = encode_png(np.asarray(image.convert("RGB")), texts, compress_level)
     destination = outputs_dir / filename
-    fd, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=outputs_dir)
+    write_atomically(destination, encode_png(np.asarray(image.convert("RGB")), texts, compress_level))
+    return destination
+
+
+def write_atomically(destination: Path, data: bytes) -> None:
+    """Write through a temporary file and rename: readers see the whole file or none of it."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=destination.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -94,7 +100,6 @@ def save_png(
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return destination
 
 
 _COMPRESSORS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="png")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import redis
 
@@ -25,7 +23,7 @@ from imagen.jobs.base import JobBackend
 from imagen.jobs.celery_app import create_celery, publish
 from imagen.jobs.models import BackendHealth, JobRecord, JobState, NewJob, Submitted
 from imagen.jobs.redis_store import RedisJobStore, connect
-from imagen.outputs import SERVABLE_NAME
+from imagen.outputs import SERVABLE_NAME, write_atomically
 
 log = logging.getLogger("imagen.jobs")
 
@@ -127,7 +125,7 @@ class CeleryBackend(JobBackend):
             return False
         if data is None:
             return False
-        _write_atomically(destination, data)
+        write_atomically(destination, data)
         return True
 
     def _sync_forever(self) -> None:
@@ -152,16 +150,3 @@ class CeleryBackend(JobBackend):
             except Exception as exc:
                 log.debug("image sync: %s", exc)
                 self._stopping.wait(0.5)
-
-
-def _write_atomically(destination: Path, data: bytes) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=destination.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

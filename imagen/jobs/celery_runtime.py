@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
+from imagen.jobs.liveness import pid_alive
 from imagen.jobs.redis_store import RedisJobStore, connect
 
 if TYPE_CHECKING:
@@ -106,16 +107,6 @@ def shutdown_process() -> None:
     shutil.rmtree(state.scratch, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _holder_is_dead_here(holder: str) -> bool:
     """A lock held by a process of this host that no longer exists (a pool child that was SIGKILLed):
     no need to wait for the lock to expire."""
@@ -124,7 +115,7 @@ def _holder_is_dead_here(holder: str) -> bool:
     if host != HOSTNAME or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    return pid != os.getpid() and not _pid_alive(pid)
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 class _LockKeeper:

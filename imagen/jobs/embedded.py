@@ -20,6 +20,7 @@ from typing import Any
 
 from imagen.config import Settings
 from imagen.jobs.base import JobBackend
+from imagen.jobs.liveness import pid_alive
 from imagen.jobs.models import BackendHealth, JobRecord, NewJob, Submitted
 from imagen.jobs.sqlite_store import SqliteJobStore
 from imagen.jobs.worker_process import worker_main
@@ -30,16 +31,6 @@ HEARTBEAT_S = 2.0
 ORPHAN_AFTER_S = 30.0  # a running job whose owner has not beaten for this long is taken back
 REAPER_PERIOD_S = 5.0
 HOSTNAME = socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EmbeddedBackend(JobBackend):
@@ -119,7 +110,7 @@ class EmbeddedBackend(JobBackend):
             pid_text = rest.partition(":")[0]
             if host == HOSTNAME and pid_text.isdigit():
                 pid = int(pid_text)
-                if pid == os.getpid() or not _pid_alive(pid):
+                if pid == os.getpid() or not pid_alive(pid):
                     return True
             return heartbeat_at is None or now - heartbeat_at > ORPHAN_AFTER_S
 
