@@ -18,7 +18,7 @@ install: $(BIN)/imagen
 run: install
 	$(BIN)/imagen serve
 
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install
