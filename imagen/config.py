@@ -128,7 +128,10 @@ class Settings(BaseSettings):
         "hotswap) instead of adding adapters: no recompilation. `auto`: on when compile is on.",
     )
     lora_hotswap_rank: int = Field(
-        128, ge=1, description="With LoRA hotswap: the highest LoRA rank accepted (slots are padded to it)."
+        64,
+        ge=1,
+        description="With LoRA hotswap: slots are padded to this rank (extra compute per active LoRA); a "
+        "LoRA of higher rank rebuilds its slot instead (correct, but the UNet recompiles).",
     )
 
     @property

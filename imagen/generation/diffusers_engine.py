@@ -6,7 +6,10 @@ One instance lives in each worker process and keeps its pipelines between jobs:
 * each LoRA is read from disk once per pipeline and kept as a named PEFT adapter, then switched per job
   with ``set_adapters`` / ``disable_lora`` (an adapter not requested has no effect at all);
 * the IP-Adapter is attached only while a job asks ``ip_strength`` > 0 (its weights stay cached in RAM);
-* noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes.
+* noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes;
+* speed options (:mod:`imagen.generation.speed`: SDPA, channels_last, fused QKV, torch.compile with an
+  on-disk cache, LoRA hotswap into fixed slots when compiled) are applied when a pipeline is loaded, and
+  ``warm_up`` runs one short image at worker start so the first job neither loads nor compiles anything.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from transformers import CLIPVisionModelWithProjection
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError, RetryableGenerationError
 from imagen.generation import safe_files
+from imagen.generation import speed as speedup
 from imagen.generation.base import (
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -92,6 +97,8 @@ class EngineStats:
     model_loads: int = 0
     lora_loads: int = 0
     ip_adapter_loads: int = 0
+    warm_up_runs: int = 0
+    warm_up_seconds: float | None = None
 
 
 @dataclass
@@ -102,6 +109,8 @@ class LoadedModel:
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA id -> adapter name
     lora_enabled: bool = False
     ip_adapter_attached: bool = False
+    speed: speedup.SpeedState | None = None
+    slots: speedup.LoraSlots | None = None  # LoRA hotswap (compiled UNet)
 
 
 @dataclass
@@ -117,6 +126,12 @@ class DiffusersEngine(Engine):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.stats = EngineStats()
+        self.speed = speedup.SpeedOptions.from_settings(settings, self.device)
+        self.lora_hotswap = settings.lora_hotswap == "on" or (
+            settings.lora_hotswap == "auto" and self.speed.compile
+        )
+        # How a registry entry becomes a CPU pipeline (the benchmark swaps in a random full-size one).
+        self.pipeline_loader: Callable[[ModelSpec, torch.dtype], Any] = load_pipeline
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._ip_weights: IpAdapterWeights | None = None
 
@@ -128,11 +143,31 @@ class DiffusersEngine(Engine):
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
+    def speed_summary(self) -> str:
+        summary = self.speed.summary()
+        return summary + (" + LoRA hotswap" if self.lora_hotswap else "")
+
     def warm_up(self) -> None:
+        """Load the default model and (``warm_up_steps`` > 0) make one image with it at its native size, CFG
+        on: kernels are selected, memory pools grow and, with compile on, the UNet and VAE decoder compile
+        here rather than in the first user's job."""
         model_id = self.registry.resolve_default_model(self.settings.default_model)
         spec = self.registry.model(model_id)
-        if spec is not None:
-            self._model(spec, lambda step, pct: None)
+        if spec is None:
+            return
+        started = time.perf_counter()
+        self._model(spec, lambda step, pct: None)
+        if self.settings.warm_up_steps > 0:
+            warm_task = GenerationTask(
+                prompt="warm-up", negative_prompt=None, model=spec.id, steps=self.settings.warm_up_steps,
+                guidance_scale=5.0, seed=0,
+            )
+            self.generate(warm_task, lambda step, pct: None)
+            self.stats.warm_up_runs += 1
+            if self.speed.compile and self.speed.cache_dir is not None:
+                speedup.save_compile_cache(self.speed.cache_dir)
+        self.stats.warm_up_seconds = time.perf_counter() - started
+        log.info("warm-up of %s took %.1f s (%s)", spec.id, self.stats.warm_up_seconds, self.speed_summary())
 
     def close(self) -> None:
         self._models.clear()
@@ -165,6 +200,8 @@ class DiffusersEngine(Engine):
         active = [(lora, weight) for lora, weight in loras if weight != 0]
         self._apply_loras(loaded, active)
         ip_kwargs = self._apply_ip_adapter(loaded, task.ip_strength)
+        if loaded.speed is not None:
+            speedup.sync_unet_attention(pipe, loaded.speed, bool(active), loaded.ip_adapter_attached)
         progress(STEP_LOADING_LORAS, 100)
 
         progress(STEP_ENCODING_PROMPT, 0)
@@ -255,12 +292,20 @@ class DiffusersEngine(Engine):
             del _old
             log.info("freed model %s", old_id)
             self._free_memory()
-        pipe = load_pipeline(spec, self.dtype)
+        pipe = self.pipeline_loader(spec, self.dtype)
         self.stats.model_loads += 1
+        state = speedup.apply_speed_options(pipe, self.speed)  # on CPU, before placing (compile comes after)
         self._place(pipe)
-        loaded = LoadedModel(
-            spec=spec, pipe=pipe, encoder=PromptEncoder(pipe, self._exec_device(pipe), self.dtype)
-        )
+        if state.unet_fusable and self.settings.cpu_offload == "none":
+            speedup.share_fused_weights(pipe.unet)  # on the device now: no duplicate QKV weights
+            speedup.share_fused_weights(pipe.vae)
+        if self.speed.compile:
+            speedup.compile_pipeline(pipe, self.speed)
+            state.compiled = True
+        encoder = PromptEncoder(pipe, self._exec_device(pipe), self.dtype)
+        loaded = LoadedModel(spec=spec, pipe=pipe, encoder=encoder, speed=state)
+        if self.lora_hotswap:
+            loaded.slots = speedup.LoraSlots(pipe, self.settings.max_loras, self.settings.lora_hotswap_rank)
         self._models[spec.id] = loaded
         progress(STEP_LOADING_MODEL, 100)
         return loaded
@@ -274,6 +319,11 @@ class DiffusersEngine(Engine):
             pipe.to(self.device)
         if self.settings.vae_tiling:
             pipe.vae.enable_tiling()
+            # SDXL's VAE config tiles above its sample_size (1024 px), i.e. never at SDXL's own 1024²:
+            # 512 px tiles (64 latents) so that tiling actually lowers the decode's peak memory there.
+            if getattr(pipe.vae, "tile_sample_min_size", 0) >= 1024:
+                pipe.vae.tile_sample_min_size = 512
+                pipe.vae.tile_latent_min_size = 64
         if self.settings.vae_slicing:
             pipe.vae.enable_slicing()
 
@@ -303,6 +353,9 @@ class DiffusersEngine(Engine):
         return out
 
     def _apply_loras(self, loaded: LoadedModel, active: list[tuple[LoraSpec, float]]) -> None:
+        if loaded.slots is not None:
+            self._apply_loras_hotswap(loaded, loaded.slots, active)
+            return
         pipe = loaded.pipe
         for lora, _weight in active:
             if lora.id not in loaded.adapters:
@@ -317,13 +370,39 @@ class DiffusersEngine(Engine):
             loaded.lora_enabled = True
         pipe.set_adapters([loaded.adapters[lora.id] for lora, _ in active], [weight for _, weight in active])
 
-    def _load_lora(self, loaded: LoadedModel, lora: LoraSpec) -> None:
+    def _apply_loras_hotswap(
+        self, loaded: LoadedModel, slots: speedup.LoraSlots, active: list[tuple[LoraSpec, float]]
+    ) -> None:
+        for lora, _weight in active:
+            if not slots.knows(lora.id):
+                state = self._read_lora(lora)
+                try:
+                    slots.add(lora.id, adapter_name(lora.id), state)
+                except (ValueError, KeyError, RuntimeError) as exc:
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    raise FatalGenerationError(
+                        f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}: {exc}"
+                    ) from exc
+                self.stats.lora_loads += 1
+        try:
+            slots.activate([(lora.id, weight) for lora, weight in active])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise FatalGenerationError(f"LoRA hotswap failed on model {loaded.spec.id!r}: {exc}") from exc
+        loaded.lora_enabled = bool(active)
+
+    def _read_lora(self, lora: LoraSpec) -> dict[str, torch.Tensor]:
         try:
             safe_files.lora_format(lora.path)
         except safe_files.UnsafeFileError as exc:
             raise FatalGenerationError(f"LoRA {lora.id!r}: {exc}") from exc
+        return load_file(str(lora.path))
+
+    def _load_lora(self, loaded: LoadedModel, lora: LoraSpec) -> None:
         name = adapter_name(lora.id)
-        state = load_file(str(lora.path))
+        state = self._read_lora(lora)
         try:
             loaded.pipe.load_lora_weights(state, adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as exc:
