@@ -86,7 +86,7 @@ def service_times(steps: int, repeats: int, workdir: Path) -> list[float]:
             job = call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": steps,
                                              "guidance_scale": 7.5, "seed": index})
             while (state := call("GET", f"/status/{job['job_id']}"))["status"] not in ("SUCCESS", "FAILURE"):
-                time.sleep(0.005)
+                time.sleep(0.02)  # polling costs CPU that the 2-core generation needs
             assert state["status"] == "SUCCESS", state
             if index:  # the first job loads the model
                 times.append(time.perf_counter() - start)
@@ -131,7 +131,8 @@ def switch_times(workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-switches", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -142,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         direct = direct_times(args.steps, args.repeats, dtype)
         service = service_times(args.steps, args.repeats, Path(tmp))
-        switches = switch_times(Path(tmp))
+        switches = {} if args.skip_switches else switch_times(Path(tmp))
     d, s = statistics.median(direct), statistics.median(service)
     print(f"demo model, 1024x1024, {args.steps} steps, CFG 7.5, {dtype}, CPU threads {torch.get_num_threads()}")
     print("| path | median s/image | runs |")
@@ -150,6 +151,8 @@ def main() -> None:
     print(f"| diffusers pipeline call, direct | {d:.3f} | {', '.join(f'{t:.3f}' for t in direct)} |")
     print(f"| POST /generate -> SUCCESS through imagen | {s:.3f} | {', '.join(f'{t:.3f}' for t in service)} |")
     print(f"ratio service / direct: {s / d:.3f}  (target <= 1.05)")
+    if not switches:
+        return
     print()
     print("switch times, tiny fixtures (64x64, 4 steps), in the engine:")
     warm = switches["warm job (no LoRA)"]

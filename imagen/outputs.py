@@ -84,7 +84,8 @@ def save_png(
         "imagen": json.dumps(metadata, ensure_ascii=False, sort_keys=True),
     }
     destination = outputs_dir / filename
-    write_atomically(destination, encode_png(np.asarray(image.convert("RGB")), texts, compress_level))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    write_atomically(destination, encode_png(np.asarray(rgb), texts, compress_level))
     return destination
 
 
@@ -118,7 +119,7 @@ def encode_png(rgb: np.ndarray[Any, np.dtype[np.uint8]], texts: dict[str, str], 
     rows = rgb.reshape(height, width * 3)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps, as PNG wants
-    raw = filtered.tobytes()
+    raw = memoryview(filtered).cast("B")  # no copy: zlib reads the array's buffer
     pieces = [raw[offset:offset + _PIECE_BYTES] for offset in range(0, len(raw), _PIECE_BYTES)]
 
     def deflate(index: int) -> bytes:
