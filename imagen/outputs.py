@@ -119,7 +119,7 @@ def encode_png(rgb: np.ndarray[Any, np.dtype[np.uint8]], texts: dict[str, str], 
     rows = rgb.reshape(height, width * 3)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps, as PNG wants
-    raw = memoryview(filtered).cast("B")  # no copy: zlib reads the array's buffer
+    raw = filtered.data.cast("B")  # no copy: zlib reads the array's buffer
     pieces = [raw[offset:offset + _PIECE_BYTES] for offset in range(0, len(raw), _PIECE_BYTES)]
 
     def deflate(index: int) -> bytes:
