@@ -67,14 +67,18 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     if loras:
         # A1111 puts <lora:name:weight> in the prompt itself; list them as an extra field instead so the
         # prompt line stays the prompt that was actually encoded.
-        settings += ", Lora weights: \"" + ", ".join(f"{lo['name']}: {lo['weight']}" for lo in loras) + '"'
+        settings += ', Lora weights: "' + ", ".join(f"{lo['name']}: {lo['weight']}" for lo in loras) + '"'
     settings += ", Version: imagen"
     lines.append(settings)
     return "\n".join(lines)
 
 
 def save_png(
-    image: Image.Image, metadata: dict[str, Any], outputs_dir: Path, filename: str, compress_level: int = 1
+    image: Image.Image | np.ndarray[Any, np.dtype[np.uint8]],
+    metadata: dict[str, Any],
+    outputs_dir: Path,
+    filename: str,
+    compress_level: int = 1,
 ) -> Path:
     """Write an RGB 8-bit PNG with its generation parameters, atomically (a reader never sees half a file,
     and a retried job overwrites its own file instead of adding a second one)."""
@@ -84,8 +88,9 @@ def save_png(
         "imagen": json.dumps(metadata, ensure_ascii=False, sort_keys=True),
     }
     destination = outputs_dir / filename
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    write_atomically(destination, encode_png(np.asarray(rgb), texts, compress_level))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    write_atomically(destination, encode_png(image, texts, compress_level))
     return destination
 
 
@@ -120,7 +125,7 @@ def encode_png(rgb: np.ndarray[Any, np.dtype[np.uint8]], texts: dict[str, str], 
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps, as PNG wants
     raw = filtered.data.cast("B")  # no copy: zlib reads the array's buffer
-    pieces = [raw[offset:offset + _PIECE_BYTES] for offset in range(0, len(raw), _PIECE_BYTES)]
+    pieces = [raw[offset : offset + _PIECE_BYTES] for offset in range(0, len(raw), _PIECE_BYTES)]
 
     def deflate(index: int) -> bytes:
         compressor = zlib.compressobj(compress_level, zlib.DEFLATED, -15)

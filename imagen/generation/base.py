@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from imagen.config import Settings
@@ -80,6 +81,15 @@ class GeneratedImage:
 
     image: Image.Image
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    # The same pixels as an RGB uint8 array (H, W, 3), when the engine already holds them: the PNG writer
+    # then reads them directly instead of copying them back out of the PIL image.
+    pixels: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+
+    def rgb_pixels(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        if self.pixels is not None:
+            return self.pixels
+        rgb = self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+        return np.asarray(rgb)
 
 
 # progress(step_name, percent 0-100)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -237,11 +238,12 @@ class DiffusersEngine(Engine):
         )
         log.debug("denoised in %.3f s", time.perf_counter() - started)
         progress(STEP_DECODING, 0)
-        image = self._decode(pipe, output.images)
+        image, pixels = self._decode(pipe, output.images)
         progress(STEP_DECODING, 100)
         scheduler = type(pipe.scheduler).__name__
         return GeneratedImage(
             image=image,
+            pixels=pixels,
             extra_metadata={
                 "final_prompt": final_prompt,
                 "final_negative_prompt": final_negative,
@@ -255,7 +257,7 @@ class DiffusersEngine(Engine):
             },
         )
 
-    def _decode(self, pipe: Any, latents: torch.Tensor) -> Image.Image:
+    def _decode(self, pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[Any, Any]]:
         vae = pipe.vae
         # SDXL's original VAE overflows in fp16 (black images): decode it in fp32 unless it is fp16-safe
         # (the fp16-fix VAE's config says force_upcast: false).
@@ -276,9 +278,10 @@ class DiffusersEngine(Engine):
         finally:
             if upcast:
                 vae.to(dtype=torch.float16)
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
-        image: Image.Image = images[0].convert("RGB")
-        return image
+        # As postprocess(output_type="pil") does, keeping the uint8 array for the PNG writer.
+        floats = pipe.image_processor.postprocess(decoded, output_type="np")
+        pixels = np.ascontiguousarray((floats[0] * 255).round().astype(np.uint8))
+        return Image.fromarray(pixels, "RGB"), pixels
 
     # --- models -----------------------------------------------------------------------------
     def _model(self, spec: ModelSpec, progress: ProgressCallback) -> LoadedModel:

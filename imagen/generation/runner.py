@@ -23,7 +23,7 @@ def run_task(
     generated = engine.generate(task, progress)
     progress(STEP_SAVING, 100)
     metadata: dict[str, Any] = {**task.as_dict(), **generated.extra_metadata}
-    save_png(generated.image, metadata, outputs_dir, output_name, png_compress_level)
+    save_png(generated.rgb_pixels(), metadata, outputs_dir, output_name, png_compress_level)
     return {
         "status": "success",
         "filename": output_name,

@@ -38,11 +38,13 @@ class TestPatternEngine(Engine):
         digest = hashlib.sha256(repr(sorted(task.as_dict().items())).encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         tile = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-        image = Image.fromarray(tile, "RGB").resize((size, size), Image.Resampling.NEAREST)
+        scale = -(-size // tile.shape[0])
+        pixels = np.ascontiguousarray(tile.repeat(scale, axis=0).repeat(scale, axis=1)[:size, :size])
+        image = Image.fromarray(pixels, "RGB")
         step_seconds = self.settings.test_pattern_seconds / task.steps
         for step in range(task.steps):
             progress(STEP_GENERATION, int(100 * step / task.steps))
             remaining = start + (step + 1) * step_seconds - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
-        return GeneratedImage(image=image, extra_metadata={"width": size, "height": size})
+        return GeneratedImage(image=image, extra_metadata={"width": size, "height": size}, pixels=pixels)
