@@ -17,7 +17,6 @@ from imagen.jobs.models import NewJob
 from imagen.outputs import make_output_name
 from imagen.registry import Registry
 
-DEFAULT_LORA_WEIGHT = 0.8
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds
 
 

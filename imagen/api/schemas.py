@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_LORAS = 4
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
 MAX_PROMPT_CHARS = 20_000
-
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class LoraRequest(BaseModel):
@@ -89,5 +85,3 @@ class Health(BaseModel):
     gpu_available: bool
     queue_broker: str
 
-
-JsonObject = dict[str, Any]

@@ -14,13 +14,14 @@ One instance lives in each worker process and keeps its pipelines between jobs:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,17 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@contextlib.contextmanager
+def _lora_errors(message: str) -> Iterator[None]:
+    """A LoRA that does not match the model fails the job for good; out of memory stays retryable."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise FatalGenerationError(f"{message}: {exc}") from exc
 
 
 def adapter_name(lora_id: str) -> str:
@@ -379,21 +391,11 @@ class DiffusersEngine(Engine):
         for lora, _weight in active:
             if not slots.knows(lora.id):
                 state = self._read_lora(lora)
-                try:
+                with _lora_errors(f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}"):
                     slots.add(lora.id, adapter_name(lora.id), state)
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    if isinstance(exc, torch.OutOfMemoryError):
-                        raise
-                    raise FatalGenerationError(
-                        f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}: {exc}"
-                    ) from exc
                 self.stats.lora_loads += 1
-        try:
+        with _lora_errors(f"LoRA hotswap failed on model {loaded.spec.id!r}"):
             slots.activate([(lora.id, weight) for lora, weight in active])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise
-            raise FatalGenerationError(f"LoRA hotswap failed on model {loaded.spec.id!r}: {exc}") from exc
         loaded.lora_enabled = bool(active)
 
     def _read_lora(self, lora: LoraSpec) -> dict[str, torch.Tensor]:
@@ -406,14 +408,8 @@ class DiffusersEngine(Engine):
     def _load_lora(self, loaded: LoadedModel, lora: LoraSpec) -> None:
         name = adapter_name(lora.id)
         state = self._read_lora(lora)
-        try:
+        with _lora_errors(f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}"):
             loaded.pipe.load_lora_weights(state, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise
-            raise FatalGenerationError(
-                f"LoRA {lora.id!r} does not fit model {loaded.spec.id!r}: {exc}"
-            ) from exc
         loaded.adapters[lora.id] = name
         loaded.lora_enabled = True
         self.stats.lora_loads += 1
