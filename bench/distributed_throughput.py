@@ -29,11 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagen.api.schemas import GenerationRequest  # noqa: E402
+from imagen.api.submission import prepare_job  # noqa: E402
 from imagen.config import Settings  # noqa: E402
-from imagen.jobs.celery_backend import CeleryBackend  # noqa: E402
-from imagen.jobs.models import JobRecord  # noqa: E402
+from imagen.jobs.distributed.backend import CeleryBackend  # noqa: E402
+from imagen.jobs.types import JobRecord  # noqa: E402
 from imagen.registry import load_registry  # noqa: E402
-from imagen.submission import prepare_job  # noqa: E402
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ def free_port() -> int:
 def direct_times(steps: int, repeats: int, dtype_name: str) -> list[float]:
     import torch
 
-    from imagen.generation.sdxl_components import DEMO_SHAPE, build_tiny_sdxl_pipeline
+    from imagen.generation.diffusers.components import DEMO_SHAPE, build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(DEMO_SHAPE, seed=0).to("cpu", getattr(torch, dtype_name))
     pipe.set_progress_bar_config(disable=True)
@@ -98,9 +98,9 @@ def service_times(steps: int, repeats: int, workdir: Path) -> list[float]:
 
 def switch_times(workdir: Path) -> dict[str, float]:
     from imagen.config import Settings
-    from imagen.fixtures import write_fixtures
+    from imagen.devtools.fixtures import write_fixtures
     from imagen.generation.base import GenerationTask, LoraChoice
-    from imagen.generation.diffusers_engine import DiffusersEngine
+    from imagen.generation.diffusers.engine import DiffusersEngine
     from imagen.registry import load_registry
 
     registry = load_registry(write_fixtures(workdir / "fixtures"))
@@ -137,7 +137,7 @@ def main() -> None:
 
     import torch
 
-    from imagen.generation.diffusers_engine import resolve_dtype
+    from imagen.generation.diffusers.engine import resolve_dtype
 
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:

@@ -55,8 +55,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from imagen.config import Settings  # noqa: E402
 from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice  # noqa: E402
-from imagen.generation.diffusers_engine import DiffusersEngine, resolve_dtype  # noqa: E402
-from imagen.generation.sdxl_components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
+from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
+from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype  # noqa: E402
 from imagen.registry import LoraSpec, ModelSpec, Registry  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"
@@ -484,7 +484,7 @@ def _graphs() -> int:
 def tiny_compile_lora(args: argparse.Namespace) -> list[str]:
     """LoRA switching with torch.compile on the tiny fixture model (64², 2 steps), for machines where the
     full-size compile is out of reach (a 2-core CPU): the mechanism and whether a switch recompiles."""
-    from imagen.fixtures import write_fixtures
+    from imagen.devtools.fixtures import write_fixtures
     from imagen.registry import load_registry
 
     lines = []

@@ -22,13 +22,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from imagen.jobs.celery_worker import run_worker
+    from imagen.jobs.distributed.worker import run_worker
 
     return run_worker(Settings(), concurrency_gpu=args.gpu)
 
 
 def _fixtures(args: argparse.Namespace) -> int:
-    from imagen.fixtures import write_fixtures
+    from imagen.devtools.fixtures import write_fixtures
 
     registry = write_fixtures(Path(args.directory))
     print(f"wrote tiny random-weight fixtures; registry: {registry}")

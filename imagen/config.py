@@ -1,7 +1,7 @@
 """All settings, read from ``IMAGEN_*`` environment variables (or a ``.env`` file).
 
 Every field carries a description: the README's configuration table is generated from them
-(``imagen settings --markdown``).
+(``imagen settings``; ``tests/test_readme.py`` checks that the README's table matches).
 """
 
 from __future__ import annotations

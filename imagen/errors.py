@@ -35,7 +35,3 @@ class FatalGenerationError(GenerationError):
     """Will not pass by retrying: a missing weight file, an unsupported format."""
 
     retryable = False
-
-
-class JobTimeoutError(FatalGenerationError):
-    """The job ran past ``job_timeout_s``."""

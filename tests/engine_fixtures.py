@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from imagen.config import Settings
-from imagen.fixtures import write_fixtures
+from imagen.devtools.fixtures import write_fixtures
 from imagen.generation.base import GenerationTask, LoraChoice
 from imagen.registry import Registry, load_registry
 

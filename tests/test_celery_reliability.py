@@ -233,7 +233,7 @@ def test_gpu_flag_health_and_celery_inspect(celery_cluster: CeleryCluster) -> No
     # the engine saw CUDA_VISIBLE_DEVICES=3 (set by --gpu before it was built)
     assert [w["device"] for w in live_workers(cluster.redis.client())] == ["cuda:3"]
     ping = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "imagen.jobs.celery_app", "inspect", "ping", "--timeout", "2"],
+        [sys.executable, "-m", "celery", "-A", "imagen.jobs.distributed.app", "inspect", "ping", "--timeout", "2"],
         env={**os.environ, "PYTHONPATH": str(REPO), "IMAGEN_BROKER_URL": cluster.redis.url},
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imagen.errors import FatalGenerationError
-from imagen.generation.diffusers_engine import DiffusersEngine
+from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.registry import Registry
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, image_bytes, task
 

@@ -10,8 +10,8 @@ import pytest
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
+from imagen.devtools import ldm_export
 from imagen.errors import FatalGenerationError
-from imagen.generation import ldm_export
 from imagen.generation.base import (
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -19,7 +19,7 @@ from imagen.generation.base import (
     STEP_LOADING_LORAS,
     STEP_LOADING_MODEL,
 )
-from imagen.generation.diffusers_engine import DiffusersEngine, resolve_dtype
+from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype
 from imagen.registry import ModelSpec, Registry, builtin_registry
 from tests.engine_fixtures import (
     ProgressLog,

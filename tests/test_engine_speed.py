@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from imagen.generation import speed as speedup
-from imagen.generation.diffusers_engine import DiffusersEngine, resolve_dtype
+from imagen.generation.diffusers import acceleration
+from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, image_bytes, pixels, task
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_speed_options_apply_by_default_and_keep_the_image(fast: DiffusersEngine
     image = _pixels(fast)
     assert _max_diff(image, _pixels(plain)) <= TOLERANCE
     pipe = fast._models["sdxl-base"].pipe
-    assert speedup.unet_is_fused(pipe.unet)
+    assert acceleration.unet_is_fused(pipe.unet)
     assert all(isinstance(p, FusedAttnProcessor2_0) for p in pipe.vae.attn_processors.values())
     conv = pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -74,12 +74,12 @@ def test_fused_qkv_with_loras_stays_correct(fast: DiffusersEngine, plain: Diffus
     before = _pixels(fast)
     with_lora = _pixels(fast, loras=[("character-detail", 0.8)])
     assert _max_diff(with_lora, before) > 10  # the LoRA acts although the UNet was fused...
-    assert not speedup.unet_is_fused(_unet(fast))  # ...because LoRA jobs run the unfused processors
+    assert not acceleration.unet_is_fused(_unet(fast))  # ...because LoRA jobs run the unfused processors
     assert _max_diff(with_lora, _pixels(plain, loras=[("character-detail", 0.8)])) <= TOLERANCE
     assert _max_diff(_pixels(fast, loras=[("anime-style", 1.0), ("locon-detail", 0.5)]), before) > 10
     # Loaded but unrequested, or weight 0: bit-exact the image from before any LoRA (fused path again).
     assert image_bytes(fast.generate(task(), ProgressLog()).image) == before.astype(np.uint8).tobytes()
-    assert speedup.unet_is_fused(_unet(fast))
+    assert acceleration.unet_is_fused(_unet(fast))
     assert np.array_equal(_pixels(fast, loras=[("character-detail", 0.0)]), before)
 
 

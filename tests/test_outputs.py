@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen.outputs import a1111_parameters, encode_png, make_output_name, resolve_servable, save_png
+from imagen.outputs.names import make_output_name
+from imagen.outputs.png import a1111_parameters, encode_png, save_png
+from imagen.outputs.serving import resolve_servable
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (64, 64), (700, 1100)])

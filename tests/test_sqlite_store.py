@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from imagen.errors import QueueFullError
-from imagen.jobs.models import JobState, NewJob
-from imagen.jobs.sqlite_store import SqliteJobStore
+from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.types import JobState, NewJob
 
 
 def new_job(prompt: str = "x") -> NewJob:

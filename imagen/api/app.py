@@ -17,7 +17,7 @@ from imagen import __version__
 from imagen.api.routes import router
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, QueueFullError
-from imagen.jobs.base import JobBackend
+from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
 from imagen.registry import load_registry
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     if settings.engine == "diffusers" and not settings.broker_url:
         # Missing weights, pickles and unsupported LoRA types stop the start, not a job an hour later.
         # (Distributed workers check their own files: the API host may not have them.)
-        from imagen.generation.safe_files import check_registry_files  # headers only, no torch
+        from imagen.registry.safe_files import check_registry_files  # headers only, no torch
 
         check_registry_files(registry)
     backend = backend or build_backend(settings)

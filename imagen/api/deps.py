@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from imagen.config import Settings
-from imagen.jobs.base import JobBackend
+from imagen.jobs.backend import JobBackend
 from imagen.registry import Registry
 
 

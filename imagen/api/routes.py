@@ -18,9 +18,9 @@ from imagen.api.schemas import (
     ModelInfo,
     ModelList,
 )
-from imagen.jobs.models import JobRecord, JobState
-from imagen.outputs import resolve_servable
-from imagen.submission import InvalidRequest, prepare_job
+from imagen.api.submission import InvalidRequest, prepare_job
+from imagen.jobs.types import JobRecord, JobState
+from imagen.outputs.serving import resolve_servable
 
 JOB_NOT_FOUND = "Job ID non trouvé"
 IMAGE_NOT_FOUND = "Image non trouvée"

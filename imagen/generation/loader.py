@@ -10,7 +10,7 @@ from imagen.generation.base import Engine
 from imagen.registry import Registry
 
 BUILTIN_ENGINES = {
-    "diffusers": "imagen.generation.diffusers_engine:DiffusersEngine",
+    "diffusers": "imagen.generation.diffusers.engine:DiffusersEngine",
     "test-pattern": "imagen.generation.test_pattern:TestPatternEngine",
 }
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from imagen.errors import GenerationError
 from imagen.generation.base import STEP_SAVING, Engine, GenerationTask, ProgressCallback
-from imagen.outputs import save_png
+from imagen.outputs.png import save_png
 
 
 def run_task(

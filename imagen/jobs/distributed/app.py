@@ -1,7 +1,7 @@
 """The Celery application of the distributed backend and its one task, ``imagen.generate``.
 
-Point Celery's own tools at it: ``celery -A imagen.jobs.celery_app inspect ping``, ``celery -A
-imagen.jobs.celery_app flower`` (with ``IMAGEN_BROKER_URL`` set). The module imports no model code: the
+Point Celery's own tools at it: ``celery -A imagen.jobs.distributed.app inspect ping``, ``celery -A
+imagen.jobs.distributed.app flower`` (with ``IMAGEN_BROKER_URL`` set). The module imports no model code: the
 task body (``celery_runtime``) loads the engine inside worker processes only.
 
 Delivery guarantees come from the broker settings below (late acks, one message per worker, requeue on a
@@ -34,7 +34,7 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def _generate(job_id: str) -> None:
-    from imagen.jobs.celery_runtime import execute  # worker processes only
+    from imagen.jobs.distributed.task import execute  # worker processes only
 
     execute(job_id)
 
@@ -76,25 +76,25 @@ def publish(app: Celery, job_id: str) -> None:
     app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE, retry=True, retry_policy=policy)
 
 
-# The app ``celery -A imagen.jobs.celery_app`` and ``imagen worker`` use; settings from IMAGEN_* variables.
+# The app ``celery -A imagen.jobs.distributed.app`` and ``imagen worker`` use; settings from IMAGEN_* variables.
 worker_settings: Settings = get_settings()
 app = create_celery(worker_settings)
 
 
 def _load_engine(**_: Any) -> None:
-    from imagen.jobs.celery_runtime import init_process
+    from imagen.jobs.distributed.task import init_process
 
     init_process(worker_settings)
 
 
 def _unload_engine(**_: Any) -> None:
-    from imagen.jobs.celery_runtime import shutdown_process
+    from imagen.jobs.distributed.task import shutdown_process
 
     shutdown_process()
 
 
 def _start_reaper(sender: Any = None, **_: Any) -> None:
-    from imagen.jobs.celery_runtime import start_reaper
+    from imagen.jobs.distributed.task import start_reaper
 
     start_reaper(worker_settings, app)
 

@@ -1,48 +1,18 @@
-"""Generated files: their names, how they are written, and which of them may be served."""
+"""Writing generated images: our fast PNG encoder, the A1111 ``parameters`` chunk, atomic writes."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import struct
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-
-# Only plain file names made of these characters are ever served: no separators, no "..", no NUL.
-SERVABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.png")
-
-
-def make_output_name(prefix: str, now: datetime | None = None) -> str:
-    """``{model_prefix}_{YYYYMMDD}_{HHMMSS}_{8 hex}.png``, as the API reference names files."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
-    return f"{prefix}_{stamp}_{secrets.token_hex(4)}.png"
-
-
-def resolve_servable(outputs_dir: Path, filename: str) -> Path | None:
-    """The real path of ``filename`` if it is a regular PNG directly inside ``outputs_dir``, else None.
-
-    Refuses anything that is not a bare name (``..``, separators, backslashes, absolute paths, encoded
-    variants after URL decoding) and symlinks that lead out of the folder.
-    """
-    if not SERVABLE_NAME.fullmatch(filename) or ".." in filename:
-        return None
-    root = outputs_dir.resolve()
-    try:
-        real = (root / filename).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if real.parent != root or not real.is_file():
-        return None
-    return real
 
 
 def a1111_parameters(metadata: dict[str, Any]) -> str:

@@ -19,11 +19,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from imagen.config import Settings
-from imagen.jobs.base import JobBackend
-from imagen.jobs.liveness import pid_alive
-from imagen.jobs.models import BackendHealth, JobRecord, NewJob, Submitted
-from imagen.jobs.sqlite_store import SqliteJobStore
-from imagen.jobs.worker_process import worker_main
+from imagen.jobs.backend import JobBackend
+from imagen.jobs.embedded.child import worker_main
+from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.lifecycle import pid_alive
+from imagen.jobs.types import BackendHealth, JobRecord, NewJob, Submitted
 
 log = logging.getLogger("imagen.jobs")
 

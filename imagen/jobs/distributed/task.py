@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
-from imagen.jobs.liveness import pid_alive
-from imagen.jobs.redis_store import RedisJobStore, connect
+from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.lifecycle import pid_alive
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -239,7 +239,7 @@ def _record_failure(store: RedisJobStore, settings: Settings, job_id: str, token
 
 
 def _settings_from_app() -> Settings:
-    from imagen.jobs import celery_app
+    from imagen.jobs.distributed import app as celery_app
 
     return celery_app.worker_settings
 
@@ -257,7 +257,7 @@ def start_reaper(settings: Settings, app: Celery) -> threading.Thread:
                     store = RedisJobStore(connect(settings.broker_url), result_ttl_s=settings.result_ttl_s)
                 for job_id in store.reap_orphans(max_attempts=settings.max_attempts, timeout_s=settings.job_timeout_s):
                     log.warning("job %s: its worker died; back in the queue", job_id)
-                    from imagen.jobs.celery_app import publish
+                    from imagen.jobs.distributed.app import publish
 
                     publish(app, job_id)
             except Exception as exc:

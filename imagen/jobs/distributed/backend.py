@@ -19,11 +19,12 @@ import redis
 
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
-from imagen.jobs.base import JobBackend
-from imagen.jobs.celery_app import create_celery, publish
-from imagen.jobs.models import BackendHealth, JobRecord, JobState, NewJob, Submitted
-from imagen.jobs.redis_store import RedisJobStore, connect
-from imagen.outputs import SERVABLE_NAME, write_atomically
+from imagen.jobs.backend import JobBackend
+from imagen.jobs.distributed.app import create_celery, publish
+from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
+from imagen.outputs.names import is_servable_name
+from imagen.outputs.png import write_atomically
 
 log = logging.getLogger("imagen.jobs")
 
@@ -113,7 +114,7 @@ class CeleryBackend(JobBackend):
 
     def fetch_image(self, output_name: str, store: RedisJobStore | None = None) -> bool:
         """Make sure this replica's outputs folder holds ``output_name``; False if Redis no longer has it."""
-        if not SERVABLE_NAME.fullmatch(output_name) or ".." in output_name:
+        if not is_servable_name(output_name):
             return False
         destination = self.settings.outputs_dir / output_name
         if destination.is_file():

@@ -30,7 +30,7 @@ def run_worker(settings: Settings, concurrency_gpu: str | int | None = None) -> 
     if not settings.broker_url:
         log.error("imagen worker needs IMAGEN_BROKER_URL (e.g. redis://localhost:6379/0)")
         return 2
-    from imagen.jobs import celery_app as module
+    from imagen.jobs.distributed import app as module
 
     module.worker_settings = settings
     module.configure(module.app, settings)

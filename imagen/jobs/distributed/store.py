@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imagen.errors import QueueFullError
-from imagen.jobs.models import JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 PREFIX = "imagen:"
 WAITING = PREFIX + "waiting"

@@ -13,8 +13,8 @@ from typing import Any
 from imagen.api.schemas import GenerationRequest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask, LoraChoice
-from imagen.jobs.models import NewJob
-from imagen.outputs import make_output_name
+from imagen.jobs.types import NewJob
+from imagen.outputs.names import make_output_name
 from imagen.registry import Registry
 
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds

@@ -7,7 +7,7 @@ One instance lives in each worker process and keeps its pipelines between jobs:
   with ``set_adapters`` / ``disable_lora`` (an adapter not requested has no effect at all);
 * the IP-Adapter is attached only while a job asks ``ip_strength`` > 0 (its weights stay cached in RAM);
 * noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes;
-* speed options (:mod:`imagen.generation.speed`: SDPA, channels_last, fused QKV, torch.compile with an
+* speed options (:mod:`imagen.generation.diffusers.acceleration`: SDPA, channels_last, fused QKV, torch.compile with an
   on-disk cache, LoRA hotswap into fixed slots when compiled) are applied when a pipeline is loaded, and
   ``warm_up`` runs one short image at worker start so the first job neither loads nor compiles anything.
 """
@@ -34,8 +34,6 @@ from transformers import CLIPVisionModelWithProjection
 
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError, RetryableGenerationError
-from imagen.generation import safe_files
-from imagen.generation import speed as speedup
 from imagen.generation.base import (
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -48,9 +46,10 @@ from imagen.generation.base import (
     GenerationTask,
     ProgressCallback,
 )
-from imagen.generation.model_loading import load_pipeline
-from imagen.generation.prompts import PromptEncoder, add_trigger_words, trigger_words_for
-from imagen.registry import LoraSpec, ModelSpec, Registry
+from imagen.generation.diffusers import acceleration
+from imagen.generation.diffusers.loading import load_pipeline
+from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
+from imagen.registry import LoraSpec, ModelSpec, Registry, safe_files
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +121,8 @@ class LoadedModel:
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA id -> adapter name
     lora_enabled: bool = False
     ip_adapter_attached: bool = False
-    speed: speedup.SpeedState | None = None
-    slots: speedup.LoraSlots | None = None  # LoRA hotswap (compiled UNet)
+    speed: acceleration.SpeedState | None = None
+    slots: acceleration.LoraSlots | None = None  # LoRA hotswap (compiled UNet)
 
 
 @dataclass
@@ -139,7 +138,7 @@ class DiffusersEngine(Engine):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.stats = EngineStats()
-        self.speed = speedup.SpeedOptions.from_settings(settings, self.device)
+        self.speed = acceleration.SpeedOptions.from_settings(settings, self.device)
         self.lora_hotswap = settings.lora_hotswap == "on" or (
             settings.lora_hotswap == "auto" and self.speed.compile
         )
@@ -178,7 +177,7 @@ class DiffusersEngine(Engine):
             self.generate(warm_task, lambda step, pct: None)
             self.stats.warm_up_runs += 1
             if self.speed.compile and self.speed.cache_dir is not None:
-                speedup.save_compile_cache(self.speed.cache_dir)
+                acceleration.save_compile_cache(self.speed.cache_dir)
         self.stats.warm_up_seconds = time.perf_counter() - started
         log.info("warm-up of %s took %.1f s (%s)", spec.id, self.stats.warm_up_seconds, self.speed_summary())
 
@@ -214,7 +213,7 @@ class DiffusersEngine(Engine):
         self._apply_loras(loaded, active)
         ip_kwargs = self._apply_ip_adapter(loaded, task.ip_strength)
         if loaded.speed is not None:
-            speedup.sync_unet_attention(pipe, loaded.speed, bool(active), loaded.ip_adapter_attached)
+            acceleration.sync_unet_attention(pipe, loaded.speed, bool(active), loaded.ip_adapter_attached)
         progress(STEP_LOADING_LORAS, 100)
 
         progress(STEP_ENCODING_PROMPT, 0)
@@ -309,18 +308,18 @@ class DiffusersEngine(Engine):
             self._free_memory()
         pipe = self.pipeline_loader(spec, self.dtype)
         self.stats.model_loads += 1
-        state = speedup.apply_speed_options(pipe, self.speed)  # on CPU, before placing (compile comes after)
+        state = acceleration.apply_speed_options(pipe, self.speed)  # on CPU, before placing (compile comes after)
         self._place(pipe)
         if state.unet_fusable and self.settings.cpu_offload == "none":
-            speedup.share_fused_weights(pipe.unet)  # on the device now: no duplicate QKV weights
-            speedup.share_fused_weights(pipe.vae)
+            acceleration.share_fused_weights(pipe.unet)  # on the device now: no duplicate QKV weights
+            acceleration.share_fused_weights(pipe.vae)
         if self.speed.compile:
-            speedup.compile_pipeline(pipe, self.speed)
+            acceleration.compile_pipeline(pipe, self.speed)
             state.compiled = True
         encoder = PromptEncoder(pipe, self._exec_device(pipe), self.dtype)
         loaded = LoadedModel(spec=spec, pipe=pipe, encoder=encoder, speed=state)
         if self.lora_hotswap:
-            loaded.slots = speedup.LoraSlots(pipe, self.settings.max_loras, self.settings.lora_hotswap_rank)
+            loaded.slots = acceleration.LoraSlots(pipe, self.settings.max_loras, self.settings.lora_hotswap_rank)
         self._models[spec.id] = loaded
         progress(STEP_LOADING_MODEL, 100)
         return loaded
@@ -386,7 +385,7 @@ class DiffusersEngine(Engine):
         pipe.set_adapters([loaded.adapters[lora.id] for lora, _ in active], [weight for _, weight in active])
 
     def _apply_loras_hotswap(
-        self, loaded: LoadedModel, slots: speedup.LoraSlots, active: list[tuple[LoraSpec, float]]
+        self, loaded: LoadedModel, slots: acceleration.LoraSlots, active: list[tuple[LoraSpec, float]]
     ) -> None:
         for lora, _weight in active:
             if not slots.knows(lora.id):

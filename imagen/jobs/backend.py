@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from imagen.jobs.models import BackendHealth, JobRecord, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobRecord, NewJob, Submitted
 
 
 class JobBackend(ABC):

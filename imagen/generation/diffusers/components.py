@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SDXL_CONFIG_DIR = DATA_DIR / "sdxl-base"
 CLIP_TOKENIZER_DIR = DATA_DIR / "clip-tokenizer"
 CLIP_VOCAB_SIZE = 49408

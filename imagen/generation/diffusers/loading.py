@@ -8,7 +8,7 @@
   configs in a sibling diffusers-layout folder named ``<file name without .safetensors>.config/``.
 * ``vae_path``: a diffusers VAE folder or a single ``.safetensors`` VAE (same sibling ``.config/`` rule).
 
-Every file is checked by :mod:`imagen.generation.safe_files` before a loader sees it.
+Every file is checked by :mod:`imagen.registry.safe_files` before a loader sees it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
 
 from imagen.errors import FatalGenerationError
-from imagen.generation import safe_files
-from imagen.generation.sdxl_components import (
+from imagen.generation.diffusers.components import (
     DEMO_SHAPE,
     SDXL_CONFIG_DIR,
     build_tiny_sdxl_pipeline,
     load_clip_tokenizers,
 )
-from imagen.registry import ModelSpec
+from imagen.registry import ModelSpec, safe_files
 
 DEMO_SEED = 20240130
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
-from imagen.jobs.models import JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -1,0 +1,1 @@
+"""Generated images: names (names), writing (png), serving from the outputs folder (serving)."""
