@@ -1,4 +1,5 @@
-"""The embedded store on its own: atomic claims, positions, recovery of jobs whose owner died, expiry."""
+"""What only the SQLite store does: atomic claims across processes and threads sharing one file, owners
+judged by heartbeat, clean release, purge. The rules both stores share are in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import threading
 import uuid
 from pathlib import Path
 
-import pytest
-
-from imagen.errors import QueueFullError
 from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobState, NewJob
+
+POLICY = AttemptPolicy(max_attempts=3, timeout_s=600)
 
 
 def new_job(prompt: str = "x") -> NewJob:
     return NewJob(job_id=str(uuid.uuid4()), task={"prompt": prompt}, output_name=f"{prompt}.png")
 
 
-def claim_all(path: str, owner: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    store = SqliteJobStore(Path(path), result_ttl_s=3600)
+def claim_all(path: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    store = SqliteJobStore(Path(path), policy=POLICY, result_ttl_s=3600)
+    owner = OwnerToken.new()
     claimed = []
     while (job := store.claim_next(owner)) is not None:
         claimed.append(job.job_id)
@@ -29,11 +31,11 @@ def claim_all(path: str, owner: str, results: multiprocessing.Queue) -> None:  #
 
 def test_concurrent_processes_never_claim_the_same_job(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
-    store = SqliteJobStore(path, result_ttl_s=3600)
+    store = SqliteJobStore(path, policy=POLICY, result_ttl_s=3600)
     submitted = {store.submit(new_job(f"p{i}"), max_queue=1000).job_id for i in range(300)}
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    workers = [context.Process(target=claim_all, args=(str(path), f"w{i}", results)) for i in range(3)]
+    workers = [context.Process(target=claim_all, args=(str(path), results)) for _ in range(3)]
     for worker in workers:
         worker.start()
     claimed = [job for _ in workers for job in results.get(timeout=60)]
@@ -44,18 +46,19 @@ def test_concurrent_processes_never_claim_the_same_job(tmp_path: Path) -> None:
 
 
 def test_concurrent_threads_share_one_store(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3", result_ttl_s=3600)
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy=POLICY, result_ttl_s=3600)
     for i in range(200):
         store.submit(new_job(f"p{i}"), max_queue=1000)
     claimed: list[str] = []
     lock = threading.Lock()
+    me = OwnerToken.new()
 
-    def work(owner: str) -> None:
-        while (job := store.claim_next(owner)) is not None:
+    def work(slot: str) -> None:
+        while (job := store.claim_next(me.with_slot(slot))) is not None:
             with lock:
                 claimed.append(job.job_id)
 
-    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(str(i),)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -63,58 +66,56 @@ def test_concurrent_threads_share_one_store(tmp_path: Path) -> None:
     assert len(claimed) == len(set(claimed)) == 200
 
 
-def test_positions_and_queue_limit(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3", result_ttl_s=3600)
-    jobs = [new_job(f"p{i}") for i in range(3)]
-    assert [store.submit(job, max_queue=3).position for job in jobs] == [1, 2, 3]
-    with pytest.raises(QueueFullError):
-        store.submit(new_job(), max_queue=3)
-    first = store.claim_next("w")
-    assert first is not None and first.job_id == jobs[0].job_id and first.state is JobState.STARTED
-    assert store.position(jobs[1].job_id) == 1 and store.position(jobs[2].job_id) == 2
-    assert store.position(jobs[0].job_id) is None
-    assert store.submit(new_job(), max_queue=3).position == 3
-
-
-def test_orphaned_jobs_are_requeued_then_failed(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3", result_ttl_s=3600)
-    job = new_job()
-    store.submit(job, max_queue=10)
-    for attempt in (1, 2):
-        claimed = store.claim_next("dead-owner")
-        assert claimed is not None and claimed.attempts == attempt
-        assert store.recover_orphans(lambda owner, beat: owner == "dead-owner", max_attempts=3) == [job.job_id]
-        record = store.get(job.job_id)
-        assert record is not None and record.state is JobState.PENDING and record.error is None
-    store.claim_next("dead-owner")
-    store.recover_orphans(lambda owner, beat: True, max_attempts=3)
-    record = store.get(job.job_id)
-    assert record is not None and record.state is JobState.FAILURE
-    assert record.error == "worker died while running the job (after 3 attempts)"
-
-
-def test_a_finished_job_is_not_changed_by_a_late_owner(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3", result_ttl_s=3600)
-    job = new_job()
-    store.submit(job, max_queue=10)
-    store.claim_next("first")
-    store.recover_orphans(lambda owner, beat: True, max_attempts=3)
-    store.claim_next("second")
-    assert store.complete(job.job_id, "second", {"status": "success"})
-    assert not store.fail(job.job_id, "first", "late error from the old owner")
-    record = store.get(job.job_id)
-    assert record is not None and record.state is JobState.SUCCESS
-
-
-def test_expiry_by_clock(tmp_path: Path) -> None:
+def test_an_owner_on_another_host_is_judged_by_its_heartbeat(tmp_path: Path) -> None:
     now = [1000.0]
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3", result_ttl_s=60, clock=lambda: now[0])
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy=POLICY, result_ttl_s=3600, clock=lambda: now[0])
     job = new_job()
     store.submit(job, max_queue=10)
-    store.claim_next("w")
-    store.complete(job.job_id, "w", {"status": "success"})
-    now[0] += 59
-    assert store.get(job.job_id) is not None
-    now[0] += 2
-    assert store.get(job.job_id) is None
+    remote = OwnerToken("another-host", 4242, "0123456789ab")
+    store.claim_next(remote)
+    me = OwnerToken.new()
+    now[0] += 20
+    assert store.heartbeat(job.job_id, remote)
+    now[0] += 20  # 20 s since its last beat
+    assert store.recover_orphans(me, silent_after_s=30) == {}
+    now[0] += 11
+    verdicts = store.recover_orphans(me, silent_after_s=30)
+    assert [verdict.state for verdict in verdicts.values()] == [JobState.PENDING]
+    assert not store.heartbeat(job.job_id, remote)  # no longer its job
+
+
+def test_an_earlier_life_of_this_process_is_dead(tmp_path: Path) -> None:
+    """A restarted API that got the same pid (a container) takes back what its earlier life left running."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy=POLICY, result_ttl_s=3600)
+    job = new_job()
+    store.submit(job, max_queue=10)
+    earlier, now = OwnerToken.new(slot="0"), OwnerToken.new()
+    store.claim_next(earlier)
+    assert store.recover_orphans(earlier, silent_after_s=30) == {}  # its own life: alive
+    assert list(store.recover_orphans(now, silent_after_s=30)) == [job.job_id]
+
+
+def test_release_gives_the_job_back_uncounted(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy=POLICY, result_ttl_s=3600)
+    job = new_job()
+    store.submit(job, max_queue=10)
+    owner = OwnerToken.new()
+    store.claim_next(owner)
+    assert store.release(job.job_id, owner)
+    record = store.get(job.job_id)
+    assert record is not None and record.state is JobState.PENDING and record.attempts == 0
+    assert store.position(job.job_id) == 1
+
+
+def test_purge_deletes_expired_records_only(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy=POLICY, result_ttl_s=60, clock=lambda: now[0])
+    owner = OwnerToken.new()
+    done, waiting = new_job("done"), new_job("waiting")
+    store.submit(done, max_queue=10)
+    store.claim_next(owner)
+    store.complete(done.job_id, owner, {"status": "success"})
+    store.submit(waiting, max_queue=10)
+    now[0] += 61
     assert store.purge_expired() == 1
+    assert store.position(waiting.job_id) == 1

@@ -1,2 +1,3 @@
-"""The job system: one interface (``base.JobBackend``), an embedded SQLite implementation and a
-Celery + Redis one, chosen in one place (``factory.build_backend``)."""
+"""The job system: one interface (``backend.JobBackend``), an embedded SQLite implementation
+(``embedded/``) and a Celery + Redis one (``distributed/``), chosen in one place (``factory.build_backend``).
+The rules of a job's life both apply are in ``lifecycle``; the shared types in ``types``."""

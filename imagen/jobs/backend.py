@@ -1,5 +1,6 @@
-"""The job-backend interface the API talks to. Implementations: ``embedded.EmbeddedBackend`` (SQLite,
-worker processes on this machine) and ``celery_backend.CeleryBackend`` (Redis, workers anywhere)."""
+"""The job-backend interface the API talks to. Implementations: ``embedded.backend.EmbeddedBackend``
+(SQLite, worker processes on this machine) and ``distributed.backend.CeleryBackend`` (Redis, workers
+anywhere), chosen by ``factory.build_backend``."""
 
 from __future__ import annotations
 

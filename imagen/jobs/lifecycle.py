@@ -33,6 +33,11 @@ def attempts_used_up_text(error: str, attempts: int) -> str:
     return f"{error} (after {attempts} attempts)"
 
 
+def supervision_failed_text(reason: str) -> str:
+    """The job's supervisor (the embedded backend's slot thread) hit an unexpected error while the job ran."""
+    return f"internal error while supervising the job: {reason}"
+
+
 # -- the attempt policy ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verdict:

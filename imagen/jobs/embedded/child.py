@@ -1,12 +1,9 @@
-"""The child process that runs an engine for the embedded backend.
+"""The child process that runs an engine for one worker slot of the embedded backend.
 
-It builds the engine once, says ``ready``, then runs one task per ``run`` message, streaming progress.
-Model code (torch, diffusers) lives only here: a crash, hang or OOM kill in it never takes the API down.
-Messages (tuples over a ``multiprocessing`` pipe):
-
-    parent -> child: ("run", task: dict, output_name: str) | ("stop",)
-    child -> parent: ("ready", device: dict) | ("startup_failed", message)
-                     ("progress", step, percent) | ("done", result) | ("error", retryable, message)
+It builds the engine once and says :class:`Ready` (or :class:`StartupFailed`), then runs one task per
+:class:`RunJob`, streaming :class:`Progress` and ending each with :class:`Done` or :class:`Failed`, until
+:class:`Stop` or the end of the pipe. Model code (torch, diffusers) lives only here: a crash, hang or OOM
+kill in it never takes the API down. The messages are in ``messages.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -26,6 +22,7 @@ from imagen.config import Settings
 from imagen.generation.base import GenerationTask
 from imagen.generation.loader import load_engine
 from imagen.generation.runner import classify_failure, run_task
+from imagen.jobs.embedded.messages import Done, Failed, FromChild, Progress, Ready, RunJob, StartupFailed, Stop
 from imagen.registry import load_registry
 
 log = logging.getLogger("imagen.worker")
@@ -53,40 +50,48 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**settings_data)
+
+    def send(message: FromChild) -> None:
+        conn.send(message)
+
     try:
         registry = load_registry(settings.registry_path)
         engine = load_engine(settings, registry)
         engine.warm_up()
-        conn.send(("ready", asdict(engine.device_info())))
     except Exception as exc:
         log.exception("engine failed to start")
-        conn.send(("startup_failed", f"{type(exc).__name__}: {exc}"))
+        send(StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
+    send(Ready(engine.device_info()))
 
     def progress(step: str, percent: int) -> None:
-        conn.send(("progress", step, max(0, min(100, int(percent)))))
+        send(Progress(step, max(0, min(100, int(percent)))))
 
     while True:
         try:
             message = conn.recv()
         except EOFError:
             break
-        if message[0] != "run":
-            break
-        _, task_data, output_name = message
-        try:
-            result = run_task(
-                engine,
-                GenerationTask.from_dict(task_data),
-                output_name,
-                settings.outputs_dir,
-                progress,
-                settings.png_compress_level,
-            )
-        except Exception as exc:
-            retryable, text = classify_failure(exc)
-            log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)
-            conn.send(("error", retryable, text))
-        else:
-            conn.send(("done", result))
+        match message:
+            case RunJob(task=dict() as task_data, output_name=str() as output_name):
+                try:
+                    result = run_task(
+                        engine,
+                        GenerationTask.from_dict(task_data),
+                        output_name,
+                        settings.outputs_dir,
+                        progress,
+                        settings.png_compress_level,
+                    )
+                except Exception as exc:
+                    retryable, text = classify_failure(exc)
+                    log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)
+                    send(Failed(text, retryable))
+                else:
+                    send(Done(result))
+            case Stop():
+                break
+            case _:
+                log.error("unexpected message from the API process, exiting: %r", message)
+                break
     engine.close()

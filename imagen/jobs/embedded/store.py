@@ -1,8 +1,11 @@
 """The durable job store of the embedded backend: one SQLite file in WAL mode.
 
-Jobs are claimed inside ``BEGIN IMMEDIATE`` so two workers never take the same job. A running job
-carries its owner and a heartbeat; a job whose owner died is put back in the queue (or failed once it
-used all its attempts), so a job that got a job_id always ends in SUCCESS or FAILURE.
+Jobs are claimed inside ``BEGIN IMMEDIATE`` so two workers never take the same job. A running job carries
+its owner (a ``lifecycle.OwnerToken``) and a heartbeat. How an attempt ends without an image is not decided
+here: the store reads the running job under an owner guard, asks the ``lifecycle.AttemptPolicy`` for a
+``Verdict`` (back to the queue, or FAILURE with which text) and writes it in the same transaction. Jobs of
+a dead owner (``lifecycle.owner_is_dead``) go the same way, so a job that got a job_id always ends in
+SUCCESS or FAILURE.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
+from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, Verdict, owner_is_dead
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 SCHEMA = """
@@ -46,11 +50,17 @@ COLUMNS = (
     "job_id, state, task, output_name, attempts, progress_step, progress, result, error, "
     "created_at, started_at, finished_at"
 )
+# Every write of a running job names the owner that claimed it: a late owner (one whose job was taken
+# back and claimed again) changes nothing.
+OWNED = "job_id = ? AND owner = ? AND state IN (?, ?)"
 
 
 class SqliteJobStore:
-    def __init__(self, path: Path, *, result_ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, policy: AttemptPolicy, result_ttl_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = path
+        self.policy = policy
         self.result_ttl_s = result_ttl_s
         self.clock = clock
         self._local = threading.local()
@@ -90,8 +100,7 @@ class SqliteJobStore:
     # -- API side ------------------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int) -> Submitted:
         with self._transaction(durable=True) as db:
-            waiting = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
-            ahead = int(waiting.fetchone()[0])
+            ahead = self.count_waiting()  # same connection: counted inside this transaction
             if ahead >= max_queue:
                 raise QueueFullError(f"{ahead} jobs waiting (max {max_queue})")
             db.execute(
@@ -115,15 +124,20 @@ class SqliteJobStore:
 
     def position(self, job_id: str) -> int | None:
         """1 + the number of waiting jobs queued before this one; None if it is not waiting."""
-        row = self._connection().execute(
-            "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= "
-            "(SELECT seq FROM jobs WHERE job_id = ? AND state = ?)",
-            (JobState.PENDING.value, job_id, JobState.PENDING.value),
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= "
+                "(SELECT seq FROM jobs WHERE job_id = ? AND state = ?)",
+                (JobState.PENDING.value, job_id, JobState.PENDING.value),
+            )
+            .fetchone()
+        )
         return int(row[0]) or None
 
     # -- worker side -----------------------------------------------------------------------------
-    def claim_next(self, owner: str) -> JobRecord | None:
+    def claim_next(self, owner: OwnerToken) -> JobRecord | None:
+        """The oldest waiting job, now STARTED by ``owner`` (its attempt counted); None if none waits."""
         now = self.clock()
         with self._transaction() as db:
             row = db.execute(
@@ -134,91 +148,92 @@ class SqliteJobStore:
             db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
                 "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
-                (JobState.STARTED.value, owner, now, now, row["seq"]),
+                (JobState.STARTED.value, str(owner), now, now, row["seq"]),
             )
             claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
         return _record(claimed)
 
-    def report_progress(self, job_id: str, owner: str, step: str, progress: int) -> None:
-        self._connection().execute(
-            "UPDATE jobs SET state = ?, progress_step = ?, progress = ?, heartbeat_at = ? "
-            "WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
-            (JobState.PROGRESS.value, step, progress, self.clock(), job_id, owner, *RUNNING),
-        )
-
-    def heartbeat(self, job_id: str, owner: str) -> None:
-        self._connection().execute(
-            "UPDATE jobs SET heartbeat_at = ? WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
-            (self.clock(), job_id, owner, *RUNNING),
-        )
-
-    def complete(self, job_id: str, owner: str, result: dict[str, Any]) -> bool:
-        return self._finish(job_id, owner, JobState.SUCCESS, result=result)
-
-    def fail(self, job_id: str, owner: str, error: str) -> bool:
-        return self._finish(job_id, owner, JobState.FAILURE, error=error)
-
-    def _finish(
-        self, job_id: str, owner: str, state: JobState, *, result: dict[str, Any] | None = None,
-        error: str | None = None,
-    ) -> bool:
+    def report_progress(self, job_id: str, owner: OwnerToken, step: str, progress: int) -> bool:
         cursor = self._connection().execute(
-            "UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, owner = NULL, "
-            "progress_step = NULL, progress = NULL WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
-            (state.value, json.dumps(result) if result is not None else None, error, self.clock(),
-             job_id, owner, *RUNNING),
+            f"UPDATE jobs SET state = ?, progress_step = ?, progress = ?, heartbeat_at = ? WHERE {OWNED}",
+            (JobState.PROGRESS.value, step, progress, self.clock(), job_id, str(owner), *RUNNING),
         )
         return cursor.rowcount == 1
 
-    def retry_or_fail(self, job_id: str, owner: str, error: str, max_attempts: int) -> JobState | None:
-        """After a failed attempt that may pass: back to the queue, or FAILURE when attempts are used up."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT attempts FROM jobs WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
-                (job_id, owner, *RUNNING),
-            ).fetchone()
-            if row is None:
-                return None
-            return self._requeue_or_fail(db, job_id, int(row["attempts"]), error, max_attempts)
+    def heartbeat(self, job_id: str, owner: OwnerToken) -> bool:
+        cursor = self._connection().execute(
+            f"UPDATE jobs SET heartbeat_at = ? WHERE {OWNED}", (self.clock(), job_id, str(owner), *RUNNING)
+        )
+        return cursor.rowcount == 1
 
-    def release(self, job_id: str, owner: str) -> None:
-        """Give a running job back to the queue without counting the attempt (clean shutdown)."""
-        self._connection().execute(
-            "UPDATE jobs SET state = ?, owner = NULL, attempts = MAX(attempts - 1, 0), progress_step = NULL, "
-            "progress = NULL WHERE job_id = ? AND owner = ? AND state IN (?, ?)",
-            (JobState.PENDING.value, job_id, owner, *RUNNING),
+    def complete(self, job_id: str, owner: OwnerToken, result: dict[str, Any]) -> bool:
+        cursor = self._connection().execute(
+            "UPDATE jobs SET state = ?, result = ?, error = NULL, finished_at = ?, owner = NULL, "
+            f"progress_step = NULL, progress = NULL WHERE {OWNED}",
+            (JobState.SUCCESS.value, json.dumps(result), self.clock(), job_id, str(owner), *RUNNING),
+        )
+        return cursor.rowcount == 1
+
+    def fail_attempt(self, job_id: str, owner: OwnerToken, error: str, *, retryable: bool) -> Verdict | None:
+        """The attempt ended with ``error``: the policy's verdict (retry or FAILURE), or None if the job is
+        no longer this owner's."""
+        return self._end_attempt(
+            job_id,
+            owner,
+            lambda row: self.policy.after_failure(attempts=row["attempts"], error=error, retryable=retryable),
         )
 
-    def recover_orphans(self, is_dead: Callable[[str, float | None], bool], max_attempts: int) -> list[str]:
-        """Running jobs whose owner is gone go back to the queue (or fail after max_attempts)."""
-        recovered = []
+    def time_out(self, job_id: str, owner: OwnerToken) -> Verdict | None:
+        """The attempt ran past the timeout (its process was killed)."""
+        return self._end_attempt(job_id, owner, lambda row: self.policy.after_timeout())
+
+    def release(self, job_id: str, owner: OwnerToken) -> bool:
+        """Give a running job back to the queue without counting the attempt (clean shutdown)."""
+        cursor = self._connection().execute(
+            "UPDATE jobs SET state = ?, owner = NULL, attempts = MAX(attempts - 1, 0), progress_step = NULL, "
+            f"progress = NULL WHERE {OWNED}",
+            (JobState.PENDING.value, job_id, str(owner), *RUNNING),
+        )
+        return cursor.rowcount == 1
+
+    def recover_orphans(self, me: OwnerToken, *, silent_after_s: float) -> dict[str, Verdict]:
+        """Running jobs whose owner is dead (``lifecycle.owner_is_dead``, as seen by ``me``) get the policy's
+        verdict for a lost owner: back to the queue, or FAILURE (attempts used up, or past the timeout)."""
+        now = self.clock()
+        verdicts = {}
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT job_id, owner, heartbeat_at, attempts FROM jobs WHERE state IN (?, ?)", RUNNING
+                "SELECT job_id, owner, heartbeat_at, attempts, started_at FROM jobs WHERE state IN (?, ?)",
+                RUNNING,
             ).fetchall()
             for row in rows:
-                if is_dead(row["owner"] or "", row["heartbeat_at"]):
-                    error = "worker died while running the job"
-                    self._requeue_or_fail(db, row["job_id"], int(row["attempts"]), error, max_attempts)
-                    recovered.append(row["job_id"])
-        return recovered
+                if owner_is_dead(
+                    row["owner"] or "", me=me, heartbeat_at=row["heartbeat_at"], now=now, silent_after_s=silent_after_s
+                ):
+                    verdict = self.policy.after_owner_lost(
+                        attempts=row["attempts"], started_at=row["started_at"], now=now
+                    )
+                    self._apply(db, row["job_id"], verdict, now)
+                    verdicts[row["job_id"]] = verdict
+        return verdicts
 
-    def _requeue_or_fail(
-        self, db: sqlite3.Connection, job_id: str, attempts: int, error: str, max_attempts: int
-    ) -> JobState:
-        if attempts < max_attempts:
-            db.execute(
-                "UPDATE jobs SET state = ?, owner = NULL, error = ?, progress_step = NULL, progress = NULL "
-                "WHERE job_id = ?",
-                (JobState.PENDING.value, error, job_id),
-            )
-            return JobState.PENDING
+    def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
+        with self._transaction() as db:
+            row = db.execute(f"SELECT attempts FROM jobs WHERE {OWNED}", (job_id, str(owner), *RUNNING)).fetchone()
+            if row is None:
+                return None
+            verdict = decide(row)
+            self._apply(db, job_id, verdict, self.clock())
+        return verdict
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, job_id: str, verdict: Verdict, now: float) -> None:
+        """Write a verdict on a running job (inside the transaction that read it)."""
         db.execute(
-            "UPDATE jobs SET state = ?, owner = NULL, error = ?, finished_at = ?, progress_step = NULL, "
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, owner = NULL, progress_step = NULL, "
             "progress = NULL WHERE job_id = ?",
-            (JobState.FAILURE.value, f"{error} (after {attempts} attempts)", self.clock(), job_id),
+            (verdict.state.value, verdict.error, None if verdict.requeue else now, job_id),
         )
-        return JobState.FAILURE
 
     def purge_expired(self) -> int:
         cutoff = self.clock() - self.result_ttl_s

@@ -1,0 +1,65 @@
+"""The messages between a worker slot (API process) and its child process, over a ``multiprocessing`` pipe.
+
+Small frozen dataclasses, pickled by the pipe. Each side dispatches with ``match`` on the class (and
+checks field types there), so anything else that arrives, a tuple from an older child or bytes that do
+not unpickle, is an error of the protocol, never a guess.
+
+    slot -> child:  RunJob | Stop
+    child -> slot:  Ready | StartupFailed   (once, after loading the engine)
+                    Progress* then Done | Failed   (per RunJob)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imagen.generation.base import DeviceInfo
+
+
+# -- slot -> child ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunJob:
+    task: dict[str, Any]
+    output_name: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish: close the engine and exit."""
+
+
+# -- child -> slot ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    device: DeviceInfo
+
+
+@dataclass(frozen=True)
+class StartupFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: str
+    percent: int  # 0..100
+
+
+@dataclass(frozen=True)
+class Done:
+    result: dict[str, Any]  # the ``result`` object of /status
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+    retryable: bool  # may another attempt pass (out of memory) or not (bad input, missing file)
+
+
+ToChild = RunJob | Stop
+FromChild = Ready | StartupFailed | Progress | Done | Failed
+
+
+class ProtocolError(Exception):
+    """The child sent something the protocol does not allow at that point."""

@@ -1,0 +1,291 @@
+"""A worker slot of the embedded backend: one thread in the API process driving one child process.
+
+The thread claims the next job, hands it to its child (``child.py``) as a ``RunJob``, writes the child's
+``Progress`` to the store and beats for the job, enforces the timeout (the child is killed and replaced),
+and turns a dead child into a failed attempt. What a failed attempt leads to is the store's business (it
+applies ``lifecycle.AttemptPolicy``); the slot only says how the attempt ended.
+
+Nothing leaves a job STARTED forever: any unexpected error in the loop (the store busy past its timeout, a
+message the protocol does not allow, a bug) is caught, logged, the child replaced (its state is unknown),
+and the job held then ends as a failed attempt that may pass, so the policy retries it. The loop then goes
+on, after a backoff that grows while the errors repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import threading
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from imagen.config import Settings
+from imagen.generation.base import DeviceInfo
+from imagen.jobs.embedded.child import worker_main
+from imagen.jobs.embedded.messages import (
+    Done,
+    Failed,
+    Progress,
+    ProtocolError,
+    Ready,
+    RunJob,
+    StartupFailed,
+    Stop,
+    ToChild,
+)
+from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.lifecycle import WORKER_DIED, OwnerToken, Verdict, supervision_failed_text
+from imagen.jobs.types import JobRecord
+
+log = logging.getLogger("imagen.jobs")
+
+HEARTBEAT_S = 2.0
+STOP_CHECK_S = 0.25  # how soon a slot running a job notices that the backend stops
+IDLE_RECHECK_S = 0.5  # an idle slot looks at the store this often even without a wake-up
+MAX_BACKOFF_S = 30.0
+CHILD_EXIT_S = 5.0  # a child asked to stop gets this long to close its engine
+
+
+class ChildStartFailed(Exception):
+    """The child process could not load its engine (or exited before it was ready)."""
+
+
+class Wakeups:
+    """Counts the events that may mean new work: a submission, a requeued job, the backend stopping.
+
+    A slot reads ``count`` before it looks for a job and, finding none, waits until the count moves, so a
+    submission between its look and its wait is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def notify(self) -> None:
+        with self._changed:
+            self._count += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._count != seen, timeout)
+
+
+def backoff_s(consecutive_errors: int) -> float:
+    return float(min(MAX_BACKOFF_S, 0.5 * 2 ** (consecutive_errors - 1)))
+
+
+class WorkerSlot(threading.Thread):
+    """One generation at a time: this thread and the child process it drives."""
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        settings: Settings,
+        store: SqliteJobStore,
+        owner: OwnerToken,
+        wakeups: Wakeups,
+        stopping: threading.Event,
+    ) -> None:
+        super().__init__(name=f"imagen-worker-{index}", daemon=True)
+        self.index = index
+        self.settings = settings
+        self.store = store
+        self.owner = owner.with_slot(str(index))
+        self.wakeups = wakeups
+        self.stopping = stopping
+        self.gpu_available = False
+        self.job: JobRecord | None = None  # the job this slot holds now
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._context = multiprocessing.get_context("spawn")
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.is_alive() else None
+
+    # -- main loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        errors = 0  # consecutive, for the backoff
+        while not self.stopping.is_set():
+            try:
+                if self._process is None or not self._process.is_alive():
+                    self._start_child()
+                self._serve_one()
+                errors = 0
+            except ChildStartFailed as exc:
+                errors += 1
+                log.error("worker slot %d: generation worker failed to start: %s", self.index, exc)
+                self._kill_child()
+                self.stopping.wait(backoff_s(errors))
+            except Exception as exc:
+                errors += 1
+                self._recover(exc)
+                self.stopping.wait(backoff_s(errors))
+        self._stop_child()
+
+    def _serve_one(self) -> None:
+        """Run the next job, or wait a little for one."""
+        seen = self.wakeups.count
+        if self.stopping.is_set():
+            return
+        job = self.store.claim_next(self.owner)
+        if job is None:
+            self.wakeups.wait(seen, timeout=IDLE_RECHECK_S)
+            return
+        self.job = job
+        self._run_job(job)
+        self.job = None
+
+    def _recover(self, exc: Exception) -> None:
+        """After an unexpected error: replace the child, and end the job held as a failed attempt."""
+        self._kill_child()
+        job = self.job
+        if job is None:
+            log.exception("worker slot %d: unexpected error; generation worker replaced", self.index)
+            return
+        log.exception("job %s: unexpected error while supervising it; generation worker replaced", job.job_id)
+        self.give_back(job, supervision_failed_text(f"{type(exc).__name__}: {exc}"))
+
+    def abandon(self, error: str) -> None:
+        """For a slot whose thread died: kill its child and end the job it held (called by the backend)."""
+        self._kill_child()
+        if self.job is not None:
+            self.give_back(self.job, error)
+
+    def give_back(self, job: JobRecord, error: str) -> None:
+        """End an attempt that left no image: released uncounted when the backend stops, else a failed
+        attempt that may pass (the policy retries it or fails the job). Retries the store until it answers,
+        so the job never stays STARTED; if the backend stops first, the next start takes the job back."""
+        delay = 0.5
+        while True:
+            try:
+                if self.stopping.is_set():
+                    self.store.release(job.job_id, self.owner)
+                    log.info("job %s: released for the next start", job.job_id)
+                else:
+                    self._log_verdict(job, self.store.fail_attempt(job.job_id, self.owner, error, retryable=True))
+                self.job = None
+                return
+            except Exception:
+                if self.stopping.is_set():
+                    log.exception("job %s: could not release it; the next start takes it back", job.job_id)
+                    return
+                log.exception("job %s: could not record the failed attempt; retrying in %.1f s", job.job_id, delay)
+                self.stopping.wait(delay)
+                delay = min(MAX_BACKOFF_S, delay * 2)
+
+    def _log_verdict(self, job: JobRecord, verdict: Verdict | None) -> None:
+        if verdict is None:
+            log.warning("job %s: no longer held by this worker; left as it is", job.job_id)
+        elif verdict.requeue:
+            log.warning("job %s: %s; back in the queue", job.job_id, verdict.error)
+            self.wakeups.notify()
+        else:
+            log.warning("job %s: FAILURE %s", job.job_id, verdict.error)
+
+    # -- one job ---------------------------------------------------------------------------------
+    def _run_job(self, job: JobRecord) -> None:
+        conn = self._conn
+        assert conn is not None
+        log.info("job %s: attempt %d started", job.job_id, job.attempts)
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        next_heartbeat = time.monotonic() + HEARTBEAT_S
+        try:
+            self._send(RunJob(job.task, job.output_name))
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now >= deadline:
+                    self._kill_child()
+                    self._log_verdict(job, self.store.time_out(job.job_id, self.owner))
+                    return
+                if now >= next_heartbeat:
+                    self.store.heartbeat(job.job_id, self.owner)
+                    next_heartbeat = now + HEARTBEAT_S
+                if conn.poll(min(deadline, next_heartbeat, now + STOP_CHECK_S) - now) and self._handle(
+                    job, conn.recv()
+                ):
+                    return
+        except (EOFError, OSError):
+            pass  # the child died
+        # The child died, or the backend stops: the job goes back (uncounted when stopping).
+        self._kill_child()
+        self.give_back(job, WORKER_DIED)
+
+    def _handle(self, job: JobRecord, message: object) -> bool:
+        """Apply one message from the child; True once the job has ended."""
+        match message:
+            case Progress(step=str() as step, percent=int() as percent):
+                self.store.report_progress(job.job_id, self.owner, step, percent)
+                return False
+            case Done(result=dict() as result):
+                if self.store.complete(job.job_id, self.owner, result):
+                    log.info("job %s: SUCCESS %s", job.job_id, job.output_name)
+                else:
+                    log.warning("job %s: finished, but no longer held by this worker", job.job_id)
+                return True
+            case Failed(error=str() as error, retryable=bool() as retryable):
+                self._log_verdict(job, self.store.fail_attempt(job.job_id, self.owner, error, retryable=retryable))
+                return True
+            case _:
+                raise ProtocolError(f"unexpected message from the generation worker: {message!r:.200}")
+
+    # -- the child process -----------------------------------------------------------------------
+    def _start_child(self) -> None:
+        self._kill_child()
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=worker_main,
+            args=(child_end, self.settings.model_dump(mode="json")),
+            name=f"imagen-generation-{self.index}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self._process, self._conn = process, parent_end
+        while not self.stopping.is_set():
+            if parent_end.poll(1.0):
+                try:
+                    message = parent_end.recv()
+                except EOFError:
+                    raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready") from None
+                match message:
+                    case Ready(device=DeviceInfo() as device):
+                        self.gpu_available = device.gpu_available
+                        log.info("generation worker %s ready on %s", process.pid, device.device)
+                        return
+                    case StartupFailed(error=str() as error):
+                        raise ChildStartFailed(error)
+                    case _:
+                        raise ProtocolError(f"unexpected message from a starting worker: {message!r:.200}")
+            if not process.is_alive():
+                raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready")
+
+    def _send(self, message: ToChild) -> None:
+        assert self._conn is not None
+        self._conn.send(message)
+
+    def _stop_child(self) -> None:
+        """Ask the child to close its engine and exit; kill it if it does not."""
+        if self._process is not None and self._process.is_alive():
+            with contextlib.suppress(OSError):  # the pipe may be gone already
+                self._send(Stop())
+                self._process.join(timeout=CHILD_EXIT_S)
+        self._kill_child()
+
+    def _kill_child(self) -> None:
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join(timeout=10)
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn = None, None

@@ -1,0 +1,266 @@
+"""The store contract: one suite, both job stores (SQLite for the embedded backend, Redis for the
+distributed one, on a real ``redis-server``).
+
+The stores claim differently (SQLite hands out the next waiting job; a Redis worker claims the job id its
+broker message names, and takes over a dead owner's job in that same claim), so each gets a thin adapter
+below; the tests only speak the adapter's verbs. Owners are real: an SQLite owner is a live process of
+this host that the test kills, a Redis owner holds a lock that expires (here: is deleted) when it dies.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from imagen.errors import QueueFullError
+from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.lifecycle import HOSTNAME, AttemptPolicy, OwnerToken
+from imagen.jobs.types import JobRecord, JobState, NewJob
+
+MAX_ATTEMPTS = 3
+TIMEOUT_S = 100.0
+RESULT_TTL_S = 60.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StoreUnderTest(Protocol):
+    """The verbs of the contract, as each store spells them."""
+
+    def submit(self, job: NewJob, max_queue: int = 100) -> int: ...  # the position
+    def get(self, job_id: str) -> JobRecord | None: ...
+    def position(self, job_id: str) -> int | None: ...
+    def count_waiting(self) -> int: ...
+    def new_owner(self) -> str: ...
+    def claim_next(self, owner: str) -> JobRecord | None: ...
+    def complete(self, job_id: str, owner: str) -> bool: ...
+    def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool: ...  # False: not ours
+    def kill(self, owner: str) -> None: ...
+    def take_over(self, job_id: str, owner: str) -> JobRecord | None: ...  # a dead owner's job, claimed
+
+
+# -- SQLite --------------------------------------------------------------------------------------------
+class SqliteUnderTest:
+    def __init__(self, path: Path, clock: Clock) -> None:
+        policy = AttemptPolicy(max_attempts=MAX_ATTEMPTS, timeout_s=TIMEOUT_S)
+        self.store = SqliteJobStore(path, policy=policy, result_ttl_s=RESULT_TTL_S, clock=clock)
+        self.me = OwnerToken.new()  # the process that takes jobs back
+        self.owners: dict[str, subprocess.Popen[bytes]] = {}
+
+    def submit(self, job: NewJob, max_queue: int = 100) -> int:
+        return self.store.submit(job, max_queue).position
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def position(self, job_id: str) -> int | None:
+        return self.store.position(job_id)
+
+    def count_waiting(self) -> int:
+        return self.store.count_waiting()
+
+    def new_owner(self) -> str:
+        process = subprocess.Popen(["sleep", "600"])
+        owner = str(OwnerToken(HOSTNAME, process.pid, uuid.uuid4().hex[:12]))
+        self.owners[owner] = process
+        return owner
+
+    def _token(self, owner: str) -> OwnerToken:
+        token = OwnerToken.parse(owner)
+        assert token is not None
+        return token
+
+    def claim_next(self, owner: str) -> JobRecord | None:
+        return self.store.claim_next(self._token(owner))
+
+    def complete(self, job_id: str, owner: str) -> bool:
+        return self.store.complete(job_id, self._token(owner), {"status": "success", "filename": "x.png"})
+
+    def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool:
+        return self.store.fail_attempt(job_id, self._token(owner), error, retryable=retryable) is not None
+
+    def kill(self, owner: str) -> None:
+        process = self.owners[owner]
+        process.kill()
+        process.wait()
+
+    def take_over(self, job_id: str, owner: str) -> JobRecord | None:
+        self.store.recover_orphans(self.me, silent_after_s=30)
+        return self.store.claim_next(self._token(owner))
+
+    def close(self) -> None:
+        for process in self.owners.values():
+            process.kill()
+            process.wait()
+        self.store.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[StoreUnderTest]:
+    under_test = SqliteUnderTest(tmp_path / "jobs.sqlite3", clock)
+    yield under_test
+    under_test.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def new_job(prompt: str = "x") -> NewJob:
+    return NewJob(job_id=str(uuid.uuid4()), task={"prompt": prompt}, output_name=f"{uuid.uuid4().hex}.png")
+
+
+def state(store: StoreUnderTest, job_id: str) -> tuple[JobState, int, str | None]:
+    record = store.get(job_id)
+    assert record is not None
+    return record.state, record.attempts, record.error
+
+
+@dataclass
+class Claimed:
+    job: JobRecord
+    owner: str
+
+
+def submit_and_claim(store: StoreUnderTest) -> Claimed:
+    job = new_job()
+    store.submit(job)
+    owner = store.new_owner()
+    claimed = store.claim_next(owner)
+    assert claimed is not None and claimed.job_id == job.job_id
+    return Claimed(claimed, owner)
+
+
+# -- claim and positions -----------------------------------------------------------------------------
+def test_claims_follow_submission_order_and_positions_move_up(store: StoreUnderTest) -> None:
+    jobs = [new_job(f"p{i}") for i in range(3)]
+    assert [store.submit(job, max_queue=3) for job in jobs] == [1, 2, 3]
+    assert store.count_waiting() == 3
+    with pytest.raises(QueueFullError):
+        store.submit(new_job(), max_queue=3)
+
+    owner = store.new_owner()
+    first = store.claim_next(owner)
+    assert first is not None and first.job_id == jobs[0].job_id
+    assert (first.state, first.attempts) == (JobState.STARTED, 1)
+    assert [store.position(job.job_id) for job in jobs] == [None, 1, 2]
+    assert store.count_waiting() == 2
+    assert store.submit(new_job(), max_queue=3) == 3  # a running job takes no queue slot
+    second = store.claim_next(store.new_owner())
+    assert second is not None and second.job_id == jobs[1].job_id
+
+
+def test_success_keeps_the_result_and_a_late_owner_changes_nothing(store: StoreUnderTest) -> None:
+    claimed = submit_and_claim(store)
+    assert store.complete(claimed.job.job_id, claimed.owner)
+    record = store.get(claimed.job.job_id)
+    assert record is not None and record.state is JobState.SUCCESS and record.result is not None
+    assert record.finished_at is not None and record.error is None
+    assert not store.fail(claimed.job.job_id, claimed.owner, "late error", retryable=False)
+    assert state(store, claimed.job.job_id)[0] is JobState.SUCCESS
+
+
+# -- failed attempts ---------------------------------------------------------------------------------
+def test_retryable_failure_goes_back_to_the_queue_until_attempts_are_used_up(store: StoreUnderTest) -> None:
+    job = new_job()
+    store.submit(job)
+    for attempt in range(1, MAX_ATTEMPTS):
+        owner = store.new_owner()
+        claimed = store.claim_next(owner)
+        assert claimed is not None and claimed.attempts == attempt
+        assert store.fail(job.job_id, owner, "CUDA out of memory", retryable=True)
+        # waiting again, with a place in the queue; the last attempt's error is not shown while it waits
+        assert state(store, job.job_id) == (JobState.PENDING, attempt, None)
+        assert store.position(job.job_id) == 1
+    owner = store.new_owner()
+    assert store.claim_next(owner) is not None
+    assert store.fail(job.job_id, owner, "CUDA out of memory", retryable=True)
+    assert state(store, job.job_id) == (JobState.FAILURE, MAX_ATTEMPTS, "CUDA out of memory (after 3 attempts)")
+    assert store.position(job.job_id) is None
+    assert store.claim_next(store.new_owner()) is None
+
+
+def test_failure_that_cannot_pass_ends_the_job_at_once(store: StoreUnderTest) -> None:
+    claimed = submit_and_claim(store)
+    assert store.fail(claimed.job.job_id, claimed.owner, "weight file missing", retryable=False)
+    assert state(store, claimed.job.job_id) == (JobState.FAILURE, 1, "weight file missing")
+    assert store.count_waiting() == 0
+
+
+# -- dead owners ---------------------------------------------------------------------------------------
+def test_a_live_owner_keeps_its_job(store: StoreUnderTest) -> None:
+    claimed = submit_and_claim(store)
+    assert store.take_over(claimed.job.job_id, store.new_owner()) is None
+    assert state(store, claimed.job.job_id)[0] is JobState.STARTED
+    assert store.complete(claimed.job.job_id, claimed.owner)
+
+
+def test_a_dead_owners_job_is_taken_over_and_the_dead_owner_changes_nothing(store: StoreUnderTest) -> None:
+    claimed = submit_and_claim(store)
+    store.kill(claimed.owner)
+    heir = store.new_owner()
+    taken = store.take_over(claimed.job.job_id, heir)
+    assert taken is not None and taken.job_id == claimed.job.job_id
+    assert (taken.state, taken.attempts) == (JobState.STARTED, 2)
+    assert not store.complete(claimed.job.job_id, claimed.owner)
+    assert store.complete(claimed.job.job_id, heir)
+    assert state(store, claimed.job.job_id)[0] is JobState.SUCCESS
+
+
+def test_a_dead_owner_on_the_last_attempt_fails_the_job(store: StoreUnderTest) -> None:
+    job = new_job()
+    store.submit(job)
+    for _ in range(MAX_ATTEMPTS - 1):
+        owner = store.new_owner()
+        store.claim_next(owner)
+        store.fail(job.job_id, owner, "CUDA out of memory", retryable=True)
+    owner = store.new_owner()
+    store.claim_next(owner)
+    store.kill(owner)
+    assert store.take_over(job.job_id, store.new_owner()) is None
+    assert state(store, job.job_id) == (
+        JobState.FAILURE,
+        MAX_ATTEMPTS,
+        "worker died while running the job (killed or out of memory) (after 3 attempts)",
+    )
+
+
+def test_a_dead_owners_job_past_the_timeout_fails_when_taken_over(store: StoreUnderTest, clock: Clock) -> None:
+    claimed = submit_and_claim(store)
+    store.kill(claimed.owner)
+    clock.now += TIMEOUT_S + 1
+    assert store.take_over(claimed.job.job_id, store.new_owner()) is None
+    assert state(store, claimed.job.job_id) == (JobState.FAILURE, 1, "Timeout: generation took longer than 100 s")
+
+
+# -- expiry -------------------------------------------------------------------------------------------
+def test_finished_jobs_expire_after_the_result_ttl(store: StoreUnderTest, clock: Clock) -> None:
+    done, failed = submit_and_claim(store), submit_and_claim(store)
+    store.complete(done.job.job_id, done.owner)
+    store.fail(failed.job.job_id, failed.owner, "weight file missing", retryable=False)
+    waiting = new_job()
+    store.submit(waiting)
+    clock.now += RESULT_TTL_S - 1
+    assert store.get(done.job.job_id) is not None and store.get(failed.job.job_id) is not None
+    clock.now += 2
+    assert store.get(done.job.job_id) is None and store.get(failed.job.job_id) is None
+    assert state(store, waiting.job_id)[0] is JobState.PENDING  # waiting jobs never expire
+
+
+def test_unknown_job_is_none(store: StoreUnderTest) -> None:
+    assert store.get(str(uuid.uuid4())) is None
+    assert store.position(str(uuid.uuid4())) is None
+
