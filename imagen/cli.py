@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from imagen.jobs.distributed.worker import run_worker
 
-    return run_worker(Settings(), concurrency_gpu=args.gpu)
+    return run_worker(Settings(), gpu=args.gpu)
 
 
 def _fixtures(args: argparse.Namespace) -> int:
@@ -36,12 +36,17 @@ def _fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> int:
-    print("| Variable | Default | Description |")
-    print("|---|---|---|")
+def settings_table() -> str:
+    """Every setting as the README's Markdown table (tests/test_readme.py checks the README against it)."""
+    lines = ["| Variable | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default if field.default is not None else ""
-        print(f"| `IMAGEN_{name.upper()}` | `{default}` | {field.description or ''} |")
+        lines.append(f"| `IMAGEN_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(lines)
+
+
+def _settings(args: argparse.Namespace) -> int:
+    print(settings_table())
     return 0
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LORAS_PER_REQUEST_CAP = 8  # the most IMAGEN_MAX_LORAS may say; request bodies are cut at this length first
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEN_", env_file=".env", extra="ignore")
@@ -20,6 +22,11 @@ class Settings(BaseSettings):
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8009, description="Port the API listens on.")
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest request body the API reads; a larger one gets 413 before more is read.",
+    )
 
     # --- files ------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where the job database and the demo model live.")
@@ -82,7 +89,9 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(
         1, ge=1, description="Pipelines kept in memory per worker; loading one more frees the least recent."
     )
-    max_loras: int = Field(4, ge=0, le=8, description="Most LoRAs one request may apply at once.")
+    max_loras: int = Field(
+        4, ge=0, le=LORAS_PER_REQUEST_CAP, description="Most LoRAs one request may apply at once."
+    )
     cpu_offload: Literal["none", "model", "sequential"] = Field(
         "none",
         description="CUDA memory saving for 8-12 GB cards: `model` keeps each sub-model on the GPU only "

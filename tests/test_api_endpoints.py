@@ -7,13 +7,24 @@ import io
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import pytest
+import requests
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import ServerProcess, wait_status
+from imagen.api.app import create_app
+from imagen.api.headers import MAX_HEADER_BYTES, generation_metadata_header
+from imagen.config import Settings
+from imagen.jobs.embedded.backend import EmbeddedBackend
+from imagen.jobs.types import JobRecord
+from tests.conftest import ServerProcess, free_port, wait_for, wait_status
 
 FILENAME = re.compile(r"^sdxl_base_\d{8}_\d{6}_[0-9a-f]{8}\.png$")
 
@@ -49,7 +60,10 @@ def test_success_status_result_and_png(client: TestClient, tmp_path: Path) -> No
     assert image.status_code == 200
     assert image.headers["content-type"] == "image/png"
     assert image.headers["x-job-id"] == job_id
-    assert json.loads(image.headers["x-generation-metadata"]) == metadata
+    assert json.loads(image.headers["x-generation-metadata"]) == {
+        "model": "sdxl-base", "loras": [{"name": "anime-style", "weight": 0.6}], "steps": 12,
+        "guidance_scale": 8.0, "seed": 42, "ip_strength": 0.0, "size": "64x64",
+    }
     assert int(image.headers["content-length"]) == len(image.content)
     png = Image.open(io.BytesIO(image.content))
     assert (png.format, png.mode, png.size) == ("PNG", "RGB", (64, 64))  # the registry's native size
@@ -102,7 +116,7 @@ def test_models_loras_health(client: TestClient) -> None:
     models = client.get("/models").json()["models"]
     assert models[0] == {
         "id": "sdxl-base", "name": "SDXL Base 1.0", "description": "Stable Diffusion XL base model - polyvalent",
-        "vae_path": str(Path(client.app.state.settings.registry_path).parent / "madebyollin/sdxl-vae-fp16-fix"),  # type: ignore[attr-defined]
+        "vae_path": "madebyollin/sdxl-vae-fp16-fix",  # as the registry file writes it, never a server path
         "default_negative": "low quality, blurry, distorted, ugly, bad anatomy",
     }
     assert [m["id"] for m in models] == ["sdxl-base", "pony-xl-v6"]
@@ -153,3 +167,83 @@ def test_nothing_outside_outputs_is_served(make_server: Callable[..., ServerProc
         connection.request("GET", route + "inside_link.png")
         link = connection.getresponse()
         assert (link.status, link.read()) == (200, b"\x89PNG inside")
+
+
+def test_metadata_header_of_a_long_non_ascii_prompt_is_short_ascii_json(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """A valid 19,000-character prompt once made the header ~110 KB: ``requests`` refused the answer."""
+    server = make_server()
+    server.start()
+    prompt = ("un château éclairé au crépuscule 🌅, " * 600)[:19_000]
+    body = {"prompt": prompt, "loras": [{"name": "anime-style", "weight": 0.5}], "seed": 7, "steps": 10}
+    job_id = requests.post(f"{server.url}/generate", json=body, timeout=10).json()["job_id"]
+    with server.client() as client:
+        done = wait_status(client, job_id, {"SUCCESS"})
+    assert done["result"]["metadata"]["prompt"] == prompt  # the full metadata stays in /status
+
+    image = requests.get(f"{server.url}/image/{job_id}", timeout=10)
+    assert image.status_code == 200
+    assert image.content.startswith(b"\x89PNG")
+    header = image.headers["X-Generation-Metadata"]
+    assert header.isascii() and len(header) <= MAX_HEADER_BYTES
+    assert json.loads(header) == {
+        "model": "sdxl-base", "loras": [{"name": "anime-style", "weight": 0.5}], "steps": 10,
+        "guidance_scale": 7.5, "seed": 7, "ip_strength": 0.0, "size": "64x64",
+    }
+    assert json.loads(Image.open(io.BytesIO(image.content)).text["imagen"])["prompt"] == prompt  # and in the PNG
+
+
+def test_metadata_header_stays_under_2_kb_whatever_the_metadata() -> None:
+    huge = "𝔏é\ud800" * 3000  # astral, accented and a lone surrogate: 6 to 12 bytes each once escaped
+    metadata = {
+        "prompt": huge, "negative_prompt": huge, "model": huge,
+        "loras": [{"name": f"{i}{huge}", "weight": 0.1 + 0.2} for i in range(20)],
+        "steps": 100, "guidance_scale": 0.1 + 0.2, "seed": 2**53 - 1, "ip_strength": 0.1 + 0.2,
+        "width": 4096, "height": 4096, "sampler": huge, "scheduler": huge, "final_prompt": huge,
+    }
+    header = generation_metadata_header(metadata)
+    assert header.isascii() and len(header) <= MAX_HEADER_BYTES
+    summary = json.loads(header)
+    assert list(summary) == ["model", "loras", "steps", "guidance_scale", "seed", "ip_strength", "size", "sampler"]
+    assert len(summary["loras"]) == 8 and summary["loras"][3]["name"].startswith("3𝔏é")
+    assert summary["model"].endswith("...") and summary["size"] == "4096x4096" and summary["seed"] == 2**53 - 1
+
+
+class _BlockingBackend(EmbeddedBackend):
+    """The embedded backend, whose ``get`` of the job id "blocked" waits (a stalled Redis or disk)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        if job_id == "blocked":
+            self.entered.set()
+            self.release.wait(30)
+        return super().get(job_id)
+
+
+@pytest.mark.parametrize("route", ["/status/", "/image/"])
+def test_health_answers_while_a_backend_call_is_blocked(make_settings: Callable[..., Settings], route: str) -> None:
+    settings = make_settings()
+    backend = _BlockingBackend(settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_for(lambda: server.started)
+        blocked = threading.Thread(target=lambda: httpx.get(url + route + "blocked", timeout=30), daemon=True)
+        blocked.start()
+        assert backend.entered.wait(10)
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2
+        assert httpx.get(url + "/models", timeout=5).status_code == 200
+    finally:
+        backend.release.set()
+        server.should_exit = True
+        serving.join(timeout=20)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from imagen import __version__
+from imagen.api.body_limit import BodyLimitMiddleware
+from imagen.api.errors import invalid_request
 from imagen.api.routes import router
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, QueueFullError
@@ -62,20 +61,6 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input back and crashes (500) on NaN/Infinity, which Python's
-        # JSON parser accepts: echo non-finite numbers as strings instead.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
-
+    app.exception_handler(RequestValidationError)(invalid_request)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     return app
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value

@@ -1,18 +1,28 @@
-"""The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings."""
+"""The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings.
+
+Every route that reaches the job backend or the disk is a plain ``def``: FastAPI runs it in its thread
+pool, so a slow Redis or disk never stalls the event loop (``/health`` keeps answering). Each route
+declares every status code and media type it can answer, for the OpenAPI document.
+"""
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from imagen.api.deps import BackendDep, RegistryDep, SettingsDep
+from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
+    Detail,
     GenerationRequest,
     GenerationResponse,
     Health,
+    ImageFailed,
+    ImageProcessing,
+    JobStatus,
     LoraInfo,
     LoraList,
     ModelInfo,
@@ -25,10 +35,22 @@ from imagen.outputs.serving import resolve_servable
 JOB_NOT_FOUND = "Job ID non trouvé"
 IMAGE_NOT_FOUND = "Image non trouvée"
 
+_PNG: dict[str, Any] = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
+_NOT_FOUND = {"model": Detail, "description": "Not found (or expired)."}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}}
+
 router = APIRouter()
 
 
-@router.post("/generate", status_code=201, response_model=GenerationResponse)
+@router.post(
+    "/generate",
+    status_code=201,
+    response_model=GenerationResponse,
+    responses={
+        413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."},
+        503: {"model": Detail, "description": "Queue full, or broker unreachable.", "headers": _RETRY_AFTER},
+    },
+)
 def generate(
     request: GenerationRequest, backend: BackendDep, registry: RegistryDep, settings: SettingsDep
 ) -> GenerationResponse:
@@ -51,8 +73,8 @@ def _find(backend: BackendDep, job_id: str) -> JobRecord:
     return job
 
 
-@router.get("/status/{job_id}")
-async def status(job_id: str, backend: BackendDep) -> JSONResponse:
+@router.get("/status/{job_id}", response_model=None, responses={200: {"model": JobStatus}, 404: _NOT_FOUND})
+def status(job_id: str, backend: BackendDep) -> JSONResponse:
     job = _find(backend, job_id)
     body: dict[str, object] = {"job_id": job.job_id, "status": job.state.value, "result": job.result}
     if job.state is JobState.FAILURE:
@@ -62,8 +84,28 @@ async def status(job_id: str, backend: BackendDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/image/{job_id}", response_model=None)
-async def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileResponse | JSONResponse:
+@router.get(
+    "/image/{job_id}",
+    response_model=None,
+    responses={
+        200: {
+            "content": _PNG,
+            "description": "The PNG.",
+            "headers": {
+                "X-Job-ID": {"schema": {"type": "string"}},
+                "X-Generation-Metadata": {
+                    "description": "ASCII JSON, at most 2 KB: model, loras, steps, guidance_scale, seed, "
+                    "ip_strength, size, sampler (full metadata: /status and the PNG).",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        202: {"model": ImageProcessing, "description": "Still queued or running."},
+        404: _NOT_FOUND,
+        500: {"model": ImageFailed, "description": "The job failed."},
+    },
+)
+def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileResponse | JSONResponse:
     job = _find(backend, job_id)
     if job.state is JobState.FAILURE:
         return JSONResponse({"detail": {"status": "failed", "error": job.error}}, status_code=500)
@@ -79,7 +121,7 @@ async def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> File
     path = resolve_servable(settings.outputs_dir, job.result["filename"])
     if path is None:
         raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)
-    headers = {"X-Job-ID": job.job_id, "X-Generation-Metadata": json.dumps(job.result["metadata"])}
+    headers = {"X-Job-ID": job.job_id, "X-Generation-Metadata": generation_metadata_header(job.result["metadata"])}
     return FileResponse(path, media_type="image/png", headers=headers)
 
 
@@ -93,8 +135,15 @@ def _serve_output(filename: str, backend: BackendDep, settings: SettingsDep) -> 
     return FileResponse(path, media_type="image/png")
 
 
-router.add_api_route("/download/{filename:path}", _serve_output, methods=["GET"], response_model=None)
-router.add_api_route("/outputs/{filename:path}", _serve_output, methods=["GET"], response_model=None)
+for _prefix in ("/download", "/outputs"):
+    router.add_api_route(
+        _prefix + "/{filename:path}",
+        _serve_output,
+        name=_prefix.strip("/"),
+        methods=["GET"],
+        response_model=None,
+        responses={200: {"content": _PNG, "description": "The PNG."}, 404: _NOT_FOUND},
+    )
 
 
 @router.get("/models", response_model=ModelList)
@@ -105,7 +154,7 @@ def models(registry: RegistryDep) -> ModelList:
                 id=m.id,
                 name=m.name,
                 description=m.description,
-                vae_path=m.vae_path,
+                vae_path=m.declared_vae_path,
                 default_negative=m.default_negative,
             )
             for m in registry.models

@@ -1,20 +1,41 @@
-"""Request and response bodies, as the API reference (v2.0) defines them."""
+"""Request and response bodies, as the API reference (v2.0) defines them.
+
+Numbers are strict (a JSON string or boolean is refused, never converted; an integer is fine where a
+number is asked) and every string must be valid Unicode (JSON lets a body carry a lone surrogate such as
+``"\\ud800"``, which no file, database or header can store).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated, Any, Literal
 
-MAX_LORAS = 4
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from imagen.config import LORAS_PER_REQUEST_CAP
+
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
 MAX_PROMPT_CHARS = 20_000
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"must be valid Unicode text; found a lone surrogate {text[exc.start]!a} at position {exc.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class LoraRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="LoRA id (see GET /loras).")
+    name: Text = Field(description="LoRA id (see GET /loras).")
     weight: float | None = Field(
-        None, ge=0.0, le=2.0, allow_inf_nan=False,
+        None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False,
         description="0.0-2.0; default: the LoRA's default_weight, else 0.8.",
     )
 
@@ -22,16 +43,29 @@ class LoraRequest(BaseModel):
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
-    negative_prompt: str | None = Field(
+    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: Text | None = Field(
         None, max_length=MAX_PROMPT_CHARS, description="What to avoid; default: the model's default_negative."
     )
-    model: str | None = Field(None, description='Model id (see GET /models); default "sdxl-base".')
-    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS, description="At most 4.")
-    steps: int = Field(30, ge=10, le=100, description="Diffusion steps, 10-100.")
-    guidance_scale: float = Field(7.5, ge=1.0, le=30.0, allow_inf_nan=False, description="CFG scale, 1.0-30.0.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random (the seed used is reported).")
-    ip_strength: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="IP-Adapter strength.")
+    model: Text | None = Field(None, description='Model id (see GET /models); default "sdxl-base".')
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        # The server's limit (IMAGEN_MAX_LORAS) is checked at submission; this cap stops a long array
+        # before an object is built for each item.
+        max_length=LORAS_PER_REQUEST_CAP,
+        description="Each LoRA at most once; at most IMAGEN_MAX_LORAS of them (4 unless the server says "
+        f"otherwise, never more than {LORAS_PER_REQUEST_CAP}).",
+    )
+    steps: int = Field(30, ge=10, le=100, strict=True, description="Diffusion steps, 10-100.")
+    guidance_scale: float = Field(
+        7.5, ge=1.0, le=30.0, strict=True, allow_inf_nan=False, description="CFG scale, 1.0-30.0."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, strict=True, description="null = random (the seed used is reported)."
+    )
+    ip_strength: float = Field(
+        0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -85,3 +119,58 @@ class Health(BaseModel):
     gpu_available: bool
     queue_broker: str
 
+
+
+# --- bodies the routes build by hand (documented in the OpenAPI schema, checked by the schemathesis run) ---
+
+
+class Detail(BaseModel):
+    """An error answer of the reference: 404, 413, 503."""
+
+    detail: str
+
+
+class Progress(BaseModel):
+    step: str = Field(description="queued, starting, loading_model, loading_loras, encoding_prompt, "
+                      "generation_gpu, decoding or saving.")
+    progress: int = Field(ge=0, le=100)
+
+
+class JobResult(BaseModel):
+    status: Literal["success"]
+    filename: str
+    path: str
+    url: str
+    metadata: dict[str, Any] = Field(description="Every generation parameter (also in the PNG's text chunks).")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE"]
+    result: JobResult | None = Field(description="Set on SUCCESS, else null.")
+    error: str | None = Field(None, description="Present on FAILURE only.")
+    meta: Progress | None = Field(None, description="Present while the job runs.")
+
+
+class Processing(BaseModel):
+    status: Literal["processing"]
+    message: str
+    state: Literal["PENDING", "STARTED", "PROGRESS"]
+    meta: Progress
+
+
+class ImageProcessing(BaseModel):
+    """202 from /image: not finished yet."""
+
+    detail: Processing
+
+
+class Failed(BaseModel):
+    status: Literal["failed"]
+    error: str
+
+
+class ImageFailed(BaseModel):
+    """500 from /image: the job failed."""
+
+    detail: Failed

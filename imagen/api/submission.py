@@ -44,6 +44,11 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
         errors.append(FieldError(
             ("model",), f"unknown model {model_id!r}; available: {', '.join(registry.model_ids)}", model_id
         ))
+    if len(request.loras) > settings.max_loras:
+        errors.append(FieldError(
+            ("loras",), f"at most {settings.max_loras} LoRAs per request on this server (IMAGEN_MAX_LORAS), "
+            f"not {len(request.loras)}", [lora.name for lora in request.loras],
+        ))
     loras: list[LoraChoice] = []
     for index, wanted in enumerate(request.loras):
         spec = registry.lora(wanted.name)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from imagen.errors import RegistryError
 
@@ -32,6 +32,13 @@ class ModelSpec(BaseModel):
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
     size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
     demo: bool = Field(False, description="The built-in untrained demo model (built in code, no file).")
+    # ``vae_path`` as the registry file writes it (``vae_path`` itself is resolved for loading): /models
+    # shows this one, never a path of the server's disk the file did not write.
+    _declared_vae_path: str | None = PrivateAttr(None)
+
+    @property
+    def declared_vae_path(self) -> str | None:
+        return self._declared_vae_path if self._declared_vae_path is not None else self.vae_path
 
     @property
     def file_prefix(self) -> str:
@@ -148,8 +155,10 @@ def load_registry(path: Path | None) -> Registry:
     if not isinstance(raw, dict):
         raise RegistryError(f"registry file {path} must be a mapping with `models:` (and `loras:`)")
     base = path.resolve().parent
+    models = raw.get("models") or []
+    declared_vae_paths = [entry.get("vae_path") if isinstance(entry, dict) else None for entry in models]
     ip_adapter = raw.get("ip_adapter")
-    entries = [*(raw.get("models") or []), *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
+    entries = [*models, *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
     for entry in entries:
         if isinstance(entry, dict):
             for key in ("path", "vae_path", "image_encoder_path", "reference_image"):
@@ -157,7 +166,10 @@ def load_registry(path: Path | None) -> Registry:
                 if isinstance(value, str) and value and not Path(value).is_absolute():
                     entry[key] = str((base / value).resolve())
     try:
-        return Registry.model_validate(raw)
+        registry = Registry.model_validate(raw)
     except ValidationError as exc:
         raise RegistryError(f"registry file {path} is invalid:\n{exc}") from exc
+    for model, declared in zip(registry.models, declared_vae_paths, strict=True):
+        model._declared_vae_path = declared
+    return registry
 
