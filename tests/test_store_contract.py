@@ -263,4 +263,3 @@ def test_finished_jobs_expire_after_the_result_ttl(store: StoreUnderTest, clock:
 def test_unknown_job_is_none(store: StoreUnderTest) -> None:
     assert store.get(str(uuid.uuid4())) is None
     assert store.position(str(uuid.uuid4())) is None
-
