@@ -69,6 +69,24 @@ class Settings(BaseSettings):
         description="Distributed: seconds before Redis hands an unacknowledged message to another worker "
         "(a worker host that died). A job never runs twice at once either way.",
     )
+    reconcile_after_s: float = Field(
+        5.0,
+        gt=0,
+        description="Distributed: a waiting job with no message in the broker for this long (its publish was "
+        "lost, or a worker took the message but could not start the job) is published again.",
+    )
+    png_ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="Distributed: seconds Redis keeps a finished PNG for the API replicas to copy (it goes as "
+        "soon as every live replica has a copy). A replica that missed it answers 404 for that image.",
+    )
+    png_redis_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Distributed: most bytes of PNGs Redis keeps at once; past it the oldest go first (the "
+        "newest is always kept).",
+    )
 
     # --- generation -------------------------------------------------------------------------
     engine: str = Field(

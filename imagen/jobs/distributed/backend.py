@@ -1,9 +1,14 @@
 """The distributed job backend, API side: job records in Redis, work sent to Celery workers anywhere.
 
-``submit`` adds the record and its place in the cluster-wide waiting set in one Lua script (the
-``max_queue`` check included), then publishes the Celery message. A background thread copies the PNGs
-that workers put in Redis into this replica's outputs folder (and requeues the jobs of dead workers);
-``get`` fetches a missing image on demand. No model code and no torch is imported here.
+``submit`` is one step from the user's view: the record goes in *unconfirmed* (with a short expiry, the
+``max_queue`` check included, one Lua script), the Celery message is published, then the record is
+confirmed. A 503 therefore leaves nothing behind: whatever failed or stalled half-way, the unconfirmed
+record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of a request times out after
+``API_TIMEOUT_S`` without retrying a timeout, so a stalled Redis gives a 503 within about a second.
+
+Two background threads: the image transfer (``image_transfer``) copies the PNGs that workers put in Redis
+into this replica's outputs folder, and the housekeeper (``reaper``) requeues the jobs of dead workers and
+republishes waiting jobs whose message was lost. No model code and no torch is imported here.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import replace
 
 import redis
@@ -20,15 +24,16 @@ import redis
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
 from imagen.jobs.backend import JobBackend
-from imagen.jobs.distributed.app import create_celery, publish
-from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.distributed.app import QUEUE, create_celery, publish
+from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
+from imagen.jobs.distributed.reaper import Housekeeper
+from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
 from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
-from imagen.outputs.names import is_servable_name
-from imagen.outputs.png import write_atomically
 
 log = logging.getLogger("imagen.jobs")
 
-SYNC_BLOCK_MS = 500
+# No longer than the confirmation window: a confirmation the API gave up on arrives too late to keep the job.
+API_TIMEOUT_S = CONFIRM_WINDOW_S
 HEALTH_TIMEOUT_S = 0.5
 
 
@@ -37,50 +42,71 @@ class CeleryBackend(JobBackend):
         if not settings.broker_url:
             raise ValueError("CeleryBackend needs settings.broker_url")
         self.settings = settings
-        # The API's calls are small: a Redis that accepts connections but does not answer must turn into a
-        # 503 within seconds, not hold a request for the default timeouts.
-        api_client = connect(settings.broker_url, connect_timeout=1.0, socket_timeout=2.0, retries=1)
-        self.store = RedisJobStore(api_client, result_ttl_s=settings.result_ttl_s)
+        url = settings.broker_url
+        # One retry on a broken connection (a pooled one after a Redis restart), none on a timeout.
+        api_client = connect(url, connect_timeout=API_TIMEOUT_S, socket_timeout=API_TIMEOUT_S, retry_on_timeout=False)
+        self.store = RedisJobStore.from_settings(settings, api_client)
         # Its own connections: a PING never queues behind other traffic, and never waits long.
-        self._health_client = connect(
-            settings.broker_url, connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S, retries=0
-        )
-        sync_client = connect(settings.broker_url, socket_timeout=SYNC_BLOCK_MS / 1000 + 5)
-        self._sync_store = RedisJobStore(sync_client, result_ttl_s=settings.result_ttl_s)
+        self._health_client = connect(url, connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S, retries=0)
+        self._health_store = RedisJobStore.from_settings(settings, self._health_client)
+        # The background threads block on Redis for a while: connections of their own.
+        transfer_client = connect(url, socket_timeout=STREAM_BLOCK_MS / 1000 + 5)
+        self._transfer_store = RedisJobStore.from_settings(settings, transfer_client)
+        self._housekeeping_store = RedisJobStore.from_settings(settings, connect(url))
         self.celery = create_celery(settings)
+        # Publishing from a request waits no longer than the other Redis calls of a request.
+        self.celery.conf.broker_transport_options = {
+            **self.celery.conf.broker_transport_options,
+            "socket_timeout": API_TIMEOUT_S,
+            "socket_connect_timeout": API_TIMEOUT_S,
+        }
+        self.images = ImageTransfer(self.store, settings.outputs_dir)
+        self.housekeeper = Housekeeper(
+            settings, self._housekeeping_store, lambda job_id: publish(self.celery, job_id), QUEUE
+        )
         self._stopping = threading.Event()
-        self._sync: threading.Thread | None = None
+        self._transfer: threading.Thread | None = None
 
     # -- JobBackend ------------------------------------------------------------------------------
     def start(self) -> None:
         self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._stopping.clear()
-        self._sync = threading.Thread(target=self._sync_forever, name="imagen-image-sync", daemon=True)
-        self._sync.start()
+        self._transfer = threading.Thread(
+            target=self.images.run, args=(self._transfer_store, self._stopping), name="imagen-images", daemon=True
+        )
+        self._transfer.start()
+        self.housekeeper.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._sync is not None:
-            self._sync.join(timeout=SYNC_BLOCK_MS / 1000 + 6)
+        self.housekeeper.stop()
+        if self._transfer is not None:
+            self._transfer.join(timeout=STREAM_BLOCK_MS / 1000 + 6)
         self.celery.close()
-        for client in (self.store, self._sync_store):
-            client.close()
-        self._health_client.close()
+        for store in (self.store, self._transfer_store, self._housekeeping_store, self._health_store):
+            store.close()
 
     def submit(self, job: NewJob) -> Submitted:
         try:
             submitted = self.store.submit(job, self.settings.max_queue)
         except redis.RedisError as exc:
+            # If the call reached Redis after all, its unconfirmed record expires on its own.
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
         try:
             publish(self.celery, job.job_id)
+            confirmed = self.store.confirm(job.job_id)
         except Exception as exc:
-            try:
-                self.store.forget(job.job_id)
-            except redis.RedisError:
-                log.warning("job %s: could not withdraw an unpublished job", job.job_id)
+            self._withdraw(job.job_id)
             raise BrokerUnavailableError(f"could not publish the job: {exc}") from exc
+        if not confirmed:
+            raise BrokerUnavailableError("the job expired before its message was published")
         return submitted
+
+    def _withdraw(self, job_id: str) -> None:
+        try:
+            self.store.forget(job_id)
+        except redis.RedisError:
+            log.info("job %s: not withdrawn (Redis unreachable); it expires unconfirmed", job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         try:
@@ -89,14 +115,14 @@ class CeleryBackend(JobBackend):
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
         if record is None or record.state is not JobState.SUCCESS or record.result is None:
             return record
-        self.fetch_image(record.output_name)
+        self.ensure_output(record.output_name)
         path = os.path.join(str(self.settings.outputs_dir), record.output_name)
         return replace(record, result={**record.result, "path": path})
 
     def health(self) -> BackendHealth:
         try:
             self._health_client.ping()
-            workers = RedisJobStore(self._health_client, result_ttl_s=self.settings.result_ttl_s).workers()
+            workers = self._health_store.workers()
         except redis.RedisError:
             return BackendHealth(queue_broker="disconnected", gpu_available=False)
         return BackendHealth(
@@ -110,44 +136,6 @@ class CeleryBackend(JobBackend):
 
     # -- images ----------------------------------------------------------------------------------
     def ensure_output(self, filename: str) -> None:
-        self.fetch_image(filename)
-
-    def fetch_image(self, output_name: str, store: RedisJobStore | None = None) -> bool:
-        """Make sure this replica's outputs folder holds ``output_name``; False if Redis no longer has it."""
-        if not is_servable_name(output_name):
-            return False
-        destination = self.settings.outputs_dir / output_name
-        if destination.is_file():
-            return True
-        try:
-            data = (store or self.store).get_png(output_name)
-        except redis.RedisError as exc:
-            log.warning("image %s: Redis unreachable: %s", output_name, exc)
-            return False
-        if data is None:
-            return False
-        write_atomically(destination, data)
-        return True
-
-    def _sync_forever(self) -> None:
-        """Copy every finished image into this replica's folder as soon as it is announced; requeue the
-        jobs of dead workers on the way."""
-        last_id = b"0"  # from the start of the stream: images finished while this replica was down
-        period = max(0.2, min(5.0, self.settings.job_lock_ttl_s / 3))
-        next_reap = 0.0
-        while not self._stopping.is_set():
-            try:
-                for entry_id, name in self._sync_store.read_outputs(last_id, SYNC_BLOCK_MS):
-                    self.fetch_image(name, self._sync_store)
-                    last_id = entry_id
-                now = time.monotonic()
-                if now >= next_reap:
-                    next_reap = now + period
-                    for job_id in self._sync_store.reap_orphans(
-                        max_attempts=self.settings.max_attempts, timeout_s=self.settings.job_timeout_s
-                    ):
-                        log.warning("job %s: its worker died; back in the queue", job_id)
-                        publish(self.celery, job_id)
-            except Exception as exc:
-                log.debug("image sync: %s", exc)
-                self._stopping.wait(0.5)
+        """Fetch an image not copied yet. A failure is logged, never raised: the route then answers 404 for
+        an image it cannot serve (the background transfer keeps trying)."""
+        self.images.copy(filename)

@@ -1,18 +1,30 @@
 """The job records of the distributed backend, in Redis (the broker's own server).
 
-Every state change is one Lua script, so it is atomic across API replicas and workers:
+Every state change is one Lua script (``lua/*.lua``), so it is atomic across API replicas and workers. The
+scripts hold no rule of their own: Python reads the record, asks :class:`imagen.jobs.lifecycle.AttemptPolicy`
+for the verdict, and a script applies it under a guard (state, owner, attempts and lock still as read; else
+it answers ``conflict`` and the caller reads again).
 
 - ``imagen:job:{id}``  hash: state, task, output_name, attempts, seq, owner, progress, result, error, times.
-  A finished record gets a Redis expiry of ``result_ttl_s``.
+  A finished record gets a Redis expiry of ``result_ttl_s``. A new record is *unconfirmed* (field
+  ``unconfirmed``, expiry ``CONFIRM_WINDOW_S``) until its broker message is published: a submission that
+  fails half-way (Redis stalled, publish failed, the API killed) leaves nothing behind.
 - ``imagen:waiting``   sorted set of the PENDING job ids, scored by submission order: its size is the
   cluster-wide queue length checked by ``submit`` (check-and-add in one script), a rank is a position.
+- ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
 - ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
 - ``imagen:lock:{id}`` the running attempt's owner token, with a short expiry its worker keeps renewing.
   A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A second
   delivery of a message whose job is locked is dropped, so a job never runs twice at once.
-- ``imagen:png:{name}`` the PNG bytes of a finished job and ``imagen:outputs`` a stream of finished
-  names: each API replica copies the images into its own outputs folder (no shared disk needed).
+- ``imagen:png:{name}`` the PNG bytes of a finished job (expiry ``png_ttl_s``), ``imagen:outputs`` a stream
+  of finished names. Each API replica copies the images into its own outputs folder (no shared disk),
+  then adds itself to ``imagen:png_copies:{name}``; the PNG is deleted once every live replica
+  (``imagen:replicas``, scored by heartbeat deadline) has a copy. ``imagen:png_sizes``/``png_order``/
+  ``png_bytes`` index them: past ``png_redis_max_bytes`` the oldest go first.
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry.
+- ``imagen:housekeeper`` which process runs the reconciler now (a short lock).
+
+One Redis server (not Redis Cluster): some scripts build key names from prefixes.
 """
 
 from __future__ import annotations
@@ -22,28 +34,50 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imagen.errors import QueueFullError
+from imagen.jobs.lifecycle import AttemptPolicy, Verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
+if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+    from imagen.config import Settings
+
 PREFIX = "imagen:"
+JOB_PREFIX = PREFIX + "job:"
+PNG_PREFIX = PREFIX + "png:"
+COPIES_PREFIX = PREFIX + "png_copies:"
 WAITING = PREFIX + "waiting"
+UNCONFIRMED = PREFIX + "unconfirmed"
 RUNNING = PREFIX + "running"
 SEQUENCE = PREFIX + "seq"
 OUTPUTS_STREAM = PREFIX + "outputs"
 OUTPUTS_STREAM_MAXLEN = 10_000
+PNG_SIZES = PREFIX + "png_sizes"
+PNG_ORDER = PREFIX + "png_order"
+PNG_BYTES = PREFIX + "png_bytes"
+REPLICAS = PREFIX + "replicas"
+HOUSEKEEPER = PREFIX + "housekeeper"
 WORKER_PATTERN = PREFIX + "worker:*"
-MIN_PNG_TTL_S = 300.0  # the API replicas' copy may lag a little behind a very short result TTL
-DIED = "worker died while running the job"
+# How long a new record lives before its message must be confirmed published. The API's Redis calls time out
+# sooner than this, so a confirmation that arrives late (Redis stalled) finds the record gone: never a job
+# that runs after its submitter was told 503.
+CONFIRM_WINDOW_S = 1.0
+# A record changed between our read and our write (another worker, the reaper): read again, this many times.
+CONFLICT_RETRIES = 5
+RUNNING_STATES = (JobState.STARTED, JobState.PROGRESS)
 
 
 def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
+    return JOB_PREFIX + job_id
 
 
 def lock_key(job_id: str) -> str:
@@ -51,7 +85,11 @@ def lock_key(job_id: str) -> str:
 
 
 def png_key(output_name: str) -> str:
-    return f"{PREFIX}png:{output_name}"
+    return PNG_PREFIX + output_name
+
+
+def copies_key(output_name: str) -> str:
+    return COPIES_PREFIX + output_name
 
 
 def worker_key(host: str, pid: int) -> str:
@@ -59,168 +97,47 @@ def worker_key(host: str, pid: int) -> str:
 
 
 def connect(
-    url: str, *, connect_timeout: float = 1.0, socket_timeout: float | None = 5.0, retries: int = 1
+    url: str,
+    *,
+    connect_timeout: float = 1.0,
+    socket_timeout: float | None = 5.0,
+    retries: int = 1,
+    retry_on_timeout: bool = True,
 ) -> redis.Redis:
-    """A client that fails fast when Redis is down: short timeouts, ``retries`` immediate retries."""
+    """A client that fails fast when Redis is down: short timeouts, ``retries`` immediate retries (on a
+    broken connection always; on a timeout only with ``retry_on_timeout``, since that doubles the wait)."""
+    errors: list[type[Exception]] = [redis.ConnectionError] + ([redis.TimeoutError] if retry_on_timeout else [])
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=connect_timeout,
         socket_timeout=socket_timeout,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry_on_error=errors,
         health_check_interval=30,
     )
 
 
-# Shared by CLAIM and REAP: a running job whose worker is gone fails for good when it ran past the timeout
-# or used all its attempts; the caller requeues (or claims) it otherwise.
-_FINISH_FAILED = """
-local function finish_failed(job, lock, running, waiting, id, err, now, ttl_ms)
-  redis.call('HSET', job, 'state', 'FAILURE', 'error', err, 'finished_at', now)
-  redis.call('HDEL', job, 'owner', 'progress_step', 'progress')
-  redis.call('PEXPIRE', job, ttl_ms)
-  redis.call('SREM', running, id)
-  redis.call('ZREM', waiting, id)
-  redis.call('DEL', lock)
-end
-local function fail_orphan(job, lock, running, waiting, id, now, max_attempts, timeout_s, timeout_msg,
-                           died_msg, ttl_ms)
-  local started = tonumber(redis.call('HGET', job, 'started_at') or '0')
-  local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')
-  if now - started >= timeout_s then
-    finish_failed(job, lock, running, waiting, id, timeout_msg, now, ttl_ms)
-    return 'timeout'
-  end
-  if attempts >= max_attempts then
-    local err = died_msg .. ' (after ' .. attempts .. ' attempts)'
-    finish_failed(job, lock, running, waiting, id, err, now, ttl_ms)
-    return 'failed'
-  end
-  return nil
-end
-local function is_running(state)
-  return state == 'STARTED' or state == 'PROGRESS'
-end
-"""
+@cache
+def lua_source(name: str) -> str:
+    """The text of ``lua/<name>.lua`` (package data)."""
+    folder = resources.files("imagen.jobs.distributed") / "lua"
+    return (folder / f"{name}.lua").read_text(encoding="utf-8")
 
-# KEYS: waiting, seq, job   ARGV: id, task, output_name, now, max_queue
-_SUBMIT = """
-local waiting = redis.call('ZCARD', KEYS[1])
-if waiting >= tonumber(ARGV[5]) then return {0, waiting} end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], 'state', 'PENDING', 'task', ARGV[2], 'output_name', ARGV[3], 'attempts', 0,
-           'seq', seq, 'created_at', ARGV[4])
-redis.call('ZADD', KEYS[1], seq, ARGV[1])
-return {1, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1}
-"""
 
-# KEYS: job, lock, running, waiting
-# ARGV: id, token, now, max_attempts, lock_ttl_ms, timeout_s, timeout_msg, died_msg, ttl_ms, steal
-_CLAIM = (
-    _FINISH_FAILED
-    + """
-local id, token, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'SUCCESS' or state == 'FAILURE' then return {'finished'} end
-if is_running(state) then
-  local holder = redis.call('GET', KEYS[2])
-  if holder and holder ~= ARGV[10] then return {'busy', holder} end
-  local verdict = fail_orphan(KEYS[1], KEYS[2], KEYS[3], KEYS[4], id, now, tonumber(ARGV[4]),
-                              tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9])
-  if verdict then return {verdict} end
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'STARTED', 'owner', token, 'started_at', now)
-redis.call('HDEL', KEYS[1], 'progress_step', 'progress')
-redis.call('ZREM', KEYS[4], id)
-redis.call('SADD', KEYS[3], id)
-redis.call('SET', KEYS[2], token, 'PX', ARGV[5])
-return {'claimed', attempts}
-"""
-)
+# The shared Lua functions each script needs, prepended to it.
+_PRELUDES = {
+    "submit": ["lib_unconfirmed"],
+    "sweep_unconfirmed": ["lib_unconfirmed"],
+    "complete": ["lib_pngs"],
+    "replica_beat": ["lib_pngs"],
+    "release_png": ["lib_pngs"],
+}
 
-# KEYS: job   ARGV: token, step, percent
-_PROGRESS = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'PROGRESS', 'progress_step', ARGV[2], 'progress', ARGV[3])
-return 1
-"""
 
-# KEYS: lock   ARGV: token, ttl_ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS: job, lock, running, waiting, png, stream
-# ARGV: id, token, result, png, now, ttl_ms, png_ttl_ms, output_name, stream_maxlen
-_COMPLETE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'SUCCESS', 'result', ARGV[3], 'finished_at', ARGV[5])
-redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress', 'error')
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[7])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[9], '*', 'job_id', ARGV[1], 'output_name', ARGV[8])
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
-"""
-
-# KEYS: job, lock, running, waiting, seq   ARGV: id, token, error, now, ttl_ms, max_attempts (0: fail now)
-_FAIL_OR_RETRY = (
-    _FINISH_FAILED
-    + """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 'lost' end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local max_attempts = tonumber(ARGV[6])
-if max_attempts == 0 then
-  finish_failed(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[3], ARGV[4], ARGV[5])
-  return 'failed'
-end
-if attempts >= max_attempts then
-  finish_failed(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1],
-                ARGV[3] .. ' (after ' .. attempts .. ' attempts)', ARGV[4], ARGV[5])
-  return 'failed'
-end
-redis.call('HSET', KEYS[1], 'state', 'PENDING', 'error', ARGV[3])
-redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress')
-redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('DEL', KEYS[2])
-return 'retry'
-"""
-)
-
-# KEYS: job, lock, running, waiting, seq
-# ARGV: id, now, max_attempts, timeout_s, timeout_msg, died_msg, ttl_ms
-_REAP = (
-    _FINISH_FAILED
-    + """
-local id = ARGV[1]
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], id) return 'gone' end
-if not is_running(redis.call('HGET', KEYS[1], 'state')) then redis.call('SREM', KEYS[3], id) return 'idle' end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
-local verdict = fail_orphan(KEYS[1], KEYS[2], KEYS[3], KEYS[4], id, tonumber(ARGV[2]), tonumber(ARGV[3]),
-                            tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7])
-if verdict then return verdict end
-redis.call('HSET', KEYS[1], 'state', 'PENDING', 'error', ARGV[6])
-redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress')
-redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), id)
-redis.call('SREM', KEYS[3], id)
-return 'requeued'
-"""
-)
-
-# KEYS: job, waiting   ARGV: id
-_FORGET = """
-if redis.call('HGET', KEYS[1], 'state') == 'PENDING' then redis.call('DEL', KEYS[1]) end
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
+def _script(client: redis.Redis, name: str) -> Script:
+    source = "\n".join([*(lua_source(lib) for lib in _PRELUDES.get(name, [])), lua_source(name)])
+    return client.register_script(source)
 
 
 @dataclass(frozen=True)
@@ -230,50 +147,110 @@ class Claim:
     holder: str | None = None
 
 
-def timeout_message(timeout_s: float) -> str:
-    return f"Timeout: generation took longer than {timeout_s:g} s"
+@dataclass(frozen=True)
+class PngLimits:
+    """How long, and within how many bytes in all, Redis keeps finished PNGs for the API replicas."""
+
+    ttl_s: float
+    max_bytes: int
+
+    @classmethod
+    def defaults(cls) -> PngLimits:
+        from imagen.config import Settings
+
+        fields = Settings.model_fields
+        return cls(ttl_s=fields["png_ttl_s"].default, max_bytes=fields["png_redis_max_bytes"].default)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PngLimits:
+        return cls(ttl_s=settings.png_ttl_s, max_bytes=settings.png_redis_max_bytes)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a verdict is decided from, and what its script checks is still true."""
+
+    state: JobState
+    owner: str
+    attempts: int
+    started_at: float | None
+    lock: str
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
 
 
 class RedisJobStore:
     """Job records and queue bookkeeping; every method is one round trip (or a few, for scans)."""
 
-    def __init__(self, client: redis.Redis, *, result_ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        result_ttl_s: float,
+        png_limits: PngLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.client = client
         self.result_ttl_s = result_ttl_s
+        self.png_limits = png_limits or PngLimits.defaults()
         self.clock = clock
-        self._submit = client.register_script(_SUBMIT)
-        self._claim = client.register_script(_CLAIM)
-        self._progress = client.register_script(_PROGRESS)
-        self._renew = client.register_script(_RENEW)
-        self._complete = client.register_script(_COMPLETE)
-        self._fail_or_retry = client.register_script(_FAIL_OR_RETRY)
-        self._reap = client.register_script(_REAP)
-        self._forget = client.register_script(_FORGET)
+        self._scripts = {name: _script(client, name) for name in (
+            "submit", "confirm", "withdraw", "sweep_unconfirmed", "claim", "settle", "progress", "renew",
+            "complete", "replica_beat", "release_png",
+        )}  # fmt: skip
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:
+        return cls(client, result_ttl_s=settings.result_ttl_s, png_limits=PngLimits.from_settings(settings))
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[script](keys=keys, args=args)
 
     @property
     def _ttl_ms(self) -> int:
         return max(1, int(self.result_ttl_s * 1000))
 
-    # -- API side ------------------------------------------------------------------------------
+    # -- API side: submission --------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int) -> Submitted:
+        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``CONFIRM_WINDOW_S``."""
         accepted, value = cast(
             list[int],
-            self._submit(
-                keys=[WAITING, SEQUENCE, job_key(job.job_id)],
-                args=[job.job_id, json.dumps(job.task), job.output_name, repr(self.clock()), max_queue],
+            self._run(
+                "submit",
+                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED],
+                [
+                    job.job_id,
+                    json.dumps(job.task),
+                    job.output_name,
+                    repr(self.clock()),
+                    max_queue,
+                    int(CONFIRM_WINDOW_S * 1000),
+                    JOB_PREFIX,
+                ],
             ),
         )
         if not accepted:
             raise QueueFullError(f"{value} jobs waiting (max {max_queue})")
         return Submitted(job_id=job.job_id, position=int(value))
 
-    def forget(self, job_id: str) -> None:
-        """Undo a submission whose message could not be published."""
-        self._forget(keys=[job_key(job_id), WAITING], args=[job_id])
+    def confirm(self, job_id: str) -> bool:
+        """The job's message is published: keep it. False when it expired first (it is gone: answer 503)."""
+        return bool(self._run("confirm", [job_key(job_id), WAITING, UNCONFIRMED], [job_id]))
 
+    def forget(self, job_id: str) -> None:
+        """Undo a submission whose message could not be published (a no-op once confirmed)."""
+        self._run("withdraw", [job_key(job_id), WAITING, UNCONFIRMED], [job_id])
+
+    def sweep_unconfirmed(self) -> int:
+        """Drop the waiting entries of submissions that expired unconfirmed; how many."""
+        return int(self._run("sweep_unconfirmed", [WAITING, UNCONFIRMED], [JOB_PREFIX]))
+
+    # -- API side: reading -----------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast(dict[bytes, bytes], self.client.hgetall(job_key(job_id)))
-        if not raw or b"state" not in raw:
+        if not raw or b"state" not in raw or b"unconfirmed" in raw:
             return None
         record = _record(job_id, {key.decode(): value.decode() for key, value in raw.items()})
         if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
@@ -287,6 +264,43 @@ class RedisJobStore:
         rank = cast(int | None, self.client.zrank(WAITING, job_id))
         return None if rank is None else rank + 1
 
+    def confirmed_waiting(self) -> list[str]:
+        """The PENDING jobs whose message was published (or should have been)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrange(WAITING, 0, -1)
+            pipe.zrange(UNCONFIRMED, 0, -1)
+            waiting, unconfirmed = cast(list[list[bytes]], pipe.execute())
+        skip = set(unconfirmed)
+        return [raw.decode() for raw in waiting if raw not in skip]
+
+    def broker_messages(self, queue: str, unacked_key: str) -> list[bytes]:
+        """The raw Celery messages of ``queue`` (not yet delivered) and of the unacknowledged table
+        (delivered to a worker, not acknowledged yet): kombu's Redis transport keeps them there."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.lrange(queue, 0, -1)
+            pipe.hvals(unacked_key)
+            queued, unacked = cast(list[list[bytes]], pipe.execute())
+        return queued + unacked
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The heartbeats of the workers alive now."""
+        keys = list(cast(Iterator[bytes], self.client.scan_iter(match=WORKER_PATTERN, count=100)))
+        if not keys:
+            return []
+        values = cast(list[bytes | None], self.client.mget(keys))
+        return [json.loads(value) for value in values if value]
+
+    def try_lead(self, role_key: str, holder: str, ttl_s: float) -> bool:
+        """Hold ``role_key`` for ``ttl_s`` (taking it if free, extending it if ours)."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        if self.client.set(role_key, holder, nx=True, px=ttl_ms):
+            return True
+        if cast(bytes | None, self.client.get(role_key)) == holder.encode():
+            self.client.pexpire(role_key, ttl_ms)
+            return True
+        return False
+
+    # -- API side: images ------------------------------------------------------------------------
     def get_png(self, output_name: str) -> bytes | None:
         return cast(bytes | None, self.client.get(png_key(output_name)))
 
@@ -300,15 +314,66 @@ class RedisJobStore:
                 entries.append((entry_id, name))
         return entries
 
-    def workers(self) -> list[dict[str, Any]]:
-        """The heartbeats of the workers alive now."""
-        keys = list(cast(Iterator[bytes], self.client.scan_iter(match=WORKER_PATTERN, count=100)))
-        if not keys:
-            return []
-        values = cast(list[bytes | None], self.client.mget(keys))
-        return [json.loads(value) for value in values if value]
+    def replica_beat(self, replica_id: str, ttl_s: float) -> None:
+        """This API replica is alive for ``ttl_s`` more: PNGs wait for its copy until then."""
+        self._run("replica_beat", [REPLICAS], [replica_id, max(1, int(ttl_s * 1000))])
+
+    def replica_leave(self, replica_id: str) -> None:
+        self.client.zrem(REPLICAS, replica_id)
+
+    def release_png(self, output_name: str, replica_id: str = "") -> bool:
+        """``replica_id`` has a copy of the PNG (``""``: nobody new): delete it from Redis when every live
+        replica has one, or when it expired. True when it is gone from Redis."""
+        return bool(
+            self._run(
+                "release_png",
+                [png_key(output_name), copies_key(output_name), REPLICAS, PNG_SIZES, PNG_ORDER, PNG_BYTES],
+                [output_name, replica_id, int(self.png_limits.ttl_s * 1000), PNG_PREFIX, COPIES_PREFIX],
+            )
+        )
+
+    def kept_pngs(self) -> list[str]:
+        """The names of the PNGs Redis holds (oldest first)."""
+        return [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_ORDER, 0, -1))]
+
+    def png_bytes(self) -> int:
+        return int(cast(bytes | None, self.client.get(PNG_BYTES)) or 0)
 
     # -- worker side -----------------------------------------------------------------------------
+    def _snapshot(self, job_id: str) -> _Snapshot | None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hmget(job_key(job_id), ["state", "owner", "attempts", "started_at"])
+            pipe.get(lock_key(job_id))
+            fields, lock = cast(tuple[list[bytes | None], bytes | None], pipe.execute())
+        state, owner, attempts, started_at = (value.decode() if value is not None else None for value in fields)
+        if state is None:
+            return None
+        return _Snapshot(
+            state=JobState(state),
+            owner=owner or "",
+            attempts=int(attempts or 0),
+            started_at=_float(started_at),
+            lock=lock.decode() if lock is not None else "",
+        )
+
+    def _settle(self, job_id: str, seen: _Snapshot, verdict: Verdict, lock_guard: str) -> bool:
+        """Apply ``verdict`` to a running job still as ``seen``; False on a conflict."""
+        answer = self._run(
+            "settle",
+            [job_key(job_id), lock_key(job_id), RUNNING, WAITING, SEQUENCE],
+            [
+                job_id,
+                seen.owner,
+                seen.attempts,
+                lock_guard,
+                verdict.state.value,
+                verdict.error,
+                repr(self.clock()),
+                self._ttl_ms,
+            ],
+        )
+        return _text(answer) == "applied"
+
     def claim(
         self,
         job_id: str,
@@ -319,100 +384,126 @@ class RedisJobStore:
         timeout_s: float,
         steal_from: str = "",
     ) -> Claim:
-        answer = cast(
-            list[Any],
-            self._claim(
-                keys=[job_key(job_id), lock_key(job_id), RUNNING, WAITING],
-                args=[
-                    job_id,
-                    token,
-                    repr(self.clock()),
-                    max_attempts,
-                    int(lock_ttl_s * 1000),
-                    timeout_s,
-                    timeout_message(timeout_s),
-                    DIED,
-                    self._ttl_ms,
-                    steal_from,
-                ],
-            ),
-        )
-        outcome = _text(answer[0])
-        if outcome == "claimed":
-            return Claim(outcome, attempts=int(answer[1]))
-        if outcome == "busy":
-            return Claim(outcome, holder=_text(answer[1]))
-        return Claim(outcome)
+        """Start an attempt here. A running job is taken over only when its lock expired or is held by
+        ``steal_from`` (a holder known dead); the policy may fail it instead (timeout, attempts used up)."""
+        policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=timeout_s)
+        for _ in range(CONFLICT_RETRIES):
+            seen = self._snapshot(job_id)
+            if seen is None:
+                return Claim("missing")
+            if seen.state.is_terminal():
+                return Claim("finished")
+            if seen.running:
+                if seen.lock and seen.lock != steal_from:
+                    return Claim("busy", holder=seen.lock)
+                verdict = policy.after_owner_lost(attempts=seen.attempts, started_at=seen.started_at, now=self.clock())
+                if not verdict.requeue:
+                    if self._settle(job_id, seen, verdict, lock_guard=seen.lock):
+                        return Claim("timeout" if verdict == policy.after_timeout() else "failed")
+                    continue
+            answer = cast(
+                list[Any],
+                self._run(
+                    "claim",
+                    [job_key(job_id), lock_key(job_id), RUNNING, WAITING, UNCONFIRMED],
+                    [
+                        job_id,
+                        token,
+                        repr(self.clock()),
+                        max(1, int(lock_ttl_s * 1000)),
+                        seen.state.value,
+                        seen.owner,
+                        seen.attempts,
+                        seen.lock,
+                    ],
+                ),
+            )
+            if _text(answer[0]) == "claimed":
+                return Claim("claimed", attempts=int(answer[1]))
+        # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
+        return Claim("busy")
 
     def report_progress(self, job_id: str, token: str, step: str, percent: int) -> bool:
-        return bool(self._progress(keys=[job_key(job_id)], args=[token, step, percent]))
+        return bool(self._run("progress", [job_key(job_id)], [token, step, percent]))
 
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
-        return bool(self._renew(keys=[lock_key(job_id)], args=[token, int(lock_ttl_s * 1000)]))
+        return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
 
     def complete(self, job_id: str, token: str, result: dict[str, Any], png: bytes) -> bool:
-        png_ttl_ms = int(max(self.result_ttl_s, MIN_PNG_TTL_S) * 1000)
+        name = result["filename"]
         return bool(
-            self._complete(
-                keys=[
+            self._run(
+                "complete",
+                [
                     job_key(job_id),
                     lock_key(job_id),
                     RUNNING,
                     WAITING,
-                    png_key(result["filename"]),
+                    png_key(name),
                     OUTPUTS_STREAM,
+                    PNG_SIZES,
+                    PNG_ORDER,
+                    PNG_BYTES,
                 ],
-                args=[
+                [
                     job_id,
                     token,
                     json.dumps(result),
                     png,
                     repr(self.clock()),
                     self._ttl_ms,
-                    png_ttl_ms,
-                    result["filename"],
+                    max(1, int(self.png_limits.ttl_s * 1000)),
+                    name,
                     OUTPUTS_STREAM_MAXLEN,
+                    self.png_limits.max_bytes,
+                    PNG_PREFIX,
+                    COPIES_PREFIX,
                 ],
             )
         )
 
+    def end_attempt(self, job_id: str, token: str, verdict: Verdict) -> str:
+        """Apply the verdict on this worker's own attempt: 'retry', 'failed', or 'lost' (no longer ours)."""
+        seen = self._snapshot(job_id)
+        if seen is None or not seen.running or seen.owner != token:
+            return "lost"
+        if not self._settle(job_id, seen, verdict, lock_guard="*"):
+            return "lost"
+        return "retry" if verdict.requeue else "failed"
+
     def fail(self, job_id: str, token: str, error: str) -> str:
-        return self._finish_attempt(job_id, token, error, 0)
+        """FAILURE now (an error no retry can fix, or a timeout): 'failed' or 'lost'."""
+        return self.end_attempt(job_id, token, Verdict(JobState.FAILURE, error))
 
     def retry_or_fail(self, job_id: str, token: str, error: str, max_attempts: int) -> str:
-        """'retry' (back in the queue), 'failed' (attempts used up) or 'lost' (no longer ours)."""
-        return self._finish_attempt(job_id, token, error, max_attempts)
-
-    def _finish_attempt(self, job_id: str, token: str, error: str, max_attempts: int) -> str:
-        return _text(
-            self._fail_or_retry(
-                keys=[job_key(job_id), lock_key(job_id), RUNNING, WAITING, SEQUENCE],
-                args=[job_id, token, error, repr(self.clock()), self._ttl_ms, max_attempts],
-            )
-        )
+        """A retryable error: 'retry' (back in the queue), 'failed' (attempts used up) or 'lost'."""
+        seen = self._snapshot(job_id)
+        if seen is None or seen.owner != token:
+            return "lost"
+        # The job's own timeout plays no part in a failed attempt's verdict.
+        policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=float("inf"))
+        verdict = policy.after_failure(attempts=seen.attempts, error=error, retryable=True)
+        return self.end_attempt(job_id, token, verdict)
 
     def reap_orphans(self, *, max_attempts: int, timeout_s: float) -> list[str]:
         """Running jobs whose worker stopped renewing its lock: requeued (returned, to be published again)
         or failed (timeout, attempts used up)."""
+        policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=timeout_s)
         requeued = []
         for raw_id in cast(set[bytes], self.client.smembers(RUNNING)):
             job_id = raw_id.decode()
-            verdict = _text(
-                self._reap(
-                    keys=[job_key(job_id), lock_key(job_id), RUNNING, WAITING, SEQUENCE],
-                    args=[
-                        job_id,
-                        repr(self.clock()),
-                        max_attempts,
-                        timeout_s,
-                        timeout_message(timeout_s),
-                        DIED,
-                        self._ttl_ms,
-                    ],
-                )
-            )
-            if verdict == "requeued":
-                requeued.append(job_id)
+            for _ in range(CONFLICT_RETRIES):
+                seen = self._snapshot(job_id)
+                if seen is None or not seen.running:
+                    self.client.srem(RUNNING, job_id)  # a leftover (expired record, already settled)
+                    break
+                if seen.lock:
+                    break  # its worker is alive
+                verdict = policy.after_owner_lost(attempts=seen.attempts, started_at=seen.started_at, now=self.clock())
+                if self._settle(job_id, seen, verdict, lock_guard=""):
+                    if verdict.requeue:
+                        requeued.append(job_id)
+                    break
         return requeued
 
     def beat(self, pid: int, info: dict[str, Any], ttl_s: float) -> None:

@@ -1,0 +1,25 @@
+-- Apply a verdict (decided in Python by lifecycle.AttemptPolicy) to a running job, if the record is still
+-- what the caller read: same owner and attempts, and a lock as expected ('*': any, '': none, else its
+-- holder). Returns 'applied' or 'conflict'.
+-- KEYS: job, lock, running, waiting, seq
+-- ARGV: id, expected owner, expected attempts, lock guard, verdict state (PENDING|FAILURE), error, now, ttl_ms
+local id = ARGV[1]
+local state = redis.call('HGET', KEYS[1], 'state')
+if (state ~= 'STARTED' and state ~= 'PROGRESS')
+   or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]
+   or (redis.call('HGET', KEYS[1], 'attempts') or '0') ~= ARGV[3]
+   or (ARGV[4] ~= '*' and (redis.call('GET', KEYS[2]) or '') ~= ARGV[4]) then
+  return 'conflict'
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'error', ARGV[6])
+redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress')
+redis.call('SREM', KEYS[3], id)
+redis.call('DEL', KEYS[2])
+if ARGV[5] == 'PENDING' then
+  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), id)
+else
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('ZREM', KEYS[4], id)
+end
+return 'applied'
