@@ -14,14 +14,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import pytest
 
 from imagen.errors import QueueFullError
+from imagen.jobs.distributed.store import WAITING, RedisJobStore, connect, lock_key
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import HOSTNAME, AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobRecord, JobState, NewJob
+from tests.celery_support import RedisServer, shared_redis
 
 MAX_ATTEMPTS = 3
 TIMEOUT_S = 100.0
@@ -107,11 +109,79 @@ class SqliteUnderTest:
         self.store.close()
 
 
-@pytest.fixture(params=["sqlite"])
+# -- Redis ---------------------------------------------------------------------------------------------
+class RedisUnderTest:
+    LOCK_TTL_S = 60.0  # owners here never renew: a test "kills" one by deleting its lock, as expiry would
+
+    def __init__(self, server: RedisServer, clock: Clock) -> None:
+        server.client().flushall()
+        self.client = connect(server.url)
+        self.store = RedisJobStore(self.client, result_ttl_s=RESULT_TTL_S, clock=clock)
+        self.held: dict[str, str] = {}  # owner -> the job it claimed
+
+    def submit(self, job: NewJob, max_queue: int = 100) -> int:
+        position = self.store.submit(job, max_queue).position
+        assert self.store.confirm(job.job_id)  # its broker message is out
+        return position
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def position(self, job_id: str) -> int | None:
+        return self.store.position(job_id)
+
+    def count_waiting(self) -> int:
+        return self.store.count_waiting()
+
+    def new_owner(self) -> str:
+        return str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
+
+    def _claim(self, job_id: str, owner: str) -> JobRecord | None:
+        claim = self.store.claim(
+            job_id, owner, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S
+        )
+        if claim.outcome != "claimed":
+            return None
+        self.held[owner] = job_id
+        return self.store.get(job_id)
+
+    def claim_next(self, owner: str) -> JobRecord | None:
+        """The broker delivers the oldest waiting job's message to ``owner``."""
+        oldest = cast(list[bytes], self.client.zrange(WAITING, 0, 0))
+        return self._claim(oldest[0].decode(), owner) if oldest else None
+
+    def complete(self, job_id: str, owner: str) -> bool:
+        name = f"{job_id}.png"
+        return self.store.complete(job_id, owner, {"status": "success", "filename": name}, b"\x89PNG")
+
+    def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool:
+        if retryable:
+            return self.store.retry_or_fail(job_id, owner, error, MAX_ATTEMPTS) != "lost"
+        return self.store.fail(job_id, owner, error) != "lost"
+
+    def kill(self, owner: str) -> None:
+        self.client.delete(lock_key(self.held[owner]))
+
+    def take_over(self, job_id: str, owner: str) -> JobRecord | None:
+        """The job's message is delivered again (redelivery after the dead worker's connection closed)."""
+        return self._claim(job_id, owner)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[StoreUnderTest]:
-    under_test = SqliteUnderTest(tmp_path / "jobs.sqlite3", clock)
+    under_test: SqliteUnderTest | RedisUnderTest
+    if request.param == "sqlite":
+        under_test = SqliteUnderTest(tmp_path / "jobs.sqlite3", clock)
+    else:
+        under_test = RedisUnderTest(request.getfixturevalue("shared_redis"), clock)
     yield under_test
     under_test.close()
+
+
+__all__ = ["shared_redis"]  # a fixture, used through request.getfixturevalue
 
 
 @pytest.fixture
