@@ -1,12 +1,23 @@
-"""Issue 3 benchmark: a job through the service vs the same diffusers call made directly; switch times.
+"""Benchmark: a job through the service vs the same diffusers call made directly, and where the time goes.
 
-1. The demo model (SDXL architecture, tiny random weights, native 1024x1024) on this machine: the median
-   time of the plain diffusers pipeline call vs the median time from POST /generate to SUCCESS through a
-   real `imagen serve` (same steps, size, dtype). Ratio target <= 1.05.
-2. Model switch and LoRA-set switch, measured in the engine on the tiny fixtures (`imagen fixtures`):
+1. The demo model (SDXL architecture, tiny random weights, native 1024x1024; the very pipeline the server
+   builds) at 30 steps, CFG 7.5, the server's dtype. Two paths, **interleaved** (direct, service, service,
+   direct, ...: a background load or thermal drift hits both alike), one untimed warm-up run each:
+
+   * direct: the plain diffusers pipeline call, ``pipe(prompt=..., negative_prompt=...)`` to a PIL image;
+   * service: POST /generate -> GET /status until SUCCESS, through a real ``imagen serve`` (embedded job
+     system, worker child process) started by this script, polling every 20 ms as a client would.
+
+   Printed: each run, the median and the spread (min, max, IQR) of each path, the ratio of the medians
+   (target <= 1.05) and the median of the per-round ratios, then the median time of each phase:
+   direct = encode (``pipe.encode_prompt``), denoise (the rest of the call), decode (VAE decode and
+   post-processing); service = queue (POST sent -> worker starts), load (model / LoRAs / IP-Adapter),
+   encode, denoise, decode, PNG (encode + write), hand-back (worker done -> the client sees SUCCESS). The
+   service's phases come from ``result.timings`` in /status (the worker times the engine's progress steps).
+2. Model switch and LoRA-set switch, measured in the engine on the tiny fixtures (``imagen fixtures``):
    the extra time of a job that must switch, over a job that needs nothing new.
 
-    .venv/bin/python bench/engine_overhead.py [--steps 30] [--repeats 3]
+    .venv/bin/python bench/engine_overhead.py [--runs 7] [--steps 30] [--skip-switches]
 """
 
 from __future__ import annotations
@@ -15,12 +26,16 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +44,25 @@ sys.path.insert(0, str(REPO))
 
 PROMPT = "a majestic dragon flying over mountains at sunset"
 NEGATIVE = "low quality, blurry, distorted, ugly, bad anatomy"
+GUIDANCE = 7.5
+POLL_S = 0.02
+
+# The service's progress steps, grouped into the phases printed for both paths.
+SERVICE_PHASES = {
+    "loading_model": "load",
+    "loading_loras": "load",
+    "encoding_prompt": "encode",
+    "generation_gpu": "denoise",
+    "decoding": "decode",
+    "saving": "PNG",
+}
+PHASE_ORDER = ["queue", "load", "encode", "denoise", "decode", "PNG", "hand-back"]
+
+
+@dataclass
+class Run:
+    total: float
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -37,63 +71,131 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def direct_times(steps: int, repeats: int, dtype_name: str) -> list[float]:
-    import torch
+class DirectPath:
+    """The demo pipeline in this process, called as a diffusers user would; phases timed by wrapping the
+    pipeline's own ``encode_prompt``, ``vae.decode`` and ``image_processor.postprocess``."""
 
-    from imagen.generation.diffusers.components import DEMO_SHAPE, build_tiny_sdxl_pipeline
+    def __init__(self, steps: int, dtype_name: str) -> None:
+        import torch
 
-    pipe = build_tiny_sdxl_pipeline(DEMO_SHAPE, seed=0).to("cpu", getattr(torch, dtype_name))
-    pipe.set_progress_bar_config(disable=True)
-    times = []
-    for index in range(repeats + 1):
+        from imagen.generation.diffusers.loading import load_pipeline
+        from imagen.registry import builtin_registry
+
+        spec = builtin_registry().model("demo")
+        assert spec is not None
+        self.torch = torch
+        self.steps = steps
+        self.pipe = load_pipeline(spec, getattr(torch, dtype_name))
+        self._spent: dict[str, float] = {}
+        self.pipe.encode_prompt = self._timed("encode", self.pipe.encode_prompt)
+        self.pipe.vae.decode = self._timed("decode", self.pipe.vae.decode)
+        self.pipe.image_processor.postprocess = self._timed("decode", self.pipe.image_processor.postprocess)
+
+    def _timed(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._spent[phase] = self._spent.get(phase, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    def run(self, seed: int) -> Run:
+        self._spent = {}
         start = time.perf_counter()
-        pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-             width=1024, height=1024, generator=torch.Generator("cpu").manual_seed(index)).images[0]
-        if index:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    del pipe
-    return times
+        self.pipe(
+            prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=self.steps, guidance_scale=GUIDANCE,
+            width=1024, height=1024, generator=self.torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+        total = time.perf_counter() - start
+        phases = dict(self._spent)
+        phases["denoise"] = total - sum(phases.values())
+        return Run(total, phases)
 
 
-def service_times(steps: int, repeats: int, workdir: Path) -> list[float]:
-    port = free_port()
-    env = {**os.environ, "IMAGEN_DATA_DIR": str(workdir / "data"), "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
-           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+class ServicePath:
+    """A real ``imagen serve`` on a free port, and a client that submits and polls like a user."""
 
-    def call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        connection.request(method, path, body=json.dumps(body) if body else None,
-                           headers={"Content-Type": "application/json"})
-        result: dict[str, Any] = json.loads(connection.getresponse().read())
+    def __init__(self, steps: int, port: int) -> None:
+        self.steps = steps
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.connection.request(method, path, body=json.dumps(body) if body else None,
+                                headers={"Content-Type": "application/json"})
+        result: dict[str, Any] = json.loads(self.connection.getresponse().read())
         return result
 
-    try:
-        deadline = time.monotonic() + 120
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                call("GET", "/health")
-                break
+                self.call("GET", "/health")  # the API answers; the untimed first job waits for the worker
+                return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                connection.close()
-                time.sleep(0.1)
-        times = []
-        for index in range(repeats + 1):
-            start = time.perf_counter()
-            job = call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": steps,
-                                             "guidance_scale": 7.5, "seed": index})
-            while (state := call("GET", f"/status/{job['job_id']}"))["status"] not in ("SUCCESS", "FAILURE"):
-                time.sleep(0.02)  # polling costs CPU that the 2-core generation needs
-            assert state["status"] == "SUCCESS", state
-            if index:  # the first job loads the model
-                times.append(time.perf_counter() - start)
-        return times
-    finally:
-        server.kill()
-        server.wait()
+                self.connection.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError("imagen serve did not answer")
+            time.sleep(0.2)
+
+    def run(self, seed: int) -> Run:
+        sent_at = time.time()
+        start = time.perf_counter()
+        job = self.call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
+                                              "guidance_scale": GUIDANCE, "seed": seed})
+        while (state := self.call("GET", f"/status/{job['job_id']}"))["status"] not in ("SUCCESS", "FAILURE"):
+            time.sleep(POLL_S)
+        total = time.perf_counter() - start
+        seen_at = time.time()
+        assert state["status"] == "SUCCESS", state
+        timings = state["result"]["timings"]
+        phases = {"queue": timings["started_at"] - sent_at}
+        for step, seconds in timings["seconds"].items():
+            phase = SERVICE_PHASES.get(step, step)
+            phases[phase] = phases.get(phase, 0.0) + seconds
+        phases["hand-back"] = seen_at - (timings["started_at"] + sum(timings["seconds"].values()))
+        return Run(total, phases)
+
+
+@contextmanager
+def imagen_serve(workdir: Path) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    log_path = workdir / "serve.log"
+    env = {**os.environ, "IMAGEN_DATA_DIR": str(workdir / "data"), "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield port, log_path
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def compare(steps: int, runs: int, dtype_name: str, workdir: Path) -> tuple[list[Run], list[Run], str]:
+    direct = DirectPath(steps, dtype_name)
+    with imagen_serve(workdir) as (port, log_path):
+        service = ServicePath(steps, port)
+        service.wait_ready()
+        direct.run(seed=0), service.run(seed=0)  # warm-up, untimed (first calls pick kernels, grow pools)
+        direct_runs: list[Run] = []
+        service_runs: list[Run] = []
+        for index in range(runs):
+            # ABBA order: neither path always runs right after the other one.
+            pair: list[tuple[Callable[[int], Run], list[Run]]] = [
+                (direct.run, direct_runs), (service.run, service_runs)
+            ]
+            for run, out in pair if index % 2 == 0 else reversed(pair):
+                out.append(run(index + 1))
+        found = re.search(rb"(\d+) CPU threads", log_path.read_bytes())
+        worker_threads = found.group(1).decode() if found else "?"
+    return direct_runs, service_runs, worker_threads
 
 
 def switch_times(workdir: Path) -> dict[str, float]:
@@ -113,9 +215,7 @@ def switch_times(workdir: Path) -> dict[str, float]:
         engine.generate(task, lambda step, percent: None)
         return time.perf_counter() - start
 
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
-
+    median = statistics.median
     set_a = (("anime-style", 0.75),)
     set_b = (("character-detail", 0.6), ("locon-detail", 0.8))
     job("sdxl-base"), job("sdxl-base", set_a), job("sdxl-base", set_b)  # load everything once
@@ -128,29 +228,52 @@ def switch_times(workdir: Path) -> dict[str, float]:
             "model switch (reload, 1 model kept)": model_switch}
 
 
+def spread(values: list[float]) -> str:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {q3 - q1:.3f}"
+
+
+def print_comparison(direct: list[Run], service: list[Run]) -> None:
+    d = [run.total for run in direct]
+    s = [run.total for run in service]
+    print("| path | median s | min | max | IQR | runs (s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| diffusers pipeline call, direct | {spread(d)} | {', '.join(f'{t:.3f}' for t in d)} |")
+    print(f"| POST /generate -> SUCCESS through imagen | {spread(s)} | {', '.join(f'{t:.3f}' for t in s)} |")
+    paired = statistics.median(b / a for a, b in zip(d, s, strict=True))
+    print(f"ratio service / direct: {statistics.median(s) / statistics.median(d):.3f} (medians), "
+          f"{paired:.3f} (median of per-round ratios)  (target <= 1.05)")
+    print()
+    print("| phase (median s) | direct | service |")
+    print("|---|---|---|")
+    for phase in PHASE_ORDER:
+        cells = []
+        for runs in (direct, service):
+            values = [run.phases[phase] for run in runs if phase in run.phases]
+            cells.append(f"{statistics.median(values):.3f}" if values else "-")
+        print(f"| {phase} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per path (at least 3)")
     parser.add_argument("--skip-switches", action="store_true")
     args = parser.parse_args()
+    if args.runs < 3:
+        parser.error("--runs: at least 3 (the spread needs quartiles)")
 
     import torch
 
-    from imagen.generation.diffusers.engine import resolve_dtype
+    from imagen.generation.diffusers.loading import resolve_dtype
 
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
-        direct = direct_times(args.steps, args.repeats, dtype)
-        service = service_times(args.steps, args.repeats, Path(tmp))
+        direct, service, worker_threads = compare(args.steps, args.runs, dtype, Path(tmp))
         switches = {} if args.skip_switches else switch_times(Path(tmp))
-    d, s = statistics.median(direct), statistics.median(service)
-    print(f"demo model, 1024x1024, {args.steps} steps, CFG 7.5, {dtype}, CPU threads {torch.get_num_threads()}")
-    print("| path | median s/image | runs |")
-    print("|---|---|---|")
-    print(f"| diffusers pipeline call, direct | {d:.3f} | {', '.join(f'{t:.3f}' for t in direct)} |")
-    print(f"| POST /generate -> SUCCESS through imagen | {s:.3f} | {', '.join(f'{t:.3f}' for t in service)} |")
-    print(f"ratio service / direct: {s / d:.3f}  (target <= 1.05)")
+    print(f"demo model, 1024x1024, {args.steps} steps, CFG {GUIDANCE}, {dtype}, {args.runs} runs per path "
+          f"(interleaved); CPU threads: direct {torch.get_num_threads()}, worker {worker_threads}")
+    print_comparison(direct, service)
     if not switches:
         return
     print()

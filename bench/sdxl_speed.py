@@ -56,7 +56,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from imagen.config import Settings  # noqa: E402
 from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice  # noqa: E402
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
-from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype  # noqa: E402
+from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
+from imagen.generation.diffusers.loading import resolve_dtype  # noqa: E402
 from imagen.registry import LoraSpec, ModelSpec, Registry  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"
@@ -321,7 +322,7 @@ def run_engine(args: argparse.Namespace, device: torch.device, name: str, **over
 
             engine.generate(engine_task(args, steps), progress)
 
-        options = engine.speed_summary()
+        options = engine.acceleration_summary()
         label = f"{name} ({engine.device_info().dtype}{', ' + options if options else ''})"
         row = time_images(args, device, label, call)
         row.warm_up_s = warm
@@ -467,7 +468,7 @@ def lora_switch(args: argparse.Namespace, device: torch.device) -> list[str]:
             if job_s:
                 lines.append(
                     f"| {label} | {1000 * sum(switch_s) / len(switch_s):.1f} ms | "
-                    f"{sum(job_s) / len(job_s):.2f} s | {engine.speed_summary()} |"
+                    f"{sum(job_s) / len(job_s):.2f} s | {engine.acceleration_summary()} |"
                 )
             engine.close()
             del engine

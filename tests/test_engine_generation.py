@@ -19,7 +19,7 @@ from imagen.generation.base import (
     STEP_LOADING_LORAS,
     STEP_LOADING_MODEL,
 )
-from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype
+from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.registry import ModelSpec, Registry, builtin_registry
 from tests.engine_fixtures import (
     ProgressLog,
@@ -175,11 +175,6 @@ def test_demo_model_generates_at_1024(tmp_path: Path) -> None:
 
 
 def test_dtype_setting(tmp_path: Path) -> None:
-    import torch
-
-    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
     spec = ModelSpec(id="demo", name="d", demo=True)
     engine = DiffusersEngine(Registry(models=[spec]), engine_settings(tmp_path, dtype="bfloat16"))
     assert engine.device_info().dtype == "bfloat16"

@@ -14,7 +14,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from imagen.generation.diffusers import acceleration
-from imagen.generation.diffusers.engine import DiffusersEngine, resolve_dtype
+from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.diffusers.loading import resolve_dtype
+from imagen.generation.diffusers.loras import HotswapLoras
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, image_bytes, pixels, task
 
 pytestmark = pytest.mark.slow
@@ -63,7 +65,7 @@ def test_speed_options_apply_by_default_and_keep_the_image(fast: DiffusersEngine
     assert all(isinstance(p, FusedAttnProcessor2_0) for p in pipe.vae.attn_processors.values())
     conv = pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert not fast.speed.compile  # auto: no compile on CPU
+    assert not fast.acceleration_options.compile  # auto: no compile on CPU
     attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
     fused = attn.to_qkv.weight
     assert attn.to_k.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # no copy
@@ -99,8 +101,8 @@ def test_lora_hotswap_matches_regular_adapters(hotswap: DiffusersEngine, fast: D
         assert np.array_equal(got, want), loras
     assert np.array_equal(_pixels(hotswap), before)  # slots inactive: no effect at all
     assert np.array_equal(_pixels(hotswap, loras=[("anime-style", 0.0)]), before)
-    slots = hotswap._models["sdxl-base"].slots
-    assert slots is not None and slots.swaps >= 4
+    slots = hotswap._models["sdxl-base"].loras
+    assert isinstance(slots, HotswapLoras) and slots.swaps >= 4
     assert hotswap.stats.lora_loads == 3  # each file read once; switching reads nothing
 
 
@@ -132,20 +134,20 @@ def test_settings_turn_each_option_off(tmp_path: Path) -> None:
     assert all(type(p) is AttnProcessor for p in pipe.vae.attn_processors.values())
     assert pipe.unet.conv_in.weight.is_contiguous()
     assert not hasattr(pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1, "to_qkv")
-    assert engine.speed.summary() == ""
+    assert engine.acceleration_summary() == ""
     forced = _engine(tmp_path, compile="on")
-    assert forced.speed.compile and forced.lora_hotswap  # hotswap follows compile (auto)
+    assert forced.acceleration_options.compile and forced.lora_hotswap  # hotswap follows compile (auto)
 
 
 def test_cpu_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     # Measured on a 2-core AVX512-BF16 EPYC (README, Performance): one full-size UNet step at 1024² takes
     # 84 s in fp32 and 46 s in bf16, so `auto` keeps bf16 where the CPU has native bf16, fp32 elsewhere.
-    from imagen.generation.diffusers import engine as diffusers_engine
+    from imagen.generation.diffusers import loading
 
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    monkeypatch.setattr(diffusers_engine, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(diffusers_engine, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32

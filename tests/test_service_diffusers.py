@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,14 @@ def test_lora_job_with_trigger_words_end_to_end(diffusers_client: TestClient) ->
     image = diffusers_client.get(f"/image/{job_id}")
     png = Image.open(io.BytesIO(image.content))
     assert (png.mode, png.size) == ("RGB", (metadata["width"], metadata["height"]))
-    assert json.loads(image.headers["x-generation-metadata"])["final_prompt"] == metadata["final_prompt"]
+    header = json.loads(image.headers["x-generation-metadata"])
+    assert (header["seed"], header["loras"]) == (42, metadata["loras"])
+    # Where the job's time went, per progress step, beside the metadata (never in the PNG).
+    timings = done["result"]["timings"]
+    phases = {"loading_loras", "encoding_prompt", "generation_gpu", "decoding", "saving"}
+    assert phases <= set(timings["seconds"]) and all(value >= 0 for value in timings["seconds"].values())
+    assert timings["seconds"]["generation_gpu"] > 0 and "timings" not in metadata
+    assert abs(time.time() - timings["started_at"]) < 120
 
 
 def test_same_seed_gives_the_same_bytes_through_the_service(diffusers_client: TestClient) -> None:

@@ -1,14 +1,47 @@
-"""Runs one task with an engine and writes its PNG: the part every job backend's worker shares."""
+"""Runs one task with an engine and writes its PNG: the part every job backend's worker shares.
+
+It also times the job's phases from the engine's own progress reports (each step name is a phase, until
+the next one starts) and returns them beside the metadata, in ``result.timings``: /status shows them,
+the PNG never holds them (the same request and seed give the same file, byte for byte).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from imagen.errors import GenerationError
 from imagen.generation.base import STEP_SAVING, Engine, GenerationTask, ProgressCallback
 from imagen.outputs.png import save_png
+
+
+class PhaseTimer:
+    """A progress callback that passes reports on and adds up the seconds spent in each step name."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self._progress = progress
+        self.seconds: dict[str, float] = {}
+        self._step: str | None = None
+        self._since = time.perf_counter()
+
+    def __call__(self, step: str, percent: int) -> None:
+        if step != self._step:
+            self._close_phase()
+            self._step = step
+        self._progress(step, percent)
+
+    def stop(self) -> dict[str, float]:
+        self._close_phase()
+        self._step = None
+        return {step: round(seconds, 4) for step, seconds in self.seconds.items()}
+
+    def _close_phase(self) -> None:
+        now = time.perf_counter()
+        if self._step is not None:  # time before the first report counts in the first phase
+            self.seconds[self._step] = self.seconds.get(self._step, 0.0) + now - self._since
+            self._since = now
 
 
 def run_task(
@@ -20,8 +53,10 @@ def run_task(
     png_compress_level: int = 1,
 ) -> dict[str, Any]:
     """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS."""
-    generated = engine.generate(task, progress)
-    progress(STEP_SAVING, 100)
+    started_at = time.time()
+    timer = PhaseTimer(progress)
+    generated = engine.generate(task, timer)
+    timer(STEP_SAVING, 100)
     metadata: dict[str, Any] = {**task.as_dict(), **generated.extra_metadata}
     save_png(generated.rgb_pixels(), metadata, outputs_dir, output_name, png_compress_level)
     return {
@@ -30,6 +65,8 @@ def run_task(
         "path": os.path.join(str(outputs_dir), output_name),
         "url": f"/outputs/{output_name}",
         "metadata": metadata,
+        # seconds per step name, and when the worker began (Unix time): where a job's time went
+        "timings": {"started_at": round(started_at, 4), "seconds": timer.stop()},
     }
 
 

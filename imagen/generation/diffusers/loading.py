@@ -1,4 +1,7 @@
-"""Turn a registry :class:`ModelSpec` into a ready ``StableDiffusionXLPipeline``, with no network access.
+"""Turn a registry :class:`ModelSpec` into a ``StableDiffusionXLPipeline`` on its device, with no network access.
+
+:func:`resolve_device` / :func:`resolve_dtype` turn the settings into a device and dtype, :func:`load_pipeline`
+reads the files (on CPU), :func:`place_pipeline` puts the pipeline on its device (or sets up CPU offload).
 
 * ``demo: true``: the tiny random-weight SDXL-architecture pipeline built in code (fixed seed).
 * a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled.
@@ -13,13 +16,15 @@ Every file is checked by :mod:`imagen.registry.safe_files` before a loader sees 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
 
-from imagen.errors import FatalGenerationError
+from imagen.config import Settings
+from imagen.errors import FatalGenerationError, ImagenError
 from imagen.generation.diffusers.components import (
     DEMO_SHAPE,
     SDXL_CONFIG_DIR,
@@ -29,6 +34,31 @@ from imagen.generation.diffusers.components import (
 from imagen.registry import ModelSpec, safe_files
 
 DEMO_SEED = 20240130
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ImagenError("IMAGEN_DEVICE=cuda but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def sibling_config_dir(path: Path) -> Path | None:
@@ -105,3 +135,22 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
             raise FatalGenerationError(f"model {spec.id!r} could not be loaded: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def place_pipeline(pipe: Any, device: torch.device, settings: Settings) -> None:
+    """On ``device``, or with CPU offload on CUDA; VAE tiling / slicing as configured."""
+    if device.type == "cuda" and settings.cpu_offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif device.type == "cuda" and settings.cpu_offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    else:
+        pipe.to(device)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+        # SDXL's VAE config tiles above its sample_size (1024 px), i.e. never at SDXL's own 1024²:
+        # 512 px tiles (64 latents) so that tiling actually lowers the decode's peak memory there.
+        if getattr(pipe.vae, "tile_sample_min_size", 0) >= 1024:
+            pipe.vae.tile_sample_min_size = 512
+            pipe.vae.tile_latent_min_size = 64
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
