@@ -153,15 +153,15 @@ class WorkerSlot(threading.Thread):
             log.exception("worker slot %d: unexpected error; generation worker replaced", self.index)
             return
         log.exception("job %s: unexpected error while supervising it; generation worker replaced", job.job_id)
-        self.give_back(job, supervision_failed_text(f"{type(exc).__name__}: {exc}"))
+        self._give_back(job, supervision_failed_text(f"{type(exc).__name__}: {exc}"))
 
     def abandon(self, error: str) -> None:
         """For a slot whose thread died: kill its child and end the job it held (called by the backend)."""
         self._kill_child()
         if self.job is not None:
-            self.give_back(self.job, error)
+            self._give_back(self.job, error)
 
-    def give_back(self, job: JobRecord, error: str) -> None:
+    def _give_back(self, job: JobRecord, error: str) -> None:
         """End an attempt that left no image: released uncounted when the backend stops, else a failed
         attempt that may pass (the policy retries it or fails the job). Retries the store until it answers,
         so the job never stays STARTED; if the backend stops first, the next start takes the job back."""
@@ -218,7 +218,7 @@ class WorkerSlot(threading.Thread):
             pass  # the child died
         # The child died, or the backend stops: the job goes back (uncounted when stopping).
         self._kill_child()
-        self.give_back(job, WORKER_DIED)
+        self._give_back(job, WORKER_DIED)
 
     def _handle(self, job: JobRecord, message: object) -> bool:
         """Apply one message from the child; True once the job has ended."""
