@@ -300,3 +300,29 @@ class StubbornEngine(TestPatternEngine):
                 time.sleep(1)
             except SoftTimeLimitExceeded:
                 continue
+
+
+class ClaimFailsOnceEngine(TestPatternEngine):
+    """Fault injection for the worker it runs in: the first claim after the file named by
+    ``$IMAGEN_TEST_CLAIM_FAILURE`` appears fails (the file is consumed). The file says how: ``connection``
+    raises a Redis connection error (the task body's own retries handle it); ``acked`` raises an error the
+    task body does not expect, so Celery acknowledges the message of a job that never started."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from imagen.jobs.distributed.store import RedisJobStore
+
+        marker = Path(os.environ["IMAGEN_TEST_CLAIM_FAILURE"])
+        claim = RedisJobStore.claim
+
+        def failing_claim(store: RedisJobStore, job_id: str, token: str, **options: Any) -> Any:
+            try:
+                how = marker.read_text()
+                marker.unlink()
+            except FileNotFoundError:
+                return claim(store, job_id, token, **options)
+            if how == "acked":
+                raise RuntimeError("injected: claim failed, message acknowledged")
+            raise redis.ConnectionError("injected: connection lost during the claim")
+
+        RedisJobStore.claim = failing_claim  # type: ignore[method-assign,assignment]

@@ -188,6 +188,8 @@ def test_images_reach_every_api_replica_without_a_shared_disk(celery_cluster: Ce
     cluster.start_worker()
     client = cluster.api()
     replica = cluster.api(outputs_dir=tmp_path / "replica-outputs")
+    # A third replica, alive but slow to copy: Redis keeps the PNG for it (it drops it once all have a copy).
+    cluster.redis.client().zadd("imagen:replicas", {"slow replica": (time.time() + 60) * 1000})
     job_id = submit(client, "shared nothing")
     done = wait_status(client, job_id, TERMINAL)
     filename = done["result"]["filename"]

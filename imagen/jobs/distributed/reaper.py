@@ -3,10 +3,11 @@
 - **Reaper**: a running job whose worker stopped renewing its lock (killed, host gone) goes back to the
   queue, or fails when the attempt policy says so; a requeued job's message is published again.
 - **Reconciler**: a waiting job with no message in the broker for ``reconcile_after_s`` is published
-  again. That covers a publish lost after the job was put back (by the reaper, a retry), and a message
+  again. That covers a publish lost after the job was put back (by the reaper, a retry), a message
   that a worker received but could not start (its claim failed on a broken Redis connection and Celery
-  acknowledged the message anyway). The broker's messages are read where kombu's Redis transport keeps
-  them: the queue's list (not yet delivered) and its ``unacked`` hash (delivered, not yet acknowledged). A
+  acknowledged the message anyway), or a requeued job whose old message is still held for a worker that
+  died. The broker's messages are read where kombu's Redis transport keeps them: the queue's list (not yet
+  delivered) and its ``unacked`` hash (delivered, not acknowledged; only recent deliveries count). A
   message can be in neither for an instant (between the worker's BRPOP and its bookkeeping), so a job is
   republished only when it has been seen without a message for the whole ``reconcile_after_s``. A
   duplicate message is harmless: the claim drops a second delivery.
@@ -33,7 +34,9 @@ from imagen.jobs.lifecycle import OwnerToken
 
 log = logging.getLogger("imagen.jobs")
 
-UNACKED_KEY = "unacked"  # kombu's Redis transport (Channel.unacked_key)
+# kombu's Redis transport (Channel.unacked_key, unacked_index_key): delivered messages, and when.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def message_job_ids(raw_messages: Iterable[bytes]) -> set[str]:
@@ -105,7 +108,11 @@ class Housekeeper:
             self._missing_since.clear()  # another process reconciles; start afresh if this one takes over
             return
         waiting = self.store.confirmed_waiting()
-        with_message = message_job_ids(self.store.broker_messages(self.queue, UNACKED_KEY)) if waiting else set()
+        with_message: set[str] = set()
+        if waiting:
+            recent = time.time() - self.settings.reconcile_after_s
+            messages = self.store.broker_messages(self.queue, UNACKED_KEY, UNACKED_INDEX_KEY, delivered_after=recent)
+            with_message = message_job_ids(messages)
         now = time.monotonic()
         missing = {job_id: self._missing_since.get(job_id, now) for job_id in waiting if job_id not in with_message}
         for job_id, since in missing.items():

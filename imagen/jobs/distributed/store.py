@@ -273,14 +273,19 @@ class RedisJobStore:
         skip = set(unconfirmed)
         return [raw.decode() for raw in waiting if raw not in skip]
 
-    def broker_messages(self, queue: str, unacked_key: str) -> list[bytes]:
-        """The raw Celery messages of ``queue`` (not yet delivered) and of the unacknowledged table
-        (delivered to a worker, not acknowledged yet): kombu's Redis transport keeps them there."""
+    def broker_messages(
+        self, queue: str, unacked_key: str, unacked_index_key: str, delivered_after: float
+    ) -> list[bytes]:
+        """The raw Celery messages of ``queue`` (not delivered yet) and those of the unacknowledged table
+        (delivered to a worker, not acknowledged yet) delivered after ``delivered_after``: kombu's Redis
+        transport keeps them there. An older unacknowledged message of a waiting job belongs to a worker
+        that died: it only comes back after the visibility timeout."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(queue, 0, -1)
-            pipe.hvals(unacked_key)
-            queued, unacked = cast(list[list[bytes]], pipe.execute())
-        return queued + unacked
+            pipe.zrangebyscore(unacked_index_key, delivered_after, "+inf")
+            queued, recent_tags = cast(list[list[bytes]], pipe.execute())
+        unacked = cast(list[bytes | None], self.client.hmget(unacked_key, recent_tags)) if recent_tags else []
+        return queued + [raw for raw in unacked if raw is not None]
 
     def workers(self) -> list[dict[str, Any]]:
         """The heartbeats of the workers alive now."""

@@ -1,0 +1,124 @@
+"""The reconciler: a waiting job whose broker message is missing still runs (real redis-server, real
+workers). Faults are injected where they happen in production: a record written with no message (the API
+killed between the two), a claim that fails on the connection after Celery took the message, a publish
+that fails after the reaper put a job back."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imagen.config import Settings
+from imagen.generation.base import GenerationTask
+from imagen.jobs.distributed.app import create_celery, publish
+from imagen.jobs.distributed.reaper import Housekeeper, message_job_ids
+from imagen.jobs.distributed.store import RedisJobStore, connect, lock_key
+from imagen.jobs.types import JobState, NewJob
+from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
+from tests.conftest import wait_for, wait_status
+
+__all__ = ["celery_cluster", "own_redis"]  # fixtures
+TERMINAL = {"SUCCESS", "FAILURE"}
+RECONCILE_AFTER_S = 1.0
+
+
+def new_job(prompt: str) -> NewJob:
+    task = GenerationTask(
+        prompt=prompt,
+        negative_prompt="",
+        model="sdxl-base",
+        loras=(),
+        steps=4,
+        guidance_scale=7.0,
+        seed=1,
+        ip_strength=0.0,
+    )
+    return NewJob(job_id=str(uuid.uuid4()), task=task.as_dict(), output_name=f"sdxl_base_{uuid.uuid4().hex[:8]}.png")
+
+
+def submit(client: TestClient, prompt: str) -> str:
+    response = client.post("/generate", json={"prompt": prompt})
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def test_a_job_recorded_but_never_published_runs(
+    celery_cluster: CeleryCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = celery_cluster
+    cluster.start_worker()
+    client = cluster.api(reconcile_after_s=RECONCILE_AFTER_S)
+    # What the API leaves when it is killed between writing the record and publishing its message.
+    store = RedisJobStore(connect(cluster.redis.url), result_ttl_s=60)
+    job = new_job("recorded, never published")
+    store.submit(job, max_queue=100)
+    assert store.confirm(job.job_id)
+    assert cluster.redis.client().llen("imagen") == 0
+    assert wait_status(client, job.job_id, TERMINAL, timeout=30)["status"] == "SUCCESS"
+    assert f"job {job.job_id}: waiting with no message in the broker; published again" in caplog.text
+
+
+@pytest.mark.parametrize("failure", ["connection", "acked"])
+def test_a_claim_that_fails_does_not_lose_the_job(celery_cluster: CeleryCluster, tmp_path: Path, failure: str) -> None:
+    cluster = celery_cluster
+    marker = tmp_path / "fail-next-claim"
+    worker = cluster.start_worker(engine="tests.celery_support:ClaimFailsOnceEngine", test_claim_failure=marker)
+    client = cluster.api(reconcile_after_s=RECONCILE_AFTER_S)
+    marker.write_text(failure)
+    job_id = submit(client, "its first claim fails")
+    wait_for(lambda: not marker.exists(), timeout=20)  # the worker took the message; its claim failed
+    assert wait_status(client, job_id, TERMINAL, timeout=30)["status"] == "SUCCESS", worker.log()
+    assert "injected: " in worker.log()
+    after = submit(client, "the next job")
+    assert wait_status(client, after, TERMINAL)["status"] == "SUCCESS"
+
+
+def test_a_job_put_back_by_the_reaper_is_published_again_when_its_publish_failed(
+    own_redis: RedisServer,
+) -> None:
+    settings = Settings(broker_url=own_redis.url, job_lock_ttl_s=1.0, reconcile_after_s=RECONCILE_AFTER_S)
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    job = new_job("its worker died")
+    store.submit(job, max_queue=100)
+    store.confirm(job.job_id)
+    assert store.claim(job.job_id, "host|1|dead", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
+    own_redis.client().delete(lock_key(job.job_id))  # its lock expired: the worker is dead
+    published: list[str] = []
+    broker_down = True
+
+    def flaky_publish(job_id: str) -> None:
+        if broker_down:
+            raise ConnectionError("injected: publish failed")
+        published.append(job_id)
+
+    housekeeper = Housekeeper(settings, store, flaky_publish, "imagen")
+    housekeeper.run_once()  # the reaper puts the job back; its publish fails
+    record = store.get(job.job_id)
+    assert record is not None and record.state is JobState.PENDING and published == []
+    broker_down = False
+    housekeeper.run_once()  # missing for less than reconcile_after_s: not yet
+    assert published == []
+    wait_for(lambda: housekeeper.run_once() or published, timeout=5, interval=0.1)
+    assert published == [job.job_id]
+
+
+def test_a_job_with_a_message_in_the_queue_is_left_alone(own_redis: RedisServer) -> None:
+    settings = Settings(broker_url=own_redis.url, reconcile_after_s=0.2)
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    job = new_job("published")
+    store.submit(job, max_queue=100)
+    app = create_celery(settings)
+    publish(app, job.job_id)
+    store.confirm(job.job_id)
+    raw = own_redis.client().lrange("imagen", 0, -1)
+    assert message_job_ids(raw) == {job.job_id}  # kombu's own message format
+    republished: list[str] = []
+    housekeeper = Housekeeper(settings, store, republished.append, "imagen")
+    for _ in range(5):
+        housekeeper.run_once()
+    assert republished == []
+    app.close()
