@@ -163,6 +163,22 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(value) for value in values if value]
 
 
+# What operators point Celery's tools at (README, "Celery tools").
+CELERY_APP = "imagen.jobs.distributed.app:celery_app"
+
+
+def celery_tool(broker_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A <our app> <arguments>``, as the README shows it."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", CELERY_APP, *arguments],
+        env={**os.environ, "PYTHONPATH": str(REPO), "IMAGEN_BROKER_URL": broker_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
 def worker_env(tmp_path: Path, broker_url: str, registry: Path, **settings: Any) -> dict[str, str]:
     """The environment of a worker on 'another host': its own data and outputs folders."""
     env = {
@@ -228,7 +244,7 @@ class CeleryCluster:
             if worker.process.poll() is not None:
                 raise AssertionError(f"worker exited: {worker.log()}")
             children = set(worker.children())
-            return any(w["pid"] in children for w in live_workers(self.redis.client()))
+            return any(w["pid"] in children and w["ready"] for w in live_workers(self.redis.client()))
 
         wait_for(ready, timeout=timeout, interval=0.05)
 

@@ -1,49 +1,64 @@
-"""The Celery application of the distributed backend and its one task, ``imagen.generate``.
+"""The Celery application of the distributed backend, built by functions (nothing is built at import).
 
-Point Celery's own tools at it: ``celery -A imagen.jobs.distributed.app inspect ping``, ``celery -A
-imagen.jobs.distributed.app flower`` (with ``IMAGEN_BROKER_URL`` set). The module imports no model code: the
-task body (``celery_runtime``) loads the engine inside worker processes only.
+- ``create_celery(settings)``: the configured app, enough to publish (the API) or to inspect workers.
+- ``create_worker_app(settings)``: the same with the task ``imagen.generate`` (``task.GenerateTask``), its
+  per-process hooks and the consumer step that keeps a worker off the queue until its engine is loaded.
+- ``celery_app``: a lazy attribute for Celery's own tools, built from the ``IMAGEN_*`` variables on first
+  use: ``celery -A imagen.jobs.distributed.app:celery_app inspect ping`` (or ``... flower``).
 
 Delivery guarantees come from the broker settings below (late acks, one message per worker, requeue on a
 lost worker); "never twice at once" and "at most ``max_attempts``" come from the job record in Redis
-(``redis_store``), because Redis redelivers a message that stays unacknowledged past the visibility timeout.
+(``store``), because Redis redelivers a message that stays unacknowledged past the visibility timeout.
+A worker survives any Redis error: its broker transport counts every Redis error (out of memory, a
+read-only replica, ...) as a lost connection, which Celery answers by reconnecting with a backoff instead
+of exiting.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any
 
-from celery import Celery, signals
+import redis
+from celery import Celery, bootsteps, signals
+from kombu.transport import redis as kombu_redis
 
 from imagen.config import Settings, get_settings
+from imagen.jobs.distributed.task import TASK_NAME, GenerateTask
 
-TASK_NAME = "imagen.generate"
 QUEUE = "imagen"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # The soft limit (job_timeout_s) fails the job cleanly; the hard one, a little later, kills a child stuck in C
-# code (its job then fails with the same timeout error, see redis_store's reaper).
+# code (its job then fails with the same timeout error, see the store's reaper).
 HARD_LIMIT_GRACE_S = 10.0
+# How often a worker's main process checks whether its pool child's engine is loaded.
+GATE_PERIOD_S = 0.5
+
+__all__ = ["QUEUE", "TASK_NAME", "create_celery", "create_worker_app", "publish"]
+
+
+class ResilientRedisTransport(kombu_redis.Transport):
+    """Kombu's Redis transport, for which every Redis error is a connection error. Kombu counts only socket
+    errors as such: an ``OutOfMemoryError`` while acknowledging a message (Redis at ``maxmemory``) escaped
+    Celery's consumer and stopped the worker for good ("Unrecoverable error")."""
+
+    connection_errors = (*kombu_redis.Transport.connection_errors, redis.RedisError)
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("imagen", broker=settings.broker_url or DEFAULT_BROKER, set_as_current=False)
+    app = Celery("imagen", set_as_current=False)
     configure(app, settings)
-
-    app.task(name=TASK_NAME)(_generate)
     return app
 
 
-def _generate(job_id: str) -> None:
-    from imagen.jobs.distributed.task import execute  # worker processes only
-
-    execute(job_id)
-
-
 def configure(app: Celery, settings: Settings) -> None:
+    broker_url = settings.broker_url or DEFAULT_BROKER
     visibility = settings.broker_visibility_timeout_s
     app.conf.update(
-        broker_url=settings.broker_url or DEFAULT_BROKER,
+        broker_url=broker_url,
+        broker_transport=ResilientRedisTransport if broker_url.startswith(("redis://", "rediss://")) else None,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker waits for its broker as long as it takes
         broker_connection_timeout=2.0,
         broker_transport_options={
             "visibility_timeout": visibility,
@@ -76,29 +91,71 @@ def publish(app: Celery, job_id: str) -> None:
     app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE, retry=True, retry_policy=policy)
 
 
-# The app ``celery -A imagen.jobs.distributed.app`` and ``imagen worker`` use; settings from IMAGEN_* variables.
-worker_settings: Settings = get_settings()
-app = create_celery(worker_settings)
+def create_worker_app(settings: Settings) -> Celery:
+    """The app a worker runs: the task, its per-process hooks, and the engine gate on the consumer."""
+    app = create_celery(settings)
+    # Created before the pool forks, so the main process and its pool child share it.
+    engine_ready = multiprocessing.Value("b", 0)
+    task_class = type("GenerateTask", (GenerateTask,), {"settings": settings, "engine_ready": engine_ready})
+    app.register_task(task_class())
+    app.steps["consumer"].add(EngineGate)
+
+    def start_process(**_: Any) -> None:
+        _generate_task(app).start_process()
+
+    def stop_process(**_: Any) -> None:
+        _generate_task(app).stop_process()
+
+    signals.worker_process_init.connect(start_process, weak=False, dispatch_uid=f"imagen-start-{id(app)}")
+    signals.worker_process_shutdown.connect(stop_process, weak=False, dispatch_uid=f"imagen-stop-{id(app)}")
+    return app
 
 
-def _load_engine(**_: Any) -> None:
-    from imagen.jobs.distributed.task import init_process
-
-    init_process(worker_settings)
-
-
-def _unload_engine(**_: Any) -> None:
-    from imagen.jobs.distributed.task import shutdown_process
-
-    shutdown_process()
+def _generate_task(app: Celery) -> GenerateTask:
+    task = app.tasks[TASK_NAME]
+    assert isinstance(task, GenerateTask)
+    return task
 
 
-def _start_reaper(sender: Any = None, **_: Any) -> None:
-    from imagen.jobs.distributed.task import start_reaper
+class EngineGate(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships no type hints
+    """A consumer step of the worker's main process: consume the queue while the pool child's engine is
+    loaded, not otherwise. The worker starts with the queue excluded (``worker.run_worker``), so a worker
+    that cannot load its engine never holds a message. Runs in the consumer's event loop (a timer), and is
+    started again with the consumer after a lost broker connection."""
 
-    start_reaper(worker_settings, app)
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._timer: Any = None
+
+    def start(self, consumer: Any) -> None:
+        self._sync(consumer)
+        self._timer = consumer.timer.call_repeatedly(GATE_PERIOD_S, self._sync, (consumer,))
+
+    def stop(self, consumer: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    shutdown = stop
+
+    @staticmethod
+    def _sync(consumer: Any) -> None:
+        if consumer.task_consumer is None:  # between a lost connection and the next one
+            return
+        ready = bool(_generate_task(consumer.app).engine_ready.value)
+        consuming = consumer.task_consumer.consuming_from(QUEUE)
+        if ready and not consuming:
+            consumer.add_task_queue(QUEUE)
+        elif not ready and consuming:
+            consumer.cancel_task_queue(QUEUE)
 
 
-signals.worker_process_init.connect(_load_engine, weak=False)
-signals.worker_process_shutdown.connect(_unload_engine, weak=False)
-signals.worker_ready.connect(_start_reaper, weak=False)
+def __getattr__(name: str) -> Celery:
+    """``celery_app``, for ``celery -A imagen.jobs.distributed.app:celery_app``: built on first use."""
+    if name != "celery_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = create_worker_app(get_settings())
+    globals()["celery_app"] = app
+    return app

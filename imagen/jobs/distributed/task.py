@@ -1,121 +1,278 @@
-"""What runs inside a Celery worker: the engine of this process, the job task body, heartbeats, the reaper.
+"""The task ``imagen.generate`` and the state it keeps in each worker process (a :class:`GenerateTask`).
 
-A worker's pool child builds its engine once (``init_process``, on ``worker_process_init``) and keeps it
-for every job. ``execute`` claims the job in its Redis record (or drops a duplicate delivery), keeps the
-claim's lock alive while the engine runs, and records the outcome: SUCCESS with the PNG bytes (they travel
-through Redis to every API replica), a retry (the message goes back to the queue), or FAILURE.
+A worker's pool child loads its engine once, in a background thread (``start_process``), retrying with a
+capped backoff while it fails (a model file missing on this host, a GPU not ready): the child stays up and
+says why in its log and in its heartbeat, which ``/health`` shows. Until the engine is loaded the worker
+takes no job: the child raises a flag shared with the worker's main process, whose consumer starts on the
+queue only once the flag is up (see ``worker.py``).
+
+The task body claims the job in its Redis record (or drops a duplicate delivery), keeps the claim's lock
+alive while the engine runs, and records the outcome: SUCCESS with the PNG bytes (they travel through Redis
+to every API replica), a retry (the message goes back to the queue), or FAILURE. A Redis error is never
+taken for an outcome: the body retries the call for a while, then hands the message back to the broker
+(``Reject(requeue=True)``) rather than let Celery acknowledge a message whose job never started.
+
+This module imports no Celery app (the app imports it) and no model code at import time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import uuid
+import time
+from collections.abc import Callable
 from dataclasses import asdict
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import redis
+from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
-from imagen.jobs.distributed.store import RedisJobStore, connect
-from imagen.jobs.lifecycle import pid_alive
+from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
+from imagen.jobs.lifecycle import OwnerToken, timeout_text
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from imagen.generation.base import Engine
 
 log = logging.getLogger("imagen.worker")
 
+TASK_NAME = "imagen.generate"
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 6.0
-HOSTNAME = socket.gethostname()
+# Engine load retries: 2 s, 4 s, ... up to a minute between attempts.
+LOAD_RETRY_FIRST_S = 2.0
+LOAD_RETRY_MAX_S = 60.0
+# A Redis call of the task body (claim, outcome) is retried this long before the body gives up on it:
+# long enough for a Redis restart or a short out-of-memory spell.
+CLAIM_RETRY_S = 3.0
+OUTCOME_RETRY_S = 60.0
+
+T = TypeVar("T")
 
 
-class _Process:
-    """The state of one pool child."""
+def retry_redis(what: str, call: Callable[[], T], within_s: float) -> T:
+    """``call()``, retried on Redis errors with a growing pause (0.2 s to 2 s) for ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: Redis error (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, pause)
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        assert settings.broker_url, "IMAGEN_BROKER_URL is required for a distributed worker"
-        client = connect(settings.broker_url, connect_timeout=2.0, socket_timeout=10.0, retries=3)
-        self.store = RedisJobStore(client, result_ttl_s=settings.result_ttl_s)
+
+class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """``imagen.generate``: ``settings`` and ``engine_ready`` are set by ``app.create_worker_app``; the
+    instance attributes below are the state of one pool child (set by ``start_process``)."""
+
+    name = TASK_NAME
+    settings: ClassVar[Settings]
+    # Shared with the worker's main process (created there before the pool forks): 1 once this child's
+    # engine is loaded. The main process consumes the queue only while it is up.
+    engine_ready: ClassVar[Synchronized[int]]
+
+    store: RedisJobStore
+    scratch: Path
+    engine: Engine | None = None
+    load_error: str | None = None
+    device: dict[str, Any]
+    _stopping: threading.Event
+
+    # -- the pool child's life ----------------------------------------------------------------------
+    def start_process(self) -> None:
+        """In a new pool child: connect, then load the engine and beat in the background."""
+        self.engine_ready.value = 0
+        assert self.settings.broker_url, "IMAGEN_BROKER_URL is required for a distributed worker"
+        client = connect(self.settings.broker_url, connect_timeout=2.0, socket_timeout=10.0, retries=3)
+        self.store = RedisJobStore.from_settings(self.settings, client)
         self.scratch = Path(tempfile.mkdtemp(prefix="imagen-worker-"))
-        self.engine: Engine | None = None
-        self.device: dict[str, Any] = {}
-        self.startup_error: str | None = None
-        self.stopping = threading.Event()
-        self.heartbeat: threading.Thread | None = None
+        self.engine = None
+        self.load_error = None
+        self.device = {}
+        self._stopping = threading.Event()
+        threading.Thread(target=self._load_until_ready, name="imagen-engine-loader", daemon=True).start()
+        threading.Thread(target=self._beat_forever, name="imagen-heartbeat", daemon=True).start()
 
-    def load_engine(self) -> Engine:
-        if self.engine is None:
-            from imagen.generation.loader import load_engine
-            from imagen.registry import load_registry
+    def stop_process(self) -> None:
+        if not hasattr(self, "store"):  # start_process never ran in this process
+            return
+        self._stopping.set()
+        self.engine_ready.value = 0
+        try:
+            self.store.forget_worker(os.getpid())
+        except redis.RedisError as exc:
+            log.debug("heartbeat not withdrawn (it expires anyway): %s", exc)
+        if self.engine is not None:
+            self.engine.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
-            engine = load_engine(self.settings, load_registry(self.settings.registry_path))
-            engine.warm_up()
+    def _load_until_ready(self) -> None:
+        from imagen.generation.loader import load_engine
+        from imagen.registry import load_registry
+
+        pause = LOAD_RETRY_FIRST_S
+        attempt = 1
+        while not self._stopping.is_set():
+            try:
+                engine = load_engine(self.settings, load_registry(self.settings.registry_path))
+                engine.warm_up()
+            except Exception as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "engine failed to load (attempt %d): %s; this worker takes no job; next try in %.0f s",
+                    attempt,
+                    self.load_error,
+                    pause,
+                )
+                self._beat()  # /health shows the error now, not at the next beat
+                if self._stopping.wait(pause):
+                    return
+                pause = min(LOAD_RETRY_MAX_S, pause * 2)
+                attempt += 1
+                continue
             self.engine = engine
             self.device = asdict(engine.device_info())
-            self.startup_error = None
-            # Beat only once an engine is loaded: /health's gpu_available reports workers able to run jobs.
-            self.heartbeat = threading.Thread(target=self.beat_forever, name="imagen-heartbeat", daemon=True)
-            self.heartbeat.start()
-        return self.engine
+            self.load_error = None
+            self.engine_ready.value = 1
+            self._beat()
+            log.info("worker %d ready on %s", os.getpid(), self.device.get("device"))
+            return
 
-    def beat_forever(self) -> None:
-        pid = os.getpid()
-        while True:
+    def _beat(self) -> None:
+        info = {**self.device, "ready": self.engine is not None, "error": self.load_error}
+        try:
+            self.store.beat(os.getpid(), info, HEARTBEAT_TTL_S)
+        except redis.RedisError as exc:  # the broker may be restarting; the next beat will do
+            log.debug("heartbeat failed: %s", exc)
+
+    def _beat_forever(self) -> None:
+        while not self._stopping.is_set():
+            self._beat()
+            self._stopping.wait(HEARTBEAT_S)
+
+    # -- the task body --------------------------------------------------------------------------------
+    def run(self, job_id: str) -> None:
+        engine = self.engine
+        if engine is None:
+            # A message delivered while this child's engine is not loaded yet (the previous child was just
+            # replaced): give it back untouched, with its whole time limit; the main process stops consuming
+            # until the engine is ready (EngineGate).
+            raise Reject(f"engine not loaded: {self.load_error or 'loading'}", requeue=True)
+        me = OwnerToken.new()
+        token = str(me)
+        claim = self._claim(job_id, token)
+        if claim.outcome == "busy" and claim.holder:
+            holder = OwnerToken.parse(claim.holder)
+            if holder is not None and holder.process_is_gone():  # a pool child of this host, SIGKILLed
+                claim = self._claim(job_id, token, steal_from=claim.holder)
+        if claim.outcome != "claimed":
+            # A duplicate delivery (visibility timeout, requeue after a lost worker) of a job that is running
+            # elsewhere or already over: drop it. The reaper requeues the job if its worker dies later.
+            log.info("job %s: not run here (%s)", job_id, claim.outcome)
+            return
+        log.info("job %s: attempt %d started", job_id, claim.attempts)
+        retry_reason: str | None = None
+        with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
-                self.store.beat(pid, self.device, HEARTBEAT_TTL_S)
-            except Exception as exc:  # the broker may be restarting; keep beating
-                log.debug("heartbeat failed: %s", exc)
-            if self.stopping.wait(HEARTBEAT_S):
+                result, png = self._generate(engine, job_id, token)
+            except SoftTimeLimitExceeded:
+                text = timeout_text(self.settings.job_timeout_s)
+                retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
+                log.warning("job %s: timed out", job_id)
                 return
+            except Exception as exc:
+                retry_reason = self._record_failure(job_id, token, exc)
+            else:
+                stored = retry_redis(
+                    f"job {job_id}", lambda: self.store.complete(job_id, token, result, png), OUTCOME_RETRY_S
+                )
+                if stored:
+                    log.info("job %s: SUCCESS %s", job_id, result["filename"])
+                else:
+                    log.warning("job %s: finished after losing its claim; result discarded", job_id)
+        if retry_reason is not None:
+            # Back to the broker's queue: the same message, acknowledged only when an attempt ends the job.
+            raise Reject(retry_reason, requeue=True)
 
+    def _claim(self, job_id: str, token: str, steal_from: str = "") -> Claim:
+        def claim() -> Claim:
+            return self.store.claim(
+                job_id,
+                token,
+                max_attempts=self.settings.max_attempts,
+                lock_ttl_s=self.settings.job_lock_ttl_s,
+                timeout_s=self.settings.job_timeout_s,
+                steal_from=steal_from,
+            )
 
-_process: _Process | None = None
+        try:
+            return retry_redis(f"job {job_id}: claim", claim, CLAIM_RETRY_S)
+        except redis.RedisError as exc:
+            # Never acknowledge a message whose job did not start: it goes back to the queue.
+            log.warning("job %s: claim failed (%s); message back to the queue", job_id, exc)
+            raise Reject(f"claim failed: {exc}", requeue=True) from exc
 
+    def _generate(self, engine: Engine, job_id: str, token: str) -> tuple[dict[str, Any], bytes]:
+        from imagen.generation.base import GenerationTask
+        from imagen.generation.runner import run_task
 
-def init_process(settings: Settings) -> None:
-    global _process
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = _Process(settings)
-    _process = state
-    try:
-        state.load_engine()
-        log.info("worker %d ready on %s", os.getpid(), state.device.get("device"))
-    except Exception as exc:
-        state.startup_error = f"{type(exc).__name__}: {exc}"
-        log.exception("engine failed to load; jobs will fail with this error until it loads")
+        record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
+        assert record is not None
+        last: list[tuple[str, int]] = []
 
+        def progress(step: str, percent: int) -> None:
+            value = (step, max(0, min(100, int(percent))))
+            if not last or last[-1] != value:
+                last[:] = [value]
+                try:
+                    self.store.report_progress(job_id, token, *value)
+                except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
+                    log.debug("job %s: progress not recorded: %s", job_id, exc)
 
-def shutdown_process() -> None:
-    state = _process
-    if state is None:
-        return
-    state.stopping.set()
-    with contextlib.suppress(Exception):
-        state.store.forget_worker(os.getpid())
-    if state.engine is not None:
-        state.engine.close()
-    shutil.rmtree(state.scratch, ignore_errors=True)
+        # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
+        result = run_task(
+            engine,
+            GenerationTask.from_dict(record.task),
+            record.output_name,
+            self.scratch,
+            progress,
+            self.settings.png_compress_level,
+        )
+        path = self.scratch / record.output_name
+        try:
+            png = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        result["path"] = os.path.join(str(self.settings.outputs_dir), record.output_name)
+        return result, png
 
+    def _record_failure(self, job_id: str, token: str, exc: Exception) -> str | None:
+        """Record a failed attempt; the reason when the job goes back to the queue."""
+        from imagen.generation.runner import classify_failure
 
-def _holder_is_dead_here(holder: str) -> bool:
-    """A lock held by a process of this host that no longer exists (a pool child that was SIGKILLed):
-    no need to wait for the lock to expire."""
-    host, _, rest = holder.partition("|")
-    pid_text = rest.partition("|")[0]
-    if host != HOSTNAME or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    return pid != os.getpid() and not pid_alive(pid)
+        retryable, text = classify_failure(exc)
+        if retryable:
+            max_attempts = self.settings.max_attempts
+            outcome = retry_redis(
+                f"job {job_id}",
+                lambda: self.store.retry_or_fail(job_id, token, text, max_attempts),
+                OUTCOME_RETRY_S,
+            )
+            log.warning("job %s: %s; %s", job_id, text, outcome)
+            return text if outcome == "retry" else None
+        retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
+        log.warning("job %s: FAILURE %s", job_id, text)
+        return None
 
 
 class _LockKeeper:
@@ -133,7 +290,7 @@ class _LockKeeper:
                 if not store.renew_lock(job_id, token, ttl_s):
                     log.warning("job %s: lock lost (taken as dead?); its result will be discarded", job_id)
                     return
-            except Exception as exc:
+            except redis.RedisError as exc:
                 log.warning("job %s: lock renewal failed: %s", job_id, exc)
 
     def __enter__(self) -> _LockKeeper:
@@ -143,127 +300,3 @@ class _LockKeeper:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def execute(job_id: str) -> None:
-    """The body of ``imagen.generate``."""
-    state = _process
-    if state is None:  # a worker started without our worker_process_init (e.g. the solo pool)
-        init_process(_settings_from_app())
-        state = _process
-        assert state is not None
-    settings, store = state.settings, state.store
-    token = f"{HOSTNAME}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
-    options: dict[str, Any] = {
-        "max_attempts": settings.max_attempts,
-        "lock_ttl_s": settings.job_lock_ttl_s,
-        "timeout_s": settings.job_timeout_s,
-    }
-    claim = store.claim(job_id, token, **options)
-    if claim.outcome == "busy" and claim.holder and _holder_is_dead_here(claim.holder):
-        claim = store.claim(job_id, token, steal_from=claim.holder, **options)
-    if claim.outcome != "claimed":
-        # A duplicate delivery (visibility timeout, requeue after a lost worker) of a job that is running
-        # elsewhere or already over: drop it. The reaper requeues the job if its worker dies later.
-        log.info("job %s: not run here (%s)", job_id, claim.outcome)
-        return
-    log.info("job %s: attempt %d started", job_id, claim.attempts)
-    retry_reason: str | None = None
-    with _LockKeeper(store, job_id, token, settings.job_lock_ttl_s):
-        try:
-            result, png = _generate(state, job_id, token)
-        except SoftTimeLimitExceeded:
-            store.fail(job_id, token, f"Timeout: generation took longer than {settings.job_timeout_s:g} s")
-            log.warning("job %s: timed out", job_id)
-            return
-        except Exception as exc:
-            retry_reason = _record_failure(store, settings, job_id, token, exc)
-        else:
-            if store.complete(job_id, token, result, png):
-                log.info("job %s: SUCCESS %s", job_id, result["filename"])
-            else:
-                log.warning("job %s: finished after losing its claim; result discarded", job_id)
-    if retry_reason is not None:
-        # Back to the broker's queue: the same message, acknowledged only when an attempt ends the job.
-        raise Reject(retry_reason, requeue=True)
-
-
-def _generate(state: _Process, job_id: str, token: str) -> tuple[dict[str, Any], bytes]:
-    from imagen.generation.base import GenerationTask
-    from imagen.generation.runner import run_task
-
-    record = state.store.get(job_id)
-    assert record is not None
-    engine = state.load_engine()
-    last: list[tuple[str, int]] = []
-
-    def progress(step: str, progress: int) -> None:
-        value = (step, max(0, min(100, int(progress))))
-        if not last or last[-1] != value:
-            last[:] = [value]
-            try:
-                state.store.report_progress(job_id, token, *value)
-            except Exception as exc:  # progress is advisory; never fail a generation for it
-                log.debug("job %s: progress not recorded: %s", job_id, exc)
-
-    # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
-    result = run_task(
-        engine,
-        GenerationTask.from_dict(record.task),
-        record.output_name,
-        state.scratch,
-        progress,
-        state.settings.png_compress_level,
-    )
-    path = state.scratch / record.output_name
-    try:
-        png = path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
-    result["path"] = os.path.join(str(state.settings.outputs_dir), record.output_name)
-    return result, png
-
-
-def _record_failure(store: RedisJobStore, settings: Settings, job_id: str, token: str, exc: Exception) -> str | None:
-    """Record a failed attempt; the reason when the job goes back to the queue."""
-    from imagen.generation.runner import classify_failure
-
-    retryable, text = classify_failure(exc)
-    if retryable:
-        outcome = store.retry_or_fail(job_id, token, text, settings.max_attempts)
-        log.warning("job %s: %s; %s", job_id, text, outcome)
-        return text if outcome == "retry" else None
-    store.fail(job_id, token, text)
-    log.warning("job %s: FAILURE %s", job_id, text)
-    return None
-
-
-def _settings_from_app() -> Settings:
-    from imagen.jobs.distributed import app as celery_app
-
-    return celery_app.worker_settings
-
-
-def start_reaper(settings: Settings, app: Celery) -> threading.Thread:
-    """In the worker's main process: requeue the jobs of workers that died (lock expired)."""
-    period = max(0.2, min(5.0, settings.job_lock_ttl_s / 3))
-
-    def reap_forever() -> None:
-        store: RedisJobStore | None = None
-        while True:
-            try:
-                if store is None:
-                    assert settings.broker_url
-                    store = RedisJobStore(connect(settings.broker_url), result_ttl_s=settings.result_ttl_s)
-                for job_id in store.reap_orphans(max_attempts=settings.max_attempts, timeout_s=settings.job_timeout_s):
-                    log.warning("job %s: its worker died; back in the queue", job_id)
-                    from imagen.jobs.distributed.app import publish
-
-                    publish(app, job_id)
-            except Exception as exc:
-                log.debug("reaper pass failed: %s", exc)
-            threading.Event().wait(period)
-
-    thread = threading.Thread(target=reap_forever, name="imagen-reaper", daemon=True)
-    thread.start()
-    return thread
