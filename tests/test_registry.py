@@ -56,3 +56,17 @@ def test_builtin_registry_is_the_demo_model() -> None:
     assert registry.model_ids == ["demo"] and registry.resolve_default_model() == "demo"
     with pytest.raises(RegistryError, match="not declared"):
         registry.resolve_default_model("sdxl-base")
+
+
+def test_vae_path_is_resolved_for_loading_and_kept_as_written_for_display(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {id: a, name: A, path: a.safetensors, vae_path: vae/fp16-fix}\n"
+        f"  - {{id: b, name: B, path: b.safetensors, vae_path: {tmp_path}/abs-vae}}\n"
+        "  - {id: c, name: C, path: c.safetensors}\n"
+    )
+    a, b, c = load_registry(path).models
+    assert a.vae_path == str(tmp_path.resolve() / "vae" / "fp16-fix") and a.declared_vae_path == "vae/fp16-fix"
+    assert b.vae_path == b.declared_vae_path == f"{tmp_path}/abs-vae"
+    assert c.vae_path is None and c.declared_vae_path is None
