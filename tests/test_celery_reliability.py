@@ -126,11 +126,17 @@ def test_imagen_serve_with_a_broker_url_end_to_end(
     celery_cluster: CeleryCluster, make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     cluster = celery_cluster
-    cluster.start_worker()
+    worker = cluster.start_worker()
     server = make_server(broker_url=cluster.redis.url, job_lock_ttl_s="1.5")
     server.start()
     with server.client() as http:
-        assert http.get("/health").json() == {"status": "ok", "gpu_available": False, "queue_broker": "connected"}
+        (child,) = worker.children()
+        assert http.get("/health").json() == {
+            "status": "ok",
+            "gpu_available": False,
+            "queue_broker": "connected",
+            "workers": [{"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu"}],
+        }
         job_id = http.post("/generate", json={"prompt": "through a real server"}).json()["job_id"]
         done = wait_status(http, job_id, TERMINAL)
         assert done["status"] == "SUCCESS"
@@ -159,7 +165,7 @@ def test_broker_down_health_says_disconnected_and_generate_answers_503(celery_cl
     started = time.monotonic()
     health = client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "gpu_available": False, "queue_broker": "disconnected"}
+    assert health.json() == {"status": "ok", "gpu_available": False, "queue_broker": "disconnected", "workers": []}
     response = client.post("/generate", json={"prompt": "while the broker is down"})
     assert response.status_code == 503
     assert response.json() == {"detail": BROKER_DOWN}
@@ -227,11 +233,12 @@ def test_gpu_flag_health_and_celery_inspect(celery_cluster: CeleryCluster) -> No
     cluster = celery_cluster
     client = cluster.api()
     assert client.get("/health").json()["gpu_available"] is False  # no worker yet
-    cluster.start_worker(gpu="3", engine="tests.celery_support:FakeGpuEngine")
+    worker = cluster.start_worker(gpu="3", engine="tests.celery_support:FakeGpuEngine")
     assert client.get("/health").json() == {
         "status": "ok",
         "gpu_available": True,
         "queue_broker": "connected",
+        "workers": [{"host": socket.gethostname(), "pid": worker.children()[0], "ready": True, "device": "cuda:3"}],
     }
     # the engine saw CUDA_VISIBLE_DEVICES=3 (set by --gpu before it was built)
     assert [w["device"] for w in live_workers(cluster.redis.client())] == ["cuda:3"]

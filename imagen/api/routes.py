@@ -7,6 +7,7 @@ declares every status code and media type it can answer, for the OpenAPI documen
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -27,6 +28,7 @@ from imagen.api.schemas import (
     LoraList,
     ModelInfo,
     ModelList,
+    WorkerStatus,
 )
 from imagen.api.submission import InvalidRequest, prepare_job
 from imagen.jobs.types import JobRecord, JobState
@@ -178,7 +180,8 @@ def loras(registry: RegistryDep) -> LoraList:
     )
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, response_model_exclude_none=True)
 def health(backend: BackendDep) -> Health:
     state = backend.health()
-    return Health(status="ok", gpu_available=state.gpu_available, queue_broker=state.queue_broker)
+    workers = None if state.workers is None else [WorkerStatus(**asdict(worker)) for worker in state.workers]
+    return Health(status="ok", gpu_available=state.gpu_available, queue_broker=state.queue_broker, workers=workers)

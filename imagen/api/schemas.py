@@ -114,10 +114,21 @@ class LoraList(BaseModel):
     loras: list[LoraInfo]
 
 
+class WorkerStatus(BaseModel):
+    host: str
+    pid: int
+    ready: bool = Field(description="Its engine is loaded: it takes jobs.")
+    error: str | None = Field(None, description="Why its engine does not load (it retries; takes no job meanwhile).")
+    device: str | None = None
+
+
 class Health(BaseModel):
     status: str
     gpu_available: bool
     queue_broker: str
+    workers: list[WorkerStatus] | None = Field(
+        None, description="Distributed only (an extension of the reference): the live workers, ready or not."
+    )
 
 
 

@@ -56,6 +56,28 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class WorkerHealth:
+    """A distributed worker as its heartbeat describes it (``/health``'s ``workers``, an extension)."""
+
+    host: str
+    pid: int
+    ready: bool  # its engine is loaded: it takes jobs
+    error: str | None = None  # why its engine does not load (it keeps retrying, and takes no job meanwhile)
+    device: str | None = None
+
+    @classmethod
+    def from_heartbeat(cls, beat: dict[str, Any]) -> WorkerHealth:
+        return cls(
+            host=str(beat.get("host", "")),
+            pid=int(beat.get("pid", 0)),
+            ready=bool(beat.get("ready")),
+            error=beat.get("error"),
+            device=beat.get("device"),
+        )
+
+
+@dataclass(frozen=True)
 class BackendHealth:
     queue_broker: str  # "embedded", "connected" or "disconnected"
     gpu_available: bool
+    workers: tuple[WorkerHealth, ...] | None = None  # distributed only: the live workers' heartbeats

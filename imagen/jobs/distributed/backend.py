@@ -28,7 +28,7 @@ from imagen.jobs.distributed.app import QUEUE, create_celery, publish
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
-from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted, WorkerHealth
 
 log = logging.getLogger("imagen.jobs")
 
@@ -124,9 +124,11 @@ class CeleryBackend(JobBackend):
             self._health_client.ping()
             workers = self._health_store.workers()
         except redis.RedisError:
-            return BackendHealth(queue_broker="disconnected", gpu_available=False)
+            return BackendHealth(queue_broker="disconnected", gpu_available=False, workers=())
         return BackendHealth(
-            queue_broker="connected", gpu_available=any(worker.get("gpu_available") for worker in workers)
+            queue_broker="connected",
+            gpu_available=any(worker.get("gpu_available") and worker.get("ready") for worker in workers),
+            workers=tuple(sorted(map(WorkerHealth.from_heartbeat, workers), key=lambda w: (w.host, w.pid))),
         )
 
     def worker_pids(self) -> list[int]:
