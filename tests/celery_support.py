@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from imagen.generation.base import DeviceInfo, GeneratedImage, GenerationTask, ProgressCallback
 from imagen.generation.test_pattern import TestPatternEngine
 from tests.conftest import REPO, SCRIPTED_ENGINE, free_port, wait_for
+from tests.engines import ScriptedEngine
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # Short enough that a dead worker's job comes back within a couple of seconds in tests.
@@ -74,6 +75,8 @@ class RedisServer:
                 "",
                 "--protected-mode",
                 "no",
+                "--enable-debug-command",  # DEBUG SLEEP: a stalled Redis, for the outage tests
+                "local",
                 "--logfile",
                 str(self.directory / "redis.log"),
             ],
@@ -340,5 +343,26 @@ class ClaimFailsOnceEngine(TestPatternEngine):
             if how == "acked":
                 raise RuntimeError("injected: claim failed, message acknowledged")
             raise redis.ConnectionError("injected: connection lost during the claim")
+
+        RedisJobStore.claim = failing_claim  # type: ignore[method-assign,assignment]
+
+
+class ClaimsFailEngine(ScriptedEngine):
+    """Fault injection for the worker it runs in: its first ``$IMAGEN_TEST_FAIL_CLAIMS`` claims fail on a
+    broken Redis connection (more than the task body's own retries absorb, so the message must go back to
+    the broker)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from imagen.jobs.distributed.store import RedisJobStore
+
+        failures_left = [int(os.environ["IMAGEN_TEST_FAIL_CLAIMS"])]
+        claim = RedisJobStore.claim
+
+        def failing_claim(store: RedisJobStore, job_id: str, token: str, **options: Any) -> Any:
+            if failures_left[0] > 0:
+                failures_left[0] -= 1
+                raise redis.ConnectionError("injected: connection lost during the claim")
+            return claim(store, job_id, token, **options)
 
         RedisJobStore.claim = failing_claim  # type: ignore[method-assign,assignment]
