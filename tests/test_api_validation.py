@@ -116,6 +116,7 @@ def test_boundaries_are_accepted(client: TestClient) -> None:
         {"prompt": "x", "steps": 100, "guidance_scale": 30.0, "ip_strength": 1.0, "seed": 2**53 - 1},
         {"prompt": "x", "loras": [{"name": "anime-style", "weight": 0.0}, {"name": "character-detail", "weight": 2.0}]},
         {"prompt": "x", "guidance_scale": 8, "ip_strength": 1, "loras": [{"name": "anime-style", "weight": 1}]},
+        {"prompt": "x", "steps": 30.0, "seed": 7.0},  # integers, as JSON Schema counts them
     ):
         assert client.post("/generate", json=body).status_code == 201, body
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from imagen import __version__
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
+from imagen.api.openapi import install_openapi
 from imagen.api.routes import router
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, QueueFullError
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.state.registry = registry
     app.state.backend = backend
     app.include_router(router)
+    install_openapi(app, registry, settings)
 
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:

@@ -30,7 +30,11 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
 
 
 def _answerable(error: Mapping[str, Any]) -> dict[str, Any]:
-    answer = {key: _encodable(jsonable_encoder(value)) for key, value in error.items() if key != "input"}
+    answer = {
+        key: _encodable(jsonable_encoder(value, custom_encoder={BaseException: str}))  # ctx's ValueError: its text
+        for key, value in error.items()
+        if key != "input"
+    }
     if "input" in error:
         answer["input"] = _echo(error["input"])
     return answer
@@ -63,6 +67,8 @@ def _clip(value: Any, depth: int) -> tuple[Any, bool]:
 
     Nothing past a cut is walked: the cost does not grow with the input.
     """
+    if isinstance(value, bytes):  # a body sent with a Content-Type that is not JSON: echoed as text
+        value = value[: ECHO_CHARS * 4 + 1].decode("utf-8", "backslashreplace")  # past ECHO_CHARS if cut
     if isinstance(value, str):
         return value[: ECHO_CHARS + 1], len(value) <= ECHO_CHARS
     if not isinstance(value, Mapping | list | tuple):

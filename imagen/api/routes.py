@@ -49,6 +49,7 @@ router = APIRouter()
     status_code=201,
     response_model=GenerationResponse,
     responses={
+        400: {"model": Detail, "description": "A body that is not UTF-8 text."},
         413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."},
         503: {"model": Detail, "description": "Queue full, or broker unreachable.", "headers": _RETRY_AFTER},
     },
@@ -89,6 +90,7 @@ def status(job_id: str, backend: BackendDep) -> JSONResponse:
 @router.get(
     "/image/{job_id}",
     response_model=None,
+    response_class=FileResponse,  # for the document: the 200 is a PNG (its other answers say their own type)
     responses={
         200: {
             "content": _PNG,
@@ -144,6 +146,7 @@ for _prefix in ("/download", "/outputs"):
         name=_prefix.strip("/"),
         methods=["GET"],
         response_model=None,
+        response_class=FileResponse,
         responses={200: {"content": _PNG, "description": "The PNG."}, 404: _NOT_FOUND},
     )
 

@@ -1,15 +1,16 @@
 """Request and response bodies, as the API reference (v2.0) defines them.
 
-Numbers are strict (a JSON string or boolean is refused, never converted; an integer is fine where a
-number is asked) and every string must be valid Unicode (JSON lets a body carry a lone surrogate such as
-``"\\ud800"``, which no file, database or header can store).
+Numbers are strict: a JSON string or boolean is refused, never converted. As in JSON Schema, an integer is
+a number and ``30.0`` is the integer 30 (``30.5`` is not). Every string must be valid Unicode: JSON lets a
+body carry a lone surrogate such as ``"\\ud800"``, which no file, database or header can store.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from imagen.config import LORAS_PER_REQUEST_CAP
 
@@ -27,7 +28,18 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _integer_not_text_or_bool(value: Any) -> Any:
+    # pydantic's strict mode would also refuse 30.0, which JSON Schema (and so the OpenAPI document) calls
+    # an integer: refuse only what is not a number at all.
+    if isinstance(value, str | bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+# The bounds come before the validator: so placed, pydantic writes them into the JSON schema as
+# minimum/maximum (after it, as keywords no JSON Schema tool reads).
+IntegerNotText = BeforeValidator(_integer_not_text_or_bool)
 
 
 class LoraRequest(BaseModel):
@@ -56,12 +68,12 @@ class GenerationRequest(BaseModel):
         description="Each LoRA at most once; at most IMAGEN_MAX_LORAS of them (4 unless the server says "
         f"otherwise, never more than {LORAS_PER_REQUEST_CAP}).",
     )
-    steps: int = Field(30, ge=10, le=100, strict=True, description="Diffusion steps, 10-100.")
+    steps: Annotated[int, Field(ge=10, le=100), IntegerNotText] = Field(30, description="Diffusion steps, 10-100.")
     guidance_scale: float = Field(
         7.5, ge=1.0, le=30.0, strict=True, allow_inf_nan=False, description="CFG scale, 1.0-30.0."
     )
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, strict=True, description="null = random (the seed used is reported)."
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), IntegerNotText] | None = Field(
+        None, description="null = random (the seed used is reported)."
     )
     ip_strength: float = Field(
         0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."

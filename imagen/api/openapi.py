@@ -1,0 +1,45 @@
+"""The OpenAPI document, with this server's registry written into the request schema.
+
+``schemas.py`` is static; which model and LoRA ids exist, how many LoRAs a request may name
+(``IMAGEN_MAX_LORAS``) and whether ``ip_strength`` > 0 can work are known only at start. Written into the
+document, they make a request that the document says is valid one that the server accepts (the schemathesis
+run in the tests holds the server to that). The one rule JSON Schema cannot say, each LoRA at most once,
+stays in the description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from imagen.config import Settings
+from imagen.registry import Registry
+
+
+def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _describe_this_server(document["components"]["schemas"], registry, settings)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
+
+
+def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings: Settings) -> None:
+    request = schemas["GenerationRequest"]["properties"]
+    request["prompt"]["pattern"] = r"\S"  # not blank
+    model = next(choice for choice in request["model"]["anyOf"] if choice.get("type") == "string")
+    model["enum"] = registry.model_ids
+    request["loras"]["maxItems"] = min(settings.max_loras, len(registry.lora_ids))
+    if registry.lora_ids:
+        schemas["LoraRequest"]["properties"]["name"]["enum"] = registry.lora_ids
+    adapter = registry.ip_adapter
+    if adapter is None or not adapter.reference_image.is_file():
+        request["ip_strength"]["maximum"] = 0.0
+        request["ip_strength"]["description"] += " This server has no IP-Adapter: 0.0 only."
