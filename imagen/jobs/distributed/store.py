@@ -106,14 +106,17 @@ def connect(
 ) -> redis.Redis:
     """A client that fails fast when Redis is down: short timeouts, ``retries`` immediate retries (on a
     broken connection always; on a timeout only with ``retry_on_timeout``, since that doubles the wait)."""
-    errors: list[type[Exception]] = [redis.ConnectionError] + ([redis.TimeoutError] if retry_on_timeout else [])
+    # redis-py's Retry retries timeouts unless told its errors explicitly.
+    errors: tuple[type[Exception], ...] = (redis.ConnectionError,) + (
+        (redis.TimeoutError, TimeoutError) if retry_on_timeout else ()
+    )
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=connect_timeout,
         socket_timeout=socket_timeout,
         socket_keepalive=True,
-        retry=Retry(NoBackoff(), retries),
-        retry_on_error=errors,
+        retry=Retry(NoBackoff(), retries, supported_errors=errors),
+        retry_on_error=list(errors),
         health_check_interval=30,
     )
 

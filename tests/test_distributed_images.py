@@ -1,0 +1,117 @@
+"""Images from workers to API replicas through Redis (real redis-server, real workers): a copy that fails
+stalls nothing and is retried; Redis lets a PNG go once every live replica has it, after ``png_ttl_s``,
+or when ``png_redis_max_bytes`` is reached (oldest first)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imagen.jobs.distributed.store import PNG_BYTES, REPLICAS, PngLimits, RedisJobStore, connect
+from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
+from tests.conftest import wait_for, wait_status
+from tests.test_distributed_reconciler import new_job
+
+__all__ = ["celery_cluster", "own_redis"]  # fixtures
+TERMINAL = {"SUCCESS", "FAILURE"}
+
+
+def submit(client: TestClient, prompt: str) -> str:
+    response = client.post("/generate", json={"prompt": prompt})
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def output_name(server: RedisServer, job_id: str) -> str:
+    name = server.client().hget(f"imagen:job:{job_id}", "output_name")
+    assert name is not None
+    return name.decode()
+
+
+def pngs_in_redis(server: RedisServer) -> list[bytes]:
+    return list(server.client().scan_iter(match="imagen:png:*"))
+
+
+def slow_replica(server: RedisServer) -> None:
+    """An API replica that is alive but never copies: Redis keeps PNGs for it."""
+    server.client().zadd(REPLICAS, {"slow replica": (time.time() + 600) * 1000})
+
+
+def test_an_image_that_cannot_be_written_stalls_nothing_and_is_copied_later(
+    celery_cluster: CeleryCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = celery_cluster
+    cluster.start_worker()
+    client = cluster.api(reconcile_after_s=1.0)
+    outputs = tmp_path / "outputs"
+    blocked_job = submit(client, "sleep 0.5")
+    blocked_name = output_name(cluster.redis, blocked_job)
+    (outputs / blocked_name).mkdir()  # where its file should go: writing it fails
+    assert wait_status(client, blocked_job, TERMINAL)["status"] == "SUCCESS"
+    others = [submit(client, f"after the blocked one {i}") for i in range(3)]
+    for job_id in others:
+        name = wait_status(client, job_id, TERMINAL)["result"]["filename"]
+        wait_for(lambda name=name: (outputs / name).is_file(), timeout=10)
+    # Housekeeping goes on too: a job whose message was lost is still published again.
+    store = RedisJobStore(connect(cluster.redis.url), result_ttl_s=60)
+    lost = new_job("message lost")
+    store.submit(lost, max_queue=100)
+    store.confirm(lost.job_id)
+    assert wait_status(client, lost.job_id, TERMINAL, timeout=20)["status"] == "SUCCESS"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and blocked_name in r.getMessage()]
+    assert warnings and "will retry" in warnings[0].getMessage()
+    (outputs / blocked_name).rmdir()  # the disk is fixed: the next try copies it
+    wait_for(lambda: (outputs / blocked_name).is_file(), timeout=15, interval=0.1)
+    assert client.get(f"/image/{blocked_job}").content.startswith(b"\x89PNG")
+
+
+def test_a_png_leaves_redis_once_every_replica_has_a_copy(celery_cluster: CeleryCluster, tmp_path: Path) -> None:
+    cluster = celery_cluster
+    cluster.start_worker()
+    first = cluster.api()
+    cluster.api(outputs_dir=tmp_path / "second-outputs")
+    name = wait_status(first, submit(first, "to every replica"), TERMINAL)["result"]["filename"]
+    for folder in (tmp_path / "outputs", tmp_path / "second-outputs"):
+        wait_for(lambda folder=folder: (folder / name).is_file(), timeout=10)
+    wait_for(lambda: pngs_in_redis(cluster.redis) == [], timeout=10)
+    assert int(cluster.redis.client().get(PNG_BYTES) or 0) == 0
+
+
+def test_a_png_a_replica_never_copies_expires_after_png_ttl(celery_cluster: CeleryCluster) -> None:
+    cluster = celery_cluster
+    cluster.settings = {"png_ttl_s": 1.0}
+    cluster.start_worker()
+    client = cluster.api()
+    slow_replica(cluster.redis)
+    wait_status(client, submit(client, "a slow replica"), TERMINAL)
+    assert pngs_in_redis(cluster.redis) != []  # kept for the slow replica...
+    wait_for(lambda: pngs_in_redis(cluster.redis) == [], timeout=10)  # ...until its TTL
+    # the index follows (swept by the replicas)
+    wait_for(lambda: int(cluster.redis.client().get(PNG_BYTES) or 0) == 0, timeout=10)
+
+
+def test_pngs_in_redis_stay_within_the_byte_bound_oldest_first(own_redis: RedisServer) -> None:
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60, png_limits=PngLimits(ttl_s=600, max_bytes=250))
+    slow_replica(own_redis)
+    names = []
+    for i in range(5):
+        job = new_job(f"image {i}")
+        store.submit(job, max_queue=100)
+        assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
+        name = f"image_{i}.png"
+        assert store.complete(job.job_id, "w", {"filename": name}, bytes(100))
+        names.append(name)
+        assert store.png_bytes() <= 250
+    assert store.kept_pngs() == names[-2:]  # the two newest fit
+    assert [store.get_png(name) is not None for name in names] == [False, False, False, True, True]
+    # A single PNG larger than the bound is still kept (the newest always is).
+    job = new_job("huge")
+    store.submit(job, max_queue=100)
+    store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    store.complete(job.job_id, "w", {"filename": "huge.png"}, bytes(1000))
+    assert store.kept_pngs() == ["huge.png"] and store.png_bytes() == 1000
