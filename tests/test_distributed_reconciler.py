@@ -46,10 +46,9 @@ def submit(client: TestClient, prompt: str) -> str:
     return job_id
 
 
-def test_a_job_recorded_but_never_published_runs(
-    celery_cluster: CeleryCluster, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_job_recorded_but_never_published_runs(celery_cluster: CeleryCluster) -> None:
     cluster = celery_cluster
+    cluster.settings = {"reconcile_after_s": RECONCILE_AFTER_S}  # the workers reconcile too
     cluster.start_worker()
     client = cluster.api(reconcile_after_s=RECONCILE_AFTER_S)
     # What the API leaves when it is killed between writing the record and publishing its message.
@@ -59,13 +58,13 @@ def test_a_job_recorded_but_never_published_runs(
     assert store.confirm(job.job_id)
     assert cluster.redis.client().llen("imagen") == 0
     assert wait_status(client, job.job_id, TERMINAL, timeout=30)["status"] == "SUCCESS"
-    assert f"job {job.job_id}: waiting with no message in the broker; published again" in caplog.text
 
 
 @pytest.mark.parametrize("failure", ["connection", "acked"])
 def test_a_claim_that_fails_does_not_lose_the_job(celery_cluster: CeleryCluster, tmp_path: Path, failure: str) -> None:
     cluster = celery_cluster
     marker = tmp_path / "fail-next-claim"
+    cluster.settings = {"reconcile_after_s": RECONCILE_AFTER_S}
     worker = cluster.start_worker(engine="tests.celery_support:ClaimFailsOnceEngine", test_claim_failure=marker)
     client = cluster.api(reconcile_after_s=RECONCILE_AFTER_S)
     marker.write_text(failure)
