@@ -77,8 +77,6 @@ class RedisServer:
                 "no",
                 "--enable-debug-command",  # DEBUG SLEEP: a stalled Redis, for the outage tests
                 "local",
-                "--enable-debug-command",  # DEBUG SLEEP: a stalled Redis, for the outage tests
-                "local",
                 "--logfile",
                 str(self.directory / "redis.log"),
             ],
