@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -128,7 +129,24 @@ def test_models_loras_health(client: TestClient) -> None:
          "description": "Améliore les détails des personnages (visage, yeux, etc.)", "default_weight": 0.6,
          "trigger_words": None},
     ]
-    assert client.get("/health").json() == {"status": "ok", "gpu_available": False, "queue_broker": "embedded"}
+    health = wait_for(lambda: (body := client.get("/health").json())["workers"][0]["ready"] and body)
+    (worker,) = health["workers"]
+    assert health == {
+        "status": "ok",
+        "gpu_available": False,
+        "queue_broker": "embedded",
+        "workers": [{"host": socket.gethostname(), "pid": worker["pid"], "ready": True, "device": "cpu",
+                     "gpu_available": False}],
+    }
+    assert worker["pid"] != os.getpid()  # a child process runs the engine, never the API process
+
+
+def test_health_says_why_a_generation_worker_cannot_start(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(engine="tests.engines:NoSuchEngine")
+    health = wait_for(lambda: (body := client.get("/health").json())["workers"][0].get("error") and body)
+    (worker,) = health["workers"]
+    assert worker["ready"] is False and health["gpu_available"] is False
+    assert "NoSuchEngine" in worker["error"]
 
 
 def test_file_name_prefix_comes_from_the_registry(client: TestClient) -> None:

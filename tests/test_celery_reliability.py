@@ -135,7 +135,9 @@ def test_imagen_serve_with_a_broker_url_end_to_end(
             "status": "ok",
             "gpu_available": False,
             "queue_broker": "connected",
-            "workers": [{"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu"}],
+            "workers": [
+                {"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu", "gpu_available": False}
+            ],
         }
         job_id = http.post("/generate", json={"prompt": "through a real server"}).json()["job_id"]
         done = wait_status(http, job_id, TERMINAL)
@@ -238,7 +240,12 @@ def test_gpu_flag_health_and_celery_inspect(celery_cluster: CeleryCluster) -> No
         "status": "ok",
         "gpu_available": True,
         "queue_broker": "connected",
-        "workers": [{"host": socket.gethostname(), "pid": worker.children()[0], "ready": True, "device": "cuda:3"}],
+        "workers": [
+            {
+                "host": socket.gethostname(), "pid": worker.children()[0], "ready": True, "device": "cuda:3",
+                "gpu_available": True,
+            }
+        ],
     }
     # the engine saw CUDA_VISIBLE_DEVICES=3 (set by --gpu before it was built)
     assert [w["device"] for w in live_workers(cluster.redis.client())] == ["cuda:3"]

@@ -42,10 +42,9 @@ def submit(client: TestClient, prompt: str, **fields: Any) -> str:
 
 
 def worker_pids(client: TestClient) -> list[int]:
-    """The processes that run jobs: the embedded backend's children, or the Celery workers' pool children
-    (from their heartbeats)."""
-    pids: list[int] = client.app.state.backend.worker_pids()  # type: ignore[attr-defined]
-    return pids
+    """The processes that run jobs, as /health lists them: the embedded backend's children, or the Celery
+    workers' pool children (from their heartbeats)."""
+    return [worker["pid"] for worker in client.get("/health").json()["workers"] if worker["ready"]]
 
 
 __all__ = ["shared_redis"]  # a fixture, used through request.getfixturevalue

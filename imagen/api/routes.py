@@ -186,5 +186,5 @@ def loras(registry: RegistryDep) -> LoraList:
 @router.get("/health", response_model=Health, response_model_exclude_none=True)
 def health(backend: BackendDep) -> Health:
     state = backend.health()
-    workers = None if state.workers is None else [WorkerStatus(**asdict(worker)) for worker in state.workers]
+    workers = [WorkerStatus(**asdict(worker)) for worker in state.workers]
     return Health(status="ok", gpu_available=state.gpu_available, queue_broker=state.queue_broker, workers=workers)

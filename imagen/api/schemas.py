@@ -132,14 +132,17 @@ class WorkerStatus(BaseModel):
     ready: bool = Field(description="Its engine is loaded: it takes jobs.")
     error: str | None = Field(None, description="Why its engine does not load (it retries; takes no job meanwhile).")
     device: str | None = None
+    gpu_available: bool = Field(False, description="Its engine runs on a GPU.")
 
 
 class Health(BaseModel):
     status: str
     gpu_available: bool
     queue_broker: str
-    workers: list[WorkerStatus] | None = Field(
-        None, description="Distributed only (an extension of the reference): the live workers, ready or not."
+    workers: list[WorkerStatus] = Field(
+        default_factory=list,
+        description="An extension of the reference: the generation workers, ready or not (embedded: one per "
+        "worker slot, pid 0 while its process starts; distributed: the live workers' heartbeats).",
     )
 
 

@@ -57,13 +57,15 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class WorkerHealth:
-    """A distributed worker as its heartbeat describes it (``/health``'s ``workers``, an extension)."""
+    """A generation worker as ``/health`` lists it (``workers``, an extension): an embedded slot's child, or a
+    distributed worker as its heartbeat describes it."""
 
     host: str
     pid: int
     ready: bool  # its engine is loaded: it takes jobs
     error: str | None = None  # why its engine does not load (it keeps retrying, and takes no job meanwhile)
     device: str | None = None
+    gpu_available: bool = False
 
     @classmethod
     def from_heartbeat(cls, beat: dict[str, Any]) -> WorkerHealth:
@@ -73,6 +75,7 @@ class WorkerHealth:
             ready=bool(beat.get("ready")),
             error=beat.get("error"),
             device=beat.get("device"),
+            gpu_available=bool(beat.get("gpu_available")),
         )
 
 
@@ -80,4 +83,4 @@ class WorkerHealth:
 class BackendHealth:
     queue_broker: str  # "embedded", "connected" or "disconnected"
     gpu_available: bool
-    workers: tuple[WorkerHealth, ...] | None = None  # distributed only: the live workers' heartbeats
+    workers: tuple[WorkerHealth, ...] = ()  # the generation workers (embedded: one per slot)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from dataclasses import replace
 
@@ -122,19 +121,15 @@ class CeleryBackend(JobBackend):
     def health(self) -> BackendHealth:
         try:
             self._health_client.ping()
-            workers = self._health_store.workers()
+            beats = self._health_store.workers()
         except redis.RedisError:
             return BackendHealth(queue_broker="disconnected", gpu_available=False, workers=())
+        listed = tuple(sorted(map(WorkerHealth.from_heartbeat, beats), key=lambda w: (w.host, w.pid)))
         return BackendHealth(
             queue_broker="connected",
-            gpu_available=any(worker.get("gpu_available") and worker.get("ready") for worker in workers),
-            workers=tuple(sorted(map(WorkerHealth.from_heartbeat, workers), key=lambda w: (w.host, w.pid))),
+            gpu_available=any(w.ready and w.gpu_available for w in listed),
+            workers=listed,
         )
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the live generation workers on this host (for operators and tests)."""
-        host = socket.gethostname()
-        return sorted(int(w["pid"]) for w in self.store.workers() if w.get("host") == host)
 
     # -- images ----------------------------------------------------------------------------------
     def ensure_output(self, filename: str) -> None:

@@ -88,10 +88,6 @@ class ImageTransfer:
         for name in due:
             self.copy(name, store)
 
-    def pending_retries(self) -> list[str]:
-        with self._lock:
-            return sorted(self._retries)
-
     def run(self, store: RedisJobStore, stopping: threading.Event) -> None:
         """Follow the stream until ``stopping`` is set (a thread's body; ``store`` has its own connection,
         able to block ``STREAM_BLOCK_MS`` on the stream)."""

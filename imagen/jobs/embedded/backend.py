@@ -66,11 +66,10 @@ class EmbeddedBackend(JobBackend):
         return self.store.get(job_id)
 
     def health(self) -> BackendHealth:
-        return BackendHealth(queue_broker="embedded", gpu_available=any(slot.gpu_available for slot in self._slots))
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the generation workers (for operators and tests)."""
-        return [pid for slot in self._slots if (pid := slot.pid) is not None]
+        workers = tuple(slot.health() for slot in self._slots)
+        return BackendHealth(
+            queue_broker="embedded", gpu_available=any(w.ready and w.gpu_available for w in workers), workers=workers
+        )
 
     # -- internals -------------------------------------------------------------------------------
     def _new_slot(self, index: int) -> WorkerSlot:

@@ -37,7 +37,7 @@ from imagen.jobs.embedded.messages import (
 )
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import WORKER_DIED, OwnerToken, Verdict, supervision_failed_text
-from imagen.jobs.types import JobRecord
+from imagen.jobs.types import JobRecord, WorkerHealth
 
 log = logging.getLogger("imagen.jobs")
 
@@ -101,7 +101,8 @@ class WorkerSlot(threading.Thread):
         self.owner = owner.with_slot(str(index))
         self.wakeups = wakeups
         self.stopping = stopping
-        self.gpu_available = False
+        self.device: DeviceInfo | None = None  # set once its child's engine is loaded
+        self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -111,6 +112,18 @@ class WorkerSlot(threading.Thread):
     def pid(self) -> int | None:
         process = self._process
         return process.pid if process is not None and process.is_alive() else None
+
+    def health(self) -> WorkerHealth:
+        """This slot's generation worker, as ``/health`` lists it."""
+        device = self.device if self.pid is not None else None
+        return WorkerHealth(
+            host=self.owner.host,
+            pid=self.pid or 0,
+            ready=device is not None,
+            error=self.start_error if device is None else None,
+            device=device.device if device is not None else None,
+            gpu_available=device is not None and device.gpu_available,
+        )
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -123,6 +136,7 @@ class WorkerSlot(threading.Thread):
                 errors = 0
             except ChildStartFailed as exc:
                 errors += 1
+                self.start_error = str(exc)
                 log.error("worker slot %d: generation worker failed to start: %s", self.index, exc)
                 self._kill_child()
                 self.stopping.wait(backoff_s(errors))
@@ -241,6 +255,7 @@ class WorkerSlot(threading.Thread):
     # -- the child process -----------------------------------------------------------------------
     def _start_child(self) -> None:
         self._kill_child()
+        self.device = None
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=worker_main,
@@ -259,7 +274,7 @@ class WorkerSlot(threading.Thread):
                     raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready") from None
                 match message:
                     case Ready(device=DeviceInfo() as device):
-                        self.gpu_available = device.gpu_available
+                        self.device, self.start_error = device, None
                         log.info("generation worker %s ready on %s", process.pid, device.device)
                         return
                     case StartupFailed(error=str() as error):
