@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,60 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import start_redis, wait  # noqa: E402
+
 from imagen.api.schemas import GenerationRequest  # noqa: E402
 from imagen.api.submission import prepare_job  # noqa: E402
 from imagen.config import Settings  # noqa: E402
 from imagen.jobs.distributed.backend import CeleryBackend  # noqa: E402
 from imagen.jobs.types import JobRecord  # noqa: E402
 from imagen.registry import load_registry  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(workdir),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    wait(up, 10, "redis-server")
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def start_workers(
@@ -135,7 +88,7 @@ def throughput(backend: CeleryBackend, settings: Settings, jobs: int) -> float:
         records = finished(backend, job_ids) or []
         return bool(records)
 
-    wait(done, 600, "the throughput jobs")
+    wait(done, 600, "the throughput jobs", interval=0.005)
     assert all(r.state.value == "SUCCESS" for r in records), [r.error for r in records]
     last = max(r.finished_at or 0.0 for r in records)
     return jobs / (last - started)
@@ -152,7 +105,7 @@ def dispatch_latencies(backend: CeleryBackend, settings: Settings, jobs: int) ->
             records = finished(backend, [job_id]) or []
             return bool(records)
 
-        wait(done, 60, "a latency job")
+        wait(done, 60, "a latency job", interval=0.005)
         record = records[0]
         assert record.started_at is not None
         latencies.append(record.started_at - record.created_at)
@@ -168,7 +121,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         workdir = Path(tmp)
-        redis_process, url = start_redis(workdir)
+        redis_process, url = start_redis(workdir, appendonly=True)
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,22 +21,9 @@ from pathlib import Path
 
 import httpx
 import redis
+from harness import free_port, start_redis, wait
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -49,8 +35,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imagen-redis-memory-"))
     registry = work / "registry.yaml"
     registry.write_text(f"models:\n  - id: sdxl-base\n    name: SDXL\n    path: m.safetensors\n    size: {args.size}\n")
-    redis_port, api_port = free_port(), free_port()
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_process, url = start_redis(work, appendonly=False)
+    api_port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -60,27 +46,9 @@ def main() -> None:
         "IMAGEN_MAX_QUEUE": str(args.jobs + 10),
         "IMAGEN_DATA_DIR": str(work / "data"),
     }
-    processes = [
-        subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(work),
-            ],
-            stdout=subprocess.DEVNULL,
-        ),
-    ]
-    client = redis.Redis(port=redis_port)
+    processes = [redis_process]
+    client = redis.Redis.from_url(url)
     try:
-        wait(lambda: _pings(client), 10, "redis-server")
         if args.slow_replica:
             client.zadd("imagen:replicas", {"slow replica": (time.time() + 3600) * 1000})
         logs = (work / "api.log").open("wb"), (work / "worker.log").open("wb")
@@ -125,13 +93,6 @@ def main() -> None:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 def _healthy(http: httpx.Client) -> bool:

@@ -139,6 +139,14 @@ def wait_status(
     return wait_for(check, timeout)
 
 
+def submit(client: TestClient | httpx.Client, prompt: str, **fields: Any) -> str:
+    """POST /generate; the new job's id (the 201 is asserted)."""
+    response = client.post("/generate", json={"prompt": prompt, **fields})
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
 class ServerProcess:
     """``imagen serve`` in its own process, as a user runs it."""
 

@@ -20,17 +20,10 @@ from fastapi.testclient import TestClient
 
 from imagen.api.app import BROKER_DOWN
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, celery_tool, live_workers, own_redis
-from tests.conftest import REPO, ServerProcess, wait_for, wait_status
+from tests.conftest import REPO, ServerProcess, submit, wait_for, wait_status
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
-
-
-def submit(client: TestClient, prompt: str, **fields: object) -> str:
-    response = client.post("/generate", json={"prompt": prompt, **fields})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def executions(log: Path, prompt: str) -> int:

@@ -9,22 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from imagen.jobs.distributed.store import PNG_BYTES, REPLICAS, PngLimits, RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
-from tests.conftest import wait_for, wait_status
+from tests.conftest import submit, wait_for, wait_status
 from tests.test_distributed_reconciler import new_job
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
 TERMINAL = {"SUCCESS", "FAILURE"}
-
-
-def submit(client: TestClient, prompt: str) -> str:
-    response = client.post("/generate", json={"prompt": prompt})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def output_name(server: RedisServer, job_id: str) -> str:

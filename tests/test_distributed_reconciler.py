@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask
@@ -18,7 +17,7 @@ from imagen.jobs.distributed.reaper import Housekeeper, message_job_ids
 from imagen.jobs.distributed.store import RedisJobStore, connect, lock_key
 from imagen.jobs.types import JobState, NewJob
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
-from tests.conftest import wait_for, wait_status
+from tests.conftest import submit, wait_for, wait_status
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
 TERMINAL = {"SUCCESS", "FAILURE"}
@@ -37,13 +36,6 @@ def new_job(prompt: str) -> NewJob:
         ip_strength=0.0,
     )
     return NewJob(job_id=str(uuid.uuid4()), task=task.as_dict(), output_name=f"sdxl_base_{uuid.uuid4().hex[:8]}.png")
-
-
-def submit(client: TestClient, prompt: str) -> str:
-    response = client.post("/generate", json={"prompt": prompt})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def test_a_job_recorded_but_never_published_runs(celery_cluster: CeleryCluster) -> None:

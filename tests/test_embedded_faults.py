@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from imagen.generation.base import GeneratedImage, GenerationTask, ProgressCallback
 from imagen.jobs.embedded import backend as embedded_backend
 from imagen.jobs.embedded.backend import EmbeddedBackend
-from tests.conftest import wait_for, wait_status
+from tests.conftest import submit, wait_for, wait_status
 from tests.engines import ScriptedEngine
 
 TERMINAL = {"SUCCESS", "FAILURE"}
@@ -58,13 +58,6 @@ def backend_of(client: TestClient) -> EmbeddedBackend:
     backend = client.app.state.backend  # type: ignore[attr-defined]
     assert isinstance(backend, EmbeddedBackend)
     return backend
-
-
-def submit(client: TestClient, prompt: str, **fields: Any) -> str:
-    response = client.post("/generate", json={"prompt": prompt, **fields})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def attempts(client: TestClient, job_id: str) -> int:

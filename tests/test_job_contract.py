@@ -10,13 +10,12 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.celery_support import RedisServer, shared_redis, start_celery_system
-from tests.conftest import wait_for, wait_status
+from tests.conftest import submit, wait_for, wait_status
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 RUNNING = {"STARTED", "PROGRESS"}
@@ -32,13 +31,6 @@ def job_system(
     # Celery: a real redis-server, one `imagen worker` process whose outputs folder is not the API's.
     server: RedisServer = request.getfixturevalue("shared_redis")
     return start_celery_system(server, tmp_path, reference_registry, make_client, request)
-
-
-def submit(client: TestClient, prompt: str, **fields: Any) -> str:
-    response = client.post("/generate", json={"prompt": prompt, **fields})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def worker_pids(client: TestClient) -> list[int]:

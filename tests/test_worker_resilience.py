@@ -10,17 +10,10 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from tests.celery_support import CeleryCluster, WorkerProcess, celery_cluster, celery_tool, own_redis
-from tests.conftest import wait_for, wait_status
+from tests.conftest import submit, wait_for, wait_status
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
-
-
-def submit(client: TestClient, prompt: str, **fields: object) -> str:
-    response = client.post("/generate", json={"prompt": prompt, **fields})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 def statuses(client: TestClient, jobs: list[str], timeout: float = 60) -> list[str]:
