@@ -147,6 +147,8 @@ class ServicePath:
         start = time.perf_counter()
         job = self.call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
                                               "guidance_scale": GUIDANCE, "seed": seed})
+        if "job_id" not in job:
+            raise RuntimeError(f"POST /generate refused: {job}")
         polls = 1
         while (state := self.call("GET", f"/status/{job['job_id']}"))["status"] not in ("SUCCESS", "FAILURE"):
             time.sleep(poll_delay(state, time.perf_counter() - start))
@@ -280,6 +282,20 @@ def print_comparison(direct: list[Run], service: list[Run]) -> None:
         print(f"| {phase} | {cells[0]} | {cells[1]} |")
 
 
+def quiet_libraries() -> None:
+    """No progress bars, load reports or deprecation warnings from diffusers / transformers / peft."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -293,6 +309,7 @@ def main() -> None:
 
     from imagen.generation.diffusers.loading import resolve_dtype
 
+    quiet_libraries()
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         direct, service, worker_threads = compare(args.steps, args.runs, dtype, Path(tmp))

@@ -1,1 +1,6 @@
-"""The real SDXL engine on diffusers: loading, LoRAs, acceleration, prompts. Imported in worker processes only."""
+"""The real SDXL engine on diffusers. Imported in worker processes only.
+
+engine (one job, start to end) · loading (files → pipeline on its device) · components (shipped configs,
+tokenizers, tiny models) · acceleration (SDPA, channels_last, fused QKV, compile) · loras (one switcher,
+two implementations) · ip_adapter · prompts (Compel, trigger words).
+"""
