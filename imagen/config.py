@@ -6,11 +6,13 @@ Every field carries a description: the README's configuration table is generated
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LORAS_PER_REQUEST_CAP = 8  # the most IMAGEN_MAX_LORAS may say; request bodies are cut at this length first
@@ -88,6 +90,25 @@ class Settings(BaseSettings):
         "newest is always kept).",
     )
 
+    # --- webhooks ---------------------------------------------------------------------------
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks signing secret, `whsec_` + base64 (at least 24 bytes). Unset: requests "
+        "with a `webhook` are refused (422).",
+    )
+    webhook_allowed_hosts: str | None = Field(
+        None,
+        description="Comma-separated host names, addresses and networks (`hooks.example.com,10.0.0.0/8`) "
+        "webhooks may be sent to. Unset: any host except link-local and cloud-metadata addresses (never "
+        "allowed).",
+    )
+    webhook_retry_s: float = Field(
+        86400.0, gt=0, description="How long a `job.completed` webhook is retried after the job finished."
+    )
+    webhook_first_retry_s: float = Field(
+        5.0, gt=0, description="Delay before the first retry of a webhook; it doubles (with jitter) up to 1 hour."
+    )
+
     # --- generation -------------------------------------------------------------------------
     engine: str = Field(
         "diffusers",
@@ -160,6 +181,22 @@ class Settings(BaseSettings):
         description="With LoRA hotswap: slots are padded to this rank (extra compute per active LoRA); a "
         "LoRA of higher rank rebuilds its slot instead (correct, but the UNet recompiles).",
     )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec_secret(cls, secret: str | None) -> str | None:
+        if secret is None:
+            return None
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            key = b""
+        if not secret.startswith("whsec_") or len(key) < 24:
+            raise ValueError(
+                "IMAGEN_WEBHOOK_SECRET must be `whsec_` followed by at least 24 bytes in base64, e.g. "
+                "python -c \"import base64,os; print('whsec_'+base64.b64encode(os.urandom(32)).decode())\""
+            )
+        return secret
 
     @property
     def database_path(self) -> Path:

@@ -35,3 +35,8 @@ class FatalGenerationError(GenerationError):
     """Will not pass by retrying: a missing weight file, an unsupported format."""
 
     retryable = False
+
+
+class JobCancelled(ImagenError):
+    """The job was cancelled (``POST /cancel``). Raised by a job's progress callback: an engine lets it pass
+    (the diffusers engine first lets its pipeline skip the remaining steps), and no image is written."""

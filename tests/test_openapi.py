@@ -34,9 +34,10 @@ def test_every_answer_is_documented(client: TestClient) -> None:
     assert "Retry-After" in generate["503"]["headers"]
     assert set(_responses(document, "/status/{job_id}")) >= {"200", "404"}
     image = _responses(document, "/image/{job_id}")
-    assert set(image) >= {"200", "202", "404", "500"}
+    assert set(image) >= {"200", "202", "404", "410", "500"}
     assert set(image["200"]["content"]) == {"image/png"}
     assert {"X-Job-ID", "X-Generation-Metadata"} <= set(image["200"]["headers"])
+    assert set(_responses(document, "/cancel/{job_id}", "post")) >= {"200", "404", "409"}
     for route in ("/download/{filename}", "/outputs/{filename}"):
         served = _responses(document, route)
         assert set(served) >= {"200", "404"} and set(served["200"]["content"]) == {"image/png"}
@@ -76,4 +77,4 @@ def test_schemathesis_finds_nothing(make_server: Callable[..., ServerProcess], t
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]
-    assert "8 selected / 8 total" in output, output[-3000:]  # every operation was tested
+    assert "9 selected / 9 total" in output, output[-3000:]  # every operation was tested

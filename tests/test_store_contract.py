@@ -21,7 +21,7 @@ import pytest
 from imagen.errors import QueueFullError
 from imagen.jobs.distributed.store import WAITING, RedisJobStore, connect, lock_key
 from imagen.jobs.embedded.store import SqliteJobStore
-from imagen.jobs.lifecycle import HOSTNAME, AttemptPolicy, OwnerToken
+from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, HOSTNAME, AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobRecord, JobState, NewJob
 from tests.celery_support import RedisServer, shared_redis
 
@@ -51,6 +51,7 @@ class StoreUnderTest(Protocol):
     def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool: ...  # False: not ours
     def kill(self, owner: str) -> None: ...
     def take_over(self, job_id: str, owner: str) -> JobRecord | None: ...  # a dead owner's job, claimed
+    def cancel(self, job_id: str) -> JobState | None: ...
 
 
 # -- SQLite --------------------------------------------------------------------------------------------
@@ -101,6 +102,9 @@ class SqliteUnderTest:
     def take_over(self, job_id: str, owner: str) -> JobRecord | None:
         self.store.recover_orphans(self.me, silent_after_s=30)
         return self.store.claim_next(self._token(owner))
+
+    def cancel(self, job_id: str) -> JobState | None:
+        return self.store.cancel(job_id)
 
     def close(self) -> None:
         for process in self.owners.values():
@@ -165,6 +169,9 @@ class RedisUnderTest:
     def take_over(self, job_id: str, owner: str) -> JobRecord | None:
         """The job's message is delivered again (redelivery after the dead worker's connection closed)."""
         return self._claim(job_id, owner)
+
+    def cancel(self, job_id: str) -> JobState | None:
+        return self.store.cancel(job_id)
 
     def close(self) -> None:
         self.client.close()
@@ -314,6 +321,37 @@ def test_a_dead_owners_job_past_the_timeout_fails_when_taken_over(store: StoreUn
     clock.now += TIMEOUT_S + 1
     assert store.take_over(claimed.job.job_id, store.new_owner()) is None
     assert state(store, claimed.job.job_id) == (JobState.FAILURE, 1, "Timeout: generation took longer than 100 s")
+
+
+# -- cancel -------------------------------------------------------------------------------------------
+def test_cancel_revokes_waiting_and_running_jobs_and_refuses_finished_ones(
+    store: StoreUnderTest, clock: Clock
+) -> None:
+    running = submit_and_claim(store)
+    waiting = new_job()
+    store.submit(waiting)
+    assert store.cancel(waiting.job_id) is JobState.REVOKED
+    assert store.position(waiting.job_id) is None and store.count_waiting() == 0
+    assert store.claim_next(store.new_owner()) is None  # it never starts
+    assert store.take_over(waiting.job_id, store.new_owner()) is None  # nor does a late message start it
+
+    assert store.cancel(running.job.job_id) is JobState.REVOKED
+    assert not store.complete(running.job.job_id, running.owner)  # its worker's result is refused
+    assert not store.fail(running.job.job_id, running.owner, "stopped", retryable=True)
+    store.kill(running.owner)
+    assert store.take_over(running.job.job_id, store.new_owner()) is None  # a dead owner's: still not rerun
+    for job in (waiting.job_id, running.job.job_id):
+        assert state(store, job)[0::2] == (JobState.REVOKED, CANCELLED_BY_CLIENT)
+        assert store.cancel(job) is JobState.REVOKED  # again: the same, nothing written
+
+    done, failed = submit_and_claim(store), submit_and_claim(store)
+    store.complete(done.job.job_id, done.owner)
+    store.fail(failed.job.job_id, failed.owner, "weight file missing", retryable=False)
+    assert store.cancel(done.job.job_id) is JobState.SUCCESS
+    assert store.cancel(failed.job.job_id) is JobState.FAILURE
+    assert store.cancel(str(uuid.uuid4())) is None
+    clock.now += RESULT_TTL_S + 1
+    assert store.get(waiting.job_id) is None and store.cancel(waiting.job_id) is None  # expired like the rest
 
 
 # -- expiry -------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -14,12 +16,13 @@ from imagen import __version__
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
 from imagen.api.openapi import install_openapi
-from imagen.api.routes import router
+from imagen.api.routes import router, status
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, QueueFullError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
 from imagen.registry import load_registry
+from imagen.webhooks.dispatcher import WebhookDispatcher
 
 QUEUE_FULL = "Queue pleine, réessayez plus tard"
 BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
@@ -38,20 +41,36 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
 
         check_registry_files(registry)
     backend = backend or build_backend(settings)
+    job_backend = backend
+
+    def read_status(job_id: str) -> dict[str, Any] | None:
+        """What /status answers now: the ``data`` of a webhook is exactly that."""
+        try:
+            answer: dict[str, Any] = json.loads(bytes(status(job_id, job_backend).body))
+        except HTTPException:
+            return None
+        return answer
+
+    webhooks = WebhookDispatcher.from_settings(settings, read_status=read_status)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend.start()
+        if webhooks is not None:
+            webhooks.start()
         log.info("imagen %s ready: %d model(s), %d LoRA(s)", __version__, len(registry.models), len(registry.loras))
         try:
             yield
         finally:
+            if webhooks is not None:
+                webhooks.stop()
             backend.stop()
 
     app = FastAPI(title="Imagen API", version="2.0", description="Stable Diffusion XL generation", lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.backend = backend
+    app.state.webhooks = webhooks
     app.include_router(router)
     install_openapi(app, registry, settings)
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from imagen.config import Settings
 from imagen.jobs.backend import JobBackend
 from imagen.registry import Registry
+from imagen.webhooks.dispatcher import WebhookDispatcher
 
 
 def get_backend(request: Request) -> JobBackend:
@@ -26,6 +27,12 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_webhooks(request: Request) -> WebhookDispatcher | None:
+    webhooks: WebhookDispatcher | None = request.app.state.webhooks
+    return webhooks
+
+
 BackendDep = Annotated[JobBackend, Depends(get_backend)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+WebhooksDep = Annotated[WebhookDispatcher | None, Depends(get_webhooks)]  # None: no IMAGEN_WEBHOOK_SECRET

@@ -1,7 +1,8 @@
 """The OpenAPI document, with this server's registry written into the request schema.
 
 ``schemas.py`` is static; which model and LoRA ids exist, how many LoRAs a request may name
-(``IMAGEN_MAX_LORAS``) and whether ``ip_strength`` > 0 can work are known only at start. Written into the
+(``IMAGEN_MAX_LORAS``), whether ``ip_strength`` > 0 can work and whether webhooks are on are known only at
+start. Written into the
 document, they make a request that the document says is valid one that the server accepts (the schemathesis
 run in the tests holds the server to that). The one rule JSON Schema cannot say, each LoRA at most once,
 stays in the description.
@@ -43,3 +44,6 @@ def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings:
     if adapter is None or not adapter.reference_image.is_file():
         request["ip_strength"]["maximum"] = 0.0
         request["ip_strength"]["description"] += " This server has no IP-Adapter: 0.0 only."
+    if not settings.webhook_secret:
+        request["webhook"]["anyOf"] = [{"type": "null"}]
+        request["webhook"]["description"] += " This server has no IMAGEN_WEBHOOK_SECRET: null only."

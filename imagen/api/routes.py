@@ -7,6 +7,7 @@ declares every status code and media type it can answer, for the OpenAPI documen
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -14,7 +15,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
-from imagen.api.deps import BackendDep, RegistryDep, SettingsDep
+from imagen.api.deps import BackendDep, RegistryDep, SettingsDep, WebhooksDep
 from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
     Detail,
@@ -55,13 +56,24 @@ router = APIRouter()
     },
 )
 def generate(
-    request: GenerationRequest, backend: BackendDep, registry: RegistryDep, settings: SettingsDep
+    request: GenerationRequest,
+    backend: BackendDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    webhooks: WebhooksDep,
 ) -> GenerationResponse:
     try:
         job = prepare_job(request, registry, settings)
     except InvalidRequest as exc:
         raise RequestValidationError([error.as_pydantic_error() for error in exc.errors]) from exc
-    submitted = backend.submit(job)
+    # prepare_job refused a webhook on a server without a secret (no dispatcher)
+    subscribed = (
+        webhooks.subscribed(job.job_id, request.webhook, request.webhook_events_filter)
+        if webhooks is not None and request.webhook is not None
+        else nullcontext()
+    )
+    with subscribed:
+        submitted = backend.submit(job)
     return GenerationResponse(
         job_id=submitted.job_id,
         status="queued",

@@ -13,9 +13,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from imagen.config import LORAS_PER_REQUEST_CAP
+from imagen.webhooks.events import DEFAULT_EVENTS, EventName
 
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
 MAX_PROMPT_CHARS = 20_000
+MAX_WEBHOOK_URL_CHARS = 2048
 
 
 def _valid_unicode(text: str) -> str:
@@ -77,6 +79,18 @@ class GenerationRequest(BaseModel):
     )
     ip_strength: float = Field(
         0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."
+    )
+    webhook: Text | None = Field(
+        None,
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        description="An extension: http(s) URL that receives signed Standard Webhooks POSTs for this job "
+        "(needs IMAGEN_WEBHOOK_SECRET on the server).",
+    )
+    webhook_events_filter: list[EventName] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS),
+        min_length=1,
+        max_length=3,
+        description="An extension, with `webhook`: which events to send (`progress` at most once a second).",
     )
 
     @field_validator("prompt")

@@ -16,6 +16,7 @@ from imagen.generation.base import GenerationTask, LoraChoice
 from imagen.jobs.types import NewJob
 from imagen.outputs.names import make_output_name
 from imagen.registry import Registry
+from imagen.webhooks.urls import TargetPolicy
 
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds
 
@@ -72,6 +73,7 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
                 ("ip_strength",), "ip_strength > 0 needs the server's reference image, which is missing "
                 f"({adapter.reference_image.name}); use 0.0", request.ip_strength,
             ))
+    errors.extend(_webhook_errors(request, settings))
     if errors or model is None:
         raise InvalidRequest(errors)
     seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_LIMIT)
@@ -86,3 +88,15 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
         ip_strength=request.ip_strength,
     )
     return NewJob(job_id=str(uuid.uuid4()), task=task.as_dict(), output_name=make_output_name(model.file_prefix))
+
+
+def _webhook_errors(request: GenerationRequest, settings: Settings) -> list[FieldError]:
+    if request.webhook is None:
+        return []  # a webhook_events_filter alone has nothing to filter
+    if not settings.webhook_secret:
+        return [FieldError(("webhook",), "this server sends no webhooks: it has no signing secret "
+                           "(IMAGEN_WEBHOOK_SECRET)", request.webhook)]
+    problem = TargetPolicy.parse(settings.webhook_allowed_hosts).url_problem(request.webhook)
+    if problem is not None:
+        return [FieldError(("webhook",), problem, request.webhook)]
+    return []

@@ -92,7 +92,8 @@ class GeneratedImage:
         return np.asarray(rgb)
 
 
-# progress(step_name, percent 0-100)
+# progress(step_name, percent 0-100). It raises ``imagen.errors.JobCancelled`` once the job is cancelled:
+# engines call it at least once per denoising step and let that exception pass.
 ProgressCallback = Callable[[str, int], None]
 
 

@@ -52,7 +52,8 @@ def run_task(
     progress: ProgressCallback,
     png_compress_level: int = 1,
 ) -> dict[str, Any]:
-    """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS."""
+    """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS. A cancelled job
+    (``JobCancelled`` from ``progress``, the last time just before saving) writes no PNG."""
     started_at = time.time()
     timer = PhaseTimer(progress)
     generated = engine.generate(task, timer)

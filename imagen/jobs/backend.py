@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from imagen.jobs.types import BackendHealth, JobRecord, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
 
 
 class JobBackend(ABC):
@@ -26,6 +26,11 @@ class JobBackend(ABC):
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or None when unknown or expired (finished more than ``result_ttl_s`` ago)."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> JobState | None:
+        """Apply ``lifecycle.cancel_verdict``: the job's state afterwards (REVOKED, or SUCCESS/FAILURE when
+        it ended first), or None when unknown or expired. A running job's worker stops at its next step."""
 
     @abstractmethod
     def health(self) -> BackendHealth: ...

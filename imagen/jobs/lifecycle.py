@@ -6,6 +6,8 @@
   still the one they read). The SQLite store does so inside one transaction, the Redis store in a Lua
   script that receives the verdict as data: no copy of the rule in SQL or Lua.
 - **The failure texts** users read in ``/status``.
+- **The cancel rule** (``POST /cancel``): what a cancel does to a job in each state (:func:`cancel_verdict`).
+  Stores apply it like a verdict: SQLite in one transaction, Redis in ``lua/cancel.lua`` under a state guard.
 - **Owner tokens**: who runs an attempt (host, process, a nonce, an optional slot), and whether that
   owner is known to be dead (a process of this host that no longer exists).
 """
@@ -73,6 +75,31 @@ class AttemptPolicy:
         if started_at is not None and now - started_at >= self.timeout_s:
             return self.after_timeout()
         return self.after_failure(attempts=attempts, error=WORKER_DIED, retryable=True)
+
+
+# -- the cancel rule -------------------------------------------------------------------------------
+CANCELLED_BY_CLIENT = "Annulé à la demande du client"
+
+
+@dataclass(frozen=True)
+class CancelVerdict:
+    """What ``POST /cancel`` does to a job in a given state."""
+
+    state: JobState  # the job's state after the cancel: REVOKED, or the terminal state that came first
+    write: bool  # the store writes REVOKED now (the job was waiting or running)
+
+    @property
+    def revoked(self) -> bool:
+        return self.state is JobState.REVOKED
+
+
+def cancel_verdict(state: JobState) -> CancelVerdict:
+    """A waiting job is revoked and never starts; a running one is revoked at once and its worker, told by
+    the store, stops at its next denoising step and writes no image. A second cancel changes nothing and
+    answers the same; a job already SUCCESS or FAILURE keeps its state (too late)."""
+    if state.is_terminal():
+        return CancelVerdict(state, write=False)
+    return CancelVerdict(JobState.REVOKED, write=True)
 
 
 # -- owners ----------------------------------------------------------------------------------------

@@ -13,9 +13,14 @@ class JobState(enum.StrEnum):
     PROGRESS = "PROGRESS"
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    REVOKED = "REVOKED"  # cancelled by the client (Celery's name for it)
 
     def is_terminal(self) -> bool:
-        return self in (JobState.SUCCESS, JobState.FAILURE)
+        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
+
+    def shows_error(self) -> bool:
+        """``/status`` carries ``error`` (why the job ended without an image)."""
+        return self in (JobState.FAILURE, JobState.REVOKED)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from imagen.config import Settings
-from imagen.errors import FatalGenerationError, RetryableGenerationError
+from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError
 from imagen.generation.base import (
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -183,9 +183,16 @@ class DiffusersEngine(Engine):
         progress(STEP_ENCODING_PROMPT, 100)
 
         steps = task.steps
+        cancelled: list[JobCancelled] = []
 
-        def on_step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
+        def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            try:
+                progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
+            except JobCancelled as exc:
+                # diffusers' own way out: the loop skips the remaining steps and the pipeline returns
+                # normally, so nothing is left half-done in it for the next job.
+                pipe._interrupt = True
+                cancelled.append(exc)
             return kwargs
 
         progress(STEP_GENERATION, 0)
@@ -203,6 +210,8 @@ class DiffusersEngine(Engine):
             output_type="latent",
             **ip_kwargs,
         )
+        if cancelled:
+            raise cancelled[0]  # before decoding: a cancelled job makes no image
         progress(STEP_DECODING, 0)
         image, pixels = _decode(pipe, output.images)
         progress(STEP_DECODING, 100)

@@ -118,6 +118,13 @@ class CeleryBackend(JobBackend):
         path = os.path.join(str(self.settings.outputs_dir), record.output_name)
         return replace(record, result={**record.result, "path": path})
 
+    def cancel(self, job_id: str) -> JobState | None:
+        # In Redis, not in this process: it survives an API restart and reaches the worker on any host.
+        try:
+            return self.store.cancel(job_id)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
+
     def health(self) -> BackendHealth:
         try:
             self._health_client.ping()

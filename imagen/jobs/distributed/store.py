@@ -13,6 +13,8 @@ it answers ``conflict`` and the caller reads again).
   cluster-wide queue length checked by ``submit`` (check-and-add in one script), a rank is a position.
 - ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
 - ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
+  A cancelled job (``lua/cancel.lua``) leaves the queue or this set at once, REVOKED: its worker learns it
+  from its next progress write (``lua/progress.lua`` answers ``cancelled``), on whatever host it runs.
 - ``imagen:lock:{id}`` the running attempt's owner token, with a short expiry its worker keeps renewing.
   A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A second
   delivery of a message whose job is locked is dropped, so a job never runs twice at once.
@@ -43,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imagen.errors import QueueFullError
-from imagen.jobs.lifecycle import AttemptPolicy, Verdict
+from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 if TYPE_CHECKING:
@@ -201,7 +203,7 @@ class RedisJobStore:
         self.clock = clock
         self._scripts = {name: _script(client, name) for name in (
             "submit", "confirm", "withdraw", "sweep_unconfirmed", "claim", "settle", "progress", "renew",
-            "complete", "replica_beat", "release_png",
+            "complete", "replica_beat", "release_png", "cancel",
         )}  # fmt: skip
 
     @classmethod
@@ -259,6 +261,32 @@ class RedisJobStore:
         if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
             return None
         return record
+
+    def cancel(self, job_id: str) -> JobState | None:
+        """Apply ``lifecycle.cancel_verdict`` (``lua/cancel.lua``): the job's state afterwards, or None when
+        unknown. The rule depends on the state alone, so the script's guard is the state read."""
+        for _ in range(CONFLICT_RETRIES):
+            record = self.get(job_id)
+            if record is None:
+                return None
+            verdict = cancel_verdict(record.state)
+            if not verdict.write:
+                return verdict.state
+            answer = self._run(
+                "cancel",
+                [job_key(job_id), WAITING, RUNNING],
+                [
+                    job_id,
+                    record.state.value,
+                    verdict.state.value,
+                    CANCELLED_BY_CLIENT,
+                    repr(self.clock()),
+                    self._ttl_ms,
+                ],
+            )
+            if _text(answer) == "applied":
+                return verdict.state
+        raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
 
     def count_waiting(self) -> int:
         return int(self.client.zcard(WAITING))
@@ -431,8 +459,9 @@ class RedisJobStore:
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
         return Claim("busy")
 
-    def report_progress(self, job_id: str, token: str, step: str, percent: int) -> bool:
-        return bool(self._run("progress", [job_key(job_id)], [token, step, percent]))
+    def report_progress(self, job_id: str, token: str, step: str, percent: int) -> str:
+        """'recorded', 'cancelled' (the job was revoked: stop now) or 'lost' (no longer this worker's)."""
+        return _text(self._run("progress", [job_key(job_id)], [token, step, percent, JobState.REVOKED.value]))
 
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
         return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
@@ -546,8 +575,8 @@ def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
         progress_step=fields.get("progress_step"),
         progress=int(progress) if progress is not None else None,
         result=json.loads(fields["result"]) if fields.get("result") else None,
-        # A PENDING job may carry the error of its previous attempt; only a FAILURE shows it.
-        error=fields.get("error") if state is JobState.FAILURE else None,
+        # A PENDING job may carry the error of its previous attempt; only a FAILURE (or REVOKED) shows it.
+        error=fields.get("error") if state.shows_error() else None,
         created_at=float(fields.get("created_at", 0.0)),
         started_at=_float(fields.get("started_at")),
         finished_at=_float(fields.get("finished_at")),

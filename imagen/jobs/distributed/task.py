@@ -6,11 +6,13 @@ says why in its log and in its heartbeat, which ``/health`` shows. Until the eng
 takes no job: the child raises a flag shared with the worker's main process, whose consumer starts on the
 queue only once the flag is up (see ``worker.py``).
 
-The task body claims the job in its Redis record (or drops a duplicate delivery), keeps the claim's lock
-alive while the engine runs, and records the outcome: SUCCESS with the PNG bytes (they travel through Redis
-to every API replica), a retry (the message goes back to the queue), or FAILURE. A Redis error is never
-taken for an outcome: the body retries the call for a while, then hands the message back to the broker
-(``Reject(requeue=True)``) rather than let Celery acknowledge a message whose job never started.
+The task body claims the job in its Redis record (or drops a duplicate delivery, or the message of a job
+cancelled while it waited), keeps the claim's lock alive while the engine runs, stops at the next step when
+a progress write answers that the job was cancelled, and records the outcome: SUCCESS with the PNG bytes
+(they travel through Redis to every API replica), a retry (the message goes back to the queue), or FAILURE.
+A Redis error is never taken for an outcome: the body retries the call for a while, then hands the message
+back to the broker (``Reject(requeue=True)``) rather than let Celery acknowledge a message whose job never
+started.
 
 This module imports no Celery app (the app imports it) and no model code at import time.
 """
@@ -34,6 +36,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
+from imagen.errors import JobCancelled
 from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 
@@ -185,6 +188,10 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
                 result, png = self._generate(engine, job_id, token)
+            except JobCancelled:
+                # REVOKED already (by the cancel itself); the message is acknowledged, no PNG was made.
+                log.info("job %s: REVOKED; stopped without an image", job_id)
+                return
             except SoftTimeLimitExceeded:
                 text = timeout_text(self.settings.job_timeout_s)
                 retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
@@ -235,9 +242,12 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             if not last or last[-1] != value:
                 last[:] = [value]
                 try:
-                    self.store.report_progress(job_id, token, *value)
+                    outcome = self.store.report_progress(job_id, token, *value)
                 except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
                     log.debug("job %s: progress not recorded: %s", job_id, exc)
+                    return
+                if outcome == "cancelled":  # the write itself says so: no extra round trip per step
+                    raise JobCancelled
 
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
         result = run_task(

@@ -18,7 +18,7 @@ from imagen.jobs.backend import JobBackend
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
-from imagen.jobs.types import BackendHealth, JobRecord, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
 
 log = logging.getLogger("imagen.jobs")
 
@@ -64,6 +64,13 @@ class EmbeddedBackend(JobBackend):
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> JobState | None:
+        state = self.store.cancel(job_id)
+        if state is JobState.REVOKED:
+            for slot in self._slots:  # the one running it, if any, tells its child to stop
+                slot.check_cancel()
+        return state
 
     def health(self) -> BackendHealth:
         workers = tuple(slot.health() for slot in self._slots)

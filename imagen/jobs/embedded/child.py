@@ -1,9 +1,10 @@
 """The child process that runs an engine for one worker slot of the embedded backend.
 
 It builds the engine once and says :class:`Ready` (or :class:`StartupFailed`), then runs one task per
-:class:`RunJob`, streaming :class:`Progress` and ending each with :class:`Done` or :class:`Failed`, until
-:class:`Stop` or the end of the pipe. Model code (torch, diffusers) lives only here: a crash, hang or OOM
-kill in it never takes the API down. The messages are in ``messages.py``.
+:class:`RunJob`, streaming :class:`Progress` and ending each with :class:`Done` or :class:`Failed` (or
+:class:`Cancelled` after a :class:`Cancel`, read at each progress report), until :class:`Stop` or the end of
+the pipe. Model code (torch, diffusers) lives only here: a crash, hang or OOM kill in it never takes the API
+down. The messages are in ``messages.py``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,23 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from imagen.config import Settings
+from imagen.errors import JobCancelled
 from imagen.generation.base import GenerationTask
 from imagen.generation.loader import load_engine
 from imagen.generation.runner import classify_failure, run_task
-from imagen.jobs.embedded.messages import Done, Failed, FromChild, Progress, Ready, RunJob, StartupFailed, Stop
+from imagen.jobs.embedded.messages import (
+    Cancel,
+    Cancelled,
+    Done,
+    Failed,
+    FromChild,
+    Progress,
+    ProtocolError,
+    Ready,
+    RunJob,
+    StartupFailed,
+    Stop,
+)
 from imagen.registry import load_registry
 
 log = logging.getLogger("imagen.worker")
@@ -66,6 +80,12 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
 
     def progress(step: str, percent: int) -> None:
         send(Progress(step, max(0, min(100, int(percent)))))
+        while conn.poll():  # never blocks: a select() on the pipe
+            match conn.recv():
+                case Cancel():
+                    raise JobCancelled
+                case other:
+                    raise ProtocolError(f"unexpected message during a job: {other!r:.200}")
 
     while True:
         try:
@@ -83,12 +103,17 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                         progress,
                         settings.png_compress_level,
                     )
+                except JobCancelled:
+                    log.info("job cancelled; stopped without an image")
+                    send(Cancelled())
                 except Exception as exc:
                     retryable, text = classify_failure(exc)
                     log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)
                     send(Failed(text, retryable))
                 else:
                     send(Done(result))
+            case Cancel():
+                pass  # its job ended before the cancel was read
             case Stop():
                 break
             case _:

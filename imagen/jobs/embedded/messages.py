@@ -4,9 +4,13 @@ Small frozen dataclasses, pickled by the pipe. Each side dispatches with ``match
 checks field types there), so anything else that arrives, a tuple from an older child or bytes that do
 not unpickle, is an error of the protocol, never a guess.
 
-    slot -> child:  RunJob | Stop
+    slot -> child:  RunJob | Cancel | Stop
     child -> slot:  Ready | StartupFailed   (once, after loading the engine)
-                    Progress* then Done | Failed   (per RunJob)
+                    Progress* then Done | Failed | Cancelled   (per RunJob)
+
+``Cancel`` is sent while a job runs, at most once per job; the child reads it, without blocking, each time
+the engine reports progress, and ends the job with ``Cancelled`` (no image). The pipe keeps messages in
+order, so a ``Cancel`` that arrives after its job ended is read before the next ``RunJob`` and ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from imagen.generation.base import DeviceInfo
 class RunJob:
     task: dict[str, Any]
     output_name: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The running job was cancelled: stop at its next step, write no image."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,13 @@ class Failed:
     retryable: bool  # may another attempt pass (out of memory) or not (bad input, missing file)
 
 
-ToChild = RunJob | Stop
-FromChild = Ready | StartupFailed | Progress | Done | Failed
+@dataclass(frozen=True)
+class Cancelled:
+    """The job stopped after a ``Cancel``; no image was written."""
+
+
+ToChild = RunJob | Cancel | Stop
+FromChild = Ready | StartupFailed | Progress | Done | Failed | Cancelled
 
 
 class ProtocolError(Exception):

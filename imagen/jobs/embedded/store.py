@@ -5,7 +5,7 @@ its owner (a ``lifecycle.OwnerToken``) and a heartbeat. How an attempt ends with
 here: the store reads the running job under an owner guard, asks the ``lifecycle.AttemptPolicy`` for a
 ``Verdict`` (back to the queue, or FAILURE with which text) and writes it in the same transaction. Jobs of
 a dead owner (``lifecycle.owner_is_dead``) go the same way, so a job that got a job_id always ends in
-SUCCESS or FAILURE.
+SUCCESS or FAILURE (or REVOKED: ``cancel`` applies ``lifecycle.cancel_verdict`` the same way).
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
-from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, Verdict, owner_is_dead
+from imagen.jobs.lifecycle import (
+    CANCELLED_BY_CLIENT,
+    AttemptPolicy,
+    OwnerToken,
+    Verdict,
+    cancel_verdict,
+    owner_is_dead,
+)
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 SCHEMA = """
@@ -117,6 +124,22 @@ class SqliteJobStore:
         if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
             return None
         return record
+
+    def cancel(self, job_id: str) -> JobState | None:
+        """Apply ``lifecycle.cancel_verdict`` in one transaction: the job's state afterwards, or None when
+        unknown. A running job loses its owner, so its worker's next write is refused and it stops."""
+        with self._transaction() as db:
+            record = self.get(job_id)  # same connection: read inside this transaction
+            if record is None:
+                return None
+            verdict = cancel_verdict(record.state)
+            if verdict.write:
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, finished_at = ?, owner = NULL, progress_step = NULL, "
+                    "progress = NULL WHERE job_id = ?",
+                    (verdict.state.value, CANCELLED_BY_CLIENT, self.clock(), job_id),
+                )
+        return verdict.state
 
     def count_waiting(self) -> int:
         row = self._connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
@@ -258,8 +281,8 @@ def _record(row: sqlite3.Row) -> JobRecord:
         progress_step=row["progress_step"],
         progress=row["progress"],
         result=json.loads(row["result"]) if row["result"] else None,
-        # A PENDING job may carry the error of its previous attempt; only a FAILURE shows it.
-        error=row["error"] if state is JobState.FAILURE else None,
+        # A PENDING job may carry the error of its previous attempt; only a FAILURE (or REVOKED) shows it.
+        error=row["error"] if state.shows_error() else None,
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],

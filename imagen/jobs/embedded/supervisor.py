@@ -5,6 +5,11 @@ The thread claims the next job, hands it to its child (``child.py``) as a ``RunJ
 and turns a dead child into a failed attempt. What a failed attempt leads to is the store's business (it
 applies ``lifecycle.AttemptPolicy``); the slot only says how the attempt ended.
 
+A cancelled job (``POST /cancel``) is REVOKED in the store at once. The slot learns of it from the store: the
+backend asks every slot to look (``check_cancel``), and a progress write or heartbeat the store refuses
+makes it look too. It then sends ``Cancel``; the child stops at the engine's next step and answers
+``Cancelled``, and the slot takes the next job with the same child (the model stays loaded).
+
 Nothing leaves a job STARTED forever: any unexpected error in the loop (the store busy past its timeout, a
 message the protocol does not allow, a bug) is caught, logged, the child replaced (its state is unknown),
 and the job held then ends as a failed attempt that may pass, so the policy retries it. The loop then goes
@@ -25,6 +30,8 @@ from imagen.config import Settings
 from imagen.generation.base import DeviceInfo
 from imagen.jobs.embedded.child import worker_main
 from imagen.jobs.embedded.messages import (
+    Cancel,
+    Cancelled,
     Done,
     Failed,
     Progress,
@@ -37,7 +44,7 @@ from imagen.jobs.embedded.messages import (
 )
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import WORKER_DIED, OwnerToken, Verdict, supervision_failed_text
-from imagen.jobs.types import JobRecord, WorkerHealth
+from imagen.jobs.types import JobRecord, JobState, WorkerHealth
 
 log = logging.getLogger("imagen.jobs")
 
@@ -104,6 +111,8 @@ class WorkerSlot(threading.Thread):
         self.device: DeviceInfo | None = None  # set once its child's engine is loaded
         self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
+        self._look_for_cancel = threading.Event()  # its job may have been cancelled: read the store
+        self._cancel_sent = False  # Cancel went to the child for the job it runs now
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._context = multiprocessing.get_context("spawn")
@@ -124,6 +133,10 @@ class WorkerSlot(threading.Thread):
             device=device.device if device is not None else None,
             gpu_available=device is not None and device.gpu_available,
         )
+
+    def check_cancel(self) -> None:
+        """A job was cancelled (maybe this slot's): look at the store within ``STOP_CHECK_S``."""
+        self._look_for_cancel.set()
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -213,6 +226,8 @@ class WorkerSlot(threading.Thread):
         log.info("job %s: attempt %d started", job.job_id, job.attempts)
         deadline = time.monotonic() + self.settings.job_timeout_s
         next_heartbeat = time.monotonic() + HEARTBEAT_S
+        self._cancel_sent = False
+        self._look_for_cancel.clear()
         try:
             self._send(RunJob(job.task, job.output_name))
             while not self.stopping.is_set():
@@ -222,8 +237,12 @@ class WorkerSlot(threading.Thread):
                     self._log_verdict(job, self.store.time_out(job.job_id, self.owner))
                     return
                 if now >= next_heartbeat:
-                    self.store.heartbeat(job.job_id, self.owner)
+                    if not self.store.heartbeat(job.job_id, self.owner):
+                        self._look_for_cancel.set()
                     next_heartbeat = now + HEARTBEAT_S
+                if self._look_for_cancel.is_set():
+                    self._look_for_cancel.clear()
+                    self._cancel_if_revoked(job)
                 if conn.poll(min(deadline, next_heartbeat, now + STOP_CHECK_S) - now) and self._handle(
                     job, conn.recv()
                 ):
@@ -238,19 +257,37 @@ class WorkerSlot(threading.Thread):
         """Apply one message from the child; True once the job has ended."""
         match message:
             case Progress(step=str() as step, percent=int() as percent):
-                self.store.report_progress(job.job_id, self.owner, step, percent)
+                if not self.store.report_progress(job.job_id, self.owner, step, percent):
+                    self._look_for_cancel.set()  # refused: the job is no longer ours; cancelled?
                 return False
             case Done(result=dict() as result):
                 if self.store.complete(job.job_id, self.owner, result):
                     log.info("job %s: SUCCESS %s", job.job_id, job.output_name)
+                elif self._revoked(job):
+                    # Cancelled while its image was being saved: a REVOKED job leaves no file behind.
+                    (self.settings.outputs_dir / job.output_name).unlink(missing_ok=True)
+                    log.info("job %s: REVOKED as it finished; its image deleted", job.job_id)
                 else:
                     log.warning("job %s: finished, but no longer held by this worker", job.job_id)
+                return True
+            case Cancelled() if self._cancel_sent:
+                log.info("job %s: REVOKED; stopped without an image", job.job_id)
                 return True
             case Failed(error=str() as error, retryable=bool() as retryable):
                 self._log_verdict(job, self.store.fail_attempt(job.job_id, self.owner, error, retryable=retryable))
                 return True
             case _:
                 raise ProtocolError(f"unexpected message from the generation worker: {message!r:.200}")
+
+    def _revoked(self, job: JobRecord) -> bool:
+        record = self.store.get(job.job_id)
+        return record is not None and record.state is JobState.REVOKED
+
+    def _cancel_if_revoked(self, job: JobRecord) -> None:
+        if not self._cancel_sent and self._revoked(job):
+            self._send(Cancel())
+            self._cancel_sent = True
+            log.info("job %s: cancelled; stopping it at its next step", job.job_id)
 
     # -- the child process -----------------------------------------------------------------------
     def _start_child(self) -> None:
