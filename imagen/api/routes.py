@@ -1,4 +1,5 @@
-"""The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings.
+"""The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings, and
+``POST /cancel/{job_id}`` (README, "API beyond the reference").
 
 Every route that reaches the job backend or the disk is a plain ``def``: FastAPI runs it in its thread
 pool, so a slow Redis or disk never stalls the event loop (``/health`` keeps answering). Each route
@@ -18,12 +19,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from imagen.api.deps import BackendDep, RegistryDep, SettingsDep, WebhooksDep
 from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
+    CancelResponse,
+    CancelTooLate,
     Detail,
     GenerationRequest,
     GenerationResponse,
     Health,
     ImageFailed,
     ImageProcessing,
+    ImageRevoked,
     JobStatus,
     LoraInfo,
     LoraList,
@@ -37,6 +41,7 @@ from imagen.outputs.serving import resolve_servable
 
 JOB_NOT_FOUND = "Job ID non trouvé"
 IMAGE_NOT_FOUND = "Image non trouvée"
+ALREADY_FINISHED = "Job déjà terminé"
 
 _PNG: dict[str, Any] = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _NOT_FOUND = {"model": Detail, "description": "Not found (or expired)."}
@@ -92,7 +97,7 @@ def _find(backend: BackendDep, job_id: str) -> JobRecord:
 def status(job_id: str, backend: BackendDep) -> JSONResponse:
     job = _find(backend, job_id)
     body: dict[str, object] = {"job_id": job.job_id, "status": job.state.value, "result": job.result}
-    if job.state is JobState.FAILURE:
+    if job.state.shows_error():
         body["error"] = job.error
     elif job.meta is not None and not job.state.is_terminal():
         body["meta"] = job.meta
@@ -118,6 +123,7 @@ def status(job_id: str, backend: BackendDep) -> JSONResponse:
         },
         202: {"model": ImageProcessing, "description": "Still queued or running."},
         404: _NOT_FOUND,
+        410: {"model": ImageRevoked, "description": "The job was cancelled (REVOKED): no image, ever."},
         500: {"model": ImageFailed, "description": "The job failed."},
     },
 )
@@ -125,6 +131,8 @@ def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileRespon
     job = _find(backend, job_id)
     if job.state is JobState.FAILURE:
         return JSONResponse({"detail": {"status": "failed", "error": job.error}}, status_code=500)
+    if job.state is JobState.REVOKED:
+        return JSONResponse({"detail": {"status": "revoked", "error": job.error}}, status_code=410)
     if job.state is not JobState.SUCCESS or job.result is None:
         meta = job.meta or {"step": "queued" if job.state is JobState.PENDING else "starting", "progress": 0}
         detail = {
@@ -139,6 +147,25 @@ def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileRespon
         raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)
     headers = {"X-Job-ID": job.job_id, "X-Generation-Metadata": generation_metadata_header(job.result["metadata"])}
     return FileResponse(path, media_type="image/png", headers=headers)
+
+
+@router.post(
+    "/cancel/{job_id}",
+    response_model=CancelResponse,
+    responses={
+        404: _NOT_FOUND,
+        409: {"model": CancelTooLate, "description": "The job ended first (SUCCESS or FAILURE)."},
+    },
+)
+def cancel(job_id: str, backend: BackendDep) -> CancelResponse | JSONResponse:
+    """A waiting job never starts; a running one stops at its next denoising step, without an image. Both
+    end REVOKED. Cancelling a REVOKED job again answers the same."""
+    state = backend.cancel(job_id)
+    if state is None:
+        raise HTTPException(status_code=404, detail=JOB_NOT_FOUND)
+    if state is not JobState.REVOKED:
+        return JSONResponse({"detail": {"status": state.value, "message": ALREADY_FINISHED}}, status_code=409)
+    return CancelResponse(job_id=job_id, status="REVOKED")
 
 
 def _serve_output(filename: str, backend: BackendDep, settings: SettingsDep) -> FileResponse:

@@ -186,9 +186,9 @@ class JobResult(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    status: Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE"]
+    status: Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED"]
     result: JobResult | None = Field(description="Set on SUCCESS, else null.")
-    error: str | None = Field(None, description="Present on FAILURE only.")
+    error: str | None = Field(None, description="Present on FAILURE and REVOKED only.")
     meta: Progress | None = Field(None, description="Present while the job runs.")
 
 
@@ -214,3 +214,32 @@ class ImageFailed(BaseModel):
     """500 from /image: the job failed."""
 
     detail: Failed
+
+
+class Revoked(BaseModel):
+    status: Literal["revoked"]
+    error: str
+
+
+class ImageRevoked(BaseModel):
+    """410 from /image: the job was cancelled (REVOKED); it has no image and never will."""
+
+    detail: Revoked
+
+
+class CancelResponse(BaseModel):
+    """200 from POST /cancel (also for a job cancelled before)."""
+
+    job_id: str
+    status: Literal["REVOKED"]
+
+
+class AlreadyFinished(BaseModel):
+    status: Literal["SUCCESS", "FAILURE"]
+    message: str
+
+
+class CancelTooLate(BaseModel):
+    """409 from POST /cancel: the job ended first."""
+
+    detail: AlreadyFinished
