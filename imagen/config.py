@@ -143,7 +143,9 @@ class Settings(BaseSettings):
         description="UNet/VAE attention through PyTorch's scaled_dot_product_attention (`AttnProcessor2_0`). "
         "Off: diffusers' classic attention (slower, more memory; for debugging only).",
     )
-    channels_last: bool = Field(True, description="UNet weights in channels_last (NHWC) layout, and the VAE's when at least 64 channels wide.")
+    channels_last: bool = Field(
+        True, description="UNet weights in channels_last (NHWC) layout, and the VAE's when at least 64 channels wide."
+    )
     fuse_qkv: bool = Field(
         True,
         description="Fused QKV projections in UNet and VAE attention (one matmul instead of three). The UNet "
