@@ -186,9 +186,12 @@ class WebhookDispatcher:
     def _attempt(self, delivery: Delivery) -> None:
         try:
             self._settle(delivery, self.sender.send(delivery))
-        except Exception:
-            log.exception("webhook %s: attempt failed unexpectedly; it is tried again when its claim expires",
-                          delivery.id)
+        except Exception as exc:
+            if self._stopping.is_set():  # the store may be closed already
+                log.info("webhook %s: outcome not recorded at shutdown (%s); it is sent again", delivery.id, exc)
+            else:
+                log.exception("webhook %s: attempt failed unexpectedly; it is tried again when its claim expires",
+                              delivery.id)
         finally:
             with self._lock:
                 self._in_flight.discard(delivery.id)
