@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         "newest is always kept).",
     )
 
+    # --- live progress (GET /events) ---------------------------------------------------------
+    events_ping_s: float = Field(
+        15.0, gt=0, description="Keep-alive comment interval of `GET /events` streams (seconds)."
+    )
+
     # --- webhooks ---------------------------------------------------------------------------
     webhook_secret: str | None = Field(
         None,

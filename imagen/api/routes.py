@@ -1,5 +1,5 @@
 """The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings, and
-``POST /cancel/{job_id}`` (README, "API beyond the reference").
+``POST /cancel/{job_id}`` and ``GET /events/{job_id}`` (README, "API beyond the reference").
 
 Every route that reaches the job backend or the disk is a plain ``def``: FastAPI runs it in its thread
 pool, so a slow Redis or disk never stalls the event loop (``/health`` keeps answering). Each route
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from imagen.api.deps import BackendDep, RegistryDep, SettingsDep, WebhooksDep
+from imagen.api.events import first_event_id, status_events
 from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
     CancelResponse,
@@ -46,6 +49,21 @@ ALREADY_FINISHED = "Job déjà terminé"
 _PNG: dict[str, Any] = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _NOT_FOUND = {"model": Detail, "description": "Not found (or expired)."}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}}
+
+# One Server-Sent Event of /events (the Open API 3.2 way: ``itemSchema`` describes each event).
+_STATUS_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"const": "status"},
+        "id": {"type": "string", "description": "Increasing integers, counted on from Last-Event-ID."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/JobStatus"},
+        },
+    },
+}
 
 router = APIRouter()
 
@@ -93,15 +111,45 @@ def _find(backend: BackendDep, job_id: str) -> JobRecord:
     return job
 
 
-@router.get("/status/{job_id}", response_model=None, responses={200: {"model": JobStatus}, 404: _NOT_FOUND})
-def status(job_id: str, backend: BackendDep) -> JSONResponse:
-    job = _find(backend, job_id)
-    body: dict[str, object] = {"job_id": job.job_id, "status": job.state.value, "result": job.result}
+def status_body(job: JobRecord) -> dict[str, Any]:
+    """What ``/status`` answers for the job: also the data of its ``/events`` and webhooks."""
+    body: dict[str, Any] = {"job_id": job.job_id, "status": job.state.value, "result": job.result}
     if job.state.shows_error():
         body["error"] = job.error
     elif job.meta is not None and not job.state.is_terminal():
         body["meta"] = job.meta
-    return JSONResponse(body)
+    return body
+
+
+@router.get("/status/{job_id}", response_model=None, responses={200: {"model": JobStatus}, 404: _NOT_FOUND})
+def status(job_id: str, backend: BackendDep) -> JSONResponse:
+    return JSONResponse(status_body(_find(backend, job_id)))
+
+
+@router.get(
+    "/events/{job_id}",
+    response_model=None,
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"itemSchema": _STATUS_EVENT}},
+            "description": "`status` events (data: the /status JSON) on each change, until the terminal one.",
+        },
+        404: _NOT_FOUND,
+    },
+)
+async def events(
+    job_id: str,
+    backend: BackendDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> EventSourceResponse:
+    """Live progress: a `status` event at once and on every change of state or progress; the stream ends
+    after the terminal event (SUCCESS, FAILURE, REVOKED)."""
+    await run_in_threadpool(_find, backend, job_id)  # an unknown id: 404 JSON, not a stream
+    return EventSourceResponse(
+        status_events(backend, job_id, status_body, first_event_id(last_event_id)), ping=settings.events_ping_s
+    )
 
 
 @router.get(

@@ -5,7 +5,9 @@ anywhere), chosen by ``factory.build_backend``."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractAsyncContextManager
 
+from imagen.jobs.changes import Watcher
 from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
 
 
@@ -34,6 +36,12 @@ class JobBackend(ABC):
 
     @abstractmethod
     def health(self) -> BackendHealth: ...
+
+    @abstractmethod
+    def changes(self, job_id: str) -> AbstractAsyncContextManager[Watcher]:
+        """On the event loop: a ``Watcher`` woken whenever the job may have changed, for the block's
+        duration. It listens from the moment the block is entered, so a change after that is never missed
+        (read the job inside the block)."""
 
     def ensure_output(self, filename: str) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Make sure a finished image is in this API's outputs folder before it is served. The embedded

@@ -6,6 +6,7 @@ confirmed. A 503 therefore leaves nothing behind: whatever failed or stalled hal
 record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of a request times out after
 ``API_TIMEOUT_S`` without retrying a timeout, so a stalled Redis gives a 503 within about a second.
 
+Live streams (``GET /events``) hear of job changes through one Redis pub/sub listener (``changes.py``).
 Two background threads: the image transfer (``image_transfer``) copies the PNGs that workers put in Redis
 into this replica's outputs folder, and the housekeeper (``reaper``) requeues the jobs of dead workers and
 republishes waiting jobs whose message was lost. No model code and no torch is imported here.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import redis
@@ -23,7 +26,9 @@ import redis
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
 from imagen.jobs.backend import JobBackend
+from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.distributed.app import QUEUE, create_celery, publish
+from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
@@ -65,6 +70,8 @@ class CeleryBackend(JobBackend):
         )
         self._stopping = threading.Event()
         self._transfer: threading.Thread | None = None
+        self.feed = ChangeFeed()
+        self._changes = RedisChangeListener(url, self.feed)  # started by the first stream
 
     # -- JobBackend ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -78,6 +85,7 @@ class CeleryBackend(JobBackend):
 
     def stop(self) -> None:
         self._stopping.set()
+        self._changes.stop()
         self.housekeeper.stop()
         if self._transfer is not None:
             self._transfer.join(timeout=STREAM_BLOCK_MS / 1000 + 6)
@@ -124,6 +132,12 @@ class CeleryBackend(JobBackend):
             return self.store.cancel(job_id)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
+
+    @asynccontextmanager
+    async def changes(self, job_id: str) -> AsyncIterator[Watcher]:
+        with self.feed.watch(job_id) as watcher:
+            await self._changes.ensure_listening()
+            yield watcher
 
     def health(self) -> BackendHealth:
         try:

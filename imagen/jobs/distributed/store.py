@@ -25,6 +25,8 @@ it answers ``conflict`` and the caller reads again).
   ``png_bytes`` index them: past ``png_redis_max_bytes`` the oldest go first.
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry.
 - ``imagen:housekeeper`` which process runs the reconciler now (a short lock).
+- ``imagen:changes`` a pub/sub channel: the id of each job a script may have changed, published right
+  after the script (``_run``); each API process's listener wakes its live streams (``changes.py``).
 
 One Redis server (not Redis Cluster): some scripts build key names from prefixes.
 """
@@ -32,6 +34,7 @@ One Redis server (not Redis Cluster): some scripts build key names from prefixes
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +56,8 @@ if TYPE_CHECKING:
 
     from imagen.config import Settings
 
+log = logging.getLogger("imagen.jobs")
+
 PREFIX = "imagen:"
 JOB_PREFIX = PREFIX + "job:"
 PNG_PREFIX = PREFIX + "png:"
@@ -69,6 +74,9 @@ PNG_BYTES = PREFIX + "png_bytes"
 REPLICAS = PREFIX + "replicas"
 HOUSEKEEPER = PREFIX + "housekeeper"
 WORKER_PATTERN = PREFIX + "worker:*"
+CHANGES_CHANNEL = PREFIX + "changes"
+# The scripts that change a job's state or progress; their first key is the job's record.
+CHANGING_SCRIPTS = frozenset({"confirm", "claim", "settle", "progress", "complete", "cancel"})
 # How long a new record lives before its message must be confirmed published. The API's Redis calls time out
 # sooner than this, so a confirmation that arrives late (Redis stalled) finds the record gone: never a job
 # that runs after its submitter was told 503.
@@ -211,7 +219,16 @@ class RedisJobStore:
         return cls(client, result_ttl_s=settings.result_ttl_s, png_limits=PngLimits.from_settings(settings))
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return self._scripts[script](keys=keys, args=args)
+        answer = self._scripts[script](keys=keys, args=args)
+        if script in CHANGING_SCRIPTS:
+            # Even when the script changed nothing (a refused guard): a stream woken for nothing reads the
+            # job, finds it as it was, and sends nothing. A lost notification only delays a stream (it reads
+            # the job again within ``api.events.RESYNC_S``): never fail the write that was made for it.
+            try:
+                self.client.publish(CHANGES_CHANNEL, keys[0].removeprefix(JOB_PREFIX))
+            except redis.RedisError as exc:
+                log.debug("change of %s not published: %s", keys[0], exc)
+        return answer
 
     @property
     def _ttl_ms(self) -> int:

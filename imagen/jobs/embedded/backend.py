@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from imagen.config import Settings
 from imagen.jobs.backend import JobBackend
+from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
@@ -31,7 +34,11 @@ class EmbeddedBackend(JobBackend):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         policy = AttemptPolicy(max_attempts=settings.max_attempts, timeout_s=settings.job_timeout_s)
-        self.store = SqliteJobStore(settings.database_path, policy=policy, result_ttl_s=settings.result_ttl_s)
+        # The store's writers (slots, reaper, routes) all run in this process: it tells the streams directly.
+        self.feed = ChangeFeed()
+        self.store = SqliteJobStore(
+            settings.database_path, policy=policy, result_ttl_s=settings.result_ttl_s, on_change=self.feed.publish
+        )
         # New for every process life: a restarted process never mistakes an old job for one of its own.
         self.owner = OwnerToken.new()
         self.wakeups = Wakeups()
@@ -71,6 +78,11 @@ class EmbeddedBackend(JobBackend):
             for slot in self._slots:  # the one running it, if any, tells its child to stop
                 slot.check_cancel()
         return state
+
+    @asynccontextmanager
+    async def changes(self, job_id: str) -> AsyncIterator[Watcher]:
+        with self.feed.watch(job_id) as watcher:
+            yield watcher
 
     def health(self) -> BackendHealth:
         workers = tuple(slot.health() for slot in self._slots)

@@ -6,6 +6,9 @@ here: the store reads the running job under an owner guard, asks the ``lifecycle
 ``Verdict`` (back to the queue, or FAILURE with which text) and writes it in the same transaction. Jobs of
 a dead owner (``lifecycle.owner_is_dead``) go the same way, so a job that got a job_id always ends in
 SUCCESS or FAILURE (or REVOKED: ``cancel`` applies ``lifecycle.cancel_verdict`` the same way).
+
+Every write that changes a job calls ``on_change(job_id)`` once it is committed: the API process's live
+streams (``jobs/changes.py``) hear of it there, whoever wrote it (a worker slot, the reaper, a route).
 """
 
 from __future__ import annotations
@@ -64,9 +67,16 @@ OWNED = "job_id = ? AND owner = ? AND state IN (?, ?)"
 
 class SqliteJobStore:
     def __init__(
-        self, path: Path, *, policy: AttemptPolicy, result_ttl_s: float, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        policy: AttemptPolicy,
+        result_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.path = path
+        self.on_change = on_change
         self.policy = policy
         self.result_ttl_s = result_ttl_s
         self.clock = clock
@@ -139,6 +149,8 @@ class SqliteJobStore:
                     "progress = NULL WHERE job_id = ?",
                     (verdict.state.value, CANCELLED_BY_CLIENT, self.clock(), job_id),
                 )
+        if verdict.write:
+            self.on_change(job_id)
         return verdict.state
 
     def count_waiting(self) -> int:
@@ -174,14 +186,16 @@ class SqliteJobStore:
                 (JobState.STARTED.value, str(owner), now, now, row["seq"]),
             )
             claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
-        return _record(claimed)
+        record = _record(claimed)
+        self.on_change(record.job_id)
+        return record
 
     def report_progress(self, job_id: str, owner: OwnerToken, step: str, progress: int) -> bool:
         cursor = self._connection().execute(
             f"UPDATE jobs SET state = ?, progress_step = ?, progress = ?, heartbeat_at = ? WHERE {OWNED}",
             (JobState.PROGRESS.value, step, progress, self.clock(), job_id, str(owner), *RUNNING),
         )
-        return cursor.rowcount == 1
+        return self._changed(job_id, cursor.rowcount)
 
     def heartbeat(self, job_id: str, owner: OwnerToken) -> bool:
         cursor = self._connection().execute(
@@ -195,7 +209,7 @@ class SqliteJobStore:
             f"progress_step = NULL, progress = NULL WHERE {OWNED}",
             (JobState.SUCCESS.value, json.dumps(result), self.clock(), job_id, str(owner), *RUNNING),
         )
-        return cursor.rowcount == 1
+        return self._changed(job_id, cursor.rowcount)
 
     def fail_attempt(self, job_id: str, owner: OwnerToken, error: str, *, retryable: bool) -> Verdict | None:
         """The attempt ended with ``error``: the policy's verdict (retry or FAILURE), or None if the job is
@@ -217,7 +231,7 @@ class SqliteJobStore:
             f"progress = NULL WHERE {OWNED}",
             (JobState.PENDING.value, job_id, str(owner), *RUNNING),
         )
-        return cursor.rowcount == 1
+        return self._changed(job_id, cursor.rowcount)
 
     def recover_orphans(self, me: OwnerToken, *, silent_after_s: float) -> dict[str, Verdict]:
         """Running jobs whose owner is dead (``lifecycle.owner_is_dead``, as seen by ``me``) get the policy's
@@ -238,6 +252,8 @@ class SqliteJobStore:
                     )
                     self._apply(db, row["job_id"], verdict, now)
                     verdicts[row["job_id"]] = verdict
+        for job_id in verdicts:
+            self.on_change(job_id)
         return verdicts
 
     def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
@@ -247,7 +263,15 @@ class SqliteJobStore:
                 return None
             verdict = decide(row)
             self._apply(db, job_id, verdict, self.clock())
+        self.on_change(job_id)
         return verdict
+
+    def _changed(self, job_id: str, rowcount: int) -> bool:
+        """After a one-row write: whether it applied (and then, say so)."""
+        if rowcount != 1:
+            return False
+        self.on_change(job_id)
+        return True
 
     @staticmethod
     def _apply(db: sqlite3.Connection, job_id: str, verdict: Verdict, now: float) -> None:

@@ -1,0 +1,86 @@
+"""Job-change notifications for the API's live streams (``GET /events/{job_id}``).
+
+A :class:`ChangeFeed` fans "job X changed" out, in memory, to the streams of this process that watch X.
+It carries no state: a stream that wakes up reads the job again (``/status``'s body) and sends it when it
+differs from what it sent last, so notifications may coalesce or be spurious, never wrong.
+
+- ``publish(job_id)`` may be called from any thread (the embedded store's writers: worker slots, the
+  reaper, route threads; the distributed backend's Redis listener). It hands the wake-up to each
+  watcher's event loop with ``loop.call_soon_threadsafe``: no polling, no thread per stream.
+- ``watch(job_id)`` (on the event loop) registers a :class:`Watcher` for the block's duration.
+
+Where it is fed: the embedded backend's SQLite store calls ``publish`` after each write that changes a
+job; the distributed store publishes on a Redis channel after each script that changes one, and each API
+process's one listener (``distributed/changes.py``) feeds its own ``ChangeFeed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Watcher:
+    """One stream's wake-up flag: set by any number of notifications, cleared when the stream looks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """From any thread."""
+        self.loop.call_soon_threadsafe(self._changed.set)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a change (True) or the timeout (False); the flag is cleared either way."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._changed.clear()
+        return True
+
+
+class ChangeFeed:
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[Watcher]] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, job_id: str) -> None:
+        with self._lock:
+            watchers = tuple(self._watchers.get(job_id, ()))
+        for watcher in watchers:
+            with contextlib.suppress(RuntimeError):  # its loop closed (the app stopped): nobody listens
+                watcher.notify()
+
+    def publish_all(self) -> None:
+        """Wake every watcher (a listener that reconnected cannot know what changed meanwhile)."""
+        with self._lock:
+            job_ids = tuple(self._watchers)
+        for job_id in job_ids:
+            self.publish(job_id)
+
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[Watcher]:
+        """Called on the event loop that will wait on the watcher."""
+        watcher = Watcher(asyncio.get_running_loop())
+        with self._lock:
+            self._watchers.setdefault(job_id, set()).add(watcher)
+        try:
+            yield watcher
+        finally:
+            with self._lock:
+                watchers = self._watchers.get(job_id)
+                if watchers is not None:
+                    watchers.discard(watcher)
+                    if not watchers:
+                        del self._watchers[job_id]
+
+    def watched(self) -> int:
+        """How many streams watch some job now."""
+        with self._lock:
+            return sum(len(watchers) for watchers in self._watchers.values())

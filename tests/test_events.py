@@ -1,0 +1,164 @@
+"""GET /events/{job_id} (issue 9, live progress over Server-Sent Events) on both job systems.
+
+A stream is read with a real HTTP client, to its end: it must close by itself after the terminal status
+event. Every event's data is compared with what /status answers, the one shape both share.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi.testclient import TestClient
+
+from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
+from tests.celery_support import shared_redis
+from tests.conftest import submit, wait_for, wait_status
+from tests.test_job_contract import job_system
+
+__all__ = ["job_system", "shared_redis"]  # fixtures
+
+TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+STATUS_KEYS = {"job_id", "status", "result"}
+UNKNOWN_ID = "7f2b0887-3cdf-46ff-b83b-ff7685ac5b23"
+
+
+@dataclass
+class Event:
+    id: int
+    name: str
+    data: dict[str, Any]
+
+
+def read_events(
+    client: TestClient | httpx.Client,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+) -> list[Event]:
+    """The stream's events until it closes (or the first ``stop_after``); asserts it is an event stream."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    events: list[Event] = []
+    fields: dict[str, str] = {}
+    with client.stream("GET", f"/events/{job_id}", headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line:
+                if not line.startswith(":"):  # a comment is a keep-alive
+                    name, _, value = line.partition(":")
+                    fields[name] = value.removeprefix(" ")
+                continue
+            if fields:
+                events.append(Event(int(fields["id"]), fields["event"], json.loads(fields["data"])))
+                fields = {}
+                if stop_after is not None and len(events) >= stop_after:
+                    break
+    return events
+
+
+def assert_status_shape(event: Event, job_id: str) -> None:
+    """The keys /status answers for this state, and nothing else."""
+    data = event.data
+    assert event.name == "status"
+    assert data["job_id"] == job_id
+    expected = set(STATUS_KEYS)
+    if data["status"] in ("FAILURE", "REVOKED"):
+        expected.add("error")
+    elif data["status"] in ("STARTED", "PROGRESS") and "meta" in data:
+        expected.add("meta")
+    assert set(data) == expected, data
+
+
+def assert_well_formed(events: list[Event], client: TestClient, job_id: str) -> None:
+    """Increasing ids, /status's shape, one terminal event at the end, equal to what /status says now."""
+    assert [e.id for e in events] == sorted({e.id for e in events})
+    for event in events:
+        assert_status_shape(event, job_id)
+    assert [e.data["status"] in TERMINAL for e in events] == [False] * (len(events) - 1) + [True]
+    assert events[-1].data == client.get(f"/status/{job_id}").json()
+
+
+def test_events_follow_a_job_from_pending_to_success(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()
+    blocker = submit(client, "sleep 1.5")
+    wait_status(client, blocker, {"PROGRESS"})
+    job_id = submit(client, "sleep 1.0", steps=10)
+    events = read_events(client, job_id)
+    assert_well_formed(events, client, job_id)
+    states = [e.data["status"] for e in events]
+    assert states[0] == "PENDING"
+    assert "PROGRESS" in states and states[-1] == "SUCCESS"
+    progress = [e.data["meta"]["progress"] for e in events if e.data["status"] == "PROGRESS"]
+    assert len(progress) >= 3 and progress == sorted(progress)  # one event per step reported
+    assert events[-1].data["result"]["filename"]
+
+
+def test_a_cancelled_job_ends_its_stream_with_revoked(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()
+    job_id = submit(client, "sleep 20", steps=10)
+    wait_status(client, job_id, {"PROGRESS"})
+    box: dict[str, list[Event]] = {}
+    reader = threading.Thread(target=lambda: box.setdefault("events", read_events(client, job_id)))
+    reader.start()
+    assert client.post(f"/cancel/{job_id}").status_code == 200
+    reader.join(timeout=15)
+    assert not reader.is_alive(), "the stream did not close after REVOKED"
+    events = box["events"]
+    assert_well_formed(events, client, job_id)
+    assert events[-1].data == {"job_id": job_id, "status": "REVOKED", "result": None, "error": CANCELLED_BY_CLIENT}
+
+
+def test_reconnecting_with_last_event_id_gets_the_current_status_at_once(
+    job_system: Callable[..., TestClient],
+) -> None:
+    client = job_system()
+    job_id = submit(client, "sleep 2", steps=10)
+    wait_status(client, job_id, {"PROGRESS"})
+    first = read_events(client, job_id, stop_after=1)  # the client goes away after one event
+    assert first[0].data["status"] == "PROGRESS"
+    again = read_events(client, job_id, last_event_id=str(first[0].id))
+    assert again[0].id > first[0].id
+    assert again[0].data["status"] in {"PROGRESS", "SUCCESS"}
+    assert_well_formed(again, client, job_id)
+    # Once finished: the terminal event at once, and the stream ends.
+    final = read_events(client, job_id, last_event_id=str(again[-1].id))
+    assert [(e.id, e.data) for e in final] == [(again[-1].id + 1, again[-1].data)]
+
+
+def test_unknown_job_is_a_404_not_a_stream(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()
+    response = client.get(f"/events/{UNKNOWN_ID}")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "Job ID non trouvé"}
+
+
+def test_fifty_streams_on_one_job_all_get_the_terminal_event(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()
+    job_id = submit(client, "sleep 2", steps=10)
+    results: list[list[Event]] = []
+    lock = threading.Lock()
+
+    def follow() -> None:
+        events = read_events(client, job_id)
+        with lock:
+            results.append(events)
+
+    readers = [threading.Thread(target=follow) for _ in range(50)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=30)
+    assert not any(reader.is_alive() for reader in readers)
+    assert len(results) == 50
+    final = client.get(f"/status/{job_id}").json()
+    assert final["status"] == "SUCCESS"
+    for events in results:
+        assert events[-1].data == final
+    wait_for(lambda: client.app.state.backend.feed.watched() == 0, timeout=5)  # every watcher gone
