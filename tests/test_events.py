@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
+from imagen.generation.base import StepMeter
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
 from tests.celery_support import shared_redis
 from tests.conftest import submit, wait_for, wait_status
@@ -94,9 +95,29 @@ def test_events_follow_a_job_from_pending_to_success(job_system: Callable[..., T
     states = [e.data["status"] for e in events]
     assert states[0] == "PENDING"
     assert "PROGRESS" in states and states[-1] == "SUCCESS"
-    progress = [e.data["meta"]["progress"] for e in events if e.data["status"] == "PROGRESS"]
-    assert len(progress) >= 3 and progress == sorted(progress)  # one event per step reported
+    metas = [e.data["meta"] for e in events if e.data["status"] == "PROGRESS"]
+    assert len(metas) >= 3  # one event per step reported
+    assert [m["progress"] for m in metas] == sorted(m["progress"] for m in metas)
+    denoising = [m for m in metas if m["step"] == "generation_gpu"]
+    assert {m["total_steps"] for m in denoising} == {10}
+    assert [m["current_step"] for m in denoising] == sorted(m["current_step"] for m in denoising)
+    assert all(m["eta_s"] is None or 0 <= m["eta_s"] <= 2 for m in denoising)
+    assert any(m["eta_s"] for m in denoising)
     assert events[-1].data["result"]["filename"]
+
+
+def test_step_meter_finds_the_step_from_the_percent_engines_report() -> None:
+    now = [0.0]
+    for steps in range(10, 101):  # every step count a request may ask for
+        meter = StepMeter(steps, clock=lambda: now[0])
+        assert meter("loading_model", 0) is None
+        assert meter("generation_gpu", 0) == {"current_step": 0, "total_steps": steps, "eta_s": None}
+        for done in range(1, steps + 1):
+            now[0] += 0.5
+            percent = min(100, int(100 * done / steps))  # as the diffusers engine reports step `done`
+            assert meter("generation_gpu", percent) == {
+                "current_step": done, "total_steps": steps, "eta_s": round(0.5 * (steps - done), 2),
+            }
 
 
 def test_a_cancelled_job_ends_its_stream_with_revoked(job_system: Callable[..., TestClient]) -> None:

@@ -174,6 +174,12 @@ class Progress(BaseModel):
     step: str = Field(description="queued, starting, loading_model, loading_loras, encoding_prompt, "
                       "generation_gpu, decoding or saving.")
     progress: int = Field(ge=0, le=100)
+    # While denoising only (step generation_gpu):
+    current_step: int | None = Field(None, ge=0, description="Denoising steps done.")
+    total_steps: int | None = Field(None, ge=1, description="Denoising steps in all (the request's steps).")
+    eta_s: float | None = Field(
+        None, ge=0, description="Seconds of denoising left at the pace so far; null before the first step ends."
+    )
 
 
 class JobResult(BaseModel):

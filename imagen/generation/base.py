@@ -7,6 +7,7 @@ in worker processes only. This module imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,30 @@ class GeneratedImage:
 # progress(step_name, percent 0-100). It raises ``imagen.errors.JobCancelled`` once the job is cancelled:
 # engines call it at least once per denoising step and let that exception pass.
 ProgressCallback = Callable[[str, int], None]
+
+
+class StepMeter:
+    """Where a job's denoising stands, for ``meta`` (``current_step``, ``total_steps``, ``eta_s``), from the
+    reports engines already make: ``STEP_GENERATION`` with the percent of ``total_steps`` done. With at most
+    100 steps each percent value maps back to one step count (engines round the percent down), so engines
+    need no second callback. ``eta_s``: the seconds of denoising left at the pace so far (None before the
+    first step ends). One meter per job."""
+
+    def __init__(self, total_steps: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_steps = total_steps
+        self.clock = clock
+        self._began: float | None = None
+
+    def __call__(self, step: str, percent: int) -> dict[str, Any] | None:
+        """The denoising details of this report; None outside denoising."""
+        if step != STEP_GENERATION:
+            return None
+        now = self.clock()
+        if self._began is None:
+            self._began = now
+        current = min(self.total_steps, -(-percent * self.total_steps // 100))
+        eta_s = round((now - self._began) / current * (self.total_steps - current), 2) if current else None
+        return {"current_step": current, "total_steps": self.total_steps, "eta_s": eta_s}
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class JobRecord:
     attempts: int = 0
     progress_step: str | None = None
     progress: int | None = None
+    denoising: dict[str, Any] | None = None  # while denoising: current_step, total_steps, eta_s (``StepMeter``)
     result: dict[str, Any] | None = None
     error: str | None = None
     created_at: float = 0.0
@@ -57,7 +58,7 @@ class JobRecord:
     def meta(self) -> dict[str, Any] | None:
         if self.progress_step is None:
             return None
-        return {"step": self.progress_step, "progress": self.progress or 0}
+        return {"step": self.progress_step, "progress": self.progress or 0, **(self.denoising or {})}
 
 
 @dataclass(frozen=True)

@@ -476,9 +476,13 @@ class RedisJobStore:
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
         return Claim("busy")
 
-    def report_progress(self, job_id: str, token: str, step: str, percent: int) -> str:
-        """'recorded', 'cancelled' (the job was revoked: stop now) or 'lost' (no longer this worker's)."""
-        return _text(self._run("progress", [job_key(job_id)], [token, step, percent, JobState.REVOKED.value]))
+    def report_progress(
+        self, job_id: str, token: str, step: str, percent: int, denoising: dict[str, Any] | None = None
+    ) -> str:
+        """'recorded', 'cancelled' (the job was revoked: stop now) or 'lost' (no longer this worker's).
+        ``denoising`` is only read while ``progress_step`` is set: the scripts that clear that leave it."""
+        args = [token, step, percent, JobState.REVOKED.value, json.dumps(denoising) if denoising else ""]
+        return _text(self._run("progress", [job_key(job_id)], args))
 
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
         return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
@@ -591,6 +595,7 @@ def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
         attempts=int(fields.get("attempts", 0)),
         progress_step=fields.get("progress_step"),
         progress=int(progress) if progress is not None else None,
+        denoising=json.loads(fields["denoising"]) if fields.get("denoising") else None,
         result=json.loads(fields["result"]) if fields.get("result") else None,
         # A PENDING job may carry the error of its previous attempt; only a FAILURE (or REVOKED) shows it.
         error=fields.get("error") if state.shows_error() else None,

@@ -230,11 +230,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise Reject(f"claim failed: {exc}", requeue=True) from exc
 
     def _generate(self, engine: Engine, job_id: str, token: str) -> tuple[dict[str, Any], bytes]:
-        from imagen.generation.base import GenerationTask
+        from imagen.generation.base import GenerationTask, StepMeter
         from imagen.generation.runner import run_task
 
         record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
+        task = GenerationTask.from_dict(record.task)
+        meter = StepMeter(task.steps)
         last: list[tuple[str, int]] = []
 
         def progress(step: str, percent: int) -> None:
@@ -242,7 +244,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             if not last or last[-1] != value:
                 last[:] = [value]
                 try:
-                    outcome = self.store.report_progress(job_id, token, *value)
+                    outcome = self.store.report_progress(job_id, token, *value, meter(*value))
                 except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
                     log.debug("job %s: progress not recorded: %s", job_id, exc)
                     return
@@ -252,7 +254,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
         result = run_task(
             engine,
-            GenerationTask.from_dict(record.task),
+            task,
             record.output_name,
             self.scratch,
             progress,

@@ -21,7 +21,7 @@ from typing import Any
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
-from imagen.generation.base import GenerationTask
+from imagen.generation.base import GenerationTask, ProgressCallback, StepMeter
 from imagen.generation.loader import load_engine
 from imagen.generation.runner import classify_failure, run_task
 from imagen.jobs.embedded.messages import (
@@ -78,14 +78,20 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         return
     send(Ready(engine.device_info()))
 
-    def progress(step: str, percent: int) -> None:
-        send(Progress(step, max(0, min(100, int(percent)))))
-        while conn.poll():  # never blocks: a select() on the pipe
-            match conn.recv():
-                case Cancel():
-                    raise JobCancelled
-                case other:
-                    raise ProtocolError(f"unexpected message during a job: {other!r:.200}")
+    def progress_for(task: GenerationTask) -> ProgressCallback:
+        meter = StepMeter(task.steps)
+
+        def progress(step: str, percent: int) -> None:
+            percent = max(0, min(100, int(percent)))
+            send(Progress(step, percent, meter(step, percent)))
+            while conn.poll():  # never blocks: a select() on the pipe
+                match conn.recv():
+                    case Cancel():
+                        raise JobCancelled
+                    case other:
+                        raise ProtocolError(f"unexpected message during a job: {other!r:.200}")
+
+        return progress
 
     while True:
         try:
@@ -95,13 +101,9 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         match message:
             case RunJob(task=dict() as task_data, output_name=str() as output_name):
                 try:
+                    task = GenerationTask.from_dict(task_data)
                     result = run_task(
-                        engine,
-                        GenerationTask.from_dict(task_data),
-                        output_name,
-                        settings.outputs_dir,
-                        progress,
-                        settings.png_compress_level,
+                        engine, task, output_name, settings.outputs_dir, progress_for(task), settings.png_compress_level
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")

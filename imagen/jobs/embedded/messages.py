@@ -53,6 +53,7 @@ class StartupFailed:
 class Progress:
     step: str
     percent: int  # 0..100
+    denoising: dict[str, Any] | None = None  # while denoising: ``StepMeter``'s current_step, total_steps, eta_s
 
 
 @dataclass(frozen=True)

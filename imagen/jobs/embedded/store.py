@@ -54,10 +54,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
 """
+# Columns added since the first release, for databases created before them.
+ADDED_COLUMNS = {"denoising": "TEXT"}  # JSON, written with each progress report
 
 RUNNING = (JobState.STARTED.value, JobState.PROGRESS.value)
 COLUMNS = (
-    "job_id, state, task, output_name, attempts, progress_step, progress, result, error, "
+    "job_id, state, task, output_name, attempts, progress_step, progress, denoising, result, error, "
     "created_at, started_at, finished_at"
 )
 # Every write of a running job names the owner that claimed it: a late owner (one whose job was taken
@@ -82,7 +84,12 @@ class SqliteJobStore:
         self.clock = clock
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection().executescript(SCHEMA)
+        db = self._connection()
+        db.executescript(SCHEMA)
+        present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     # -- connections ---------------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -190,10 +197,17 @@ class SqliteJobStore:
         self.on_change(record.job_id)
         return record
 
-    def report_progress(self, job_id: str, owner: OwnerToken, step: str, progress: int) -> bool:
+    def report_progress(
+        self, job_id: str, owner: OwnerToken, step: str, progress: int, denoising: dict[str, Any] | None = None
+    ) -> bool:
+        """``denoising`` is only read while ``progress_step`` is set: the writes that clear that leave it."""
         cursor = self._connection().execute(
-            f"UPDATE jobs SET state = ?, progress_step = ?, progress = ?, heartbeat_at = ? WHERE {OWNED}",
-            (JobState.PROGRESS.value, step, progress, self.clock(), job_id, str(owner), *RUNNING),
+            "UPDATE jobs SET state = ?, progress_step = ?, progress = ?, denoising = ?, heartbeat_at = ? "
+            f"WHERE {OWNED}",
+            (
+                JobState.PROGRESS.value, step, progress, json.dumps(denoising) if denoising else None, self.clock(),
+                job_id, str(owner), *RUNNING,
+            ),
         )
         return self._changed(job_id, cursor.rowcount)
 
@@ -304,6 +318,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         progress_step=row["progress_step"],
         progress=row["progress"],
+        denoising=json.loads(row["denoising"]) if row["denoising"] else None,
         result=json.loads(row["result"]) if row["result"] else None,
         # A PENDING job may carry the error of its previous attempt; only a FAILURE (or REVOKED) shows it.
         error=row["error"] if state.shows_error() else None,

@@ -256,8 +256,8 @@ class WorkerSlot(threading.Thread):
     def _handle(self, job: JobRecord, message: object) -> bool:
         """Apply one message from the child; True once the job has ended."""
         match message:
-            case Progress(step=str() as step, percent=int() as percent):
-                if not self.store.report_progress(job.job_id, self.owner, step, percent):
+            case Progress(step=str() as step, percent=int() as percent, denoising=(dict() | None) as denoising):
+                if not self.store.report_progress(job.job_id, self.owner, step, percent, denoising):
                     self._look_for_cancel.set()  # refused: the job is no longer ours; cancelled?
                 return False
             case Done(result=dict() as result):
