@@ -6,23 +6,85 @@ always exactly what ``/status`` answers at that moment (``routes.status_body``).
 event. Event ids count up from the client's ``Last-Event-ID`` (a reconnecting client gets the current
 status at once, with an id above those it saw). sse-starlette sends the keep-alive comments, and stops the
 generator when the client goes away.
+
+Many streams on one job wake together: they share one read of it (``SharedReads``), begun after their
+wake-up, and its encoded body, so 500 streams cost one store read per change, not 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from imagen.jobs.backend import JobBackend
+from imagen.jobs.changes import Watcher
 from imagen.jobs.types import JobRecord
 
 # A change the notifications cannot carry (a record that expired, a write by another process on the same
 # SQLite file, a Redis listener that reconnected) is seen by reading the job again after this long anyway.
 RESYNC_S = 30.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A job as read once for every stream that watches it: its /status body, and that body encoded."""
+
+    job: JobRecord
+    body: dict[str, Any]
+    data: str
+
+
+StatusBody = Callable[[JobRecord], dict[str, Any]]
+
+
+class SharedReads:
+    """One read at a time per job, shared by the streams whose last wake-up came before it began (so it
+    sees the change that woke them). One instance per backend (``for_backend``)."""
+
+    def __init__(self, backend: JobBackend, status_body: StatusBody) -> None:
+        self.backend = backend
+        self.status_body = status_body
+        self._reads: dict[str, tuple[float, asyncio.Future[Snapshot | None]]] = {}
+
+    @classmethod
+    def for_backend(cls, backend: JobBackend, status_body: StatusBody) -> SharedReads:
+        shared = _SHARED_READS.get(backend)
+        if shared is None:
+            shared = _SHARED_READS[backend] = cls(backend, status_body)
+        return shared
+
+    async def read(self, job_id: str, watcher: Watcher) -> Snapshot | None:
+        loop = asyncio.get_running_loop()
+        current = self._reads.get(job_id)
+        if current is None or current[0] < watcher.woken_at or current[1].get_loop() is not loop:
+            future = asyncio.ensure_future(self._read(job_id))
+            current = (loop.time(), future)
+            self._reads[job_id] = current
+            future.add_done_callback(lambda done: self._forget(job_id, done))
+        return await asyncio.shield(current[1])  # a stream that goes away does not cancel the others' read
+
+    async def _read(self, job_id: str) -> Snapshot | None:
+        job = await run_in_threadpool(self.backend.get, job_id)
+        if job is None:
+            return None
+        body = self.status_body(job)
+        # encoded as /status encodes it (Starlette's JSONResponse)
+        return Snapshot(job, body, json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+
+    def _forget(self, job_id: str, done: asyncio.Future[Snapshot | None]) -> None:
+        current = self._reads.get(job_id)
+        if current is not None and current[1] is done:
+            del self._reads[job_id]
+
+
+_SHARED_READS: weakref.WeakKeyDictionary[JobBackend, SharedReads] = weakref.WeakKeyDictionary()
 
 
 def first_event_id(last_event_id: str | None) -> int:
@@ -36,23 +98,21 @@ def first_event_id(last_event_id: str | None) -> int:
 async def status_events(
     backend: JobBackend,
     job_id: str,
-    status_body: Callable[[JobRecord], dict[str, Any]],
+    status_body: StatusBody,
     first_id: int,
 ) -> AsyncIterator[ServerSentEvent]:
+    reads = SharedReads.for_backend(backend, status_body)
     next_id = first_id
-    sent: dict[str, Any] | None = None
+    sent: str | None = None
     async with backend.changes(job_id) as watcher:  # listening before the first read: nothing is missed
         while True:
-            job = await run_in_threadpool(backend.get, job_id)
-            if job is None:  # expired while watched
+            snapshot = await reads.read(job_id, watcher)
+            if snapshot is None:  # expired while watched
                 return
-            body = status_body(job)
-            if body != sent:
-                # encoded as /status encodes it (Starlette's JSONResponse)
-                data = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-                yield ServerSentEvent(data, event="status", id=str(next_id))
+            if snapshot.data != sent:
+                yield ServerSentEvent(snapshot.data, event="status", id=str(next_id))
                 next_id += 1
-                sent = body
-            if job.state.is_terminal():
+                sent = snapshot.data
+            if snapshot.job.state.is_terminal():
                 return
             await watcher.wait(RESYNC_S)

@@ -29,10 +29,16 @@ class Watcher:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._changed = asyncio.Event()
+        # Loop time of the last notification (at first, of the subscription): a read begun since sees it.
+        self.woken_at = loop.time()
 
     def notify(self) -> None:
         """From any thread."""
-        self.loop.call_soon_threadsafe(self._changed.set)
+        self.loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
+        self.woken_at = self.loop.time()
+        self._changed.set()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for a change (True) or the timeout (False); the flag is cleared either way."""
