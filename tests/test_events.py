@@ -10,14 +10,16 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from imagen.generation.base import StepMeter
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
-from tests.celery_support import shared_redis
+from tests.celery_support import RedisServer, shared_redis, start_celery_system
 from tests.conftest import submit, wait_for, wait_status
 from tests.test_job_contract import job_system
 
@@ -183,3 +185,34 @@ def test_fifty_streams_on_one_job_all_get_the_terminal_event(job_system: Callabl
     for events in results:
         assert events[-1].data == final
     wait_for(lambda: client.app.state.backend.feed.watched() == 0, timeout=5)  # every watcher gone
+
+
+def test_a_quiet_stream_gets_keep_alive_comments(job_system: Callable[..., TestClient]) -> None:
+    client = job_system(events_ping_s=0.2)
+    job_id = submit(client, "sleep 1.5", steps=10)
+    with client.stream("GET", f"/events/{job_id}") as response:
+        comments = [line for line in response.iter_lines() if line.startswith(":")]
+    assert len(comments) >= 3, comments
+
+
+def test_streams_outlive_a_lost_redis_subscription(
+    shared_redis: RedisServer,
+    tmp_path: Path,
+    reference_registry: Path,
+    make_client: Callable[..., TestClient],
+    request: pytest.FixtureRequest,
+) -> None:
+    """The API's pub/sub connection is killed mid-job: the listener subscribes again and the stream goes on
+    (without it, the stream would only learn the end at its next resync, 30 s later)."""
+    client = start_celery_system(shared_redis, tmp_path, reference_registry, make_client, request)()
+    job_id = submit(client, "sleep 3", steps=10)
+    wait_status(client, job_id, {"PROGRESS"})
+    box: dict[str, list[Event]] = {}
+    reader = threading.Thread(target=lambda: box.setdefault("events", read_events(client, job_id)))
+    reader.start()
+    feed = client.app.state.backend.feed
+    wait_for(lambda: feed.watched() == 1)
+    assert shared_redis.client().client_kill_filter(_type="pubsub") >= 1
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the stream missed the job's end"
+    assert box["events"][-1].data["status"] == "SUCCESS"
