@@ -6,6 +6,7 @@ event. Every event's data is compared with what /status answers, the one shape b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable
@@ -19,8 +20,8 @@ from fastapi.testclient import TestClient
 
 from imagen.generation.base import StepMeter
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
-from tests.celery_support import RedisServer, shared_redis, start_celery_system
-from tests.conftest import submit, wait_for, wait_status
+from tests.celery_support import TEST_LOCK_TTL_S, CeleryCluster, RedisServer, shared_redis, start_celery_system
+from tests.conftest import ServerProcess, submit, wait_for, wait_status
 from tests.test_job_contract import job_system
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
@@ -216,3 +217,51 @@ def test_streams_outlive_a_lost_redis_subscription(
     reader.join(timeout=10)
     assert not reader.is_alive(), "the stream missed the job's end"
     assert box["events"][-1].data["status"] == "SUCCESS"
+
+
+async def follow_raw(port: int, job_id: str) -> bytes:
+    """One stream over a raw socket (500 of them are cheap), read until its HTTP body ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /events/{job_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    received = b""
+    try:
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the last chunk: the server ended the stream
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        writer.close()
+    return received
+
+
+@pytest.mark.parametrize("backend", ["embedded", "celery"])
+def test_five_hundred_streams_on_one_job_in_a_real_server(
+    backend: str,
+    make_server: Callable[..., ServerProcess],
+    tmp_path: Path,
+    reference_registry: Path,
+    make_client: Callable[..., TestClient],
+    request: pytest.FixtureRequest,
+) -> None:
+    settings: dict[str, str] = {}
+    if backend == "celery":
+        redis_server: RedisServer = request.getfixturevalue("shared_redis")
+        redis_server.client().flushall()
+        cluster = CeleryCluster(redis_server, tmp_path, reference_registry, make_client)
+        request.addfinalizer(cluster.stop)
+        cluster.start_worker()
+        settings = {"broker_url": redis_server.url, "job_lock_ttl_s": str(TEST_LOCK_TTL_S)}
+    server = make_server(**settings)
+    server.start()
+    with server.client() as client:
+        job_id = submit(client, "sleep 3", steps=10)
+
+        async def follow_all() -> list[bytes]:
+            return await asyncio.wait_for(asyncio.gather(*(follow_raw(server.port, job_id) for _ in range(500))), 60)
+
+        bodies = asyncio.run(follow_all())
+        final = client.get(f"/status/{job_id}").json()
+    assert final["status"] == "SUCCESS"
+    last_event = ("data: " + json.dumps(final, ensure_ascii=False, separators=(",", ":"))).encode()
+    assert all(last_event in body for body in bodies)
