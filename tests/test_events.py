@@ -104,7 +104,7 @@ def test_events_follow_a_job_from_pending_to_success(job_system: Callable[..., T
     denoising = [m for m in metas if m["step"] == "generation_gpu"]
     assert {m["total_steps"] for m in denoising} == {10}
     assert [m["current_step"] for m in denoising] == sorted(m["current_step"] for m in denoising)
-    assert all(m["eta_s"] is None or 0 <= m["eta_s"] <= 2 for m in denoising)
+    assert all(m["eta_s"] is None or 0 <= m["eta_s"] <= 5 for m in denoising)  # a 1 s job
     assert any(m["eta_s"] for m in denoising)
     assert events[-1].data["result"]["filename"]
 
