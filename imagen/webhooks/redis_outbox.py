@@ -19,6 +19,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from imagen.errors import BrokerUnavailableError
+from imagen.jobs.distributed.store import hold_lease
 from imagen.webhooks.events import Delivery, EventName, Subscription
 from imagen.webhooks.outbox import Outbox
 
@@ -197,13 +198,7 @@ class RedisOutbox(Outbox):
         return {delivery_id: int(count or 0) for delivery_id, count in zip(ids, attempts, strict=True)}
 
     def lead(self, holder: str, ttl_s: float) -> bool:
-        ttl_ms = max(1, int(ttl_s * 1000))
-        if self.client.set(WATCHER, holder, nx=True, px=ttl_ms):
-            return True
-        if cast(bytes | None, self.client.get(WATCHER)) == holder.encode():
-            self.client.pexpire(WATCHER, ttl_ms)
-            return True
-        return False
+        return hold_lease(self.client, WATCHER, holder, ttl_s)
 
     def close(self) -> None:
         self.client.close()

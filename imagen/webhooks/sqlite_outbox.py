@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
+from imagen.jobs.embedded.sqlite import SqliteFile
 from imagen.webhooks.events import Delivery, EventName, Subscription
 from imagen.webhooks.outbox import Outbox
 
@@ -47,42 +45,19 @@ DELIVERY_COLUMNS = "id, job_id, url, body, retry, created_at, attempts, next_at"
 class SqliteOutbox(Outbox):
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection().executescript(SCHEMA)
-
-    def _connection(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self.file = SqliteFile(path, SCHEMA)
 
     def subscribe(self, sub: Subscription) -> None:
-        self._connection().execute(
+        self.file.connection().execute(
             "INSERT OR REPLACE INTO webhook_subscriptions (job_id, url, events, created_at) VALUES (?, ?, ?, ?)",
             (sub.job_id, sub.url, json.dumps(sorted(sub.events)), sub.created_at),
         )
 
     def unsubscribe(self, job_id: str) -> None:
-        self._connection().execute("DELETE FROM webhook_subscriptions WHERE job_id = ?", (job_id,))
+        self.file.connection().execute("DELETE FROM webhook_subscriptions WHERE job_id = ?", (job_id,))
 
     def subscriptions(self) -> list[Subscription]:
-        rows = self._connection().execute("SELECT * FROM webhook_subscriptions ORDER BY created_at").fetchall()
+        rows = self.file.connection().execute("SELECT * FROM webhook_subscriptions ORDER BY created_at").fetchall()
         return [
             Subscription(
                 job_id=row["job_id"],
@@ -97,7 +72,7 @@ class SqliteOutbox(Outbox):
         ]
 
     def update_subscription(self, sub: Subscription) -> None:
-        self._connection().execute(
+        self.file.connection().execute(
             "UPDATE webhook_subscriptions SET started_sent = ?, progress_sent_at = ?, progress_seen = ? "
             "WHERE job_id = ?",
             (int(sub.started_sent), sub.progress_sent_at, sub.progress_seen, sub.job_id),
@@ -114,10 +89,10 @@ class SqliteOutbox(Outbox):
         )  # fmt: skip
 
     def enqueue(self, delivery: Delivery) -> None:
-        self._insert(self._connection(), delivery)
+        self._insert(self.file.connection(), delivery)
 
     def conclude(self, job_id: str, delivery: Delivery | None) -> bool:
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             ended = db.execute("DELETE FROM webhook_subscriptions WHERE job_id = ?", (job_id,)).rowcount == 1
             if ended and delivery is not None:
                 self._insert(db, delivery)
@@ -126,7 +101,7 @@ class SqliteOutbox(Outbox):
     def claim_due(self, now: float, limit: int, lease_s: float) -> list[Delivery]:
         if limit <= 0:
             return []
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             rows = db.execute(
                 f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE next_at <= ? AND claimed_until < ? "
                 "ORDER BY next_at LIMIT ?",
@@ -144,20 +119,17 @@ class SqliteOutbox(Outbox):
         ]  # fmt: skip
 
     def reschedule(self, delivery_id: str, attempts: int, next_at: float) -> None:
-        self._connection().execute(
+        self.file.connection().execute(
             "UPDATE webhook_deliveries SET attempts = ?, next_at = ?, claimed_until = 0 WHERE id = ?",
             (attempts, next_at, delivery_id),
         )
 
     def remove(self, delivery_id: str) -> None:
-        self._connection().execute("DELETE FROM webhook_deliveries WHERE id = ?", (delivery_id,))
+        self.file.connection().execute("DELETE FROM webhook_deliveries WHERE id = ?", (delivery_id,))
 
     def pending(self) -> dict[str, int]:
-        rows = self._connection().execute("SELECT id, attempts FROM webhook_deliveries").fetchall()
+        rows = self.file.connection().execute("SELECT id, attempts FROM webhook_deliveries").fetchall()
         return {row["id"]: row["attempts"] for row in rows}
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.file.close()

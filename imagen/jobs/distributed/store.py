@@ -194,6 +194,18 @@ class _Snapshot:
         return self.state in RUNNING_STATES
 
 
+def hold_lease(client: redis.Redis, key: str, holder: str, ttl_s: float) -> bool:
+    """A role one process at a time holds (reconciling, watching webhooks): take ``key`` for ``ttl_s`` if it
+    is free, extend it if ``holder`` has it already; False while another holder has it."""
+    ttl_ms = max(1, int(ttl_s * 1000))
+    if client.set(key, holder, nx=True, px=ttl_ms):
+        return True
+    if cast(bytes | None, client.get(key)) == holder.encode():
+        client.pexpire(key, ttl_ms)
+        return True
+    return False
+
+
 class RedisJobStore:
     """Job records and queue bookkeeping; every method is one round trip (or a few, for scans)."""
 
@@ -345,13 +357,7 @@ class RedisJobStore:
 
     def try_lead(self, role_key: str, holder: str, ttl_s: float) -> bool:
         """Hold ``role_key`` for ``ttl_s`` (taking it if free, extending it if ours)."""
-        ttl_ms = max(1, int(ttl_s * 1000))
-        if self.client.set(role_key, holder, nx=True, px=ttl_ms):
-            return True
-        if cast(bytes | None, self.client.get(role_key)) == holder.encode():
-            self.client.pexpire(role_key, ttl_ms)
-            return True
-        return False
+        return hold_lease(self.client, role_key, holder, ttl_s)
 
     # -- API side: images ------------------------------------------------------------------------
     def get_png(self, output_name: str) -> bytes | None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
+from imagen.jobs.embedded.sqlite import SqliteFile
 from imagen.jobs.lifecycle import (
     CANCELLED_BY_CLIENT,
     AttemptPolicy,
@@ -82,48 +81,16 @@ class SqliteJobStore:
         self.policy = policy
         self.result_ttl_s = result_ttl_s
         self.clock = clock
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = self._connection()
-        db.executescript(SCHEMA)
+        self.file = SqliteFile(path, SCHEMA)
+        db = self.file.connection()
         present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
-    # -- connections ---------------------------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives any crash of a process; only the submission (below) also waits
-            # for the disk, so an acknowledged job survives a power cut too. Progress writes stay cheap.
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        if durable:
-            db.execute("PRAGMA synchronous=FULL")
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            if durable:
-                db.execute("PRAGMA synchronous=NORMAL")
-
     # -- API side ------------------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int) -> Submitted:
-        with self._transaction(durable=True) as db:
+        with self.file.transaction(durable=True) as db:
             ahead = self.count_waiting()  # same connection: counted inside this transaction
             if ahead >= max_queue:
                 raise QueueFullError(f"{ahead} jobs waiting (max {max_queue})")
@@ -134,7 +101,7 @@ class SqliteJobStore:
         return Submitted(job_id=job.job_id, position=ahead + 1)
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._connection().execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = self.file.connection().execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             return None
         record = _record(row)
@@ -145,7 +112,7 @@ class SqliteJobStore:
     def cancel(self, job_id: str) -> JobState | None:
         """Apply ``lifecycle.cancel_verdict`` in one transaction: the job's state afterwards, or None when
         unknown. A running job loses its owner, so its worker's next write is refused and it stops."""
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             record = self.get(job_id)  # same connection: read inside this transaction
             if record is None:
                 return None
@@ -161,13 +128,13 @@ class SqliteJobStore:
         return verdict.state
 
     def count_waiting(self) -> int:
-        row = self._connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
         return int(row.fetchone()[0])
 
     def position(self, job_id: str) -> int | None:
         """1 + the number of waiting jobs queued before this one; None if it is not waiting."""
         row = (
-            self._connection()
+            self.file.connection()
             .execute(
                 "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= "
                 "(SELECT seq FROM jobs WHERE job_id = ? AND state = ?)",
@@ -181,7 +148,7 @@ class SqliteJobStore:
     def claim_next(self, owner: OwnerToken) -> JobRecord | None:
         """The oldest waiting job, now STARTED by ``owner`` (its attempt counted); None if none waits."""
         now = self.clock()
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             row = db.execute(
                 "SELECT seq FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.PENDING.value,)
             ).fetchone()
@@ -201,7 +168,7 @@ class SqliteJobStore:
         self, job_id: str, owner: OwnerToken, step: str, progress: int, denoising: dict[str, Any] | None = None
     ) -> bool:
         """``denoising`` is only read while ``progress_step`` is set: the writes that clear that leave it."""
-        cursor = self._connection().execute(
+        cursor = self.file.connection().execute(
             "UPDATE jobs SET state = ?, progress_step = ?, progress = ?, denoising = ?, heartbeat_at = ? "
             f"WHERE {OWNED}",
             (
@@ -212,13 +179,13 @@ class SqliteJobStore:
         return self._changed(job_id, cursor.rowcount)
 
     def heartbeat(self, job_id: str, owner: OwnerToken) -> bool:
-        cursor = self._connection().execute(
+        cursor = self.file.connection().execute(
             f"UPDATE jobs SET heartbeat_at = ? WHERE {OWNED}", (self.clock(), job_id, str(owner), *RUNNING)
         )
         return cursor.rowcount == 1
 
     def complete(self, job_id: str, owner: OwnerToken, result: dict[str, Any]) -> bool:
-        cursor = self._connection().execute(
+        cursor = self.file.connection().execute(
             "UPDATE jobs SET state = ?, result = ?, error = NULL, finished_at = ?, owner = NULL, "
             f"progress_step = NULL, progress = NULL WHERE {OWNED}",
             (JobState.SUCCESS.value, json.dumps(result), self.clock(), job_id, str(owner), *RUNNING),
@@ -240,7 +207,7 @@ class SqliteJobStore:
 
     def release(self, job_id: str, owner: OwnerToken) -> bool:
         """Give a running job back to the queue without counting the attempt (clean shutdown)."""
-        cursor = self._connection().execute(
+        cursor = self.file.connection().execute(
             "UPDATE jobs SET state = ?, owner = NULL, attempts = MAX(attempts - 1, 0), progress_step = NULL, "
             f"progress = NULL WHERE {OWNED}",
             (JobState.PENDING.value, job_id, str(owner), *RUNNING),
@@ -252,7 +219,7 @@ class SqliteJobStore:
         verdict for a lost owner: back to the queue, or FAILURE (attempts used up, or past the timeout)."""
         now = self.clock()
         verdicts = {}
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             rows = db.execute(
                 "SELECT job_id, owner, heartbeat_at, attempts, started_at FROM jobs WHERE state IN (?, ?)",
                 RUNNING,
@@ -271,7 +238,7 @@ class SqliteJobStore:
         return verdicts
 
     def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
-        with self._transaction() as db:
+        with self.file.transaction() as db:
             row = db.execute(f"SELECT attempts FROM jobs WHERE {OWNED}", (job_id, str(owner), *RUNNING)).fetchone()
             if row is None:
                 return None
@@ -298,14 +265,11 @@ class SqliteJobStore:
 
     def purge_expired(self) -> int:
         cutoff = self.clock() - self.result_ttl_s
-        cursor = self._connection().execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+        cursor = self.file.connection().execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
         return cursor.rowcount
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.file.close()
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
