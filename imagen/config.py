@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     events_ping_s: float = Field(
         15.0, gt=0, description="Keep-alive comment interval of `GET /events` streams (seconds)."
     )
+    preview_every_steps: int = Field(
+        5,
+        ge=1,
+        description="`GET /events?preview=1`: a preview image every this many denoising steps.",
+    )
 
     # --- webhooks ---------------------------------------------------------------------------
     webhook_secret: str | None = Field(

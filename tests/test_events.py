@@ -44,12 +44,14 @@ def read_events(
     *,
     last_event_id: str | None = None,
     stop_after: int | None = None,
+    preview: bool = False,
 ) -> list[Event]:
     """The stream's events until it closes (or the first ``stop_after``); asserts it is an event stream."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    params = {"preview": "1"} if preview else {}
     events: list[Event] = []
     fields: dict[str, str] = {}
-    with client.stream("GET", f"/events/{job_id}", headers=headers) as response:
+    with client.stream("GET", f"/events/{job_id}", headers=headers, params=params) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():

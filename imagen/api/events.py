@@ -7,6 +7,9 @@ event. Event ids count up from the client's ``Last-Event-ID`` (a reconnecting cl
 status at once, with an id above those it saw). sse-starlette sends the keep-alive comments, and stops the
 generator when the client goes away.
 
+With ``?preview=1`` the stream also sends ``preview`` events, ``{"step": n, "image": "data:image/jpeg;
+base64,..."}``, as the watcher receives them (the latest one at each wake-up; they are not in the job).
+
 Many streams on one job wake together: they share one read of it (``SharedReads``), begun after their
 wake-up, and its encoded body, so 500 streams cost one store read per change, not 500.
 """
@@ -14,6 +17,7 @@ wake-up, and its encoded body, so 500 streams cost one store read per change, no
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -100,12 +104,18 @@ async def status_events(
     job_id: str,
     status_body: StatusBody,
     first_id: int,
+    previews: bool = False,
 ) -> AsyncIterator[ServerSentEvent]:
     reads = SharedReads.for_backend(backend, status_body)
     next_id = first_id
     sent: str | None = None
-    async with backend.changes(job_id) as watcher:  # listening before the first read: nothing is missed
+    # listening before the first read: nothing is missed
+    async with backend.changes(job_id, previews) as watcher:
         while True:
+            preview = watcher.take_preview()
+            if preview is not None:
+                yield ServerSentEvent(preview_data(*preview), event="preview", id=str(next_id))
+                next_id += 1
             snapshot = await reads.read(job_id, watcher)
             if snapshot is None:  # expired while watched
                 return
@@ -116,3 +126,9 @@ async def status_events(
             if snapshot.job.state.is_terminal():
                 return
             await watcher.wait(RESYNC_S)
+
+
+def preview_data(step: int, jpeg: bytes) -> str:
+    """A ``preview`` event's data."""
+    image = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+    return json.dumps({"step": step, "image": image}, separators=(",", ":"))

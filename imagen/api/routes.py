@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette import EventSourceResponse
@@ -61,6 +61,27 @@ _STATUS_EVENT: dict[str, Any] = {
             "type": "string",
             "contentMediaType": "application/json",
             "contentSchema": {"$ref": "#/components/schemas/JobStatus"},
+        },
+    },
+}
+
+_PREVIEW_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"const": "preview"},
+        "id": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["step", "image"],
+                "properties": {
+                    "step": {"type": "integer", "description": "The denoising step it shows (from 1)."},
+                    "image": {"type": "string", "description": "data:image/jpeg;base64,... at most 256 px."},
+                },
+            },
         },
     },
 }
@@ -132,8 +153,9 @@ def status(job_id: str, backend: BackendDep) -> JSONResponse:
     response_class=EventSourceResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"itemSchema": _STATUS_EVENT}},
-            "description": "`status` events (data: the /status JSON) on each change, until the terminal one.",
+            "content": {"text/event-stream": {"itemSchema": {"oneOf": [_STATUS_EVENT, _PREVIEW_EVENT]}}},
+            "description": "`status` events (data: the /status JSON) on each change, until the terminal one; "
+            "`preview` events too with `?preview=1`.",
         },
         404: _NOT_FOUND,
     },
@@ -143,12 +165,16 @@ async def events(
     backend: BackendDep,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(include_in_schema=False)] = None,
+    preview: Annotated[
+        bool, Query(description="Also send `preview` events: a small JPEG of the image every few steps.")
+    ] = False,
 ) -> EventSourceResponse:
     """Live progress: a `status` event at once and on every change of state or progress; the stream ends
     after the terminal event (SUCCESS, FAILURE, REVOKED)."""
     await run_in_threadpool(_find, backend, job_id)  # an unknown id: 404 JSON, not a stream
     return EventSourceResponse(
-        status_events(backend, job_id, status_body, first_event_id(last_event_id)), ping=settings.events_ping_s
+        status_events(backend, job_id, status_body, first_event_id(last_event_id), previews=preview),
+        ping=settings.events_ping_s,
     )
 
 

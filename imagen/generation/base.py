@@ -93,6 +93,10 @@ class GeneratedImage:
         return np.asarray(rgb)
 
 
+# preview(step, jpeg): a small JPEG of the image as it stands after denoising step ``step`` (1-based), for
+# ``GET /events?preview=1``. Event-only: never stored, and lost when nobody listens.
+PreviewCallback = Callable[[int, bytes], None]
+
 # progress(step_name, percent 0-100). It raises ``imagen.errors.JobCancelled`` once the job is cancelled:
 # engines call it at least once per denoising step and let that exception pass.
 ProgressCallback = Callable[[str, int], None]
@@ -131,6 +135,10 @@ class DeviceInfo:
 
 class Engine(ABC):
     """A generation engine, built once per worker process and reused for every job it runs."""
+
+    # Where the running job's previews go (every ``settings.preview_every_steps`` denoising steps), set by
+    # ``runner.run_task`` for the job's duration; an engine that makes none ignores it.
+    preview: PreviewCallback | None = None
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry

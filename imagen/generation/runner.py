@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import GenerationError
-from imagen.generation.base import STEP_SAVING, Engine, GenerationTask, ProgressCallback
+from imagen.generation.base import STEP_SAVING, Engine, GenerationTask, PreviewCallback, ProgressCallback
 from imagen.outputs.png import save_png
 
 
@@ -51,12 +51,17 @@ def run_task(
     outputs_dir: Path,
     progress: ProgressCallback,
     png_compress_level: int = 1,
+    preview: PreviewCallback | None = None,
 ) -> dict[str, Any]:
     """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS. A cancelled job
     (``JobCancelled`` from ``progress``, the last time just before saving) writes no PNG."""
     started_at = time.time()
     timer = PhaseTimer(progress)
-    generated = engine.generate(task, timer)
+    engine.preview = preview
+    try:
+        generated = engine.generate(task, timer)
+    finally:
+        engine.preview = None
     timer(STEP_SAVING, 100)
     metadata: dict[str, Any] = {**task.as_dict(), **generated.extra_metadata}
     save_png(generated.rgb_pixels(), metadata, outputs_dir, output_name, png_compress_level)

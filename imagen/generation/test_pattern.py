@@ -21,6 +21,7 @@ from imagen.generation.base import (
     GenerationTask,
     ProgressCallback,
 )
+from imagen.generation.preview import encode_preview, wants_preview
 
 
 class TestPatternEngine(Engine):
@@ -42,8 +43,11 @@ class TestPatternEngine(Engine):
         pixels = np.ascontiguousarray(tile.repeat(scale, axis=0).repeat(scale, axis=1)[:size, :size])
         image = Image.fromarray(pixels, "RGB")
         step_seconds = self.settings.test_pattern_seconds / task.steps
+        preview = self.preview
         for step in range(task.steps):
             progress(STEP_GENERATION, int(100 * step / task.steps))
+            if preview is not None and wants_preview(step + 1, self.settings.preview_every_steps):
+                preview(step + 1, encode_preview(tile))  # a tiny synthetic preview: the 16 px tile
             remaining = start + (step + 1) * step_seconds - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)

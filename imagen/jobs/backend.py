@@ -38,10 +38,10 @@ class JobBackend(ABC):
     def health(self) -> BackendHealth: ...
 
     @abstractmethod
-    def changes(self, job_id: str) -> AbstractAsyncContextManager[Watcher]:
+    def changes(self, job_id: str, previews: bool = False) -> AbstractAsyncContextManager[Watcher]:
         """On the event loop: a ``Watcher`` woken whenever the job may have changed, for the block's
         duration. It listens from the moment the block is entered, so a change after that is never missed
-        (read the job inside the block)."""
+        (read the job inside the block). With ``previews``, it also receives the job's preview images."""
 
     def ensure_output(self, filename: str) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Make sure a finished image is in this API's outputs folder before it is served. The embedded

@@ -50,7 +50,9 @@ from imagen.generation.diffusers.ip_adapter import (
 )
 from imagen.generation.diffusers.loading import load_pipeline, place_pipeline, resolve_device, resolve_dtype
 from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
+from imagen.generation.diffusers.preview import latents_preview
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
+from imagen.generation.preview import wants_preview
 from imagen.registry import LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -184,8 +186,11 @@ class DiffusersEngine(Engine):
 
         steps = task.steps
         cancelled: list[JobCancelled] = []
+        preview, every = self.preview, self.settings.preview_every_steps
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if preview is not None and wants_preview(step + 1, every):
+                preview(step + 1, latents_preview(kwargs["latents"]))
             try:
                 progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
             except JobCancelled as exc:

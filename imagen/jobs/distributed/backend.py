@@ -134,8 +134,8 @@ class CeleryBackend(JobBackend):
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     @asynccontextmanager
-    async def changes(self, job_id: str) -> AsyncIterator[Watcher]:
-        with self.feed.watch(job_id) as watcher:
+    async def changes(self, job_id: str, previews: bool = False) -> AsyncIterator[Watcher]:
+        with self.feed.watch(job_id, previews) as watcher:
             await self._changes.ensure_listening()
             yield watcher
 

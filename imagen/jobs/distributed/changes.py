@@ -4,7 +4,8 @@ The store publishes a job's id right after each script that changes it, whicheve
 worker on any host, a replica's reaper, a cancel). Each API process subscribes once, with redis.asyncio on
 its event loop, and fans the ids out to its own streams through a ``ChangeFeed``: 500 streams cost one
 connection. It starts with the first stream, and reconnects on its own; after a reconnect it wakes every
-stream, since what changed in between was not heard.
+stream, since what changed in between was not heard. The same connection listens to the workers' preview
+images (``store.PREVIEWS_CHANNEL``), handed to the streams that asked for them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import redis.asyncio
 
 from imagen.jobs.changes import ChangeFeed
-from imagen.jobs.distributed.store import CHANGES_CHANNEL
+from imagen.jobs.distributed.store import CHANGES_CHANNEL, PREVIEWS_CHANNEL
 
 log = logging.getLogger("imagen.jobs")
 
@@ -51,6 +52,10 @@ class RedisChangeListener:
             with contextlib.suppress(RuntimeError):  # its loop is closed: the task is gone with it
                 loop.call_soon_threadsafe(task.cancel)
 
+    def _preview(self, data: bytes) -> None:
+        job_id, step, jpeg = data.split(b" ", 2)
+        self.feed.publish_preview(job_id.decode(), int(step), jpeg)
+
     async def _listen_forever(self) -> None:
         delay = 0.5
         while True:
@@ -59,12 +64,17 @@ class RedisChangeListener:
             )
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANGES_CHANNEL)
+                    await pubsub.subscribe(CHANGES_CHANNEL, PREVIEWS_CHANNEL)
+                    confirmed = 0
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":  # Redis confirmed: nothing published after is missed
-                            self._subscribed.set()
-                            self.feed.publish_all()
-                            delay = 0.5
+                            confirmed += 1
+                            if confirmed == 2:
+                                self._subscribed.set()
+                                self.feed.publish_all()
+                                delay = 0.5
+                        elif message["type"] == "message" and message["channel"] == PREVIEWS_CHANNEL.encode():
+                            self._preview(message["data"])
                         elif message["type"] == "message":
                             self.feed.publish(message["data"].decode())
             except (redis.RedisError, OSError) as exc:

@@ -75,6 +75,8 @@ REPLICAS = PREFIX + "replicas"
 HOUSEKEEPER = PREFIX + "housekeeper"
 WORKER_PATTERN = PREFIX + "worker:*"
 CHANGES_CHANNEL = PREFIX + "changes"
+# A job's preview images (GET /events?preview=1): "<job_id> <step> " then the JPEG bytes. Event-only: no key.
+PREVIEWS_CHANNEL = PREFIX + "previews"
 # The scripts that change a job's state or progress; their first key is the job's record.
 CHANGING_SCRIPTS = frozenset({"confirm", "claim", "settle", "progress", "complete", "cancel"})
 # How long a new record lives before its message must be confirmed published. The API's Redis calls time out
@@ -481,6 +483,10 @@ class RedisJobStore:
                 return Claim("claimed", attempts=int(answer[1]))
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
         return Claim("busy")
+
+    def publish_preview(self, job_id: str, step: int, jpeg: bytes) -> None:
+        """Hand a preview image to the API processes' listeners (nothing is stored; nobody listening: lost)."""
+        self.client.publish(PREVIEWS_CHANNEL, f"{job_id} {step} ".encode() + jpeg)
 
     def report_progress(
         self, job_id: str, token: str, step: str, percent: int, denoising: dict[str, Any] | None = None

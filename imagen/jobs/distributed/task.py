@@ -251,6 +251,12 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 if outcome == "cancelled":  # the write itself says so: no extra round trip per step
                     raise JobCancelled
 
+        def preview(step: int, jpeg: bytes) -> None:
+            try:
+                self.store.publish_preview(job_id, step, jpeg)
+            except redis.RedisError as exc:  # a preview is advisory too
+                log.debug("job %s: preview not published: %s", job_id, exc)
+
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
         result = run_task(
             engine,
@@ -259,6 +265,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             self.scratch,
             progress,
             self.settings.png_compress_level,
+            preview,
         )
         path = self.scratch / record.output_name
         try:

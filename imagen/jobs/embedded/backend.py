@@ -80,8 +80,8 @@ class EmbeddedBackend(JobBackend):
         return state
 
     @asynccontextmanager
-    async def changes(self, job_id: str) -> AsyncIterator[Watcher]:
-        with self.feed.watch(job_id) as watcher:
+    async def changes(self, job_id: str, previews: bool = False) -> AsyncIterator[Watcher]:
+        with self.feed.watch(job_id, previews) as watcher:
             yield watcher
 
     def health(self) -> BackendHealth:
@@ -99,6 +99,7 @@ class EmbeddedBackend(JobBackend):
             owner=self.owner,
             wakeups=self.wakeups,
             stopping=self._stopping,
+            on_preview=self.feed.publish_preview,
         )
         slot.start()
         return slot

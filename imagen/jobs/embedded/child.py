@@ -30,6 +30,7 @@ from imagen.jobs.embedded.messages import (
     Done,
     Failed,
     FromChild,
+    Preview,
     Progress,
     ProtocolError,
     Ready,
@@ -103,7 +104,13 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                 try:
                     task = GenerationTask.from_dict(task_data)
                     result = run_task(
-                        engine, task, output_name, settings.outputs_dir, progress_for(task), settings.png_compress_level
+                        engine,
+                        task,
+                        output_name,
+                        settings.outputs_dir,
+                        progress_for(task),
+                        settings.png_compress_level,
+                        preview=lambda step, jpeg: send(Preview(step, jpeg)),
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")

@@ -6,7 +6,7 @@ not unpickle, is an error of the protocol, never a guess.
 
     slot -> child:  RunJob | Cancel | Stop
     child -> slot:  Ready | StartupFailed   (once, after loading the engine)
-                    Progress* then Done | Failed | Cancelled   (per RunJob)
+                    (Progress | Preview)* then Done | Failed | Cancelled   (per RunJob)
 
 ``Cancel`` is sent while a job runs, at most once per job; the child reads it, without blocking, each time
 the engine reports progress, and ends the job with ``Cancelled`` (no image). The pipe keeps messages in
@@ -57,6 +57,15 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A small JPEG of the image after denoising step ``step``: for ``GET /events?preview=1`` only, never
+    stored (the slot hands it to the in-process change feed)."""
+
+    step: int
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
 class Done:
     result: dict[str, Any]  # the ``result`` object of /status
 
@@ -73,7 +82,7 @@ class Cancelled:
 
 
 ToChild = RunJob | Cancel | Stop
-FromChild = Ready | StartupFailed | Progress | Done | Failed | Cancelled
+FromChild = Ready | StartupFailed | Progress | Preview | Done | Failed | Cancelled
 
 
 class ProtocolError(Exception):

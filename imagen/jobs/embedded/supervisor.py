@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -34,6 +35,7 @@ from imagen.jobs.embedded.messages import (
     Cancelled,
     Done,
     Failed,
+    Preview,
     Progress,
     ProtocolError,
     Ready,
@@ -100,6 +102,7 @@ class WorkerSlot(threading.Thread):
         owner: OwnerToken,
         wakeups: Wakeups,
         stopping: threading.Event,
+        on_preview: Callable[[str, int, bytes], None] = lambda _job_id, _step, _jpeg: None,
     ) -> None:
         super().__init__(name=f"imagen-worker-{index}", daemon=True)
         self.index = index
@@ -108,6 +111,7 @@ class WorkerSlot(threading.Thread):
         self.owner = owner.with_slot(str(index))
         self.wakeups = wakeups
         self.stopping = stopping
+        self.on_preview = on_preview  # (job_id, step, jpeg): to the live streams that asked for previews
         self.device: DeviceInfo | None = None  # set once its child's engine is loaded
         self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
@@ -259,6 +263,9 @@ class WorkerSlot(threading.Thread):
             case Progress(step=str() as step, percent=int() as percent, denoising=(dict() | None) as denoising):
                 if not self.store.report_progress(job.job_id, self.owner, step, percent, denoising):
                     self._look_for_cancel.set()  # refused: the job is no longer ours; cancelled?
+                return False
+            case Preview(step=int() as step, jpeg=bytes() as jpeg):
+                self.on_preview(job.job_id, step, jpeg)
                 return False
             case Done(result=dict() as result):
                 if self.store.complete(job.job_id, self.owner, result):

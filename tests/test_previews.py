@@ -1,0 +1,113 @@
+"""``GET /events/{job_id}?preview=1`` (issue 9): preview images on both job systems, and from real latents.
+
+Transport: the job-system engines (the test pattern underneath) send a tiny synthetic preview every
+``preview_every_steps`` steps; a stream that asked for previews receives them as ``preview`` events whose
+image decodes to a small JPEG, a stream that did not gets none. The diffusers engine makes them from its
+latents (SDXL's linear latent-to-RGB map), checked on the tiny fixture model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imagen.generation.preview import MAX_PREVIEW_PX, encode_preview
+from tests.celery_support import shared_redis
+from tests.conftest import submit, wait_status
+from tests.test_events import Event, assert_status_shape, read_events
+from tests.test_job_contract import job_system
+
+__all__ = ["job_system", "shared_redis"]  # fixtures
+
+DATA_URL_PREFIX = "data:image/jpeg;base64,"
+
+
+def decode_preview(image: str) -> Image.Image:
+    assert image.startswith(DATA_URL_PREFIX)
+    decoded = Image.open(io.BytesIO(base64.b64decode(image.removeprefix(DATA_URL_PREFIX), validate=True)))
+    assert decoded.format == "JPEG"
+    assert max(decoded.size) <= MAX_PREVIEW_PX
+    return decoded
+
+
+def test_streams_that_ask_get_preview_events_and_the_others_none(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()
+    blocker = submit(client, "sleep 1.0")
+    wait_status(client, blocker, {"PROGRESS"})
+    job_id = submit(client, "sleep 0.3", steps=10)  # previews after steps 5 and 10 (default setting)
+    with_previews: list[Event] = []
+    without: list[Event] = []
+    reader = threading.Thread(target=lambda: without.extend(read_events(client, job_id)))
+    reader.start()
+    with_previews.extend(read_events(client, job_id, preview=True))
+    reader.join(30)
+
+    previews = [e for e in with_previews if e.name == "preview"]
+    assert previews, [e.name for e in with_previews]
+    for event in previews:
+        assert set(event.data) == {"step", "image"}
+        assert event.data["step"] in (5, 10)
+        decode_preview(event.data["image"])
+    assert [e.id for e in with_previews] == sorted({e.id for e in with_previews})  # one id sequence
+    for event in with_previews:
+        if event.name == "status":
+            assert_status_shape(event, job_id)
+    assert with_previews[-1].name == "status" and with_previews[-1].data["status"] == "SUCCESS"
+    assert without and {e.name for e in without} == {"status"}
+    assert without[-1].data["status"] == "SUCCESS"
+    assert "preview" not in str(client.get(f"/status/{job_id}").json())  # never in the job record
+
+
+def test_a_preview_is_a_small_jpeg() -> None:
+    pixels = np.zeros((1024, 512, 3), dtype=np.uint8)
+    image = Image.open(io.BytesIO(encode_preview(pixels)))
+    assert image.format == "JPEG" and image.size == (128, 256)
+
+
+def test_the_diffusers_engine_makes_previews_from_its_latents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from imagen.generation.diffusers import engine as engine_module
+    from imagen.generation.diffusers.preview import latents_preview
+    from imagen.generation.runner import run_task
+    from tests.engine_fixtures import engine_settings, fixtures_registry, task
+
+    latents_seen: list[torch.Tensor] = []
+
+    def recording_preview(latents: torch.Tensor) -> bytes:
+        latents_seen.append(latents.clone())
+        return latents_preview(latents)
+
+    monkeypatch.setattr(engine_module, "latents_preview", recording_preview)
+    registry = fixtures_registry()
+    engine = engine_module.DiffusersEngine(registry, engine_settings(tmp_path / "data", preview_every_steps=2))
+    job = task(steps=4)
+    previews: list[tuple[int, bytes]] = []
+    run_task(
+        engine,
+        job,
+        "previews.png",
+        tmp_path / "outputs",
+        lambda step, percent: None,
+        preview=lambda step, jpeg: previews.append((step, jpeg)),
+    )
+    assert [step for step, _ in previews] == [2, 4]
+    assert engine.preview is None  # set for the job's duration only
+    pipe = engine._models[job.model].pipe
+    spec = registry.model(job.model)
+    assert spec is not None
+    latent_side = spec.size // pipe.vae_scale_factor
+    assert [tuple(latents.shape) for latents in latents_seen] == [(1, 4, latent_side, latent_side)] * 2
+    assert not torch.equal(latents_seen[0], latents_seen[1])  # the denoising moved on between them
+    for (_, jpeg), latents in zip(previews, latents_seen, strict=True):
+        assert jpeg == latents_preview(latents)  # made from the step's latents, no VAE
+        image = Image.open(io.BytesIO(jpeg))
+        assert image.format == "JPEG" and image.size == (min(latent_side, MAX_PREVIEW_PX),) * 2
