@@ -111,3 +111,10 @@ def test_the_diffusers_engine_makes_previews_from_its_latents(tmp_path: Path, mo
         assert jpeg == latents_preview(latents)  # made from the step's latents, no VAE
         image = Image.open(io.BytesIO(jpeg))
         assert image.format == "JPEG" and image.size == (min(latent_side, MAX_PREVIEW_PX),) * 2
+
+
+def test_a_bad_preview_flag_is_a_422_naming_it(client: TestClient) -> None:
+    job_id = submit(client, "quick")
+    response = client.get(f"/events/{job_id}", params={"preview": "maybe"})
+    assert response.status_code == 422
+    assert "preview" in str(response.json()["detail"])
