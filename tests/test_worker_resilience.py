@@ -8,8 +8,10 @@ import socket
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from kombu import Connection, Queue
 
-from tests.celery_support import CeleryCluster, WorkerProcess, celery_cluster, celery_tool, own_redis
+from imagen.jobs.distributed.app import ResilientRedisTransport
+from tests.celery_support import CeleryCluster, RedisServer, WorkerProcess, celery_cluster, celery_tool, own_redis
 from tests.conftest import submit, wait_for, wait_status
 
 TERMINAL = {"SUCCESS", "FAILURE"}
@@ -122,3 +124,31 @@ def test_a_claim_that_fails_on_the_connection_puts_the_message_back(
     assert statuses(client, [job]) == ["SUCCESS"]
     assert f"job {job}: claim failed" in worker.log() and "message back to the queue" in worker.log()
     assert execution_log.read_text().splitlines().count("claimed at last") == 1
+
+
+def test_an_acknowledgement_redis_refuses_still_frees_the_worker_for_the_next_message(own_redis: RedisServer) -> None:
+    """Redis at maxmemory refuses the write that acknowledges a finished job's message. Kombu's own QoS then
+    keeps the message counted as in flight, and a worker taking one message at a time never takes another
+    (seen under load in the out-of-memory scenario). Ours frees the slot; the refused record stays and comes
+    back later, to be dropped by the claim."""
+    admin = own_redis.client()
+    with Connection(own_redis.url, transport=ResilientRedisTransport) as connection:
+        channel = connection.channel()
+        channel.basic_qos(0, 1, False)  # one message at a time, as an imagen worker
+        queue = Queue("resilience", routing_key="resilience")
+        producer = connection.Producer(channel)
+        for body in ("first", "second"):
+            producer.publish(body, routing_key="resilience", declare=[queue])
+        first = queue(channel).get()
+        assert first is not None and first.payload == "first"
+        assert not channel.qos.can_consume()
+        admin.config_set("maxmemory", 1)
+        try:
+            first.ack()  # refused by Redis: logged, not raised
+        finally:
+            admin.config_set("maxmemory", 0)
+        assert channel.qos.can_consume()
+        assert admin.hlen("unacked") == 1  # the refused record, redelivered after the visibility timeout
+        second = queue(channel).get()
+        assert second is not None and second.payload == "second"
+        second.ack()

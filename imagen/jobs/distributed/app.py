@@ -16,12 +16,14 @@ of exiting.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from typing import Any
 
 import redis
 from celery import Celery, bootsteps, signals
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from imagen.config import Settings, get_settings
 from imagen.jobs.distributed.task import TASK_NAME, GenerateTask
@@ -34,7 +36,28 @@ HARD_LIMIT_GRACE_S = 10.0
 # How often a worker's main process checks whether its pool child's engine is loaded.
 GATE_PERIOD_S = 0.5
 
+log = logging.getLogger("imagen.worker")
 __all__ = ["QUEUE", "TASK_NAME", "create_celery", "create_worker_app", "publish"]
+
+
+class ResilientQoS(kombu_redis.QoS):
+    """An acknowledgement that Redis refuses (out of memory at ``maxmemory``) still frees the worker's one
+    prefetch slot. Kombu's own ack stops at the refused write and keeps the message counted as in flight
+    forever: with one message at a time, the worker then never takes another. The message's "unacked"
+    record stays in Redis; after the visibility timeout it is delivered again and the claim drops it (its
+    job is over)."""
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:
+            log.warning("message %s: acknowledgement refused by Redis (%s); it will come back and be dropped",
+                        delivery_tag, exc)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+
+class ResilientChannel(kombu_redis.Channel):
+    QoS = ResilientQoS
 
 
 class ResilientRedisTransport(kombu_redis.Transport):
@@ -42,6 +65,7 @@ class ResilientRedisTransport(kombu_redis.Transport):
     errors as such: an ``OutOfMemoryError`` while acknowledging a message (Redis at ``maxmemory``) escaped
     Celery's consumer and stopped the worker for good ("Unrecoverable error")."""
 
+    Channel = ResilientChannel
     connection_errors = (*kombu_redis.Transport.connection_errors, redis.RedisError)
 
 
