@@ -3,7 +3,8 @@
 Transport: the job-system engines (the test pattern underneath) send a tiny synthetic preview every
 ``preview_every_steps`` steps; a stream that asked for previews receives them as ``preview`` events whose
 image decodes to a small JPEG, a stream that did not gets none. The diffusers engine makes them from its
-latents (SDXL's linear latent-to-RGB map), checked on the tiny fixture model.
+latents (SDXL's linear latent-to-RGB map, or the model's registry-named TAESDXL ``preview_decoder``),
+checked on the tiny fixture model with a tiny random ``AutoencoderTiny``.
 """
 
 from __future__ import annotations
@@ -118,3 +119,101 @@ def test_a_bad_preview_flag_is_a_422_naming_it(client: TestClient) -> None:
     response = client.get(f"/events/{job_id}", params={"preview": "maybe"})
     assert response.status_code == 422
     assert "preview" in str(response.json()["detail"])
+
+
+def _tiny_taesdxl(folder: Path) -> None:
+    """A small random ``AutoencoderTiny`` (TAESDXL's architecture: 4 latent channels, 8x upsampling)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(7)
+    channels, blocks = (8, 8, 8, 8), (1, 1, 1, 1)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=channels,
+        decoder_block_out_channels=channels,
+        num_encoder_blocks=blocks,
+        num_decoder_blocks=blocks,
+        latent_channels=4,
+    )
+    decoder.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _registry_with_preview_decoder(tmp_path: Path, decoder_entry: str) -> Path:
+    """The tiny fixtures' registry, its ``sdxl-base`` naming ``decoder_entry`` as its preview decoder."""
+    import yaml
+
+    from tests.engine_fixtures import fixtures_registry_path
+
+    source = fixtures_registry_path()
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    raw["models"] = [m for m in raw["models"] if m["id"] == "sdxl-base"]
+    raw["models"][0]["path"] = str(source.parent / raw["models"][0]["path"])
+    raw["models"][0]["preview_decoder"] = decoder_entry  # relative: to the registry file's folder
+    raw.pop("loras"), raw.pop("ip_adapter")
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_a_model_with_a_preview_decoder_gets_its_previews_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from imagen.generation.diffusers import engine as engine_module
+    from imagen.generation.diffusers.preview import decoder_preview, latents_preview
+    from imagen.generation.runner import run_task
+    from imagen.registry import load_registry
+    from imagen.registry.safe_files import check_registry_files
+    from tests.engine_fixtures import engine_settings, task
+
+    _tiny_taesdxl(tmp_path / "taesdxl")
+    registry = load_registry(_registry_with_preview_decoder(tmp_path, "taesdxl"))
+    spec = registry.model("sdxl-base")
+    assert spec is not None and spec.preview_decoder == (tmp_path / "taesdxl").resolve()
+    check_registry_files(registry)  # safetensors folder: accepted at start
+
+    engine = engine_module.DiffusersEngine(registry, engine_settings(tmp_path / "data", preview_every_steps=2))
+    latents_seen: list[torch.Tensor] = []
+    previews: list[tuple[int, bytes]] = []
+
+    def recording_preview(decoder: object, latents: torch.Tensor) -> bytes:
+        latents_seen.append(latents.clone())
+        return decoder_preview(decoder, latents)
+
+    monkeypatch.setattr(engine_module, "decoder_preview", recording_preview)
+    run_task(
+        engine,
+        task(steps=4),
+        "previews.png",
+        tmp_path / "outputs",
+        lambda step, percent: None,
+        preview=lambda step, jpeg: previews.append((step, jpeg)),
+    )
+    loaded = engine._models["sdxl-base"]
+    decoder = loaded.preview_decoder
+    assert type(decoder).__name__ == "AutoencoderTiny"
+    saved = load_file(str(tmp_path / "taesdxl" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(saved[name], value) for name, value in decoder.state_dict().items())  # those weights
+    assert [step for step, _ in previews] == [2, 4] and len(latents_seen) == 2
+    latent_side = spec.size // loaded.pipe.vae_scale_factor
+    for (_, jpeg), latents in zip(previews, latents_seen, strict=True):
+        assert jpeg == decoder_preview(decoder, latents)  # decoded by the TAESDXL ...
+        assert jpeg != latents_preview(latents)  # ... not by the linear approximation
+        image = decode_preview("data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
+        assert image.size == (min(8 * latent_side, MAX_PREVIEW_PX),) * 2  # TAESD upsamples 8x
+
+
+def test_a_preview_decoder_without_safetensors_weights_is_refused_at_start(tmp_path: Path) -> None:
+    from imagen.errors import RegistryError
+    from imagen.registry import load_registry
+    from imagen.registry.safe_files import check_registry_files
+
+    folder = tmp_path / "taesdxl"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    registry = load_registry(_registry_with_preview_decoder(tmp_path, "taesdxl"))
+    with pytest.raises(RegistryError, match=r"'sdxl-base' preview_decoder: .*only pickle weights"):
+        check_registry_files(registry)

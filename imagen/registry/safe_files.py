@@ -177,6 +177,8 @@ def registry_problems(registry: Registry) -> list[str]:
             problems.append(f"{label}: {exc}")
 
     for model in registry.models:
+        if model.preview_decoder is not None:
+            attempt(f"model {model.id!r} preview_decoder", check_weights_folder, model.preview_decoder)
         if model.demo:
             continue
         if model.path is not None:

@@ -28,6 +28,9 @@ class ModelSpec(BaseModel):
     description: str = ""
     path: Path | None = Field(None, description="Diffusers folder or single-file .safetensors checkpoint.")
     vae_path: str | None = Field(None, description="Optional VAE override (diffusers folder or .safetensors).")
+    preview_decoder: Path | None = Field(
+        None, description="Optional TAESDXL (diffusers AutoencoderTiny folder) for /events previews."
+    )
     default_negative: str = ""
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
     size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
@@ -161,7 +164,7 @@ def load_registry(path: Path | None) -> Registry:
     entries = [*models, *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
     for entry in entries:
         if isinstance(entry, dict):
-            for key in ("path", "vae_path", "image_encoder_path", "reference_image"):
+            for key in ("path", "vae_path", "preview_decoder", "image_encoder_path", "reference_image"):
                 value = entry.get(key)
                 if isinstance(value, str) and value and not Path(value).is_absolute():
                     entry[key] = str((base / value).resolve())

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ from imagen.generation.diffusers.ip_adapter import (
 )
 from imagen.generation.diffusers.loading import load_pipeline, place_pipeline, resolve_device, resolve_dtype
 from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
-from imagen.generation.diffusers.preview import latents_preview
+from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.preview import wants_preview
 from imagen.registry import LoraSpec, ModelSpec, Registry
@@ -83,6 +84,7 @@ class LoadedModel:
     encoder: PromptEncoder
     acceleration: acceleration.AccelerationState
     loras: LoraSwitcher
+    preview_decoder: Any | None = None  # the registry's TAESDXL (AutoencoderTiny), if it names one
     ip_adapter_attached: bool = False
 
 
@@ -187,10 +189,15 @@ class DiffusersEngine(Engine):
         steps = task.steps
         cancelled: list[JobCancelled] = []
         preview, every = self.preview, self.settings.preview_every_steps
+        make_preview: Callable[[torch.Tensor], bytes] = (
+            latents_preview
+            if loaded.preview_decoder is None
+            else partial(decoder_preview, loaded.preview_decoder)
+        )
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if preview is not None and wants_preview(step + 1, every):
-                preview(step + 1, latents_preview(kwargs["latents"]))
+                preview(step + 1, make_preview(kwargs["latents"]))
             try:
                 progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
             except JobCancelled as exc:
@@ -262,6 +269,11 @@ class DiffusersEngine(Engine):
             acceleration=state,
             loras=lora_switcher(
                 pipe, spec.id, self.lora_hotswap, settings.max_loras, settings.lora_hotswap_rank
+            ),
+            preview_decoder=(
+                None
+                if spec.preview_decoder is None
+                else load_preview_decoder(spec.preview_decoder, _execution_device(pipe), self.dtype)
             ),
         )
         self._models[spec.id] = loaded
