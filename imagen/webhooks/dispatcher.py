@@ -20,12 +20,9 @@ Each pass (every ``POLL_S``):
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 from imagen.config import Settings
+from imagen.jobs.lifecycle import OwnerToken
 from imagen.jobs.types import JobState
 from imagen.webhooks.events import PROGRESS_EVERY_S, Delivery, EventName, Subscription, new_delivery
 from imagen.webhooks.outbox import Outbox, build_outbox
@@ -74,7 +72,7 @@ class WebhookDispatcher:
         self.retry_for_s = retry_for_s
         self.first_retry_s = first_retry_s
         self.clock = clock
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = str(OwnerToken.new())
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="imagen-webhook")
         self._in_flight: set[str] = set()

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import secrets
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import redis
 
 from imagen.jobs.distributed.store import RedisJobStore
+from imagen.jobs.lifecycle import OwnerToken
 from imagen.outputs.names import is_servable_name
 from imagen.outputs.png import write_atomically
 
@@ -35,15 +33,11 @@ FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 
 
-def new_replica_id() -> str:
-    return f"{socket.gethostname()}|{os.getpid()}|{secrets.token_hex(4)}"
-
-
 class ImageTransfer:
     def __init__(self, store: RedisJobStore, outputs_dir: Path, replica_id: str | None = None) -> None:
         self.store = store
         self.outputs_dir = outputs_dir
-        self.replica_id = replica_id or new_replica_id()
+        self.replica_id = replica_id or str(OwnerToken.new())
         self._retries: dict[str, tuple[float, float]] = {}  # name -> (next try, delay after it)
         self._lock = threading.Lock()
 
