@@ -30,6 +30,39 @@ class Settings(BaseSettings):
         description="Largest request body the API reads; a larger one gets 413 before more is read.",
     )
 
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an idle HTTP keep-alive connection stays open (uvicorn `timeout_keep_alive`).",
+    )
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins that browsers may call the API from (`https://app.example.com`), "
+        "or `*`. Unset: no CORS headers (browsers on other origins are refused).",
+    )
+
+    # --- running it for others: keys, limits, logs -----------------------------------------
+    api_keys_file: Path | None = Field(
+        None,
+        description="YAML file of API keys (`imagen keys add NAME` writes it). Set: every route but `/health` "
+        "needs `Authorization: Bearer <key>`, and each key sees only its own jobs. Unset: no key needed.",
+    )
+    key_max_waiting: int = Field(
+        20,
+        ge=1,
+        description="With API keys: jobs one key may have waiting; beyond that 429 (a key's `max_waiting` "
+        "overrides it). The global `IMAGEN_MAX_QUEUE` still answers 503.",
+    )
+    key_requests_per_minute: int = Field(
+        300,
+        ge=1,
+        description="With API keys: requests per minute per key; beyond that 429 (a key's "
+        "`requests_per_minute` overrides it).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (for log shippers); `text`: plain lines."
+    )
+
     # --- files ------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where the job database and the demo model live.")
     outputs_dir: Path = Field(Path("outputs"), description="Where generated PNGs are written and served from.")

@@ -15,6 +15,15 @@ class QueueFullError(ImagenError):
     """More jobs are waiting than ``max_queue`` allows."""
 
 
+class KeyQueueFullError(ImagenError):
+    """One API key has as many jobs waiting as its limit allows (``key_max_waiting`` or its own)."""
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"{waiting} jobs of this key waiting (max {limit})")
+        self.waiting = waiting
+        self.limit = limit
+
+
 class BrokerUnavailableError(ImagenError):
     """The job broker (Redis) cannot be reached."""
 

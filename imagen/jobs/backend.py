@@ -21,9 +21,11 @@ class JobBackend(ABC):
         """Stop cleanly; queued jobs stay queued for the next start."""
 
     @abstractmethod
-    def submit(self, job: NewJob) -> Submitted:
-        """Queue a job. Raises ``QueueFullError`` when ``max_queue`` jobs wait already,
-        ``BrokerUnavailableError`` when the queue cannot be reached."""
+    def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
+        """Queue a job. Raises ``QueueFullError`` when ``max_queue`` jobs wait already (checked first),
+        ``KeyQueueFullError`` when ``key_max_waiting`` jobs of ``job.key_name`` wait already (None: no
+        per-key limit), ``BrokerUnavailableError`` when the queue cannot be reached. The position is the
+        job's place in the fair order (``jobs.fairness``): 1 = next to start."""
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:
@@ -33,6 +35,11 @@ class JobBackend(ABC):
     def cancel(self, job_id: str) -> JobState | None:
         """Apply ``lifecycle.cancel_verdict``: the job's state afterwards (REVOKED, or SUCCESS/FAILURE when
         it ended first), or None when unknown or expired. A running job's worker stops at its next step."""
+
+    @abstractmethod
+    def output_owner(self, filename: str) -> str | None:
+        """The ``key_name`` of the job that made (or will make) the image ``filename``; None when no job of
+        this backend ever named it. Kept as long as the file may exist, not only while the job is kept."""
 
     @abstractmethod
     def health(self) -> BackendHealth: ...

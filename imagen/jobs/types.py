@@ -30,6 +30,7 @@ class NewJob:
     job_id: str
     task: dict[str, Any]
     output_name: str
+    key_name: str = ""  # the API key that submitted it ("": no keys configured); fair share is per key
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class JobRecord:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    key_name: str = ""  # who submitted it: only that key (or an admin key) sees it
 
     @property
     def meta(self) -> dict[str, Any] | None:

@@ -93,7 +93,7 @@ class CeleryBackend(JobBackend):
         for store in (self.store, self._transfer_store, self._housekeeping_store, self._health_store):
             store.close()
 
-    def submit(self, job: NewJob) -> Submitted:
+    def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         try:
             submitted = self.store.submit(job, self.settings.max_queue)
         except redis.RedisError as exc:
@@ -138,6 +138,9 @@ class CeleryBackend(JobBackend):
         with self.feed.watch(job_id, previews) as watcher:
             await self._changes.ensure_listening()
             yield watcher
+
+    def output_owner(self, filename: str) -> str | None:
+        return None  # TODO(fair-queue branch): stores keep output owners
 
     def health(self) -> BackendHealth:
         try:

@@ -64,7 +64,7 @@ class EmbeddedBackend(JobBackend):
             self._reaper.join(timeout=REAPER_PERIOD_S + 1)
         self.store.close()
 
-    def submit(self, job: NewJob) -> Submitted:
+    def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         submitted = self.store.submit(job, self.settings.max_queue)
         self.wakeups.notify()
         return submitted
@@ -83,6 +83,9 @@ class EmbeddedBackend(JobBackend):
     async def changes(self, job_id: str, previews: bool = False) -> AsyncIterator[Watcher]:
         with self.feed.watch(job_id, previews) as watcher:
             yield watcher
+
+    def output_owner(self, filename: str) -> str | None:
+        return None  # TODO(fair-queue branch): stores keep output owners
 
     def health(self) -> BackendHealth:
         workers = tuple(slot.health() for slot in self._slots)
