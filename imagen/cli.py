@@ -1,4 +1,5 @@
-"""``imagen`` command line: serve the API, run a distributed worker, write test fixtures, list settings."""
+"""``imagen`` command line: serve the API, run a distributed worker, manage API keys, write test fixtures,
+list settings."""
 
 from __future__ import annotations
 
@@ -36,6 +37,42 @@ def _fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_file(args: argparse.Namespace) -> Path:
+    path = Path(args.file) if args.file else Settings().api_keys_file
+    if path is None:
+        raise SystemExit("imagen keys: name the keys file with --file or IMAGEN_API_KEYS_FILE")
+    return path
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    from imagen.access.keys import add_key
+
+    path = _keys_file(args)
+    try:
+        key = add_key(path, args.name, admin=args.admin)
+    except ValueError as exc:
+        print(f"imagen keys add: {exc}", file=sys.stderr)
+        return 1
+    role = "admin key" if args.admin else "key"
+    print(f"added {role} {args.name!r} to {path} (only its SHA-256 is stored).")
+    print("Copy the key now: it is shown this once and cannot be recovered.")
+    print(key)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from imagen.access.keys import KeyFile
+
+    for entry in KeyFile.read(_keys_file(args)).keys:
+        limits = ", ".join(
+            f"{field}={value}"
+            for field, value in (("max_waiting", entry.max_waiting), ("requests_per_minute", entry.requests_per_minute))
+            if value is not None
+        )
+        print(entry.name + (" (admin)" if entry.admin else "") + (f" [{limits}]" if limits else ""))
+    return 0
+
+
 def settings_table() -> str:
     """Every setting as the README's Markdown table (tests/test_readme.py checks the README against it)."""
     lines = ["| Variable | Default | Description |", "|---|---|---|"]
@@ -67,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     fixtures = commands.add_parser("fixtures", help="write tiny random-weight models, LoRAs and a registry")
     fixtures.add_argument("directory")
     fixtures.set_defaults(handler=_fixtures)
+
+    keys = commands.add_parser("keys", help="API keys: add one (printed once), list them")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser("add", help="append a new key to the keys file and print it, once")
+    add.add_argument("name", help="who the key is for (letters, digits, _ . @ -)")
+    add.add_argument("--admin", action="store_true", help="the key sees and cancels every key's jobs and files")
+    add.add_argument("--file", default=None, help="keys file (default: IMAGEN_API_KEYS_FILE)")
+    add.set_defaults(handler=_keys_add)
+    listing = key_commands.add_parser("list", help="the keys' names and limits (never the keys)")
+    listing.add_argument("--file", default=None, help="keys file (default: IMAGEN_API_KEYS_FILE)")
+    listing.set_defaults(handler=_keys_list)
 
     settings = commands.add_parser("settings", help="print every setting as a Markdown table")
     settings.set_defaults(handler=_settings)

@@ -11,14 +11,18 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from imagen import __version__
+from imagen.access.keys import ANYONE, KeyRing
+from imagen.access.rate_limits import RateLimiter
+from imagen.api.access import AccessMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
 from imagen.api.openapi import install_openapi
 from imagen.api.routes import router, status
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, QueueFullError
+from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
 from imagen.registry import load_registry
@@ -26,6 +30,10 @@ from imagen.webhooks.dispatcher import WebhookDispatcher
 
 QUEUE_FULL = "Queue pleine, réessayez plus tard"
 BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
+
+
+def key_queue_full(limit: int) -> str:
+    return f"Trop de tâches en attente pour cette clé API (max {limit}), réessayez plus tard"
 
 log = logging.getLogger("imagen.api")
 
@@ -40,13 +48,22 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         from imagen.registry.safe_files import check_registry_files  # headers only, no torch
 
         check_registry_files(registry)
+    keys = (
+        KeyRing(
+            settings.api_keys_file,
+            default_max_waiting=settings.key_max_waiting,
+            default_requests_per_minute=settings.key_requests_per_minute,
+        )
+        if settings.api_keys_file is not None
+        else None
+    )
     backend = backend or build_backend(settings)
     job_backend = backend
 
     def read_status(job_id: str) -> dict[str, Any] | None:
         """What /status answers now: the ``data`` of a webhook is exactly that."""
         try:
-            answer: dict[str, Any] = json.loads(bytes(status(job_id, job_backend).body))
+            answer: dict[str, Any] = json.loads(bytes(status(job_id, job_backend, ANYONE).body))
         except HTTPException:
             return None
         return answer
@@ -82,6 +99,26 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
 
+    @app.exception_handler(KeyQueueFullError)
+    async def key_queue_full_handler(_: Request, exc: KeyQueueFullError) -> JSONResponse:
+        return JSONResponse({"detail": key_queue_full(exc.limit)}, status_code=429, headers={"Retry-After": "30"})
+
     app.exception_handler(RequestValidationError)(invalid_request)
+    # Last added runs first: CORS (a browser's preflight carries no key), then keys, then the body limit (a
+    # stranger's body is never read).
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    limiter = RateLimiter.from_settings(settings) if keys is not None else None
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)
+    if settings.cors_origins:
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=[
+                "X-Job-ID", "X-Generation-Metadata", "Retry-After", "X-Request-ID",
+                "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+            ],
+        )
     return app

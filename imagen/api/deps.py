@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from imagen.access.keys import Caller
 from imagen.config import Settings
 from imagen.jobs.backend import JobBackend
 from imagen.registry import Registry
@@ -15,6 +16,12 @@ from imagen.webhooks.dispatcher import WebhookDispatcher
 def get_backend(request: Request) -> JobBackend:
     backend: JobBackend = request.app.state.backend
     return backend
+
+
+def get_caller(request: Request) -> Caller:
+    """Who sent the request (``access.AccessMiddleware`` put it there): ``ANYONE`` without keys."""
+    caller: Caller = request.state.caller
+    return caller
 
 
 def get_registry(request: Request) -> Registry:
@@ -32,6 +39,7 @@ def get_webhooks(request: Request) -> WebhookDispatcher | None:
     return webhooks
 
 
+CallerDep = Annotated[Caller, Depends(get_caller)]
 BackendDep = Annotated[JobBackend, Depends(get_backend)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

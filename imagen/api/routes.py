@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from imagen.api.deps import BackendDep, RegistryDep, SettingsDep, WebhooksDep
+from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep, WebhooksDep
 from imagen.api.events import first_event_id, status_events
 from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
@@ -96,6 +96,12 @@ router = APIRouter()
     responses={
         400: {"model": Detail, "description": "A body that is not UTF-8 text."},
         413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."},
+        429: {
+            "model": Detail,
+            "description": "With API keys: this key has as many jobs waiting as it may (IMAGEN_KEY_MAX_WAITING), "
+            "or sent too many requests this minute.",
+            "headers": _RETRY_AFTER,
+        },
         503: {"model": Detail, "description": "Queue full, or broker unreachable.", "headers": _RETRY_AFTER},
     },
 )
@@ -105,9 +111,10 @@ def generate(
     registry: RegistryDep,
     settings: SettingsDep,
     webhooks: WebhooksDep,
+    caller: CallerDep,
 ) -> GenerationResponse:
     try:
-        job = prepare_job(request, registry, settings)
+        job = prepare_job(request, registry, settings, key_name=caller.name)
     except InvalidRequest as exc:
         raise RequestValidationError([error.as_pydantic_error() for error in exc.errors]) from exc
     # prepare_job refused a webhook on a server without a secret (no dispatcher)
@@ -117,7 +124,7 @@ def generate(
         else nullcontext()
     )
     with subscribed:
-        submitted = backend.submit(job)
+        submitted = backend.submit(job, key_max_waiting=caller.max_waiting)
     return GenerationResponse(
         job_id=submitted.job_id,
         status="queued",
@@ -125,9 +132,11 @@ def generate(
     )
 
 
-def _find(backend: BackendDep, job_id: str) -> JobRecord:
+def _find(backend: BackendDep, job_id: str, caller: CallerDep) -> JobRecord:
+    """The job, if it exists and is the caller's: another key's job is answered exactly as a missing one,
+    so job ids cannot be probed."""
     job = backend.get(job_id)
-    if job is None:
+    if job is None or not caller.owns(job.key_name):
         raise HTTPException(status_code=404, detail=JOB_NOT_FOUND)
     return job
 
@@ -143,8 +152,8 @@ def status_body(job: JobRecord) -> dict[str, Any]:
 
 
 @router.get("/status/{job_id}", response_model=None, responses={200: {"model": JobStatus}, 404: _NOT_FOUND})
-def status(job_id: str, backend: BackendDep) -> JSONResponse:
-    return JSONResponse(status_body(_find(backend, job_id)))
+def status(job_id: str, backend: BackendDep, caller: CallerDep) -> JSONResponse:
+    return JSONResponse(status_body(_find(backend, job_id, caller)))
 
 
 @router.get(
@@ -164,6 +173,7 @@ async def events(
     job_id: str,
     backend: BackendDep,
     settings: SettingsDep,
+    caller: CallerDep,
     last_event_id: Annotated[str | None, Header(include_in_schema=False)] = None,
     preview: Annotated[
         bool, Query(description="Also send `preview` events: a small JPEG of the image every few steps.")
@@ -171,7 +181,7 @@ async def events(
 ) -> EventSourceResponse:
     """Live progress: a `status` event at once and on every change of state or progress; the stream ends
     after the terminal event (SUCCESS, FAILURE, REVOKED)."""
-    await run_in_threadpool(_find, backend, job_id)  # an unknown id: 404 JSON, not a stream
+    await run_in_threadpool(_find, backend, job_id, caller)  # an unknown id: 404 JSON, not a stream
     return EventSourceResponse(
         status_events(backend, job_id, status_body, first_event_id(last_event_id), previews=preview),
         ping=settings.events_ping_s,
@@ -201,8 +211,8 @@ async def events(
         500: {"model": ImageFailed, "description": "The job failed."},
     },
 )
-def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileResponse | JSONResponse:
-    job = _find(backend, job_id)
+def image(job_id: str, backend: BackendDep, settings: SettingsDep, caller: CallerDep) -> FileResponse | JSONResponse:
+    job = _find(backend, job_id, caller)
     if job.state is JobState.FAILURE:
         return JSONResponse({"detail": {"status": "failed", "error": job.error}}, status_code=500)
     if job.state is JobState.REVOKED:
@@ -231,9 +241,10 @@ def image(job_id: str, backend: BackendDep, settings: SettingsDep) -> FileRespon
         409: {"model": CancelTooLate, "description": "The job ended first (SUCCESS or FAILURE)."},
     },
 )
-def cancel(job_id: str, backend: BackendDep) -> CancelResponse | JSONResponse:
+def cancel(job_id: str, backend: BackendDep, caller: CallerDep) -> CancelResponse | JSONResponse:
     """A waiting job never starts; a running one stops at its next denoising step, without an image. Both
     end REVOKED. Cancelling a REVOKED job again answers the same."""
+    _find(backend, job_id, caller)  # another key's job: 404, and untouched
     state = backend.cancel(job_id)
     if state is None:
         raise HTTPException(status_code=404, detail=JOB_NOT_FOUND)
@@ -242,7 +253,9 @@ def cancel(job_id: str, backend: BackendDep) -> CancelResponse | JSONResponse:
     return CancelResponse(job_id=job_id, status="REVOKED")
 
 
-def _serve_output(filename: str, backend: BackendDep, settings: SettingsDep) -> FileResponse:
+def _serve_output(filename: str, backend: BackendDep, settings: SettingsDep, caller: CallerDep) -> FileResponse:
+    if not caller.admin and not caller.owns(backend.output_owner(filename)):
+        raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)  # another key's file: as if missing
     path = resolve_servable(settings.outputs_dir, filename)
     if path is None:
         backend.ensure_output(filename)  # distributed: the image may still be on its way from a worker

@@ -37,7 +37,7 @@ class InvalidRequest(Exception):
         self.errors = errors
 
 
-def prepare_job(request: GenerationRequest, registry: Registry, settings: Settings) -> NewJob:
+def prepare_job(request: GenerationRequest, registry: Registry, settings: Settings, key_name: str = "") -> NewJob:
     errors: list[FieldError] = []
     model_id = request.model or registry.resolve_default_model(settings.default_model)
     model = registry.model(model_id)
@@ -87,7 +87,12 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
         seed=seed,
         ip_strength=request.ip_strength,
     )
-    return NewJob(job_id=str(uuid.uuid4()), task=task.as_dict(), output_name=make_output_name(model.file_prefix))
+    return NewJob(
+        job_id=str(uuid.uuid4()),
+        task=task.as_dict(),
+        output_name=make_output_name(model.file_prefix),
+        key_name=key_name,
+    )
 
 
 def _webhook_errors(request: GenerationRequest, settings: Settings) -> list[FieldError]:

@@ -1,0 +1,99 @@
+"""API keys at the door: a pure ASGI middleware in front of every route.
+
+With keys configured (``IMAGEN_API_KEYS_FILE``), every request but ``GET /health`` needs
+``Authorization: Bearer <key>`` (or ``X-API-Key: <key>``): the reference's routes, ``/docs``,
+``/openapi.json``, ``/metrics``, the extensions, and any route added later, because nothing is opted in
+route by route. A missing or unknown key gets 401 with ``WWW-Authenticate: Bearer``. A known key is counted
+against its requests per minute (429 past it, ``X-RateLimit-*`` headers on every answer), and the route finds
+the caller in ``request.state.caller`` (``deps.CallerDep``) to keep each key to its own jobs and files.
+
+Without keys, every request is ``ANYONE`` (sees everything, no limit): the reference's examples run as
+written.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imagen.access.keys import ANYONE, Caller, KeyRing
+from imagen.access.rate_limits import RateLimiter
+
+OPEN_PATHS = frozenset({"/health"})  # load balancers and orchestrators probe it without a key
+KEY_MISSING = "Clé API requise (en-tête Authorization: Bearer <clé>)"
+KEY_INVALID = "Clé API invalide"
+
+
+def too_many_requests(per_minute: int, retry_after_s: int) -> str:
+    return f"Trop de requêtes pour cette clé API (max {per_minute} par minute), réessayez dans {retry_after_s} s"
+
+
+def presented_key(headers: Headers) -> str | None:
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    api_key = headers.get("x-api-key")
+    return api_key.strip() if api_key and api_key.strip() else None
+
+
+class AccessMiddleware:
+    def __init__(self, app: ASGIApp, keys: KeyRing | None, limiter: RateLimiter | None) -> None:
+        self.app = app
+        self.keys = keys
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.keys is None:
+            self._admit(scope, ANYONE)
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = presented_key(Headers(scope=scope))
+        caller = self.keys.identify(presented) if presented is not None else None
+        if caller is None:
+            response = JSONResponse(
+                {"detail": KEY_MISSING if presented is None else KEY_INVALID},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        extra_headers: dict[str, str] = {}
+        if self.limiter is not None and caller.requests_per_minute is not None:
+            allowance = await self.limiter.hit(caller.name, caller.requests_per_minute)
+            if allowance is not None:
+                extra_headers = allowance.headers()
+                if not allowance.allowed:
+                    retry_after = allowance.retry_after_s
+                    response = JSONResponse(
+                        {"detail": too_many_requests(allowance.limit, retry_after)},
+                        status_code=429,
+                        headers={**extra_headers, "Retry-After": str(retry_after)},
+                    )
+                    await response(scope, receive, send)
+                    return
+        self._admit(scope, caller)
+        if not extra_headers:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in extra_headers.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def _admit(scope: Scope, caller: Caller) -> None:
+        scope.setdefault("state", {})["caller"] = caller
