@@ -30,7 +30,7 @@ class Allowance:
     allowed: bool
     limit: int
     remaining: int
-    reset_at: int  # Unix time (seconds) when the oldest request of the window leaves it
+    reset_at: float  # Unix time when the oldest request of the window leaves it
 
     @property
     def retry_after_s(self) -> int:
@@ -40,7 +40,7 @@ class Allowance:
         return {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
-            "X-RateLimit-Reset": str(self.reset_at),
+            "X-RateLimit-Reset": str(math.ceil(self.reset_at)),  # Unix time, as GitHub's API sends it
         }
 
 
@@ -73,5 +73,5 @@ class RateLimiter:
             log.warning("rate limit of %s not checked (storage unreachable): %s", key_name, exc)
             return None
         return Allowance(
-            allowed=allowed, limit=per_minute, remaining=max(0, stats.remaining), reset_at=math.ceil(stats.reset_time)
+            allowed=allowed, limit=per_minute, remaining=max(0, stats.remaining), reset_at=stats.reset_time
         )
