@@ -12,13 +12,11 @@ from imagen.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from imagen.api.app import create_app
+    from imagen.api.http_server import serve
 
     settings = Settings()
-    app = create_app(settings)
-    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port, log_level="info")
+    serve(create_app(settings), settings, host=args.host or settings.host, port=args.port or settings.port)
     return 0
 
 
@@ -87,8 +85,8 @@ def _settings(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (tests check that the deployment files run only commands it accepts)."""
     parser = argparse.ArgumentParser(prog="imagen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -118,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = commands.add_parser("settings", help="print every setting as a Markdown table")
     settings.set_defaults(handler=_settings)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     result: int = args.handler(args)
     return result
 

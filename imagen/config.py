@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(
         5.0,
         gt=0,
-        description="Seconds an idle HTTP keep-alive connection stays open (uvicorn `timeout_keep_alive`).",
+        description="Seconds an HTTP connection may stay idle, after a response or since it opened, or take to "
+        "send a whole request head; then the server closes it (uvicorn `timeout_keep_alive`).",
     )
     cors_origins: str | None = Field(
         None,

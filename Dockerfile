@@ -1,0 +1,52 @@
+# Imagen in a container: one image for the API (`imagen serve`) and the GPU workers (`imagen worker`).
+# compose.yaml runs it (README "Docker Compose"). tests/test_deploy.py checks this file against pyproject.toml
+# and imagen's settings and commands. No image has been built or run from it yet: try it on a Docker host first.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+FROM ${CUDA_IMAGE}
+
+# PyTorch's wheel index for the CUDA of the base image (cu128 = CUDA 12.8). The torch version is pyproject's pin.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Python 3.11 (pyproject: requires-python >=3.11,<3.12; Ubuntu 22.04's own python3 is 3.10). A C compiler and
+# Python's headers: torch.compile (IMAGEN_COMPILE=auto is on with CUDA) builds Triton's launchers at run time.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates gpg-agent software-properties-common \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+# The project's own install (Makefile: a venv, then `pip install` of this project), without the dev extras.
+# torch first, from the CUDA index, in its own layer: `pip install .` then finds the pin already satisfied.
+RUN python3.11 -m venv /opt/imagen && /opt/imagen/bin/pip install --upgrade pip
+ENV PATH=/opt/imagen/bin:$PATH
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY imagen ./imagen
+RUN pip install . && rm -rf /src
+
+# Not root. Models are mounted read-only at /models (registry.yaml and the weights it names); the job
+# database, caches (Hugging Face, torch.compile) and generated images live in volumes.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin imagen \
+    && mkdir -p /models /data /outputs \
+    && chown imagen:imagen /models /data /outputs
+ENV IMAGEN_DATA_DIR=/data \
+    IMAGEN_OUTPUTS_DIR=/outputs \
+    HF_HOME=/data/huggingface
+VOLUME ["/models", "/data", "/outputs"]
+USER imagen
+WORKDIR /home/imagen
+
+EXPOSE 8009
+# The API's health; workers serve no HTTP (compose.yaml turns this check off for them).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8009/health', timeout=4)"]
+
+CMD ["imagen", "serve"]
