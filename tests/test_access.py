@@ -335,3 +335,10 @@ def test_a_broken_keys_file_keeps_the_keys_read_before(tmp_path: Path) -> None:
 def test_a_missing_keys_file_stops_the_start(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="imagen keys add"):
         make_client(api_keys_file=tmp_path / "nowhere.yaml")
+
+
+def test_the_openapi_document_says_which_routes_need_a_key(keyed_client: TestClient, keys: Keys) -> None:
+    document = keyed_client.get("/openapi.json", headers=keys.headers("owner")).json()
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert document["paths"]["/health"]["get"]["security"] == []
+    assert "401" in document["paths"]["/generate"]["post"]["responses"]

@@ -26,6 +26,8 @@ def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> Non
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             _describe_this_server(document["components"]["schemas"], registry, settings)
+            if settings.api_keys_file is not None:
+                _require_keys(document)
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -47,3 +49,21 @@ def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings:
     if not settings.webhook_secret:
         request["webhook"]["anyOf"] = [{"type": "null"}]
         request["webhook"]["description"] += " This server has no IMAGEN_WEBHOOK_SECRET: null only."
+
+
+def _require_keys(document: dict[str, Any]) -> None:
+    """With API keys on: every operation but ``/health`` needs one (Swagger UI's "Authorize" button), and
+    may answer 401 (and 429: requests per minute)."""
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    document["security"] = [{"bearer": []}, {"apiKey": []}]
+    detail = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Detail"}}}}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if path == "/health":
+                operation["security"] = []
+                continue
+            operation["responses"].setdefault("401", {"description": "Missing or unknown API key.", **detail})
+            operation["responses"].setdefault("429", {"description": "Too many requests for this key.", **detail})
