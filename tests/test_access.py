@@ -17,12 +17,15 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from fastapi import WebSocket
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Route
+from starlette.websockets import WebSocketDisconnect
 
 from imagen.access.keys import KeyFile, KeyRing, add_key, key_digest
 from imagen.api.access import KEY_INVALID, KEY_MISSING
+from imagen.api.app import create_app
 from tests.celery_support import shared_redis
 from tests.conftest import REPO, submit, wait_for, wait_status
 from tests.test_job_contract import job_system
@@ -342,3 +345,22 @@ def test_the_openapi_document_says_which_routes_need_a_key(keyed_client: TestCli
     assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     assert document["paths"]["/health"]["get"]["security"] == []
     assert "401" in document["paths"]["/generate"]["post"]["responses"]
+
+
+def test_a_websocket_route_added_later_is_behind_the_keys_too(
+    make_settings: Callable[..., Any], keys: Keys
+) -> None:
+    app = create_app(make_settings(api_keys_file=keys.path, engine="test-pattern"))
+
+    @app.websocket("/probe")
+    async def probe(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("in")
+        await websocket.close()
+
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/probe"):
+            pass
+        assert refused.value.code == 1008
+        with client.websocket_connect("/probe", headers=keys.headers("owner")) as socket:
+            assert socket.receive_text() == "in"

@@ -16,6 +16,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 from imagen.access.keys import ANYONE, Caller, KeyRing
 from imagen.access.rate_limits import RateLimiter
@@ -46,7 +47,7 @@ class AccessMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         if self.keys is None:
@@ -58,6 +59,11 @@ class AccessMiddleware:
             return
         presented = presented_key(Headers(scope=scope))
         caller = self.keys.identify(presented) if presented is not None else None
+        if caller is None and scope["type"] == "websocket":  # none today; a later one is covered too
+            await WebSocketClose(code=1008, reason=KEY_MISSING if presented is None else KEY_INVALID)(
+                scope, receive, send
+            )
+            return
         if caller is None:
             response = JSONResponse(
                 {"detail": KEY_MISSING if presented is None else KEY_INVALID},
@@ -67,7 +73,7 @@ class AccessMiddleware:
             await response(scope, receive, send)
             return
         extra_headers: dict[str, str] = {}
-        if self.limiter is not None and caller.requests_per_minute is not None:
+        if scope["type"] == "http" and self.limiter is not None and caller.requests_per_minute is not None:
             allowance = await self.limiter.hit(caller.name, caller.requests_per_minute)
             if allowance is not None:
                 extra_headers = allowance.headers()
