@@ -13,7 +13,7 @@ import pytest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask
 from imagen.jobs.distributed.app import create_celery, publish
-from imagen.jobs.distributed.reaper import Housekeeper, message_job_ids
+from imagen.jobs.distributed.reaper import Housekeeper, message_ids
 from imagen.jobs.distributed.store import RedisJobStore, connect, lock_key
 from imagen.jobs.types import JobState, NewJob
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
@@ -106,7 +106,7 @@ def test_a_job_with_a_message_in_the_queue_is_left_alone(own_redis: RedisServer)
     publish(app, job.job_id)
     store.confirm(job.job_id)
     raw = own_redis.client().lrange("imagen", 0, -1)
-    assert message_job_ids(raw) == {job.job_id}  # kombu's own message format
+    assert message_ids(raw) == [job.job_id]  # kombu's own message format
     republished: list[str] = []
     housekeeper = Housekeeper(settings, store, republished.append, "imagen")
     for _ in range(5):

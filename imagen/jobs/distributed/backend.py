@@ -27,7 +27,7 @@ from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
-from imagen.jobs.distributed.app import QUEUE, create_celery, publish
+from imagen.jobs.distributed.app import QUEUE, create_celery, publish, republish
 from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
@@ -66,7 +66,7 @@ class CeleryBackend(JobBackend):
         }
         self.images = ImageTransfer(self.store, settings.outputs_dir)
         self.housekeeper = Housekeeper(
-            settings, self._housekeeping_store, lambda job_id: publish(self.celery, job_id), QUEUE
+            settings, self._housekeeping_store, lambda job_id: republish(self.celery, job_id), QUEUE
         )
         self._stopping = threading.Event()
         self._transfer: threading.Thread | None = None
@@ -95,7 +95,7 @@ class CeleryBackend(JobBackend):
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         try:
-            submitted = self.store.submit(job, self.settings.max_queue)
+            submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         except redis.RedisError as exc:
             # If the call reached Redis after all, its unconfirmed record expires on its own.
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
@@ -140,7 +140,10 @@ class CeleryBackend(JobBackend):
             yield watcher
 
     def output_owner(self, filename: str) -> str | None:
-        return None  # TODO(fair-queue branch): stores keep output owners
+        try:
+            return self.store.output_owner(filename)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     def health(self) -> BackendHealth:
         try:
