@@ -171,7 +171,7 @@ def _script(client: redis.Redis, name: str) -> Script:
 @dataclass(frozen=True)
 class Claim:
     # claimed | busy | finished | missing | timeout | failed; waiting | running (not the state the claim
-    # expected); none (no confirmed job waits)
+    # expected); none (no job waits); unconfirmed (only submissions not confirmed yet wait)
     outcome: str
     attempts: int = 0
     holder: str | None = None
@@ -559,16 +559,25 @@ class RedisJobStore:
         return Claim("busy")
 
     def claim_next(
-        self, token: str, *, ticket: str, max_attempts: int, lock_ttl_s: float, timeout_s: float
+        self,
+        token: str,
+        *,
+        ticket: str,
+        max_attempts: int,
+        lock_ttl_s: float,
+        timeout_s: float,
+        named: str = "",
     ) -> Claim:
         """Start the fair queue's next confirmed waiting job here (``jobs.fairness``), for the broker message
-        ``ticket``; 'none' when no confirmed job waits. A job taken by another worker meanwhile: read again."""
+        ``ticket`` that names job ``named``; 'none' when no job waits, 'unconfirmed' when only submissions
+        not confirmed yet do. A job taken by another worker meanwhile: read again."""
         for _ in range(CONFLICT_RETRIES):
             waiting, turns, unconfirmed = self._fair_view()
-            # An unconfirmed job's submission may still fail (its API answers 503): never start one.
-            chosen = fairness.next_job(waiting, turns, skip=unconfirmed)
+            # An unconfirmed job's submission may still fail (its API answers 503): never start one. The job
+            # the message names is the exception: its message is out, so it is confirmed in all but name.
+            chosen = fairness.next_job(waiting, turns, skip=unconfirmed - {named})
             if chosen is None:
-                return Claim("none")
+                return Claim("unconfirmed" if waiting else "none")
             claim = self.claim(
                 chosen.job_id,
                 token,

@@ -42,7 +42,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
-from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
+from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, Claim, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ LOAD_RETRY_MAX_S = 60.0
 # long enough for a Redis restart or a short out-of-memory spell.
 CLAIM_RETRY_S = 3.0
 OUTCOME_RETRY_S = 60.0
+# How often a message that finds only unconfirmed submissions waiting looks again.
+UNCONFIRMED_POLL_S = 0.02
 
 T = TypeVar("T")
 
@@ -181,7 +183,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         ticket = str(self.request.id or named_job_id)
         claim = self._take_over(named_job_id, token, ticket)
         if claim.outcome != "claimed":
-            claim = self._claim_next(token, ticket)
+            claim = self._claim_next(token, ticket, named_job_id)
+        # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
+        # window. Wait for that rather than drop a message that one of them may need.
+        deadline = time.monotonic() + 2 * CONFIRM_WINDOW_S
+        while claim.outcome == "unconfirmed" and time.monotonic() < deadline:
+            time.sleep(UNCONFIRMED_POLL_S)
+            claim = self._claim_next(token, ticket, named_job_id)
         if claim.outcome != "claimed":
             # Nothing waits: the jobs this message was meant for run elsewhere or are over. Drop it.
             log.info("message %s: no job to start (%s)", ticket, claim.outcome)
@@ -243,12 +251,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             ),
         )
 
-    def _claim_next(self, token: str, ticket: str) -> Claim:
+    def _claim_next(self, token: str, ticket: str, named_job_id: str) -> Claim:
         return self._redis(
             f"message {ticket}: claim",
             lambda: self.store.claim_next(
                 token,
                 ticket=ticket,
+                named=named_job_id,
                 max_attempts=self.settings.max_attempts,
                 lock_ttl_s=self.settings.job_lock_ttl_s,
                 timeout_s=self.settings.job_timeout_s,
