@@ -181,7 +181,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         me = OwnerToken.new()
         token = str(me)
         ticket = str(self.request.id or named_job_id)
-        claim = self._take_over(named_job_id, token, ticket)
+        takeover = claim = self._take_over(named_job_id, token, ticket)
         if claim.outcome != "claimed":
             claim = self._claim_next(token, ticket, named_job_id)
         # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
@@ -191,8 +191,10 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             time.sleep(UNCONFIRMED_POLL_S)
             claim = self._claim_next(token, ticket, named_job_id)
         if claim.outcome != "claimed":
-            # Nothing waits: the jobs this message was meant for run elsewhere or are over. Drop it.
-            log.info("message %s: no job to start (%s)", ticket, claim.outcome)
+            # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
+            # delivery, a job cancelled while it waited, an extra message): drop it.
+            log.info("job %s: not run here (%s); message %s started no other job (%s)",
+                     named_job_id, takeover.outcome, ticket, claim.outcome)
             return
         job_id = claim.job_id
         log.info("job %s: attempt %d started (message %s)", job_id, claim.attempts, ticket)
