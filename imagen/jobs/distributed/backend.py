@@ -1,7 +1,7 @@
 """The distributed job backend, API side: job records in Redis, work sent to Celery workers anywhere.
 
 ``submit`` is one step from the user's view: the record goes in *unconfirmed* (with a short expiry, the
-``max_queue`` check included, one Lua script), the Celery message is published, then the record is
+``max_queue`` and per-key checks included, one Lua script), the Celery message is published, then the record is
 confirmed. A 503 therefore leaves nothing behind: whatever failed or stalled half-way, the unconfirmed
 record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of a request times out after
 ``API_TIMEOUT_S`` without retrying a timeout, so a stalled Redis gives a 503 within about a second.
@@ -9,7 +9,8 @@ record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of 
 Live streams (``GET /events``) hear of job changes through one Redis pub/sub listener (``changes.py``).
 Two background threads: the image transfer (``image_transfer``) copies the PNGs that workers put in Redis
 into this replica's outputs folder, and the housekeeper (``reaper``) requeues the jobs of dead workers and
-republishes waiting jobs whose message was lost. No model code and no torch is imported here.
+publishes the messages that waiting jobs lack (a message is a ticket for the fair queue's next job).
+No model code and no torch is imported here.
 """
 
 from __future__ import annotations

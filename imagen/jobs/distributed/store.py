@@ -404,8 +404,8 @@ class RedisJobStore:
     ) -> list[bytes]:
         """The raw Celery messages of ``queue`` (not delivered yet) and those of the unacknowledged table
         (delivered to a worker, not acknowledged yet) delivered after ``delivered_after``: kombu's Redis
-        transport keeps them there. An older unacknowledged message of a waiting job belongs to a worker
-        that died: it only comes back after the visibility timeout."""
+        transport keeps them there. An older unacknowledged message is running a long job, or belongs to a
+        worker that died: it only comes back after the visibility timeout."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(queue, 0, -1)
             pipe.zrangebyscore(unacked_index_key, delivered_after, "+inf")
