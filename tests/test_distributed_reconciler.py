@@ -5,6 +5,8 @@ that fails after the reaper put a job back."""
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask
 from imagen.jobs.distributed.app import create_celery, publish
-from imagen.jobs.distributed.reaper import Housekeeper, message_job_ids
+from imagen.jobs.distributed.reaper import Housekeeper, message_ids
 from imagen.jobs.distributed.store import RedisJobStore, connect, lock_key
 from imagen.jobs.types import JobState, NewJob
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
@@ -106,10 +108,58 @@ def test_a_job_with_a_message_in_the_queue_is_left_alone(own_redis: RedisServer)
     publish(app, job.job_id)
     store.confirm(job.job_id)
     raw = own_redis.client().lrange("imagen", 0, -1)
-    assert message_job_ids(raw) == {job.job_id}  # kombu's own message format
+    assert message_ids(raw) == [job.job_id]  # kombu's own message format
     republished: list[str] = []
     housekeeper = Housekeeper(settings, store, republished.append, "imagen")
     for _ in range(5):
         housekeeper.run_once()
     assert republished == []
     app.close()
+
+
+def test_the_reconciler_publishes_what_the_waiting_jobs_lack_counting_messages_not_names(
+    own_redis: RedisServer,
+) -> None:
+    """Messages are tickets: one that started a job (whichever) no longer counts; the shortage is published."""
+    settings = Settings(broker_url=own_redis.url, reconcile_after_s=0.3)
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    jobs = [new_job(f"job {i}") for i in range(3)]
+    for job in jobs:
+        store.submit(job, max_queue=100)
+        store.confirm(job.job_id)
+    app = create_celery(settings)
+    publish(app, jobs[2].job_id)  # one message for three waiting jobs (two publishes were lost)
+    app.close()
+    republished: list[str] = []
+    housekeeper = Housekeeper(settings, store, republished.append, "imagen")
+    housekeeper.run_once()
+    assert republished == []  # not for the whole reconcile_after_s yet
+    wait_for(lambda: housekeeper.run_once() or republished, timeout=5, interval=0.05)
+    assert len(republished) == 2  # the difference, once
+
+    # A worker takes the message (kombu moves it to its unacknowledged table) and it starts the fair queue's
+    # first job, not the one it names: it is used, so the two jobs left have no message of their own.
+    client = own_redis.client()
+    raw = client.rpop("imagen")
+    assert raw is not None
+    client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "imagen"]))
+    client.zadd("unacked_index", {"tag-1": time.time()})
+    claim = store.claim_next("host|1|w", ticket=jobs[2].job_id, max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    assert claim.outcome == "claimed" and claim.job_id == jobs[0].job_id
+    republished.clear()
+    wait_for(lambda: housekeeper.run_once() or republished, timeout=5, interval=0.05)
+    assert sorted(republished) == sorted([jobs[1].job_id, jobs[2].job_id])
+
+
+def test_a_message_names_an_unconfirmed_job_it_may_start_but_never_another_one(own_redis: RedisServer) -> None:
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    first, second = new_job("first"), new_job("second")
+    store.submit(first, max_queue=100)
+    store.submit(second, max_queue=100)  # both unconfirmed: their API has not heard back from the broker
+    options = {"max_attempts": 3, "lock_ttl_s": 60, "timeout_s": 600}
+    assert store.claim_next("host|1|a", ticket="m", **options).outcome == "unconfirmed"
+    claim = store.claim_next("host|1|a", ticket=second.job_id, named=second.job_id, **options)
+    assert claim.outcome == "claimed" and claim.job_id == second.job_id  # its own message is out
+    store.forget(first.job_id)  # its publish failed: withdrawn, output owner included
+    assert store.output_owner(first.output_name) is None
+    assert store.claim_next("host|1|b", ticket="n", **options).outcome == "none"

@@ -119,3 +119,27 @@ def test_purge_deletes_expired_records_only(tmp_path: Path) -> None:
     now[0] += 61
     assert store.purge_expired() == 1
     assert store.position(waiting.job_id) == 1
+
+
+def test_a_database_from_before_api_keys_is_migrated_and_its_jobs_belong_to_no_key(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,"
+        " task TEXT NOT NULL, output_name TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT,"
+        " heartbeat_at REAL, progress_step TEXT, progress INTEGER, result TEXT, error TEXT, created_at REAL NOT NULL,"
+        " started_at REAL, finished_at REAL);"
+        "INSERT INTO jobs (job_id, state, task, output_name, created_at) VALUES ('old', 'PENDING', '{}', 'o.png', 1);"
+    )
+    old.commit()
+    old.close()
+    store = SqliteJobStore(path, policy=POLICY, result_ttl_s=3600)
+    keyed = NewJob(job_id="new", task={}, output_name="n.png", key_name="k")
+    assert store.submit(keyed, max_queue=10).position == 2
+    claimed = store.claim_next(OwnerToken.new())
+    assert claimed is not None and (claimed.job_id, claimed.key_name) == ("old", "")
+    record = store.get("new")
+    assert record is not None and record.key_name == "k"
+    assert store.output_owner("n.png") == "k" and store.output_owner("o.png") is None  # made before owners

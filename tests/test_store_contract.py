@@ -1,10 +1,11 @@
 """The store contract: one suite, both job stores (SQLite for the embedded backend, Redis for the
 distributed one, on a real ``redis-server``).
 
-The stores claim differently (SQLite hands out the next waiting job; a Redis worker claims the job id its
-broker message names, and takes over a dead owner's job in that same claim), so each gets a thin adapter
-below; the tests only speak the adapter's verbs. Owners are real: an SQLite owner is a live process of
-this host that the test kills, a Redis owner holds a lock that expires (here: is deleted) when it dies.
+Both stores hand out the fair queue's next job (``jobs.fairness``). They take over a dead owner's job
+differently (SQLite takes it back, then hands out the next waiting job; a Redis worker whose broker message
+names a running job with a dead owner takes it over in its claim), so each gets a thin adapter below; the
+tests only speak the adapter's verbs. Owners are real: an SQLite owner is a live process of this host that
+the test kills, a Redis owner holds a lock that expires (here: is deleted) when it dies.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import pytest
 
-from imagen.errors import QueueFullError
-from imagen.jobs.distributed.store import WAITING, RedisJobStore, connect, lock_key
+from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.jobs.distributed.store import Claim, RedisJobStore, connect, lock_key
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, HOSTNAME, AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobRecord, JobState, NewJob
@@ -41,7 +42,7 @@ class Clock:
 class StoreUnderTest(Protocol):
     """The verbs of the contract, as each store spells them."""
 
-    def submit(self, job: NewJob, max_queue: int = 100) -> int: ...  # the position
+    def submit(self, job: NewJob, max_queue: int = 100, key_max_waiting: int | None = None) -> int: ...  # position
     def get(self, job_id: str) -> JobRecord | None: ...
     def position(self, job_id: str) -> int | None: ...
     def count_waiting(self) -> int: ...
@@ -52,6 +53,7 @@ class StoreUnderTest(Protocol):
     def kill(self, owner: str) -> None: ...
     def take_over(self, job_id: str, owner: str) -> JobRecord | None: ...  # a dead owner's job, claimed
     def cancel(self, job_id: str) -> JobState | None: ...
+    def output_owner(self, output_name: str) -> str | None: ...
 
 
 # -- SQLite --------------------------------------------------------------------------------------------
@@ -62,8 +64,11 @@ class SqliteUnderTest:
         self.me = OwnerToken.new()  # the process that takes jobs back
         self.owners: dict[str, subprocess.Popen[bytes]] = {}
 
-    def submit(self, job: NewJob, max_queue: int = 100) -> int:
-        return self.store.submit(job, max_queue).position
+    def submit(self, job: NewJob, max_queue: int = 100, key_max_waiting: int | None = None) -> int:
+        return self.store.submit(job, max_queue, key_max_waiting).position
+
+    def output_owner(self, output_name: str) -> str | None:
+        return self.store.output_owner(output_name)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
@@ -123,10 +128,13 @@ class RedisUnderTest:
         self.store = RedisJobStore(self.client, result_ttl_s=RESULT_TTL_S, clock=clock)
         self.held: dict[str, str] = {}  # owner -> the job it claimed
 
-    def submit(self, job: NewJob, max_queue: int = 100) -> int:
-        position = self.store.submit(job, max_queue).position
+    def submit(self, job: NewJob, max_queue: int = 100, key_max_waiting: int | None = None) -> int:
+        position = self.store.submit(job, max_queue, key_max_waiting).position
         assert self.store.confirm(job.job_id)  # its broker message is out
         return position
+
+    def output_owner(self, output_name: str) -> str | None:
+        return self.store.output_owner(output_name)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
@@ -140,19 +148,19 @@ class RedisUnderTest:
     def new_owner(self) -> str:
         return str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
 
-    def _claim(self, job_id: str, owner: str) -> JobRecord | None:
-        claim = self.store.claim(
-            job_id, owner, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S
-        )
+    def _claimed(self, claim: Claim, owner: str) -> JobRecord | None:
         if claim.outcome != "claimed":
             return None
-        self.held[owner] = job_id
-        return self.store.get(job_id)
+        self.held[owner] = claim.job_id
+        return self.store.get(claim.job_id)
 
     def claim_next(self, owner: str) -> JobRecord | None:
-        """The broker delivers the oldest waiting job's message to ``owner``."""
-        oldest = cast(list[bytes], self.client.zrange(WAITING, 0, 0))
-        return self._claim(oldest[0].decode(), owner) if oldest else None
+        """A broker message (a ticket) is delivered to ``owner``: it starts the fair queue's next job."""
+        ticket = uuid.uuid4().hex
+        claim = self.store.claim_next(
+            owner, ticket=ticket, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S
+        )
+        return self._claimed(claim, owner)
 
     def complete(self, job_id: str, owner: str) -> bool:
         name = f"{job_id}.png"
@@ -168,7 +176,10 @@ class RedisUnderTest:
 
     def take_over(self, job_id: str, owner: str) -> JobRecord | None:
         """The job's message is delivered again (redelivery after the dead worker's connection closed)."""
-        return self._claim(job_id, owner)
+        claim = self.store.claim(
+            job_id, owner, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S, expect="running"
+        )
+        return self._claimed(claim, owner)
 
     def cancel(self, job_id: str) -> JobState | None:
         return self.store.cancel(job_id)
@@ -371,3 +382,89 @@ def test_finished_jobs_expire_after_the_result_ttl(store: StoreUnderTest, clock:
 def test_unknown_job_is_none(store: StoreUnderTest) -> None:
     assert store.get(str(uuid.uuid4())) is None
     assert store.position(str(uuid.uuid4())) is None
+
+
+# -- API keys: ownership, the per-key waiting limit, the fair queue -----------------------------------------
+def keyed_job(key_name: str, prompt: str = "x") -> NewJob:
+    return NewJob(
+        job_id=str(uuid.uuid4()), task={"prompt": prompt}, output_name=f"{uuid.uuid4().hex}.png", key_name=key_name
+    )
+
+
+def test_the_key_name_is_kept_and_the_output_owner_outlives_the_job_record(store: StoreUnderTest, clock: Clock) -> None:
+    job = keyed_job("alice")
+    store.submit(job)
+    record = store.get(job.job_id)
+    assert record is not None and record.key_name == "alice"
+    assert store.output_owner(job.output_name) == "alice"
+    assert store.output_owner("never-made.png") is None
+    owner = store.new_owner()
+    claimed = store.claim_next(owner)
+    assert claimed is not None and claimed.key_name == "alice"
+    assert store.complete(job.job_id, owner)
+    clock.now += RESULT_TTL_S + 1
+    assert store.get(job.job_id) is None  # the record is gone ...
+    assert store.output_owner(job.output_name) == "alice"  # ... its image still has an owner
+    unkeyed = new_job()
+    store.submit(unkeyed)
+    assert store.output_owner(unkeyed.output_name) == ""  # no keys configured
+
+
+def test_the_per_key_limit_refuses_one_key_while_others_submit_and_the_global_limit_comes_first(
+    store: StoreUnderTest,
+) -> None:
+    assert [store.submit(keyed_job("a"), key_max_waiting=2) for _ in range(2)] == [1, 2]
+    with pytest.raises(KeyQueueFullError) as refused:
+        store.submit(keyed_job("a"), key_max_waiting=2)
+    assert (refused.value.waiting, refused.value.limit) == (2, 2)
+    assert store.count_waiting() == 2  # nothing added
+    assert store.submit(keyed_job("b"), key_max_waiting=2) == 2  # another key still may (fair: after a's first)
+    assert store.submit(keyed_job("a"), key_max_waiting=None) == 4  # no per-key limit given: none applies
+    with pytest.raises(QueueFullError):  # the whole queue is full: that answer first, whatever the key
+        store.submit(keyed_job("a"), max_queue=4, key_max_waiting=2)
+    with pytest.raises(QueueFullError):
+        store.submit(keyed_job("c"), max_queue=4, key_max_waiting=2)
+    first = store.claim_next(store.new_owner())  # a running job no longer counts as waiting for its key
+    assert first is not None and first.key_name == "a"
+    assert store.submit(keyed_job("a"), key_max_waiting=3) == 4
+
+
+def test_keys_take_turns_and_positions_are_the_claim_order(store: StoreUnderTest) -> None:
+    a_jobs = [keyed_job("a", f"a{i}") for i in range(5)]
+    assert [store.submit(job) for job in a_jobs] == [1, 2, 3, 4, 5]
+    b_job = keyed_job("b", "b0")
+    assert store.submit(b_job) == 2  # right after a's first: b was never served
+    expected = [a_jobs[0], b_job, *a_jobs[1:]]
+    assert [store.position(job.job_id) for job in expected] == [1, 2, 3, 4, 5, 6]
+    claimed = []
+    while (record := store.claim_next(store.new_owner())) is not None:
+        claimed.append(record.task["prompt"])
+        # after each claim, the positions still say the order in which the rest will start
+        rest = [job for job in expected if job.task["prompt"] not in claimed]
+        assert [store.position(job.job_id) for job in rest] == list(range(1, len(rest) + 1))
+    assert claimed == ["a0", "b0", "a1", "a2", "a3", "a4"]
+
+
+def test_a_key_that_comes_back_waits_for_the_keys_served_longer_ago(store: StoreUnderTest) -> None:
+    for key in ("a", "b", "c"):
+        store.submit(keyed_job(key, f"{key}0"))
+        store.submit(keyed_job(key, f"{key}1"))
+    order = []
+    for _ in range(3):
+        record = store.claim_next(store.new_owner())
+        assert record is not None
+        order.append(record.task["prompt"])
+    late = keyed_job("a", "a2")
+    store.submit(late)
+    while (record := store.claim_next(store.new_owner())) is not None:
+        order.append(record.task["prompt"])
+    assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2"]
+
+
+def test_a_single_key_is_first_in_first_out(store: StoreUnderTest) -> None:
+    jobs = [keyed_job("only", f"j{i}") for i in range(4)]
+    assert [store.submit(job) for job in jobs] == [1, 2, 3, 4]
+    claimed = []
+    while (record := store.claim_next(store.new_owner())) is not None:
+        claimed.append(record.job_id)
+    assert claimed == [job.job_id for job in jobs]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import uuid
 from typing import Any
 
 import redis
@@ -37,7 +38,7 @@ HARD_LIMIT_GRACE_S = 10.0
 GATE_PERIOD_S = 0.5
 
 log = logging.getLogger("imagen.worker")
-__all__ = ["QUEUE", "TASK_NAME", "create_celery", "create_worker_app", "publish"]
+__all__ = ["QUEUE", "TASK_NAME", "create_celery", "create_worker_app", "publish", "republish"]
 
 
 class ResilientQoS(kombu_redis.QoS):
@@ -109,10 +110,20 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-def publish(app: Celery, job_id: str) -> None:
-    """Send the message that makes a worker run ``job_id`` (a few quick retries, then raise)."""
+def publish(app: Celery, job_id: str, message_id: str | None = None) -> None:
+    """Send a message (a ticket) that makes a worker start the fair queue's next job; it names ``job_id``,
+    which it takes over should that job be running with a dead owner (a few quick retries, then raise).
+    A job's first message has the job's id; later ones (``republish``) a new one, so that each message id
+    names one message."""
     policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
-    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE, retry=True, retry_policy=policy)
+    app.send_task(
+        TASK_NAME, args=[job_id], task_id=message_id or job_id, queue=QUEUE, retry=True, retry_policy=policy
+    )
+
+
+def republish(app: Celery, job_id: str) -> None:
+    """One more message for ``job_id`` (the reaper's, the reconciler's), with an id of its own."""
+    publish(app, job_id, message_id=f"{job_id}.{uuid.uuid4().hex[:12]}")
 
 
 def create_worker_app(settings: Settings) -> Celery:

@@ -1,7 +1,7 @@
 """The distributed job backend, API side: job records in Redis, work sent to Celery workers anywhere.
 
 ``submit`` is one step from the user's view: the record goes in *unconfirmed* (with a short expiry, the
-``max_queue`` check included, one Lua script), the Celery message is published, then the record is
+``max_queue`` and per-key checks included, one Lua script), the Celery message is published, then the record is
 confirmed. A 503 therefore leaves nothing behind: whatever failed or stalled half-way, the unconfirmed
 record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of a request times out after
 ``API_TIMEOUT_S`` without retrying a timeout, so a stalled Redis gives a 503 within about a second.
@@ -9,7 +9,8 @@ record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of 
 Live streams (``GET /events``) hear of job changes through one Redis pub/sub listener (``changes.py``).
 Two background threads: the image transfer (``image_transfer``) copies the PNGs that workers put in Redis
 into this replica's outputs folder, and the housekeeper (``reaper``) requeues the jobs of dead workers and
-republishes waiting jobs whose message was lost. No model code and no torch is imported here.
+publishes the messages that waiting jobs lack (a message is a ticket for the fair queue's next job).
+No model code and no torch is imported here.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
-from imagen.jobs.distributed.app import QUEUE, create_celery, publish
+from imagen.jobs.distributed.app import QUEUE, create_celery, publish, republish
 from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
@@ -66,7 +67,7 @@ class CeleryBackend(JobBackend):
         }
         self.images = ImageTransfer(self.store, settings.outputs_dir)
         self.housekeeper = Housekeeper(
-            settings, self._housekeeping_store, lambda job_id: publish(self.celery, job_id), QUEUE
+            settings, self._housekeeping_store, lambda job_id: republish(self.celery, job_id), QUEUE
         )
         self._stopping = threading.Event()
         self._transfer: threading.Thread | None = None
@@ -95,7 +96,7 @@ class CeleryBackend(JobBackend):
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         try:
-            submitted = self.store.submit(job, self.settings.max_queue)
+            submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         except redis.RedisError as exc:
             # If the call reached Redis after all, its unconfirmed record expires on its own.
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
@@ -140,7 +141,10 @@ class CeleryBackend(JobBackend):
             yield watcher
 
     def output_owner(self, filename: str) -> str | None:
-        return None  # TODO(fair-queue branch): stores keep output owners
+        try:
+            return self.store.output_owner(filename)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     def health(self) -> BackendHealth:
         try:

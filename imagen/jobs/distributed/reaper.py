@@ -2,15 +2,19 @@
 
 - **Reaper**: a running job whose worker stopped renewing its lock (killed, host gone) goes back to the
   queue, or fails when the attempt policy says so; a requeued job's message is published again.
-- **Reconciler**: a waiting job with no message in the broker for ``reconcile_after_s`` is published
-  again. That covers a publish lost after the job was put back (by the reaper, a retry), a message
-  that a worker received but could not start (its claim failed on a broken Redis connection and Celery
-  acknowledged the message anyway), or a requeued job whose old message is still held for a worker that
-  died. The broker's messages are read where kombu's Redis transport keeps them: the queue's list (not yet
+- **Reconciler**: messages are tickets (``task.py``: a delivered message starts the fair queue's next job,
+  not necessarily the one it names), so it counts rather than matches: when, for the whole
+  ``reconcile_after_s``, the broker holds fewer *available* messages than there are confirmed waiting
+  jobs, it publishes the difference. That covers a publish lost after a job was put back (by the reaper,
+  a retry), a message that a worker received but could not use (its claim failed on a broken Redis
+  connection and Celery acknowledged the message anyway), or a message still held for a worker that died.
+  The broker's messages are read where kombu's Redis transport keeps them: the queue's list (not yet
   delivered) and its ``unacked`` hash (delivered, not acknowledged; only recent deliveries count). A
-  message can be in neither for an instant (between the worker's BRPOP and its bookkeeping), so a job is
-  republished only when it has been seen without a message for the whole ``reconcile_after_s``. A
-  duplicate message is harmless: the claim drops a second delivery.
+  delivered message is available until it starts a job: the running jobs record the id of the message
+  that started them (``ticket``), and those are not counted. A message can be in neither place for an
+  instant (between the worker's BRPOP and its bookkeeping), so the shortage must last the whole
+  ``reconcile_after_s`` (the smallest seen in that time is published). An extra message is harmless: it
+  finds no job waiting and is dropped.
 
 It runs in every API replica (next to the image transfer) and may run in workers' main processes too:
 wherever it runs, one process at a time reconciles (a short Redis lock), so a job is republished once.
@@ -39,10 +43,10 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 
 
-def message_job_ids(raw_messages: Iterable[bytes]) -> set[str]:
-    """The task ids (our job ids) of raw kombu messages: queued ones are the message, unacknowledged ones
-    ``[message, exchange, routing_key]``."""
-    ids: set[str] = set()
+def message_ids(raw_messages: Iterable[bytes]) -> list[str]:
+    """The task ids of raw kombu messages (a job's first message has the job's id, later ones an id of their
+    own): queued ones are the message, unacknowledged ones ``[message, exchange, routing_key]``."""
+    ids: list[str] = []
     for raw in raw_messages:
         try:
             message = json.loads(raw)
@@ -53,7 +57,7 @@ def message_job_ids(raw_messages: Iterable[bytes]) -> set[str]:
         except (ValueError, AttributeError, IndexError, TypeError):
             continue  # not one of ours
         if isinstance(task_id, str):
-            ids.add(task_id)
+            ids.append(task_id)
     return ids
 
 
@@ -68,7 +72,9 @@ class Housekeeper:
         self.identity = str(OwnerToken.new())
         reap_every = max(0.2, min(5.0, settings.job_lock_ttl_s / 3))
         self.period = min(reap_every, max(0.2, settings.reconcile_after_s / 2))
-        self._missing_since: dict[str, float] = {}
+        # Since when there have been fewer available messages than waiting jobs, and the least shortage since.
+        self._short_since: float | None = None
+        self._shortage = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,22 +111,35 @@ class Housekeeper:
     def reconcile(self) -> None:
         self.store.sweep_unconfirmed()
         if not self.store.try_lead(HOUSEKEEPER, self.identity, self.period * 3 + 1):
-            self._missing_since.clear()  # another process reconciles; start afresh if this one takes over
+            self._short_since = None  # another process reconciles; start afresh if this one takes over
             return
         waiting = self.store.confirmed_waiting()
-        with_message: set[str] = set()
-        if waiting:
-            recent = time.time() - self.settings.reconcile_after_s
-            messages = self.store.broker_messages(self.queue, UNACKED_KEY, UNACKED_INDEX_KEY, delivered_after=recent)
-            with_message = message_job_ids(messages)
+        shortage = len(waiting) - self._available_messages() if waiting else 0
         now = time.monotonic()
-        missing = {job_id: self._missing_since.get(job_id, now) for job_id in waiting if job_id not in with_message}
-        for job_id, since in missing.items():
-            if now - since >= self.settings.reconcile_after_s:
-                log.warning("job %s: waiting with no message in the broker; published again", job_id)
-                if self._publish(job_id):
-                    missing[job_id] = now
-        self._missing_since = missing
+        if shortage <= 0:
+            self._short_since = None
+            return
+        if self._short_since is None:
+            self._short_since, self._shortage = now, shortage
+            return
+        self._shortage = min(self._shortage, shortage)
+        if now - self._short_since < self.settings.reconcile_after_s:
+            return
+        log.warning("%d job(s) waiting with no message in the broker for them; publishing %d", len(waiting),
+                    self._shortage)
+        # The message names a waiting job only for the logs: whichever job it starts is the fair queue's.
+        published = sum(self._publish(job_id) for job_id in waiting[: self._shortage])
+        self._shortage -= published
+        if self._shortage <= 0:
+            self._short_since = None  # counted afresh from the next pass, with the new messages
+        # else: a publish failed; the next pass publishes the rest
+
+    def _available_messages(self) -> int:
+        """Messages that will still start a job: queued, or delivered recently and not used by a running job."""
+        recent = time.time() - self.settings.reconcile_after_s
+        raw = self.store.broker_messages(self.queue, UNACKED_KEY, UNACKED_INDEX_KEY, delivered_after=recent)
+        used = self.store.running_tickets()
+        return sum(1 for message_id in message_ids(raw) if message_id not in used)
 
     def _publish(self, job_id: str) -> bool:
         try:

@@ -5,19 +5,28 @@ scripts hold no rule of their own: Python reads the record, asks :class:`imagen.
 for the verdict, and a script applies it under a guard (state, owner, attempts and lock still as read; else
 it answers ``conflict`` and the caller reads again).
 
-- ``imagen:job:{id}``  hash: state, task, output_name, attempts, seq, owner, progress, result, error, times.
+- ``imagen:job:{id}``  hash: state, task, output_name, key_name (the API key that submitted it), attempts,
+  seq, owner, ticket (the id of the broker message that started the running attempt), progress, result,
+  error, times.
   A finished record gets a Redis expiry of ``result_ttl_s``. A new record is *unconfirmed* (field
   ``unconfirmed``, expiry ``CONFIRM_WINDOW_S``) until its broker message is published: a submission that
   fails half-way (Redis stalled, publish failed, the API killed) leaves nothing behind.
-- ``imagen:waiting``   sorted set of the PENDING job ids, scored by submission order: its size is the
-  cluster-wide queue length checked by ``submit`` (check-and-add in one script), a rank is a position.
+- ``imagen:waiting``   sorted set of the PENDING job ids, scored by queue order: its size is the cluster-wide
+  queue length checked by ``submit`` (check-and-add in one script, with the per-key waiting limit counted
+  there from the records' ``key_name``). Which job starts next, and a job's position, is the fair order
+  (``jobs.fairness``) of this set, read with each key's turn.
+- ``imagen:key_turns`` hash key_name -> the turn at which the key was last served; ``imagen:turn`` the
+  counter every claim increments (``lua/claim.lua`` records both).
+- ``imagen:output_owners`` hash output_name -> key_name, written by ``submit`` (removed by ``withdraw``):
+  it outlives the job record, as long as the image may be served.
 - ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
 - ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
   A cancelled job (``lua/cancel.lua``) leaves the queue or this set at once, REVOKED: its worker learns it
   from its next progress write (``lua/progress.lua`` answers ``cancelled``), on whatever host it runs.
 - ``imagen:lock:{id}`` the running attempt's owner token, with a short expiry its worker keeps renewing.
-  A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A second
-  delivery of a message whose job is locked is dropped, so a job never runs twice at once.
+  A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A claim is
+  guarded by the record and its lock, so a job never runs twice at once. A broker message is a *ticket*
+  (see ``task.py``): its worker claims the fair queue's next confirmed job, whichever job it names.
 - ``imagen:png:{name}`` the PNG bytes of a finished job (expiry ``png_ttl_s``), ``imagen:outputs`` a stream
   of finished names. Each API replica copies the images into its own outputs folder (no shared disk),
   then adds itself to ``imagen:png_copies:{name}``; the PNG is deleted once every live replica
@@ -41,13 +50,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from imagen.errors import QueueFullError
+from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.jobs import fairness
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
@@ -66,6 +76,9 @@ WAITING = PREFIX + "waiting"
 UNCONFIRMED = PREFIX + "unconfirmed"
 RUNNING = PREFIX + "running"
 SEQUENCE = PREFIX + "seq"
+OUTPUT_OWNERS = PREFIX + "output_owners"
+KEY_TURNS = PREFIX + "key_turns"
+TURN = PREFIX + "turn"
 OUTPUTS_STREAM = PREFIX + "outputs"
 OUTPUTS_STREAM_MAXLEN = 10_000
 PNG_SIZES = PREFIX + "png_sizes"
@@ -157,9 +170,12 @@ def _script(client: redis.Redis, name: str) -> Script:
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: str  # claimed | busy | finished | missing | timeout | failed
+    # claimed | busy | finished | missing | timeout | failed; waiting | running (not the state the claim
+    # expected); none (no job waits); unconfirmed (only submissions not confirmed yet wait)
+    outcome: str
     attempts: int = 0
     holder: str | None = None
+    job_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -249,13 +265,15 @@ class RedisJobStore:
         return max(1, int(self.result_ttl_s * 1000))
 
     # -- API side: submission --------------------------------------------------------------------
-    def submit(self, job: NewJob, max_queue: int) -> Submitted:
-        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``CONFIRM_WINDOW_S``."""
-        accepted, value = cast(
+    def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
+        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``CONFIRM_WINDOW_S``.
+        ``QueueFullError`` when ``max_queue`` jobs wait (checked first), ``KeyQueueFullError`` when
+        ``key_max_waiting`` jobs of the job's key do: both checked in the script that adds it."""
+        answer = cast(
             list[int],
             self._run(
                 "submit",
-                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED],
+                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED, OUTPUT_OWNERS],
                 [
                     job.job_id,
                     json.dumps(job.task),
@@ -264,12 +282,18 @@ class RedisJobStore:
                     max_queue,
                     int(CONFIRM_WINDOW_S * 1000),
                     JOB_PREFIX,
+                    job.key_name,
+                    "" if key_max_waiting is None else key_max_waiting,
                 ],
             ),
         )
-        if not accepted:
-            raise QueueFullError(f"{value} jobs waiting (max {max_queue})")
-        return Submitted(job_id=job.job_id, position=int(value))
+        if answer[0] == 0:
+            raise QueueFullError(f"{answer[1]} jobs waiting (max {max_queue})")
+        if answer[0] == 2:
+            assert key_max_waiting is not None
+            raise KeyQueueFullError(int(answer[1]), key_max_waiting)
+        # Read after the script: the place it had when it was added (or later, if others started since).
+        return Submitted(job_id=job.job_id, position=self.position(job.job_id) or 1)
 
     def confirm(self, job_id: str) -> bool:
         """The job's message is published: keep it. False when it expired first (it is gone: answer 503)."""
@@ -277,7 +301,7 @@ class RedisJobStore:
 
     def forget(self, job_id: str) -> None:
         """Undo a submission whose message could not be published (a no-op once confirmed)."""
-        self._run("withdraw", [job_key(job_id), WAITING, UNCONFIRMED], [job_id])
+        self._run("withdraw", [job_key(job_id), WAITING, UNCONFIRMED, OUTPUT_OWNERS], [job_id])
 
     def sweep_unconfirmed(self) -> int:
         """Drop the waiting entries of submissions that expired unconfirmed; how many."""
@@ -323,8 +347,48 @@ class RedisJobStore:
         return int(self.client.zcard(WAITING))
 
     def position(self, job_id: str) -> int | None:
-        rank = cast(int | None, self.client.zrank(WAITING, job_id))
-        return None if rank is None else rank + 1
+        """The job's place in the fair order (1 = next to start); None if it is not waiting."""
+        waiting, turns, _ = self._fair_view()
+        return fairness.position(waiting, turns, job_id)
+
+    def _fair_view(self) -> tuple[list[fairness.WaitingJob], dict[str, int], set[str]]:
+        """What the fair order is decided from: the waiting jobs, each key's last turn, and the waiting jobs
+        not confirmed yet. Read, not locked: a claim applies its decision under the record's guard."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrange(WAITING, 0, -1, withscores=True)
+            pipe.hgetall(KEY_TURNS)
+            pipe.zrange(UNCONFIRMED, 0, -1)
+            queued, raw_turns, unconfirmed = cast(
+                tuple[list[tuple[bytes, float]], dict[bytes, bytes], list[bytes]], pipe.execute()
+            )
+        names: list[bytes | None] = []
+        if queued:
+            with self.client.pipeline(transaction=False) as pipe:
+                for raw_id, _ in queued:
+                    pipe.hget(job_key(raw_id.decode()), "key_name")
+                names = cast(list[bytes | None], pipe.execute())
+        waiting = [
+            fairness.WaitingJob(raw_id.decode(), (name or b"").decode(), score)
+            for (raw_id, score), name in zip(queued, names, strict=True)
+        ]
+        turns = {key.decode(): int(value) for key, value in raw_turns.items()}
+        return waiting, turns, {raw.decode() for raw in unconfirmed}
+
+    def output_owner(self, output_name: str) -> str | None:
+        """The key whose job named this output file; None when no job did. Never expires with the job."""
+        owner = cast(bytes | None, self.client.hget(OUTPUT_OWNERS, output_name))
+        return None if owner is None else owner.decode()
+
+    def running_tickets(self) -> dict[str, str]:
+        """The broker messages (tickets) that started the running jobs: message id -> job id."""
+        running = [raw.decode() for raw in cast(set[bytes], self.client.smembers(RUNNING))]
+        if not running:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hget(job_key(job_id), "ticket")
+            tickets = cast(list[bytes | None], pipe.execute())
+        return {ticket.decode(): job_id for job_id, ticket in zip(running, tickets, strict=True) if ticket}
 
     def confirmed_waiting(self) -> list[str]:
         """The PENDING jobs whose message was published (or should have been)."""
@@ -340,8 +404,8 @@ class RedisJobStore:
     ) -> list[bytes]:
         """The raw Celery messages of ``queue`` (not delivered yet) and those of the unacknowledged table
         (delivered to a worker, not acknowledged yet) delivered after ``delivered_after``: kombu's Redis
-        transport keeps them there. An older unacknowledged message of a waiting job belongs to a worker
-        that died: it only comes back after the visibility timeout."""
+        transport keeps them there. An older unacknowledged message is running a long job, or belongs to a
+        worker that died: it only comes back after the visibility timeout."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrange(queue, 0, -1)
             pipe.zrangebyscore(unacked_index_key, delivered_after, "+inf")
@@ -444,9 +508,14 @@ class RedisJobStore:
         lock_ttl_s: float,
         timeout_s: float,
         steal_from: str = "",
+        ticket: str = "",
+        expect: Literal["any", "waiting", "running"] = "any",
     ) -> Claim:
-        """Start an attempt here. A running job is taken over only when its lock expired or is held by
-        ``steal_from`` (a holder known dead); the policy may fail it instead (timeout, attempts used up)."""
+        """Start an attempt of ``job_id`` here (``ticket``: the broker message that asked, recorded on the job).
+        A running job is taken over only when its lock expired or is held by ``steal_from`` (a holder known
+        dead); the policy may fail it instead (timeout, attempts used up). ``expect`` limits the claim to a
+        waiting job (the fair queue's pick: else 'running'/'finished') or to a running one (a takeover: else
+        'waiting')."""
         policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=timeout_s)
         for _ in range(CONFLICT_RETRIES):
             seen = self._snapshot(job_id)
@@ -454,6 +523,10 @@ class RedisJobStore:
                 return Claim("missing")
             if seen.state.is_terminal():
                 return Claim("finished")
+            if expect == "waiting" and seen.running:
+                return Claim("running", holder=seen.lock or None)
+            if expect == "running" and not seen.running:
+                return Claim("waiting")
             if seen.running:
                 if seen.lock and seen.lock != steal_from:
                     return Claim("busy", holder=seen.lock)
@@ -466,7 +539,7 @@ class RedisJobStore:
                 list[Any],
                 self._run(
                     "claim",
-                    [job_key(job_id), lock_key(job_id), RUNNING, WAITING, UNCONFIRMED],
+                    [job_key(job_id), lock_key(job_id), RUNNING, WAITING, UNCONFIRMED, KEY_TURNS, TURN],
                     [
                         job_id,
                         token,
@@ -476,12 +549,46 @@ class RedisJobStore:
                         seen.owner,
                         seen.attempts,
                         seen.lock,
+                        ticket,
                     ],
                 ),
             )
             if _text(answer[0]) == "claimed":
-                return Claim("claimed", attempts=int(answer[1]))
+                return Claim("claimed", attempts=int(answer[1]), job_id=job_id)
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
+        return Claim("busy")
+
+    def claim_next(
+        self,
+        token: str,
+        *,
+        ticket: str,
+        max_attempts: int,
+        lock_ttl_s: float,
+        timeout_s: float,
+        named: str = "",
+    ) -> Claim:
+        """Start the fair queue's next confirmed waiting job here (``jobs.fairness``), for the broker message
+        ``ticket`` that names job ``named``; 'none' when no job waits, 'unconfirmed' when only submissions
+        not confirmed yet do. A job taken by another worker meanwhile: read again."""
+        for _ in range(CONFLICT_RETRIES):
+            waiting, turns, unconfirmed = self._fair_view()
+            # An unconfirmed job's submission may still fail (its API answers 503): never start one. The job
+            # the message names is the exception: its message is out, so it is confirmed in all but name.
+            chosen = fairness.next_job(waiting, turns, skip=unconfirmed - {named})
+            if chosen is None:
+                return Claim("unconfirmed" if waiting else "none")
+            claim = self.claim(
+                chosen.job_id,
+                token,
+                max_attempts=max_attempts,
+                lock_ttl_s=lock_ttl_s,
+                timeout_s=timeout_s,
+                ticket=ticket,
+                expect="waiting",
+            )
+            if claim.outcome == "claimed":
+                return claim
         return Claim("busy")
 
     def publish_preview(self, job_id: str, step: int, jpeg: bytes) -> None:
@@ -614,4 +721,5 @@ def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
         created_at=float(fields.get("created_at", 0.0)),
         started_at=_float(fields.get("started_at")),
         finished_at=_float(fields.get("finished_at")),
+        key_name=fields.get("key_name", ""),
     )

@@ -6,10 +6,15 @@ says why in its log and in its heartbeat, which ``/health`` shows. Until the eng
 takes no job: the child raises a flag shared with the worker's main process, whose consumer starts on the
 queue only once the flag is up (see ``worker.py``).
 
-The task body claims the job in its Redis record (or drops a duplicate delivery, or the message of a job
-cancelled while it waited), keeps the claim's lock alive while the engine runs, stops at the next step when
-a progress write answers that the job was cancelled, and records the outcome: SUCCESS with the PNG bytes
-(they travel through Redis to every API replica), a retry (the message goes back to the queue), or FAILURE.
+A message is a *ticket*, not an order for one job. Its body first takes over the job it names (or the job
+it started before, a redelivery) only when that job is running with a dead owner; otherwise it claims the
+fair queue's next confirmed waiting job (``jobs.fairness``: round-robin across API keys, oldest first within
+a key; ``RedisJobStore.claim_next``), whichever job that is, and drops the message when none waits. Every
+waiting job had a message published for it, and every message ends either starting a job or finding none
+waiting, so none is left without one (the reconciler counts messages against waiting jobs to make sure).
+The body keeps the claim's lock alive while the engine runs, stops at the next step when a progress write
+answers that the job was cancelled, and records the outcome: SUCCESS with the PNG bytes (they travel
+through Redis to every API replica), a retry (the message goes back to the queue), or FAILURE.
 A Redis error is never taken for an outcome: the body retries the call for a while, then hands the message
 back to the broker (``Reject(requeue=True)``) rather than let Celery acknowledge a message whose job never
 started.
@@ -37,7 +42,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
-from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
+from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, Claim, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 
 if TYPE_CHECKING:
@@ -55,6 +60,8 @@ LOAD_RETRY_MAX_S = 60.0
 # long enough for a Redis restart or a short out-of-memory spell.
 CLAIM_RETRY_S = 3.0
 OUTCOME_RETRY_S = 60.0
+# How often a message that finds only unconfirmed submissions waiting looks again.
+UNCONFIRMED_POLL_S = 0.02
 
 T = TypeVar("T")
 
@@ -164,7 +171,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             self._stopping.wait(HEARTBEAT_S)
 
     # -- the task body --------------------------------------------------------------------------------
-    def run(self, job_id: str) -> None:
+    def run(self, named_job_id: str) -> None:
         engine = self.engine
         if engine is None:
             # A message delivered while this child's engine is not loaded yet (the previous child was just
@@ -173,17 +180,24 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise Reject(f"engine not loaded: {self.load_error or 'loading'}", requeue=True)
         me = OwnerToken.new()
         token = str(me)
-        claim = self._claim(job_id, token)
-        if claim.outcome == "busy" and claim.holder:
-            holder = OwnerToken.parse(claim.holder)
-            if holder is not None and holder.process_is_gone():  # a pool child of this host, SIGKILLed
-                claim = self._claim(job_id, token, steal_from=claim.holder)
+        ticket = str(self.request.id or named_job_id)
+        takeover = claim = self._take_over(named_job_id, token, ticket)
         if claim.outcome != "claimed":
-            # A duplicate delivery (visibility timeout, requeue after a lost worker) of a job that is running
-            # elsewhere or already over: drop it. The reaper requeues the job if its worker dies later.
-            log.info("job %s: not run here (%s)", job_id, claim.outcome)
+            claim = self._claim_next(token, ticket, named_job_id)
+        # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
+        # window. Wait for that rather than drop a message that one of them may need.
+        deadline = time.monotonic() + 2 * CONFIRM_WINDOW_S
+        while claim.outcome == "unconfirmed" and time.monotonic() < deadline:
+            time.sleep(UNCONFIRMED_POLL_S)
+            claim = self._claim_next(token, ticket, named_job_id)
+        if claim.outcome != "claimed":
+            # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
+            # delivery, a job cancelled while it waited, an extra message): drop it.
+            log.info("job %s: not run here (%s); message %s started no other job (%s)",
+                     named_job_id, takeover.outcome, ticket, claim.outcome)
             return
-        log.info("job %s: attempt %d started", job_id, claim.attempts)
+        job_id = claim.job_id
+        log.info("job %s: attempt %d started (message %s)", job_id, claim.attempts, ticket)
         retry_reason: str | None = None
         with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
@@ -211,22 +225,55 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # Back to the broker's queue: the same message, acknowledged only when an attempt ends the job.
             raise Reject(retry_reason, requeue=True)
 
-    def _claim(self, job_id: str, token: str, steal_from: str = "") -> Claim:
-        def claim() -> Claim:
-            return self.store.claim(
+    def _take_over(self, named_job_id: str, token: str, ticket: str) -> Claim:
+        """A redelivered message (its worker died: SIGKILLed pool child, lost connection) resumes the job it
+        had started, if that one is still running with a dead owner; a first delivery, the job it names in
+        that same case only. Anything else (running with a live owner, waiting, over): not claimed here."""
+        started = self._redis(f"message {ticket}: read", self.store.running_tickets)
+        job_id = started.get(ticket, named_job_id)
+        claim = self._claim(job_id, token, ticket)
+        if claim.outcome == "busy" and claim.holder:
+            holder = OwnerToken.parse(claim.holder)
+            if holder is not None and holder.process_is_gone():  # a pool child of this host, SIGKILLed
+                claim = self._claim(job_id, token, ticket, steal_from=claim.holder)
+        return claim
+
+    def _claim(self, job_id: str, token: str, ticket: str, steal_from: str = "") -> Claim:
+        return self._redis(
+            f"job {job_id}: claim",
+            lambda: self.store.claim(
                 job_id,
                 token,
                 max_attempts=self.settings.max_attempts,
                 lock_ttl_s=self.settings.job_lock_ttl_s,
                 timeout_s=self.settings.job_timeout_s,
                 steal_from=steal_from,
-            )
+                ticket=ticket,
+                expect="running",
+            ),
+        )
 
+    def _claim_next(self, token: str, ticket: str, named_job_id: str) -> Claim:
+        return self._redis(
+            f"message {ticket}: claim",
+            lambda: self.store.claim_next(
+                token,
+                ticket=ticket,
+                named=named_job_id,
+                max_attempts=self.settings.max_attempts,
+                lock_ttl_s=self.settings.job_lock_ttl_s,
+                timeout_s=self.settings.job_timeout_s,
+            ),
+        )
+
+    @staticmethod
+    def _redis(what: str, call: Callable[[], T]) -> T:
+        """A Redis call made before any job started, retried for ``CLAIM_RETRY_S``."""
         try:
-            return retry_redis(f"job {job_id}: claim", claim, CLAIM_RETRY_S)
+            return retry_redis(what, call, CLAIM_RETRY_S)
         except redis.RedisError as exc:
-            # Never acknowledge a message whose job did not start: it goes back to the queue.
-            log.warning("job %s: claim failed (%s); message back to the queue", job_id, exc)
+            # Never acknowledge a message that did not start a job: it goes back to the queue.
+            log.warning("%s failed (%s); message back to the queue", what, exc)
             raise Reject(f"claim failed: {exc}", requeue=True) from exc
 
     def _generate(self, engine: Engine, job_id: str, token: str) -> tuple[dict[str, Any], bytes]:

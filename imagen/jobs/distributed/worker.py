@@ -20,7 +20,7 @@ from typing import Any
 from celery import Celery, signals
 
 from imagen.config import Settings
-from imagen.jobs.distributed.app import QUEUE, create_worker_app, publish
+from imagen.jobs.distributed.app import QUEUE, create_worker_app, republish
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import RedisJobStore, connect
 
@@ -68,6 +68,6 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
 def _start_housekeeper(settings: Settings, app: Celery) -> Housekeeper:
     assert settings.broker_url
     store = RedisJobStore.from_settings(settings, connect(settings.broker_url))
-    housekeeper = Housekeeper(settings, store, lambda job_id: publish(app, job_id), QUEUE)
+    housekeeper = Housekeeper(settings, store, lambda job_id: republish(app, job_id), QUEUE)
     housekeeper.start()
     return housekeeper

@@ -65,7 +65,7 @@ class EmbeddedBackend(JobBackend):
         self.store.close()
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
-        submitted = self.store.submit(job, self.settings.max_queue)
+        submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         self.wakeups.notify()
         return submitted
 
@@ -85,7 +85,7 @@ class EmbeddedBackend(JobBackend):
             yield watcher
 
     def output_owner(self, filename: str) -> str | None:
-        return None  # TODO(fair-queue branch): stores keep output owners
+        return self.store.output_owner(filename)
 
     def health(self) -> BackendHealth:
         workers = tuple(slot.health() for slot in self._slots)

@@ -1,6 +1,10 @@
 """The durable job store of the embedded backend: one SQLite file in WAL mode.
 
-Jobs are claimed inside ``BEGIN IMMEDIATE`` so two workers never take the same job. A running job carries
+Jobs are claimed inside ``BEGIN IMMEDIATE`` so two workers never take the same job; which waiting job is
+next is the fair queue's decision (``jobs.fairness``: round-robin across API keys, oldest first within a
+key), taken in that same transaction, which records the key's turn (table ``key_turns``). ``submit`` checks
+``max_queue`` and then the per-key waiting limit in its own transaction, and records in ``output_owners``
+which key's job names the output file (kept after the job record expires). A running job carries
 its owner (a ``lifecycle.OwnerToken``) and a heartbeat. How an attempt ends without an image is not decided
 here: the store reads the running job under an owner guard, asks the ``lifecycle.AttemptPolicy`` for a
 ``Verdict`` (back to the queue, or FAILURE with which text) and writes it in the same transaction. Jobs of
@@ -20,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imagen.errors import QueueFullError
+from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.jobs import fairness
 from imagen.jobs.embedded.sqlite import SqliteFile
 from imagen.jobs.lifecycle import (
     CANCELLED_BY_CLIENT,
@@ -52,14 +57,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
+-- The fair queue (jobs.fairness): the turn at which each API key was last served.
+CREATE TABLE IF NOT EXISTS key_turns (
+    key_name TEXT PRIMARY KEY,
+    turn INTEGER NOT NULL
+);
+-- Which key's job named each output file: kept as long as the file may be (job records expire sooner).
+CREATE TABLE IF NOT EXISTS output_owners (
+    output_name TEXT PRIMARY KEY,
+    key_name TEXT NOT NULL
+);
 """
 # Columns added since the first release, for databases created before them.
-ADDED_COLUMNS = {"denoising": "TEXT"}  # JSON, written with each progress report
+ADDED_COLUMNS = {
+    "denoising": "TEXT",  # JSON, written with each progress report
+    "key_name": "TEXT NOT NULL DEFAULT ''",  # the API key that submitted the job ("": no keys configured)
+}
 
 RUNNING = (JobState.STARTED.value, JobState.PROGRESS.value)
 COLUMNS = (
     "job_id, state, task, output_name, attempts, progress_step, progress, denoising, result, error, "
-    "created_at, started_at, finished_at"
+    "created_at, started_at, finished_at, key_name"
 )
 # Every write of a running job names the owner that claimed it: a late owner (one whose job was taken
 # back and claimed again) changes nothing.
@@ -89,16 +107,44 @@ class SqliteJobStore:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     # -- API side ------------------------------------------------------------------------------
-    def submit(self, job: NewJob, max_queue: int) -> Submitted:
+    def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
+        """Queue the job (and record who owns its output), all in one durable transaction. ``QueueFullError``
+        when ``max_queue`` jobs wait (checked first), ``KeyQueueFullError`` when ``key_max_waiting`` jobs of
+        the job's key do. The position is its place in the fair order."""
         with self.file.transaction(durable=True) as db:
-            ahead = self.count_waiting()  # same connection: counted inside this transaction
+            # Same connection: everything below is read inside this transaction.
+            ahead = self.count_waiting()
             if ahead >= max_queue:
                 raise QueueFullError(f"{ahead} jobs waiting (max {max_queue})")
+            if key_max_waiting is not None:
+                row = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = ? AND key_name = ?", (JobState.PENDING.value, job.key_name)
+                ).fetchone()
+                if fairness.key_is_full(int(row[0]), key_max_waiting):
+                    raise KeyQueueFullError(int(row[0]), key_max_waiting)
             db.execute(
-                "INSERT INTO jobs (job_id, state, task, output_name, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job.job_id, JobState.PENDING.value, json.dumps(job.task), job.output_name, self.clock()),
+                "INSERT INTO jobs (job_id, state, task, output_name, created_at, key_name) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    job.job_id, JobState.PENDING.value, json.dumps(job.task), job.output_name, self.clock(),
+                    job.key_name,
+                ),
             )
-        return Submitted(job_id=job.job_id, position=ahead + 1)
+            db.execute(
+                "INSERT OR REPLACE INTO output_owners (output_name, key_name) VALUES (?, ?)",
+                (job.output_name, job.key_name),
+            )
+            position = self.position(job.job_id)
+        assert position is not None
+        return Submitted(job_id=job.job_id, position=position)
+
+    def output_owner(self, output_name: str) -> str | None:
+        """The key whose job named this output file; None when no job did."""
+        row = (
+            self.file.connection()
+            .execute("SELECT key_name FROM output_owners WHERE output_name = ?", (output_name,))
+            .fetchone()
+        )
+        return None if row is None else str(row["key_name"])
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self.file.connection().execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -132,34 +178,38 @@ class SqliteJobStore:
         return int(row.fetchone()[0])
 
     def position(self, job_id: str) -> int | None:
-        """1 + the number of waiting jobs queued before this one; None if it is not waiting."""
-        row = (
-            self.file.connection()
-            .execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= "
-                "(SELECT seq FROM jobs WHERE job_id = ? AND state = ?)",
-                (JobState.PENDING.value, job_id, JobState.PENDING.value),
-            )
-            .fetchone()
-        )
-        return int(row[0]) or None
+        """The job's place in the fair order (1 = next to start); None if it is not waiting."""
+        return fairness.position(*self._fair_view(self.file.connection()), job_id)
+
+    def _fair_view(self, db: sqlite3.Connection) -> tuple[list[fairness.WaitingJob], dict[str, int]]:
+        """What the fair order is decided from: the waiting jobs and each key's last turn."""
+        waiting = [
+            fairness.WaitingJob(row["job_id"], row["key_name"], row["seq"])
+            for row in db.execute("SELECT seq, job_id, key_name FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        ]
+        turns = {row["key_name"]: int(row["turn"]) for row in db.execute("SELECT key_name, turn FROM key_turns")}
+        return waiting, turns
 
     # -- worker side -----------------------------------------------------------------------------
     def claim_next(self, owner: OwnerToken) -> JobRecord | None:
-        """The oldest waiting job, now STARTED by ``owner`` (its attempt counted); None if none waits."""
+        """The first waiting job of the fair order (``jobs.fairness``), now STARTED by ``owner`` (its attempt
+        counted, its key's turn recorded); None if none waits."""
         now = self.clock()
         with self.file.transaction() as db:
-            row = db.execute(
-                "SELECT seq FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.PENDING.value,)
-            ).fetchone()
-            if row is None:
+            chosen = fairness.next_job(*self._fair_view(db))
+            if chosen is None:
                 return None
             db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
                 "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
-                (JobState.STARTED.value, str(owner), now, now, row["seq"]),
+                (JobState.STARTED.value, str(owner), now, now, chosen.seq),
             )
-            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO key_turns (key_name, turn) "
+                "VALUES (?, (SELECT COALESCE(MAX(turn), 0) + 1 FROM key_turns))",
+                (chosen.key_name,),
+            )
+            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (chosen.seq,)).fetchone()
         record = _record(claimed)
         self.on_change(record.job_id)
         return record
@@ -289,4 +339,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        key_name=row["key_name"],
     )

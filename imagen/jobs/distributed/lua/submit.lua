@@ -1,16 +1,25 @@
 -- Add a PENDING job, unconfirmed: its record expires after ARGV[6] ms unless `confirm` (or a claim) keeps it.
--- KEYS: waiting, seq, job, unconfirmed   ARGV: id, task, output_name, now, max_queue, confirm_ms, job_prefix
-if redis.call('EXISTS', KEYS[3]) == 1 then  -- the same submission sent twice (a client retry)
-  local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
-  return {1, rank and rank + 1 or 1}
-end
+-- The limits are checked first, in this order: max_queue (all waiting jobs; answer {0, waiting}), then the
+-- per-key limit when one is given (the waiting jobs of this key; answer {2, waiting of the key}). Accepted:
+-- {1}; the output file's owner is recorded for as long as the file may exist.
+-- KEYS: waiting, seq, job, unconfirmed, output owners
+-- ARGV: id, task, output_name, now, max_queue, confirm_ms, job_prefix, key_name, key_max_waiting ('': none)
+if redis.call('EXISTS', KEYS[3]) == 1 then return {1} end  -- the same submission sent twice (a client retry)
 sweep_unconfirmed(KEYS[1], KEYS[4], ARGV[7])
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting >= tonumber(ARGV[5]) then return {0, waiting} end
+if ARGV[9] ~= '' then
+  local mine = 0
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if (redis.call('HGET', ARGV[7] .. id, 'key_name') or '') == ARGV[8] then mine = mine + 1 end
+  end
+  if mine >= tonumber(ARGV[9]) then return {2, mine} end
+end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'state', 'PENDING', 'task', ARGV[2], 'output_name', ARGV[3], 'attempts', 0,
-           'seq', seq, 'created_at', ARGV[4], 'unconfirmed', 1)
+           'seq', seq, 'created_at', ARGV[4], 'key_name', ARGV[8], 'unconfirmed', 1)
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-return {1, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1}
+redis.call('HSET', KEYS[5], ARGV[3], ARGV[8])
+return {1}
