@@ -108,8 +108,8 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(
         5.0,
         gt=0,
-        description="Distributed: a waiting job with no message in the broker for this long (its publish was "
-        "lost, or a worker took the message but could not start the job) is published again.",
+        description="Distributed: when, for this long, the broker holds fewer messages than confirmed waiting "
+        "jobs (a publish lost, a message a worker took but could not use), the difference is published.",
     )
     png_ttl_s: float = Field(
         300.0,
