@@ -14,10 +14,18 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from imagen.api.app import create_app
+    from imagen.logs import configure_logging, uvicorn_log_config
 
     settings = Settings()
+    configure_logging(settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level="info",
+        log_config=uvicorn_log_config(),
+    )
     return 0
 
 

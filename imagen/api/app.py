@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 from imagen import __version__
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
+from imagen.api.metrics import install_metrics
 from imagen.api.openapi import install_openapi
+from imagen.api.request_id import RequestIdMiddleware
 from imagen.api.routes import router, status
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, QueueFullError
@@ -84,4 +86,6 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
 
     app.exception_handler(RequestValidationError)(invalid_request)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_metrics(app, backend)  # GET /metrics, and the HTTP numbers
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets X-Request-ID
     return app

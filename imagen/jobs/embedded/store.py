@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
+from imagen.jobs import stats
 from imagen.jobs.embedded.sqlite import SqliteFile
+from imagen.jobs.embedded.stats import SqliteStats
 from imagen.jobs.lifecycle import (
     CANCELLED_BY_CLIENT,
     AttemptPolicy,
@@ -87,6 +89,7 @@ class SqliteJobStore:
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        self.stats = SqliteStats(path)  # outcome totals (jobs/stats.py), added after each ending write
 
     # -- API side ------------------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int) -> Submitted:
@@ -125,10 +128,15 @@ class SqliteJobStore:
                 )
         if verdict.write:
             self.on_change(job_id)
+            self._count(job_id)
         return verdict.state
 
     def count_waiting(self) -> int:
         row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        return int(row.fetchone()[0])
+
+    def count_running(self) -> int:
+        row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", RUNNING)
         return int(row.fetchone()[0])
 
     def position(self, job_id: str) -> int | None:
@@ -190,7 +198,10 @@ class SqliteJobStore:
             f"progress_step = NULL, progress = NULL WHERE {OWNED}",
             (JobState.SUCCESS.value, json.dumps(result), self.clock(), job_id, str(owner), *RUNNING),
         )
-        return self._changed(job_id, cursor.rowcount)
+        if not self._changed(job_id, cursor.rowcount):
+            return False
+        self._count(job_id)
+        return True
 
     def fail_attempt(self, job_id: str, owner: OwnerToken, error: str, *, retryable: bool) -> Verdict | None:
         """The attempt ended with ``error``: the policy's verdict (retry or FAILURE), or None if the job is
@@ -233,8 +244,9 @@ class SqliteJobStore:
                     )
                     self._apply(db, row["job_id"], verdict, now)
                     verdicts[row["job_id"]] = verdict
-        for job_id in verdicts:
+        for job_id, verdict in verdicts.items():
             self.on_change(job_id)
+            self._count(job_id, verdict)
         return verdicts
 
     def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
@@ -245,7 +257,13 @@ class SqliteJobStore:
             verdict = decide(row)
             self._apply(db, job_id, verdict, self.clock())
         self.on_change(job_id)
+        self._count(job_id, verdict)
         return verdict
+
+    def _count(self, job_id: str, verdict: Verdict | None = None) -> None:
+        """After a committed write that ended an attempt (``verdict``) or the job: log the event and add
+        to the totals (``jobs/stats.py``)."""
+        self.stats.add(stats.on_written(self.get(job_id), verdict))
 
     def _changed(self, job_id: str, rowcount: int) -> bool:
         """After a one-row write: whether it applied (and then, say so)."""
@@ -269,6 +287,7 @@ class SqliteJobStore:
         return cursor.rowcount
 
     def close(self) -> None:
+        self.stats.close()
         self.file.close()
 
 
