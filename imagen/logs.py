@@ -17,6 +17,7 @@ import logging
 from contextvars import ContextVar
 from typing import Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 # The id of the HTTP request being handled in this context (None outside a request).
@@ -47,6 +48,7 @@ def make_formatter(log_format: str) -> logging.Formatter:
         return JsonFormatter(
             "%(levelname)s %(name)s %(message)s",
             rename_fields={"levelname": "level", "name": "logger"},
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's copy of the message, with colours
             timestamp=True,
         )
     return TextFormatter(TEXT_FORMAT)
@@ -66,6 +68,7 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(make_handler(log_format))
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings come out in the same format (logger ``py.warnings``)
 
 
 def uvicorn_log_config() -> dict[str, Any]:

@@ -54,6 +54,7 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
     signals.worker_ready.connect(start_housekeeper, weak=False)
     app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: only JSON lines on stderr
             "worker",
             "--pool=prefork",
             "--concurrency=1",
