@@ -4,17 +4,19 @@ requests by route template and never labels anything with a job id or a file nam
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.celery_support import shared_redis
+from tests.celery_support import RedisServer, own_redis, shared_redis
 from tests.conftest import submit, wait_for, wait_status
 from tests.test_job_contract import job_system
 
-__all__ = ["job_system", "shared_redis"]  # fixtures
+__all__ = ["job_system", "own_redis", "shared_redis"]  # fixtures
 
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
@@ -113,3 +115,35 @@ def test_metrics_count_what_happened(job_system: Callable[..., TestClient]) -> N
         for sample in family.samples:
             for label in sample.labels.values():
                 assert not any(secret in label for secret in secrets), (sample.name, label)
+
+
+def test_a_workers_heartbeat_reaches_metrics(make_client: Callable[..., TestClient], own_redis: RedisServer) -> None:
+    """A distributed worker on another host (here, its heartbeat as it writes it) shows in the API's
+    /metrics with its GPU memory and model load time, and disappears with its heartbeat."""
+    client = make_client(broker_url=own_redis.url)
+    beat = {
+        "host": "gpu-host-2", "pid": 4242, "ready": True, "error": None, "device": "cuda:0", "gpu_available": True,
+        "model_load_seconds": 12.5, "gpu_memory_used_bytes": 7_000_000_000,
+        "gpu_memory_total_bytes": 85_000_000_000, "at": time.time(),
+    }
+    own_redis.client().set("imagen:worker:gpu-host-2:4242", json.dumps(beat), px=60_000)
+    families = scrape(client)
+    worker = "gpu-host-2:4242"
+    assert value(families, "imagen_worker_up", backend="distributed", worker=worker) == 1
+    assert value(families, "imagen_worker_model_load_seconds", worker=worker) == 12.5
+    assert value(families, "imagen_worker_gpu_memory_used_bytes", worker=worker) == 7e9
+    assert value(families, "imagen_worker_gpu_memory_total_bytes", worker=worker) == 85e9
+    assert families["imagen_worker_gpu_memory_used_bytes"].type == "gauge"
+    assert value(families, "imagen_jobs_waiting", backend="distributed") == 0
+    own_redis.client().delete("imagen:worker:gpu-host-2:4242")
+    assert value(scrape(client), "imagen_worker_up", backend="distributed", worker=worker) is None
+
+
+def test_metrics_say_when_redis_is_down(make_client: Callable[..., TestClient], own_redis: RedisServer) -> None:
+    client = make_client(broker_url=own_redis.url)
+    assert value(scrape(client), "imagen_job_store_up") == 1
+    own_redis.kill()
+    families = scrape(client)  # still answers: the HTTP numbers are there, the job numbers are not
+    assert value(families, "imagen_job_store_up") == 0
+    assert "imagen_jobs_submitted" not in families
+    assert "imagen_http_requests" in families

@@ -81,7 +81,7 @@ def parse_field(name: str) -> tuple[str, str, str] | None:
 
 
 def _observe(into: Increments, histogram: Histogram, state: str, value: float) -> None:
-    value = max(0.0, value)
+    value = round(max(0.0, value), 6)  # clock skew between hosts never makes a negative observation
     for upper in histogram.buckets:
         if value <= upper:
             into[field(histogram.name, state, bound(upper))] = 1.0
