@@ -159,8 +159,13 @@ def on_finished(record: JobRecord) -> Increments:
     if record.error:
         extra["error"] = record.error
     level = logging.WARNING if state == "FAILURE" else logging.INFO
-    log.log(level, "job %s: %s%s", record.job_id, state, f" ({record.error})" if record.error else "", extra=extra)
+    spent = ", ".join(f"{label} {times[key]:.2f} s" for key, label in _SPENT if key in times)
+    error = f": {record.error}" if record.error else ""
+    log.log(level, "job %s: %s%s%s", record.job_id, state, f" ({spent})" if spent else "", error, extra=extra)
     return increments
+
+
+_SPENT = (("queue_wait_seconds", "queued"), ("run_seconds", "ran"), ("service_overhead_seconds", "overhead"))
 
 
 def on_written(record: JobRecord | None, verdict: Verdict | None = None) -> Increments:
