@@ -348,13 +348,17 @@ class RedisJobStore:
         return {name.decode(): float(value) for name, value in raw.items()}
 
     def _count(self, job_id: str, verdict: Verdict | None = None) -> None:
-        """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals."""
+        """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals.
+        Never raises: the script's write is done, and a retry of it would find the job changed."""
         try:
-            record = self.get(job_id)
+            increments = stats.on_written(self.get(job_id), verdict)
         except redis.RedisError as exc:
             log.warning("job %s: its end was not counted (%s)", job_id, exc)
             return
-        self.add_stats(stats.on_written(record, verdict))
+        except Exception:
+            log.exception("job %s: its end was not counted", job_id)
+            return
+        self.add_stats(increments)
 
     def position(self, job_id: str) -> int | None:
         rank = cast(int | None, self.client.zrank(WAITING, job_id))

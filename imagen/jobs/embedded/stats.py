@@ -8,10 +8,14 @@ that one event's count: the job itself is safe either way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+from imagen.jobs import stats
 from imagen.jobs.embedded.sqlite import SqliteFile
+from imagen.jobs.lifecycle import Verdict
 from imagen.jobs.stats import Increments
+from imagen.jobs.types import JobRecord
 
 log = logging.getLogger("imagen.jobs")
 
@@ -21,6 +25,16 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS job_stats (name TEXT PRIMARY KEY, value REA
 class SqliteStats:
     def __init__(self, path: Path) -> None:
         self.file = SqliteFile(path, SCHEMA)
+
+    def record(self, read: Callable[[str], JobRecord | None], job_id: str, verdict: Verdict | None = None) -> None:
+        """After a committed write that ended an attempt (``verdict``) or the job: log the event and add to
+        the totals (``stats.on_written``), reading the job with ``read``. Never raises: the write is done."""
+        try:
+            increments = stats.on_written(read(job_id), verdict)
+        except Exception:
+            log.exception("job %s: its end was not counted", job_id)
+            return
+        self.add(increments)
 
     def add(self, increments: Increments) -> None:
         """Add to the totals; never raises (a count is not worth failing the job's own write for)."""

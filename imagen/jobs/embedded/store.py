@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from imagen.errors import QueueFullError
-from imagen.jobs import stats
 from imagen.jobs.embedded.sqlite import SqliteFile
 from imagen.jobs.embedded.stats import SqliteStats
 from imagen.jobs.lifecycle import (
@@ -128,7 +127,7 @@ class SqliteJobStore:
                 )
         if verdict.write:
             self.on_change(job_id)
-            self._count(job_id)
+            self.stats.record(self.get, job_id)
         return verdict.state
 
     def count_waiting(self) -> int:
@@ -200,7 +199,7 @@ class SqliteJobStore:
         )
         if not self._changed(job_id, cursor.rowcount):
             return False
-        self._count(job_id)
+        self.stats.record(self.get, job_id)
         return True
 
     def fail_attempt(self, job_id: str, owner: OwnerToken, error: str, *, retryable: bool) -> Verdict | None:
@@ -246,7 +245,7 @@ class SqliteJobStore:
                     verdicts[row["job_id"]] = verdict
         for job_id, verdict in verdicts.items():
             self.on_change(job_id)
-            self._count(job_id, verdict)
+            self.stats.record(self.get, job_id, verdict)
         return verdicts
 
     def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
@@ -257,13 +256,8 @@ class SqliteJobStore:
             verdict = decide(row)
             self._apply(db, job_id, verdict, self.clock())
         self.on_change(job_id)
-        self._count(job_id, verdict)
+        self.stats.record(self.get, job_id, verdict)
         return verdict
-
-    def _count(self, job_id: str, verdict: Verdict | None = None) -> None:
-        """After a committed write that ended an attempt (``verdict``) or the job: log the event and add
-        to the totals (``jobs/stats.py``)."""
-        self.stats.add(stats.on_written(self.get(job_id), verdict))
 
     def _changed(self, job_id: str, rowcount: int) -> bool:
         """After a one-row write: whether it applied (and then, say so)."""
