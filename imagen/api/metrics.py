@@ -57,6 +57,9 @@ class JobCollector(Collector):
         except BrokerUnavailableError as exc:
             log.warning("/metrics: job numbers unavailable: %s", exc)
             numbers = None
+        except Exception:  # the HTTP numbers are still worth a scrape
+            log.exception("/metrics: job numbers unavailable")
+            numbers = None
         yield GaugeMetricFamily(
             "imagen_job_store_up", "1 when the job system's storage (SQLite, or Redis) answered this scrape.",
             value=0 if numbers is None else 1,
@@ -64,7 +67,8 @@ class JobCollector(Collector):
         if numbers is not None:
             yield from _queue(numbers)
             yield from _totals(numbers.totals)
-        yield from _workers(self.backend.health().workers, numbers.backend if numbers else "distributed")
+        health = self.backend.health()
+        yield from _workers(health.workers, "embedded" if health.queue_broker == "embedded" else "distributed")
 
 
 def _queue(numbers: JobMetrics) -> Iterator[Metric]:
