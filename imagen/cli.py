@@ -14,8 +14,10 @@ from imagen.config import Settings
 def _serve(args: argparse.Namespace) -> int:
     from imagen.api.app import create_app
     from imagen.api.http_server import serve
+    from imagen.logs import configure_logging
 
     settings = Settings()
+    configure_logging(settings.log_format)
     serve(create_app(settings), settings, host=args.host or settings.host, port=args.port or settings.port)
     return 0
 

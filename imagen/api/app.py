@@ -19,7 +19,9 @@ from imagen.access.rate_limits import RateLimiter
 from imagen.api.access import AccessMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
+from imagen.api.metrics import install_metrics
 from imagen.api.openapi import install_openapi
+from imagen.api.request_id import RequestIdMiddleware
 from imagen.api.routes import router, status
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
@@ -121,4 +123,6 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
                 "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
             ],
         )
+    install_metrics(app, backend)  # GET /metrics, and the HTTP numbers
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets X-Request-ID
     return app

@@ -22,6 +22,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from imagen.config import Settings
+from imagen.logs import uvicorn_log_config
 
 
 def protocol_with_deadline(deadline_s: float) -> type[asyncio.Protocol]:
@@ -73,6 +74,7 @@ def serve(app: Any, settings: Settings, host: str, port: int) -> None:
         host=host,
         port=port,
         log_level="info",
+        log_config=uvicorn_log_config(),  # uvicorn's lines as ours (JSON with IMAGEN_LOG_FORMAT=json)
         http=protocol_with_deadline(settings.keep_alive_s),
         # uvicorn's own keep-alive timer (after a response); the protocol sets the same value as a float
         timeout_keep_alive=max(1, round(settings.keep_alive_s)),

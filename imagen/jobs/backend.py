@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
 
 from imagen.jobs.changes import Watcher
-from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted
 
 
 class JobBackend(ABC):
@@ -43,6 +43,11 @@ class JobBackend(ABC):
 
     @abstractmethod
     def health(self) -> BackendHealth: ...
+
+    @abstractmethod
+    def job_metrics(self) -> JobMetrics:
+        """The whole job system's queue (waiting, running) and outcome totals (``jobs.stats``), as stored
+        by whichever process ended each job. Raises ``BrokerUnavailableError`` when they cannot be read."""
 
     @abstractmethod
     def changes(self, job_id: str, previews: bool = False) -> AbstractAsyncContextManager[Watcher]:

@@ -74,6 +74,15 @@ class WorkerHealth:
     error: str | None = None  # why its engine does not load (it keeps retrying, and takes no job meanwhile)
     device: str | None = None
     gpu_available: bool = False
+    # For /metrics (not shown by /health): what the worker reported last (``jobs.worker_numbers``)
+    model_load_seconds: float | None = None  # how long its engine took to load
+    gpu_memory_used_bytes: int | None = None  # None: no CUDA device
+    gpu_memory_total_bytes: int | None = None
+
+    @property
+    def name(self) -> str:
+        """``host:pid``: the ``worker`` label of its metrics."""
+        return f"{self.host}:{self.pid}"
 
     @classmethod
     def from_heartbeat(cls, beat: dict[str, Any]) -> WorkerHealth:
@@ -84,7 +93,19 @@ class WorkerHealth:
             error=beat.get("error"),
             device=beat.get("device"),
             gpu_available=bool(beat.get("gpu_available")),
+            model_load_seconds=_number(beat.get("model_load_seconds")),
+            gpu_memory_used_bytes=_integer(beat.get("gpu_memory_used_bytes")),
+            gpu_memory_total_bytes=_integer(beat.get("gpu_memory_total_bytes")),
         )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _integer(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None else None
 
 
 @dataclass(frozen=True)
@@ -92,3 +113,13 @@ class BackendHealth:
     queue_broker: str  # "embedded", "connected" or "disconnected"
     gpu_available: bool
     workers: tuple[WorkerHealth, ...] = ()  # the generation workers (embedded: one per slot)
+
+
+@dataclass(frozen=True)
+class JobMetrics:
+    """What ``/metrics`` shows of a job system: its queue now, and its durable totals (``jobs.stats``)."""
+
+    backend: str  # "embedded" or "distributed"
+    waiting: int
+    running: int
+    totals: dict[str, float]  # field name (``jobs.stats.field``) -> value

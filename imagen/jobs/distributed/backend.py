@@ -26,6 +26,7 @@ import redis
 
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError
+from imagen.jobs import stats
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.distributed.app import QUEUE, create_celery, publish, republish
@@ -33,7 +34,7 @@ from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
-from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted, WorkerHealth
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, WorkerHealth
 
 log = logging.getLogger("imagen.jobs")
 
@@ -108,6 +109,7 @@ class CeleryBackend(JobBackend):
             raise BrokerUnavailableError(f"could not publish the job: {exc}") from exc
         if not confirmed:
             raise BrokerUnavailableError("the job expired before its message was published")
+        self.store.add_stats(stats.on_submitted(job, submitted.position))
         return submitted
 
     def _withdraw(self, job_id: str) -> None:
@@ -158,6 +160,17 @@ class CeleryBackend(JobBackend):
             gpu_available=any(w.ready and w.gpu_available for w in listed),
             workers=listed,
         )
+
+    def job_metrics(self) -> JobMetrics:
+        try:
+            return JobMetrics(
+                backend="distributed",
+                waiting=self._health_store.count_waiting(),
+                running=self._health_store.count_running(),
+                totals=self._health_store.read_stats(),
+            )
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     # -- images ----------------------------------------------------------------------------------
     def ensure_output(self, filename: str) -> None:

@@ -33,6 +33,8 @@ it answers ``conflict`` and the caller reads again).
   (``imagen:replicas``, scored by heartbeat deadline) has a copy. ``imagen:png_sizes``/``png_order``/
   ``png_bytes`` index them: past ``png_redis_max_bytes`` the oldest go first.
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry.
+- ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
+  made the event (a worker, a reaper, an API replica), right after its script: ``/metrics`` reads them.
 - ``imagen:housekeeper`` which process runs the reconciler now (a short lock).
 - ``imagen:changes`` a pub/sub channel: the id of each job a script may have changed, published right
   after the script (``_run``); each API process's listener wakes its live streams (``changes.py``).
@@ -57,7 +59,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imagen.errors import KeyQueueFullError, QueueFullError
-from imagen.jobs import fairness
+from imagen.jobs import fairness, stats
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
@@ -86,6 +88,7 @@ PNG_ORDER = PREFIX + "png_order"
 PNG_BYTES = PREFIX + "png_bytes"
 REPLICAS = PREFIX + "replicas"
 HOUSEKEEPER = PREFIX + "housekeeper"
+STATS = PREFIX + "stats"
 WORKER_PATTERN = PREFIX + "worker:*"
 CHANGES_CHANNEL = PREFIX + "changes"
 # A job's preview images (GET /events?preview=1): "<job_id> <step> " then the JPEG bytes. Event-only: no key.
@@ -340,11 +343,45 @@ class RedisJobStore:
                 ],
             )
             if _text(answer) == "applied":
+                self._count(job_id)
                 return verdict.state
         raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
 
     def count_waiting(self) -> int:
         return int(self.client.zcard(WAITING))
+
+    def count_running(self) -> int:
+        return int(self.client.scard(RUNNING))
+
+    # -- job outcome totals (jobs/stats.py) ------------------------------------------------------
+    def add_stats(self, increments: stats.Increments) -> None:
+        """Add to the totals; never raises (a count is not worth failing the job's own write for)."""
+        if not increments:
+            return
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for name, value in increments.items():
+                    pipe.hincrbyfloat(STATS, name, value)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("job totals not recorded (%s): %s", exc, sorted(increments)[:3])
+
+    def read_stats(self) -> dict[str, float]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(STATS))
+        return {name.decode(): float(value) for name, value in raw.items()}
+
+    def _count(self, job_id: str, verdict: Verdict | None = None) -> None:
+        """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals.
+        Never raises: the script's write is done, and a retry of it would find the job changed."""
+        try:
+            increments = stats.on_written(self.get(job_id), verdict)
+        except redis.RedisError as exc:
+            log.warning("job %s: its end was not counted (%s)", job_id, exc)
+            return
+        except Exception:
+            log.exception("job %s: its end was not counted", job_id)
+            return
+        self.add_stats(increments)
 
     def position(self, job_id: str) -> int | None:
         """The job's place in the fair order (1 = next to start); None if it is not waiting."""
@@ -497,7 +534,10 @@ class RedisJobStore:
                 self._ttl_ms,
             ],
         )
-        return _text(answer) == "applied"
+        if _text(answer) != "applied":
+            return False
+        self._count(job_id, verdict)
+        return True
 
     def claim(
         self,
@@ -608,7 +648,7 @@ class RedisJobStore:
 
     def complete(self, job_id: str, token: str, result: dict[str, Any], png: bytes) -> bool:
         name = result["filename"]
-        return bool(
+        stored = bool(
             self._run(
                 "complete",
                 [
@@ -638,6 +678,9 @@ class RedisJobStore:
                 ],
             )
         )
+        if stored:
+            self._count(job_id)
+        return stored
 
     def end_attempt(self, job_id: str, token: str, verdict: Verdict) -> str:
         """Apply the verdict on this worker's own attempt: 'retry', 'failed', or 'lost' (no longer ours)."""

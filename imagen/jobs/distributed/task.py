@@ -42,8 +42,10 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
+from imagen.jobs import stats
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, Claim, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
+from imagen.jobs.worker_numbers import measure
 
 if TYPE_CHECKING:
     from imagen.generation.base import Engine
@@ -95,6 +97,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     scratch: Path
     engine: Engine | None = None
     load_error: str | None = None
+    load_seconds: float | None = None  # how long the engine took to load (heartbeat, for /metrics)
     device: dict[str, Any]
     _stopping: threading.Event
 
@@ -133,6 +136,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         pause = LOAD_RETRY_FIRST_S
         attempt = 1
         while not self._stopping.is_set():
+            loading = time.perf_counter()
             try:
                 engine = load_engine(self.settings, load_registry(self.settings.registry_path))
                 engine.warm_up()
@@ -150,6 +154,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 pause = min(LOAD_RETRY_MAX_S, pause * 2)
                 attempt += 1
                 continue
+            self.load_seconds = time.perf_counter() - loading
             self.engine = engine
             self.device = asdict(engine.device_info())
             self.load_error = None
@@ -159,7 +164,12 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             return
 
     def _beat(self) -> None:
-        info = {**self.device, "ready": self.engine is not None, "error": self.load_error}
+        info = {
+            **self.device,
+            "ready": self.engine is not None,
+            "error": self.load_error,
+            **measure(self.load_seconds).as_dict(),  # /metrics: model load time, GPU memory
+        }
         try:
             self.store.beat(os.getpid(), info, HEARTBEAT_TTL_S)
         except redis.RedisError as exc:  # the broker may be restarting; the next beat will do
@@ -197,7 +207,6 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                      named_job_id, takeover.outcome, ticket, claim.outcome)
             return
         job_id = claim.job_id
-        log.info("job %s: attempt %d started (message %s)", job_id, claim.attempts, ticket)
         retry_reason: str | None = None
         with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
@@ -208,8 +217,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 return
             except SoftTimeLimitExceeded:
                 text = timeout_text(self.settings.job_timeout_s)
+                # The store logs the event (jobs/stats.py), as for every outcome below.
                 retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
-                log.warning("job %s: timed out", job_id)
                 return
             except Exception as exc:
                 retry_reason = self._record_failure(job_id, token, exc)
@@ -217,9 +226,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 stored = retry_redis(
                     f"job {job_id}", lambda: self.store.complete(job_id, token, result, png), OUTCOME_RETRY_S
                 )
-                if stored:
-                    log.info("job %s: SUCCESS %s", job_id, result["filename"])
-                else:
+                if not stored:
                     log.warning("job %s: finished after losing its claim; result discarded", job_id)
         if retry_reason is not None:
             # Back to the broker's queue: the same message, acknowledged only when an attempt ends the job.
@@ -282,6 +289,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
         record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
+        stats.on_started(record)
         task = GenerationTask.from_dict(record.task)
         meter = StepMeter(task.steps)
         last: list[tuple[str, int]] = []
@@ -334,10 +342,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 lambda: self.store.retry_or_fail(job_id, token, text, max_attempts),
                 OUTCOME_RETRY_S,
             )
-            log.warning("job %s: %s; %s", job_id, text, outcome)
             return text if outcome == "retry" else None
         retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
-        log.warning("job %s: FAILURE %s", job_id, text)
         return None
 
 

@@ -23,6 +23,7 @@ from imagen.config import Settings
 from imagen.jobs.distributed.app import QUEUE, create_worker_app, republish
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.logs import configure_logging
 
 log = logging.getLogger("imagen.worker")
 
@@ -42,7 +43,9 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
     if not settings.broker_url:
         log.error("imagen worker needs IMAGEN_BROKER_URL (e.g. redis://localhost:6379/0)")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
+    # Celery leaves logging alone when this signal has a receiver: its lines keep our format (JSON or text).
+    signals.setup_logging.connect(_keep_logging, weak=False)
     app = create_worker_app(settings)
 
     def start_housekeeper(**_: Any) -> None:
@@ -51,6 +54,7 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
     signals.worker_ready.connect(start_housekeeper, weak=False)
     app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: only JSON lines on stderr
             "worker",
             "--pool=prefork",
             "--concurrency=1",
@@ -63,6 +67,10 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
         ]
     )
     return 0
+
+
+def _keep_logging(**_: Any) -> None:
+    """Receiver of Celery's ``setup_logging``: ``configure_logging`` did it."""
 
 
 def _start_housekeeper(settings: Settings, app: Celery) -> Housekeeper:

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from imagen.config import Settings
+from imagen.jobs import stats
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
-from imagen.jobs.types import BackendHealth, JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted
 
 log = logging.getLogger("imagen.jobs")
 
@@ -67,6 +68,7 @@ class EmbeddedBackend(JobBackend):
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         self.wakeups.notify()
+        self.store.stats.add(stats.on_submitted(job, submitted.position))
         return submitted
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -91,6 +93,14 @@ class EmbeddedBackend(JobBackend):
         workers = tuple(slot.health() for slot in self._slots)
         return BackendHealth(
             queue_broker="embedded", gpu_available=any(w.ready and w.gpu_available for w in workers), workers=workers
+        )
+
+    def job_metrics(self) -> JobMetrics:
+        return JobMetrics(
+            backend="embedded",
+            waiting=self.store.count_waiting(),
+            running=self.store.count_running(),
+            totals=self.store.stats.read(),
         )
 
     # -- internals -------------------------------------------------------------------------------

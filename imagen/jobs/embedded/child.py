@@ -37,7 +37,10 @@ from imagen.jobs.embedded.messages import (
     RunJob,
     StartupFailed,
     Stop,
+    WorkerReport,
 )
+from imagen.jobs.worker_numbers import measure
+from imagen.logs import configure_logging
 from imagen.registry import load_registry
 
 log = logging.getLogger("imagen.worker")
@@ -63,12 +66,13 @@ def _die_with_parent() -> None:
 def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**settings_data)
+    configure_logging(settings.log_format)
 
     def send(message: FromChild) -> None:
         conn.send(message)
 
+    loading = time.perf_counter()
     try:
         registry = load_registry(settings.registry_path)
         engine = load_engine(settings, registry)
@@ -77,6 +81,8 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         log.exception("engine failed to start")
         send(StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
+    load_seconds = time.perf_counter() - loading
+    send(WorkerReport(measure(load_seconds)))
     send(Ready(engine.device_info()))
 
     def progress_for(task: GenerationTask) -> ProgressCallback:
@@ -114,12 +120,15 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")
+                    send(WorkerReport(measure(load_seconds)))
                     send(Cancelled())
                 except Exception as exc:
                     retryable, text = classify_failure(exc)
                     log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)
+                    send(WorkerReport(measure(load_seconds)))
                     send(Failed(text, retryable))
                 else:
+                    send(WorkerReport(measure(load_seconds)))
                     send(Done(result))
             case Cancel():
                 pass  # its job ended before the cancel was read

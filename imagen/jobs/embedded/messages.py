@@ -5,8 +5,8 @@ checks field types there), so anything else that arrives, a tuple from an older 
 not unpickle, is an error of the protocol, never a guess.
 
     slot -> child:  RunJob | Cancel | Stop
-    child -> slot:  Ready | StartupFailed   (once, after loading the engine)
-                    (Progress | Preview)* then Done | Failed | Cancelled   (per RunJob)
+    child -> slot:  WorkerReport then Ready | StartupFailed   (once, after loading the engine)
+                    (Progress | Preview)* then WorkerReport then Done | Failed | Cancelled   (per RunJob)
 
 ``Cancel`` is sent while a job runs, at most once per job; the child reads it, without blocking, each time
 the engine reports progress, and ends the job with ``Cancelled`` (no image). The pipe keeps messages in
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagen.generation.base import DeviceInfo
+from imagen.jobs.worker_numbers import WorkerNumbers
 
 
 # -- slot -> child ---------------------------------------------------------------------------------
@@ -47,6 +48,13 @@ class Ready:
 @dataclass(frozen=True)
 class StartupFailed:
     error: str
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """The child's numbers for ``/metrics`` (model load time, GPU memory), refreshed after each job."""
+
+    numbers: WorkerNumbers
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class Cancelled:
 
 
 ToChild = RunJob | Cancel | Stop
-FromChild = Ready | StartupFailed | Progress | Preview | Done | Failed | Cancelled
+FromChild = Ready | StartupFailed | WorkerReport | Progress | Preview | Done | Failed | Cancelled
 
 
 class ProtocolError(Exception):

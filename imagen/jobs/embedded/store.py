@@ -27,6 +27,7 @@ from typing import Any
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.jobs import fairness
 from imagen.jobs.embedded.sqlite import SqliteFile
+from imagen.jobs.embedded.stats import SqliteStats
 from imagen.jobs.lifecycle import (
     CANCELLED_BY_CLIENT,
     AttemptPolicy,
@@ -105,6 +106,7 @@ class SqliteJobStore:
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        self.stats = SqliteStats(path)  # outcome totals (jobs/stats.py), added after each ending write
 
     # -- API side ------------------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
@@ -171,10 +173,15 @@ class SqliteJobStore:
                 )
         if verdict.write:
             self.on_change(job_id)
+            self.stats.record(self.get, job_id)
         return verdict.state
 
     def count_waiting(self) -> int:
         row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        return int(row.fetchone()[0])
+
+    def count_running(self) -> int:
+        row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", RUNNING)
         return int(row.fetchone()[0])
 
     def position(self, job_id: str) -> int | None:
@@ -240,7 +247,10 @@ class SqliteJobStore:
             f"progress_step = NULL, progress = NULL WHERE {OWNED}",
             (JobState.SUCCESS.value, json.dumps(result), self.clock(), job_id, str(owner), *RUNNING),
         )
-        return self._changed(job_id, cursor.rowcount)
+        if not self._changed(job_id, cursor.rowcount):
+            return False
+        self.stats.record(self.get, job_id)
+        return True
 
     def fail_attempt(self, job_id: str, owner: OwnerToken, error: str, *, retryable: bool) -> Verdict | None:
         """The attempt ended with ``error``: the policy's verdict (retry or FAILURE), or None if the job is
@@ -283,8 +293,9 @@ class SqliteJobStore:
                     )
                     self._apply(db, row["job_id"], verdict, now)
                     verdicts[row["job_id"]] = verdict
-        for job_id in verdicts:
+        for job_id, verdict in verdicts.items():
             self.on_change(job_id)
+            self.stats.record(self.get, job_id, verdict)
         return verdicts
 
     def _end_attempt(self, job_id: str, owner: OwnerToken, decide: Callable[[sqlite3.Row], Verdict]) -> Verdict | None:
@@ -295,6 +306,7 @@ class SqliteJobStore:
             verdict = decide(row)
             self._apply(db, job_id, verdict, self.clock())
         self.on_change(job_id)
+        self.stats.record(self.get, job_id, verdict)
         return verdict
 
     def _changed(self, job_id: str, rowcount: int) -> bool:
@@ -319,6 +331,7 @@ class SqliteJobStore:
         return cursor.rowcount
 
     def close(self) -> None:
+        self.stats.close()
         self.file.close()
 
 

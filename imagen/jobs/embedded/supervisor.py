@@ -29,6 +29,7 @@ from multiprocessing.process import BaseProcess
 
 from imagen.config import Settings
 from imagen.generation.base import DeviceInfo
+from imagen.jobs import stats
 from imagen.jobs.embedded.child import worker_main
 from imagen.jobs.embedded.messages import (
     Cancel,
@@ -43,10 +44,12 @@ from imagen.jobs.embedded.messages import (
     StartupFailed,
     Stop,
     ToChild,
+    WorkerReport,
 )
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import WORKER_DIED, OwnerToken, Verdict, supervision_failed_text
 from imagen.jobs.types import JobRecord, JobState, WorkerHealth
+from imagen.jobs.worker_numbers import WorkerNumbers
 
 log = logging.getLogger("imagen.jobs")
 
@@ -115,6 +118,7 @@ class WorkerSlot(threading.Thread):
         self.device: DeviceInfo | None = None  # set once its child's engine is loaded
         self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
+        self.numbers = WorkerNumbers()  # its child's last ``WorkerReport`` (for /metrics)
         self._look_for_cancel = threading.Event()  # its job may have been cancelled: read the store
         self._cancel_sent = False  # Cancel went to the child for the job it runs now
         self._process: BaseProcess | None = None
@@ -129,6 +133,7 @@ class WorkerSlot(threading.Thread):
     def health(self) -> WorkerHealth:
         """This slot's generation worker, as ``/health`` lists it."""
         device = self.device if self.pid is not None else None
+        numbers = self.numbers
         return WorkerHealth(
             host=self.owner.host,
             pid=self.pid or 0,
@@ -136,6 +141,9 @@ class WorkerSlot(threading.Thread):
             error=self.start_error if device is None else None,
             device=device.device if device is not None else None,
             gpu_available=device is not None and device.gpu_available,
+            model_load_seconds=numbers.model_load_seconds if device is not None else None,
+            gpu_memory_used_bytes=numbers.gpu_memory_used_bytes if device is not None else None,
+            gpu_memory_total_bytes=numbers.gpu_memory_total_bytes if device is not None else None,
         )
 
     def check_cancel(self) -> None:
@@ -215,19 +223,17 @@ class WorkerSlot(threading.Thread):
                 delay = min(MAX_BACKOFF_S, delay * 2)
 
     def _log_verdict(self, job: JobRecord, verdict: Verdict | None) -> None:
+        """The store logged the event itself (``jobs/stats.py``): retried, or finished."""
         if verdict is None:
             log.warning("job %s: no longer held by this worker; left as it is", job.job_id)
         elif verdict.requeue:
-            log.warning("job %s: %s; back in the queue", job.job_id, verdict.error)
             self.wakeups.notify()
-        else:
-            log.warning("job %s: FAILURE %s", job.job_id, verdict.error)
 
     # -- one job ---------------------------------------------------------------------------------
     def _run_job(self, job: JobRecord) -> None:
         conn = self._conn
         assert conn is not None
-        log.info("job %s: attempt %d started", job.job_id, job.attempts)
+        stats.on_started(job)
         deadline = time.monotonic() + self.settings.job_timeout_s
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         self._cancel_sent = False
@@ -267,10 +273,13 @@ class WorkerSlot(threading.Thread):
             case Preview(step=int() as step, jpeg=bytes() as jpeg):
                 self.on_preview(job.job_id, step, jpeg)
                 return False
+            case WorkerReport(numbers=WorkerNumbers() as numbers):
+                self.numbers = numbers
+                return False
             case Done(result=dict() as result):
                 if self.store.complete(job.job_id, self.owner, result):
-                    log.info("job %s: SUCCESS %s", job.job_id, job.output_name)
-                elif self._revoked(job):
+                    return True  # the store logs the event (jobs/stats.py)
+                if self._revoked(job):
                     # Cancelled while its image was being saved: a REVOKED job leaves no file behind.
                     (self.settings.outputs_dir / job.output_name).unlink(missing_ok=True)
                     log.info("job %s: REVOKED as it finished; its image deleted", job.job_id)
@@ -317,6 +326,8 @@ class WorkerSlot(threading.Thread):
                 except EOFError:
                     raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready") from None
                 match message:
+                    case WorkerReport(numbers=WorkerNumbers() as numbers):
+                        self.numbers = numbers
                     case Ready(device=DeviceInfo() as device):
                         self.device, self.start_error = device, None
                         log.info("generation worker %s ready on %s", process.pid, device.device)
