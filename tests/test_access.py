@@ -151,6 +151,7 @@ def test_route_with_no_key_a_wrong_key_another_key_and_an_admin_key(
     for response, detail in ((missing, KEY_MISSING), (wrong, KEY_INVALID)):
         assert response.status_code == 401, (template, response.text)
         assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["x-request-id"]  # refused at the door, still traceable
         assert response.json() == {"detail": detail}
 
     owner = call(keyed_client, method, row, owners_job, keys.headers("owner"))
