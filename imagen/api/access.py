@@ -21,7 +21,10 @@ from starlette.websockets import WebSocketClose
 from imagen.access.keys import ANYONE, Caller, KeyRing
 from imagen.access.rate_limits import RateLimiter
 
-OPEN_PATHS = frozenset({"/health"})  # load balancers and orchestrators probe it without a key
+# /health: load balancers and orchestrators probe it without a key. The web page's files (``/`` and
+# ``/ui/...``) hold no data: the page asks for a key and sends it with every API call it makes.
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = ("/ui/",)
 KEY_MISSING = "Clé API requise (en-tête Authorization: Bearer <clé>)"
 KEY_INVALID = "Clé API invalide"
 
@@ -54,7 +57,7 @@ class AccessMiddleware:
             self._admit(scope, ANYONE)
             await self.app(scope, receive, send)
             return
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         presented = presented_key(Headers(scope=scope))
