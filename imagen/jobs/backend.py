@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
 
 from imagen.jobs.changes import Watcher
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload
 
 
 class JobBackend(ABC):
@@ -40,6 +40,14 @@ class JobBackend(ABC):
     def output_owner(self, filename: str) -> str | None:
         """The ``key_name`` of the job that made (or will make) the image ``filename``; None when no job of
         this backend ever named it. Kept as long as the file may exist, not only while the job is kept."""
+
+    @abstractmethod
+    def save_upload(self, upload: Upload) -> None:
+        """Keep an uploaded image until ``upload.expires_at`` (where every API replica can read it)."""
+
+    @abstractmethod
+    def load_upload(self, upload_id: str) -> Upload | None:
+        """The upload, or None when unknown or expired."""
 
     @abstractmethod
     def health(self) -> BackendHealth: ...

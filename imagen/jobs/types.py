@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -31,6 +31,26 @@ class NewJob:
     task: dict[str, Any]
     output_name: str
     key_name: str = ""  # the API key that submitted it ("": no keys configured); fair share is per key
+    # Its input images, checked and normalised PNGs by role ("init", "mask", "ip"); stored beside the job,
+    # never in its task (which /status and the metadata show), and read by the worker that runs it.
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    # Every file the job will write: ``output_name`` first (one per image of ``num_images``).
+    output_names: tuple[str, ...] = ()
+
+    def all_output_names(self) -> tuple[str, ...]:
+        return self.output_names or (self.output_name,)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image sent to ``POST /uploads``, kept until ``expires_at`` for requests that name it."""
+
+    upload_id: str
+    key_name: str
+    png: bytes  # checked, upright, alpha kept
+    width: int
+    height: int
+    expires_at: float
 
 
 @dataclass(frozen=True)

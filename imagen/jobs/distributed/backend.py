@@ -34,7 +34,7 @@ from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, WorkerHealth
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, WorkerHealth
 
 log = logging.getLogger("imagen.jobs")
 
@@ -145,6 +145,18 @@ class CeleryBackend(JobBackend):
     def output_owner(self, filename: str) -> str | None:
         try:
             return self.store.output_owner(filename)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
+
+    def save_upload(self, upload: Upload) -> None:
+        try:
+            self.store.save_upload(upload)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
+
+    def load_upload(self, upload_id: str) -> Upload | None:
+        try:
+            return self.store.load_upload(upload_id)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 

@@ -19,6 +19,9 @@ it answers ``conflict`` and the caller reads again).
   counter every claim increments (``lua/claim.lua`` records both).
 - ``imagen:output_owners`` hash output_name -> key_name, written by ``submit`` (removed by ``withdraw``):
   it outlives the job record, as long as the image may be served.
+- A job's input images (img2img, inpainting, IP-Adapter reference) are fields ``input:<role>`` of its record:
+  they live and expire with it, and ``get`` never reads them (it names the fields it reads).
+- ``imagen:upload:{id}`` hash: an image sent to ``POST /uploads``, with a Redis expiry at ``expires_at``.
 - ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
 - ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
   A cancelled job (``lua/cancel.lua``) leaves the queue or this set at once, REVOKED: its worker learns it
@@ -61,7 +64,7 @@ from redis.retry import Retry
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.jobs import fairness, stats
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
-from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -106,6 +109,10 @@ RUNNING_STATES = (JobState.STARTED, JobState.PROGRESS)
 
 def job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id
+
+
+def upload_key(upload_id: str) -> str:
+    return f"{PREFIX}upload:{upload_id}"
 
 
 def lock_key(job_id: str) -> str:
@@ -287,6 +294,8 @@ class RedisJobStore:
                     JOB_PREFIX,
                     job.key_name,
                     "" if key_max_waiting is None else key_max_waiting,
+                    " ".join(job.all_output_names()),
+                    *(item for role, png in job.inputs.items() for item in (role, png)),
                 ],
             ),
         )
@@ -297,6 +306,38 @@ class RedisJobStore:
             raise KeyQueueFullError(int(answer[1]), key_max_waiting)
         # Read after the script: the place it had when it was added (or later, if others started since).
         return Submitted(job_id=job.job_id, position=self.position(job.job_id) or 1)
+
+    def job_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The job's input images by role (PNG bytes); empty when it has none."""
+        fields = cast(list[bytes], self.client.hkeys(job_key(job_id)))
+        prefix = INPUT_FIELD_PREFIX.encode()
+        roles = [f.removeprefix(prefix).decode() for f in fields if f.startswith(prefix)]
+        if not roles:
+            return {}
+        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), [INPUT_FIELD_PREFIX + r for r in roles]))
+        return {role: value for role, value in zip(roles, values, strict=True) if value is not None}
+
+    def save_upload(self, upload: Upload) -> None:
+        ttl_ms = max(1, int((upload.expires_at - self.clock()) * 1000))
+        self.client.hset(
+            upload_key(upload.upload_id),
+            mapping={"key_name": upload.key_name, "png": upload.png, "width": upload.width,
+                     "height": upload.height, "expires_at": repr(upload.expires_at)},
+        )  # fmt: skip
+        self.client.pexpire(upload_key(upload.upload_id), ttl_ms)
+
+    def load_upload(self, upload_id: str) -> Upload | None:
+        fields = ["key_name", "png", "width", "height", "expires_at"]
+        values = cast(list[bytes | None], self.client.hmget(upload_key(upload_id), fields))
+        if any(value is None for value in values):
+            return None
+        key_name, png, width, height, expires_at = cast(list[bytes], values)
+        if float(expires_at) <= self.clock():
+            return None
+        return Upload(
+            upload_id=upload_id, key_name=key_name.decode(), png=png, width=int(width), height=int(height),
+            expires_at=float(expires_at),
+        )  # fmt: skip
 
     def confirm(self, job_id: str) -> bool:
         """The job's message is published: keep it. False when it expired first (it is gone: answer 503)."""
@@ -312,10 +353,12 @@ class RedisJobStore:
 
     # -- API side: reading -----------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(job_key(job_id)))
-        if not raw or b"state" not in raw or b"unconfirmed" in raw:
+        # The record's fields by name: never its input images, which may weigh megabytes.
+        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), RECORD_FIELDS))
+        raw = {name: value.decode() for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
+        if "state" not in raw or "unconfirmed" in raw:
             return None
-        record = _record(job_id, {key.decode(): value.decode() for key, value in raw.items()})
+        record = _record(job_id, raw)
         if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
             return None
         return record
@@ -744,6 +787,13 @@ def _text(value: Any) -> str:
 
 def _float(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
+
+
+RECORD_FIELDS = (
+    "state", "task", "output_name", "attempts", "progress_step", "progress", "denoising", "result", "error",
+    "created_at", "started_at", "finished_at", "key_name", "unconfirmed",
+)  # fmt: skip
+INPUT_FIELD_PREFIX = "input:"
 
 
 def _record(job_id: str, fields: dict[str, str]) -> JobRecord:

@@ -15,7 +15,7 @@ order, so a ``Cancel`` that arrives after its job ended is read before the next 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imagen.generation.base import DeviceInfo
@@ -27,6 +27,7 @@ from imagen.jobs.worker_numbers import WorkerNumbers
 class RunJob:
     task: dict[str, Any]
     output_name: str
+    inputs: dict[str, bytes] = field(default_factory=dict)  # the job's input images by role (PNG bytes)
 
 
 @dataclass(frozen=True)

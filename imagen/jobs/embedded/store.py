@@ -36,7 +36,7 @@ from imagen.jobs.lifecycle import (
     cancel_verdict,
     owner_is_dead,
 )
-from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,6 +67,22 @@ CREATE TABLE IF NOT EXISTS key_turns (
 CREATE TABLE IF NOT EXISTS output_owners (
     output_name TEXT PRIMARY KEY,
     key_name TEXT NOT NULL
+);
+-- A job's input images (img2img, inpainting, IP-Adapter reference), purged with the job.
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    png BLOB NOT NULL,
+    PRIMARY KEY (job_id, role)
+);
+-- Images sent to POST /uploads, until they expire.
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY,
+    key_name TEXT NOT NULL,
+    png BLOB NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    expires_at REAL NOT NULL
 );
 """
 # Columns added since the first release, for databases created before them.
@@ -131,9 +147,13 @@ class SqliteJobStore:
                     job.key_name,
                 ),
             )
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO output_owners (output_name, key_name) VALUES (?, ?)",
-                (job.output_name, job.key_name),
+                [(name, job.key_name) for name in job.all_output_names()],
+            )
+            db.executemany(
+                "INSERT INTO job_inputs (job_id, role, png) VALUES (?, ?, ?)",
+                [(job.job_id, role, png) for role, png in job.inputs.items()],
             )
             position = self.position(job.job_id)
         assert position is not None
@@ -325,9 +345,45 @@ class SqliteJobStore:
             (verdict.state.value, verdict.error, None if verdict.requeue else now, job_id),
         )
 
+    def job_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The job's input images by role (PNG bytes); empty when it has none."""
+        rows = self.file.connection().execute("SELECT role, png FROM job_inputs WHERE job_id = ?", (job_id,))
+        return {str(row["role"]): bytes(row["png"]) for row in rows}
+
+    def save_upload(self, upload: Upload) -> None:
+        with self.file.transaction(durable=True) as db:
+            db.execute(
+                "INSERT INTO uploads (upload_id, key_name, png, width, height, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (upload.upload_id, upload.key_name, upload.png, upload.width, upload.height, upload.expires_at),
+            )
+
+    def load_upload(self, upload_id: str) -> Upload | None:
+        """The upload, or None when unknown or expired."""
+        row = (
+            self.file.connection()
+            .execute(
+                "SELECT upload_id, key_name, png, width, height, expires_at FROM uploads "
+                "WHERE upload_id = ? AND expires_at > ?",
+                (upload_id, self.clock()),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Upload(
+            upload_id=row["upload_id"], key_name=row["key_name"], png=bytes(row["png"]), width=row["width"],
+            height=row["height"], expires_at=row["expires_at"],
+        )  # fmt: skip
+
     def purge_expired(self) -> int:
-        cutoff = self.clock() - self.result_ttl_s
-        cursor = self.file.connection().execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+        now = self.clock()
+        cutoff = now - self.result_ttl_s
+        with self.file.transaction() as db:
+            db.execute(
+                "DELETE FROM job_inputs WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < ?)", (cutoff,)
+            )
+            cursor = db.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+            db.execute("DELETE FROM uploads WHERE expires_at <= ?", (now,))
         return cursor.rowcount
 
     def close(self) -> None:

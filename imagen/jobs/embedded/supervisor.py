@@ -239,7 +239,7 @@ class WorkerSlot(threading.Thread):
         self._cancel_sent = False
         self._look_for_cancel.clear()
         try:
-            self._send(RunJob(job.task, job.output_name))
+            self._send(RunJob(job.task, job.output_name, self.store.job_inputs(job.job_id)))
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now >= deadline:

@@ -1,9 +1,11 @@
 -- Add a PENDING job, unconfirmed: its record expires after ARGV[6] ms unless `confirm` (or a claim) keeps it.
 -- The limits are checked first, in this order: max_queue (all waiting jobs; answer {0, waiting}), then the
 -- per-key limit when one is given (the waiting jobs of this key; answer {2, waiting of the key}). Accepted:
--- {1}; the output file's owner is recorded for as long as the file may exist.
+-- {1}; the output files' owner is recorded for as long as the files may exist. The job's input images are
+-- fields of its record ("input:<role>"), so they live and expire with it (never read by /status).
 -- KEYS: waiting, seq, job, unconfirmed, output owners
--- ARGV: id, task, output_name, now, max_queue, confirm_ms, job_prefix, key_name, key_max_waiting ('': none)
+-- ARGV: id, task, output_name, now, max_queue, confirm_ms, job_prefix, key_name, key_max_waiting ('': none),
+--       all output names (space-separated), then role, png, role, png, ... (the input images)
 if redis.call('EXISTS', KEYS[3]) == 1 then return {1} end  -- the same submission sent twice (a client retry)
 sweep_unconfirmed(KEYS[1], KEYS[4], ARGV[7])
 local waiting = redis.call('ZCARD', KEYS[1])
@@ -21,5 +23,6 @@ redis.call('HSET', KEYS[3], 'state', 'PENDING', 'task', ARGV[2], 'output_name', 
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-redis.call('HSET', KEYS[5], ARGV[3], ARGV[8])
+for name in string.gmatch(ARGV[10], '%S+') do redis.call('HSET', KEYS[5], name, ARGV[8]) end
+for i = 11, #ARGV - 1, 2 do redis.call('HSET', KEYS[3], 'input:' .. ARGV[i], ARGV[i + 1]) end
 return {1}
