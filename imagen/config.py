@@ -25,11 +25,14 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8009, description="Port the API listens on.")
     max_body_bytes: int = Field(
-        1_048_576,
+        32 * 1024 * 1024,
         ge=1024,
-        description="Largest request body the API reads; a larger one gets 413 before more is read.",
+        description="Largest request body the API reads (an image in a data URL or an upload included); a "
+        "larger one gets 413 before more is read.",
     )
-
+    upload_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds an image sent to `POST /uploads` is kept for requests to name it."
+    )
     keep_alive_s: float = Field(
         5.0,
         gt=0,

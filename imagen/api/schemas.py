@@ -18,6 +18,9 @@ from imagen.webhooks.events import DEFAULT_EVENTS, EventName
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
 MAX_PROMPT_CHARS = 20_000
 MAX_WEBHOOK_URL_CHARS = 2048
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 512, 2048, 64  # at most 2048² = 4.2 MP
+MAX_IMAGES = 4
+MAX_IMAGE_FIELD_CHARS = 28_000_000  # a 20 MB image as base64, with its data: prefix
 
 
 def _valid_unicode(text: str) -> str:
@@ -80,6 +83,51 @@ class GenerationRequest(BaseModel):
     ip_strength: float = Field(
         0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."
     )
+    # -- more of SDXL (README "API beyond the reference"): all optional; unused, the job is as before ----
+    width: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText] | None = Field(
+        None,
+        description=f"Image width, a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (with `height`; "
+        "default: the model's native size, or the init image's). GET /models lists recommended sizes.",
+    )
+    height: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText] | None = Field(
+        None, description=f"Image height, a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (with `width`)."
+    )
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES), IntegerNotText] = Field(
+        1,
+        description=f"1-{MAX_IMAGES} images in one job (one batch); image i uses seed + i. The result's "
+        "`images` lists them; /image/{job_id}?index=i serves image i.",
+    )
+    scheduler: Text | None = Field(
+        None, description="An AUTOMATIC1111 sampler name (GET /schedulers); default: the model's, else its own."
+    )
+    clip_skip: Annotated[int, Field(ge=1, le=2), IntegerNotText] | None = Field(
+        None, description="1 or 2, AUTOMATIC1111's meaning; default: the model's (PonyXL: 2), else 1."
+    )
+    init_image: Text | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description='img2img / inpainting: a PNG, JPEG or WebP as a data URL ("data:image/png;base64,...") or '
+        '"upload:<upload_id>" from POST /uploads. Transparent areas become the mask when no mask is given.',
+    )
+    mask_image: Text | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description="Inpainting, with `init_image`: white = repaint, black = keep (same size as init_image).",
+    )
+    strength: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="With `init_image`: how much to change it, 0.0-1.0 (default 0.75); steps run = steps × strength.",
+    )
+    ip_image: Text | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description="With `ip_strength` > 0: this request's own IP-Adapter reference image (data URL or "
+        '"upload:<id>"), instead of the server\'s.',
+    )
     webhook: Text | None = Field(
         None,
         max_length=MAX_WEBHOOK_URL_CHARS,
@@ -116,12 +164,33 @@ class GenerationResponse(BaseModel):
     message: str
 
 
+class Size(BaseModel):
+    width: int
+    height: int
+
+
 class ModelInfo(BaseModel):
     id: str
     name: str
     description: str
     vae_path: str | None
     default_negative: str
+    # extensions: what `width`/`height`, `scheduler` and `clip_skip` default to for this model
+    native_size: Size
+    sizes: list[Size] = Field(description="Recommended sizes (SDXL's aspect buckets for a 1024² model).")
+    default_scheduler: str | None = Field(description="Its default sampler; null: the model's own scheduler.")
+    clip_skip: int = 1
+
+
+class SchedulerList(BaseModel):
+    schedulers: list[str] = Field(description="AUTOMATIC1111 sampler names accepted in `scheduler`.")
+
+
+class UploadResponse(BaseModel):
+    upload_id: str = Field(description='Name it as "upload:<upload_id>" in init_image, mask_image or ip_image.')
+    width: int
+    height: int
+    expires_at: float = Field(description="Unix time after which it is gone (IMAGEN_UPLOAD_TTL_S).")
 
 
 class LoraInfo(BaseModel):
@@ -188,6 +257,9 @@ class JobResult(BaseModel):
     path: str
     url: str
     metadata: dict[str, Any] = Field(description="Every generation parameter (also in the PNG's text chunks).")
+    images: list[dict[str, Any]] | None = Field(
+        None, description="An extension: every image of the job (`filename`, `path`, `url`, `seed`)."
+    )
 
 
 class JobStatus(BaseModel):

@@ -689,7 +689,10 @@ class RedisJobStore:
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
         return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
 
-    def complete(self, job_id: str, token: str, result: dict[str, Any], png: bytes) -> bool:
+    def complete(
+        self, job_id: str, token: str, result: dict[str, Any], png: bytes, more_pngs: dict[str, bytes] | None = None
+    ) -> bool:
+        """SUCCESS, with the image ``result["filename"]`` (``png``) and a num_images job's others by name."""
         name = result["filename"]
         stored = bool(
             self._run(
@@ -718,6 +721,7 @@ class RedisJobStore:
                     self.png_limits.max_bytes,
                     PNG_PREFIX,
                     COPIES_PREFIX,
+                    *(item for other, data in (more_pngs or {}).items() for item in (other, data)),
                 ],
             )
         )

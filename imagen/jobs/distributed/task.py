@@ -210,7 +210,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         retry_reason: str | None = None
         with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
-                result, png = self._generate(engine, job_id, token)
+                result, png, more_pngs = self._generate(engine, job_id, token)
             except JobCancelled:
                 # REVOKED already (by the cancel itself); the message is acknowledged, no PNG was made.
                 log.info("job %s: REVOKED; stopped without an image", job_id)
@@ -224,7 +224,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 retry_reason = self._record_failure(job_id, token, exc)
             else:
                 stored = retry_redis(
-                    f"job {job_id}", lambda: self.store.complete(job_id, token, result, png), OUTCOME_RETRY_S
+                    f"job {job_id}", lambda: self.store.complete(job_id, token, result, png, more_pngs), OUTCOME_RETRY_S
                 )
                 if not stored:
                     log.warning("job %s: finished after losing its claim; result discarded", job_id)
@@ -283,7 +283,10 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             log.warning("%s failed (%s); message back to the queue", what, exc)
             raise Reject(f"claim failed: {exc}", requeue=True) from exc
 
-    def _generate(self, engine: Engine, job_id: str, token: str) -> tuple[dict[str, Any], bytes]:
+    def _generate(
+        self, engine: Engine, job_id: str, token: str
+    ) -> tuple[dict[str, Any], bytes, dict[str, bytes]]:
+        """Run the job here; its result, its first PNG and (num_images > 1) the others by file name."""
         from imagen.generation.base import GenerationTask, StepMeter
         from imagen.generation.runner import run_task
 
@@ -322,13 +325,20 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             self.settings.png_compress_level,
             preview,
         )
-        path = self.scratch / record.output_name
+        names = [image["filename"] for image in result.get("images", [])] or [record.output_name]
+        pngs: dict[str, bytes] = {}
         try:
-            png = path.read_bytes()
+            for name in names:
+                pngs[name] = (self.scratch / name).read_bytes()
         finally:
-            path.unlink(missing_ok=True)
+            for name in names:
+                (self.scratch / name).unlink(missing_ok=True)
+        # Where each API replica will have it (the image transfer copies it there).
         result["path"] = os.path.join(str(self.settings.outputs_dir), record.output_name)
-        return result, png
+        for image in result.get("images", []):
+            image["path"] = os.path.join(str(self.settings.outputs_dir), image["filename"])
+        first = pngs.pop(record.output_name)
+        return result, first, pngs
 
     def _record_failure(self, job_id: str, token: str, exc: Exception) -> str | None:
         """Record a failed attempt; the reason when the job goes back to the queue."""
