@@ -8,11 +8,13 @@ declares every status code and media type it can answer, for the OpenAPI documen
 
 from __future__ import annotations
 
+import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, File, Header, HTTPException, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette import EventSourceResponse
@@ -22,6 +24,7 @@ from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep, Web
 from imagen.api.events import first_event_id, status_events
 from imagen.api.headers import generation_metadata_header
 from imagen.api.schemas import (
+    MAX_IMAGES,
     CancelResponse,
     CancelTooLate,
     Detail,
@@ -36,10 +39,16 @@ from imagen.api.schemas import (
     LoraList,
     ModelInfo,
     ModelList,
+    SchedulerList,
+    Size,
+    UploadResponse,
     WorkerStatus,
 )
 from imagen.api.submission import InvalidRequest, prepare_job
-from imagen.jobs.types import JobRecord, JobState
+from imagen.generation.samplers import SAMPLER_NAMES
+from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image, to_png
+from imagen.inputs.sizes import recommended_sizes
+from imagen.jobs.types import JobRecord, JobState, Upload
 from imagen.outputs.serving import resolve_servable
 
 JOB_NOT_FOUND = "Job ID non trouvé"
@@ -114,7 +123,7 @@ def generate(
     caller: CallerDep,
 ) -> GenerationResponse:
     try:
-        job = prepare_job(request, registry, settings, key_name=caller.name)
+        job = prepare_job(request, registry, settings, key_name=caller.name, uploads=backend.load_upload)
     except InvalidRequest as exc:
         raise RequestValidationError([error.as_pydantic_error() for error in exc.errors]) from exc
     # prepare_job refused a webhook on a server without a secret (no dispatcher)
@@ -211,7 +220,15 @@ async def events(
         500: {"model": ImageFailed, "description": "The job failed."},
     },
 )
-def image(job_id: str, backend: BackendDep, settings: SettingsDep, caller: CallerDep) -> FileResponse | JSONResponse:
+def image(
+    job_id: str,
+    backend: BackendDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    index: Annotated[
+        int, Query(ge=0, le=MAX_IMAGES - 1, description="Which image of a `num_images` job (0: the first).")
+    ] = 0,
+) -> FileResponse | JSONResponse:
     job = _find(backend, job_id, caller)
     if job.state is JobState.FAILURE:
         return JSONResponse({"detail": {"status": "failed", "error": job.error}}, status_code=500)
@@ -226,10 +243,17 @@ def image(job_id: str, backend: BackendDep, settings: SettingsDep, caller: Calle
             "meta": meta,
         }
         return JSONResponse({"detail": detail}, status_code=202)
-    path = resolve_servable(settings.outputs_dir, job.result["filename"])
+    images = job.result.get("images") or [{"filename": job.result["filename"]}]
+    if index >= len(images):
+        raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)
+    filename = images[index]["filename"]
+    if index > 0:
+        backend.ensure_output(filename)  # distributed: the first one is fetched by get()
+    path = resolve_servable(settings.outputs_dir, filename)
     if path is None:
         raise HTTPException(status_code=404, detail=IMAGE_NOT_FOUND)
-    headers = {"X-Job-ID": job.job_id, "X-Generation-Metadata": generation_metadata_header(job.result["metadata"])}
+    metadata = {**job.result["metadata"], "seed": images[index].get("seed", job.result["metadata"].get("seed"))}
+    headers = {"X-Job-ID": job.job_id, "X-Generation-Metadata": generation_metadata_header(metadata)}
     return FileResponse(path, media_type="image/png", headers=headers)
 
 
@@ -287,9 +311,53 @@ def models(registry: RegistryDep) -> ModelList:
                 description=m.description,
                 vae_path=m.declared_vae_path,
                 default_negative=m.default_negative,
+                native_size=Size(width=m.size, height=m.size),
+                sizes=[Size(width=w, height=h) for w, h in recommended_sizes(m.size)],
+                default_scheduler=m.scheduler,
+                clip_skip=m.clip_skip or 1,
             )
             for m in registry.models
         ]
+    )
+
+
+@router.get("/schedulers", response_model=SchedulerList)
+def schedulers() -> SchedulerList:
+    """The AUTOMATIC1111 sampler names a request's `scheduler` accepts (each model's default: GET /models)."""
+    return SchedulerList(schedulers=list(SAMPLER_NAMES))
+
+
+@router.post(
+    "/uploads",
+    status_code=201,
+    response_model=UploadResponse,
+    responses={413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."}},
+)
+def upload(
+    file: Annotated[UploadFile, File(description="A PNG, JPEG or WebP image, at most 20 MB.")],
+    backend: BackendDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+) -> UploadResponse:
+    """Keep an image for later requests (`init_image`, `mask_image`, `ip_image`: `"upload:<upload_id>"`),
+    for IMAGEN_UPLOAD_TTL_S seconds. Checked now: a bad image is a 422 here, never a failed job later."""
+    data = file.file.read(MAX_IMAGE_BYTES + 1)
+    try:
+        checked = check_image(data)
+    except BadImage as exc:
+        error = {"type": "value_error", "loc": ("body", "file"), "msg": str(exc), "input": file.filename or ""}
+        raise RequestValidationError([error]) from exc
+    stored = Upload(
+        upload_id=uuid.uuid4().hex,
+        key_name=caller.name,
+        png=to_png(checked.image),
+        width=checked.width,
+        height=checked.height,
+        expires_at=time.time() + settings.upload_ttl_s,
+    )
+    backend.save_upload(stored)
+    return UploadResponse(
+        upload_id=stored.upload_id, width=stored.width, height=stored.height, expires_at=stored.expires_at
     )
 
 

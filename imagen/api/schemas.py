@@ -13,12 +13,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from imagen.config import LORAS_PER_REQUEST_CAP
+from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from imagen.webhooks.events import DEFAULT_EVENTS, EventName
 
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
 MAX_PROMPT_CHARS = 20_000
 MAX_WEBHOOK_URL_CHARS = 2048
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 512, 2048, 64  # at most 2048² = 4.2 MP
 MAX_IMAGES = 4
 MAX_IMAGE_FIELD_CHARS = 28_000_000  # a 20 MB image as base64, with its data: prefix
 

@@ -7,18 +7,35 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image
 
 from imagen.api.schemas import GenerationRequest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask, LoraChoice
-from imagen.jobs.types import NewJob
-from imagen.outputs.names import make_output_name
+from imagen.generation.samplers import SAMPLER_NAMES
+from imagen.inputs.images import (
+    BadImage,
+    CheckedImage,
+    check_image,
+    decode_data_url,
+    flatten,
+    mask_from,
+    mask_from_alpha,
+    to_png,
+)
+from imagen.inputs.sizes import size_from_image, size_problem
+from imagen.jobs.types import NewJob, Upload
+from imagen.outputs.names import image_names, make_output_name
 from imagen.registry import Registry
 from imagen.webhooks.urls import TargetPolicy
 
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds
+DEFAULT_STRENGTH = 0.75  # img2img / inpainting, as AUTOMATIC1111
+UPLOAD_PREFIX = "upload:"
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,17 @@ class InvalidRequest(Exception):
         self.errors = errors
 
 
-def prepare_job(request: GenerationRequest, registry: Registry, settings: Settings, key_name: str = "") -> NewJob:
+# Finds an upload by id for the caller (None: unknown, expired, or another key's).
+UploadLookup = Callable[[str], Upload | None]
+
+
+def prepare_job(
+    request: GenerationRequest,
+    registry: Registry,
+    settings: Settings,
+    key_name: str = "",
+    uploads: UploadLookup = lambda upload_id: None,
+) -> NewJob:
     errors: list[FieldError] = []
     model_id = request.model or registry.resolve_default_model(settings.default_model)
     model = registry.model(model_id)
@@ -68,15 +95,18 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
                 ("ip_strength",), "ip_strength > 0 needs an IP-Adapter and none is configured on this server "
                 "(registry `ip_adapter:`); use 0.0", request.ip_strength,
             ))
-        elif not adapter.reference_image.is_file():
+        elif request.ip_image is None and not adapter.reference_image.is_file():
             errors.append(FieldError(
                 ("ip_strength",), "ip_strength > 0 needs the server's reference image, which is missing "
                 f"({adapter.reference_image.name}); use 0.0", request.ip_strength,
             ))
     errors.extend(_webhook_errors(request, settings))
+    errors.extend(_sdxl_option_errors(request))
+    images = _RequestImages(request, key_name, uploads, errors)
     if errors or model is None:
         raise InvalidRequest(errors)
     seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_LIMIT)
+    size = images.size
     task = GenerationTask(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -86,13 +116,110 @@ def prepare_job(request: GenerationRequest, registry: Registry, settings: Settin
         guidance_scale=request.guidance_scale,
         seed=seed,
         ip_strength=request.ip_strength,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        num_images=request.num_images,
+        scheduler=request.scheduler,
+        clip_skip=request.clip_skip,
+        strength=(request.strength if request.strength is not None else DEFAULT_STRENGTH) if images.init else None,
+        init_image="init" in images.pngs,
+        mask_image="mask" in images.pngs,
+        ip_image="ip" in images.pngs,
     )
+    output_name = make_output_name(model.file_prefix)
     return NewJob(
         job_id=str(uuid.uuid4()),
         task=task.as_dict(),
-        output_name=make_output_name(model.file_prefix),
+        output_name=output_name,
         key_name=key_name,
+        inputs=images.pngs,
+        output_names=tuple(image_names(output_name, request.num_images)),
     )
+
+
+def _sdxl_option_errors(request: GenerationRequest) -> list[FieldError]:
+    errors = []
+    if (request.width is None) != (request.height is None):
+        missing = "height" if request.height is None else "width"
+        errors.append(FieldError((missing,), "width and height go together: give both, or neither", None))
+    elif request.width is not None and request.height is not None:
+        problem = size_problem(request.width, request.height)
+        if problem is not None:
+            errors.append(FieldError(("width",), problem, request.width))
+    if request.scheduler is not None and request.scheduler not in SAMPLER_NAMES:
+        errors.append(FieldError(
+            ("scheduler",), f"unknown sampler {request.scheduler!r}; available: {', '.join(SAMPLER_NAMES)}",
+            request.scheduler,
+        ))
+    if request.init_image is None:
+        if request.mask_image is not None:
+            errors.append(FieldError(("mask_image",), "mask_image needs init_image (the image to repaint)", "…"))
+        if request.strength is not None:
+            errors.append(
+                FieldError(("strength",), "strength needs init_image (img2img or inpainting)", request.strength)
+            )
+    if request.ip_image is not None and request.ip_strength <= 0:
+        errors.append(FieldError(("ip_image",), "ip_image is used only with ip_strength > 0", "…"))
+    return errors
+
+
+class _RequestImages:
+    """The request's images, checked and normalised (PNG bytes by role), and the job's size; problems are
+    added to ``errors`` with their field."""
+
+    def __init__(
+        self, request: GenerationRequest, key_name: str, uploads: UploadLookup, errors: list[FieldError]
+    ) -> None:
+        self.pngs: dict[str, bytes] = {}
+        self.init: CheckedImage | None = None
+        self.size: tuple[int, int] | None = (
+            (request.width, request.height) if request.width is not None and request.height is not None else None
+        )
+        self._errors = errors
+        self._key_name = key_name
+        self._uploads = uploads
+        init = self._load("init_image", request.init_image)
+        mask = self._load("mask_image", request.mask_image)
+        ip = self._load("ip_image", request.ip_image)
+        if ip is not None:
+            self.pngs["ip"] = to_png(flatten(ip.image))
+        if init is None:
+            return
+        self.init = init
+        if mask is not None and mask.image.size != init.image.size:
+            errors.append(FieldError(
+                ("mask_image",), f"mask_image is {mask.width}×{mask.height} but init_image is "
+                f"{init.width}×{init.height}: they must be the same size", "…",
+            ))
+            return
+        mask_image = mask_from(mask) if mask is not None else (mask_from_alpha(init) if init.has_alpha else None)
+        if self.size is None:
+            self.size = size_from_image(init.width, init.height)
+        picture = flatten(init.image)
+        if picture.size != self.size:
+            picture = picture.resize(self.size, Image.Resampling.LANCZOS)
+            if mask_image is not None:
+                mask_image = mask_image.resize(self.size, Image.Resampling.NEAREST)
+        self.pngs["init"] = to_png(picture)
+        if mask_image is not None:
+            self.pngs["mask"] = to_png(mask_image)
+
+    def _load(self, field: str, value: str | None) -> CheckedImage | None:
+        if value is None:
+            return None
+        try:
+            if value.startswith(UPLOAD_PREFIX):
+                upload = self._uploads(value.removeprefix(UPLOAD_PREFIX))
+                if upload is None or upload.key_name != self._key_name:
+                    raise BadImage(
+                        f"unknown or expired upload {value!r} (uploads are kept IMAGEN_UPLOAD_TTL_S seconds; "
+                        "send it again with POST /uploads)"
+                    )
+                return check_image(upload.png)
+            return check_image(decode_data_url(value))
+        except BadImage as exc:
+            self._errors.append(FieldError((field,), str(exc), value[:64] + ("…" if len(value) > 64 else "")))
+            return None
 
 
 def _webhook_errors(request: GenerationRequest, settings: Settings) -> list[FieldError]:
