@@ -1,0 +1,79 @@
+"""A1111 sampler names and the diffusers scheduler each one maps to.
+
+The mapping is the one diffusers' scheduler overview documents ("A1111/k-diffusion → 🤗 Diffusers"):
+the scheduler class, plus the config overrides it lists ("init with use_karras_sigmas=True", ...).
+DDIM and UniPC are A1111 samplers of the same names. This module imports neither torch nor diffusers:
+the API imports it to validate requests and registry entries and for ``GET /schedulers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The names a request's ``scheduler`` (and a registry entry's) may take, in the order /schedulers lists them.
+SAMPLER_NAMES: tuple[str, ...] = (
+    "Euler",
+    "Euler a",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "UniPC",
+    "Heun",
+    "LMS",
+    "DPM2",
+    "DPM2 a",
+)
+
+KARRAS_SUFFIX = " Karras"
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    """A diffusers scheduler class (by name) and the config values that make it the A1111 sampler."""
+
+    class_name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+_KARRAS: dict[str, Any] = {"use_karras_sigmas": True}
+_SDE: dict[str, Any] = {"algorithm_type": "sde-dpmsolver++"}
+
+_CHOICES: dict[str, SchedulerChoice] = {
+    "Euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "Euler a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "DPM++ 2M": SchedulerChoice("DPMSolverMultistepScheduler"),
+    "DPM++ 2M Karras": SchedulerChoice("DPMSolverMultistepScheduler", _KARRAS),
+    "DPM++ 2M SDE": SchedulerChoice("DPMSolverMultistepScheduler", _SDE),
+    "DPM++ 2M SDE Karras": SchedulerChoice("DPMSolverMultistepScheduler", {**_SDE, **_KARRAS}),
+    "DPM++ SDE Karras": SchedulerChoice("DPMSolverSinglestepScheduler", _KARRAS),
+    "DDIM": SchedulerChoice("DDIMScheduler"),
+    "UniPC": SchedulerChoice("UniPCMultistepScheduler"),
+    "Heun": SchedulerChoice("HeunDiscreteScheduler"),
+    "LMS": SchedulerChoice("LMSDiscreteScheduler"),
+    "DPM2": SchedulerChoice("KDPM2DiscreteScheduler"),
+    "DPM2 a": SchedulerChoice("KDPM2AncestralDiscreteScheduler"),
+}
+assert tuple(_CHOICES) == SAMPLER_NAMES
+
+
+def is_sampler_name(name: str) -> bool:
+    return name in _CHOICES
+
+
+def scheduler_for(name: str) -> SchedulerChoice:
+    """The diffusers scheduler for an A1111 sampler name; ``ValueError`` naming the valid ones otherwise."""
+    choice = _CHOICES.get(name)
+    if choice is None:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
+    return SchedulerChoice(choice.class_name, dict(choice.overrides))
+
+
+def a1111_sampler_fields(name: str) -> tuple[str, str | None]:
+    """(Sampler, Schedule type) as A1111 ≥ 1.9 writes them: "DPM++ 2M Karras" → ("DPM++ 2M", "Karras")."""
+    if name.endswith(KARRAS_SUFFIX):
+        return name.removesuffix(KARRAS_SUFFIX), "Karras"
+    return name, None
