@@ -23,7 +23,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from imagen.generation.base import DeviceInfo, GeneratedImage, GenerationTask, ProgressCallback
+from imagen.generation.base import (
+    NO_INPUTS,
+    DeviceInfo,
+    GeneratedImage,
+    GenerationTask,
+    InputImages,
+    ProgressCallback,
+)
 from imagen.generation.test_pattern import TestPatternEngine
 from tests.conftest import REPO, SCRIPTED_ENGINE, free_port, wait_for
 from tests.engines import ScriptedEngine
@@ -308,11 +315,13 @@ class FakeGpuEngine(TestPatternEngine):
 class StubbornEngine(TestPatternEngine):
     """Never returns and ignores the soft time limit, like a generation stuck in native code."""
 
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
         from celery.exceptions import SoftTimeLimitExceeded
 
         if task.prompt != "stuck":
-            return super().generate(task, progress)
+            return super().generate(task, progress, inputs)
         progress("generation_gpu", 1)
         while True:
             try:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from imagen.errors import FatalGenerationError
-from imagen.generation.base import GeneratedImage, GenerationTask, ProgressCallback
+from imagen.generation.base import NO_INPUTS, GeneratedImage, GenerationTask, InputImages, ProgressCallback
 from imagen.generation.test_pattern import TestPatternEngine
 
 
@@ -34,7 +34,9 @@ def _record(task: GenerationTask) -> int:
 
 
 class ScriptedEngine(TestPatternEngine):
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
         previous_runs = _record(task)
         words = task.prompt.split()
         command = words[0] if words else ""
@@ -55,4 +57,4 @@ class ScriptedEngine(TestPatternEngine):
             progress("generation_gpu", 1)
             while True:
                 time.sleep(1)
-        return super().generate(task, lambda step, percent: None)
+        return super().generate(task, lambda step, percent: None, inputs)

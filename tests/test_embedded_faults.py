@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from imagen.generation.base import GeneratedImage, GenerationTask, ProgressCallback
+from imagen.generation.base import NO_INPUTS, GeneratedImage, GenerationTask, InputImages, ProgressCallback
 from imagen.jobs.embedded import backend as embedded_backend
 from imagen.jobs.embedded.backend import EmbeddedBackend
 from tests.conftest import submit, wait_for, wait_status
@@ -35,7 +35,9 @@ class MalformedMessageEngine(ScriptedEngine):
     API process before going on: ``tuple`` (a message of the old tuple protocol) or ``bytes`` (bytes that
     do not unpickle)."""
 
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
         words = task.prompt.split()
         log = Path(os.environ["IMAGEN_TEST_EXECUTION_LOG"])
         if words[:1] == ["malformed"] and (not log.exists() or task.prompt not in log.read_text().splitlines()):
@@ -47,7 +49,7 @@ class MalformedMessageEngine(ScriptedEngine):
             else:
                 pipe.send_bytes(b"\x80\x05not a pickle")
             time.sleep(60)  # the API process kills this child: it cannot trust it any more
-        return super().generate(task, progress)
+        return super().generate(task, progress, inputs)
 
 
 def worker_pids(client: TestClient) -> list[int]:

@@ -22,7 +22,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> DiffusersEngine:
 
 
 def _image(engine: DiffusersEngine, **changes: object) -> bytes:
-    return image_bytes(engine.generate(task(**changes), ProgressLog()).image)
+    return image_bytes(engine.generate(task(**changes), ProgressLog())[0].image)
 
 
 @pytest.mark.parametrize("lora", ["anime-style", "character-detail", "locon-detail"])
@@ -59,9 +59,9 @@ def test_multiple_loras_combine(engine: DiffusersEngine) -> None:
 def test_trigger_words_are_added_once(engine: DiffusersEngine) -> None:
     result = engine.generate(
         task(prompt="a portrait, Detailed eyes", loras=[("anime-style", 0.75)]), ProgressLog()
-    )
+    )[0]
     assert result.extra_metadata["final_prompt"] == "anime style, a portrait, Detailed eyes"
-    result = engine.generate(task(loras=[("character-detail", 0.6)]), ProgressLog())
+    (result,) = engine.generate(task(loras=[("character-detail", 0.6)]), ProgressLog())
     assert result.extra_metadata["final_prompt"] == task().prompt
 
 

@@ -40,7 +40,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> DiffusersEngine:
 
 
 def test_diffusers_folder_generates_at_native_size(engine: DiffusersEngine) -> None:
-    result = engine.generate(task(), ProgressLog())
+    (result,) = engine.generate(task(), ProgressLog())
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
     meta = result.extra_metadata
     assert meta["width"] == meta["height"] == 64
@@ -51,8 +51,8 @@ def test_diffusers_folder_generates_at_native_size(engine: DiffusersEngine) -> N
 
 def test_single_file_checkpoint_matches_the_diffusers_folder(engine: DiffusersEngine) -> None:
     # Same weights, original key layout: diffusers' from_single_file conversion must give the same image.
-    folder = engine.generate(task(), ProgressLog()).image
-    single = engine.generate(task(model="sdxl-single-file"), ProgressLog()).image
+    folder = engine.generate(task(), ProgressLog())[0].image
+    single = engine.generate(task(model="sdxl-single-file"), ProgressLog())[0].image
     assert image_bytes(single) == image_bytes(folder)
 
 
@@ -87,23 +87,23 @@ def test_vae_override_from_folder_and_single_file(tmp_path: Path) -> None:
         ]
     )
     engine = DiffusersEngine(registry, engine_settings(tmp_path, max_loaded_models=3))
-    reference = image_bytes(engine.generate(task(), ProgressLog()).image)
-    assert image_bytes(engine.generate(task(model="vae-folder"), ProgressLog()).image) == reference
-    assert image_bytes(engine.generate(task(model="vae-file"), ProgressLog()).image) == reference
+    reference = image_bytes(engine.generate(task(), ProgressLog())[0].image)
+    assert image_bytes(engine.generate(task(model="vae-folder"), ProgressLog())[0].image) == reference
+    assert image_bytes(engine.generate(task(model="vae-file"), ProgressLog())[0].image) == reference
 
 
 def test_same_seed_same_bytes_other_seed_other_image(engine: DiffusersEngine) -> None:
-    first = engine.generate(task(seed=7), ProgressLog()).image
-    again = engine.generate(task(seed=7), ProgressLog()).image
-    other = engine.generate(task(seed=8), ProgressLog()).image
+    first = engine.generate(task(seed=7), ProgressLog())[0].image
+    again = engine.generate(task(seed=7), ProgressLog())[0].image
+    other = engine.generate(task(seed=8), ProgressLog())[0].image
     assert image_bytes(first) == image_bytes(again)
     assert image_bytes(first) != image_bytes(other)
 
 
 def test_seed_reproduces_across_engines(tmp_path: Path, engine: DiffusersEngine) -> None:
     fresh = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path))
-    assert image_bytes(fresh.generate(task(seed=3), ProgressLog()).image) == image_bytes(
-        engine.generate(task(seed=3), ProgressLog()).image
+    assert image_bytes(fresh.generate(task(seed=3), ProgressLog())[0].image) == image_bytes(
+        engine.generate(task(seed=3), ProgressLog())[0].image
     )
 
 
@@ -135,27 +135,27 @@ def test_second_job_on_a_model_loads_nothing_and_switching_frees(tmp_path: Path)
 
 def test_long_prompt_is_not_truncated(engine: DiffusersEngine) -> None:
     words = " ".join(f"word{i % 50} scenic" for i in range(150))  # 300 words, far beyond 77 tokens
-    first = engine.generate(task(prompt=words + ", red sunset over the sea"), ProgressLog())
-    second = engine.generate(task(prompt=words + ", green forest in the snow"), ProgressLog())
+    (first,) = engine.generate(task(prompt=words + ", red sunset over the sea"), ProgressLog())
+    (second,) = engine.generate(task(prompt=words + ", green forest in the snow"), ProgressLog())
     assert first.extra_metadata["final_prompt"].endswith("red sunset over the sea")
     assert image_bytes(first.image) != image_bytes(second.image)
 
 
 def test_prompt_weighting_changes_the_image(engine: DiffusersEngine) -> None:
-    plain = image_bytes(engine.generate(task(prompt="a lighthouse, stormy sea"), ProgressLog()).image)
-    weighted = image_bytes(engine.generate(task(prompt="a lighthouse, (stormy sea)1.5"), ProgressLog()).image)
-    plus = image_bytes(engine.generate(task(prompt="a lighthouse, stormy++ sea"), ProgressLog()).image)
+    plain = image_bytes(engine.generate(task(prompt="a lighthouse, stormy sea"), ProgressLog())[0].image)
+    weighted = image_bytes(engine.generate(task(prompt="a lighthouse, (stormy sea)1.5"), ProgressLog())[0].image)
+    plus = image_bytes(engine.generate(task(prompt="a lighthouse, stormy++ sea"), ProgressLog())[0].image)
     negative = image_bytes(
         engine.generate(
             task(prompt="a lighthouse, stormy sea", negative_prompt="(blurry)1.4"), ProgressLog()
-        ).image
+        )[0].image
     )
     assert len({plain, weighted, plus, negative}) == 4
 
 
 def test_default_negative_applies_only_when_none(engine: DiffusersEngine) -> None:
-    explicit = engine.generate(task(negative_prompt=""), ProgressLog())
-    default = engine.generate(task(), ProgressLog())
+    (explicit,) = engine.generate(task(negative_prompt=""), ProgressLog())
+    (default,) = engine.generate(task(), ProgressLog())
     assert explicit.extra_metadata["final_negative_prompt"] == ""
     assert image_bytes(explicit.image) != image_bytes(default.image)
 
@@ -167,7 +167,7 @@ def test_unknown_model_is_fatal(engine: DiffusersEngine) -> None:
 
 def test_demo_model_generates_at_1024(tmp_path: Path) -> None:
     engine = DiffusersEngine(builtin_registry(), engine_settings(tmp_path, dtype="auto"))
-    result = engine.generate(task(model="demo", steps=2), ProgressLog())
+    (result,) = engine.generate(task(model="demo", steps=2), ProgressLog())
     assert result.image.size == (1024, 1024)
     assert np.asarray(result.image).std() > 0
     info = engine.device_info()

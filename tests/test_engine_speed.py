@@ -30,7 +30,7 @@ def _engine(tmp: Path, **overrides: Any) -> DiffusersEngine:
 
 
 def _pixels(engine: DiffusersEngine, **changes: Any) -> np.ndarray:
-    return pixels(engine.generate(task(**changes), ProgressLog()).image)
+    return pixels(engine.generate(task(**changes), ProgressLog())[0].image)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -80,7 +80,7 @@ def test_fused_qkv_with_loras_stays_correct(fast: DiffusersEngine, plain: Diffus
     assert _max_diff(with_lora, _pixels(plain, loras=[("character-detail", 0.8)])) <= TOLERANCE
     assert _max_diff(_pixels(fast, loras=[("anime-style", 1.0), ("locon-detail", 0.5)]), before) > 10
     # Loaded but unrequested, or weight 0: bit-exact the image from before any LoRA (fused path again).
-    assert image_bytes(fast.generate(task(), ProgressLog()).image) == before.astype(np.uint8).tobytes()
+    assert image_bytes(fast.generate(task(), ProgressLog())[0].image) == before.astype(np.uint8).tobytes()
     assert acceleration.unet_is_fused(_unet(fast))
     assert np.array_equal(_pixels(fast, loras=[("character-detail", 0.0)]), before)
 

@@ -7,9 +7,10 @@ in worker processes only. This module imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import io
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +50,20 @@ class GenerationTask:
     guidance_scale: float = 7.5
     seed: int = 0
     ip_strength: float = 0.0
+    # Optional since issue 11; each is left out of ``as_dict`` while it has its default, so a request that
+    # uses none of them gives the same task dict, metadata and PNG bytes as before.
+    width: int | None = None  # None: the model's native square (``spec.size``), or the init image's size
+    height: int | None = None
+    num_images: int = 1  # image i uses seed + i
+    scheduler: str | None = None  # an A1111 sampler name (imagen.generation.samplers); None: registry default
+    clip_skip: int | None = None  # 1 or 2, A1111's numbering; None: the registry default, else 1
+    strength: float | None = None  # img2img / inpaint denoising strength; None without an init image
+    init_image: bool = False  # whether the job has these input images (the images travel beside the task)
+    mask_image: bool = False
+    ip_image: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "model": self.model,
@@ -61,6 +73,11 @@ class GenerationTask:
             "seed": self.seed,
             "ip_strength": self.ip_strength,
         }
+        for key, default in _OPTIONAL_DEFAULTS.items():
+            value = getattr(self, key)
+            if value != default:
+                data[key] = value
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationTask:
@@ -73,7 +90,70 @@ class GenerationTask:
             guidance_scale=float(data["guidance_scale"]),
             seed=int(data["seed"]),
             ip_strength=float(data.get("ip_strength", 0.0)),
+            width=_optional_int(data.get("width")),
+            height=_optional_int(data.get("height")),
+            num_images=int(data.get("num_images", 1)),
+            scheduler=data.get("scheduler"),
+            clip_skip=_optional_int(data.get("clip_skip")),
+            strength=None if data.get("strength") is None else float(data["strength"]),
+            init_image=bool(data.get("init_image", False)),
+            mask_image=bool(data.get("mask_image", False)),
+            ip_image=bool(data.get("ip_image", False)),
         )
+
+
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "width": None,
+    "height": None,
+    "num_images": 1,
+    "scheduler": None,
+    "clip_skip": None,
+    "strength": None,
+    "init_image": False,
+    "mask_image": False,
+    "ip_image": False,
+}
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def denoising_steps(task: GenerationTask) -> int:
+    """How many denoising steps the job really runs: ``steps``, or for img2img / inpainting
+    ``int(steps * strength)`` as diffusers counts them (strength 0.5 of 30 steps: 15; 0: none, the init
+    image comes back as it is). ``meta.total_steps`` shows this number."""
+    if task.init_image and task.strength is not None:
+        return max(0, min(int(task.steps * task.strength), task.steps))
+    return task.steps
+
+
+INPUT_ROLES = ("init", "mask", "ip")
+
+
+@dataclass(frozen=True)
+class InputImages:
+    """A job's input images, decoded: ``init`` and ``ip`` RGB, ``mask`` mode "L" (white = repaint)."""
+
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    ip: Image.Image | None = None
+
+    @classmethod
+    def from_png_bytes(cls, images: Mapping[str, bytes]) -> InputImages:
+        """Decode the job's stored input images (PNG bytes by role: "init", "mask", "ip"), which the API
+        side has already validated, EXIF-rotated and flattened."""
+        unknown = set(images) - set(INPUT_ROLES)
+        if unknown:
+            raise ValueError(f"unknown input image roles: {', '.join(sorted(unknown))}")
+        decoded: dict[str, Image.Image] = {}
+        for role, data in images.items():
+            with Image.open(io.BytesIO(data)) as opened:
+                decoded[role] = opened.convert("L" if role == "mask" else "RGB")
+        return cls(init=decoded.get("init"), mask=decoded.get("mask"), ip=decoded.get("ip"))
+
+
+NO_INPUTS = InputImages()  # a text-to-image job's inputs
 
 
 @dataclass
@@ -152,8 +232,12 @@ class Engine(ABC):
         """Called once when the worker starts, before the first job (e.g. build/compile the default model)."""
 
     @abstractmethod
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
-        """Make one image. Raise ``RetryableGenerationError`` / ``FatalGenerationError`` on purpose;
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
+        """Make ``task.num_images`` images (image i with seed ``task.seed + i``), in one batch where the
+        engine can, using the job's input images (img2img, inpainting, IP-Adapter reference).
+        Raise ``RetryableGenerationError`` / ``FatalGenerationError`` on purpose;
         any other exception is classified by the worker (out-of-memory retries, the rest fails)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook

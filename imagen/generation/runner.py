@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from imagen.errors import GenerationError
-from imagen.generation.base import STEP_SAVING, Engine, GenerationTask, PreviewCallback, ProgressCallback
+from imagen.generation.base import (
+    STEP_SAVING,
+    Engine,
+    GenerationTask,
+    InputImages,
+    PreviewCallback,
+    ProgressCallback,
+)
+from imagen.outputs.names import image_names
 from imagen.outputs.png import save_png
 
 
@@ -52,25 +61,47 @@ def run_task(
     progress: ProgressCallback,
     png_compress_level: int = 1,
     preview: PreviewCallback | None = None,
+    inputs: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS. A cancelled job
-    (``JobCancelled`` from ``progress``, the last time just before saving) writes no PNG."""
+    (``JobCancelled`` from ``progress``, the last time just before saving) writes no PNG.
+
+    ``inputs``: the job's input images as PNG bytes by role ("init", "mask", "ip"). Image 0 is written as
+    ``output_name``, image i ≥ 1 as ``image_names(output_name, n)[i]``; each PNG's metadata carries its
+    own seed. ``filename``, ``path``, ``url`` and ``metadata`` describe image 0; ``images`` lists them all.
+    """
     started_at = time.time()
     timer = PhaseTimer(progress)
+    decoded = InputImages.from_png_bytes(inputs or {})
     engine.preview = preview
     try:
-        generated = engine.generate(task, timer)
+        generated = engine.generate(task, timer, decoded)
     finally:
         engine.preview = None
+    if len(generated) != task.num_images:
+        raise GenerationError(f"the engine made {len(generated)} images, not {task.num_images}")
     timer(STEP_SAVING, 100)
-    metadata: dict[str, Any] = {**task.as_dict(), **generated.extra_metadata}
-    save_png(generated.rgb_pixels(), metadata, outputs_dir, output_name, png_compress_level)
+    names = image_names(output_name, len(generated))
+    base = task.as_dict()
+    images: list[dict[str, Any]] = []
+    metadatas: list[dict[str, Any]] = []
+    for index, (name, image) in enumerate(zip(names, generated, strict=True)):
+        metadata: dict[str, Any] = {**base, "seed": task.seed + index, **image.extra_metadata}
+        save_png(image.rgb_pixels(), metadata, outputs_dir, name, png_compress_level)
+        metadatas.append(metadata)
+        images.append({
+            "filename": name,
+            "path": os.path.join(str(outputs_dir), name),
+            "url": f"/outputs/{name}",
+            "seed": metadata["seed"],
+        })
     return {
         "status": "success",
-        "filename": output_name,
-        "path": os.path.join(str(outputs_dir), output_name),
-        "url": f"/outputs/{output_name}",
-        "metadata": metadata,
+        "filename": names[0],
+        "path": images[0]["path"],
+        "url": images[0]["url"],
+        "metadata": metadatas[0],
+        "images": images,
         # seconds per step name, and when the worker began (Unix time): where a job's time went
         "timings": {"started_at": round(started_at, 4), "seconds": timer.stop()},
     }

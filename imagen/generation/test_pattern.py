@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from imagen.generation.base import (
+    NO_INPUTS,
     STEP_GENERATION,
     STEP_LOADING_MODEL,
     DeviceInfo,
     Engine,
     GeneratedImage,
     GenerationTask,
+    InputImages,
     ProgressCallback,
+    denoising_steps,
 )
 from imagen.generation.preview import encode_preview, wants_preview
 
@@ -30,25 +34,43 @@ class TestPatternEngine(Engine):
     def device_info(self) -> DeviceInfo:
         return DeviceInfo(gpu_available=False, device="cpu", dtype=None)
 
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
-        """Takes ``test_pattern_seconds`` in all (drawing included), like a GPU with a fixed step time."""
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
+        """Takes ``test_pattern_seconds`` in all (drawing included), like a GPU with a fixed step time and
+        a batch as fast as one image. Image i is the pattern of the same task alone with seed + i."""
         start = time.perf_counter()
         spec = self.registry.model(task.model)
-        size = spec.size if spec is not None else 1024
+        native = spec.size if spec is not None else 1024
+        if task.width is not None and task.height is not None:
+            width, height = task.width, task.height
+        elif inputs.init is not None:
+            width, height = inputs.init.size
+        else:
+            width, height = native, native
         progress(STEP_LOADING_MODEL, 0)
-        digest = hashlib.sha256(repr(sorted(task.as_dict().items())).encode()).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        tile = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-        scale = -(-size // tile.shape[0])
-        pixels = np.ascontiguousarray(tile.repeat(scale, axis=0).repeat(scale, axis=1)[:size, :size])
-        image = Image.fromarray(pixels, "RGB")
-        step_seconds = self.settings.test_pattern_seconds / task.steps
+        images: list[GeneratedImage] = []
+        tiles = []
+        for index in range(task.num_images):
+            alone = task if task.num_images == 1 else replace(task, seed=task.seed + index, num_images=1)
+            digest = hashlib.sha256(repr(sorted(alone.as_dict().items())).encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            tile = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+            tiles.append(tile)
+            scale_y, scale_x = -(-height // tile.shape[0]), -(-width // tile.shape[1])
+            pixels = np.ascontiguousarray(tile.repeat(scale_y, axis=0).repeat(scale_x, axis=1)[:height, :width])
+            image = Image.fromarray(pixels, "RGB")
+            images.append(
+                GeneratedImage(image=image, extra_metadata={"width": width, "height": height}, pixels=pixels)
+            )
+        steps = denoising_steps(task)
+        step_seconds = self.settings.test_pattern_seconds / max(1, steps)
         preview = self.preview
-        for step in range(task.steps):
-            progress(STEP_GENERATION, int(100 * step / task.steps))
+        for step in range(steps):
+            progress(STEP_GENERATION, int(100 * step / steps))
             if preview is not None and wants_preview(step + 1, self.settings.preview_every_steps):
-                preview(step + 1, encode_preview(tile))  # a tiny synthetic preview: the 16 px tile
+                preview(step + 1, encode_preview(tiles[0]))  # a tiny synthetic preview: the 16 px tile
             remaining = start + (step + 1) * step_seconds - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
-        return GeneratedImage(image=image, extra_metadata={"width": size, "height": size}, pixels=pixels)
+        return images

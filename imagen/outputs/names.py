@@ -19,3 +19,15 @@ def make_output_name(prefix: str, now: datetime | None = None) -> str:
 def is_servable_name(filename: str) -> bool:
     """A bare PNG name: no separators, no ``..``, nothing that could lead out of the outputs folder."""
     return bool(SERVABLE_NAME.fullmatch(filename)) and ".." not in filename
+
+
+def image_names(output_name: str, count: int) -> list[str]:
+    """The files of a job's ``count`` images: image 0 keeps ``output_name``, image i ≥ 1 adds ``_i`` before
+    ``.png`` (``demo_20260130_123456_abc123.png``, ``demo_20260130_123456_abc123_1.png``, ...)."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    stem, dot, extension = output_name.rpartition(".")
+    if not dot:
+        stem, extension = output_name, ""
+    suffix = f".{extension}" if dot else ""
+    return [output_name, *(f"{stem}_{index}{suffix}" for index in range(1, count))]

@@ -14,18 +14,29 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagen.generation.samplers import a1111_sampler_fields, is_sampler_name
+
 
 def a1111_parameters(metadata: dict[str, Any]) -> str:
     """The ``parameters`` text chunk as AUTOMATIC1111 writes it (read by civitai and other tools)."""
     prompt = metadata.get("final_prompt") or metadata.get("prompt", "")
     negative = metadata.get("final_negative_prompt", metadata.get("negative_prompt")) or ""
+    sampler = metadata.get("sampler", "Euler")
+    schedule_type = None
+    if isinstance(sampler, str) and is_sampler_name(sampler):
+        # A1111 >= 1.9: "Sampler: DPM++ 2M, Schedule type: Karras"
+        sampler, schedule_type = a1111_sampler_fields(sampler)
     fields = {
         "Steps": metadata.get("steps"),
-        "Sampler": metadata.get("sampler", "Euler"),
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": metadata.get("guidance_scale"),
         "Seed": metadata.get("seed"),
         "Size": f"{metadata.get('width', 1024)}x{metadata.get('height', 1024)}",
         "Model": metadata.get("model"),
+        # only present when a request used them (absent keys: the chunk of a default request is unchanged)
+        "Denoising strength": metadata.get("strength"),
+        "Clip skip": metadata.get("clip_skip"),
     }
     if metadata.get("ip_strength"):
         fields["IP-Adapter strength"] = metadata["ip_strength"]

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from imagen.errors import RegistryError
+from imagen.generation.samplers import SAMPLER_NAMES, is_sampler_name
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 DEMO_MODEL_ID = "demo"
@@ -35,6 +36,10 @@ class ModelSpec(BaseModel):
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
     size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
     demo: bool = Field(False, description="The built-in untrained demo model (built in code, no file).")
+    scheduler: str | None = Field(
+        None, description="Default sampler for this model's jobs, by its A1111 name (see GET /schedulers)."
+    )
+    clip_skip: int | None = Field(None, ge=1, le=2, description="Default clip skip (A1111's numbering), e.g. 2.")
     # ``vae_path`` as the registry file writes it (``vae_path`` itself is resolved for loading): /models
     # shows this one, never a path of the server's disk the file did not write.
     _declared_vae_path: str | None = PrivateAttr(None)
@@ -46,6 +51,13 @@ class ModelSpec(BaseModel):
     @property
     def file_prefix(self) -> str:
         return self.prefix or self.id.replace("-", "_").replace(".", "_")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_sampler(cls, name: str | None) -> str | None:
+        if name is not None and not is_sampler_name(name):
+            raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
+        return name
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelSpec:

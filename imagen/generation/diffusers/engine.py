@@ -10,7 +10,14 @@ One instance lives in each worker process and keeps its pipelines between jobs:
   puts a job's LoRAs in effect, each file read once;
 * the IP-Adapter (:mod:`.ip_adapter`) is attached only while a job asks ``ip_strength`` > 0;
 * prompts go through Compel (:mod:`.prompts`: any length, weighting syntax), LoRA trigger words added;
-* noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes.
+* noise comes from a CPU ``torch.Generator`` seeded with the task's seed: same task, same bytes; a job of
+  ``num_images`` runs as one batch with one generator per image (seed + i), so each image is, within
+  batched arithmetic's last bits, the same request alone with its seed;
+* a job's sampler (``scheduler``, an A1111 name, or the registry's default) is built from the loaded
+  pipeline's own scheduler config for that job only, and the pipeline's scheduler restored after it;
+* img2img and inpainting use ``StableDiffusionXLImg2ImgPipeline`` / ``StableDiffusionXLInpaintPipeline``
+  made with ``from_pipe`` from the loaded pipeline, once per model: the same component objects, no second
+  copy of any weight.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
@@ -31,6 +39,7 @@ from PIL import Image
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError
 from imagen.generation.base import (
+    NO_INPUTS,
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
     STEP_GENERATION,
@@ -40,7 +49,9 @@ from imagen.generation.base import (
     Engine,
     GeneratedImage,
     GenerationTask,
+    InputImages,
     ProgressCallback,
+    denoising_steps,
 )
 from imagen.generation.diffusers import acceleration
 from imagen.generation.diffusers.ip_adapter import (
@@ -54,6 +65,7 @@ from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.preview import wants_preview
+from imagen.generation.samplers import scheduler_for
 from imagen.registry import LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -84,8 +96,11 @@ class LoadedModel:
     encoder: PromptEncoder
     acceleration: acceleration.AccelerationState
     loras: LoraSwitcher
+    default_scheduler: Any  # the pipeline's own scheduler, put back after a job that chose another
     preview_decoder: Any | None = None  # the registry's TAESDXL (AutoencoderTiny), if it names one
     ip_adapter_attached: bool = False
+    # "img2img" / "inpaint": made from ``pipe`` with from_pipe on first use (same component objects)
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 class DiffusersEngine(Engine):
@@ -130,7 +145,7 @@ class DiffusersEngine(Engine):
                 prompt="warm-up", negative_prompt=None, model=spec.id, steps=self.settings.warm_up_steps,
                 guidance_scale=5.0, seed=0,
             )
-            self.generate(warm_task, lambda step, pct: None)
+            self.generate(warm_task, lambda step, pct: None, NO_INPUTS)
             self.stats.warm_up_runs += 1
             options = self.acceleration_options
             if options.compile and options.cache_dir is not None:
@@ -146,10 +161,12 @@ class DiffusersEngine(Engine):
         self._ip_weights = None
         self._free_memory()
 
-    def generate(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+    def generate(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
+    ) -> list[GeneratedImage]:
         try:
             with torch.inference_mode():
-                return self._make_image(task, progress)
+                return self._make_images(task, progress, inputs)
         except torch.OutOfMemoryError as exc:
             self._free_memory()
             raise RetryableGenerationError("CUDA out of memory") from exc
@@ -160,10 +177,15 @@ class DiffusersEngine(Engine):
             raise
 
     # --- one job ----------------------------------------------------------------------------
-    def _make_image(self, task: GenerationTask, progress: ProgressCallback) -> GeneratedImage:
+    def _make_images(
+        self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages
+    ) -> list[GeneratedImage]:
         spec = self.registry.model(task.model)
         if spec is None:
             raise FatalGenerationError(f"unknown model {task.model!r}")
+        if task.num_images < 1:
+            raise FatalGenerationError("num_images must be at least 1")
+        mode = _mode(task, inputs)
         loras = self._lora_specs(task)
         loaded = self._model(spec, progress)
         pipe = loaded.pipe
@@ -171,7 +193,7 @@ class DiffusersEngine(Engine):
         progress(STEP_LOADING_LORAS, 0)
         active = [(lora, weight) for lora, weight in loras if weight != 0]
         self.stats.lora_loads += loaded.loras.activate(active)
-        ip_kwargs = self._sync_ip_adapter(loaded, task.ip_strength)
+        ip_kwargs = self._sync_ip_adapter(loaded, task.ip_strength, inputs.ip)
         acceleration.sync_unet_attention(
             pipe, loaded.acceleration, loaded.loras.any_active, loaded.ip_adapter_attached
         )
@@ -183,10 +205,83 @@ class DiffusersEngine(Engine):
             task.prompt, trigger_words_for([(lora.id, weight) for lora, weight in loras], words)
         )
         final_negative = task.negative_prompt if task.negative_prompt is not None else spec.default_negative
-        embeddings = loaded.encoder.encode(final_prompt, final_negative)
+        clip_skip = task.clip_skip if task.clip_skip is not None else spec.clip_skip
+        embeddings = loaded.encoder.encode(final_prompt, final_negative, clip_skip or 1)
         progress(STEP_ENCODING_PROMPT, 100)
 
-        steps = task.steps
+        width, height = _output_size(task, spec, inputs)
+        sampler = task.scheduler if task.scheduler is not None else spec.scheduler
+        extra: dict[str, Any] = {
+            "final_prompt": final_prompt,
+            "final_negative_prompt": final_negative,
+            "width": width,
+            "height": height,
+        }
+        if mode == "txt2img":
+            run = pipe
+            mode_kwargs: dict[str, Any] = {"width": width, "height": height}
+        else:
+            assert inputs.init is not None
+            init = _resized(inputs.init, width, height)
+            run = self._derived(loaded, mode)
+            strength = task.strength if task.strength is not None else DEFAULT_STRENGTH
+            mode_kwargs = {"image": init, "strength": strength}
+            if mode == "inpaint":
+                assert inputs.mask is not None
+                mask = _resized(inputs.mask, width, height)
+                mode_kwargs.update(mask_image=mask, width=width, height=height)
+            if denoising_steps(replace(task, strength=strength)) == 0:
+                # Strength 0 (or too little to make one step): nothing is denoised; diffusers would fail on
+                # an empty schedule. The init image comes back unchanged, as A1111 returns it.
+                return self._unchanged(task, init, extra, sampler)
+
+        scheduler_class = type(loaded.default_scheduler).__name__
+        if sampler is not None:
+            choice = scheduler_for(sampler)
+            scheduler_class = choice.class_name
+            scheduler_type = getattr(diffusers, choice.class_name)
+            run.scheduler = scheduler_type.from_config(loaded.default_scheduler.config, **choice.overrides)
+        try:
+            latents = self._denoise(run, task, embeddings, mode_kwargs, ip_kwargs, loaded, progress)
+        finally:
+            run.scheduler = loaded.default_scheduler  # the next job starts from the model's own scheduler
+            if run is not pipe and getattr(pipe, "_all_hooks", None):
+                pipe.maybe_free_model_hooks()  # CPU offload: the hooks live on the loaded pipeline
+
+        progress(STEP_DECODING, 0)
+        decoded = [_decode(pipe, latents[index : index + 1]) for index in range(latents.shape[0])]
+        progress(STEP_DECODING, 100)
+        if mode == "inpaint":
+            # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
+            # VAE round trip would otherwise shift them slightly); the mask's grey levels blend the edge.
+            decoded = [_overlay(pixels, mode_kwargs["image"], mode_kwargs["mask_image"]) for _, pixels in decoded]
+        extra.update(
+            {
+                "sampler": sampler if sampler is not None else _SAMPLER_NAMES.get(scheduler_class, scheduler_class),
+                "scheduler": sampler if sampler is not None else scheduler_class,
+                **({"scheduler_class": scheduler_class} if sampler is not None else {}),
+                **({"clip_skip": clip_skip} if clip_skip is not None else {}),
+                **({"strength": mode_kwargs["strength"]} if mode != "txt2img" else {}),
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                # no timings here: the same request and seed must give the same file, byte for byte
+            }
+        )
+        return [
+            GeneratedImage(image=image, pixels=pixels, extra_metadata=dict(extra)) for image, pixels in decoded
+        ]
+
+    def _denoise(
+        self,
+        run: Any,
+        task: GenerationTask,
+        embeddings: Any,
+        mode_kwargs: dict[str, Any],
+        ip_kwargs: dict[str, Any],
+        loaded: LoadedModel,
+        progress: ProgressCallback,
+    ) -> torch.Tensor:
+        """The pipeline call: ``output_type="latent"``, one generator per image (seed + i)."""
         cancelled: list[JobCancelled] = []
         preview, every = self.preview, self.settings.preview_every_steps
         make_preview: Callable[[torch.Tensor], bytes] = (
@@ -194,12 +289,16 @@ class DiffusersEngine(Engine):
             if loaded.preview_decoder is None
             else partial(decoder_preview, loaded.preview_decoder)
         )
+        fallback_total = denoising_steps(task) or task.steps
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if preview is not None and wants_preview(step + 1, every):
                 preview(step + 1, make_preview(kwargs["latents"]))
+            # percent of the denoising loop's real length (img2img: strength x steps; second-order
+            # samplers such as Heun run two UNet evaluations per step)
+            total = getattr(pipe, "_num_timesteps", None) or fallback_total
             try:
-                progress(STEP_GENERATION, min(100, int(100 * (step + 1) / steps)))
+                progress(STEP_GENERATION, min(100, int(100 * (step + 1) / total)))
             except JobCancelled as exc:
                 # diffusers' own way out: the loop skips the remaining steps and the pipeline returns
                 # normally, so nothing is left half-done in it for the next job.
@@ -207,42 +306,66 @@ class DiffusersEngine(Engine):
                 cancelled.append(exc)
             return kwargs
 
+        count = task.num_images
+        generator: torch.Generator | list[torch.Generator] = (
+            torch.Generator(device="cpu").manual_seed(task.seed)
+            if count == 1
+            else [torch.Generator(device="cpu").manual_seed(task.seed + index) for index in range(count)]
+        )
         progress(STEP_GENERATION, 0)
-        output = pipe(
+        output = run(
             prompt_embeds=embeddings.prompt_embeds,
             pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
             negative_prompt_embeds=embeddings.negative_prompt_embeds,
             negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
-            num_inference_steps=steps,
+            num_inference_steps=task.steps,
             guidance_scale=task.guidance_scale,
-            width=spec.size,
-            height=spec.size,
-            generator=torch.Generator(device="cpu").manual_seed(task.seed),
+            generator=generator,
             callback_on_step_end=on_step_end,
             output_type="latent",
+            **({"num_images_per_prompt": count} if count > 1 else {}),
+            **mode_kwargs,
             **ip_kwargs,
         )
         if cancelled:
             raise cancelled[0]  # before decoding: a cancelled job makes no image
-        progress(STEP_DECODING, 0)
-        image, pixels = _decode(pipe, output.images)
-        progress(STEP_DECODING, 100)
-        scheduler = type(pipe.scheduler).__name__
-        return GeneratedImage(
-            image=image,
-            pixels=pixels,
-            extra_metadata={
-                "final_prompt": final_prompt,
-                "final_negative_prompt": final_negative,
-                "width": image.width,
-                "height": image.height,
-                "sampler": _SAMPLER_NAMES.get(scheduler, scheduler),
-                "scheduler": scheduler,
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                # no timings here: the same request and seed must give the same file, byte for byte
-            },
-        )
+        latents: torch.Tensor = output.images
+        return latents
+
+    def _unchanged(
+        self, task: GenerationTask, init: Image.Image, extra: dict[str, Any], sampler: str | None
+    ) -> list[GeneratedImage]:
+        pixels = np.ascontiguousarray(np.asarray(init.convert("RGB"), dtype=np.uint8))
+        metadata = {
+            **extra,
+            **({"sampler": sampler, "scheduler": sampler} if sampler is not None else {}),
+            "strength": task.strength if task.strength is not None else DEFAULT_STRENGTH,
+            "denoising_steps": 0,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        return [
+            GeneratedImage(image=Image.fromarray(pixels, "RGB"), pixels=pixels, extra_metadata=dict(metadata))
+            for _ in range(task.num_images)
+        ]
+
+    def _derived(self, loaded: LoadedModel, mode: str) -> Any:
+        """The loaded model's img2img or inpaint pipeline: built with ``from_pipe`` once, then kept; its
+        components are re-pointed at the loaded pipeline's before each use (the IP-Adapter's image encoder
+        comes and goes there)."""
+        derived = loaded.derived.get(mode)
+        if derived is None:
+            pipeline_class = (
+                diffusers.StableDiffusionXLImg2ImgPipeline
+                if mode == "img2img"
+                else diffusers.StableDiffusionXLInpaintPipeline
+            )
+            derived = pipeline_class.from_pipe(loaded.pipe)
+            loaded.derived[mode] = derived
+        for name, component in loaded.pipe.components.items():
+            if name in derived.components and derived.components[name] is not component:
+                setattr(derived, name, component)
+        return derived
 
     # --- models -----------------------------------------------------------------------------
     def _model(self, spec: ModelSpec, progress: ProgressCallback) -> LoadedModel:
@@ -265,6 +388,7 @@ class DiffusersEngine(Engine):
         loaded = LoadedModel(
             spec=spec,
             pipe=pipe,
+            default_scheduler=pipe.scheduler,
             encoder=PromptEncoder(pipe, _execution_device(pipe), self.dtype),
             acceleration=state,
             loras=lora_switcher(
@@ -301,9 +425,14 @@ class DiffusersEngine(Engine):
             out.append((lora, choice.weight))
         return out
 
-    def _sync_ip_adapter(self, loaded: LoadedModel, strength: float) -> dict[str, Any]:
-        """Attached iff this job asks for it; returns the pipeline call's extra arguments."""
+    def _sync_ip_adapter(
+        self, loaded: LoadedModel, strength: float, reference: Image.Image | None = None
+    ) -> dict[str, Any]:
+        """Attached iff this job asks for it; returns the pipeline call's extra arguments. ``reference``:
+        the job's own reference image (``ip_image``), used instead of the registry's."""
         pipe = loaded.pipe
+        if reference is not None and strength <= 0:
+            raise FatalGenerationError("ip_image needs ip_strength > 0")
         if strength <= 0:
             if loaded.ip_adapter_attached:
                 detach_ip_adapter(pipe)
@@ -316,7 +445,50 @@ class DiffusersEngine(Engine):
             attach_ip_adapter(pipe, self._ip_weights, _execution_device(pipe), self.dtype)
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
-        return {"ip_adapter_image": self._ip_weights.reference}
+        return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
+
+
+DEFAULT_STRENGTH = 0.75  # img2img / inpainting, when a job with an init image names none (A1111's default)
+
+
+def _mode(task: GenerationTask, inputs: InputImages) -> str:
+    """"txt2img", "img2img" or "inpaint", from the images the job really has."""
+    if task.init_image != (inputs.init is not None) or task.mask_image != (inputs.mask is not None):
+        raise FatalGenerationError("the job's input images do not match its task (init_image / mask_image)")
+    if task.ip_image != (inputs.ip is not None):
+        raise FatalGenerationError("the job's input images do not match its task (ip_image)")
+    if inputs.mask is not None and inputs.init is None:
+        raise FatalGenerationError("mask_image needs an init_image")
+    if inputs.init is None:
+        return "txt2img"
+    return "inpaint" if inputs.mask is not None else "img2img"
+
+
+def _output_size(task: GenerationTask, spec: ModelSpec, inputs: InputImages) -> tuple[int, int]:
+    """(width, height): the task's, else the init image's (rounded down to multiples of 8, as diffusers
+    does), else the model's native square."""
+    if task.width is not None and task.height is not None:
+        return task.width, task.height
+    if inputs.init is not None:
+        width, height = inputs.init.size
+        return max(8, width - width % 8), max(8, height - height % 8)
+    return spec.size, spec.size
+
+
+def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.LANCZOS)
+
+
+def _overlay(
+    generated: np.ndarray[Any, Any], init: Image.Image, mask: Image.Image
+) -> tuple[Image.Image, np.ndarray[Any, Any]]:
+    alpha = np.asarray(mask.convert("L"), dtype=np.float32)[..., None] / 255.0
+    original = np.asarray(init.convert("RGB"), dtype=np.float32)
+    blended = original * (1.0 - alpha) + generated.astype(np.float32) * alpha
+    pixels = np.ascontiguousarray(np.clip(blended.round(), 0, 255).astype(np.uint8))
+    return Image.fromarray(pixels, "RGB"), pixels
 
 
 def _execution_device(pipe: Any) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +43,39 @@ class PromptEmbeddings:
     negative_pooled_prompt_embeds: torch.Tensor
 
 
+class _SkipLayers:
+    """A text encoder whose ``hidden_states`` lose their last ``count`` layers: Compel's "penultimate"
+    then reads ``count`` layers further back (the pooled output, from the final layer, is unchanged)."""
+
+    def __init__(self, encoder: Any, count: int) -> None:
+        self._encoder = encoder
+        self._count = count
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self._encoder(*args, **kwargs)
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is not None:
+            output.hidden_states = hidden_states[: -self._count]
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+
 class PromptEncoder:
-    """Compel over a pipeline's two tokenizers / text encoders (penultimate hidden states, pooled from #2)."""
+    """Compel over a pipeline's two tokenizers / text encoders (penultimate hidden states, pooled from #2).
+
+    ``clip_skip`` uses A1111's numbering relative to what SDXL was trained on: 1 is SDXL's own conditioning
+    (the penultimate layer of both encoders, as diffusers' SDXL pipelines use with ``clip_skip=None``);
+    2 skips one more layer (``hidden_states[-3]`` of both encoders, pooled embeddings unchanged), which is
+    diffusers' SDXL ``clip_skip=1``: diffusers counts the layers skipped beyond the penultimate one, so its
+    value is A1111's minus one.
+    """
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self._pipe = pipe
+        self._device = device
+        self._skipping: dict[int, CompelForSDXL] = {}
         # CompelForSDXL = one Compel per encoder, both with PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED and
         # truncate_long_prompts=False, pooled embeddings from the second, positive and negative padded to the
         # same number of 77-token chunks. (Compel's list-of-encoders form is deprecated in 2.x and fails to
@@ -57,13 +87,33 @@ class PromptEncoder:
         # encoders and keep recent parses (the negative prompt is often the same default for every job);
         # packrat memoising makes each parse faster. Parsing is pure: the embeddings are the same.
         pyparsing.ParserElement.enable_packrat()
-        parse = functools.lru_cache(maxsize=64)(Compel.parse_prompt_string)
-        for compel in (self._compel.compel_1, self._compel.compel_2):
-            setattr(compel, "parse_prompt_string", parse)  # noqa: B010 - shadows the classmethod
+        self._parse = functools.lru_cache(maxsize=64)(Compel.parse_prompt_string)
+        self._share_parser(self._compel)
+
+    def _share_parser(self, compel_sdxl: CompelForSDXL) -> None:
+        for compel in (compel_sdxl.compel_1, compel_sdxl.compel_2):
+            setattr(compel, "parse_prompt_string", self._parse)  # noqa: B010 - shadows the classmethod
+
+    def _compel_for(self, clip_skip: int) -> CompelForSDXL:
+        if clip_skip <= 1:
+            return self._compel
+        compel = self._skipping.get(clip_skip)
+        if compel is None:
+            pipe = self._pipe
+            skipping = types.SimpleNamespace(
+                tokenizer=pipe.tokenizer,
+                tokenizer_2=pipe.tokenizer_2,
+                text_encoder=_SkipLayers(pipe.text_encoder, clip_skip - 1),
+                text_encoder_2=_SkipLayers(pipe.text_encoder_2, clip_skip - 1),
+            )
+            compel = CompelForSDXL(skipping, device=str(self._device))
+            self._share_parser(compel)
+            self._skipping[clip_skip] = compel
+        return compel
 
     @torch.no_grad()
-    def encode(self, prompt: str, negative_prompt: str) -> PromptEmbeddings:
-        out = self._compel(prompt, negative_prompt=negative_prompt)
+    def encode(self, prompt: str, negative_prompt: str, clip_skip: int = 1) -> PromptEmbeddings:
+        out = self._compel_for(clip_skip)(prompt, negative_prompt=negative_prompt)
         return PromptEmbeddings(
             prompt_embeds=out.embeds.to(self._dtype),
             pooled_prompt_embeds=out.pooled_embeds.to(self._dtype),
