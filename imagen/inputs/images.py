@@ -83,7 +83,12 @@ def check_image(data: bytes) -> CheckedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data), formats=list(FORMATS))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(
+            f"the image claims far more pixels than the {MAX_IMAGE_PIXELS:,} accepted (e.g. 4096×4096); "
+            "refused without decoding it"
+        ) from None
+    except (UnidentifiedImageError, OSError):
         raise BadImage("not a PNG, JPEG or WebP image") from None
     width, height = opened.size  # from the header: nothing decoded yet
     if width * height > MAX_IMAGE_PIXELS or width < 1 or height < 1:

@@ -287,14 +287,14 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self, engine: Engine, job_id: str, token: str
     ) -> tuple[dict[str, Any], bytes, dict[str, bytes]]:
         """Run the job here; its result, its first PNG and (num_images > 1) the others by file name."""
-        from imagen.generation.base import GenerationTask, StepMeter
+        from imagen.generation.base import GenerationTask, StepMeter, denoising_steps
         from imagen.generation.runner import run_task
 
         record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
         stats.on_started(record)
         task = GenerationTask.from_dict(record.task)
-        meter = StepMeter(task.steps)
+        meter = StepMeter(max(1, denoising_steps(task)))
         last: list[tuple[str, int]] = []
 
         def progress(step: str, percent: int) -> None:
@@ -324,6 +324,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             progress,
             self.settings.png_compress_level,
             preview,
+            retry_redis(f"job {job_id}: inputs", lambda: self.store.job_inputs(job_id), OUTCOME_RETRY_S),
         )
         names = [image["filename"] for image in result.get("images", [])] or [record.output_name]
         pngs: dict[str, bytes] = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
-from imagen.generation.base import GenerationTask, ProgressCallback, StepMeter
+from imagen.generation.base import GenerationTask, ProgressCallback, StepMeter, denoising_steps
 from imagen.generation.loader import load_engine
 from imagen.generation.runner import classify_failure, run_task
 from imagen.jobs.embedded.messages import (
@@ -86,7 +86,7 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     send(Ready(engine.device_info()))
 
     def progress_for(task: GenerationTask) -> ProgressCallback:
-        meter = StepMeter(task.steps)
+        meter = StepMeter(max(1, denoising_steps(task)))
 
         def progress(step: str, percent: int) -> None:
             percent = max(0, min(100, int(percent)))
@@ -106,7 +106,7 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         except EOFError:
             break
         match message:
-            case RunJob(task=dict() as task_data, output_name=str() as output_name):
+            case RunJob(task=dict() as task_data, output_name=str() as output_name, inputs=dict() as inputs):
                 try:
                     task = GenerationTask.from_dict(task_data)
                     result = run_task(
@@ -117,6 +117,7 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                         progress_for(task),
                         settings.png_compress_level,
                         preview=lambda step, jpeg: send(Preview(step, jpeg)),
+                        inputs=inputs,
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")
