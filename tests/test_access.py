@@ -33,6 +33,11 @@ from tests.test_job_contract import job_system
 __all__ = ["job_system", "shared_redis"]  # fixtures (job_system runs a test on both backends)
 
 JOB_NOT_FOUND = "Job ID non trouvé"
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS\xde"
+    b"\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef\x00\x00\x00\x00IEND"
+    b"\xaeB`\x82"
+)  # 1×1
 IMAGE_NOT_FOUND = "Image non trouvée"
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
@@ -71,6 +76,7 @@ class Row:
     not_found: str | None = None
     public: bool = False  # no key needed
     body: dict[str, Any] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None
 
 
 ROUTES: dict[tuple[str, str], Row] = {
@@ -84,6 +90,8 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/outputs/{filename:path}"): Row("/outputs/{filename}", 200, owned=True, not_found=IMAGE_NOT_FOUND),
     ("GET", "/models"): Row("/models", 200),
     ("GET", "/loras"): Row("/loras", 200),
+    ("GET", "/schedulers"): Row("/schedulers", 200),
+    ("POST", "/uploads"): Row("/uploads", 201, files={"file": ("a.png", PNG, "image/png")}),
     ("GET", "/health"): Row("/health", 200, public=True),
     ("GET", "/openapi.json"): Row("/openapi.json", 200),
     ("GET", "/docs"): Row("/docs", 200),
@@ -130,7 +138,7 @@ def wait_status_as(client: TestClient | httpx.Client, job_id: str, headers: dict
 
 def call(client: TestClient, method: str, row: Row, job: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
     path = row.path.format(job_id=job["job_id"], filename=job["result"]["filename"])
-    return client.request(method, path, json=row.body, headers=headers)
+    return client.request(method, path, json=row.body, files=row.files, headers=headers)
 
 
 def test_every_route_has_a_row(keyed_client: TestClient) -> None:

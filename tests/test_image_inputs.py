@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from collections.abc import Callable
@@ -176,6 +177,11 @@ def test_img2img_takes_its_size_from_the_image_and_the_alpha_as_its_mask(
     assert metadata["strength"] == 0.75 and metadata["init_image"] and metadata["mask_image"]
     image = client.get(f"/image/{job_id}")
     assert Image.open(io.BytesIO(image.content)).size == (704, 512)
+    header = json.loads(image.headers["x-generation-metadata"])
+    assert (header["size"], header["strength"], header["init_image"], header["mask_image"]) == (
+        "704x512", 0.75, True, True
+    )
+    assert "ip_image" not in header
 
 
 def test_num_images_makes_one_job_with_several_files(job_system: Callable[..., TestClient], tmp_path: Path) -> None:

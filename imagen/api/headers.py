@@ -1,7 +1,8 @@
 """The ``X-Generation-Metadata`` header of ``/image/{job_id}``: a compact summary, never a whole prompt.
 
 It carries the reference's fields (model, loras, steps, guidance_scale, seed, ip_strength) plus ``size``
-(``"WxH"``) and ``sampler``, as ASCII JSON. Every string in it is cut to ``TEXT_CHARS`` characters once
+(``"WxH"``) and ``sampler``, and those of ``num_images``, ``clip_skip``, ``strength``, ``init_image``,
+``mask_image`` and ``ip_image`` that the job used (never an image), as ASCII JSON. Every string in it is cut to ``TEXT_CHARS`` characters once
 escaped and at most ``LORAS_PER_REQUEST_CAP`` LoRAs are listed, so the header stays under
 ``MAX_HEADER_BYTES`` whatever the job held: clients (``requests`` stops at 64 KB) and proxies (nginx's
 default 4-8 KB buffer) read it. The full metadata stays in ``/status`` and in the PNG.
@@ -18,6 +19,8 @@ from imagen.config import LORAS_PER_REQUEST_CAP
 MAX_HEADER_BYTES = 2048
 TEXT_CHARS = 64  # registry ids are at most 64 characters: only foreign or very long names are cut
 SUMMARY_FIELDS = ("model", "loras", "steps", "guidance_scale", "seed", "ip_strength")
+# Issue 11's fields, present only when the job used them (numbers and booleans: short by nature).
+USED_FIELDS = ("num_images", "clip_skip", "strength", "init_image", "mask_image", "ip_image")
 
 
 def generation_metadata_header(metadata: Mapping[str, Any]) -> str:
@@ -36,6 +39,10 @@ def generation_metadata_header(metadata: Mapping[str, Any]) -> str:
         summary["size"] = f"{int(metadata['width'])}x{int(metadata['height'])}"
     if "sampler" in metadata:
         summary["sampler"] = _clip(str(metadata["sampler"]))
+    for field in USED_FIELDS:
+        value = metadata.get(field)
+        if isinstance(value, bool | int | float) and value is not None:
+            summary[field] = value
     return json.dumps(summary, ensure_ascii=True)
 
 
