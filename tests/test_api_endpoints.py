@@ -115,11 +115,15 @@ def test_download_of_a_missing_file_is_404(client: TestClient) -> None:
 
 def test_models_loras_health(client: TestClient) -> None:
     models = client.get("/models").json()["models"]
-    assert models[0] == {
+    reference_fields = {"id", "name", "description", "vae_path", "default_negative"}
+    assert {field: models[0][field] for field in reference_fields} == {
         "id": "sdxl-base", "name": "SDXL Base 1.0", "description": "Stable Diffusion XL base model - polyvalent",
         "vae_path": "madebyollin/sdxl-vae-fp16-fix",  # as the registry file writes it, never a server path
         "default_negative": "low quality, blurry, distorted, ugly, bad anatomy",
     }
+    # the extensions: sizes and defaults for width/height, scheduler and clip_skip
+    assert set(models[0]) - reference_fields == {"native_size", "sizes", "default_scheduler", "clip_skip"}
+    assert models[0]["native_size"] == {"width": 64, "height": 64} and models[0]["clip_skip"] == 1
     assert [m["id"] for m in models] == ["sdxl-base", "pony-xl-v6"]
     loras = client.get("/loras").json()["loras"]
     assert loras == [

@@ -42,7 +42,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("five loras", {"prompt": "x", "loras": [{"name": f"l{i}"} for i in range(5)]}, "loras", "at most 4"),
     ("duplicate loras", {"prompt": "x", "loras": [{"name": "anime-style"}, {"name": "anime-style"}]}, "loras",
      "repeated: anime-style"),
-    ("unknown field", {"prompt": "x", "width": 512}, "width", "Extra inputs are not permitted"),
+    ("unknown field", {"prompt": "x", "sampler": "Euler"}, "sampler", "Extra inputs are not permitted"),
     ("loras not a list", {"prompt": "x", "loras": "anime-style"}, "loras", "valid list"),
     ("nine loras", {"prompt": "x", "loras": [{"name": f"l{i}"} for i in range(9)]}, "loras", "at most 8 items"),
     # numbers are strict: no strings, no booleans

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from imagen.config import Settings
+from imagen.generation.samplers import SAMPLER_NAMES
 from imagen.registry import Registry
 
 
@@ -49,6 +50,13 @@ def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings:
     if not settings.webhook_secret:
         request["webhook"]["anyOf"] = [{"type": "null"}]
         request["webhook"]["description"] += " This server has no IMAGEN_WEBHOOK_SECRET: null only."
+    scheduler = next(choice for choice in request["scheduler"]["anyOf"] if choice.get("type") == "string")
+    scheduler["enum"] = list(SAMPLER_NAMES)
+    # Fields that go together (an image's content, and "width and height both non-null", JSON Schema cannot
+    # say: the descriptions do).
+    schemas["GenerationRequest"]["dependentRequired"] = {
+        "width": ["height"], "height": ["width"], "mask_image": ["init_image"], "strength": ["init_image"],
+    }  # fmt: skip
 
 
 def _require_keys(document: dict[str, Any]) -> None:
