@@ -15,7 +15,6 @@ from typing import Any
 
 import schemathesis
 
-
 IMAGE_FIELDS = ("init_image", "mask_image", "ip_image", "strength")
 
 
