@@ -3,9 +3,9 @@
 It carries the reference's fields (model, loras, steps, guidance_scale, seed, ip_strength) plus ``size``
 (``"WxH"``) and ``sampler``, and those of ``num_images``, ``clip_skip``, ``strength``, ``init_image``,
 ``mask_image`` and ``ip_image`` that the job used (never an image), as ASCII JSON. Every string in it is
-cut to ``TEXT_CHARS`` characters once escaped and at most ``LORAS_PER_REQUEST_CAP`` LoRAs are listed, so the header stays under
-``MAX_HEADER_BYTES`` whatever the job held: clients (``requests`` stops at 64 KB) and proxies (nginx's
-default 4-8 KB buffer) read it. The full metadata stays in ``/status`` and in the PNG.
+cut to ``TEXT_CHARS`` characters once escaped and at most ``LORAS_PER_REQUEST_CAP`` LoRAs are listed, so
+the header stays under ``MAX_HEADER_BYTES`` whatever the job held: clients (``requests`` stops at 64 KB)
+and proxies (nginx's default 4-8 KB buffer) read it. The full metadata stays in ``/status`` and in the PNG.
 """
 
 from __future__ import annotations
