@@ -382,6 +382,8 @@ def test_reload_keeps_the_gallery_and_shows_expired_jobs(
         wait_image(page)
     kept = gallery(page)
     assert [entry["prompt"] for entry in kept] == ["a blue whale", "a red fox in the snow"]
+    page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+    page.screenshot(path=shots / "00-web-page.png")  # the README's picture (docs/web-page.png)
     # a job the server no longer knows (finished more than an hour ago)
     gone = {"id": str(uuid.uuid4()), "prompt": "an old job", "status": "PENDING", "created": 0}
     page.evaluate("entry => localStorage.setItem('imagen.gallery', JSON.stringify([...JSON.parse("
@@ -401,7 +403,8 @@ def test_reload_keeps_the_gallery_and_shows_expired_jobs(
     expect(page.locator("#params")).to_contain_text("a red fox in the snow")
     expired.locator("button").click()
     expect(page.locator("#notice")).to_contain_text("expired")
-    page.screenshot(path=shots / "08-gallery-after-reload.png", full_page=True)
+    page.locator("#gallery").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "08-gallery-after-reload.png")
 
 
 def test_usable_at_360_px(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:

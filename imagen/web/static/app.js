@@ -253,7 +253,8 @@
     }
     const seed = field("seed");
     if (seed.maximum !== undefined) $("seed").max = seed.maximum;
-    $("seed-range").textContent = seed.maximum !== undefined ? `0–${seed.maximum}` : "";
+    // 2^53 - 1 says nothing to a person: the range is shown only when it is a readable one
+    $("seed-range").textContent = seed.maximum !== undefined && seed.maximum < 1e10 ? `0–${seed.maximum}` : "";
     const loras = props.loras;
     if (loras && loras.maxItems !== undefined) state.maxLoras = loras.maxItems;
     const paths = (doc && doc.paths) || {};
@@ -804,6 +805,7 @@
       state.job = null;
       setRunning(false);
     }
+    checkHealth(); // the worker that ran it is surely up by now
   }
 
   function finishExpired(id) {
@@ -1165,6 +1167,7 @@
   }
 
   wire();
+  applySchema(null); // the reference's ranges until the server's document says better
   applyLang();
   renderGallery();
   checkHealth();
