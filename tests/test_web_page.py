@@ -469,3 +469,53 @@ def test_an_api_key_required_then_given(
     ready(page)
     expect(keybox).to_be_hidden()
     image_loaded(page, f'#gallery li[data-id="{job_id}"] img')
+
+
+def test_live_previews_and_the_extra_fields_come_from_the_server(
+    make_page: Callable[..., Page], servers: Servers
+) -> None:
+    server = servers.start("previews", engine="test-pattern", test_pattern_seconds="4")
+    page = ready(make_page(server))
+    # every field the server's document offers beyond the page's own gets a control, and only those
+    document = httpx.get(server.url + "/openapi.json").json()
+    offered = document["components"]["schemas"]["GenerationRequest"]["properties"]
+    core = {"prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "webhook",
+            "webhook_events_filter"}
+    expected = {name for name, spec in offered.items()
+                if name not in core and not (name == "ip_strength" and spec.get("maximum") == 0)}
+    assert set(page.locator("#extras [name]").evaluate_all("els => els.map(e => e.name)")) == expected
+    for name in expected:
+        expect(page.locator(f'label[for="{name}"]')).to_be_visible()
+    page.locator("#steps").fill("20")
+    run_job(page, "a preview please")
+    preview = page.locator("#preview")
+    expect(preview).to_be_visible()  # streamed with ?preview=1 while the job runs
+    assert (preview.get_attribute("src") or "").startswith("data:image/jpeg;base64,")
+    expect(page.locator("#bar")).not_to_have_attribute("aria-valuenow", "0")
+    wait_image(page)
+    expect(preview).to_be_hidden()
+
+
+def test_without_events_or_cancel_in_the_document_the_page_polls_and_shows_no_cancel(
+    make_page: Callable[..., Page], scripted: ServerProcess
+) -> None:
+    """An older server (no /events, no /cancel): the page reads that from /openapi.json."""
+
+    def older_document(route: Any) -> None:
+        document = route.fetch().json()
+        del document["paths"]["/events/{job_id}"], document["paths"]["/cancel/{job_id}"]
+        route.fulfill(json=document)
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", older_document)
+    page.reload()
+    ready(page)
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url.removeprefix(scripted.url)))
+    page.locator("#steps").fill("10")
+    run_job(page, "sleep 1.5")
+    expect(page.locator("#phase")).to_have_text("Drawing")
+    expect(page.locator("#cancel")).to_be_hidden()
+    wait_image(page)
+    polls = [url for url in asked if url.startswith("/status/")]
+    assert len(polls) >= 2 and not any(url.startswith("/events/") for url in asked), asked
