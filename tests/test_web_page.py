@@ -64,6 +64,8 @@ class Servers:
             "IMAGEN_TEST_EXECUTION_LOG": str(home / "executions.log"),
         }
         env.update({f"IMAGEN_{key.upper()}": value for key, value in settings.items()})
+        if not env["IMAGEN_REGISTRY_PATH"]:  # no registry: the built-in demo model
+            del env["IMAGEN_REGISTRY_PATH"]
         server = ServerProcess(env, free_port(), home / "server.log")
         self.started.append(server)
         server.start()
@@ -93,6 +95,12 @@ def diffusers(servers: Servers) -> ServerProcess:
     return servers.start(
         "diffusers", engine="diffusers", registry_path=str(fixtures_registry_path()), device="cpu", dtype="float32"
     )
+
+
+@pytest.fixture(scope="module")
+def demo(servers: Servers) -> ServerProcess:
+    """A fresh install: no registry, the built-in demo model (SDXL's pipeline, tiny weights, 1024 px)."""
+    return servers.start("demo", engine="diffusers", registry_path="", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +251,21 @@ def test_generate_with_defaults_using_the_keyboard_only(
     page.locator("#seed-reuse").click()
     expect(page.locator("#seed")).to_have_value(seed)
     expect(page.locator("#seed")).to_be_enabled()
+
+
+def test_the_demo_model_of_a_fresh_install(
+    make_page: Callable[..., Page], demo: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(demo))
+    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model")).to_have_value("demo")
+    expect(page.locator("#loras-field")).to_be_hidden()  # no LoRA on this server: no empty box
+    page.locator("#steps").fill("10")  # 1024 px on a CPU: the fewest steps the reference allows
+    run_job(page, "a lake at dawn")
+    expect(page.locator("#image")).to_be_visible(timeout=120_000)
+    assert param(page, "model") == "demo" and param(page, "size") == "1024 × 1024"
+    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 1024]
+    page.screenshot(path=shots / "02b-demo-model.png")
 
 
 def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(

@@ -883,7 +883,7 @@
     const add = (key, value, wide) => {
       if (value === undefined || value === null || value === "") return;
       const div = document.createElement("div");
-      if (wide) div.className = "wide";
+      if (wide) div.className = wide === true ? "wide" : wide;
       const dt = document.createElement("dt");
       say(dt, key);
       const dd = document.createElement("dd");
@@ -899,7 +899,7 @@
     if (m.width && m.height) add("p_size", `${m.width} × ${m.height}`);
     add("p_sampler", m.sampler || m.scheduler);
     if (m.ip_strength) add("p_ip_strength", m.ip_strength);
-    if (Array.isArray(m.loras) && m.loras.length) add("p_loras", m.loras.map((l) => `${l.name} × ${l.weight}`).join(", "));
+    if (Array.isArray(m.loras) && m.loras.length) add("p_loras", m.loras.map((l) => `${l.name} × ${l.weight}`).join(", "), "two");
     if (m.num_images && m.num_images > 1) add("num_images", m.num_images);
     add("p_prompt", m.prompt ?? entry.prompt, true);
     if (m.final_prompt && m.final_prompt !== m.prompt) add("p_final_prompt", m.final_prompt, true);
