@@ -542,3 +542,60 @@ def test_without_events_or_cancel_in_the_document_the_page_polls_and_shows_no_ca
     wait_image(page)
     polls = [url for url in asked if url.startswith("/status/")]
     assert len(polls) >= 2 and not any(url.startswith("/events/") for url in asked), asked
+
+
+def test_size_images_and_sampler_appear_when_the_document_offers_them(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path
+) -> None:
+    """A server with issue 11's fields (width, height, num_images, scheduler + GET /schedulers): the page
+    draws them from its document, sends them, and puts the server's 422 for one of them under it. (This
+    server's own document lacks them, and the previews test checks that they are then absent.)"""
+    integer = {"type": "integer"}
+    extra_fields = {
+        "width": {"anyOf": [{**integer, "minimum": 512, "maximum": 2048, "multipleOf": 8}, {"type": "null"}],
+                  "default": None},
+        "height": {"anyOf": [{**integer, "minimum": 512, "maximum": 2048, "multipleOf": 8}, {"type": "null"}],
+                   "default": None},
+        "num_images": {**integer, "minimum": 1, "maximum": 4, "default": 1},
+        "scheduler": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+    }
+    sent: list[dict[str, Any]] = []
+
+    def richer_document(route: Any) -> None:
+        document = route.fetch().json()
+        document["components"]["schemas"]["GenerationRequest"]["properties"].update(extra_fields)
+        document["paths"]["/schedulers"] = {"get": {"responses": {"200": {"description": "names"}}}}
+        route.fulfill(json=document)
+
+    def refuse_width(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data or "{}"))
+        route.fulfill(status=422, json={"detail": [
+            {"type": "multiple_of", "loc": ["body", "width"], "msg": "Input should be a multiple of 8", "input": 1001}
+        ]})
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", richer_document)
+    page.route("**/schedulers", lambda route: route.fulfill(json={"schedulers": ["Euler a", "DPM++ 2M Karras"]}))
+    page.route("**/generate", refuse_width)
+    page.reload()
+    ready(page)
+    for name, label in (("width", "Width"), ("height", "Height"), ("num_images", "Number of images"),
+                        ("scheduler", "Sampler")):
+        expect(page.locator(f'label[for="{name}"]')).to_contain_text(label)
+    expect(page.locator('label[for="width"]')).to_contain_text("512–2048")
+    expect(page.locator("#scheduler option")).to_have_count(3)  # the model's default, then GET /schedulers
+    page.locator("#width").fill("1001")
+    page.locator("#height").fill("1216")
+    page.locator("#num_images").fill("2")
+    page.locator("#scheduler").select_option("DPM++ 2M Karras")
+    box = page.locator("#frame").bounding_box()
+    assert box is not None and abs(box["width"] / box["height"] - 1001 / 1216) < 0.02  # reserved at that shape
+    run_job(page, "a tall portrait")
+    expect(page.locator("#error-width")).to_have_text("Input should be a multiple of 8")
+    expect(page.locator("#width")).to_be_focused()
+    expect(page.locator("#error-height")).to_be_hidden()
+    assert sent[-1] | {"prompt": None} == {
+        "prompt": None, "model": "sdxl-base", "loras": [], "steps": 30, "guidance_scale": 7.5, "ip_strength": 0,
+        "width": 1001, "height": 1216, "num_images": 2, "scheduler": "DPM++ 2M Karras",
+    }, sent
+    page.screenshot(path=shots / "13-extra-fields.png")

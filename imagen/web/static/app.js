@@ -265,15 +265,22 @@
     buildExtras(doc, props);
   }
 
+  // Extra fields in this order when the server offers them; any other one after them.
+  const EXTRA_ORDER = ["width", "height", "num_images", "scheduler", "sampler", "clip_skip", "init_image", "mask_image", "strength", "ip_strength", "ip_image"];
+
   function buildExtras(doc, props) {
     const box = $("extras");
     box.replaceChildren();
     state.extras = [];
     const sizes = [];
-    for (const [name, raw] of Object.entries(props)) {
+    const names = Object.keys(props).sort((a, b) => rank(a) - rank(b));
+    for (const name of names) {
       if (CORE.has(name) || NOT_FOR_PEOPLE.has(name)) continue;
-      const spec = resolveSchema(doc, raw) || {};
+      const spec = resolveSchema(doc, props[name]) || {};
       if (name === "ip_strength" && spec.maximum === 0) continue; // no IP-Adapter on this server
+      // a text field with a list route (scheduler: GET /schedulers) is a choice among that list
+      const listPath = `/${name}s`;
+      if (spec.type === "string" && !spec.enum && doc && doc.paths && doc.paths[listPath]) spec.choicesFrom = listPath;
       const control = extraControl(name, spec);
       if (!control) continue;
       state.extras.push(name);
@@ -289,6 +296,33 @@
     }
   }
 
+  function rank(name) {
+    const index = EXTRA_ORDER.indexOf(name);
+    return index < 0 ? EXTRA_ORDER.length : index;
+  }
+
+  async function fillChoices(select, path, name) {
+    try {
+      const { body } = await call(path);
+      const list = Array.isArray(body) ? body : body[`${name}s`] || Object.values(body).find(Array.isArray) || [];
+      for (const value of list) {
+        const option = document.createElement("option");
+        option.value = typeof value === "string" ? value : value.id || value.name;
+        option.textContent = typeof value === "string" ? value : value.name || value.id;
+        select.append(option);
+      }
+    } catch { /* the default only */ }
+  }
+
+  function readAsDataURL(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
   function extraControl(name, spec) {
     const wrap = document.createElement("div");
     wrap.className = "field";
@@ -299,7 +333,20 @@
     label.append(title);
     let input;
     const enumValues = spec.enum || (spec.items && spec.items.enum);
-    if (enumValues) {
+    if (spec.choicesFrom) {
+      input = document.createElement("select");
+      const option = document.createElement("option");
+      option.value = "";
+      say(option, "byDefault");
+      input.append(option);
+      input.dataset.kind = "string";
+      fillChoices(input, spec.choicesFrom, name);
+    } else if (spec.type === "string" && /_image$/.test(name)) {
+      input = document.createElement("input");
+      input.type = "file";
+      input.accept = "image/png,image/jpeg,image/webp";
+      input.dataset.kind = "file";
+    } else if (enumValues) {
       input = document.createElement("select");
       if (spec.nullable || spec.default === undefined || spec.default === null) {
         const option = document.createElement("option");
@@ -359,10 +406,11 @@
     return p;
   }
 
-  function extraValue(name) {
+  async function extraValue(name) {
     const input = $(name);
     if (!input) return undefined;
     if (input.dataset.kind === "boolean") return input.checked;
+    if (input.dataset.kind === "file") return input.files && input.files[0] ? readAsDataURL(input.files[0]) : undefined;
     if (input.value === "") return undefined;
     return input.dataset.kind === "number" ? Number(input.value) : input.value;
   }
@@ -477,10 +525,12 @@
 
   /** The image box keeps the image's shape before it loads: nothing moves when it arrives. */
   function reserve(width, height) {
-    if (width > 0 && height > 0) $("frame").style.setProperty("--ar", `${width} / ${height}`);
+    if (!(width > 0 && height > 0)) return;
+    $("frame").style.setProperty("--arw", String(width));
+    $("frame").style.setProperty("--arh", String(height));
   }
 
-  function buildBody() {
+  async function buildBody() {
     const body = { prompt: $("prompt").value };
     const negative = $("negative_prompt").value;
     if (negative.trim()) body.negative_prompt = negative;
@@ -497,7 +547,7 @@
     }
     if (!$("seed-random").checked && $("seed").value.trim() !== "") body.seed = Number($("seed").value);
     for (const name of state.extras) {
-      const value = extraValue(name);
+      const value = await extraValue(name);
       if (value !== undefined) body[name] = value;
     }
     return body;
@@ -598,14 +648,21 @@
   async function generate() {
     if (state.job || !state.ready) return;
     clearErrors();
-    const body = buildBody();
-    if (!body.prompt.trim()) {
+    if (!$("prompt").value.trim()) {
       showFieldError("prompt", t("errPrompt"));
       $("error-prompt").dataset.i18n = "errPrompt";
       $("prompt").focus();
       return;
     }
     state.job = { id: null, controller: new AbortController(), position: null };
+    let body;
+    try {
+      body = await buildBody();
+    } catch (error) {
+      state.job = null;
+      showFieldError(state.extras.find((name) => $(name) && $(name).dataset.kind === "file") || "prompt", String(error));
+      return;
+    }
     setRunning(true);
     $("details").hidden = true;
     $("image").hidden = true;
@@ -777,7 +834,7 @@
       const metadata = result.metadata || {};
       reserve(metadata.width, metadata.height);
       showProgress("loadingImage", null, 100);
-      const entry = updateEntry(id, { status: "SUCCESS", filename: result.filename, url: result.url, metadata });
+      const entry = updateEntry(id, { status: "SUCCESS", filename: result.filename, url: result.url, metadata, images: result.images || undefined });
       if (typeof metadata.seed === "number") {
         store.set(LAST_SEED, metadata.seed);
         $("seed-reuse").disabled = false;
@@ -850,12 +907,27 @@
     return entry.url || (entry.filename ? `/outputs/${encodeURIComponent(entry.filename)}` : `/image/${entry.id}`);
   }
 
-  async function showEntry(entry) {
+  /** The image ``index`` of a job: jobs with several images (num_images) list them in ``result.images``. */
+  function imageOf(entry, index) {
+    const metadata = entry.metadata || {};
+    const images = Array.isArray(entry.images) && entry.images.length ? entry.images : null;
+    if (!images) return { url: entryURL(entry), filename: entry.filename, seed: metadata.seed };
+    const image = images[Math.max(0, Math.min(index, images.length - 1))];
+    return {
+      url: image.url || `/outputs/${encodeURIComponent(image.filename)}`,
+      filename: image.filename,
+      seed: image.seed ?? metadata.seed,
+    };
+  }
+
+  async function showEntry(entry, index = 0) {
     state.shown = entry;
+    state.shownIndex = index;
     const metadata = entry.metadata || {};
     reserve(metadata.width, metadata.height);
-    const src = await imageURL(entryURL(entry));
-    if (state.shown !== entry) return;
+    const chosen = imageOf(entry, index);
+    const src = await imageURL(chosen.url);
+    if (state.shown !== entry || state.shownIndex !== index) return;
     const img = $("image");
     await new Promise((resolve) => {
       img.onload = resolve;
@@ -867,16 +939,41 @@
     $("preview").hidden = true;
     $("overlay").hidden = true;
     $("empty").hidden = true;
-    renderParams(entry);
+    state.shownSeed = chosen.seed;
+    renderParams(entry, chosen.seed);
+    renderVariants(entry, index);
     const link = $("download");
     link.href = src;
-    link.download = entry.filename || `${entry.id}.png`;
+    link.download = chosen.filename || `${entry.id}.png`;
     $("details").hidden = false;
     $("copied").textContent = "";
     for (const li of document.querySelectorAll("#gallery li")) li.classList.toggle("current", li.dataset.id === entry.id);
   }
 
-  function renderParams(entry) {
+  function renderVariants(entry, index) {
+    const box = $("variants");
+    box.replaceChildren();
+    const images = Array.isArray(entry.images) ? entry.images : [];
+    box.hidden = images.length < 2;
+    if (images.length < 2) return;
+    images.forEach((_, i) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "variant";
+      button.setAttribute("aria-pressed", String(i === index));
+      button.dataset.i18nAriaLabel = "imageOf";
+      button.dataset.i18nVars = JSON.stringify({ n: i + 1, total: images.length });
+      button.setAttribute("aria-label", t("imageOf", { n: i + 1, total: images.length }));
+      const thumb = document.createElement("img");
+      thumb.alt = "";
+      imageURL(imageOf(entry, i).url).then((src) => { thumb.src = src; }).catch(() => {});
+      button.append(thumb);
+      button.addEventListener("click", () => showEntry(entry, i));
+      box.append(button);
+    });
+  }
+
+  function renderParams(entry, seed) {
     const m = entry.metadata || {};
     const dl = $("params");
     dl.replaceChildren();
@@ -892,7 +989,7 @@
       div.dataset.param = key.replace(/^p_/, "");
       dl.append(div);
     };
-    add("p_seed", m.seed);
+    add("p_seed", seed ?? m.seed);
     add("p_model", m.model);
     add("p_steps", m.steps);
     add("p_guidance_scale", m.guidance_scale);
@@ -901,6 +998,8 @@
     if (m.ip_strength) add("p_ip_strength", m.ip_strength);
     if (Array.isArray(m.loras) && m.loras.length) add("p_loras", m.loras.map((l) => `${l.name} × ${l.weight}`).join(", "), "two");
     if (m.num_images && m.num_images > 1) add("num_images", m.num_images);
+    if (m.clip_skip) add("clip_skip", m.clip_skip);
+    if (m.strength !== undefined && m.strength !== null && (m.init_image || m.mode === "img2img")) add("strength", m.strength);
     add("p_prompt", m.prompt ?? entry.prompt, true);
     if (m.final_prompt && m.final_prompt !== m.prompt) add("p_final_prompt", m.final_prompt, true);
     add("p_negative_prompt", m.negative_prompt, true);
@@ -929,14 +1028,15 @@
     onLoraToggle();
     if (m.steps !== undefined) $("steps").value = m.steps;
     if (m.guidance_scale !== undefined) $("guidance_scale").value = m.guidance_scale;
-    if (typeof m.seed === "number") {
+    const seed = state.shownSeed ?? m.seed;
+    if (typeof seed === "number") {
       $("seed-random").checked = false;
-      $("seed").value = m.seed;
+      $("seed").value = seed;
       onRandomToggle();
     }
     for (const name of state.extras) {
       const input = $(name);
-      if (input && m[name] !== undefined && m[name] !== null) {
+      if (input && input.dataset.kind !== "file" && m[name] !== undefined && m[name] !== null && typeof m[name] !== "object") {
         if (input.dataset.kind === "boolean") input.checked = Boolean(m[name]);
         else input.value = String(m[name]);
       }
@@ -946,8 +1046,8 @@
   }
 
   async function copySeed() {
-    const seed = state.shown && state.shown.metadata && state.shown.metadata.seed;
-    if (seed === undefined) return;
+    const seed = state.shownSeed;
+    if (seed === undefined || seed === null) return;
     try {
       await navigator.clipboard.writeText(String(seed));
     } catch {
@@ -1080,7 +1180,7 @@
           follow(entry.id);
         } else if (TERMINAL.has(body.status) && !TERMINAL.has(entry.status)) {
           const result = body.result || {};
-          updateEntry(entry.id, { status: body.status, error: body.error, filename: result.filename, url: result.url, metadata: result.metadata });
+          updateEntry(entry.id, { status: body.status, error: body.error, filename: result.filename, url: result.url, metadata: result.metadata, images: result.images || undefined });
         }
       } catch (error) {
         if (error instanceof HttpError && error.status === 404) updateEntry(entry.id, { expired: true });
