@@ -349,24 +349,33 @@ def test_a_422_is_shown_next_to_the_field(make_page: Callable[..., Page], script
     expect(page.locator("#steps")).not_to_have_attribute("aria-invalid", "true")
 
 
-def test_the_queue_full_reads_as_a_sentence(
+def test_the_queue_position_then_the_queue_full_as_a_sentence(
     make_page: Callable[..., Page], servers: Servers, shots: Path
 ) -> None:
     server = servers.start("queue", max_queue="1")
     with server.client() as http:
         running = http.post("/generate", json={"prompt": "sleep 60", "steps": 10}).json()["job_id"]
         wait_for(lambda: job_status(server, running)["status"] == "PROGRESS", timeout=30)
-        waiting = http.post("/generate", json={"prompt": "sleep 60", "steps": 10}).json()["job_id"]
-    page = ready(make_page(server))
+    waiting_page = ready(make_page(server))
+    waiting_page.locator("#steps").fill("10")
+    run_job(waiting_page, "sleep 60")
+    expect(waiting_page.locator("#phase")).to_have_text("Waiting in the queue · position 1")
+    waiting_page.screenshot(path=shots / "06a-queued.png")
+    waiting = gallery(waiting_page)[0]["id"]
+
+    page = ready(make_page(server))  # someone else, while the queue is full
     run_job(page, "one more")
     error = page.locator("#form-error")
     expect(error).to_contain_text("The queue is full right now; try again in a moment.")
     expect(error).to_contain_text("Queue pleine, réessayez plus tard")  # the API's message, as it came
     expect(page.locator("#generate")).to_be_enabled()
-    page.screenshot(path=shots / "06-queue-full.png")
+    page.screenshot(path=shots / "06b-queue-full.png")
     with server.client() as http:
-        for job in (waiting, running):
-            http.post(f"/cancel/{job}")
+        http.post(f"/cancel/{running}")
+    expect(waiting_page.locator("#phase")).to_have_text("Drawing")  # its turn came
+    waiting_page.locator("#cancel").click()
+    expect(waiting_page.locator("#notice")).to_have_text("Generation cancelled.")
+    assert job_status(server, waiting)["status"] == "REVOKED"
     run_job(page, "one more")  # room again
     wait_image(page)
 
@@ -475,6 +484,7 @@ def test_an_api_key_required_then_given(
     expect(keybox).to_be_visible()
     expect(page.locator("#key-input")).to_be_focused()
     page.screenshot(path=shots / "12-key-required.png")
+    check_accessibility(page, "asking for a key")
     page.locator("#key-input").fill("imk_not-a-key")
     page.locator("#key-input").press("Enter")
     expect(page.locator("#key-error")).to_have_text("Le serveur refuse cette clé : Clé API invalide")

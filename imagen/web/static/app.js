@@ -929,11 +929,13 @@
     const src = await imageURL(chosen.url);
     if (state.shown !== entry || state.shownIndex !== index) return;
     const img = $("image");
-    await new Promise((resolve) => {
+    // shown once decoded (no flash of an empty box), but never held back by a tab the browser throttles
+    const loaded = new Promise((resolve) => {
       img.onload = resolve;
       img.onerror = resolve;
-      img.src = src;
     });
+    img.src = src;
+    await Promise.race([loaded, sleep(1500)]);
     img.alt = entry.prompt || metadata.prompt || "";
     img.hidden = false;
     $("preview").hidden = true;
