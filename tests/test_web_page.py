@@ -103,6 +103,17 @@ def demo(servers: Servers) -> ServerProcess:
     return servers.start("demo", engine="diffusers", registry_path="", device="cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def load_the_models_early(request: pytest.FixtureRequest) -> None:
+    """Start the real-pipeline servers first when this run has tests for them: their workers load the models
+    while the scripted tests (mostly waiting on the browser) run; those tests come last in the file."""
+    wanted = {name for item in request.session.items if item.module is request.module
+              for name in getattr(item, "fixturenames", ())}
+    for name in ("diffusers", "demo"):
+        if name in wanted:
+            request.getfixturevalue(name)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
@@ -203,114 +214,6 @@ def job_status(server: ServerProcess, job_id: str, headers: dict[str, str] | Non
 
 
 # -- scenarios -----------------------------------------------------------------------------------------
-def test_generate_with_defaults_using_the_keyboard_only(
-    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
-) -> None:
-    page = ready(make_page(diffusers))
-    # model picker from /models, the model's default negative prompt as placeholder, the reference's ranges
-    expect(page.locator("#model option")).to_have_count(len(httpx.get(diffusers.url + "/models").json()["models"]))
-    assert page.locator("#negative_prompt").get_attribute("placeholder")
-    expect(page.locator("#steps")).to_have_value("30")
-    expect(page.locator("#steps-range")).to_have_text("10–100")
-    expect(page.locator("#guidance_scale-range")).to_have_text("1–30")
-    page.screenshot(path=shots / "01-empty.png")
-
-    page.keyboard.press("Tab")  # the skip link first
-    expect(page.locator(".skip")).to_be_focused()
-    page.keyboard.press("Enter")
-    expect(page.locator("#prompt")).to_be_focused()
-    page.keyboard.type("a lighthouse on a cliff at dusk")
-    frame_before = page.locator("#frame").bounding_box()
-    page.keyboard.press("Control+Enter")
-    expect(page.locator("#overlay")).to_be_visible()  # progress shows (queue position, then steps)
-    wait_image(page)
-    # no layout shift: the box was reserved before the image came
-    assert page.locator("#frame").bounding_box() == frame_before
-    seed = param(page, "seed")
-    assert seed.isdigit()
-    assert param(page, "steps") == "30"
-    assert param(page, "prompt") == "a lighthouse on a cliff at dusk"
-    expect(page.locator("#download")).to_have_attribute("download", gallery(page)[0]["filename"])
-    job_id = gallery(page)[0]["id"]
-    assert shown_image_bytes(page) == httpx.get(f"{diffusers.url}/image/{job_id}").content
-    page.screenshot(path=shots / "02-result.png")
-    check_accessibility(page, "after a generation")
-
-    # copy seed, reuse last seed, use these settings again
-    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
-    page.locator("#copy-seed").click()
-    expect(page.locator("#copied")).to_contain_text(seed)
-    assert page.evaluate("navigator.clipboard.readText()") == seed
-    page.locator("#prompt").fill("")
-    page.locator("#reuse").click()
-    expect(page.locator("#prompt")).to_have_value("a lighthouse on a cliff at dusk")
-    expect(page.locator("#seed")).to_have_value(seed)
-    expect(page.locator("#seed-random")).not_to_be_checked()
-    page.locator("#seed-random").check()
-    expect(page.locator("#seed")).to_be_disabled()
-    page.locator("#seed-reuse").click()
-    expect(page.locator("#seed")).to_have_value(seed)
-    expect(page.locator("#seed")).to_be_enabled()
-
-
-def test_the_demo_model_of_a_fresh_install(
-    make_page: Callable[..., Page], demo: ServerProcess, shots: Path
-) -> None:
-    page = ready(make_page(demo))
-    expect(page.locator("#model option")).to_have_count(1)
-    expect(page.locator("#model")).to_have_value("demo")
-    expect(page.locator("#loras-field")).to_be_hidden()  # no LoRA on this server: no empty box
-    page.locator("#steps").fill("10")  # 1024 px on a CPU: the fewest steps the reference allows
-    run_job(page, "a lake at dawn")
-    expect(page.locator("#image")).to_be_visible(timeout=120_000)
-    assert param(page, "model") == "demo" and param(page, "size") == "1024 × 1024"
-    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 1024]
-    page.screenshot(path=shots / "02b-demo-model.png")
-
-
-def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(
-    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
-) -> None:
-    page = ready(make_page(diffusers))
-    lora = page.locator('[data-lora="anime-style"]')
-    expect(lora).to_contain_text("anime style")  # trigger words, said to be added automatically
-    expect(lora).to_contain_text("automatically")
-    expect(page.locator("#lora-weight-anime-style")).to_be_disabled()
-    page.locator("#lora-anime-style").check()
-    page.locator("#lora-weight-anime-style").fill("1.25")
-    expect(lora.locator("output")).to_have_text("1.25")
-    page.locator("#steps").fill("10")
-    run_job(page, "a cute character with big eyes")
-    wait_image(page)
-    assert param(page, "loras") == "anime-style × 1.25"
-    assert "anime style" in param(page, "final_prompt")
-    job_id = gallery(page)[0]["id"]
-    metadata = job_status(diffusers, job_id)["result"]["metadata"]
-    assert metadata["loras"] == [{"name": "anime-style", "weight": 1.25}]
-    page.screenshot(path=shots / "03-lora.png")
-
-
-def test_a_fixed_seed_twice_gives_the_same_image_bytes(
-    make_page: Callable[..., Page], diffusers: ServerProcess
-) -> None:
-    page = ready(make_page(diffusers))
-    page.locator("#seed-random").uncheck()
-    page.locator("#seed").fill("1234")
-    page.locator("#steps").fill("10")
-    images = []
-    for _ in range(2):
-        run_job(page, "a castle on a hill")
-        expect(page.locator("#generate")).to_be_enabled()  # this job is over
-        wait_image(page)
-        assert param(page, "seed") == "1234"
-        images.append(shown_image_bytes(page))
-    first, second = (entry["id"] for entry in gallery(page)[:2])
-    assert first != second
-    assert images[0] == images[1]
-    with diffusers.client() as http:
-        assert http.get(f"/image/{first}").content == http.get(f"/image/{second}").content == images[0]
-
-
 def test_cancel_a_running_job(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
     page = ready(make_page(scripted))
     page.locator("#steps").fill("50")
@@ -609,3 +512,112 @@ def test_size_images_and_sampler_appear_when_the_document_offers_them(
         "width": 1001, "height": 1216, "num_images": 2, "scheduler": "DPM++ 2M Karras",
     }, sent
     page.screenshot(path=shots / "13-extra-fields.png")
+
+
+# -- real pipelines last: their servers load their models while the tests above run (load_the_models_early)
+def test_generate_with_defaults_using_the_keyboard_only(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(diffusers))
+    # model picker from /models, the model's default negative prompt as placeholder, the reference's ranges
+    expect(page.locator("#model option")).to_have_count(len(httpx.get(diffusers.url + "/models").json()["models"]))
+    assert page.locator("#negative_prompt").get_attribute("placeholder")
+    expect(page.locator("#steps")).to_have_value("30")
+    expect(page.locator("#steps-range")).to_have_text("10–100")
+    expect(page.locator("#guidance_scale-range")).to_have_text("1–30")
+    page.screenshot(path=shots / "01-empty.png")
+
+    page.keyboard.press("Tab")  # the skip link first
+    expect(page.locator(".skip")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).to_be_focused()
+    page.keyboard.type("a lighthouse on a cliff at dusk")
+    frame_before = page.locator("#frame").bounding_box()
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#overlay")).to_be_visible()  # progress shows (queue position, then steps)
+    wait_image(page)
+    # no layout shift: the box was reserved before the image came
+    assert page.locator("#frame").bounding_box() == frame_before
+    seed = param(page, "seed")
+    assert seed.isdigit()
+    assert param(page, "steps") == "30"
+    assert param(page, "prompt") == "a lighthouse on a cliff at dusk"
+    expect(page.locator("#download")).to_have_attribute("download", gallery(page)[0]["filename"])
+    job_id = gallery(page)[0]["id"]
+    assert shown_image_bytes(page) == httpx.get(f"{diffusers.url}/image/{job_id}").content
+    page.screenshot(path=shots / "02-result.png")
+    check_accessibility(page, "after a generation")
+
+    # copy seed, reuse last seed, use these settings again
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.locator("#copy-seed").click()
+    expect(page.locator("#copied")).to_contain_text(seed)
+    assert page.evaluate("navigator.clipboard.readText()") == seed
+    page.locator("#prompt").fill("")
+    page.locator("#reuse").click()
+    expect(page.locator("#prompt")).to_have_value("a lighthouse on a cliff at dusk")
+    expect(page.locator("#seed")).to_have_value(seed)
+    expect(page.locator("#seed-random")).not_to_be_checked()
+    page.locator("#seed-random").check()
+    expect(page.locator("#seed")).to_be_disabled()
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed")).to_have_value(seed)
+    expect(page.locator("#seed")).to_be_enabled()
+
+
+def test_the_demo_model_of_a_fresh_install(
+    make_page: Callable[..., Page], demo: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(demo))
+    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model")).to_have_value("demo")
+    expect(page.locator("#loras-field")).to_be_hidden()  # no LoRA on this server: no empty box
+    page.locator("#steps").fill("10")  # 1024 px on a CPU: the fewest steps the reference allows
+    run_job(page, "a lake at dawn")
+    expect(page.locator("#image")).to_be_visible(timeout=120_000)
+    assert param(page, "model") == "demo" and param(page, "size") == "1024 × 1024"
+    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 1024]
+    page.screenshot(path=shots / "02b-demo-model.png")
+
+
+def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(diffusers))
+    lora = page.locator('[data-lora="anime-style"]')
+    expect(lora).to_contain_text("anime style")  # trigger words, said to be added automatically
+    expect(lora).to_contain_text("automatically")
+    expect(page.locator("#lora-weight-anime-style")).to_be_disabled()
+    page.locator("#lora-anime-style").check()
+    page.locator("#lora-weight-anime-style").fill("1.25")
+    expect(lora.locator("output")).to_have_text("1.25")
+    page.locator("#steps").fill("10")
+    run_job(page, "a cute character with big eyes")
+    wait_image(page)
+    assert param(page, "loras") == "anime-style × 1.25"
+    assert "anime style" in param(page, "final_prompt")
+    job_id = gallery(page)[0]["id"]
+    metadata = job_status(diffusers, job_id)["result"]["metadata"]
+    assert metadata["loras"] == [{"name": "anime-style", "weight": 1.25}]
+    page.screenshot(path=shots / "03-lora.png")
+
+
+def test_a_fixed_seed_twice_gives_the_same_image_bytes(
+    make_page: Callable[..., Page], diffusers: ServerProcess
+) -> None:
+    page = ready(make_page(diffusers))
+    page.locator("#seed-random").uncheck()
+    page.locator("#seed").fill("1234")
+    page.locator("#steps").fill("10")
+    images = []
+    for _ in range(2):
+        run_job(page, "a castle on a hill")
+        expect(page.locator("#generate")).to_be_enabled()  # this job is over
+        wait_image(page)
+        assert param(page, "seed") == "1234"
+        images.append(shown_image_bytes(page))
+    first, second = (entry["id"] for entry in gallery(page)[:2])
+    assert first != second
+    assert images[0] == images[1]
+    with diffusers.client() as http:
+        assert http.get(f"/image/{first}").content == http.get(f"/image/{second}").content == images[0]
