@@ -136,8 +136,12 @@ def make_page(browser: Browser) -> Iterator[Callable[..., Page]]:
     contexts: list[BrowserContext] = []
     errors: list[str] = []
 
-    def build(server: ServerProcess, width: int = 1280, height: int = 800, locale: str = "en-US") -> Page:
-        context = browser.new_context(viewport={"width": width, "height": height}, locale=locale)
+    def build(
+        server: ServerProcess, width: int = 1280, height: int = 800, locale: str = "en-US", dark: bool = False
+    ) -> Page:
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, locale=locale, color_scheme="dark" if dark else "light"
+        )
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
@@ -356,14 +360,15 @@ def test_usable_at_360_px(make_page: Callable[..., Page], scripted: ServerProces
 
 
 def test_french_and_english(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
-    page = ready(make_page(scripted, locale="fr-FR"))  # follows the browser's language
+    page = ready(make_page(scripted, locale="fr-FR", dark=True))  # follows the browser's language (and theme)
     expect(page.locator("html")).to_have_attribute("lang", "fr")
     expect(page.locator("#generate")).to_have_text("Générer")
     expect(page.locator('label[for="negative_prompt"]')).to_have_text("Prompt négatif")
     run_job(page, "fatal")
     notice = page.locator("#notice")
     expect(notice).to_have_text("La génération a échoué : weight file missing: /models/nowhere.safetensors")
-    page.screenshot(path=shots / "11-french-failed.png")
+    page.screenshot(path=shots / "11-french-failed-dark.png")
+    check_accessibility(page, "in French, dark, after a failure")
     page.locator("#lang").select_option("en")  # the switch
     expect(page.locator("html")).to_have_attribute("lang", "en")
     expect(page.locator("#generate")).to_have_text("Generate")
