@@ -165,6 +165,22 @@ def run_job(page: Page, prompt: str) -> None:
     page.locator("#prompt").press("Control+Enter")
 
 
+def generate_and_wait(page: Page, prompt: str) -> dict[str, Any]:
+    """Generate, and wait until that job (not an earlier one) is done and shown; its gallery entry."""
+    before = len(gallery(page))
+    run_job(page, prompt)
+    page.wait_for_function(
+        "n => { const g = JSON.parse(localStorage.getItem('imagen.gallery') || '[]');"
+        " return g.length > n && ['SUCCESS', 'FAILURE', 'REVOKED'].includes(g[0].status); }",
+        arg=min(before, 23),
+    )
+    expect(page.locator("#generate")).to_be_enabled()
+    entry = gallery(page)[0]
+    assert entry["status"] == "SUCCESS", entry
+    wait_image(page)
+    return entry
+
+
 def wait_image(page: Page) -> None:
     expect(page.locator("#image")).to_be_visible()
     expect(page.locator("#details")).to_be_visible()
@@ -316,9 +332,7 @@ def test_reload_keeps_the_gallery_and_shows_expired_jobs(
     page = ready(make_page(scripted))
     expect(page.locator("#gallery-empty")).to_be_visible()
     for prompt in ("a red fox in the snow", "a blue whale"):
-        run_job(page, prompt)
-        expect(page.locator("#generate")).to_be_enabled()
-        wait_image(page)
+        generate_and_wait(page, prompt)
     kept = gallery(page)
     assert [entry["prompt"] for entry in kept] == ["a blue whale", "a red fox in the snow"]
     page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
@@ -615,13 +629,12 @@ def test_a_fixed_seed_twice_gives_the_same_image_bytes(
     page.locator("#seed").fill("1234")
     page.locator("#steps").fill("10")
     images = []
+    jobs = []
     for _ in range(2):
-        run_job(page, "a castle on a hill")
-        expect(page.locator("#generate")).to_be_enabled()  # this job is over
-        wait_image(page)
+        jobs.append(generate_and_wait(page, "a castle on a hill")["id"])
         assert param(page, "seed") == "1234"
         images.append(shown_image_bytes(page))
-    first, second = (entry["id"] for entry in gallery(page)[:2])
+    first, second = jobs
     assert first != second
     assert images[0] == images[1]
     with diffusers.client() as http:
