@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-browser lint bench clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ run: install
 	$(BIN)/imagen serve
 
 test: install lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not browser"
+
+# The web page in a real browser (Debian's /usr/bin/chromium); .ci/run runs it after `make test`.
+test-browser: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m browser
 
 lint: install
 	$(BIN)/ruff check imagen tests bench

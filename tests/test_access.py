@@ -20,7 +20,7 @@ import yaml
 from fastapi import WebSocket
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.websockets import WebSocketDisconnect
 
 from imagen.access.keys import KeyFile, KeyRing, add_key, key_digest
@@ -98,6 +98,9 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/docs/oauth2-redirect"): Row("/docs/oauth2-redirect", 200),
     ("GET", "/redoc"): Row("/redoc", 200),
     ("GET", "/metrics"): Row("/metrics", 200),
+    # the web page and its files hold no data: the page asks for a key and sends it with its API calls
+    ("GET", "/"): Row("/", 200, public=True),
+    ("GET", "/ui"): Row("/ui/app.js", 200, public=True),  # the StaticFiles mount: any file under /ui/
 }
 
 
@@ -107,6 +110,8 @@ def app_routes(routes: list[Any], prefix: str = "") -> set[tuple[str, str]]:
     for route in routes:
         if isinstance(route, APIRoute | Route):
             found |= {(method, prefix + route.path) for method in route.methods or () if method != "HEAD"}
+        elif isinstance(route, Mount):  # static files (the web page's /ui): read-only, GET
+            found.add(("GET", prefix + route.path))
         elif hasattr(route, "original_router"):
             found |= app_routes(route.original_router.routes, prefix + route.include_context.prefix)
         else:

@@ -23,6 +23,7 @@ from imagen.api.metrics import install_metrics
 from imagen.api.openapi import install_openapi
 from imagen.api.request_id import RequestIdMiddleware
 from imagen.api.routes import router, status
+from imagen.api.web import install_web
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
 from imagen.jobs.backend import JobBackend
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.state.webhooks = webhooks
     app.include_router(router)
     install_openapi(app, registry, settings)
+    install_web(app)  # the page at / and its files at /ui/
 
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:

@@ -1,0 +1,1277 @@
+/* Imagen's page: a client of the public API only (the same routes a script calls).
+ *
+ * What the server offers is read from it: the models (/models), the LoRAs (/loras), the request's fields and
+ * their ranges, and whether /cancel and /events exist (/openapi.json). Progress comes from GET /events as a
+ * fetch() stream (EventSource cannot send the API key), with previews; without it, /status is polled. The
+ * API key, the language and the gallery of this browser's jobs are kept in localStorage.
+ */
+"use strict";
+(() => {
+  const I18N = window.IMAGEN_I18N;
+  const $ = (id) => document.getElementById(id);
+  const KEY = "imagen.apiKey";
+  const LANG = "imagen.lang";
+  const GALLERY = "imagen.gallery";
+  const LAST_SEED = "imagen.lastSeed";
+  const GALLERY_MAX = 24;
+  const POLL_MS = 1000;
+  const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+  // The reference's fields, drawn by the page itself; any other field the server offers gets a control.
+  const CORE = new Set(["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed"]);
+  const NOT_FOR_PEOPLE = new Set(["webhook", "webhook_events_filter"]);
+  const FALLBACK = { steps: { minimum: 10, maximum: 100, default: 30 }, guidance_scale: { minimum: 1, maximum: 30, default: 7.5 } };
+
+  const store = {
+    get(name, fallback = null) {
+      try {
+        const raw = localStorage.getItem(name);
+        return raw === null ? fallback : JSON.parse(raw);
+      } catch {
+        return fallback;
+      }
+    },
+    set(name, value) {
+      try {
+        if (value === null || value === undefined) localStorage.removeItem(name);
+        else localStorage.setItem(name, JSON.stringify(value));
+      } catch { /* private mode: nothing is kept */ }
+    },
+  };
+
+  // -- words ------------------------------------------------------------------------------------------
+  let lang = store.get(LANG) || ((navigator.language || "en").toLowerCase().startsWith("fr") ? "fr" : "en");
+
+  function t(key, vars) {
+    let text = (I18N[lang] && I18N[lang][key]) ?? I18N.en[key] ?? key;
+    for (const [name, value] of Object.entries(vars || {})) text = text.split(`{${name}}`).join(String(value));
+    return text;
+  }
+
+  /** Set an element's text from a key; it follows a language switch. */
+  function say(el, key, vars) {
+    el.dataset.i18n = key;
+    if (vars) el.dataset.i18nVars = JSON.stringify(vars);
+    else delete el.dataset.i18nVars;
+    el.textContent = t(key, vars);
+  }
+
+  function applyLang() {
+    document.documentElement.lang = lang;
+    $("lang").value = lang;
+    for (const el of document.querySelectorAll("[data-i18n]")) {
+      el.textContent = t(el.dataset.i18n, el.dataset.i18nVars ? JSON.parse(el.dataset.i18nVars) : undefined);
+    }
+    for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+    for (const el of document.querySelectorAll("[data-i18n-aria-label]")) {
+      el.setAttribute("aria-label", t(el.dataset.i18nAriaLabel, el.dataset.i18nVars ? JSON.parse(el.dataset.i18nVars) : undefined));
+    }
+    document.title = `Imagen · ${t("title")}`;
+  }
+
+  // -- the API ----------------------------------------------------------------------------------------
+  class HttpError extends Error {
+    constructor(status, body) {
+      super(`HTTP ${status}`);
+      this.status = status;
+      this.body = body;
+    }
+    get detail() {
+      return describeDetail(this.body && this.body.detail, this.status);
+    }
+  }
+  class DownError extends Error {}
+
+  function describeDetail(detail, status) {
+    if (detail === undefined || detail === null) return `HTTP ${status}`;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) return detail.map((e) => e.msg || JSON.stringify(e)).join("; ");
+    return detail.error || detail.message || JSON.stringify(detail);
+  }
+
+  async function api(path, { method = "GET", json, signal, accept } = {}) {
+    const headers = {};
+    const key = store.get(KEY);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    if (accept) headers.Accept = accept;
+    let body;
+    if (json !== undefined) {
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify(json);
+    }
+    let response;
+    try {
+      response = await fetch(path, { method, headers, body, signal, cache: "no-store" });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new DownError(String(error));
+    }
+    if (response.status === 401) {
+      const answer = await readJson(response);
+      askForKey(answer && answer.detail, Boolean(key));
+      throw new HttpError(401, answer);
+    }
+    return response;
+  }
+
+  async function readJson(response) {
+    try {
+      return await response.json();
+    } catch {
+      return null;
+    }
+  }
+
+  /** JSON of a call; an error status not in ``allow`` throws. */
+  async function call(path, options = {}) {
+    const response = await api(path, options);
+    const body = await readJson(response);
+    if (!response.ok && !(options.allow || []).includes(response.status)) throw new HttpError(response.status, body);
+    return { status: response.status, body, headers: response.headers };
+  }
+
+  // -- state ------------------------------------------------------------------------------------------
+  const state = {
+    ready: false,
+    models: [],
+    loras: [],
+    maxLoras: 4,
+    features: { cancel: false, events: false, preview: false },
+    extras: [], // names of the extra fields shown
+    job: null, // {id, controller, position}
+    shown: null, // the gallery entry on the stage
+    blobs: new Map(), // url -> object URL
+    sentLoras: [],
+  };
+
+  // -- API keys ---------------------------------------------------------------------------------------
+  let keyWaiters = [];
+
+  function askForKey(detail, hadKey) {
+    $("keybox").hidden = false;
+    $("key-button").hidden = false;
+    $("key-forget").hidden = !store.get(KEY);
+    const error = $("key-error");
+    if (hadKey && detail) {
+      say(error, "keyRejected", { detail });
+      error.hidden = false;
+    } else {
+      error.hidden = true;
+    }
+    setHealth("wait", "keyTitle");
+    if (!$("keybox").contains(document.activeElement)) $("key-input").focus();
+  }
+
+  function keyGiven() {
+    return new Promise((resolve) => keyWaiters.push(resolve));
+  }
+
+  function onKeySubmit(event) {
+    event.preventDefault();
+    const value = $("key-input").value.trim();
+    if (!value) {
+      say($("key-error"), "keyEmpty");
+      $("key-error").hidden = false;
+      $("key-input").focus();
+      return;
+    }
+    store.set(KEY, value);
+    $("key-input").value = "";
+    $("keybox").hidden = true;
+    $("key-button").hidden = false;
+    const waiters = keyWaiters;
+    keyWaiters = [];
+    for (const resolve of waiters) resolve();
+    if (!state.ready) boot();
+    else refreshGallery();
+    $("prompt").focus();
+  }
+
+  // -- health -----------------------------------------------------------------------------------------
+  function setHealth(kind, key, vars) {
+    const el = $("health");
+    el.className = `health ${kind}`;
+    say($("health-text"), key, vars);
+  }
+
+  let healthTimer = null;
+  let healthRun = 0;
+  async function checkHealth() {
+    clearTimeout(healthTimer);
+    const run = ++healthRun;
+    let next = 15000;
+    try {
+      const { body } = await call("/health");
+      if (run !== healthRun) return;
+      const workers = body.workers || [];
+      const ready = workers.filter((w) => w.ready).length;
+      if (!state.ready && $("keybox").hidden === false) {
+        // the key box says it all
+      } else if (workers.length && !ready) {
+        setHealth("wait", "noWorker");
+        next = 3000;
+      } else {
+        const gpu = body.gpu_available ? "GPU" : "CPU";
+        const count = workers.length ? t("workersReady", { ready, total: workers.length }) : body.queue_broker;
+        setHealth("ok", "serverOk", { workers: `${count} · ${gpu}` });
+      }
+    } catch (error) {
+      if (run !== healthRun) return;
+      if (error instanceof DownError) {
+        setHealth("down", "serverDown");
+        next = 3000;
+      }
+    }
+    healthTimer = setTimeout(checkHealth, next);
+  }
+
+  // -- the form, built from what the server offers ---------------------------------------------------
+  function resolveSchema(doc, schema) {
+    if (!schema) return null;
+    if (schema.$ref) return resolveSchema(doc, doc.components.schemas[schema.$ref.split("/").pop()]);
+    for (const list of [schema.anyOf, schema.oneOf]) {
+      if (list) {
+        const real = list.filter((s) => s.type !== "null");
+        if (real.length === 1) {
+          return { ...resolveSchema(doc, real[0]), default: schema.default, description: schema.description, nullable: real.length < list.length };
+        }
+      }
+    }
+    return schema;
+  }
+
+  function applySchema(doc) {
+    const request = doc && doc.components && doc.components.schemas && doc.components.schemas.GenerationRequest;
+    const props = (request && request.properties) || {};
+    const field = (name) => resolveSchema(doc, props[name]) || FALLBACK[name] || {};
+    for (const name of ["steps", "guidance_scale"]) {
+      const spec = field(name);
+      const input = $(name);
+      if (spec.minimum !== undefined) input.min = spec.minimum;
+      if (spec.maximum !== undefined) input.max = spec.maximum;
+      if (input.value === "" && spec.default !== undefined) input.value = spec.default;
+      $(`${name}-range`).textContent = `${spec.minimum ?? ""}–${spec.maximum ?? ""}`;
+    }
+    const seed = field("seed");
+    if (seed.maximum !== undefined) $("seed").max = seed.maximum;
+    // 2^53 - 1 says nothing to a person: the range is shown only when it is a readable one
+    $("seed-range").textContent = seed.maximum !== undefined && seed.maximum < 1e10 ? `0–${seed.maximum}` : "";
+    const loras = props.loras;
+    if (loras && loras.maxItems !== undefined) state.maxLoras = loras.maxItems;
+    const paths = (doc && doc.paths) || {};
+    state.features.cancel = Boolean(paths["/cancel/{job_id}"]);
+    const events = paths["/events/{job_id}"];
+    state.features.events = Boolean(events) && typeof ReadableStream !== "undefined";
+    state.features.preview = Boolean(events && events.get && (events.get.parameters || []).some((p) => p.name === "preview"));
+    buildExtras(doc, props);
+  }
+
+  // Extra fields in this order when the server offers them; any other one after them.
+  const EXTRA_ORDER = ["width", "height", "num_images", "scheduler", "sampler", "clip_skip", "init_image", "mask_image", "strength", "ip_strength", "ip_image"];
+
+  function buildExtras(doc, props) {
+    const box = $("extras");
+    box.replaceChildren();
+    state.extras = [];
+    const sizes = [];
+    const names = Object.keys(props).sort((a, b) => rank(a) - rank(b));
+    for (const name of names) {
+      if (CORE.has(name) || NOT_FOR_PEOPLE.has(name)) continue;
+      const spec = resolveSchema(doc, props[name]) || {};
+      if (name === "ip_strength" && spec.maximum === 0) continue; // no IP-Adapter on this server
+      // a text field with a list route (scheduler: GET /schedulers) is a choice among that list
+      const listPath = `/${name}s`;
+      if (spec.type === "string" && !spec.enum && doc && doc.paths && doc.paths[listPath]) spec.choicesFrom = listPath;
+      const control = extraControl(name, spec);
+      if (!control) continue;
+      state.extras.push(name);
+      if (name === "width" || name === "height") sizes.push(control);
+      else box.append(control);
+    }
+    if (sizes.length) {
+      const row = document.createElement("div");
+      row.className = "grid2";
+      row.append(...sizes);
+      box.prepend(row);
+      for (const name of ["width", "height"]) if ($(name)) $(name).addEventListener("input", reserveFromForm);
+    }
+  }
+
+  function rank(name) {
+    const index = EXTRA_ORDER.indexOf(name);
+    return index < 0 ? EXTRA_ORDER.length : index;
+  }
+
+  async function fillChoices(select, path, name) {
+    try {
+      const { body } = await call(path);
+      const list = Array.isArray(body) ? body : body[`${name}s`] || Object.values(body).find(Array.isArray) || [];
+      for (const value of list) {
+        const option = document.createElement("option");
+        option.value = typeof value === "string" ? value : value.id || value.name;
+        option.textContent = typeof value === "string" ? value : value.name || value.id;
+        select.append(option);
+      }
+    } catch { /* the default only */ }
+  }
+
+  function readAsDataURL(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  function extraControl(name, spec) {
+    const wrap = document.createElement("div");
+    wrap.className = "field";
+    const label = document.createElement("label");
+    label.htmlFor = name;
+    const title = document.createElement("span");
+    say(title, name);
+    label.append(title);
+    let input;
+    const enumValues = spec.enum || (spec.items && spec.items.enum);
+    if (spec.choicesFrom) {
+      input = document.createElement("select");
+      const option = document.createElement("option");
+      option.value = "";
+      say(option, "byDefault");
+      input.append(option);
+      input.dataset.kind = "string";
+      fillChoices(input, spec.choicesFrom, name);
+    } else if (spec.type === "string" && /_image$/.test(name)) {
+      input = document.createElement("input");
+      input.type = "file";
+      input.accept = "image/png,image/jpeg,image/webp";
+      input.dataset.kind = "file";
+    } else if (enumValues) {
+      input = document.createElement("select");
+      if (spec.nullable || spec.default === undefined || spec.default === null) {
+        const option = document.createElement("option");
+        option.value = "";
+        option.textContent = "—";
+        input.append(option);
+      }
+      for (const value of enumValues) {
+        const option = document.createElement("option");
+        option.value = String(value);
+        option.textContent = String(value);
+        input.append(option);
+      }
+      if (spec.default !== undefined && spec.default !== null) input.value = String(spec.default);
+      input.dataset.kind = typeof enumValues[0] === "number" ? "number" : "string";
+    } else if (spec.type === "integer" || spec.type === "number") {
+      input = document.createElement("input");
+      input.type = "number";
+      input.dataset.kind = "number";
+      if (spec.minimum !== undefined) input.min = spec.minimum;
+      if (spec.maximum !== undefined) input.max = spec.maximum;
+      input.step = spec.multipleOf || (spec.type === "integer" ? 1 : 0.05);
+      if (spec.default !== undefined && spec.default !== null) input.value = spec.default;
+      else input.placeholder = "auto";
+      if (spec.minimum !== undefined || spec.maximum !== undefined) {
+        const range = document.createElement("span");
+        range.className = "range";
+        range.textContent = ` ${spec.minimum ?? ""}–${spec.maximum ?? ""}`;
+        label.append(range);
+      }
+    } else if (spec.type === "boolean") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.dataset.kind = "boolean";
+      input.checked = Boolean(spec.default);
+      label.className = "check";
+      label.prepend(input);
+      input.id = name;
+      input.name = name;
+      wrap.append(label, fieldError(name));
+      return wrap;
+    } else {
+      return null;
+    }
+    input.id = name;
+    input.name = name;
+    input.setAttribute("aria-describedby", `error-${name}`);
+    wrap.append(label, input, fieldError(name));
+    return wrap;
+  }
+
+  function fieldError(name) {
+    const p = document.createElement("p");
+    p.className = "field-error";
+    p.id = `error-${name}`;
+    p.hidden = true;
+    return p;
+  }
+
+  async function extraValue(name) {
+    const input = $(name);
+    if (!input) return undefined;
+    if (input.dataset.kind === "boolean") return input.checked;
+    if (input.dataset.kind === "file") return input.files && input.files[0] ? readAsDataURL(input.files[0]) : undefined;
+    if (input.value === "") return undefined;
+    return input.dataset.kind === "number" ? Number(input.value) : input.value;
+  }
+
+  function renderModels() {
+    const select = $("model");
+    select.replaceChildren();
+    for (const model of state.models) {
+      const option = document.createElement("option");
+      option.value = model.id;
+      option.textContent = model.name || model.id;
+      select.append(option);
+    }
+    onModelChange();
+  }
+
+  function onModelChange() {
+    const model = state.models.find((m) => m.id === $("model").value);
+    $("negative_prompt").placeholder = (model && model.default_negative) || "";
+    $("model-desc").textContent = (model && model.description) || "";
+  }
+
+  function renderLoras() {
+    const box = $("loras");
+    box.replaceChildren();
+    $("loras-field").hidden = state.loras.length === 0;
+    say($("loras-hint"), "lorasHint", { max: state.maxLoras });
+    for (const lora of state.loras) {
+      const row = document.createElement("div");
+      row.className = "lora";
+      row.dataset.lora = lora.id;
+      const check = document.createElement("label");
+      check.className = "check";
+      const box2 = document.createElement("input");
+      box2.type = "checkbox";
+      box2.id = `lora-${lora.id}`;
+      box2.value = lora.id;
+      box2.addEventListener("change", onLoraToggle);
+      const name = document.createElement("span");
+      name.textContent = lora.name || lora.id;
+      check.append(box2, name);
+      row.append(check);
+      if (lora.description) {
+        const description = document.createElement("p");
+        description.className = "hint";
+        description.textContent = lora.description;
+        row.append(description);
+      }
+      const weight = document.createElement("div");
+      weight.className = "weight";
+      const weightLabel = document.createElement("label");
+      weightLabel.htmlFor = `lora-weight-${lora.id}`;
+      say(weightLabel, "weight");
+      const slider = document.createElement("input");
+      slider.type = "range";
+      slider.min = "0";
+      slider.max = "2";
+      slider.step = "0.05";
+      slider.value = String(lora.default_weight ?? 0.8);
+      slider.id = `lora-weight-${lora.id}`;
+      slider.dataset.i18nAriaLabel = "weightOf";
+      slider.dataset.i18nVars = JSON.stringify({ name: lora.name || lora.id });
+      slider.setAttribute("aria-label", t("weightOf", { name: lora.name || lora.id }));
+      slider.setAttribute("aria-describedby", `error-lora-${lora.id}`);
+      slider.disabled = true;
+      const output = document.createElement("output");
+      output.htmlFor = slider.id;
+      output.textContent = Number(slider.value).toFixed(2);
+      slider.addEventListener("input", () => { output.textContent = Number(slider.value).toFixed(2); });
+      weight.append(weightLabel, slider, output);
+      row.append(weight);
+      if (lora.trigger_words && lora.trigger_words.length) {
+        const triggers = document.createElement("p");
+        triggers.className = "triggers";
+        const lead = document.createElement("span");
+        say(lead, "triggers");
+        triggers.append(lead, " ");
+        for (const word of lora.trigger_words) {
+          const tag = document.createElement("span");
+          tag.className = "tag";
+          tag.textContent = word;
+          triggers.append(tag);
+        }
+        row.append(triggers);
+      }
+      const error = fieldError(`lora-${lora.id}`);
+      error.setAttribute("role", "alert");
+      row.append(error);
+      box.append(row);
+    }
+  }
+
+  function onLoraToggle() {
+    const boxes = [...document.querySelectorAll("#loras input[type=checkbox]")];
+    const chosen = boxes.filter((b) => b.checked).length;
+    for (const b of boxes) {
+      $(`lora-weight-${b.value}`).disabled = !b.checked;
+      b.disabled = !b.checked && chosen >= state.maxLoras;
+    }
+  }
+
+  function onRandomToggle() {
+    $("seed").disabled = $("seed-random").checked;
+    if (!$("seed-random").checked) $("seed").focus();
+  }
+
+  function reserveFromForm() {
+    const w = Number($("width") && $("width").value);
+    const h = Number($("height") && $("height").value);
+    if (w > 0 && h > 0) reserve(w, h);
+  }
+
+  /** The image box keeps the image's shape before it loads: nothing moves when it arrives. */
+  function reserve(width, height) {
+    if (!(width > 0 && height > 0)) return;
+    $("frame").style.setProperty("--arw", String(width));
+    $("frame").style.setProperty("--arh", String(height));
+  }
+
+  async function buildBody() {
+    const body = { prompt: $("prompt").value };
+    const negative = $("negative_prompt").value;
+    if (negative.trim()) body.negative_prompt = negative;
+    if ($("model").value) body.model = $("model").value;
+    const loras = [];
+    for (const b of document.querySelectorAll("#loras input[type=checkbox]:checked")) {
+      loras.push({ name: b.value, weight: Number($(`lora-weight-${b.value}`).value) });
+    }
+    body.loras = loras;
+    state.sentLoras = loras.map((l) => l.name);
+    for (const name of ["steps", "guidance_scale"]) {
+      const value = $(name).value.trim();
+      if (value !== "") body[name] = Number(value);
+    }
+    if (!$("seed-random").checked && $("seed").value.trim() !== "") body.seed = Number($("seed").value);
+    for (const name of state.extras) {
+      const value = await extraValue(name);
+      if (value !== undefined) body[name] = value;
+    }
+    return body;
+  }
+
+  // -- errors -----------------------------------------------------------------------------------------
+  function clearErrors() {
+    for (const el of document.querySelectorAll(".field-error")) if (el.id !== "key-error") el.hidden = true;
+    for (const el of document.querySelectorAll("[aria-invalid=true]")) el.removeAttribute("aria-invalid");
+    $("form-error").hidden = true;
+    hideNotice();
+  }
+
+  function showFieldError(name, message) {
+    const error = $(`error-${name}`);
+    if (!error) return false;
+    error.textContent = message;
+    delete error.dataset.i18n;
+    error.hidden = false;
+    const input = name.startsWith("lora-") ? $(`lora-weight-${name.slice(5)}`) : $(name);
+    if (input) input.setAttribute("aria-invalid", "true");
+    return input || error;
+  }
+
+  function showValidation(detail) {
+    let first = null;
+    const general = [];
+    for (const error of Array.isArray(detail) ? detail : [{ msg: describeDetail(detail, 422) }]) {
+      const loc = (error.loc || []).filter((part) => part !== "body");
+      let name = loc.length ? String(loc[0]) : "";
+      if (name === "loras" && typeof loc[1] === "number" && state.sentLoras[loc[1]]) name = `lora-${state.sentLoras[loc[1]]}`;
+      const shown = name ? showFieldError(name, error.msg || JSON.stringify(error)) : false;
+      if (shown) first = first || shown;
+      else general.push(error.msg || JSON.stringify(error));
+    }
+    const box = $("form-error");
+    if (general.length) say(box, "errInvalidGeneral", { detail: general.join("; ") });
+    else say(box, "errInvalid");
+    box.hidden = false;
+    if (first && first.focus) first.focus();
+  }
+
+  function showNotice(kind, key, vars) {
+    const box = $("notice");
+    box.className = `notice ${kind}`;
+    say(box, key, vars);
+    box.hidden = false;
+  }
+
+  function hideNotice() {
+    $("notice").hidden = true;
+  }
+
+  function explain(error) {
+    if (error instanceof DownError) return ["errDown"];
+    if (error instanceof HttpError) {
+      if (error.status === 503) return ["errQueueFull", { detail: error.detail }];
+      if (error.status === 429) return ["errTooMany", { detail: error.detail }];
+      if (error.status === 404) return ["errExpired"];
+      return ["errServer", { status: error.status, detail: error.detail }];
+    }
+    return ["errServer", { status: "?", detail: String(error) }];
+  }
+
+  // -- running a job ----------------------------------------------------------------------------------
+  function setRunning(running) {
+    const button = $("generate");
+    button.disabled = running;
+    button.replaceChildren();
+    if (running) {
+      const spin = document.createElement("span");
+      spin.className = "spinner";
+      spin.setAttribute("aria-hidden", "true");
+      button.append(spin);
+    }
+    const label = document.createElement("span");
+    say(label, running ? "generating" : "generate");
+    button.append(label);
+    $("cancel").hidden = !(running && state.features.cancel && state.job);
+    $("cancel").disabled = false;
+  }
+
+  function showProgress(key, vars, percent, detail) {
+    $("overlay").hidden = false;
+    $("empty").hidden = true;
+    say($("phase"), key, vars);
+    const value = Math.max(0, Math.min(100, Math.round(percent || 0)));
+    $("bar-fill").style.width = `${value}%`;
+    $("bar").setAttribute("aria-valuenow", String(value));
+    const eta = $("eta");
+    if (detail) say(eta, detail.key, detail.vars);
+    else {
+      delete eta.dataset.i18n;
+      eta.textContent = "";
+    }
+  }
+
+  async function generate() {
+    if (state.job || !state.ready) return;
+    clearErrors();
+    if (!$("prompt").value.trim()) {
+      showFieldError("prompt", t("errPrompt"));
+      $("error-prompt").dataset.i18n = "errPrompt";
+      $("prompt").focus();
+      return;
+    }
+    state.job = { id: null, controller: new AbortController(), position: null };
+    let body;
+    try {
+      body = await buildBody();
+    } catch (error) {
+      state.job = null;
+      showFieldError(state.extras.find((name) => $(name) && $(name).dataset.kind === "file") || "prompt", String(error));
+      return;
+    }
+    setRunning(true);
+    $("details").hidden = true;
+    $("image").hidden = true;
+    $("preview").hidden = true;
+    reserveFromForm();
+    showProgress("submitting", null, 0);
+    if (window.matchMedia("(max-width: 860px)").matches) $("frame").scrollIntoView({ block: "nearest" });
+    let answer;
+    try {
+      answer = await call("/generate", { method: "POST", json: body, allow: [422] });
+    } catch (error) {
+      state.job = null;
+      setRunning(false);
+      $("overlay").hidden = true;
+      $("empty").hidden = Boolean(state.shown);
+      if (state.shown) showEntry(state.shown);
+      if (!(error instanceof HttpError && error.status === 401)) {
+        const [key, vars] = explain(error);
+        const box = $("form-error");
+        say(box, key, vars);
+        box.hidden = false;
+      }
+      return;
+    }
+    if (answer.status === 422) {
+      state.job = null;
+      setRunning(false);
+      $("overlay").hidden = true;
+      $("empty").hidden = Boolean(state.shown);
+      if (state.shown) showEntry(state.shown);
+      showValidation(answer.body && answer.body.detail);
+      return;
+    }
+    const id = answer.body.job_id;
+    const match = /(\d+)\s*$/.exec(answer.body.message || "");
+    state.job.id = id;
+    state.job.position = match ? Number(match[1]) : null;
+    addEntry({ id, prompt: body.prompt, status: "PENDING", created: Date.now() });
+    setRunning(true);
+    showProgress(state.job.position ? "queuedAt" : "queued", state.job.position ? { position: state.job.position } : null, 0);
+    follow(id);
+  }
+
+  function isCurrent(id) {
+    return state.job !== null && state.job.id === id;
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /** Follow a job to its end: the event stream when the server has one, else /status every second. */
+  async function follow(id) {
+    let failures = 0;
+    while (isCurrent(id)) {
+      const signal = state.job.controller.signal;
+      try {
+        const final = state.features.events ? await stream(id, signal) : await poll(id, signal);
+        failures = 0;
+        if (final) {
+          await finish(id, final);
+          return;
+        }
+      } catch (error) {
+        if (!isCurrent(id)) return;
+        if (error instanceof HttpError && error.status === 404) {
+          finishExpired(id);
+          return;
+        }
+        if (error instanceof HttpError && error.status === 401) {
+          await keyGiven();
+          continue;
+        }
+        failures += 1;
+        if (error instanceof DownError || error instanceof TypeError || failures > 1) showNotice("warn", "reconnecting");
+        await sleep(Math.min(250 * failures, 2000));
+      }
+    }
+  }
+
+  async function poll(id, signal) {
+    for (;;) {
+      const { body } = await call(`/status/${encodeURIComponent(id)}`, { signal });
+      onStatus(id, body);
+      if (TERMINAL.has(body.status)) return body;
+      await sleep(POLL_MS);
+      if (!isCurrent(id)) return null;
+    }
+  }
+
+  async function stream(id, signal) {
+    const query = state.features.preview ? "?preview=1" : "";
+    const response = await api(`/events/${encodeURIComponent(id)}${query}`, { signal, accept: "text/event-stream" });
+    if (!response.ok) throw new HttpError(response.status, await readJson(response));
+    if (!response.body) return poll(id, signal);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let event = { event: "message", data: [] };
+    for (;;) {
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (error) {
+        if (error.name === "AbortError") throw error;
+        throw new DownError(String(error));
+      }
+      if (chunk.done) return null; // the server closed the stream before the end: follow again
+      buffer += decoder.decode(chunk.value, { stream: true });
+      let newline;
+      while ((newline = buffer.search(/\r\n|\r|\n/)) >= 0) {
+        const line = buffer.slice(0, newline);
+        buffer = buffer.slice(newline + (buffer.startsWith("\r\n", newline) ? 2 : 1));
+        if (line === "") {
+          if (event.data.length) {
+            const data = JSON.parse(event.data.join("\n"));
+            if (event.event === "status") {
+              onStatus(id, data);
+              if (TERMINAL.has(data.status)) {
+                reader.cancel().catch(() => {});
+                return data;
+              }
+            } else if (event.event === "preview") {
+              onPreview(id, data);
+            }
+          }
+          event = { event: "message", data: [] };
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") event.event = value;
+          else if (field === "data") event.data.push(value);
+        }
+      }
+    }
+  }
+
+  function onStatus(id, body) {
+    if (!isCurrent(id)) return;
+    hideNotice();
+    updateEntry(id, { status: body.status });
+    const meta = body.meta || {};
+    if (body.status === "PENDING") {
+      const position = state.job.position;
+      showProgress(position ? "queuedAt" : "queued", position ? { position } : null, 0);
+    } else if (body.status === "STARTED" || body.status === "PROGRESS") {
+      const step = meta.step || "starting";
+      let detail = null;
+      if (meta.current_step !== undefined && meta.current_step !== null && meta.total_steps) {
+        const parts = { current: meta.current_step, total: meta.total_steps };
+        detail = { key: "stepOf", vars: parts };
+        if (meta.eta_s !== undefined && meta.eta_s !== null) {
+          detail = { key: "stepEta", vars: { ...parts, seconds: Math.max(1, Math.ceil(meta.eta_s)) } };
+        }
+      }
+      showProgress(`step_${step}`, null, meta.progress, detail);
+    }
+  }
+
+  function onPreview(id, data) {
+    if (!isCurrent(id) || !data.image) return;
+    const img = $("preview");
+    img.src = data.image;
+    img.hidden = false;
+  }
+
+  async function finish(id, body) {
+    if (body.status === "SUCCESS") {
+      const result = body.result || {};
+      const metadata = result.metadata || {};
+      reserve(metadata.width, metadata.height);
+      showProgress("loadingImage", null, 100);
+      const entry = updateEntry(id, { status: "SUCCESS", filename: result.filename, url: result.url, metadata, images: result.images || undefined });
+      if (typeof metadata.seed === "number") {
+        store.set(LAST_SEED, metadata.seed);
+        $("seed-reuse").disabled = false;
+      }
+      try {
+        await showEntry(entry || { id, status: "SUCCESS", url: result.url, filename: result.filename, metadata, prompt: metadata.prompt });
+      } catch (error) {
+        const [key, vars] = explain(error);
+        showNotice("", "errImage", { detail: t(key, vars) });
+      }
+    } else if (body.status === "FAILURE") {
+      updateEntry(id, { status: "FAILURE", error: body.error });
+      $("overlay").hidden = true;
+      $("preview").hidden = true;
+      $("empty").hidden = false;
+      showNotice("", "errFailed", { detail: body.error || "?" });
+    } else {
+      updateEntry(id, { status: "REVOKED", error: body.error });
+      $("overlay").hidden = true;
+      $("preview").hidden = true;
+      $("empty").hidden = false;
+      showNotice("info", "errCancelled");
+    }
+    if (isCurrent(id)) {
+      state.job = null;
+      setRunning(false);
+    }
+    checkHealth(); // the worker that ran it is surely up by now
+  }
+
+  function finishExpired(id) {
+    updateEntry(id, { expired: true });
+    $("overlay").hidden = true;
+    $("empty").hidden = false;
+    showNotice("warn", "errExpired");
+    state.job = null;
+    setRunning(false);
+  }
+
+  async function cancel() {
+    const job = state.job;
+    if (!job || !job.id) return;
+    $("cancel").disabled = true;
+    try {
+      const answer = await call(`/cancel/${encodeURIComponent(job.id)}`, { method: "POST", allow: [409] });
+      if (answer.status === 200 && isCurrent(job.id)) {
+        job.controller.abort();
+        await finish(job.id, { status: "REVOKED", error: null });
+      }
+    } catch (error) {
+      $("cancel").disabled = false;
+      if (!(error instanceof HttpError && error.status === 401)) {
+        const [key, vars] = explain(error);
+        showNotice("", key, vars);
+      }
+    }
+  }
+
+  // -- results ----------------------------------------------------------------------------------------
+  async function imageURL(url) {
+    if (state.blobs.has(url)) return state.blobs.get(url);
+    const response = await api(url);
+    if (!response.ok) throw new HttpError(response.status, await readJson(response));
+    const objectURL = URL.createObjectURL(await response.blob());
+    state.blobs.set(url, objectURL);
+    return objectURL;
+  }
+
+  function entryURL(entry) {
+    return entry.url || (entry.filename ? `/outputs/${encodeURIComponent(entry.filename)}` : `/image/${entry.id}`);
+  }
+
+  /** The image ``index`` of a job: jobs with several images (num_images) list them in ``result.images``. */
+  function imageOf(entry, index) {
+    const metadata = entry.metadata || {};
+    const images = Array.isArray(entry.images) && entry.images.length ? entry.images : null;
+    if (!images) return { url: entryURL(entry), filename: entry.filename, seed: metadata.seed };
+    const image = images[Math.max(0, Math.min(index, images.length - 1))];
+    return {
+      url: image.url || `/outputs/${encodeURIComponent(image.filename)}`,
+      filename: image.filename,
+      seed: image.seed ?? metadata.seed,
+    };
+  }
+
+  async function showEntry(entry, index = 0) {
+    state.shown = entry;
+    state.shownIndex = index;
+    const metadata = entry.metadata || {};
+    reserve(metadata.width, metadata.height);
+    const chosen = imageOf(entry, index);
+    const src = await imageURL(chosen.url);
+    if (state.shown !== entry || state.shownIndex !== index) return;
+    const img = $("image");
+    // shown once decoded (no flash of an empty box), but never held back by a tab the browser throttles
+    const loaded = new Promise((resolve) => {
+      img.onload = resolve;
+      img.onerror = resolve;
+    });
+    img.src = src;
+    await Promise.race([loaded, sleep(1500)]);
+    img.alt = entry.prompt || metadata.prompt || "";
+    img.hidden = false;
+    $("preview").hidden = true;
+    $("overlay").hidden = true;
+    $("empty").hidden = true;
+    state.shownSeed = chosen.seed;
+    renderParams(entry, chosen.seed);
+    renderVariants(entry, index);
+    const link = $("download");
+    link.href = src;
+    link.download = chosen.filename || `${entry.id}.png`;
+    $("details").hidden = false;
+    $("copied").textContent = "";
+    for (const li of document.querySelectorAll("#gallery li")) li.classList.toggle("current", li.dataset.id === entry.id);
+  }
+
+  function renderVariants(entry, index) {
+    const box = $("variants");
+    box.replaceChildren();
+    const images = Array.isArray(entry.images) ? entry.images : [];
+    box.hidden = images.length < 2;
+    if (images.length < 2) return;
+    images.forEach((_, i) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "variant";
+      button.setAttribute("aria-pressed", String(i === index));
+      button.dataset.i18nAriaLabel = "imageOf";
+      button.dataset.i18nVars = JSON.stringify({ n: i + 1, total: images.length });
+      button.setAttribute("aria-label", t("imageOf", { n: i + 1, total: images.length }));
+      const thumb = document.createElement("img");
+      thumb.alt = "";
+      imageURL(imageOf(entry, i).url).then((src) => { thumb.src = src; }).catch(() => {});
+      button.append(thumb);
+      button.addEventListener("click", () => showEntry(entry, i));
+      box.append(button);
+    });
+  }
+
+  function renderParams(entry, seed) {
+    const m = entry.metadata || {};
+    const dl = $("params");
+    dl.replaceChildren();
+    const add = (key, value, wide) => {
+      if (value === undefined || value === null || value === "") return;
+      const div = document.createElement("div");
+      if (wide) div.className = wide === true ? "wide" : wide;
+      const dt = document.createElement("dt");
+      say(dt, key);
+      const dd = document.createElement("dd");
+      dd.textContent = String(value);
+      div.append(dt, dd);
+      div.dataset.param = key.replace(/^p_/, "");
+      dl.append(div);
+    };
+    add("p_seed", seed ?? m.seed);
+    add("p_model", m.model);
+    add("p_steps", m.steps);
+    add("p_guidance_scale", m.guidance_scale);
+    if (m.width && m.height) add("p_size", `${m.width} × ${m.height}`);
+    add("p_sampler", m.sampler || m.scheduler);
+    if (m.ip_strength) add("p_ip_strength", m.ip_strength);
+    if (Array.isArray(m.loras) && m.loras.length) add("p_loras", m.loras.map((l) => `${l.name} × ${l.weight}`).join(", "), "two");
+    if (m.num_images && m.num_images > 1) add("num_images", m.num_images);
+    if (m.clip_skip) add("clip_skip", m.clip_skip);
+    if (m.strength !== undefined && m.strength !== null && (m.init_image || m.mode === "img2img")) add("strength", m.strength);
+    add("p_prompt", m.prompt ?? entry.prompt, true);
+    if (m.final_prompt && m.final_prompt !== m.prompt) add("p_final_prompt", m.final_prompt, true);
+    add("p_negative_prompt", m.negative_prompt, true);
+  }
+
+  function reuseSettings() {
+    const entry = state.shown;
+    if (!entry) return;
+    const m = entry.metadata || {};
+    $("prompt").value = m.prompt ?? entry.prompt ?? "";
+    const model = state.models.find((x) => x.id === m.model);
+    if (model) {
+      $("model").value = model.id;
+      onModelChange();
+    }
+    $("negative_prompt").value = m.negative_prompt && (!model || m.negative_prompt !== model.default_negative) ? m.negative_prompt : "";
+    const chosen = new Map((m.loras || []).map((l) => [l.name, l.weight]));
+    for (const b of document.querySelectorAll("#loras input[type=checkbox]")) {
+      b.checked = chosen.has(b.value);
+      if (b.checked) {
+        const slider = $(`lora-weight-${b.value}`);
+        slider.value = String(chosen.get(b.value));
+        slider.dispatchEvent(new Event("input"));
+      }
+    }
+    onLoraToggle();
+    if (m.steps !== undefined) $("steps").value = m.steps;
+    if (m.guidance_scale !== undefined) $("guidance_scale").value = m.guidance_scale;
+    const seed = state.shownSeed ?? m.seed;
+    if (typeof seed === "number") {
+      $("seed-random").checked = false;
+      $("seed").value = seed;
+      onRandomToggle();
+    }
+    for (const name of state.extras) {
+      const input = $(name);
+      if (input && input.dataset.kind !== "file" && m[name] !== undefined && m[name] !== null && typeof m[name] !== "object") {
+        if (input.dataset.kind === "boolean") input.checked = Boolean(m[name]);
+        else input.value = String(m[name]);
+      }
+    }
+    say($("copied"), "reused");
+    $("prompt").focus();
+  }
+
+  async function copySeed() {
+    const seed = state.shownSeed;
+    if (seed === undefined || seed === null) return;
+    try {
+      await navigator.clipboard.writeText(String(seed));
+    } catch {
+      const area = document.createElement("textarea");
+      area.value = String(seed);
+      area.setAttribute("aria-hidden", "true");
+      document.body.append(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    say($("copied"), "copied", { seed });
+  }
+
+  function reuseLastSeed() {
+    const seed = store.get(LAST_SEED);
+    if (seed === null) return;
+    $("seed-random").checked = false;
+    $("seed").value = seed;
+    onRandomToggle();
+  }
+
+  // -- the gallery (this browser's jobs) --------------------------------------------------------------
+  const entries = () => store.get(GALLERY, []);
+
+  function addEntry(entry) {
+    const list = [entry, ...entries().filter((e) => e.id !== entry.id)].slice(0, GALLERY_MAX);
+    store.set(GALLERY, list);
+    renderGallery();
+  }
+
+  function updateEntry(id, changes) {
+    const list = entries();
+    const entry = list.find((e) => e.id === id);
+    if (!entry) return null;
+    const before = JSON.stringify(entry);
+    Object.assign(entry, changes);
+    if (JSON.stringify(entry) !== before) {
+      store.set(GALLERY, list);
+      renderGallery();
+    }
+    return entry;
+  }
+
+  function badgeFor(entry) {
+    if (entry.expired) return ["expired", "expired"];
+    if (entry.status === "FAILURE") return ["failed", "failed"];
+    if (entry.status === "REVOKED") return ["cancelled", ""];
+    if (!TERMINAL.has(entry.status)) return ["running", ""];
+    return null;
+  }
+
+  function renderGallery() {
+    const list = entries();
+    const ul = $("gallery");
+    ul.replaceChildren();
+    $("gallery-empty").hidden = list.length > 0;
+    $("gallery-clear").hidden = list.length === 0;
+    for (const entry of list) {
+      const li = document.createElement("li");
+      li.dataset.id = entry.id;
+      li.dataset.status = entry.expired ? "expired" : entry.status;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "thumb";
+      button.title = entry.prompt || "";
+      const pic = document.createElement("span");
+      pic.className = "pic";
+      const badge = badgeFor(entry);
+      if (entry.status === "SUCCESS") {
+        const img = document.createElement("img");
+        img.alt = "";
+        img.loading = "lazy";
+        const url = entryURL(entry);
+        if (state.blobs.has(url)) img.src = state.blobs.get(url);
+        else {
+          imageURL(url).then((src) => { img.src = src; }).catch(() => {
+            img.remove();
+            if (!entry.expired) updateEntry(entry.id, { expired: true });
+          });
+        }
+        pic.append(img);
+      }
+      if (badge) {
+        const span = document.createElement("span");
+        span.className = `badge ${badge[1]}`;
+        say(span, badge[0]);
+        pic.append(span);
+      }
+      const cap = document.createElement("span");
+      cap.className = "cap";
+      cap.textContent = entry.prompt || entry.id;
+      button.append(pic, cap);
+      button.addEventListener("click", () => openEntry(entry.id));
+      li.append(button);
+      ul.append(li);
+    }
+  }
+
+  function openEntry(id) {
+    const entry = entries().find((e) => e.id === id);
+    if (!entry) return;
+    clearErrors();
+    if (entry.status === "SUCCESS") {
+      showEntry(entry).catch((error) => {
+        const [key, vars] = explain(error);
+        showNotice("warn", key, vars);
+      });
+      if (entry.expired) showNotice("warn", "expiredLong");
+    } else if (entry.expired) {
+      showNotice("warn", "expiredLong");
+    } else if (entry.status === "FAILURE") {
+      showNotice("", "errFailed", { detail: entry.error || "?" });
+    } else if (entry.status === "REVOKED") {
+      showNotice("info", "errCancelled");
+    }
+    $("frame").scrollIntoView({ block: "nearest" });
+  }
+
+  /** Ask the server about each remembered job: expired ones (404) are marked so; a running one is followed. */
+  async function refreshGallery() {
+    for (const entry of entries()) {
+      if (entry.expired) continue;
+      try {
+        const { body } = await call(`/status/${encodeURIComponent(entry.id)}`);
+        if (!TERMINAL.has(body.status) && !state.job) {
+          state.job = { id: entry.id, controller: new AbortController(), position: null };
+          setRunning(true);
+          $("details").hidden = true;
+          follow(entry.id);
+        } else if (TERMINAL.has(body.status) && !TERMINAL.has(entry.status)) {
+          const result = body.result || {};
+          updateEntry(entry.id, { status: body.status, error: body.error, filename: result.filename, url: result.url, metadata: result.metadata, images: result.images || undefined });
+        }
+      } catch (error) {
+        if (error instanceof HttpError && error.status === 404) updateEntry(entry.id, { expired: true });
+        else if (!(error instanceof HttpError)) return; // the server is down: try again later
+      }
+    }
+  }
+
+  // -- start ------------------------------------------------------------------------------------------
+  async function boot() {
+    try {
+      const [doc, models, loras] = await Promise.all([
+        call("/openapi.json").then((a) => a.body).catch((error) => {
+          if (error instanceof HttpError && error.status === 401) throw error;
+          if (error instanceof DownError) throw error;
+          return null; // no document: the reference's ranges, no extras
+        }),
+        call("/models"),
+        call("/loras"),
+      ]);
+      state.models = models.body.models || [];
+      state.loras = loras.body.loras || [];
+      applySchema(doc);
+      renderModels();
+      renderLoras();
+      state.ready = true;
+      $("generate").disabled = false;
+      $("form-error").hidden = true;
+      document.body.dataset.ready = "true";
+      checkHealth();
+      refreshGallery();
+    } catch (error) {
+      if (error instanceof HttpError && error.status === 401) return; // boot() again once a key is given
+      setHealth("down", "serverDown");
+      const [key, vars] = explain(error);
+      const box = $("form-error");
+      say(box, key, vars);
+      box.hidden = false;
+      setTimeout(boot, 3000);
+    }
+  }
+
+  function wire() {
+    $("lang").addEventListener("change", () => {
+      lang = $("lang").value;
+      store.set(LANG, lang);
+      applyLang();
+    });
+    $("form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      generate();
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        if ($("keybox").hidden) generate();
+      }
+    });
+    $("cancel").addEventListener("click", cancel);
+    $("model").addEventListener("change", onModelChange);
+    $("seed-random").addEventListener("change", onRandomToggle);
+    $("seed-reuse").addEventListener("click", reuseLastSeed);
+    $("seed-reuse").disabled = store.get(LAST_SEED) === null;
+    $("copy-seed").addEventListener("click", copySeed);
+    $("reuse").addEventListener("click", reuseSettings);
+    $("key-form").addEventListener("submit", onKeySubmit);
+    $("key-button").addEventListener("click", () => {
+      $("keybox").hidden = !$("keybox").hidden;
+      $("key-forget").hidden = !store.get(KEY);
+      $("key-error").hidden = true;
+      if (!$("keybox").hidden) $("key-input").focus();
+    });
+    $("key-forget").addEventListener("click", () => {
+      store.set(KEY, null);
+      $("key-forget").hidden = true;
+      $("key-input").focus();
+    });
+    $("gallery-clear").addEventListener("click", () => {
+      store.set(GALLERY, []);
+      renderGallery();
+    });
+    if (store.get(KEY)) $("key-button").hidden = false;
+    $("generate").disabled = true;
+  }
+
+  wire();
+  applySchema(null); // the reference's ranges until the server's document says better
+  applyLang();
+  renderGallery();
+  checkHealth();
+  boot();
+})();

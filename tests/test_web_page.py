@@ -1,0 +1,641 @@
+"""The web page (``GET /``) in a real browser: Playwright drives Debian's chromium against real ``imagen serve``
+processes (the scripted test engine, and diffusers with the tiny fixtures).
+
+One browser and a few servers serve the whole module; each test opens a fresh browser context (its own
+localStorage). Screenshots of the main states go to ``$IMAGEN_SCREENSHOTS_DIR`` (else a temporary folder,
+printed at the end). Every wait is on a condition (Playwright's ``expect``), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from imagen.access.keys import add_key
+from tests.conftest import REFERENCE_REGISTRY, REPO, SCRIPTED_ENGINE, ServerProcess, free_port, wait_for
+from tests.engine_fixtures import fixtures_registry_path
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():  # .ci/run installs it; a bare machine says why the module did not run
+    pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium",
+                allow_module_level=True)
+
+from axe_playwright_python import sync_playwright as axe_package  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
+
+AXE_JS = Path(axe_package.__file__).resolve().parent / "axe.min.js"
+TIMEOUT_MS = 30_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+# -- servers, browser, screenshots -------------------------------------------------------------------
+class Servers:
+    """``imagen serve`` processes for this module, each in its own folder, all stopped at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[ServerProcess] = []
+
+    def start(self, name: str, **settings: str) -> ServerProcess:
+        home = self.root / name
+        home.mkdir()
+        (home / "reference").mkdir()
+        (home / "reference" / "electra_ref.png").write_bytes(b"not read by test engines")
+        registry = home / "registry.yaml"
+        registry.write_text(REFERENCE_REGISTRY.replace("size: 64", "size: 512"))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "IMAGEN_DATA_DIR": str(home / "data"),
+            "IMAGEN_OUTPUTS_DIR": str(home / "outputs"),
+            "IMAGEN_REGISTRY_PATH": str(registry),
+            "IMAGEN_ENGINE": SCRIPTED_ENGINE,
+            "IMAGEN_TEST_EXECUTION_LOG": str(home / "executions.log"),
+        }
+        env.update({f"IMAGEN_{key.upper()}": value for key, value in settings.items()})
+        if not env["IMAGEN_REGISTRY_PATH"]:  # no registry: the built-in demo model
+            del env["IMAGEN_REGISTRY_PATH"]
+        server = ServerProcess(env, free_port(), home / "server.log")
+        self.started.append(server)
+        server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    running = Servers(tmp_path_factory.mktemp("web-servers"))
+    yield running
+    running.stop_all()
+
+
+@pytest.fixture(scope="module")
+def scripted(servers: Servers) -> ServerProcess:
+    """The scripted engine: the prompt says what the job does ("sleep 2", "fatal"; tests/engines.py)."""
+    return servers.start("scripted")
+
+
+@pytest.fixture(scope="module")
+def diffusers(servers: Servers) -> ServerProcess:
+    """Real diffusers pipelines on CPU with the tiny fixtures (64 px, a LoRA with trigger words)."""
+    return servers.start(
+        "diffusers", engine="diffusers", registry_path=str(fixtures_registry_path()), device="cpu", dtype="float32"
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(servers: Servers) -> ServerProcess:
+    """A fresh install: no registry, the built-in demo model (SDXL's pipeline, tiny weights, 1024 px)."""
+    return servers.start("demo", engine="diffusers", registry_path="", device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_the_models_early(request: pytest.FixtureRequest) -> None:
+    """Start the real-pipeline servers first when this run has tests for them: their workers load the models
+    while the scripted tests (mostly waiting on the browser) run; those tests come last in the file."""
+    wanted = {name for item in request.session.items if item.module is request.module
+              for name in getattr(item, "fixturenames", ())}
+    for name in ("diffusers", "demo"):
+        if name in wanted:
+            request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = Path(os.environ.get("IMAGEN_SCREENSHOTS_DIR") or tmp_path_factory.mktemp("web-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    print(f"\nweb page screenshots: {folder}: {', '.join(sorted(p.name for p in folder.glob('*.png')))}")
+
+
+@pytest.fixture
+def make_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """A page in a fresh context (own localStorage); uncaught script errors fail the test."""
+    contexts: list[BrowserContext] = []
+    errors: list[str] = []
+
+    def build(
+        server: ServerProcess, width: int = 1280, height: int = 800, locale: str = "en-US", dark: bool = False
+    ) -> Page:
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, locale=locale, color_scheme="dark" if dark else "light"
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server.url + "/")
+        return page
+
+    yield build
+    for context in contexts:
+        context.close()
+    assert not errors, f"script errors in the page: {errors}"
+
+
+def ready(page: Page) -> Page:
+    expect(page.locator("body[data-ready=true]")).to_be_attached()
+    return page
+
+
+def run_job(page: Page, prompt: str) -> None:
+    page.locator("#prompt").fill(prompt)
+    page.locator("#prompt").press("Control+Enter")
+
+
+def generate_and_wait(page: Page, prompt: str) -> dict[str, Any]:
+    """Generate, and wait until that job (not an earlier one) is done and shown; its gallery entry."""
+    before = len(gallery(page))
+    run_job(page, prompt)
+    page.wait_for_function(
+        "n => { const g = JSON.parse(localStorage.getItem('imagen.gallery') || '[]');"
+        " return g.length > n && ['SUCCESS', 'FAILURE', 'REVOKED'].includes(g[0].status); }",
+        arg=min(before, 23),
+    )
+    expect(page.locator("#generate")).to_be_enabled()
+    entry = gallery(page)[0]
+    assert entry["status"] == "SUCCESS", entry
+    wait_image(page)
+    return entry
+
+
+def wait_image(page: Page) -> None:
+    expect(page.locator("#image")).to_be_visible()
+    expect(page.locator("#details")).to_be_visible()
+
+
+def param(page: Page, name: str) -> str:
+    return page.locator(f'#params [data-param="{name}"] dd').inner_text()
+
+
+def image_loaded(page: Page, selector: str) -> None:
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0 }", arg=selector
+    )
+
+
+def gallery(page: Page) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = page.evaluate("JSON.parse(localStorage.getItem('imagen.gallery') || '[]')")
+    return entries
+
+
+def shown_image_bytes(page: Page) -> bytes:
+    """The bytes of the image on the stage, as the page holds them (its object URL)."""
+    encoded = page.evaluate(
+        """async () => {
+            const blob = await (await fetch(document.getElementById('image').src)).blob();
+            const bytes = new Uint8Array(await blob.arrayBuffer());
+            let text = '';
+            for (const b of bytes) text += String.fromCharCode(b);
+            return btoa(text);
+        }"""
+    )
+    return base64.b64decode(encoded)
+
+
+def check_accessibility(page: Page, where: str) -> None:
+    """axe-core (the copy axe-playwright-python ships) run in the page: no serious or critical violation."""
+    page.add_script_tag(path=str(AXE_JS))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    bad = [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[node['target'] for node in v['nodes']][:3]}"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert not bad, f"{where}: {bad}"
+
+
+def job_status(server: ServerProcess, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    with server.client() as http:
+        body: dict[str, Any] = http.get(f"/status/{job_id}", headers=headers or {}).json()
+        return body
+
+
+# -- scenarios -----------------------------------------------------------------------------------------
+def test_cancel_a_running_job(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
+    page = ready(make_page(scripted))
+    page.locator("#steps").fill("50")
+    run_job(page, "sleep 60")
+    expect(page.locator("#phase")).to_have_text("Drawing")  # step names from the job's progress
+    expect(page.locator("#eta")).to_contain_text("of 50")
+    expect(page.locator("#cancel")).to_be_visible()
+    page.screenshot(path=shots / "04-progress.png")
+    check_accessibility(page, "while a job runs")
+    page.locator("#cancel").click()
+    expect(page.locator("#notice")).to_have_text("Generation cancelled.")
+    expect(page.locator("#cancel")).to_be_hidden()
+    job_id = gallery(page)[0]["id"]
+    assert job_status(scripted, job_id)["status"] == "REVOKED"
+    expect(page.locator(f'#gallery li[data-id="{job_id}"]')).to_contain_text("Cancelled")
+
+
+def test_a_422_is_shown_next_to_the_field(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
+    page = ready(make_page(scripted))
+    page.locator("#steps").fill("5")  # the reference: 10-100; the page lets the server say so
+    run_job(page, "a boat")
+    error = page.locator("#error-steps")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("10")  # the server's own message ("greater than or equal to 10")
+    expect(page.locator("#steps")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#steps")).to_be_focused()
+    expect(page.locator("#form-error")).to_have_text("Some settings are not accepted; see the field marked in red.")
+    expect(page.locator("#error-guidance_scale")).to_be_hidden()
+    page.screenshot(path=shots / "05-invalid-field.png")
+    assert gallery(page) == []
+    # corrected, it goes through and the mark goes away
+    page.locator("#steps").fill("10")
+    page.locator("#generate").click()
+    wait_image(page)
+    expect(page.locator("#error-steps")).to_be_hidden()
+    expect(page.locator("#steps")).not_to_have_attribute("aria-invalid", "true")
+
+
+def test_the_queue_position_then_the_queue_full_as_a_sentence(
+    make_page: Callable[..., Page], servers: Servers, shots: Path
+) -> None:
+    server = servers.start("queue", max_queue="1")
+    with server.client() as http:
+        running = http.post("/generate", json={"prompt": "sleep 60", "steps": 10}).json()["job_id"]
+        wait_for(lambda: job_status(server, running)["status"] == "PROGRESS", timeout=30)
+    waiting_page = ready(make_page(server))
+    waiting_page.locator("#steps").fill("10")
+    run_job(waiting_page, "sleep 60")
+    expect(waiting_page.locator("#phase")).to_have_text("Waiting in the queue · position 1")
+    waiting_page.screenshot(path=shots / "06a-queued.png")
+    waiting = gallery(waiting_page)[0]["id"]
+
+    page = ready(make_page(server))  # someone else, while the queue is full
+    run_job(page, "one more")
+    error = page.locator("#form-error")
+    expect(error).to_contain_text("The queue is full right now; try again in a moment.")
+    expect(error).to_contain_text("Queue pleine, réessayez plus tard")  # the API's message, as it came
+    expect(page.locator("#generate")).to_be_enabled()
+    page.screenshot(path=shots / "06b-queue-full.png")
+    with server.client() as http:
+        http.post(f"/cancel/{running}")
+    expect(waiting_page.locator("#phase")).to_have_text("Drawing")  # its turn came
+    waiting_page.locator("#cancel").click()
+    expect(waiting_page.locator("#notice")).to_have_text("Generation cancelled.")
+    assert job_status(server, waiting)["status"] == "REVOKED"
+    run_job(page, "one more")  # room again
+    wait_image(page)
+
+
+def test_the_server_stopped_mid_job_then_back(
+    make_page: Callable[..., Page], servers: Servers, shots: Path
+) -> None:
+    server = servers.start("restart")
+    page = ready(make_page(server))
+    page.locator("#steps").fill("10")
+    run_job(page, "sleep 3")
+    expect(page.locator("#phase")).to_have_text("Drawing")
+    server.stop()
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("The server stopped answering. Retrying")
+    expect(page.locator("#health")).to_contain_text("Server unreachable")
+    page.screenshot(path=shots / "07-server-down.png")
+    server.start()  # same port, same data: the job runs again
+    wait_image(page)
+    expect(notice).to_be_hidden()
+    assert gallery(page)[0]["status"] == "SUCCESS"
+    # and a new job works at once
+    run_job(page, "after the restart")
+    wait_image(page)
+    expect(page.locator("#params")).to_contain_text("after the restart")
+
+
+def test_reload_keeps_the_gallery_and_shows_expired_jobs(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(scripted))
+    expect(page.locator("#gallery-empty")).to_be_visible()
+    for prompt in ("a red fox in the snow", "a blue whale"):
+        generate_and_wait(page, prompt)
+    kept = gallery(page)
+    assert [entry["prompt"] for entry in kept] == ["a blue whale", "a red fox in the snow"]
+    page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+    page.screenshot(path=shots / "00-web-page.png")  # the README's picture (docs/web-page.png)
+    # a job the server no longer knows (finished more than an hour ago)
+    gone = {"id": str(uuid.uuid4()), "prompt": "an old job", "status": "PENDING", "created": 0}
+    page.evaluate("entry => localStorage.setItem('imagen.gallery', JSON.stringify([...JSON.parse("
+                  "localStorage.getItem('imagen.gallery')), entry]))", gone)
+    page.reload()
+    ready(page)
+    items = page.locator("#gallery li")
+    expect(items).to_have_count(3)
+    for entry in kept:
+        image_loaded(page, f'#gallery li[data-id="{entry["id"]}"] img')
+    expired = page.locator(f'#gallery li[data-id="{gone["id"]}"]')
+    expect(expired).to_have_attribute("data-status", "expired")
+    expect(expired).to_contain_text("Expired")
+    expect(page.locator("#notice")).to_be_hidden()  # not an error
+    page.locator(f'#gallery li[data-id="{kept[1]["id"]}"] button').click()
+    wait_image(page)
+    expect(page.locator("#params")).to_contain_text("a red fox in the snow")
+    expired.locator("button").click()
+    expect(page.locator("#notice")).to_contain_text("expired")
+    page.locator("#gallery").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "08-gallery-after-reload.png")
+
+
+def test_usable_at_360_px(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
+    page = ready(make_page(scripted, width=360, height=740))
+    page.screenshot(path=shots / "09-phone-empty.png", full_page=True)
+    run_job(page, "a small house by a lake")
+    wait_image(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360  # nothing sticks out sideways
+    for selector in ("#prompt", "#generate", "#frame", "#download", "#steps", "#seed"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, selector
+    page.screenshot(path=shots / "10-phone-result.png", full_page=True)
+    check_accessibility(page, "at 360 px")
+
+
+def test_french_and_english(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
+    page = ready(make_page(scripted, locale="fr-FR", dark=True))  # follows the browser's language (and theme)
+    expect(page.locator("html")).to_have_attribute("lang", "fr")
+    expect(page.locator("#generate")).to_have_text("Générer")
+    expect(page.locator('label[for="negative_prompt"]')).to_have_text("Prompt négatif")
+    run_job(page, "fatal")
+    notice = page.locator("#notice")
+    expect(notice).to_have_text("La génération a échoué : weight file missing: /models/nowhere.safetensors")
+    page.screenshot(path=shots / "11-french-failed-dark.png")
+    check_accessibility(page, "in French, dark, after a failure")
+    page.locator("#lang").select_option("en")  # the switch
+    expect(page.locator("html")).to_have_attribute("lang", "en")
+    expect(page.locator("#generate")).to_have_text("Generate")
+    expect(page.locator('label[for="negative_prompt"]')).to_have_text("Negative prompt")
+    expect(notice).to_have_text("The generation failed: weight file missing: /models/nowhere.safetensors")
+    page.reload()  # the choice is kept
+    ready(page)
+    expect(page.locator("#generate")).to_have_text("Generate")
+    expect(page.locator(".badge.failed")).to_have_text("Failed")
+
+
+def test_an_api_key_required_then_given(
+    make_page: Callable[..., Page], servers: Servers, tmp_path: Path, shots: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    key = add_key(keys, "browser")
+    server = servers.start("keys", api_keys_file=str(keys))
+    assert httpx.get(server.url + "/ui/app.js").status_code == 200  # the page's files need no key
+    page = make_page(server, locale="fr-FR")
+    keybox = page.locator("#keybox")
+    expect(keybox).to_be_visible()
+    expect(page.locator("#key-input")).to_be_focused()
+    page.screenshot(path=shots / "12-key-required.png")
+    check_accessibility(page, "asking for a key")
+    page.locator("#key-input").fill("imk_not-a-key")
+    page.locator("#key-input").press("Enter")
+    expect(page.locator("#key-error")).to_have_text("Le serveur refuse cette clé : Clé API invalide")
+    expect(keybox).to_be_visible()
+    page.locator("#key-input").fill(key)
+    page.locator("#key-save").click()
+    ready(page)
+    expect(keybox).to_be_hidden()
+    assert json.loads(page.evaluate("localStorage.getItem('imagen.apiKey')")) == key
+    run_job(page, "a key-holder's image")
+    wait_image(page)
+    job_id = gallery(page)[0]["id"]
+    assert job_status(server, job_id, {"Authorization": f"Bearer {key}"})["status"] == "SUCCESS"
+    page.reload()  # the key is kept: the gallery's image loads with it
+    ready(page)
+    expect(keybox).to_be_hidden()
+    image_loaded(page, f'#gallery li[data-id="{job_id}"] img')
+
+
+def test_live_previews_and_the_extra_fields_come_from_the_server(
+    make_page: Callable[..., Page], servers: Servers
+) -> None:
+    server = servers.start("previews", engine="test-pattern", test_pattern_seconds="4")
+    page = ready(make_page(server))
+    # every field the server's document offers beyond the page's own gets a control, and only those
+    document = httpx.get(server.url + "/openapi.json").json()
+    offered = document["components"]["schemas"]["GenerationRequest"]["properties"]
+    core = {"prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "webhook",
+            "webhook_events_filter"}
+    expected = {name for name, spec in offered.items()
+                if name not in core and not (name == "ip_strength" and spec.get("maximum") == 0)}
+    assert set(page.locator("#extras [name]").evaluate_all("els => els.map(e => e.name)")) == expected
+    for name in expected:
+        expect(page.locator(f'label[for="{name}"]')).to_be_visible()
+    page.locator("#steps").fill("20")
+    run_job(page, "a preview please")
+    preview = page.locator("#preview")
+    expect(preview).to_be_visible()  # streamed with ?preview=1 while the job runs
+    assert (preview.get_attribute("src") or "").startswith("data:image/jpeg;base64,")
+    expect(page.locator("#bar")).not_to_have_attribute("aria-valuenow", "0")
+    wait_image(page)
+    expect(preview).to_be_hidden()
+
+
+def test_without_events_or_cancel_in_the_document_the_page_polls_and_shows_no_cancel(
+    make_page: Callable[..., Page], scripted: ServerProcess
+) -> None:
+    """An older server (no /events, no /cancel): the page reads that from /openapi.json."""
+
+    def older_document(route: Any) -> None:
+        document = route.fetch().json()
+        del document["paths"]["/events/{job_id}"], document["paths"]["/cancel/{job_id}"]
+        route.fulfill(json=document)
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", older_document)
+    page.reload()
+    ready(page)
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url.removeprefix(scripted.url)))
+    page.locator("#steps").fill("10")
+    run_job(page, "sleep 1.5")
+    expect(page.locator("#phase")).to_have_text("Drawing")
+    expect(page.locator("#cancel")).to_be_hidden()
+    wait_image(page)
+    polls = [url for url in asked if url.startswith("/status/")]
+    assert len(polls) >= 2 and not any(url.startswith("/events/") for url in asked), asked
+
+
+def test_size_images_and_sampler_appear_when_the_document_offers_them(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path
+) -> None:
+    """A server with issue 11's fields (width, height, num_images, scheduler + GET /schedulers): the page
+    draws them from its document, sends them, and puts the server's 422 for one of them under it. (This
+    server's own document lacks them, and the previews test checks that they are then absent.)"""
+    integer = {"type": "integer"}
+    extra_fields = {
+        "width": {"anyOf": [{**integer, "minimum": 512, "maximum": 2048, "multipleOf": 8}, {"type": "null"}],
+                  "default": None},
+        "height": {"anyOf": [{**integer, "minimum": 512, "maximum": 2048, "multipleOf": 8}, {"type": "null"}],
+                   "default": None},
+        "num_images": {**integer, "minimum": 1, "maximum": 4, "default": 1},
+        "scheduler": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+    }
+    sent: list[dict[str, Any]] = []
+
+    def richer_document(route: Any) -> None:
+        document = route.fetch().json()
+        document["components"]["schemas"]["GenerationRequest"]["properties"].update(extra_fields)
+        document["paths"]["/schedulers"] = {"get": {"responses": {"200": {"description": "names"}}}}
+        route.fulfill(json=document)
+
+    def refuse_width(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data or "{}"))
+        route.fulfill(status=422, json={"detail": [
+            {"type": "multiple_of", "loc": ["body", "width"], "msg": "Input should be a multiple of 8", "input": 1001}
+        ]})
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", richer_document)
+    page.route("**/schedulers", lambda route: route.fulfill(json={"schedulers": ["Euler a", "DPM++ 2M Karras"]}))
+    page.route("**/generate", refuse_width)
+    page.reload()
+    ready(page)
+    for name, label in (("width", "Width"), ("height", "Height"), ("num_images", "Number of images"),
+                        ("scheduler", "Sampler")):
+        expect(page.locator(f'label[for="{name}"]')).to_contain_text(label)
+    expect(page.locator('label[for="width"]')).to_contain_text("512–2048")
+    expect(page.locator("#scheduler option")).to_have_count(3)  # the model's default, then GET /schedulers
+    page.locator("#width").fill("1001")
+    page.locator("#height").fill("1216")
+    page.locator("#num_images").fill("2")
+    page.locator("#scheduler").select_option("DPM++ 2M Karras")
+    box = page.locator("#frame").bounding_box()
+    assert box is not None and abs(box["width"] / box["height"] - 1001 / 1216) < 0.02  # reserved at that shape
+    run_job(page, "a tall portrait")
+    expect(page.locator("#error-width")).to_have_text("Input should be a multiple of 8")
+    expect(page.locator("#width")).to_be_focused()
+    expect(page.locator("#error-height")).to_be_hidden()
+    assert sent[-1] | {"prompt": None} == {
+        "prompt": None, "model": "sdxl-base", "loras": [], "steps": 30, "guidance_scale": 7.5, "ip_strength": 0,
+        "width": 1001, "height": 1216, "num_images": 2, "scheduler": "DPM++ 2M Karras",
+    }, sent
+    page.screenshot(path=shots / "13-extra-fields.png")
+
+
+# -- real pipelines last: their servers load their models while the tests above run (load_the_models_early)
+def test_generate_with_defaults_using_the_keyboard_only(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(diffusers))
+    # model picker from /models, the model's default negative prompt as placeholder, the reference's ranges
+    expect(page.locator("#model option")).to_have_count(len(httpx.get(diffusers.url + "/models").json()["models"]))
+    assert page.locator("#negative_prompt").get_attribute("placeholder")
+    expect(page.locator("#steps")).to_have_value("30")
+    expect(page.locator("#steps-range")).to_have_text("10–100")
+    expect(page.locator("#guidance_scale-range")).to_have_text("1–30")
+    page.screenshot(path=shots / "01-empty.png")
+
+    page.keyboard.press("Tab")  # the skip link first
+    expect(page.locator(".skip")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).to_be_focused()
+    page.keyboard.type("a lighthouse on a cliff at dusk")
+    frame_before = page.locator("#frame").bounding_box()
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#overlay")).to_be_visible()  # progress shows (queue position, then steps)
+    wait_image(page)
+    # no layout shift: the box was reserved before the image came
+    assert page.locator("#frame").bounding_box() == frame_before
+    seed = param(page, "seed")
+    assert seed.isdigit()
+    assert param(page, "steps") == "30"
+    assert param(page, "prompt") == "a lighthouse on a cliff at dusk"
+    expect(page.locator("#download")).to_have_attribute("download", gallery(page)[0]["filename"])
+    job_id = gallery(page)[0]["id"]
+    assert shown_image_bytes(page) == httpx.get(f"{diffusers.url}/image/{job_id}").content
+    page.screenshot(path=shots / "02-result.png")
+    check_accessibility(page, "after a generation")
+
+    # copy seed, reuse last seed, use these settings again
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.locator("#copy-seed").click()
+    expect(page.locator("#copied")).to_contain_text(seed)
+    assert page.evaluate("navigator.clipboard.readText()") == seed
+    page.locator("#prompt").fill("")
+    page.locator("#reuse").click()
+    expect(page.locator("#prompt")).to_have_value("a lighthouse on a cliff at dusk")
+    expect(page.locator("#seed")).to_have_value(seed)
+    expect(page.locator("#seed-random")).not_to_be_checked()
+    page.locator("#seed-random").check()
+    expect(page.locator("#seed")).to_be_disabled()
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed")).to_have_value(seed)
+    expect(page.locator("#seed")).to_be_enabled()
+
+
+def test_the_demo_model_of_a_fresh_install(
+    make_page: Callable[..., Page], demo: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(demo))
+    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model")).to_have_value("demo")
+    expect(page.locator("#loras-field")).to_be_hidden()  # no LoRA on this server: no empty box
+    page.locator("#steps").fill("10")  # 1024 px on a CPU: the fewest steps the reference allows
+    run_job(page, "a lake at dawn")
+    expect(page.locator("#image")).to_be_visible(timeout=120_000)
+    assert param(page, "model") == "demo" and param(page, "size") == "1024 × 1024"
+    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 1024]
+    page.screenshot(path=shots / "02b-demo-model.png")
+
+
+def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    page = ready(make_page(diffusers))
+    lora = page.locator('[data-lora="anime-style"]')
+    expect(lora).to_contain_text("anime style")  # trigger words, said to be added automatically
+    expect(lora).to_contain_text("automatically")
+    expect(page.locator("#lora-weight-anime-style")).to_be_disabled()
+    page.locator("#lora-anime-style").check()
+    page.locator("#lora-weight-anime-style").fill("1.25")
+    expect(lora.locator("output")).to_have_text("1.25")
+    page.locator("#steps").fill("10")
+    run_job(page, "a cute character with big eyes")
+    wait_image(page)
+    assert param(page, "loras") == "anime-style × 1.25"
+    assert "anime style" in param(page, "final_prompt")
+    job_id = gallery(page)[0]["id"]
+    metadata = job_status(diffusers, job_id)["result"]["metadata"]
+    assert metadata["loras"] == [{"name": "anime-style", "weight": 1.25}]
+    page.screenshot(path=shots / "03-lora.png")
+
+
+def test_a_fixed_seed_twice_gives_the_same_image_bytes(
+    make_page: Callable[..., Page], diffusers: ServerProcess
+) -> None:
+    page = ready(make_page(diffusers))
+    page.locator("#seed-random").uncheck()
+    page.locator("#seed").fill("1234")
+    page.locator("#steps").fill("10")
+    images = []
+    jobs = []
+    for _ in range(2):
+        jobs.append(generate_and_wait(page, "a castle on a hill")["id"])
+        assert param(page, "seed") == "1234"
+        images.append(shown_image_bytes(page))
+    first, second = jobs
+    assert first != second
+    assert images[0] == images[1]
+    with diffusers.client() as http:
+        assert http.get(f"/image/{first}").content == http.get(f"/image/{second}").content == images[0]
