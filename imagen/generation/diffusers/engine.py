@@ -65,7 +65,7 @@ from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.preview import wants_preview
-from imagen.generation.samplers import scheduler_for
+from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.registry import LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ class DiffusersEngine(Engine):
         if sampler is not None:
             choice = scheduler_for(sampler)
             scheduler_class = choice.class_name
+            if not sampler_available(sampler):
+                raise FatalGenerationError(f"the {sampler} sampler needs scipy, which is not installed")
             scheduler_type = getattr(diffusers, choice.class_name)
             run.scheduler = scheduler_type.from_config(loaded.default_scheduler.config, **choice.overrides)
         try:
@@ -361,6 +363,7 @@ class DiffusersEngine(Engine):
                 else diffusers.StableDiffusionXLInpaintPipeline
             )
             derived = pipeline_class.from_pipe(loaded.pipe)
+            derived.set_progress_bar_config(disable=True)
             loaded.derived[mode] = derived
         for name, component in loaded.pipe.components.items():
             if name in derived.components and derived.components[name] is not component:
