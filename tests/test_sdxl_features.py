@@ -77,6 +77,7 @@ def test_denoising_steps_follow_strength_as_diffusers_counts_them() -> None:
     assert denoising_steps(replace(TASK, steps=30, init_image=True, strength=1.0)) == 30
     assert denoising_steps(replace(TASK, steps=30, init_image=True, strength=0.0)) == 0
     assert denoising_steps(replace(TASK, steps=30, strength=0.5)) == 30  # no init image: no strength
+    assert denoising_steps(replace(TASK, steps=30, init_image=True)) == 22  # the default strength, 0.75
     meter = StepMeter(denoising_steps(replace(TASK, steps=30, init_image=True, strength=0.5)))
     assert meter("generation_gpu", 100) == {"current_step": 15, "total_steps": 15, "eta_s": 0.0}
 

@@ -39,6 +39,7 @@ from PIL import Image
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError
 from imagen.generation.base import (
+    DEFAULT_STRENGTH,
     NO_INPUTS,
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -449,9 +450,6 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
-
-
-DEFAULT_STRENGTH = 0.75  # img2img / inpainting, when a job with an init image names none (A1111's default)
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:
