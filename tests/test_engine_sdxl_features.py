@@ -208,6 +208,30 @@ def test_derived_pipelines_share_the_loaded_weights(engine: DiffusersEngine) -> 
     assert engine.stats.model_loads == 1
 
 
+def test_img2img_and_inpaint_keep_the_loaded_weights_as_they_are(tmp_path: Path) -> None:
+    # diffusers' from_pipe casts the shared components to float32 unless told otherwise: in bfloat16 that
+    # would replace every weight of the loaded model with a float32 copy
+    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path, dtype="bfloat16"))
+    _image(engine, steps=1)
+    pipe = engine._models["sdxl-base"].pipe
+
+    def storages() -> dict[str, set[int]]:
+        return {
+            name: {p.data_ptr() for p in getattr(pipe, name).parameters()}
+            # not the VAE: the img2img pipeline itself upcasts it to encode the init image (force_upcast)
+            # and casts it back, which gives it new tensors of the same dtype
+            for name in ("unet", "text_encoder", "text_encoder_2")
+        }
+
+    before = storages()
+    inputs = InputImages(init=_init_image(), mask=Image.new("L", (64, 64), 255))
+    _image(engine, InputImages(init=_init_image()), init_image=True, strength=0.5, steps=2)
+    _image(engine, inputs, init_image=True, mask_image=True, strength=0.5, steps=2)
+    assert storages() == before
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
 def test_per_request_ip_image_replaces_the_servers_reference(engine: DiffusersEngine) -> None:
     server = _image(engine, ip_strength=0.8)
     own = InputImages(ip=Image.new("RGB", (64, 64), (250, 20, 20)))
