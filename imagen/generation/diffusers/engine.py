@@ -363,9 +363,9 @@ class DiffusersEngine(Engine):
                 if mode == "img2img"
                 else diffusers.StableDiffusionXLInpaintPipeline
             )
-            # torch_dtype: from_pipe casts every shared component to it, float32 unless told (which would
+            # dtype: from_pipe casts every shared component to it, float32 unless told (which would
             # turn the loaded fp16/bf16 weights into a second, float32 copy)
-            derived = pipeline_class.from_pipe(loaded.pipe, torch_dtype=self.dtype)
+            derived = pipeline_class.from_pipe(loaded.pipe, dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             loaded.derived[mode] = derived
         for name, component in loaded.pipe.components.items():
