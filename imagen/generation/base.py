@@ -119,12 +119,17 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+# img2img / inpainting strength when a job with an init image names none (A1111's default; the API sets it)
+DEFAULT_STRENGTH = 0.75
+
+
 def denoising_steps(task: GenerationTask) -> int:
     """How many denoising steps the job really runs: ``steps``, or for img2img / inpainting
     ``int(steps * strength)`` as diffusers counts them (strength 0.5 of 30 steps: 15; 0: none, the init
     image comes back as it is). ``meta.total_steps`` shows this number."""
-    if task.init_image and task.strength is not None:
-        return max(0, min(int(task.steps * task.strength), task.steps))
+    if task.init_image:
+        strength = task.strength if task.strength is not None else DEFAULT_STRENGTH
+        return max(0, min(int(task.steps * strength), task.steps))
     return task.steps
 
 

@@ -8,6 +8,7 @@ the API imports it to validate requests and registry entries and for ``GET /sche
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,15 @@ assert tuple(_CHOICES) == SAMPLER_NAMES
 
 def is_sampler_name(name: str) -> bool:
     return name in _CHOICES
+
+
+# diffusers' LMSDiscreteScheduler computes its coefficients with scipy, an optional dependency of diffusers
+_NEEDS_SCIPY = frozenset({"LMS"})
+
+
+def sampler_available(name: str) -> bool:
+    """Whether this installation can run the sampler (LMS needs scipy). Imports nothing."""
+    return name not in _NEEDS_SCIPY or importlib.util.find_spec("scipy") is not None
 
 
 def scheduler_for(name: str) -> SchedulerChoice:

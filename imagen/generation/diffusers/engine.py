@@ -39,6 +39,7 @@ from PIL import Image
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError
 from imagen.generation.base import (
+    DEFAULT_STRENGTH,
     NO_INPUTS,
     STEP_DECODING,
     STEP_ENCODING_PROMPT,
@@ -65,7 +66,7 @@ from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.preview import wants_preview
-from imagen.generation.samplers import scheduler_for
+from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.registry import LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,8 @@ class DiffusersEngine(Engine):
         if sampler is not None:
             choice = scheduler_for(sampler)
             scheduler_class = choice.class_name
+            if not sampler_available(sampler):
+                raise FatalGenerationError(f"the {sampler} sampler needs scipy, which is not installed")
             scheduler_type = getattr(diffusers, choice.class_name)
             run.scheduler = scheduler_type.from_config(loaded.default_scheduler.config, **choice.overrides)
         try:
@@ -360,7 +363,10 @@ class DiffusersEngine(Engine):
                 if mode == "img2img"
                 else diffusers.StableDiffusionXLInpaintPipeline
             )
-            derived = pipeline_class.from_pipe(loaded.pipe)
+            # dtype: from_pipe casts every shared component to it, float32 unless told (which would
+            # turn the loaded fp16/bf16 weights into a second, float32 copy)
+            derived = pipeline_class.from_pipe(loaded.pipe, dtype=self.dtype)
+            derived.set_progress_bar_config(disable=True)
             loaded.derived[mode] = derived
         for name, component in loaded.pipe.components.items():
             if name in derived.components and derived.components[name] is not component:
@@ -446,9 +452,6 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
-
-
-DEFAULT_STRENGTH = 0.75  # img2img / inpainting, when a job with an init image names none (A1111's default)
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:

@@ -1,0 +1,147 @@
+"""Issue 11 benchmark: several images per job, and memory with img2img / inpainting pipelines.
+
+On the demo model (SDXL architecture, tiny random weights, built in code; the very engine the worker runs):
+
+1. s/image for ``num_images`` 1 vs 4 (one job, one batch): the median of ``--runs`` jobs each, one untimed
+   warm-up job first; printed: both, and the ratio (batch s/image over single s/image; < 1: the batch is
+   cheaper than 4 jobs).
+2. memory after a text-to-image job, an img2img job and an inpainting job on the same loaded model: the
+   process' RSS (and peak RSS), the bytes of all distinct weight tensors reachable from the loaded pipeline
+   and its img2img / inpaint pipelines (equal to the text-to-image figure when ``from_pipe`` shares every
+   weight), and on CUDA ``torch.cuda.memory_allocated``.
+
+    .venv/bin/python bench/sdxl_features.py [--steps 10] [--runs 3] [--size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from imagen.config import Settings  # noqa: E402
+from imagen.generation.base import NO_INPUTS, GenerationTask, InputImages  # noqa: E402
+from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
+from imagen.registry import builtin_registry  # noqa: E402
+from imagen.registry.specs import DEMO_MODEL_ID  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def weight_bytes(engine: DiffusersEngine) -> int:
+    """Bytes of the distinct tensors (by storage) held by every loaded pipeline, derived ones included."""
+    seen: set[int] = set()
+    total = 0
+    for loaded in engine._models.values():
+        for pipe in (loaded.pipe, *loaded.derived.values()):
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    for tensor in [*component.parameters(), *component.buffers()]:
+                        key = tensor.untyped_storage().data_ptr()
+                        if key not in seen:
+                            seen.add(key)
+                            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def sync(engine: DiffusersEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def timed(engine: DiffusersEngine, task: GenerationTask, inputs: InputImages = NO_INPUTS) -> float:
+    sync(engine)
+    started = time.perf_counter()
+    images = engine.generate(task, lambda step, percent: None, inputs)
+    sync(engine)
+    assert len(images) == task.num_images
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the demo's native 1024)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+
+    data = Path(tempfile.mkdtemp(prefix="imagen-bench-"))
+    settings = Settings(data_dir=data, device=args.device, dtype=args.dtype, engine="diffusers", warm_up_steps=0)
+    engine = DiffusersEngine(builtin_registry(), settings)
+    size = args.size or builtin_registry().models[0].size
+    base = GenerationTask(
+        prompt="a majestic dragon flying over mountains at sunset", negative_prompt=None, model=DEMO_MODEL_ID,
+        steps=args.steps, guidance_scale=7.5, seed=1, width=size, height=size,
+    )
+    print(
+        f"demo model, {size}x{size}, {args.steps} steps, device {engine.device_info().device}, "
+        f"dtype {engine.device_info().dtype}, torch threads {torch.get_num_threads()}"
+    )
+
+    # 1. num_images 1 vs 4 (interleaved, after one warm-up of each)
+    timed(engine, base)
+    timed(engine, replace(base, num_images=4))
+    single: list[float] = []
+    batch: list[float] = []
+    for run in range(args.runs):
+        single.append(timed(engine, replace(base, seed=10 + run)))
+        batch.append(timed(engine, replace(base, seed=20 + run, num_images=4)) / 4)
+    one, four = statistics.median(single), statistics.median(batch)
+    print(f"num_images=1: {one:.3f} s/image (runs: {', '.join(f'{s:.3f}' for s in single)})")
+    print(f"num_images=4: {four:.3f} s/image (runs: {', '.join(f'{s:.3f}' for s in batch)}; one job, one batch)")
+    print(f"ratio batch/single s/image: {four / one:.2f}  (4 images in one job take {4 * four / one:.2f}x one job)")
+
+    # 2. memory after each kind of job
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    jobs: list[tuple[str, GenerationTask, InputImages]] = [
+        ("text-to-image", base, InputImages()),
+        ("img2img", replace(base, init_image=True, strength=0.75), InputImages(init=init)),
+        ("inpaint", replace(base, init_image=True, mask_image=True, strength=0.75), InputImages(init=init, mask=mask)),
+        ("text-to-image again", base, InputImages()),
+    ]
+    print("| after | job s | RSS | peak RSS | distinct weights | CUDA allocated |")
+    print("|---|---|---|---|---|---|")
+    for label, task, inputs in jobs:
+        seconds = timed(engine, task, inputs)
+        gc.collect()
+        cuda: Any = mib(torch.cuda.memory_allocated(engine.device)) if engine.device.type == "cuda" else "-"
+        print(
+            f"| {label} | {seconds:.2f} | {mib(rss_bytes())} | {mib(peak_rss_bytes())} | "
+            f"{mib(weight_bytes(engine))} | {cuda} |"
+        )
+    print(f"model loads: {engine.stats.model_loads}")
+
+
+if __name__ == "__main__":
+    main()
