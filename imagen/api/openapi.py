@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from imagen.config import Settings
-from imagen.generation.samplers import SAMPLER_NAMES
+from imagen.generation.samplers import available_samplers
 from imagen.registry import Registry
 
 
@@ -51,7 +51,7 @@ def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings:
         request["webhook"]["anyOf"] = [{"type": "null"}]
         request["webhook"]["description"] += " This server has no IMAGEN_WEBHOOK_SECRET: null only."
     scheduler = next(choice for choice in request["scheduler"]["anyOf"] if choice.get("type") == "string")
-    scheduler["enum"] = list(SAMPLER_NAMES)
+    scheduler["enum"] = available_samplers()
     # Fields that go together (an image's content, and "width and height both non-null", JSON Schema cannot
     # say: the descriptions do).
     schemas["GenerationRequest"]["dependentRequired"] = {

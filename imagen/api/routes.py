@@ -45,7 +45,7 @@ from imagen.api.schemas import (
     WorkerStatus,
 )
 from imagen.api.submission import InvalidRequest, prepare_job
-from imagen.generation.samplers import SAMPLER_NAMES
+from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image, to_png
 from imagen.inputs.sizes import recommended_sizes
 from imagen.jobs.types import JobRecord, JobState, Upload
@@ -324,7 +324,7 @@ def models(registry: RegistryDep) -> ModelList:
 @router.get("/schedulers", response_model=SchedulerList)
 def schedulers() -> SchedulerList:
     """The AUTOMATIC1111 sampler names a request's `scheduler` accepts (each model's default: GET /models)."""
-    return SchedulerList(schedulers=list(SAMPLER_NAMES))
+    return SchedulerList(schedulers=available_samplers())
 
 
 @router.post(

@@ -16,7 +16,7 @@ from PIL import Image
 from imagen.api.schemas import GenerationRequest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask, LoraChoice
-from imagen.generation.samplers import SAMPLER_NAMES
+from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import (
     BadImage,
     CheckedImage,
@@ -146,9 +146,10 @@ def _sdxl_option_errors(request: GenerationRequest) -> list[FieldError]:
         problem = size_problem(request.width, request.height)
         if problem is not None:
             errors.append(FieldError(("width",), problem, request.width))
-    if request.scheduler is not None and request.scheduler not in SAMPLER_NAMES:
+    available = available_samplers()
+    if request.scheduler is not None and request.scheduler not in available:
         errors.append(FieldError(
-            ("scheduler",), f"unknown sampler {request.scheduler!r}; available: {', '.join(SAMPLER_NAMES)}",
+            ("scheduler",), f"unknown sampler {request.scheduler!r}; available: {', '.join(available)}",
             request.scheduler,
         ))
     if request.init_image is None:

@@ -87,3 +87,8 @@ def a1111_sampler_fields(name: str) -> tuple[str, str | None]:
     if name.endswith(KARRAS_SUFFIX):
         return name.removesuffix(KARRAS_SUFFIX), "Karras"
     return name, None
+
+
+def available_samplers() -> list[str]:
+    """The sampler names this installation runs, in ``SAMPLER_NAMES`` order (``GET /schedulers``)."""
+    return [name for name in SAMPLER_NAMES if sampler_available(name)]
