@@ -198,3 +198,12 @@ def test_num_images_makes_one_job_with_several_files(job_system: Callable[..., T
     assert bodies[2].content == client.get(f"/download/{images[2]['filename']}").content
     assert Image.open(io.BytesIO(bodies[1].content)).size == (640, 512)
     assert client.get(f"/image/{job_id}", params={"index": 3}).status_code == 404
+
+
+def test_img2img_progress_counts_the_steps_it_really_runs(job_system: Callable[..., TestClient]) -> None:
+    client = job_system()  # the scripted engine: "sleep 1" reports progress for 1 s
+    job_id = submit(client, "sleep 1", steps=20, strength=0.5, init_image=data_url(picture()))
+    running = wait_for(lambda: (body := client.get(f"/status/{job_id}").json()).get("meta", {}).get("total_steps")
+                       and body)  # fmt: skip
+    assert running["meta"]["total_steps"] == 10  # 20 steps × strength 0.5
+    assert wait_status(client, job_id, TERMINAL)["status"] == "SUCCESS"
