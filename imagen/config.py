@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8009, description="Port the API listens on.")
+    public_url: str | None = Field(
+        None,
+        description="The server's address as clients reach it (`https://images.example.com`): the base of the "
+        "absolute `url`s of OpenAI-style answers. Unset: from `X-Forwarded-Proto`/`X-Forwarded-Host`, else the "
+        "request's own address.",
+    )
     max_body_bytes: int = Field(
         32 * 1024 * 1024,
         ge=1024,

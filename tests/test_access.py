@@ -77,6 +77,7 @@ class Row:
     public: bool = False  # no key needed
     body: dict[str, Any] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    data: dict[str, str] | None = None  # form fields, with files
 
 
 ROUTES: dict[tuple[str, str], Row] = {
@@ -93,6 +94,12 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/schedulers"): Row("/schedulers", 200),
     ("POST", "/uploads"): Row("/uploads", 201, files={"file": ("a.png", PNG, "image/png")}),
     ("GET", "/health"): Row("/health", 200, public=True),
+    # OpenAI's Images API (openai_compat): a job of the caller's, waited for
+    ("POST", "/v1/images/generations"): Row("/v1/images/generations", 200, body={"prompt": "table"}),
+    ("POST", "/v1/images/edits"): Row(
+        "/v1/images/edits", 200, files={"image": ("a.png", PNG, "image/png")}, data={"prompt": "table"}
+    ),
+    ("GET", "/v1/models"): Row("/v1/models", 200),
     ("GET", "/openapi.json"): Row("/openapi.json", 200),
     ("GET", "/docs"): Row("/docs", 200),
     ("GET", "/docs/oauth2-redirect"): Row("/docs/oauth2-redirect", 200),
@@ -143,7 +150,7 @@ def wait_status_as(client: TestClient | httpx.Client, job_id: str, headers: dict
 
 def call(client: TestClient, method: str, row: Row, job: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
     path = row.path.format(job_id=job["job_id"], filename=job["result"]["filename"])
-    return client.request(method, path, json=row.body, files=row.files, headers=headers)
+    return client.request(method, path, json=row.body, files=row.files, data=row.data, headers=headers)
 
 
 def test_every_route_has_a_row(keyed_client: TestClient) -> None:

@@ -72,10 +72,13 @@ def test_schemathesis_finds_nothing(make_server: Callable[..., ServerProcess], t
         str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
         "--checks", "all", "--max-examples", "40", "--seed", "8", "--workers", "1",
         "--exclude-path", "/uploads",  # random bytes are not an image (tests/test_image_inputs.py covers it)
+        # OpenAI's and AUTOMATIC1111's APIs keep their own (looser) contracts: the real clients' tests cover
+        # them (tests/test_openai_compat.py, tests/test_a1111_compat.py)
+        "--exclude-path-regex", "^/(v1/images|sdapi)/",
         "--request-timeout", "10",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]
-    assert "11 selected / 12 total" in output, output[-3000:]  # every operation but /uploads was tested
+    assert "12 selected / 15 total" in output, output[-3000:]  # all but /uploads and the compatibility APIs

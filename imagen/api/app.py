@@ -20,6 +20,7 @@ from imagen.api.access import AccessMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
 from imagen.api.metrics import install_metrics
+from imagen.api.openai_compat import router as openai_router
 from imagen.api.openapi import install_openapi
 from imagen.api.request_id import RequestIdMiddleware
 from imagen.api.routes import router, status
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.state.backend = backend
     app.state.webhooks = webhooks
     app.include_router(router)
+    app.include_router(openai_router)  # OpenAI's /v1/images and /v1/models
     install_openapi(app, registry, settings)
     install_web(app)  # the page at / and its files at /ui/
 
