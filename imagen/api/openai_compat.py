@@ -99,7 +99,9 @@ _IMAGES_RESPONSE: dict[str, Any] = {
         "style": {"type": "string"},
     },
 }
-_OK = {200: {"description": "The images.", "content": {"application/json": {"schema": _IMAGES_RESPONSE}}}}
+_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The images.", "content": {"application/json": {"schema": _IMAGES_RESPONSE}}}
+}
 
 
 class ImageGenerationRequest(BaseModel):
