@@ -6,6 +6,7 @@ The route table below has one row per route of the app: a route added without a 
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -100,6 +101,19 @@ ROUTES: dict[tuple[str, str], Row] = {
         "/v1/images/edits", 200, files={"image": ("a.png", PNG, "image/png")}, data={"prompt": "table"}
     ),
     ("GET", "/v1/models"): Row("/v1/models", 200),
+    # AUTOMATIC1111's /sdapi/v1 (a1111_compat): jobs of the caller's, per-key options, progress, interrupt
+    ("POST", "/sdapi/v1/txt2img"): Row("/sdapi/v1/txt2img", 200, body={"prompt": "table", "width": 512, "height": 512}),
+    ("POST", "/sdapi/v1/img2img"): Row(
+        "/sdapi/v1/img2img", 200, body={"prompt": "table", "init_images": [base64.b64encode(PNG).decode()]}
+    ),
+    ("GET", "/sdapi/v1/sd-models"): Row("/sdapi/v1/sd-models", 200),
+    ("GET", "/sdapi/v1/loras"): Row("/sdapi/v1/loras", 200),
+    ("GET", "/sdapi/v1/samplers"): Row("/sdapi/v1/samplers", 200),
+    ("GET", "/sdapi/v1/schedulers"): Row("/sdapi/v1/schedulers", 200),
+    ("GET", "/sdapi/v1/options"): Row("/sdapi/v1/options", 200),
+    ("POST", "/sdapi/v1/options"): Row("/sdapi/v1/options", 200, body={"sd_model_checkpoint": "sdxl-base"}),
+    ("GET", "/sdapi/v1/progress"): Row("/sdapi/v1/progress", 200),
+    ("POST", "/sdapi/v1/interrupt"): Row("/sdapi/v1/interrupt", 200),
     ("GET", "/openapi.json"): Row("/openapi.json", 200),
     ("GET", "/docs"): Row("/docs", 200),
     ("GET", "/docs/oauth2-redirect"): Row("/docs/oauth2-redirect", 200),

@@ -1,7 +1,8 @@
 """API keys at the door: a pure ASGI middleware in front of every route.
 
 With keys configured (``IMAGEN_API_KEYS_FILE``), every request but ``GET /health`` needs
-``Authorization: Bearer <key>`` (or ``X-API-Key: <key>``): the reference's routes, ``/docs``,
+``Authorization: Bearer <key>`` (or ``X-API-Key: <key>``, or HTTP Basic with the key as password, as
+AUTOMATIC1111 clients send it): the reference's routes, ``/docs``,
 ``/openapi.json``, ``/metrics``, the extensions, and any route added later, because nothing is opted in
 route by route. A missing or unknown key gets 401 with ``WWW-Authenticate: Bearer``. A known key is counted
 against its requests per minute (429 past it, ``X-RateLimit-*`` headers on every answer), and the route finds
@@ -12,6 +13,9 @@ written.
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
@@ -39,6 +43,14 @@ def presented_key(headers: Headers) -> str | None:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip()
+        if scheme.lower() == "basic" and credentials.strip():
+            # AUTOMATIC1111 clients (Open WebUI, SillyTavern) send "user:password": the key is the password
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, ValueError):
+                return None
+            key = decoded.partition(":")[2] if ":" in decoded else decoded
+            return key.strip() or None
     api_key = headers.get("x-api-key")
     return api_key.strip() if api_key and api_key.strip() else None
 

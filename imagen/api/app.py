@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from imagen import __version__
 from imagen.access.keys import ANYONE, KeyRing
 from imagen.access.rate_limits import RateLimiter
+from imagen.api.a1111_compat import router as a1111_router
 from imagen.api.access import AccessMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.errors import invalid_request
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.state.webhooks = webhooks
     app.include_router(router)
     app.include_router(openai_router)  # OpenAI's /v1/images and /v1/models
+    app.include_router(a1111_router)  # AUTOMATIC1111's /sdapi/v1
     install_openapi(app, registry, settings)
     install_web(app)  # the page at / and its files at /ui/
 

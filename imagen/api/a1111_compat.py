@@ -1,0 +1,449 @@
+"""The part of AUTOMATIC1111's API (``/sdapi/v1``) that clients use (Open WebUI, SillyTavern, webuiapi,
+bots): txt2img and img2img on the job system, the model/LoRA/sampler lists, options, progress, interrupt.
+
+Each txt2img/img2img request is one ``POST /generate`` job (``batch_size`` × ``n_iter`` images, at most 4;
+image i uses seed + i, as A1111) submitted and waited for through ``compat_jobs``. ``<lora:name:weight>``
+tags choose LoRAs (``prompt_tags``).
+
+What A1111 keeps for the whole server is kept here per API key, in this API process's memory: the model
+``POST /options`` selects (``sd_model_checkpoint``) is the default of that key's later requests;
+``/progress`` shows, and ``/interrupt`` cancels, only that key's jobs submitted through ``/sdapi`` and still
+waited for. With several API replicas (distributed mode), each keeps its own: a client talks to one.
+
+Errors: A1111's shape, ``{"error", "detail", "body", "errors"}``; 422 for a refused request (with the
+field), 429/503 for a full or unreachable queue, 500 for a failed job.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from imagen import __version__
+from imagen.access.keys import Caller
+from imagen.api.compat_jobs import (
+    JobWaitTimeout,
+    LivePreviews,
+    image_files,
+    read_image,
+    submit,
+    wait_for_end,
+    wait_limit_s,
+)
+from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
+from imagen.api.prompt_tags import parse_lora_tags
+from imagen.api.schemas import MAX_IMAGES, GenerationRequest, LoraRequest
+from imagen.api.submission import InvalidRequest
+from imagen.config import Settings
+from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
+from imagen.generation.samplers import available_samplers
+from imagen.jobs.backend import JobBackend
+from imagen.jobs.types import JobRecord, JobState
+from imagen.registry import Registry
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
+
+# A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant.
+SCHEDULE_TYPES = ("Automatic", "Karras")
+
+
+@dataclass
+class A1111State:
+    """Per API process: each key's chosen model and its /sdapi jobs being waited for."""
+
+    models: dict[str, str] = field(default_factory=dict)  # key name → model id
+    jobs: dict[str, dict[str, float]] = field(default_factory=dict)  # key name → {job id: submitted at}
+    previews: LivePreviews = field(default_factory=LivePreviews)
+
+
+def _state(request: Request) -> A1111State:
+    state: A1111State | None = getattr(request.app.state, "a1111", None)
+    if state is None:
+        state = request.app.state.a1111 = A1111State()
+    return state
+
+
+def _error(status: int, detail: str, error: str = "HTTPException") -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": ""}, status_code=status)
+
+
+class _Txt2Img(BaseModel):
+    """The fields used; every other A1111 field is accepted and ignored (clients send dozens)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # the old name of sampler_name
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    # img2img
+    init_images: list[str] | None = None
+    mask: str | None = None
+    denoising_strength: float | None = None
+    inpainting_mask_invert: int = 0
+
+
+def model_title(model_id: str) -> str:
+    return model_id
+
+
+def find_model(name: str, registry: Registry) -> str | None:
+    """A model named by id, A1111 title ("name [hash]"), or checkpoint file name/stem."""
+    name = name.strip()
+    bare = name.split(" [", 1)[0].strip()
+    for candidate in (name, bare):
+        if registry.model(candidate) is not None:
+            return candidate
+    for model in registry.models:
+        if model.path is not None and bare in (model.path.name, model.path.stem):
+            return model.id
+    return None
+
+
+def _sampler(fields: _Txt2Img) -> tuple[str | None, str | None]:
+    """Our sampler name (an A1111 name, Karras variants included), or an error."""
+    name = fields.sampler_name or fields.sampler_index
+    if not name:
+        return None, None
+    available = available_samplers()
+    karras = bool(fields.scheduler) and str(fields.scheduler).lower() == "karras"
+    if karras and not name.endswith(" Karras") and name + " Karras" in available:
+        return name + " Karras", None
+    if name in available:
+        return name, None
+    return None, f"sampler {name!r} is not available here; available: {', '.join(available)}"
+
+
+def _data_url(image: str) -> str:
+    return image if image.startswith("data:") else "data:image/png;base64," + image
+
+
+def _inverted_mask(mask: str) -> str:
+    import io
+
+    from PIL import Image, ImageOps
+
+    from imagen.inputs.images import decode_data_url
+
+    picture = Image.open(io.BytesIO(decode_data_url(_data_url(mask)))).convert("L")
+    out = io.BytesIO()
+    ImageOps.invert(picture).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _generation_request(
+    fields: _Txt2Img, registry: Registry, settings: Settings, default_model: str | None
+) -> tuple[GenerationRequest | None, str | None]:
+    tags = parse_lora_tags(fields.prompt, registry)
+    sampler, problem = _sampler(fields)
+    if problem is not None:
+        return None, problem
+    count = fields.batch_size * fields.n_iter
+    if count > MAX_IMAGES:
+        return None, f"batch_size × n_iter is at most {MAX_IMAGES} here, not {count}"
+    checkpoint = fields.override_settings.get("sd_model_checkpoint")
+    model = default_model
+    if isinstance(checkpoint, str) and checkpoint:
+        model = find_model(checkpoint, registry)
+        if model is None:
+            return None, f"unknown sd_model_checkpoint {checkpoint!r}; available: {', '.join(registry.model_ids)}"
+    values: dict[str, Any] = {
+        "prompt": tags.prompt or fields.prompt,
+        "negative_prompt": fields.negative_prompt or None,
+        "model": model,
+        "loras": [LoraRequest(name=name, weight=weight) for name, weight in tags.loras],
+        "seed": fields.seed if fields.seed >= 0 else None,
+        "width": fields.width,
+        "height": fields.height,
+        "num_images": count,
+        "scheduler": sampler,
+    }
+    if fields.steps is not None:
+        values["steps"] = fields.steps
+    if fields.cfg_scale is not None:
+        values["guidance_scale"] = float(fields.cfg_scale)
+    if fields.init_images:
+        values["init_image"] = _data_url(fields.init_images[0])
+        if fields.mask:
+            values["mask_image"] = _inverted_mask(fields.mask) if fields.inpainting_mask_invert else _data_url(
+                fields.mask
+            )
+        values["strength"] = fields.denoising_strength if fields.denoising_strength is not None else 0.75
+    try:
+        return GenerationRequest.model_validate(values), None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        return None, f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+
+
+def _infotext(job: JobRecord, seed: int, model: str) -> str:
+    metadata = (job.result or {}).get("metadata", {})
+    lines = [str(metadata.get("final_prompt") or metadata.get("prompt", ""))]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    params = [
+        ("Steps", metadata.get("steps")),
+        ("Sampler", metadata.get("scheduler") or "Default"),
+        ("CFG scale", metadata.get("guidance_scale")),
+        ("Seed", seed),
+        ("Size", f"{metadata.get('width')}x{metadata.get('height')}"),
+        ("Model", model),
+        ("Lora", ", ".join(f"{lo['name']}:{lo['weight']}" for lo in metadata.get("loras", [])) or None),
+        ("Version", f"imagen {__version__}"),
+    ]
+    lines.append(", ".join(f"{name}: {value}" for name, value in params if value is not None))
+    return "\n".join(lines)
+
+
+async def _generate(
+    fields: _Txt2Img,
+    raw: dict[str, Any],
+    http: Request,
+    backend: JobBackend,
+    registry: Registry,
+    settings: Settings,
+    caller: Caller,
+) -> JSONResponse:
+    state = _state(http)
+    request, problem = _generation_request(fields, registry, settings, state.models.get(caller.name))
+    if request is None:
+        return _error(422, problem or "invalid request", "ValidationError")
+    try:
+        job_id = await submit(request, backend, registry, settings, caller)
+    except InvalidRequest as exc:
+        return _error(422, str(exc), "ValidationError")
+    except (QueueFullError, KeyQueueFullError) as exc:
+        return _error(429, f"queue full ({exc}); try again later")
+    except BrokerUnavailableError:
+        return _error(503, "the job queue is unreachable; try again later")
+    mine = state.jobs.setdefault(caller.name, {})
+    mine[job_id] = time.time()
+    try:
+        job = await wait_for_end(backend, job_id, wait_limit_s(settings), state.previews)
+    except JobWaitTimeout as exc:
+        return _error(504, str(exc))
+    finally:
+        mine.pop(job_id, None)
+    if job.state is JobState.REVOKED:
+        # A1111 answers an interrupted generation with what it has: here, no image
+        return JSONResponse({"images": [], "parameters": raw, "info": json.dumps({"interrupted": True})})
+    if job.state is not JobState.SUCCESS or job.result is None:
+        return _error(500, f"generation failed: {job.error}", "GenerationError")
+    images = []
+    seeds = []
+    for image in image_files(job):
+        images.append(base64.b64encode(await read_image(backend, settings, str(image["filename"]))).decode("ascii"))
+        seeds.append(int(str(image["seed"])))
+    metadata = job.result["metadata"]
+    model = str(metadata.get("model", ""))
+    prompt = str(metadata.get("final_prompt") or metadata.get("prompt", ""))
+    info = {
+        "prompt": prompt,
+        "all_prompts": [prompt] * len(images),
+        "negative_prompt": metadata.get("negative_prompt") or "",
+        "all_negative_prompts": [metadata.get("negative_prompt") or ""] * len(images),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(images),
+        "subseed_strength": 0,
+        "width": metadata.get("width"),
+        "height": metadata.get("height"),
+        "sampler_name": metadata.get("scheduler") or fields.sampler_name,
+        "cfg_scale": metadata.get("guidance_scale"),
+        "steps": metadata.get("steps"),
+        "batch_size": fields.batch_size,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": metadata.get("strength"),
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [_infotext(job, seed, model) for seed in seeds],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at or time.time())),
+        "clip_skip": metadata.get("clip_skip") or 1,
+        "is_using_inpainting_conditioning": bool(metadata.get("mask_image")),
+        "version": f"imagen {__version__}",
+    }
+    return JSONResponse({"images": images, "parameters": raw, "info": json.dumps(info)})
+
+
+async def _read(http: Request) -> tuple[_Txt2Img | None, dict[str, Any], JSONResponse | None]:
+    try:
+        raw = json.loads(await http.body() or b"{}")
+        if not isinstance(raw, dict):
+            raise ValueError("the body must be a JSON object")
+        return _Txt2Img.model_validate(raw), raw, None
+    except (ValueError, ValidationError) as exc:
+        return None, {}, _error(422, str(exc).splitlines()[0], "ValidationError")
+
+
+_GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+@router.post("/txt2img", response_model=None, openapi_extra=_GENERATION_BODY)
+async def txt2img(
+    http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
+) -> JSONResponse:
+    """A1111's txt2img: waits for the job; `images` are base64 PNGs, `info` a JSON string."""
+    fields, raw, problem = await _read(http)
+    if fields is None:
+        assert problem is not None
+        return problem
+    return await _generate(fields, raw, http, backend, registry, settings, caller)
+
+
+@router.post("/img2img", response_model=None, openapi_extra=_GENERATION_BODY)
+async def img2img(
+    http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
+) -> JSONResponse:
+    """A1111's img2img: `init_images[0]`, optional `mask` (white = repaint), `denoising_strength`."""
+    fields, raw, problem = await _read(http)
+    if fields is None:
+        assert problem is not None
+        return problem
+    if not fields.init_images:
+        return _error(422, "init_images: give one image (base64)", "ValidationError")
+    return await _generate(fields, raw, http, backend, registry, settings, caller)
+
+
+@router.get("/sd-models")
+def sd_models(registry: RegistryDep) -> list[dict[str, Any]]:
+    return [
+        {
+            "title": model_title(m.id),
+            "model_name": m.id,
+            "hash": None,
+            "sha256": None,
+            "filename": m.path.name if m.path is not None else m.id,
+            "config": None,
+        }
+        for m in registry.models
+    ]
+
+
+@router.get("/loras")
+def loras(registry: RegistryDep) -> list[dict[str, Any]]:
+    """Name them in a prompt as <lora:NAME:WEIGHT> (the registry id; the file's stem works too)."""
+    return [
+        {
+            "name": lo.id,
+            "alias": lo.path.stem,
+            "path": lo.path.name,
+            "metadata": {"ss_output_name": lo.name, "trigger_words": lo.trigger_words or []},
+        }
+        for lo in registry.loras
+    ]
+
+
+@router.get("/samplers")
+def samplers() -> list[dict[str, Any]]:
+    return [{"name": name, "aliases": [], "options": {}} for name in available_samplers()]
+
+
+@router.get("/schedulers")
+def schedulers() -> list[dict[str, Any]]:
+    return [
+        {"name": name.lower(), "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name in SCHEDULE_TYPES
+    ]
+
+
+@router.get("/options")
+def get_options(
+    http: Request, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
+) -> dict[str, Any]:
+    """The options clients read: `sd_model_checkpoint` is this key's default model."""
+    model = _state(http).models.get(caller.name) or registry.resolve_default_model(settings.default_model)
+    return {
+        "sd_model_checkpoint": model_title(model),
+        "sd_checkpoint_hash": None,
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+        "sd_vae": "Automatic",
+    }
+
+
+@router.post("/options", response_model=None)
+async def set_options(http: Request, registry: RegistryDep, caller: CallerDep) -> Any:
+    """Accepts any options (clients send back all they read); `sd_model_checkpoint` selects this key's
+    default model for its later requests. The others are ignored."""
+    try:
+        options = json.loads(await http.body() or b"{}")
+    except ValueError:
+        return _error(422, "the body must be JSON", "ValidationError")
+    if not isinstance(options, dict):
+        return _error(422, "the body must be a JSON object", "ValidationError")
+    checkpoint = options.get("sd_model_checkpoint")
+    if checkpoint is not None:
+        model = find_model(str(checkpoint), registry)
+        if model is None:
+            return _error(
+                400, f"unknown sd_model_checkpoint {checkpoint!r}; available: {', '.join(registry.model_ids)}"
+            )
+        _state(http).models[caller.name] = model
+    return True
+
+
+@router.get("/progress")
+async def progress(http: Request, backend: BackendDep, caller: CallerDep) -> dict[str, Any]:
+    """The caller's running (else waiting) /sdapi job: `progress` 0-1, `eta_relative` seconds,
+    `current_image` the latest preview (base64 JPEG) when the engine gives one."""
+    state = _state(http)
+    job_ids = list(state.jobs.get(caller.name, {}))
+    jobs = [job for job in [await run_in_threadpool(backend.get, job_id) for job_id in job_ids] if job is not None]
+    running = [job for job in jobs if job.state in (JobState.STARTED, JobState.PROGRESS)]
+    current = running[0] if running else (jobs[0] if jobs else None)
+    body: dict[str, Any] = {
+        "progress": 0.0,
+        "eta_relative": 0.0,
+        "state": {
+            "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": len(jobs),
+            "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+        },
+        "current_image": None,
+        "textinfo": None,
+    }
+    if current is None:
+        return body
+    meta = current.meta or {}
+    body["progress"] = round((current.progress or 0) / 100, 4)
+    body["eta_relative"] = float(meta.get("eta_s") or 0.0)
+    body["state"].update({
+        "job": current.job_id,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(current.created_at or time.time())),
+        "sampling_step": int(meta.get("current_step") or 0),
+        "sampling_steps": int(meta.get("total_steps") or current.task.get("steps") or 0),
+    })
+    preview = state.previews.latest.get(current.job_id)
+    if preview is not None:
+        body["current_image"] = base64.b64encode(preview[1]).decode("ascii")
+    return body
+
+
+@router.post("/interrupt")
+async def interrupt(http: Request, backend: BackendDep, caller: CallerDep) -> dict[str, Any]:
+    """Cancels the caller's /sdapi jobs (running or waiting), never another key's."""
+    job_ids = list(_state(http).jobs.get(caller.name, {}))
+    for job_id in job_ids:
+        await run_in_threadpool(backend.cancel, job_id)
+    return {"interrupted": job_ids}
