@@ -1,5 +1,5 @@
 """``imagen`` command line: serve the API, run a distributed worker, manage API keys, write test fixtures,
-list settings."""
+list settings; and a client of a running server: generate, status, cancel, models, loras."""
 
 from __future__ import annotations
 
@@ -87,6 +87,44 @@ def _settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 1024x1024), not {text!r}")
+    return int(width), int(height)
+
+
+def _lora(text: str) -> dict[str, object]:
+    name, sep, weight = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected ID[:WEIGHT], not {text!r}")
+    if not sep:
+        return {"name": name}
+    try:
+        return {"name": name, "weight": float(weight)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the weight of {text!r} is not a number") from None
+
+
+def _client(args: argparse.Namespace) -> int:
+    from imagen.client import run
+
+    options: dict[str, object] = {}
+    if args.command == "generate":
+        body: dict[str, object] = {"prompt": args.prompt, "num_images": args.n}
+        optional = {"model": args.model, "steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed,
+                    "negative_prompt": args.negative, "scheduler": args.sampler}
+        body.update({field: value for field, value in optional.items() if value is not None})
+        if args.lora:
+            body["loras"] = args.lora
+        if args.size is not None:
+            body["width"], body["height"] = args.size
+        options = {"body": body, "output": args.output}
+    elif args.command in ("status", "cancel"):
+        options = {"job_id": args.job_id}
+    return run(args.command, args.url, args.key, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command and its options (tests check that the deployment files run only commands it accepts)."""
     parser = argparse.ArgumentParser(prog="imagen", description=__doc__)
@@ -118,12 +156,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = commands.add_parser("settings", help="print every setting as a Markdown table")
     settings.set_defaults(handler=_settings)
+
+    # -- the client of a running server ----------------------------------------------------------
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", default=None, help="the server (default: $IMAGEN_URL, else http://localhost:8009)")
+    server.add_argument("--key", default=None, help="API key (default: $IMAGEN_API_KEY)")
+    generate = commands.add_parser(
+        "generate", parents=[server], help="generate image(s) on a server, with a progress bar; Ctrl-C cancels"
+    )
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default=None, help="model id (imagen models)")
+    generate.add_argument("--lora", action="append", type=_lora, default=[], metavar="ID[:WEIGHT]",
+                          help="a LoRA (imagen loras); repeat for several")
+    generate.add_argument("--steps", type=int, default=None)
+    generate.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--negative", default=None, help="negative prompt")
+    generate.add_argument("--sampler", default=None, help="an AUTOMATIC1111 sampler name (GET /schedulers)")
+    generate.add_argument("--size", type=_size, default=None, metavar="WxH")
+    generate.add_argument("-n", type=int, default=1, choices=range(1, 5), metavar="N", help="images, 1-4")
+    generate.add_argument("-o", "--output", default=None,
+                          help="file to write (several images: NAME-0.png, ...); default: the server's names")
+    generate.set_defaults(handler=_client)
+    for name, help_text in (("status", "a job's status"), ("cancel", "cancel a job")):
+        command = commands.add_parser(name, parents=[server], help=help_text)
+        command.add_argument("job_id")
+        command.set_defaults(handler=_client)
+    for name, help_text in (("models", "the server's models"), ("loras", "the server's LoRAs")):
+        commands.add_parser(name, parents=[server], help=help_text).set_defaults(handler=_client)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.handler is not _client:  # the client's output is its own lines only
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result: int = args.handler(args)
     return result
 

@@ -1,0 +1,92 @@
+"""The command-line client against a real `imagen serve` process: generate (progress from /events, images
+written), status, cancel, models, loras, Ctrl-C (the job ends REVOKED), a server that is down, usage errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from imagen.access.keys import add_key
+from tests.conftest import REPO, ServerProcess, free_port, wait_for
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
+    key = add_key(tmp_path / "keys.yaml", "cli")
+    server = make_server(api_keys_file=str(tmp_path / "keys.yaml"))
+    server.start()
+    yield server, key
+    server.stop()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def imagen(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagen", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    process, key = server
+    env = _env(IMAGEN_URL=process.url, IMAGEN_API_KEY=key)
+
+    done = imagen("generate", "sleep 0.5", "--model", "pony-xl-v6", "--lora", "anime-style:0.5", "--steps", "10",
+                  "--seed", "7", "--size", "512x512", "-n", "2", "-o", "out/fox.png", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["out/fox-0.png  seed=7", "out/fox-1.png  seed=8"]
+    assert Image.open(tmp_path / "out" / "fox-1.png").size == (512, 512)
+    assert "generation_gpu" in done.stderr  # the progress bar followed the job's steps
+    job_id = done.stderr.split("job ", 1)[1].split()[0]
+
+    status = imagen("status", job_id, cwd=tmp_path, env=env)
+    assert status.returncode == 0 and f"{job_id}  SUCCESS" in status.stdout and "seed=7" in status.stdout
+    models = imagen("models", "--url", process.url, "--key", key, cwd=tmp_path, env=_env())
+    assert [line.split("\t")[0] for line in models.stdout.splitlines()] == ["sdxl-base", "pony-xl-v6"]
+    loras = imagen("loras", cwd=tmp_path, env=env)
+    assert "anime-style" in loras.stdout and "triggers: anime style, detailed" in loras.stdout
+
+    # errors: one line, exit 1; usage: exit 2
+    for args in (("generate", "fatal", "--steps", "10"), ("status", "no-such-job"), ("cancel", job_id),
+                 ("generate", "x", "--model", "nope")):
+        failed = imagen(*args, cwd=tmp_path, env=env)
+        assert failed.returncode == 1, (args, failed.stderr)
+        assert len(failed.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in failed.stderr
+    assert "weight file missing" in imagen("generate", "fatal", cwd=tmp_path, env=env).stderr
+    assert imagen("generate", "x", "--size", "big", cwd=tmp_path, env=env).returncode == 2
+    assert imagen("generate", cwd=tmp_path, env=env).returncode == 2
+    wrong_key = imagen("models", cwd=tmp_path, env=_env(IMAGEN_URL=process.url, IMAGEN_API_KEY="imk_wrong"))
+    assert wrong_key.returncode == 1 and "401" in wrong_key.stderr
+
+    # Ctrl-C while the job runs: the job is cancelled on the server, exit 130
+    running = subprocess.Popen(
+        [sys.executable, "-m", "imagen", "generate", "sleep 20", "--steps", "100"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert running.stderr is not None
+    line = running.stderr.readline()
+    assert line.startswith("job "), line
+    job = line.split()[1]
+    headers = {"Authorization": f"Bearer {key}"}
+    wait_for(lambda: httpx.get(f"{process.url}/status/{job}", headers=headers).json()["status"] == "PROGRESS")
+    running.send_signal(signal.SIGINT)
+    assert running.wait(timeout=30) == 130
+    assert f"job {job} cancelled" in running.stderr.read()
+    assert httpx.get(f"{process.url}/status/{job}", headers=headers).json()["status"] == "REVOKED"
+
+
+def test_cli_with_the_server_down_says_so_in_one_line(tmp_path: Path) -> None:
+    down = imagen("generate", "a fox", "--url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path, env=_env())
+    assert down.returncode == 1
+    assert down.stderr.count("\n") == 1 and "cannot reach the server" in down.stderr
+    assert not down.stdout
