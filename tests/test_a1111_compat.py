@@ -110,6 +110,11 @@ def test_webuiapi_and_open_webui_on_both_backends(job_system: Callable[..., Test
             })
             assert answer.status_code == 200, answer.text
             assert json.loads(answer.json()["info"])["denoising_strength"] == 0.5
+            # the lists SillyTavern's "Stable Diffusion WebUI" source reads (src/endpoints/stable-diffusion.js)
+            assert [u["name"] for u in webui.get("/sdapi/v1/upscalers").json()] == ["None"]
+            assert webui.get("/sdapi/v1/latent-upscale-modes").json() == []
+            assert webui.get("/sdapi/v1/sd-vae").json() == []
+            assert [s["name"] for s in webui.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
             # an unknown sampler: A1111's error shape
             refused = webui.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
             assert refused.status_code == 422 and "Nope" in refused.json()["detail"]

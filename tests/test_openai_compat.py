@@ -86,6 +86,10 @@ def test_openai_client_generates_edits_and_gets_openai_errors(
         with pytest.raises(openai.BadRequestError) as bad:
             client.images.generate(prompt="fox", n=9)
         assert bad.value.body["param"] == "n"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as bad:  # a form without its prompt
+            client.post("/images/edits", cast_to=object, body=None, files=[("image", ("a.png", _png((512, 512))))],
+                        options={"headers": {"Content-Type": "multipart/form-data"}})
+        assert bad.value.body["param"] == "prompt"  # type: ignore[index]
         with pytest.raises(openai.NotFoundError) as missing:
             client.images.generate(prompt="fox", model="no-such-model")
         assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]

@@ -368,6 +368,23 @@ def schedulers() -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/upscalers")
+def upscalers() -> list[dict[str, Any]]:
+    """No upscaler here (SillyTavern lists them): only A1111's "None"."""
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/sd-vae")
+def sd_vae() -> list[dict[str, Any]]:
+    """Each model brings its VAE (the registry's `vae_path`): none to choose per request."""
+    return []
+
+
 @router.get("/options")
 def get_options(
     http: Request, registry: RegistryDep, settings: SettingsDep, caller: CallerDep

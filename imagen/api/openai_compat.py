@@ -16,9 +16,9 @@ import base64
 import io
 import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -328,33 +328,68 @@ def _mask_from_transparency(data: bytes) -> str:
     return _data_url(out.getvalue())
 
 
-@router.post("/images/edits", response_model=None, responses={**_OK, **_ERRORS})
+_EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "quality", "user")
+_EDIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
+                        "mask": {"type": "string", "format": "binary", "description": "Transparent = repaint."},
+                        "prompt": {"type": "string"},
+                        "model": {"type": "string"},
+                        "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES},
+                        "size": {"type": "string"},
+                        "response_format": {"enum": ["url", "b64_json"]},
+                        "output_format": {"enum": ["png", "jpeg", "webp"]},
+                        "quality": {"type": "string"},
+                        "user": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _file(form: Any, *names: str) -> bytes | None:
+    for name in names:
+        value = form.get(name)
+        if value is not None and not isinstance(value, str):
+            data: bytes = await value.read(MAX_IMAGE_BYTES + 1)
+            return data
+    return None
+
+
+@router.post("/images/edits", response_model=None, responses={**_OK, **_ERRORS}, openapi_extra=_EDIT_BODY)
 async def edits(
     http: Request,
     backend: BackendDep,
     registry: RegistryDep,
     settings: SettingsDep,
     caller: CallerDep,
-    image: Annotated[UploadFile, File(description="The image to edit (PNG, JPEG or WebP).")],
-    prompt: Annotated[str, Form()],
-    mask: Annotated[UploadFile | None, File(description="Transparent areas are repainted.")] = None,
-    model: Annotated[str | None, Form()] = None,
-    n: Annotated[int, Form()] = 1,
-    size: Annotated[str | None, Form()] = None,
-    response_format: Annotated[str | None, Form()] = None,
-    output_format: Annotated[str | None, Form()] = None,
-    quality: Annotated[str | None, Form()] = None,
-    user: Annotated[str | None, Form()] = None,
 ) -> JSONResponse:
-    """OpenAI's image edit: img2img, or inpainting where the mask (or the image itself) is transparent."""
-    picture = await image.read(MAX_IMAGE_BYTES + 1)
+    """OpenAI's image edit (multipart): img2img of `image`, or inpainting where `mask` (or the image
+    itself) is transparent."""
+    try:
+        form = await http.form()
+    except Exception:  # not multipart, or a broken one
+        return _invalid("expected a multipart/form-data body with `image` and `prompt`", None).response()
+    picture = await _file(form, "image", "image[]")
+    if picture is None:
+        return _invalid("image: give the image to edit as a file", "image").response()
+    mask_bytes = await _file(form, "mask")
+    values: dict[str, Any] = {name: form.get(name) for name in _EDIT_FIELDS if isinstance(form.get(name), str)}
+    if "n" in values:
+        values["n"] = int(values["n"]) if str(values["n"]).isdigit() else values["n"]
     try:
         check_image(picture)
-        mask_url = _mask_from_transparency(await mask.read(MAX_IMAGE_BYTES + 1)) if mask is not None else None
-        fields = ImageGenerationRequest.model_validate({
-            "prompt": prompt, "model": model, "n": n, "size": size, "response_format": response_format,
-            "output_format": output_format, "quality": quality, "user": user,
-        })
+        mask_url = _mask_from_transparency(mask_bytes) if mask_bytes is not None else None
+        fields = ImageGenerationRequest.model_validate(values)
         request = _generation_request(fields, registry, init_image=_data_url(picture), mask=mask_url)
     except BadImage as exc:
         return _invalid(f"image: {exc}", "image").response()
