@@ -90,3 +90,39 @@ def test_cli_with_the_server_down_says_so_in_one_line(tmp_path: Path) -> None:
     assert down.returncode == 1
     assert down.stderr.count("\n") == 1 and "cannot reach the server" in down.stderr
     assert not down.stdout
+
+
+def test_cli_polls_status_on_a_server_without_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server without /events (an older imagen, a proxy that buffers streams): the client polls /status."""
+    from rich.console import Console
+
+    from imagen.client import ImagenClient, generate
+
+    statuses = iter([
+        {"job_id": "j", "status": "PENDING", "result": None},
+        {"job_id": "j", "status": "PROGRESS", "result": None, "meta": {"step": "generation_gpu", "progress": 50}},
+        {"job_id": "j", "status": "SUCCESS", "result": {"filename": "a.png", "metadata": {"seed": 3},
+                                                        "images": [{"filename": "a.png", "seed": 3}]}},
+    ])
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path == "/generate":
+            return httpx.Response(201, json={"job_id": "j", "status": "queued", "message": "ok"})
+        if request.url.path.startswith("/status/"):
+            return httpx.Response(200, json=next(statuses))
+        if request.url.path.startswith("/image/"):
+            return httpx.Response(200, content=b"png bytes")
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    client = ImagenClient("http://imagen.test", None)
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handle))
+    monkeypatch.setattr("imagen.client.POLL_S", 0.0)
+    assert generate(client, {"prompt": "x"}, str(tmp_path / "x.png"), Console(stderr=True)) == 0
+    assert seen == ["POST /generate", "GET /events/j", "GET /status/j", "GET /status/j", "GET /status/j",
+                    "GET /image/j"]
+    assert (tmp_path / "x.png").read_bytes() == b"png bytes"
+    assert "PROGRESS generation_gpu 50%" in capsys.readouterr().err
