@@ -128,3 +128,21 @@ def test_lora_tags_by_id_or_file_stem_are_removed_from_the_prompt(reference_regi
     assert tags.prompt == "a fox, snow"
     assert tags.loras == [("anime-style", 0.5), ("character-detail", 1.0)]  # "detail": the file's stem
     assert tags.unknown == ["nope"]
+
+
+def test_progress_shows_the_callers_job_with_its_preview(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(engine="test-pattern", test_pattern_seconds=2.0)
+    with http_server(client) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        answers: list[Any] = []
+        running = threading.Thread(target=lambda: answers.append(api.txt2img(prompt="fox", steps=10)))
+        running.start()
+        progress = wait_for(lambda: (p := api.get_progress())["current_image"] and p, timeout=30)
+        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).format == "JPEG"
+        assert progress["state"]["sampling_steps"] == 10 and progress["state"]["sampling_step"] >= 1
+        assert progress["eta_relative"] >= 0
+        running.join(30)
+        assert len(answers[0].images) == 1
+        idle = api.get_progress()
+        assert (idle["progress"], idle["current_image"], idle["state"]["job_count"]) == (0.0, None, 0)
