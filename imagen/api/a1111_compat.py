@@ -196,8 +196,9 @@ def _generation_request(
 def _infotext(job: JobRecord, seed: int, model: str) -> str:
     metadata = (job.result or {}).get("metadata", {})
     lines = [str(metadata.get("final_prompt") or metadata.get("prompt", ""))]
-    if metadata.get("negative_prompt"):
-        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    negative = metadata.get("final_negative_prompt") or metadata.get("negative_prompt")
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
     params = [
         ("Steps", metadata.get("steps")),
         ("Sampler", metadata.get("scheduler") or "Default"),
@@ -254,11 +255,12 @@ async def _generate(
     metadata = job.result["metadata"]
     model = str(metadata.get("model", ""))
     prompt = str(metadata.get("final_prompt") or metadata.get("prompt", ""))
+    negative = str(metadata.get("final_negative_prompt") or metadata.get("negative_prompt") or "")
     info = {
         "prompt": prompt,
         "all_prompts": [prompt] * len(images),
-        "negative_prompt": metadata.get("negative_prompt") or "",
-        "all_negative_prompts": [metadata.get("negative_prompt") or ""] * len(images),
+        "negative_prompt": negative,
+        "all_negative_prompts": [negative] * len(images),
         "seed": seeds[0],
         "all_seeds": seeds,
         "subseed": -1,
