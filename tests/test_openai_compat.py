@@ -108,3 +108,16 @@ def test_openai_client_generates_edits_and_gets_openai_errors(
         with pytest.raises(openai.RateLimitError) as full:
             client.images.generate(prompt="one too many")
         assert full.value.body["code"] == "queue_full"  # type: ignore[index]
+
+
+def test_revised_prompt_has_the_loras_trigger_words(make_client: Callable[..., TestClient]) -> None:
+    """With the real engine (tiny random-weight SDXL on the CPU): the prompt as the model received it."""
+    from tests.engine_fixtures import fixtures_registry_path
+
+    api = make_client(engine="diffusers", registry_path=fixtures_registry_path(), device="cpu", dtype="float32")
+    with http_server(api) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.images.generate(
+            prompt="a fox", response_format="b64_json", extra_body={"steps": 10, "loras": [{"name": "anime-style"}]}
+        )
+    assert answer.data[0].revised_prompt == "anime style, detailed, a fox"  # trigger words go in front
