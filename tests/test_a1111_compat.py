@@ -110,6 +110,15 @@ def test_webuiapi_and_open_webui_on_both_backends(job_system: Callable[..., Test
             })
             assert answer.status_code == 200, answer.text
             assert json.loads(answer.json()["info"])["denoising_strength"] == 0.5
+            black = io.BytesIO()
+            Image.new("L", (512, 512), 0).save(black, format="PNG")
+            answer = webui.post("/sdapi/v1/img2img", json={  # a black mask, inverted: repaint everything
+                "init_images": ["data:image/png;base64," + base64.b64encode(png.getvalue()).decode()],
+                "mask": base64.b64encode(black.getvalue()).decode(), "inpainting_mask_invert": 1, "prompt": "x",
+                "steps": 10,
+            })
+            assert answer.status_code == 200, answer.text
+            assert webui.post("/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 422
             # the lists SillyTavern's "Stable Diffusion WebUI" source reads (src/endpoints/stable-diffusion.js)
             assert [u["name"] for u in webui.get("/sdapi/v1/upscalers").json()] == ["None"]
             assert webui.get("/sdapi/v1/latent-upscale-modes").json() == []

@@ -17,6 +17,7 @@ field), 429/503 for a full or unreachable queue, 500 for a failed job.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -45,6 +47,7 @@ from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
 from imagen.generation.samplers import available_samplers
+from imagen.inputs.images import decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.types import JobRecord, JobState
 from imagen.registry import Registry
@@ -136,12 +139,6 @@ def _data_url(image: str) -> str:
 
 
 def _inverted_mask(mask: str) -> str:
-    import io
-
-    from PIL import Image, ImageOps
-
-    from imagen.inputs.images import decode_data_url
-
     picture = Image.open(io.BytesIO(decode_data_url(_data_url(mask)))).convert("L")
     out = io.BytesIO()
     ImageOps.invert(picture).save(out, format="PNG")
