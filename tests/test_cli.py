@@ -9,13 +9,19 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from imagen.access.keys import add_key
+from tests.celery_support import shared_redis
 from tests.conftest import REPO, ServerProcess, free_port, wait_for
+from tests.http_thread import http_server
+from tests.test_job_contract import job_system
+
+__all__ = ["job_system", "shared_redis"]  # fixtures (job_system runs a test on both backends)
 
 
 @pytest.fixture
@@ -126,3 +132,24 @@ def test_cli_polls_status_on_a_server_without_events(
                     "GET /image/j"]
     assert (tmp_path / "x.png").read_bytes() == b"png bytes"
     assert "PROGRESS generation_gpu 50%" in capsys.readouterr().err
+
+
+def test_cli_generates_and_cancels_on_both_backends(job_system: Callable[..., Any], tmp_path: Path) -> None:
+    api = job_system()
+    with http_server(api) as url:
+        env = _env(IMAGEN_URL=url)
+        done = imagen("generate", "sleep 0.3", "--steps", "10", "--seed", "5", "-n", "2", "-o", "two.png",
+                      cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["two-0.png  seed=5", "two-1.png  seed=6"]
+        assert (tmp_path / "two-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        running = subprocess.Popen(
+            [sys.executable, "-m", "imagen", "generate", "sleep 20", "--steps", "100"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert running.stderr is not None
+        job = running.stderr.readline().split()[1]
+        wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "PROGRESS")
+        running.send_signal(signal.SIGINT)
+        assert running.wait(timeout=30) == 130
+        assert wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "REVOKED")
