@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test test-browser lint bench clean
+.PHONY: install run test test-slow test-browser test-all lint bench clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,17 @@ run: install
 	$(BIN)/imagen serve
 
 test: install lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not browser and not slow"
 
-# The web page in a real browser (Debian's /usr/bin/chromium); .ci/run runs it after `make test`.
+# The real diffusers pipelines on tiny models (CPU), in detail; .ci/run runs it after `make test`.
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not browser"
+
+# The web page in a real browser (Debian's /usr/bin/chromium); .ci/run runs it too.
 test-browser: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m browser
+
+test-all: test test-slow test-browser
 
 lint: install
 	$(BIN)/ruff check imagen tests bench
