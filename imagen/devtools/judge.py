@@ -1,0 +1,219 @@
+"""A model-free judge for the shapes language (``imagen.devtools.shapes``): what does a picture show?
+
+``judge(image)`` reads, from pixels alone:
+
+* the background: the median of the border pixels, named by the nearest background colour;
+* the shape's pixels: those far from the background in RGB (the largest connected region, so that a
+  speck of noise elsewhere does not count), its colour (their median, named by the nearest shape colour),
+  its centre (named by thirds: left/right third first, then top/bottom, else center) and its area fraction
+  (small/large);
+* the shape, from simple moments of that region: the fill ratio of its bounding box, solidity (area over
+  convex-hull area), circularity of the hull (4*pi*A/P^2) and the corner count of the hull after a
+  Ramer-Douglas-Peucker simplification.
+
+``score(scene, verdict)`` says which of background/colour/shape/position/size were read back right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from imagen.devtools.shapes import BACKGROUNDS, COLOURS, RGB, SIZE_THRESHOLD, Scene
+
+FloatArray = npt.NDArray[np.float64]
+
+FIRST_PASS_DISTANCE = 60.0
+"""RGB distance from the background above which a pixel is taken as shape on the first pass."""
+
+STAR_SOLIDITY = 0.8
+"""Below this solidity (area over hull area) the shape is a star; the others are convex."""
+
+CORNER_TOLERANCE = 0.08
+"""Hull simplification tolerance, as a fraction of the shape's equivalent radius."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    background: str
+    colour: str | None
+    shape: str | None
+    position: str | None
+    size: str | None
+    background_rgb: RGB
+    colour_rgb: RGB | None = None
+    centre: tuple[float, float] | None = None
+    area_fraction: float = 0.0
+    fill_ratio: float = 0.0
+    solidity: float = 0.0
+    circularity: float = 0.0
+    corners: int = 0
+
+
+def _nearest(rgb: FloatArray, palette: dict[str, RGB]) -> str:
+    return min(palette, key=lambda name: float(np.linalg.norm(rgb - np.asarray(palette[name], dtype=np.float64))))
+
+
+def _as_rgb(value: FloatArray) -> RGB:
+    r, g, b = (round(float(v)) for v in value)
+    return (r, g, b)
+
+
+def _largest_region(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    result: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes))
+    return result
+
+
+def _rdp(points: FloatArray, tolerance: float) -> list[int]:
+    """Indices kept by Ramer-Douglas-Peucker on an open polyline (first and last always kept)."""
+    keep = [0, len(points) - 1]
+    stack = [(0, len(points) - 1)]
+    while stack:
+        start, end = stack.pop()
+        if end - start < 2:
+            continue
+        a, b = points[start], points[end]
+        seg = b - a
+        length = float(np.hypot(seg[0], seg[1]))
+        inner = points[start + 1 : end] - a
+        if length == 0.0:
+            dist = np.hypot(inner[:, 0], inner[:, 1])
+        else:
+            dist = np.abs(seg[0] * inner[:, 1] - seg[1] * inner[:, 0]) / length
+        worst = int(np.argmax(dist))
+        if float(dist[worst]) > tolerance:
+            mid = start + 1 + worst
+            keep.append(mid)
+            stack.extend([(start, mid), (mid, end)])
+    return sorted(set(keep))
+
+
+def count_corners(hull_points: FloatArray, tolerance: float) -> int:
+    """Corners of a closed convex polygon (vertices in order) after simplification to ``tolerance``."""
+    n = len(hull_points)
+    if n <= 3:
+        return n
+    # split the closed ring at its two farthest-apart vertices and simplify both halves
+    first = 0
+    far = int(np.argmax(np.hypot(*(hull_points - hull_points[first]).T)))
+    first = int(np.argmax(np.hypot(*(hull_points - hull_points[far]).T)))
+    ring = np.roll(hull_points, -first, axis=0)
+    far = (far - first) % n
+    one = _rdp(ring[: far + 1], tolerance)
+    two = _rdp(np.vstack([ring[far:], ring[:1]]), tolerance)
+    return len(one) - 1 + len(two) - 1
+
+
+def classify(solidity: float, circularity: float, corners: int) -> str:
+    """The shape from its moments: stars are not convex; the convex ones by corners, then roundness."""
+    if solidity < STAR_SOLIDITY:
+        return "star"
+    if corners == 3 or circularity < 0.69:
+        return "triangle"
+    if corners == 4 or (corners < 6 and circularity < 0.89):
+        return "square"
+    return "circle"
+
+
+def position_word(x: float, y: float) -> str:
+    """The position of a centre (fractions of the image) by thirds."""
+    if x < 1 / 3:
+        return "on the left"
+    if x > 2 / 3:
+        return "on the right"
+    if y < 1 / 3:
+        return "at the top"
+    if y > 2 / 3:
+        return "at the bottom"
+    return "in the center"
+
+
+def judge(image: Image.Image | npt.NDArray[np.generic]) -> Verdict:
+    """Read background, shape colour, shape, position and size back from an RGB picture."""
+    if isinstance(image, Image.Image):
+        pixels: FloatArray = np.asarray(image.convert("RGB"), dtype=np.float64)
+    else:
+        pixels = np.asarray(image, dtype=np.float64)[..., :3]
+    height, width = pixels.shape[:2]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background_rgb = np.median(border, axis=0)
+    background = _nearest(background_rgb, BACKGROUNDS)
+    distance = np.linalg.norm(pixels - background_rgb, axis=-1)
+    mask = _largest_region(distance > FIRST_PASS_DISTANCE)
+    if int(mask.sum()) < 4:
+        return Verdict(background, None, None, None, None, _as_rgb(background_rgb))
+    colour_rgb = np.median(pixels[mask], axis=0)
+    # second pass: a pixel is shape where it is at least half way from the background to the shape colour,
+    # so that antialiased edges count as much as they cover
+    half = 0.5 * float(np.linalg.norm(colour_rgb - background_rgb))
+    second = _largest_region(distance > min(half, FIRST_PASS_DISTANCE * 2))
+    if int(second.sum()) >= 4:
+        mask = second
+        colour_rgb = np.median(pixels[mask], axis=0)
+    colour = _nearest(colour_rgb, COLOURS)
+
+    ys, xs = np.nonzero(mask)
+    area = float(len(xs))
+    cx, cy = (float(xs.mean()) + 0.5) / width, (float(ys.mean()) + 0.5) / height
+    area_fraction = area / (width * height)
+    bbox = float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+
+    points = np.column_stack([xs, ys]).astype(np.float64)
+    try:
+        hull = ConvexHull(points)
+    except QhullError:  # degenerate (a line of pixels): no shape to name
+        return Verdict(
+            background,
+            colour,
+            None,
+            position_word(cx, cy),
+            None,
+            _as_rgb(background_rgb),
+            _as_rgb(colour_rgb),
+            (cx, cy),
+            area_fraction,
+        )
+    # the hull runs through pixel centres: grow it by half a pixel all round to compare with the pixel count
+    hull_area = float(hull.volume) + 0.5 * float(hull.area) + 1.0
+    hull_perimeter = float(hull.area) + 4.0
+    solidity = area / hull_area
+    circularity = 4 * math.pi * hull_area / hull_perimeter**2
+    radius = math.sqrt(area / math.pi)
+    corners = count_corners(points[hull.vertices], CORNER_TOLERANCE * radius)
+    return Verdict(
+        background=background,
+        colour=colour,
+        shape=classify(solidity, circularity, corners),
+        position=position_word(cx, cy),
+        size="large" if area_fraction > SIZE_THRESHOLD else "small",
+        background_rgb=_as_rgb(background_rgb),
+        colour_rgb=_as_rgb(colour_rgb),
+        centre=(cx, cy),
+        area_fraction=area_fraction,
+        fill_ratio=area / bbox,
+        solidity=solidity,
+        circularity=circularity,
+        corners=corners,
+    )
+
+
+def score(scene: Scene, verdict: Verdict) -> dict[str, bool]:
+    """Which parts of ``scene`` the verdict read back right."""
+    return {
+        "background": verdict.background == scene.background,
+        "colour": verdict.colour == scene.colour,
+        "shape": verdict.shape == scene.shape,
+        "position": verdict.position == scene.position,
+        "size": verdict.size == scene.size,
+    }
