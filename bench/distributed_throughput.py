@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness import start_redis, wait  # noqa: E402
+from harness import start_redis, test_pattern_cluster, wait  # noqa: E402
 
 from imagen.api.schemas import GenerationRequest  # noqa: E402
 from imagen.api.submission import prepare_job  # noqa: E402
@@ -122,22 +122,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         workdir = Path(tmp)
         redis_process, url = start_redis(workdir, appendonly=True)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "IMAGEN_BROKER_URL": url,
-            "IMAGEN_ENGINE": "test-pattern",
-            "IMAGEN_TEST_PATTERN_SECONDS": str(args.generation_s),
-            "IMAGEN_DATA_DIR": str(workdir / "wdata"),
-            "IMAGEN_OUTPUTS_DIR": str(workdir / "worker-outputs"),
-        }
-        settings = Settings(
-            broker_url=url,
-            engine="test-pattern",
-            outputs_dir=workdir / "api-outputs",
-            data_dir=workdir / "data",
-            max_queue=1000,
-        )
+        env, settings = test_pattern_cluster(url, workdir, args.generation_s)
         backend = CeleryBackend(settings)
         backend.start()
         try:

@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness import start_redis, wait  # noqa: E402
+from harness import start_redis, test_pattern_cluster, wait  # noqa: E402
 
 from imagen.api.schemas import GenerationRequest  # noqa: E402
 from imagen.api.submission import prepare_job  # noqa: E402
@@ -91,22 +91,7 @@ def embedded(workdir: Path, jobs: int, generation_s: float) -> dict[str, Any]:
 
 def distributed(workdir: Path, jobs: int, generation_s: float) -> dict[str, Any]:
     redis_process, url = start_redis(workdir, appendonly=False)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "IMAGEN_BROKER_URL": url,
-        "IMAGEN_ENGINE": "test-pattern",
-        "IMAGEN_TEST_PATTERN_SECONDS": str(generation_s),
-        "IMAGEN_DATA_DIR": str(workdir / "wdata"),
-        "IMAGEN_OUTPUTS_DIR": str(workdir / "worker-outputs"),
-    }
-    settings = Settings(
-        broker_url=url,
-        engine="test-pattern",
-        outputs_dir=workdir / "api-outputs",
-        data_dir=workdir / "data",
-        max_queue=1000,
-    )
+    env, settings = test_pattern_cluster(url, workdir, generation_s)
     backend = CeleryBackend(settings)
     backend.start()
     log = (workdir / "worker.log").open("ab")

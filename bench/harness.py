@@ -1,17 +1,25 @@
-"""What the benchmarks share: a free loopback port, waiting for a condition, a private redis-server.
+"""What the benchmarks share: a free loopback port, waiting for a condition, a private redis-server, and the
+settings of a test-pattern cluster on it.
 
 Benchmarks run as scripts (``python bench/x.py``), so this folder is on ``sys.path`` and they ``import harness``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
+
+if TYPE_CHECKING:
+    from imagen.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -49,3 +57,27 @@ def start_redis(workdir: Path, *, appendonly: bool) -> tuple[subprocess.Popen[by
     wait(pings, 10, "redis-server")
     client.close()
     return process, f"redis://127.0.0.1:{port}/0"
+
+
+def test_pattern_cluster(url: str, workdir: Path, generation_s: float) -> tuple[dict[str, str], Settings]:
+    """For a distributed run on the Redis at ``url`` with the test-pattern engine: the environment of an
+    ``imagen worker`` process (its own data and outputs folders) and the API side's settings."""
+    from imagen.config import Settings  # the benchmark has put the repository on sys.path by now
+
+    worker_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "IMAGEN_BROKER_URL": url,
+        "IMAGEN_ENGINE": "test-pattern",
+        "IMAGEN_TEST_PATTERN_SECONDS": str(generation_s),
+        "IMAGEN_DATA_DIR": str(workdir / "wdata"),
+        "IMAGEN_OUTPUTS_DIR": str(workdir / "worker-outputs"),
+    }
+    api_settings = Settings(
+        broker_url=url,
+        engine="test-pattern",
+        outputs_dir=workdir / "api-outputs",
+        data_dir=workdir / "data",
+        max_queue=1000,
+    )
+    return worker_env, api_settings
