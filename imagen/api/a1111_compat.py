@@ -286,14 +286,15 @@ async def _generate(
     return JSONResponse({"images": images, "parameters": raw, "info": json.dumps(info)})
 
 
-async def _read(http: Request) -> tuple[_Txt2Img | None, dict[str, Any], JSONResponse | None]:
+async def _read(http: Request) -> tuple[_Txt2Img, dict[str, Any]] | JSONResponse:
+    """The body's fields and its raw JSON (A1111 echoes it as `parameters`), or the 422 to answer."""
     try:
         raw = json.loads(await http.body() or b"{}")
         if not isinstance(raw, dict):
             raise ValueError("the body must be a JSON object")
-        return _Txt2Img.model_validate(raw), raw, None
+        return _Txt2Img.model_validate(raw), raw
     except (ValueError, ValidationError) as exc:
-        return None, {}, _error(422, str(exc).splitlines()[0], "ValidationError")
+        return _error(422, str(exc).splitlines()[0], "ValidationError")
 
 
 _GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
@@ -304,10 +305,10 @@ async def txt2img(
     http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
 ) -> JSONResponse:
     """A1111's txt2img: waits for the job; `images` are base64 PNGs, `info` a JSON string."""
-    fields, raw, problem = await _read(http)
-    if fields is None:
-        assert problem is not None
-        return problem
+    read = await _read(http)
+    if isinstance(read, JSONResponse):
+        return read
+    fields, raw = read
     return await _generate(fields, raw, http, backend, registry, settings, caller)
 
 
@@ -316,10 +317,10 @@ async def img2img(
     http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
 ) -> JSONResponse:
     """A1111's img2img: `init_images[0]`, optional `mask` (white = repaint), `denoising_strength`."""
-    fields, raw, problem = await _read(http)
-    if fields is None:
-        assert problem is not None
-        return problem
+    read = await _read(http)
+    if isinstance(read, JSONResponse):
+        return read
+    fields, raw = read
     if not fields.init_images:
         return _error(422, "init_images: give one image (base64)", "ValidationError")
     return await _generate(fields, raw, http, backend, registry, settings, caller)

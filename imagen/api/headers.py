@@ -41,7 +41,7 @@ def generation_metadata_header(metadata: Mapping[str, Any]) -> str:
         summary["sampler"] = _clip(str(metadata["sampler"]))
     for field in USED_FIELDS:
         value = metadata.get(field)
-        if isinstance(value, bool | int | float) and value is not None:
+        if isinstance(value, bool | int | float):
             summary[field] = value
     return json.dumps(summary, ensure_ascii=True)
 
