@@ -62,6 +62,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.generation.base import INPUT_ROLES
 from imagen.jobs import fairness, stats
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload
@@ -309,13 +310,9 @@ class RedisJobStore:
 
     def job_inputs(self, job_id: str) -> dict[str, bytes]:
         """The job's input images by role (PNG bytes); empty when it has none."""
-        fields = cast(list[bytes], self.client.hkeys(job_key(job_id)))
-        prefix = INPUT_FIELD_PREFIX.encode()
-        roles = [f.removeprefix(prefix).decode() for f in fields if f.startswith(prefix)]
-        if not roles:
-            return {}
-        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), [INPUT_FIELD_PREFIX + r for r in roles]))
-        return {role: value for role, value in zip(roles, values, strict=True) if value is not None}
+        fields = [INPUT_FIELD_PREFIX + role for role in INPUT_ROLES]
+        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), fields))  # one round trip
+        return {role: value for role, value in zip(INPUT_ROLES, values, strict=True) if value is not None}
 
     def save_upload(self, upload: Upload) -> None:
         ttl_ms = max(1, int((upload.expires_at - self.clock()) * 1000))
