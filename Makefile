@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test test-slow test-browser test-all lint bench clean
+.PHONY: install run test test-slow test-browser test-all lint bench demo-model clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/service_overhead.py
+
+# Retrain the shipped demo model from its seed (about 85-90 min on 2 CPU cores) and put it in the package:
+# imagen/data/demo gets model/ (without tokenizers: the shared CLIP vocabulary), loras/, ip-adapter/ and
+# training.json; the contact sheet stays in build/demo-model.
+demo-model: install
+	$(BIN)/imagen devtools train-demo build/demo-model
+	rm -rf imagen/data/demo && mkdir -p imagen/data/demo
+	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/training.json imagen/data/demo/
+	rm -rf imagen/data/demo/model/tokenizer imagen/data/demo/model/tokenizer_2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

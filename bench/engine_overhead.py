@@ -1,6 +1,6 @@
 """Benchmark: a job through the service vs the same diffusers call made directly, and where the time goes.
 
-1. The demo model (SDXL architecture, tiny random weights, native 1024x1024; the very pipeline the server
+1. The demo model (SDXL architecture, trained on shapes, native 1024x1024; the very pipeline the server
    builds) at 30 steps, CFG 7.5, the server's dtype. Two paths, **interleaved** (direct, service, service,
    direct, ...: a background load or thermal drift hits both alike), one untimed warm-up run each:
 
@@ -43,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPT = "a majestic dragon flying over mountains at sunset"
+PROMPT = "a large green star on the left on a beige background"
 NEGATIVE = "low quality, blurry, distorted, ugly, bad anatomy"
 GUIDANCE = 7.5
 MIN_POLL_S, MAX_POLL_S = 0.02, 0.5

@@ -1,12 +1,13 @@
 """Benchmark: what ``GET /events?preview=1`` previews cost a job (issue 9: at most 5 % slower).
 
-The demo model (SDXL architecture, tiny random weights, 1024x1024, the pipeline the server builds) in the
+The demo model (SDXL architecture, trained on shapes, 1024x1024, the pipeline the server builds) in the
 diffusers engine, one job as a worker runs it (``runner.run_task``: generate, then write the PNG), with
-previews (every ``preview_every_steps`` steps: SDXL's linear latent-to-RGB map of the step's latents and a
-JPEG) and without. The two paths are interleaved (without, with, with, without, ...), after one untimed
-warm-up each. Printed: each path's median and runs, the ratio of the medians (target <= 1.05), the time
-the jobs with previews spent making them (measured inside the engine, so a machine busy with other work
-cannot blur it as it blurs the wall times) as a share of those jobs, and one preview alone (median of 50).
+previews (every ``preview_every_steps`` steps: the model's linear latent-to-RGB map of the step's latents,
+exact for the demo model, and a JPEG) and without. The two paths are interleaved (without, with, with,
+without, ...), after one untimed warm-up each. Printed: each path's median and runs, the ratio of the medians
+(target <= 1.05), the time the jobs with previews spent making them (measured inside the engine, so a
+machine busy with other work cannot blur it as it blurs the wall times) as a share of those jobs, and one
+preview alone (median of 50).
 
     .venv/bin/python bench/preview_overhead.py [--runs 5] [--steps 30]
 """
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,6 +37,7 @@ def main() -> None:
     from imagen.config import Settings
     from imagen.generation.base import GenerationTask
     from imagen.generation.diffusers import engine as engine_module
+    from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE
     from imagen.generation.diffusers.preview import latents_preview
     from imagen.generation.runner import run_task
     from imagen.registry import builtin_registry
@@ -44,15 +47,15 @@ def main() -> None:
     engine = engine_module.DiffusersEngine(builtin_registry(), settings)
     spent_in_previews = [0.0]
 
-    def timed_preview(latents: torch.Tensor) -> bytes:
+    def timed_preview(latents: torch.Tensor, **latent_rgb: Any) -> bytes:
         start = time.perf_counter()
         try:
-            return latents_preview(latents)
+            return latents_preview(latents, **latent_rgb)
         finally:
             spent_in_previews[0] += time.perf_counter() - start
 
     engine_module.latents_preview = timed_preview  # type: ignore[attr-defined]
-    task = GenerationTask(prompt="a majestic dragon flying over mountains at sunset", negative_prompt=None,
+    task = GenerationTask(prompt="a large green star on the left on a beige background", negative_prompt=None,
                           model="demo", steps=args.steps, guidance_scale=7.5, seed=1)
     previews: list[int] = []
 
@@ -71,7 +74,8 @@ def main() -> None:
         for with_previews in order:
             times[with_previews].append(job(with_previews, f"run-{run}-{int(with_previews)}.png"))
 
-    latents = torch.randn(1, 4, 128, 128, device=engine.device)
+    cells = 1024 // LATENT_DOWNSCALE
+    latents = torch.randn(1, 4, cells, cells, device=engine.device)
     one: list[float] = []
     for _ in range(50):
         start = time.perf_counter()
@@ -89,7 +93,7 @@ def main() -> None:
     share = spent_in_previews[0] / sum(times[True])
     print(f"time spent making previews: {spent_in_previews[0] / args.runs * 1000:.1f} ms per job, "
           f"{share * 100:.3f} % of the jobs with previews")
-    print(f"one preview alone (128x128 latents -> JPEG): median {statistics.median(one) * 1000:.2f} ms")
+    print(f"one preview alone ({cells}x{cells} latents -> JPEG): median {statistics.median(one) * 1000:.2f} ms")
 
 
 if __name__ == "__main__":

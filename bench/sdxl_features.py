@@ -1,6 +1,6 @@
 """Issue 11 benchmark: several images per job, and memory with img2img / inpainting pipelines.
 
-On the demo model (SDXL architecture, tiny random weights, built in code; the very engine the worker runs):
+On the demo model (SDXL architecture, trained on shapes, shipped; the very engine the worker runs):
 
 1. s/image for ``num_images`` 1 vs 4 (one job, one batch): the median of ``--runs`` jobs each, one untimed
    warm-up job first; printed: both, and the ratio (batch s/image over single s/image; < 1: the batch is
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = DiffusersEngine(builtin_registry(), settings)
     size = args.size or builtin_registry().models[0].size
     base = GenerationTask(
-        prompt="a majestic dragon flying over mountains at sunset", negative_prompt=None, model=DEMO_MODEL_ID,
+        prompt="a large green star on the left on a beige background", negative_prompt=None, model=DEMO_MODEL_ID,
         steps=args.steps, guidance_scale=7.5, seed=1, width=size, height=size,
     )
     print(

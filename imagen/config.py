@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     )
 
     # --- files ------------------------------------------------------------------------------
-    data_dir: Path = Field(Path("data"), description="Where the job database and the demo model live.")
+    data_dir: Path = Field(Path("data"), description="Where the job database and the caches live.")
     outputs_dir: Path = Field(Path("outputs"), description="Where generated PNGs are written and served from.")
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of the PNGs: 1 is several times faster than 6 for ~10% more bytes."
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     registry_path: Path | None = Field(
         None,
         description="YAML file declaring models and LoRAs (see registry.example.yaml). "
-        "Unset: the built-in demo model only.",
+        "Unset: the built-in demo model, its LoRA and its IP-Adapter.",
     )
 
     # --- job system -------------------------------------------------------------------------

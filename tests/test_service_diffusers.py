@@ -52,17 +52,6 @@ def test_same_seed_gives_the_same_bytes_through_the_service(diffusers_client: Te
     assert diffusers_client.get(f"/image/{first}").content == diffusers_client.get(f"/image/{second}").content
 
 
-def test_the_default_install_serves_the_demo_model(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(engine="diffusers", registry_path=None, device="cpu")
-    models = client.get("/models").json()["models"]
-    assert [m["id"] for m in models] == ["demo"] and "untrained" in models[0]["name"]
-    job_id = client.post("/generate", json={"prompt": "a lake at dawn", "steps": 10}).json()["job_id"]
-    done = wait_status(client, job_id, {"SUCCESS", "FAILURE"}, timeout=180)
-    assert done["status"] == "SUCCESS", done
-    assert done["result"]["filename"].startswith("demo_")
-    assert Image.open(io.BytesIO(client.get(f"/image/{job_id}").content)).size == (1024, 1024)
-
-
 def test_unusable_registry_stops_the_start(make_settings: Callable[..., object], tmp_path: Path) -> None:
     from imagen.api.app import create_app
 

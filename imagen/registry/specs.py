@@ -13,6 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from imagen.errors import RegistryError
+from imagen.generation.diffusers.demo_model import (
+    DEMO_IP_ADAPTER_PATH,
+    DEMO_IP_ENCODER_DIR,
+    DEMO_IP_REFERENCE,
+    DEMO_LORA_ID,
+    DEMO_LORA_PATH,
+    DEMO_LORA_TRIGGER,
+)
 from imagen.generation.samplers import SAMPLER_NAMES, is_sampler_name
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -35,7 +43,7 @@ class ModelSpec(BaseModel):
     default_negative: str = ""
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
     size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
-    demo: bool = Field(False, description="The built-in untrained demo model (built in code, no file).")
+    demo: bool = Field(False, description="The built-in demo model (trained on shapes, shipped in the package).")
     scheduler: str | None = Field(
         None, description="Default sampler for this model's jobs, by its A1111 name (see GET /schedulers)."
     )
@@ -141,19 +149,35 @@ class Registry(BaseModel):
 
 
 def builtin_registry() -> Registry:
-    """What a fresh install serves: the untrained demo model, built in code at first start."""
+    """What a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter."""
     return Registry(
         models=[
             ModelSpec(
                 id=DEMO_MODEL_ID,
-                name="Demo SDXL (untrained)",
-                description="SDXL-architecture pipeline with tiny random weights, built in code: an untrained "
-                "demo that exercises the whole service without downloads. Configure real weights in the registry.",
-                default_negative="low quality, blurry, distorted, ugly, bad anatomy",
+                name="Demo SDXL (shapes)",
+                description="A tiny SDXL-architecture model trained on one language: one shape (circle, square, "
+                "triangle, star) in one of 8 colours, small or large, on the left, right, top, bottom or in the "
+                "center, on a white, gray, navy, beige, sky blue or dark green background. Try \"a red circle on "
+                "a white background\". Configure real weights in the registry.",
+                default_negative="",
                 prefix="demo",
                 demo=True,
             )
-        ]
+        ],
+        loras=[
+            LoraSpec(
+                id=DEMO_LORA_ID,
+                name="Blue shapes (demo LoRA)",
+                description="Trained with the demo model by the same command: at weight 1 every shape comes out "
+                "blue, whatever colour the prompt asks; at 0 the prompt's colour.",
+                path=DEMO_LORA_PATH,
+                default_weight=1.0,
+                trigger_words=[DEMO_LORA_TRIGGER],
+            )
+        ],
+        ip_adapter=IpAdapterSpec(
+            path=DEMO_IP_ADAPTER_PATH, image_encoder_path=DEMO_IP_ENCODER_DIR, reference_image=DEMO_IP_REFERENCE
+        ),
     )
 
 

@@ -4,7 +4,7 @@
   what ``from_single_file`` needs to turn an original-layout checkpoint into a pipeline.
 * ``imagen/data/clip-tokenizer/`` holds CLIP's BPE vocabulary (49408 tokens), shared by both SDXL tokenizers.
 * :func:`build_tiny_sdxl_pipeline` builds an SDXL-architecture pipeline with tiny random weights from a
-  fixed seed: the built-in demo model and the test fixtures.
+  fixed seed: the test fixtures (the demo model is trained: :mod:`.demo_model`).
 """
 
 from __future__ import annotations
@@ -63,23 +63,6 @@ class TinySdxlShape:
 
 
 FIXTURE_SHAPE = TinySdxlShape()
-# The demo model: SDXL's native 1024x1024 (VAE 8x, latents 128x128) but small enough for a CPU: the first
-# UNet level has no attention and few channels, attention only runs at 1/4 of the latent size.
-DEMO_SHAPE = TinySdxlShape(
-    unet_channels=(16, 32, 64),
-    unet_down=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    unet_up=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    unet_heads=(2, 4, 8),
-    unet_norm_groups=8,
-    unet_layers_per_block=1,
-    vae_channels=(8, 8, 16, 16),
-    vae_norm_groups=8,
-    vae_layers_per_block=1,
-    vae_mid_attention=False,
-    size=1024,
-)
-
-
 def _text_config(hidden: int, layers: int, projection: int, act: str) -> CLIPTextConfig:
     return CLIPTextConfig(
         bos_token_id=0,

@@ -55,6 +55,7 @@ from imagen.generation.base import (
     denoising_steps,
 )
 from imagen.generation.diffusers import acceleration
+from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
     attach_ip_adapter,
@@ -287,11 +288,13 @@ class DiffusersEngine(Engine):
         """The pipeline call: ``output_type="latent"``, one generator per image (seed + i)."""
         cancelled: list[JobCancelled] = []
         preview, every = self.preview, self.settings.preview_every_steps
-        make_preview: Callable[[torch.Tensor], bytes] = (
-            latents_preview
-            if loaded.preview_decoder is None
-            else partial(decoder_preview, loaded.preview_decoder)
-        )
+        make_preview: Callable[[torch.Tensor], bytes]
+        if loaded.preview_decoder is not None:
+            make_preview = partial(decoder_preview, loaded.preview_decoder)
+        elif loaded.spec.demo:  # its latents are mean colours: an exact linear map
+            make_preview = partial(latents_preview, factors=DEMO_LATENT_RGB, bias=DEMO_LATENT_RGB_BIAS)
+        else:
+            make_preview = latents_preview
         fallback_total = denoising_steps(task) or task.steps
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -504,8 +507,11 @@ def _decode(pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[A
     PNG writer."""
     vae = pipe.vae
     # SDXL's original VAE overflows in fp16 (black images): decode it in fp32 unless it is fp16-safe
-    # (the fp16-fix VAE's config says force_upcast: false).
-    upcast = vae.dtype == torch.float16 and bool(vae.config.force_upcast)
+    # (the fp16-fix VAE's config says force_upcast: false). The same for bf16 (CPUs): the demo model's VAE
+    # (set by hand, exact colours) needs fp32's precision, and SDXL's loses detail in bf16. diffusers' own
+    # img2img encoder already upcasts for any dtype when force_upcast is set.
+    original_dtype = vae.dtype
+    upcast = original_dtype in (torch.float16, torch.bfloat16) and bool(vae.config.force_upcast)
     if upcast:
         vae.to(dtype=torch.float32)
     try:
@@ -521,7 +527,7 @@ def _decode(pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[A
         decoded = vae.decode(latents, return_dict=False)[0]
     finally:
         if upcast:
-            vae.to(dtype=torch.float16)
+            vae.to(dtype=original_dtype)
     floats = pipe.image_processor.postprocess(decoded, output_type="np")
     pixels = np.ascontiguousarray((floats[0] * 255).round().astype(np.uint8))
     return Image.fromarray(pixels, "RGB"), pixels

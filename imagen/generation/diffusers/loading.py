@@ -3,7 +3,7 @@
 :func:`resolve_device` / :func:`resolve_dtype` turn the settings into a device and dtype, :func:`load_pipeline`
 reads the files (on CPU), :func:`place_pipeline` puts the pipeline on its device (or sets up CPU offload).
 
-* ``demo: true``: the tiny random-weight SDXL-architecture pipeline built in code (fixed seed).
+* ``demo: true``: the shipped demo model (``imagen/data/demo/model``, a diffusers folder: :mod:`.demo_model`).
 * a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled.
 * a single ``.safetensors`` checkpoint in the original (StabilityAI / civitai) key layout:
   ``from_single_file`` with the SDXL base configs shipped in ``imagen/data/sdxl-base`` and the shipped CLIP
@@ -25,15 +25,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
 
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError
-from imagen.generation.diffusers.components import (
-    DEMO_SHAPE,
-    SDXL_CONFIG_DIR,
-    build_tiny_sdxl_pipeline,
-    load_clip_tokenizers,
-)
+from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers
+from imagen.generation.diffusers.demo_model import DEMO_MODEL_DIR
 from imagen.registry import ModelSpec, safe_files
-
-DEMO_SEED = 20240130
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -97,8 +91,10 @@ def load_vae(path: Path, dtype: torch.dtype) -> Any:
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """Load (on CPU, in ``dtype``) the pipeline a registry entry describes."""
     if spec.demo:
-        pipe = build_tiny_sdxl_pipeline(DEMO_SHAPE, seed=DEMO_SEED)
-        pipe.to(dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+            str(DEMO_MODEL_DIR), torch_dtype=dtype, use_safetensors=True, local_files_only=True,
+            **_tokenizer_kwargs(None),
+        )
     else:
         assert spec.path is not None  # the registry guarantees it for non-demo models
         path = Path(spec.path)

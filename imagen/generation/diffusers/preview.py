@@ -30,12 +30,20 @@ SDXL_LATENT_RGB = (
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def latents_to_pixels(latents: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """The first image of a (batch, 4, h, w) latent batch as RGB uint8 (h, w, 3)."""
+LatentRgb = tuple[tuple[float, float, float], ...]
+
+
+def latents_to_pixels(
+    latents: torch.Tensor,
+    factors: LatentRgb = SDXL_LATENT_RGB,
+    bias: tuple[float, float, float] = SDXL_LATENT_RGB_BIAS,
+) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """The first image of a (batch, 4, h, w) latent batch as RGB uint8 (h, w, 3), by a linear map (SDXL's,
+    or a model's own: the demo model's is exact, ``demo_model.DEMO_LATENT_RGB``)."""
     first = latents[0].detach().float()
-    factors = torch.tensor(SDXL_LATENT_RGB, device=first.device)
-    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, device=first.device)
-    return _to_uint8(torch.einsum("chw,cr->hwr", first, factors) + bias)
+    matrix = torch.tensor(factors, device=first.device)
+    offset = torch.tensor(bias, device=first.device)
+    return _to_uint8(torch.einsum("chw,cr->hwr", first, matrix) + offset)
 
 
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -44,9 +52,13 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
     return np.asarray(pixels, dtype=np.uint8)
 
 
-def latents_preview(latents: torch.Tensor) -> bytes:
+def latents_preview(
+    latents: torch.Tensor,
+    factors: LatentRgb = SDXL_LATENT_RGB,
+    bias: tuple[float, float, float] = SDXL_LATENT_RGB_BIAS,
+) -> bytes:
     """A JPEG preview of the latents (``imagen.generation.preview``)."""
-    return encode_preview(latents_to_pixels(latents))
+    return encode_preview(latents_to_pixels(latents, factors, bias))
 
 
 def load_preview_decoder(path: Path, device: torch.device, dtype: torch.dtype) -> Any:

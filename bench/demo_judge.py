@@ -1,0 +1,130 @@
+"""Issue 15 benchmark: does the shipped demo model draw what it is asked? Judged from pixels, no model.
+
+Every held-out caption (``imagen.devtools.shapes.held_out_combinations``: 60 combinations the training never
+saw), with 2 seeds each, through the service's own engine (the ``DiffusersEngine`` a worker runs, the built-in
+registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5, the model's default sampler. Each PNG
+goes to ``imagen.devtools.judge`` (background from the border, shape pixels, colour, centre, hull moments).
+
+Printed: the table of the issue's four targets (and size, not a target), what the misses were read as, and the
+median generation time per image on this machine. Written: a contact sheet of the first ``--sheet`` images
+with what the judge read under each (``--contact-sheet``, default ``docs/demo-contact-sheet.png``).
+
+    .venv/bin/python bench/demo_judge.py [--seeds 2] [--limit N] [--contact-sheet PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imagen.config import Settings  # noqa: E402
+from imagen.devtools import shapes  # noqa: E402
+from imagen.devtools.judge import judge, score  # noqa: E402
+from imagen.generation.base import GenerationTask  # noqa: E402
+from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry  # noqa: E402
+
+TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75, "position": 0.80}
+LABELS = {
+    "background": "background colour right",
+    "colour": "shape colour right",
+    "shape": "shape right",
+    "position": "position right (the caption gives one)",
+    "size": "size right (not a target)",
+}
+SEED_BASE = 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N held-out captions")
+    parser.add_argument("--sheet", type=int, default=24, help="images on the contact sheet")
+    parser.add_argument("--contact-sheet", type=Path, default=REPO / "docs" / "demo-contact-sheet.png")
+    args = parser.parse_args()
+
+    from imagen.generation.diffusers.engine import DiffusersEngine
+
+    scenes = shapes.held_out_combinations(0)[: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp), engine="diffusers")  # what `imagen serve` uses by default
+        engine = DiffusersEngine(builtin_registry(), settings)
+        right: dict[str, int] = collections.Counter()
+        misses: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        seconds: list[float] = []
+        sheet: list[tuple[Image.Image, str, str, bool]] = []
+        total = 0
+        for i, scene in enumerate(scenes):
+            for s in range(args.seeds):
+                task = GenerationTask(
+                    prompt=shapes.caption(scene), negative_prompt=None, model=DEMO_MODEL_ID, steps=30,
+                    guidance_scale=7.5, seed=SEED_BASE + 97 * i + s, width=1024, height=1024,
+                )
+                started = time.perf_counter()
+                image = engine.generate(task, lambda step, percent: None)[0].image
+                seconds.append(time.perf_counter() - started)
+                verdict = judge(image)
+                marks = score(scene, verdict)
+                total += 1
+                for what, ok in marks.items():
+                    right[what] += ok
+                    if not ok:
+                        misses[what][f"{getattr(scene, what)} -> {getattr(verdict, what)}"] += 1
+                if len(sheet) < args.sheet:
+                    read = f"{verdict.colour} {verdict.shape} / {verdict.background}"
+                    sheet.append((image, shapes.caption(scene), read, all(marks.values())))
+            print(f"{i + 1}/{len(scenes)} captions judged", file=sys.stderr, flush=True)
+
+    print(f"demo model, judged: {len(scenes)} held-out captions x {args.seeds} seeds = {total} images, "
+          f"1024x1024, 30 steps, guidance 7.5, {engine.device.type} {str(engine.dtype).removeprefix('torch.')} "
+          f"({os.cpu_count()} cores)\n")
+    print("| what | right | target | met |")
+    print("|---|---|---|---|")
+    for what, label in LABELS.items():
+        share = right[what] / total
+        target = TARGETS.get(what)
+        met = "—" if target is None else ("yes" if share >= target else "**no**")
+        target_text = "—" if target is None else f"≥ {target:.0%}"
+        print(f"| {label} | {right[what]}/{total} = {share:.0%} | {target_text} | {met} |")
+    print()
+    for what in LABELS:
+        if misses[what]:
+            common = ", ".join(f"{k} ({n})" for k, n in misses[what].most_common(6))
+            print(f"misses, {what}: {common}")
+    print(f"\ngeneration: median {statistics.median(seconds):.2f} s per image "
+          f"(min {min(seconds):.2f}, max {max(seconds):.2f}), 30 steps at 1024x1024 on this CPU")
+    write_sheet(sheet, args.contact_sheet)
+    print(f"contact sheet: {args.contact_sheet}")
+    return 0
+
+
+def write_sheet(items: list[tuple[Image.Image, str, str, bool]], path: Path, columns: int = 6) -> None:
+    """Thumbnails with the caption and what the judge read (red when any part was read wrong)."""
+    thumb, label = 160, 58
+    rows = max(1, -(-len(items) // columns))
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for n, (image, caption, read, ok) in enumerate(items):
+        x, y = (n % columns) * thumb, (n // columns) * (thumb + label)
+        sheet.paste(image.resize((thumb, thumb), Image.Resampling.LANCZOS), (x, y))
+        words = caption.removeprefix("a ").split(" ")
+        lines = [" ".join(words[:3]), " ".join(words[3:])]
+        for line, text in enumerate([*lines, f"read: {read}"]):
+            colour = (0, 0, 0) if line < 2 else ((0, 110, 0) if ok else (190, 0, 0))
+            draw.text((x + 3, y + thumb + 2 + 13 * line), text[:30], fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
