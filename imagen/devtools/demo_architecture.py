@@ -27,12 +27,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from imagen.generation.diffusers.components import (
-    CLIP_MAX_LENGTH,
-    CLIP_VOCAB_SIZE,
-    SDXL_CONFIG_DIR,
-    load_clip_tokenizers,
-)
+from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, clip_text_config, load_clip_tokenizers
 from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 
 IMAGE_SIZE = 1024
@@ -75,20 +70,7 @@ def unet_config() -> dict[str, Any]:
 
 
 def _text_config(hidden: int, projection: int, act: str) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        layer_norm_eps=1e-5,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        vocab_size=CLIP_VOCAB_SIZE,
-        projection_dim=projection,
-        hidden_act=act,
-    )
+    return clip_text_config(hidden, 2, projection, act, mlp_ratio=4, heads=2)
 
 
 def vae_config() -> dict[str, Any]:

@@ -63,14 +63,19 @@ class TinySdxlShape:
 
 
 FIXTURE_SHAPE = TinySdxlShape()
-def _text_config(hidden: int, layers: int, projection: int, act: str) -> CLIPTextConfig:
+
+
+def clip_text_config(
+    hidden: int, layers: int, projection: int, act: str, *, mlp_ratio: int = 2, heads: int = 4
+) -> CLIPTextConfig:
+    """A narrow CLIP text encoder's config with the real vocabulary and context length."""
     return CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=1,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_attention_heads=4,
+        intermediate_size=hidden * mlp_ratio,
+        num_attention_heads=heads,
         num_hidden_layers=layers,
         layer_norm_eps=1e-5,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -118,11 +123,11 @@ def build_tiny_sdxl_pipeline(shape: TinySdxlShape, seed: int = 0) -> Any:
         )
         torch.manual_seed(seed + 2)
         text_encoder: Any = CLIPTextModel(
-            _text_config(shape.text_hidden, shape.text_layers, shape.text_hidden, "quick_gelu")
+            clip_text_config(shape.text_hidden, shape.text_layers, shape.text_hidden, "quick_gelu")
         )
         torch.manual_seed(seed + 3)
         text_encoder_2: Any = CLIPTextModelWithProjection(
-            _text_config(shape.text_hidden_2, shape.text_layers, pooled_dim, "gelu")
+            clip_text_config(shape.text_hidden_2, shape.text_layers, pooled_dim, "gelu")
         )
     scheduler = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
     tokenizer, tokenizer_2 = load_clip_tokenizers()
