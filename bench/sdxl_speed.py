@@ -44,7 +44,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import diffusers  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -54,6 +56,7 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from imagen.config import Settings  # noqa: E402
+from imagen.devtools.fixtures import write_attention_loras  # noqa: E402
 from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice  # noqa: E402
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
 from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
@@ -282,6 +285,8 @@ def make_engine(
         "warm_up_steps": args.warmup_steps,
         "compile_cache_dir": args.compile_cache_dir,
     }
+    if args.compile_mode:
+        values["compile_mode"] = args.compile_mode
     values.update(overrides)
     settings = Settings(**values)
     engine = RandomPipelineEngine(registry, settings)
@@ -400,33 +405,13 @@ def memory_modes(args: argparse.Namespace, device: torch.device) -> list[Row]:
         if device.type != "cuda" and "cpu_offload" in overrides:
             rows.append(Row(name, None, None, None, "", note="CUDA only (the engine offloads only on CUDA)"))
             continue
-        row = run_engine(args, device, f"imagen, {name}", **overrides)
+        row = run_engine(args, device, f"imagen, {name}", **{"compile": args.memory_compile, **overrides})
         rows.append(row)
-        print(f"  {row.name}: {row.s_image:.2f} s/image, peak {gib(row.peak)}", flush=True)
+        print(f"  {table([row], None).splitlines()[-1]}", flush=True)
     return rows
 
 
 # --- LoRA switching -----------------------------------------------------------------------------------
-def write_random_loras(pipe: Any, directory: Path, rank: int, count: int = 2) -> list[LoraSpec]:
-    """PEFT-layout LoRAs on every attention projection of the UNet (random, small), written as files."""
-    from safetensors.torch import save_file
-
-    specs = []
-    targets = ("to_q", "to_k", "to_v", "to_out.0")
-    for index in range(count):
-        gen = torch.Generator("cpu").manual_seed(SEED + 100 + index)
-        state: dict[str, torch.Tensor] = {}
-        for name, module in pipe.unet.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(targets) and "attn" in name:
-                r = rank if index == 0 else max(1, rank // 2)  # different ranks: hotswap must pad
-                state[f"unet.{name}.lora_A.weight"] = torch.randn(r, module.in_features, generator=gen) * 0.01
-                state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, r, generator=gen) * 0.01
-        path = directory / f"lora-{index}.safetensors"
-        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
-        specs.append(LoraSpec(id=f"lora-{index}", name=f"LoRA {index}", path=path))
-    return specs
-
-
 def lora_switch(args: argparse.Namespace, device: torch.device) -> list[str]:
     """Switch between two LoRAs job after job; report the switch step and the job right after a switch."""
     lines = []
@@ -435,7 +420,7 @@ def lora_switch(args: argparse.Namespace, device: torch.device) -> list[str]:
         probe = make_engine(args, device, workdir)
         dtype = resolve_dtype(args.dtype, device)
         probe_pipe = probe._load(probe.registry.models[0], dtype)
-        loras = write_random_loras(probe_pipe, workdir, rank=args.lora_rank)
+        loras = write_attention_loras(probe_pipe, workdir, rank=args.lora_rank, seed=SEED + 100)
         del probe_pipe, probe
         free(device)
         variants: list[tuple[str, dict[str, Any]]] = [
@@ -495,7 +480,7 @@ def tiny_compile_lora(args: argparse.Namespace) -> list[str]:
         base = registry.models[0]
         common: dict[str, Any] = {"device": "cpu", "dtype": "float32", "data_dir": workdir, "warm_up_steps": 2}
         probe = DiffusersEngine(registry, Settings(**common, compile="off"))
-        loras = write_random_loras(probe._model(base, lambda s, p: None).pipe, workdir, rank=8)
+        loras = write_attention_loras(probe._model(base, lambda s, p: None).pipe, workdir, rank=8, seed=SEED + 100)
         probe.close()
         tiny = Registry(models=[base], loras=loras)
         variants: list[tuple[str, dict[str, Any]]] = [
@@ -579,12 +564,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, help="steps of a warm-up image (default: 2 CPU, 30 CUDA)")
     parser.add_argument("--best", action="store_true", help="report the best timed image, not the mean")
     parser.add_argument("--skip-main", action="store_true", help="skip the plain vs imagen table")
+    parser.add_argument(
+        "--rows",
+        default="plain,eager,imagen",
+        help="rows of the main table: plain (diffusers), eager (imagen, no compile; CUDA only), imagen",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="IMAGEN_COMPILE_MODE for the engine rows (default: imagen's own default)",
+    )
     parser.add_argument("--cpu-dtype-check", action="store_true", help="fp32 vs bf16, one 1024² UNet step")
     parser.add_argument("--cpu-dtype-channels-last", action="store_true", help="also channels_last variants")
     parser.add_argument("--cpu-dtype-repeats", type=int, default=1)
     parser.add_argument("--memory-modes", action="store_true", help="default / VAE tiling / offload modes")
     parser.add_argument("--memory-size", type=int, help="image side for memory modes (default: --size)")
     parser.add_argument("--memory-steps", type=int, help="steps for memory modes (default: --steps)")
+    parser.add_argument(
+        "--memory-compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="IMAGEN_COMPILE for the memory-mode rows (off: their figures without a compile per mode)",
+    )
     parser.add_argument("--lora-switch", action="store_true", help="LoRA switch time, compile off/on")
     parser.add_argument(
         "--lora-compile",
@@ -632,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(
-        f"# SDXL speed: {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"# SDXL speed: {name}, torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
+        f"{transformers.__version__}, {torch.get_num_threads()} CPU threads, "
         f"{args.size}², {args.steps} steps, batch 1, CFG on (guidance {GUIDANCE}), "
         f"{args.images} timed image(s) after {args.warmup} warm-up image(s)\n",
         flush=True,
@@ -646,15 +648,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {dtype_name} | {seconds:.1f} | {base / seconds:.2f}× |")
         print(flush=True)
     if not args.skip_main:
-        rows = [run_plain(args, device)]
-        print(f"  {rows[0].name}: {rows[0].s_image:.2f} s/image", flush=True)
-        if device.type == "cuda":
-            rows.append(run_engine(args, device, "imagen, no compile", compile="off"))
-            print(f"  {rows[-1].name}: {rows[-1].s_image:.2f} s/image", flush=True)
-        rows.append(run_engine(args, device, "imagen"))
-        print(f"  {rows[-1].name}: {rows[-1].s_image:.2f} s/image\n", flush=True)
-        print(f"## Plain diffusers vs imagen ({args.size}², {args.steps} steps, {device.type})\n")
-        print(table(rows, rows[0].s_image), flush=True)
+        wanted = {row.strip() for row in args.rows.split(",")}
+        rows: list[Row] = []
+
+        def add(row: Row) -> None:
+            rows.append(row)
+            print(f"  {table([row], rows[0].s_image).splitlines()[-1]}", flush=True)  # survives a killed run
+
+        if "plain" in wanted:
+            add(run_plain(args, device))
+        if "eager" in wanted and device.type == "cuda":
+            add(run_engine(args, device, "imagen, no compile", compile="off"))
+        if "imagen" in wanted:
+            add(run_engine(args, device, "imagen"))
+        base = rows[0].s_image if rows and "plain" in wanted else None
+        print(f"\n## Plain diffusers vs imagen ({args.size}², {args.steps} steps, {device.type})\n")
+        print(table(rows, base), flush=True)
         print()
     if args.memory_modes:
         margs = with_size(args, args.memory_size, args.memory_steps)

@@ -46,6 +46,27 @@ class FatalGenerationError(GenerationError):
     retryable = False
 
 
+# How a failed GPU allocation shows. PyTorch's allocator raises ``torch.OutOfMemoryError`` ("CUDA out of
+# memory"), but the CUDA libraries report their own handles and workspaces as RuntimeErrors with their
+# status names; cuDNN says NOT_INITIALIZED when it cannot get the memory for its handle on a full card.
+_OUT_OF_MEMORY_MARKERS = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudnn_status_not_initialized",
+    "cufft_alloc_failed",
+    "cudaerrormemoryallocation",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory ran out (host or GPU): the one rule for "another attempt may pass"."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+
+
 class JobCancelled(ImagenError):
     """The job was cancelled (``POST /cancel``). Raised by a job's progress callback: an engine lets it pass
     (the diffusers engine first lets its pipeline skip the remaining steps), and no image is written."""

@@ -15,6 +15,7 @@ TINY = TrainingSettings(scenes=64, steps=3, batch=4, warmup_steps=2, lora_steps=
                         contact_prompts=2, threads=1)
 
 
+@pytest.mark.timeout(900)  # 2 tiny runs of every phase: 2.5 min on a fast 2-core CPU, 4.7 on a slower one
 def test_training_is_deterministic_and_writes_a_loadable_model(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline

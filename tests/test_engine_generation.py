@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
@@ -20,6 +21,7 @@ from imagen.generation.base import (
     STEP_LOADING_MODEL,
 )
 from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.diffusers.prompts import PromptEncoder
 from imagen.registry import ModelSpec, Registry, builtin_registry
 from tests.engine_fixtures import (
     ProgressLog,
@@ -158,6 +160,27 @@ def test_default_negative_applies_only_when_none(engine: DiffusersEngine) -> Non
     (default,) = engine.generate(task(), ProgressLog())
     assert explicit.extra_metadata["final_negative_prompt"] == ""
     assert image_bytes(explicit.image) != image_bytes(default.image)
+
+
+def test_an_empty_negative_prompt_is_zeros_as_sdxl_pipelines_give_it(engine: DiffusersEngine) -> None:
+    # SDXL was trained with dropped captions as zeros (pipeline config force_zeros_for_empty_prompt): guidance
+    # must get zeros for "no negative prompt", not Compel's encoding of "" (a conditioning never trained on).
+    engine.generate(task(), ProgressLog())
+    loaded = engine._models["sdxl-base"]
+    assert loaded.pipe.config.force_zeros_for_empty_prompt
+    for blank in ("", "  "):
+        out = loaded.encoder.encode("a lighthouse", blank)
+        assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape
+        assert not out.negative_prompt_embeds.any() and not out.negative_pooled_prompt_embeds.any()
+    worded = loaded.encoder.encode("a lighthouse", "blurry")
+    assert worded.negative_prompt_embeds.any() and worded.negative_pooled_prompt_embeds.any()
+    # A model whose config does not ask for zeros gets the encoding of "", as diffusers gives it.
+    loaded.pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    try:
+        encoded = PromptEncoder(loaded.pipe, torch.device("cpu"), torch.float32).encode("a lighthouse", "")
+    finally:
+        loaded.pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    assert encoded.negative_prompt_embeds.any() and encoded.negative_pooled_prompt_embeds.any()
 
 
 def test_unknown_model_is_fatal(engine: DiffusersEngine) -> None:

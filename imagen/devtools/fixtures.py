@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from imagen.devtools import ldm_export
 from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_sdxl_pipeline
+from imagen.registry import LoraSpec
 
 FIXTURE_SEED = 1234
 LORA_RANK = 4
@@ -297,3 +298,23 @@ def write_fixtures(directory: Path) -> Path:
         "utf-8",
     )
     return registry_path
+
+
+def write_attention_loras(pipe: Any, directory: Path, rank: int, seed: int, count: int = 2) -> list[LoraSpec]:
+    """``count`` small random LoRAs in the diffusers/PEFT layout on every attention projection of ``pipe``'s
+    UNet, written as files in ``directory``: the first of rank ``rank``, the others of half that (so that
+    LoRA hotswap has to pad). For LoRA-switching benchmarks and tests on any model, full-size SDXL too."""
+    specs = []
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    for index in range(count):
+        gen = torch.Generator("cpu").manual_seed(seed + index)
+        r = rank if index == 0 else max(1, rank // 2)
+        state: dict[str, torch.Tensor] = {}
+        for name, module in _linear_modules(pipe.unet, targets):
+            if "attn" in name:
+                state[f"unet.{name}.lora_A.weight"] = _randn(gen, r, module.in_features, scale=0.01)
+                state[f"unet.{name}.lora_B.weight"] = _randn(gen, module.out_features, r, scale=0.01)
+        path = directory / f"lora-{index}.safetensors"
+        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
+        specs.append(LoraSpec(id=f"lora-{index}", name=f"LoRA {index}", path=path))
+    return specs

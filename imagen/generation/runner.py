@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from imagen.errors import GenerationError
+from imagen.errors import GenerationError, is_out_of_memory
 from imagen.generation.base import (
     STEP_SAVING,
     Engine,
@@ -116,8 +116,9 @@ def classify_failure(exc: BaseException) -> tuple[bool, str]:
     if isinstance(exc, GenerationError):
         return exc.retryable, str(exc) or type(exc).__name__
     text = str(exc)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text:
-        return True, "CUDA out of memory" if "CUDA" in text or type(exc).__name__ == "OutOfMemoryError" else (
-            f"out of memory: {text}" if text else "out of memory"
+    if is_out_of_memory(exc):
+        on_the_gpu = type(exc).__name__ == "OutOfMemoryError" or any(
+            library in text.upper() for library in ("CUDA", "CUBLAS", "CUDNN", "CUFFT")
         )
+        return True, "CUDA out of memory" if on_the_gpu else (f"out of memory: {text}" if text else "out of memory")
     return False, f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from imagen.config import Settings
-from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError
+from imagen.errors import FatalGenerationError, JobCancelled, RetryableGenerationError, is_out_of_memory
 from imagen.generation.base import (
     DEFAULT_STRENGTH,
     NO_INPUTS,
@@ -169,11 +169,8 @@ class DiffusersEngine(Engine):
         try:
             with torch.inference_mode():
                 return self._make_images(task, progress, inputs)
-        except torch.OutOfMemoryError as exc:
-            self._free_memory()
-            raise RetryableGenerationError("CUDA out of memory") from exc
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
+        except RuntimeError as exc:  # torch.OutOfMemoryError, and the CUDA libraries' own allocation failures
+            if is_out_of_memory(exc):
                 self._free_memory()
                 raise RetryableGenerationError("CUDA out of memory") from exc
             raise

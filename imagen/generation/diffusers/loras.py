@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from imagen.errors import FatalGenerationError
+from imagen.errors import FatalGenerationError, is_out_of_memory
 from imagen.registry import LoraSpec, safe_files
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ def lora_errors(message: str) -> Iterator[None]:
     """A LoRA that does not match the model fails the job for good; out of memory stays retryable."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise
     except (ValueError, KeyError, RuntimeError) as exc:
+        if is_out_of_memory(exc):
+            raise
         raise FatalGenerationError(f"{message}: {exc}") from exc
 
 

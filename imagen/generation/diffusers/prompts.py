@@ -82,6 +82,7 @@ class PromptEncoder:
         # pad prompts of different lengths.)
         self._compel = CompelForSDXL(pipe, device=str(device))
         self._dtype = dtype
+        self._zeros_for_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
         # Compel parses every prompt with pyparsing, once per text encoder: 10-15 ms of Python per parse,
         # four per job, more than the tiny demo model's whole text encoding. Parse each text once for both
         # encoders and keep recent parses (the negative prompt is often the same default for every job);
@@ -114,11 +115,17 @@ class PromptEncoder:
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str, clip_skip: int = 1) -> PromptEmbeddings:
         out = self._compel_for(clip_skip)(prompt, negative_prompt=negative_prompt)
+        negative, negative_pooled = out.negative_embeds, out.negative_pooled_embeds
+        if self._zeros_for_empty and not negative_prompt.strip():
+            # SDXL was trained with dropped captions as zero embeddings, and its pipeline config says so
+            # (`force_zeros_for_empty_prompt`): diffusers' SDXL pipelines then give classifier-free guidance
+            # zeros for "no negative prompt", not the encoding of "". Compel would encode "".
+            negative, negative_pooled = torch.zeros_like(out.embeds), torch.zeros_like(out.pooled_embeds)
         return PromptEmbeddings(
             prompt_embeds=out.embeds.to(self._dtype),
             pooled_prompt_embeds=out.pooled_embeds.to(self._dtype),
-            negative_prompt_embeds=out.negative_embeds.to(self._dtype),
-            negative_pooled_prompt_embeds=out.negative_pooled_embeds.to(self._dtype),
+            negative_prompt_embeds=negative.to(self._dtype),
+            negative_pooled_prompt_embeds=negative_pooled.to(self._dtype),
         )
 
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU session for issue 14, in one go (the GPU box may start bare each time, and its time is short):
+# install what the box lacks, then the SDXL benchmark and the `gpu` tests, most important first, each part
+# under its own time limit inside a total budget, so that a slow part costs only itself.
+#
+#   bash bench/gpu_session.sh            # on the GPU box, from the repository root
+#   BUDGET=900 bash bench/gpu_session.sh # seconds for everything (default 540)
+#
+# Wheels for a box without a package index: put them in .whl/ (see bench/README in the main README's
+# "Performance" section); they are installed with --no-deps into /tmp/site, first on PYTHONPATH.
+# Everything is printed and also written to $OUT/session.log (OUT defaults to ./gpu-out).
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+BUDGET=${BUDGET:-540}
+START=$SECONDS
+PY=${PYTHON:-python3}
+CACHE=${IMAGEN_BENCH_CACHE:-/tmp/imagen-compile-cache}
+PYTEST_ARGS="-p no:cacheprovider -p no:logging -v --tb=short"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# part NAME MIN_SECONDS MAX_SECONDS COMMAND...: run it when at least MIN seconds are left, for at most MAX.
+part() {
+    local name=$1 min=$2 max=$3
+    shift 3
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt "$min" ]; then
+        say "### $name: skipped, $left s left of the budget"
+        return
+    fi
+    local limit=$((left < max ? left : max)) began=$SECONDS
+    say "### $name (limit $limit s): $*"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    say "### $name: exit ${PIPESTATUS[0]} after $((SECONDS - began)) s"
+}
+
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        2>&1 | tail -3 | tee -a "$LOG"
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+part versions 20 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+part imports 20 60 $PY -c "import imagen.api.app, imagen.generation.diffusers.engine, compel, peft; print('imports ok')"
+part main 90 150 $PY bench/sdxl_speed.py --images 3 --rows plain,eager
+part gpu-tests 60 200 $PY -m pytest -m gpu tests/test_gpu.py -k "not compile" --timeout 120 $PYTEST_ARGS
+part compile-cold 120 330 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default \
+    --compile-cache-dir "$CACHE"
+part compile-warm 60 150 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default \
+    --compile-cache-dir "$CACHE"
+part gpu-compile-test 60 300 $PY -m pytest -m gpu tests/test_gpu.py -k compile --timeout 280 $PYTEST_ARGS
+part memory-modes 60 200 $PY bench/sdxl_speed.py --skip-main --images 1 --memory-modes --memory-compile off
+part lora-switch 60 300 $PY bench/sdxl_speed.py --skip-main --lora-switch --lora-jobs 5 --compile-mode default \
+    --compile-cache-dir "$CACHE"
+part max-autotune 120 600 $PY bench/sdxl_speed.py --images 3 --rows imagen \
+    --compile-cache-dir /tmp/imagen-compile-cache-autotune
+say "### done after $((SECONDS - START)) s"
