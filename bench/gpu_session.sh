@@ -6,8 +6,8 @@
 #   bash bench/gpu_session.sh            # on the GPU box, from the repository root
 #   BUDGET=900 bash bench/gpu_session.sh # seconds for everything (default 540)
 #
-# Wheels for a box without a package index: put them in .whl/ (see bench/README in the main README's
-# "Performance" section); they are installed with --no-deps into /tmp/site, first on PYTHONPATH.
+# Wheels for a box without a package index: `bash bench/gpu_wheels.sh` (run where pip reaches the index)
+# puts them in .whl/; they are installed with --no-deps into /tmp/site, first on PYTHONPATH.
 # Everything is printed and also written to $OUT/session.log (OUT defaults to ./gpu-out).
 set -u
 OUT=${OUT:-gpu-out}
