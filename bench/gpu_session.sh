@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_session.sh            # on the GPU box, from the repository root
 #   BUDGET=900 bash bench/gpu_session.sh # seconds for everything (default 540)
+#   PARTS="versions compile-cold" bash bench/gpu_session.sh  # only these parts, in this order
 #
 # Wheels for a box without a package index: `bash bench/gpu_wheels.sh` (run where pip reaches the index)
 # puts them in .whl/; they are installed with --no-deps into /tmp/site, first on PYTHONPATH.
@@ -18,7 +19,7 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 CACHE=${IMAGEN_BENCH_CACHE:-/tmp/imagen-compile-cache}
 PYTEST_ARGS="-p no:cacheprovider -p no:logging -v --tb=short"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 TOKENIZERS_PARALLELISM=false TORCH_LOGS=${TORCH_LOGS:-recompiles}
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -33,7 +34,7 @@ part() {
     fi
     local limit=$((left < max ? left : max)) began=$SECONDS
     say "### $name (limit $limit s): $*"
-    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout -s ABRT -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"  # SIGABRT: faulthandler prints where it was
     say "### $name: exit ${PIPESTATUS[0]} after $((SECONDS - began)) s"
 }
 
@@ -45,18 +46,20 @@ else
     export PYTHONPATH=$PWD
 fi
 
-part versions 20 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-part imports 20 60 $PY -c "import imagen.api.app, imagen.generation.diffusers.engine, compel, peft; print('imports ok')"
-part main 90 150 $PY bench/sdxl_speed.py --images 3 --rows plain,eager
-part gpu-tests 60 200 $PY -m pytest -m gpu tests/test_gpu.py -k "not compile" --timeout 120 $PYTEST_ARGS
-part compile-cold 120 330 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default \
-    --compile-cache-dir "$CACHE"
-part compile-warm 60 150 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default \
-    --compile-cache-dir "$CACHE"
-part gpu-compile-test 60 300 $PY -m pytest -m gpu tests/test_gpu.py -k compile --timeout 280 $PYTEST_ARGS
-part memory-modes 60 200 $PY bench/sdxl_speed.py --skip-main --images 1 --memory-modes --memory-compile off
-part lora-switch 60 300 $PY bench/sdxl_speed.py --skip-main --lora-switch --lora-jobs 5 --compile-mode default \
-    --compile-cache-dir "$CACHE"
-part max-autotune 120 600 $PY bench/sdxl_speed.py --images 3 --rows imagen \
-    --compile-cache-dir /tmp/imagen-compile-cache-autotune
+# PARTS picks and orders the parts (default: all, in this order).
+for name in ${PARTS:-versions imports main gpu-tests compile-cold compile-warm gpu-compile-test memory-modes lora-switch max-autotune}; do
+    case $name in
+        versions) part versions 20 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
+        imports) part imports 20 60 $PY -c "import imagen.api.app, imagen.generation.diffusers.engine, compel, peft; print('imports ok')" ;;
+        main) part main 90 150 $PY bench/sdxl_speed.py --images 3 --rows plain,eager ;;
+        gpu-tests) part gpu-tests 60 200 $PY -m pytest -m gpu tests/test_gpu.py -k "not compile" --timeout 120 $PYTEST_ARGS ;;
+        compile-cold) part compile-cold 120 450 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default --compile-cache-dir "$CACHE" ;;
+        compile-warm) part compile-warm 60 150 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default --compile-cache-dir "$CACHE" ;;
+        gpu-compile-test) part gpu-compile-test 60 300 $PY -m pytest -m gpu tests/test_gpu.py -k compile --timeout 280 $PYTEST_ARGS ;;
+        memory-modes) part memory-modes 60 200 $PY bench/sdxl_speed.py --skip-main --images 1 --memory-modes --memory-compile off ;;
+        lora-switch) part lora-switch 60 300 $PY bench/sdxl_speed.py --skip-main --lora-switch --lora-jobs 5 --compile-mode default --compile-cache-dir "$CACHE" ;;
+        max-autotune) part max-autotune 120 600 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-cache-dir /tmp/imagen-compile-cache-autotune ;;
+        *) say "### $name: no such part" ;;
+    esac
+done
 say "### done after $((SECONDS - START)) s"

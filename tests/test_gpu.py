@@ -12,6 +12,8 @@ Skipped without a CUDA device, so CI (no GPU) passes them by. On a GPU box: ``ma
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import io
 import time
 from collections.abc import Callable, Iterator
@@ -93,10 +95,14 @@ def test_fp16_generation_through_the_service_gives_a_1024_png(make_client: Calla
     _red_on_white(Image.open(io.BytesIO(png)))
 
 
+def _digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()  # not the bytes: pytest's diff of 3 MB takes minutes
+
+
 def test_the_same_seed_gives_the_same_bytes_twice_on_the_gpu(fp16_engine: DiffusersEngine) -> None:
     first, second = _draw(fp16_engine, seed=11), _draw(fp16_engine, seed=11)
-    assert first.tobytes() == second.tobytes()
-    assert _draw(fp16_engine, seed=12).tobytes() != first.tobytes()
+    assert _digest(first) == _digest(second)
+    assert _digest(_draw(fp16_engine, seed=12)) != _digest(first)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +126,8 @@ def _take_most_of_the_card() -> torch.Tensor:
 
 
 def test_a_forced_out_of_memory_ends_in_the_retry_path_not_a_crash(fp16_engine: DiffusersEngine) -> None:
-    reference = _draw(fp16_engine, seed=5).tobytes()
+    _red_on_white(_draw(fp16_engine, seed=5))
+    held_before = torch.cuda.memory_allocated()
     hog = _take_most_of_the_card()
     try:
         with pytest.raises(RetryableGenerationError) as caught:
@@ -129,8 +136,13 @@ def test_a_forced_out_of_memory_ends_in_the_retry_path_not_a_crash(fp16_engine: 
         del hog
         torch.cuda.empty_cache()
     assert classify_failure(caught.value) == (True, "CUDA out of memory")
-    # The next job runs as if nothing happened: same bytes as before.
-    assert _draw(fp16_engine, seed=5).tobytes() == reference
+    del caught  # its traceback holds the failed job's tensors; the worker drops it the same way
+    gc.collect()
+    # Nothing of the failed job stays allocated, and the next job runs. Not the same bytes as before the
+    # failure: cuDNN remembers the convolution algorithm it fell back to for lack of workspace while the
+    # card was full (PyTorch's algorithm cache), so the arithmetic, not the picture, can differ after it.
+    assert torch.cuda.memory_allocated() <= held_before + 2**20
+    _red_on_white(_draw(fp16_engine, seed=5))
 
 
 def test_out_of_memory_in_the_worker_process_fails_the_job_with_the_reason_then_the_worker_goes_on(
@@ -139,8 +151,11 @@ def test_out_of_memory_in_the_worker_process_fails_the_job_with_the_reason_then_
     client = make_client(engine="diffusers", registry_path=None, device="cuda", dtype="float16", compile="off",
                          warm_up_steps=2, max_attempts=2)
     _wait_ready_on_the_gpu(client)
-    hog = _take_most_of_the_card()  # the worker is another process: the job meets a full card
-    job_id = client.post("/generate", json={"prompt": PROMPT, "seed": 3, "num_images": 4}).json()["job_id"]
+    # The worker is another process, and its allocator keeps what the warm-up (one 1024² image) reserved:
+    # a job that fits in that pool does not see a full card. Four 2048² images need more than it holds.
+    hog = _take_most_of_the_card()
+    big = {"prompt": PROMPT, "seed": 3, "num_images": 4, "width": 2048, "height": 2048}
+    job_id = client.post("/generate", json=big).json()["job_id"]
     failed = wait_status(client, job_id, {"SUCCESS", "FAILURE"}, timeout=180)
     del hog
     torch.cuda.empty_cache()

@@ -198,7 +198,9 @@ def configure_compile_cache(cache_dir: Path) -> None:
     """Inductor's FX-graph and autotune caches on disk under ``cache_dir`` (set before the first compile),
     and the mega-cache artifacts saved by a previous run loaded into them."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    # Not setdefault: importing diffusers already asked inductor for its cache folder, and inductor writes
+    # its default (/tmp/torchinductor_<user>) into this variable when it does.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     import torch._inductor.config as inductor_config
@@ -235,6 +237,21 @@ def save_compile_cache(cache_dir: Path) -> Path | None:
     return path
 
 
+def inductor_settings(compile_mode: str) -> dict[str, bool]:
+    """diffusers' recommended inductor settings for SDXL's UNet. Coordinate-descent tuning (a search over
+    each Triton kernel's block sizes) only with the ``max-autotune`` modes, which ask for long tuning. With it
+    on, a cold compile in ``default`` mode outlasted 450 s on an H200 (torch 2.11), and a block size that
+    only this search tries (an 8192-wide reduction; inductor's own reductions stop at 2048) made Triton's
+    compiler fail on SDXL's group norm."""
+    tuned = compile_mode.startswith("max-autotune")
+    return {
+        "conv_1x1_as_mm": True,
+        "epilogue_fusion": False,
+        "coordinate_descent_tuning": tuned,
+        "coordinate_descent_check_all_directions": tuned,
+    }
+
+
 def compile_pipeline(pipe: Any, options: AccelerationOptions) -> None:
     """Compile in place (``nn.Module.compile``): the modules keep their type, so diffusers and PEFT still see
     a ``UNet2DConditionModel`` (LoRA loading, hotswap, attention processors). The shapes are static for a
@@ -243,11 +260,8 @@ def compile_pipeline(pipe: Any, options: AccelerationOptions) -> None:
 
     if options.cache_dir is not None:
         configure_compile_cache(options.cache_dir)
-    # diffusers' recommended inductor settings for SDXL's UNet.
-    inductor_config.conv_1x1_as_mm = True
-    inductor_config.coordinate_descent_tuning = True
-    inductor_config.epilogue_fusion = False
-    inductor_config.coordinate_descent_check_all_directions = True
+    for name, value in inductor_settings(options.compile_mode).items():
+        setattr(inductor_config, name, value)
     pipe.unet.compile(mode=options.compile_mode, fullgraph=False, dynamic=False)
     if options.compile_vae:
         pipe.vae.decoder.compile(mode=options.compile_mode, fullgraph=False, dynamic=False)
