@@ -8,6 +8,7 @@ for good with a library's status code as its reason.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,4 +72,27 @@ def test_the_engine_turns_a_cublas_allocation_failure_into_a_retry(
         engine.generate(task(), ProgressLog())
     monkeypatch.undo()
     # The next attempt runs as if nothing happened.
+    assert engine.generate(task(), ProgressLog())[0].image.tobytes() == image.tobytes()
+
+
+def test_an_out_of_memory_while_the_vae_upcasts_leaves_the_whole_vae_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bf16 (like fp16 on a GPU): the VAE is cast to fp32 for each decode, then back.
+    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path, warm_up_steps=0, dtype="bfloat16"))
+    image = engine.generate(task(), ProgressLog())[0].image
+    vae = engine._models["sdxl-base"].pipe.vae
+    conv_out = vae.decoder.conv_out  # cast after most of the VAE: the card fills up half way through
+    cast = conv_out._apply
+
+    def full_card_on_upcast(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32:
+            raise GPU_OUT_OF_MEMORY[0]
+        return cast(fn, *args, **kwargs)
+
+    monkeypatch.setattr(conv_out, "_apply", full_card_on_upcast)
+    with pytest.raises(RetryableGenerationError, match="CUDA out of memory"):
+        engine.generate(task(), ProgressLog())
+    monkeypatch.undo()
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
     assert engine.generate(task(), ProgressLog())[0].image.tobytes() == image.tobytes()

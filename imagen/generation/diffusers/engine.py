@@ -509,9 +509,9 @@ def _decode(pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[A
     # img2img encoder already upcasts for any dtype when force_upcast is set.
     original_dtype = vae.dtype
     upcast = original_dtype in (torch.float16, torch.bfloat16) and bool(vae.config.force_upcast)
-    if upcast:
-        vae.to(dtype=torch.float32)
     try:
+        if upcast:  # inside: an out-of-memory half way through the cast still puts the whole VAE back
+            vae.to(dtype=torch.float32)
         latents = latents.to(dtype=vae.dtype)
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)
