@@ -168,11 +168,18 @@ def test_an_empty_negative_prompt_is_zeros_as_sdxl_pipelines_give_it(engine: Dif
     engine.generate(task(), ProgressLog())
     loaded = engine._models["sdxl-base"]
     assert loaded.pipe.config.force_zeros_for_empty_prompt
-    for blank in ("", "  "):
-        out = loaded.encoder.encode("a lighthouse", blank)
-        assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape
-        assert not out.negative_prompt_embeds.any() and not out.negative_pooled_prompt_embeds.any()
-    worded = loaded.encoder.encode("a lighthouse", "blurry")
+    texts_encoded: list[int] = []  # texts per pass of the first text encoder
+    hook = loaded.pipe.text_encoder.register_forward_hook(lambda m, args, out: texts_encoded.append(len(args[0])))
+    try:
+        for blank in ("", "  "):
+            out = loaded.encoder.encode("a lighthouse", blank)
+            assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape
+            assert not out.negative_prompt_embeds.any() and not out.negative_pooled_prompt_embeds.any()
+        assert sum(texts_encoded) == 2  # the prompt, twice: a blank negative prompt is not encoded at all
+        worded = loaded.encoder.encode("a lighthouse", "blurry")
+        assert sum(texts_encoded) == 4
+    finally:
+        hook.remove()
     assert worded.negative_prompt_embeds.any() and worded.negative_pooled_prompt_embeds.any()
     # A model whose config does not ask for zeros gets the encoding of "", as diffusers gives it.
     loaded.pipe.register_to_config(force_zeros_for_empty_prompt=False)

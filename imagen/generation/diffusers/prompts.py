@@ -114,12 +114,13 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str, clip_skip: int = 1) -> PromptEmbeddings:
-        out = self._compel_for(clip_skip)(prompt, negative_prompt=negative_prompt)
+        # SDXL was trained with dropped captions as zero embeddings, and its pipeline config says so
+        # (`force_zeros_for_empty_prompt`): diffusers' SDXL pipelines then give classifier-free guidance zeros
+        # for "no negative prompt", not the encoding of "" (so "" is not encoded at all).
+        zeros = self._zeros_for_empty and not negative_prompt.strip()
+        out = self._compel_for(clip_skip)(prompt, negative_prompt=None if zeros else negative_prompt)
         negative, negative_pooled = out.negative_embeds, out.negative_pooled_embeds
-        if self._zeros_for_empty and not negative_prompt.strip():
-            # SDXL was trained with dropped captions as zero embeddings, and its pipeline config says so
-            # (`force_zeros_for_empty_prompt`): diffusers' SDXL pipelines then give classifier-free guidance
-            # zeros for "no negative prompt", not the encoding of "". Compel would encode "".
+        if zeros:
             negative, negative_pooled = torch.zeros_like(out.embeds), torch.zeros_like(out.pooled_embeds)
         return PromptEmbeddings(
             prompt_embeds=out.embeds.to(self._dtype),
