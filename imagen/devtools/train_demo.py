@@ -7,10 +7,11 @@ the same files. It runs in phases, each with its own seed:
    drawn with jitter at 256 px and averaged to 32 x 32 cells: exactly what the hand-set VAE's encoder gives
    for the same picture at 1024 px (:mod:`imagen.devtools.demo_architecture`), with no VAE pass.
 2. **Base model:** both text encoders and the UNet, from scratch, on SDXL's own noise schedule (epsilon
-   prediction), with offset and coarse noise (:func:`training_noise`), min-SNR weighting, 10 % dropped
-   captions for classifier-free guidance (as zero embeddings, which is what the pipeline gives an empty
-   negative prompt), captions that sometimes leave out the size or the position, and an exponential moving
-   average of the weights, which is what is saved.
+   prediction), with offset and coarse noise (:func:`training_noise`), min-SNR weighting (plus, with
+   ``layout_weight`` > 0, a weight on the picture's error at every noise level: :func:`denoising_loss`),
+   10 % dropped captions for classifier-free guidance (as zero embeddings, which is what the pipeline gives
+   an empty negative prompt), captions that sometimes leave out the size or the position, and an
+   exponential moving average of the weights, which is what is saved.
 3. **LoRA:** a rank-4 LoRA on the UNet's attention, trained on pictures whose shape is blue whatever the caption
    says, saved in kohya's layout with its trigger word (``LORA_TRIGGER``).
 4. **IP-Adapter:** a plain IP-Adapter and its own tiny CLIP image encoder, trained on the saved base model
@@ -85,6 +86,7 @@ class TrainingSettings:
     offset_noise: float = 0.5
     coarse_noise: float = 0.3
     snr_gamma: float = 5.0
+    layout_weight: float = 0.0
     ema_decay: float = 0.998
     lora_steps: int = 300
     lora_rank: int = 4
@@ -228,10 +230,21 @@ class NoiseSchedule:
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t]
-        snr = a / (1 - a)
+        return a / (1 - a)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        snr = self.snr(t)
         return torch.clamp(snr, max=gamma) / snr
+
+    def loss_weight(self, t: torch.Tensor, gamma: float, layout_weight: float) -> torch.Tensor:
+        """Weight of each sample's squared noise error. An error of the noise is an error of the picture
+        times sqrt(SNR), so min-SNR weights the picture's squared error by min(SNR, gamma): about 0.005 at
+        SDXL's noisiest step against 5 at the cleanest, and the noisiest steps are where the sampler settles
+        where the shape goes and what it is. ``layout_weight`` adds that much weight on the picture's
+        error at every step."""
+        return self.min_snr_weight(t, gamma) + layout_weight / self.snr(t)
 
 
 def _learning_rate(step: int, settings: TrainingSettings, total: int, peak: float) -> float:
@@ -280,7 +293,8 @@ def denoising_loss(
         added["image_embeds"] = [image_embeds[:, None, :]]
     predicted = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
     per_sample = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
-    loss: torch.Tensor = (per_sample * schedule.min_snr_weight(t, settings.snr_gamma)).mean()
+    weight = schedule.loss_weight(t, settings.snr_gamma, settings.layout_weight)
+    loss: torch.Tensor = (per_sample * weight).mean()
     return loss
 
 
