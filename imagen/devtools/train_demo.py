@@ -210,7 +210,7 @@ class TextEncoding:
         return embeds * mask[:, None, None], pooled * mask[:, None]
 
 
-def _time_ids(batch: int) -> torch.Tensor:
+def time_ids(batch: int) -> torch.Tensor:
     return torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32).repeat(
         batch, 1
     )
@@ -288,7 +288,7 @@ def denoising_loss(
     t = torch.randint(0, schedule.steps, (batch,), generator=generator)
     noisy = schedule.add_noise(latents, noise, t)
     embeds, pooled = text(captions, keep)
-    added: dict[str, Any] = {"text_embeds": pooled, "time_ids": _time_ids(batch)}
+    added: dict[str, Any] = {"text_embeds": pooled, "time_ids": time_ids(batch)}
     if image_embeds is not None:  # one IP-Adapter, one image per prompt: (batch, 1, width)
         added["image_embeds"] = [image_embeds[:, None, :]]
     predicted = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
