@@ -47,13 +47,13 @@ else
 fi
 
 # PARTS picks and orders the parts (default: all, in this order).
-for name in ${PARTS:-versions imports main gpu-tests compile-cold compile-warm gpu-compile-test memory-modes lora-switch max-autotune}; do
+for name in ${PARTS:-versions imports compile-cold compile-warm gpu-tests main gpu-compile-test memory-modes lora-switch max-autotune}; do
     case $name in
         versions) part versions 20 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
         imports) part imports 20 60 $PY -c "import imagen.api.app, imagen.generation.diffusers.engine, compel, peft; print('imports ok')" ;;
         main) part main 90 150 $PY bench/sdxl_speed.py --images 3 --rows plain,eager ;;
         gpu-tests) part gpu-tests 60 200 $PY -m pytest -m gpu tests/test_gpu.py -k "not compile" --timeout 120 $PYTEST_ARGS ;;
-        compile-cold) part compile-cold 120 450 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default --compile-cache-dir "$CACHE" ;;
+        compile-cold) part compile-cold 120 450 $PY bench/sdxl_speed.py --images 3 --rows plain,imagen --compile-mode default --compile-cache-dir "$CACHE" ;;
         compile-warm) part compile-warm 60 150 $PY bench/sdxl_speed.py --images 3 --rows imagen --compile-mode default --compile-cache-dir "$CACHE" ;;
         gpu-compile-test) part gpu-compile-test 60 300 $PY -m pytest -m gpu tests/test_gpu.py -k compile --timeout 280 $PYTEST_ARGS ;;
         memory-modes) part memory-modes 60 200 $PY bench/sdxl_speed.py --skip-main --images 1 --memory-modes --memory-compile off ;;

@@ -17,8 +17,12 @@ from tests.conftest import free_port, wait_for
 @contextmanager
 def http_server(client: TestClient) -> Iterator[str]:
     """The base URL of a server for ``client``'s app (its backend already started by the client)."""
+    # loop="asyncio": uvloop's own loop, run in this non-main thread, crashed a test run once (a segfault in
+    # its C code, under asyncio.run); `imagen serve` keeps uvloop, in its main thread.
     server = uvicorn.Server(
-        uvicorn.Config(client.app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")
+        uvicorn.Config(
+            client.app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off", loop="asyncio"
+        )
     )
     serving = threading.Thread(target=server.run, daemon=True)
     serving.start()
