@@ -217,13 +217,11 @@ def time_ids(batch: int) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """SDXL's training schedule (scaled linear betas, 1000 steps) as the pipeline's scheduler defines it."""
+    """The noise levels the model's own scheduler samples with (its ``alphas_cumprod``; SDXL's: scaled linear
+    betas, 1000 steps), taken from it, so that training and sampling cannot disagree."""
 
     def __init__(self, scheduler: Any) -> None:
-        betas = torch.linspace(
-            scheduler.config.beta_start**0.5, scheduler.config.beta_end**0.5, scheduler.config.num_train_timesteps
-        ) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.detach().to(torch.float32).clone()
         self.steps = scheduler.config.num_train_timesteps
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
