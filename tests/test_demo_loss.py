@@ -8,9 +8,8 @@ from diffusers import EulerDiscreteScheduler
 from imagen.devtools.train_demo import NoiseSchedule
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR
 
-SCHEDULE = NoiseSchedule(
-    EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
-)
+SCHEDULER = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+SCHEDULE = NoiseSchedule(SCHEDULER)
 T = torch.arange(0, 1000)
 
 
@@ -28,10 +27,9 @@ def test_layout_weight_adds_its_weight_on_the_picture_error_at_every_step() -> N
 
 
 def test_training_noises_with_the_schedule_the_sampler_uses_and_the_shipped_model_was_trained_on() -> None:
-    scheduler = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
-    assert torch.equal(SCHEDULE.alphas_cumprod, scheduler.alphas_cumprod)
+    assert torch.equal(SCHEDULE.alphas_cumprod, SCHEDULER.alphas_cumprod)
     # what train-demo computed itself when the shipped weights were trained: the same numbers, bit for bit
-    config = scheduler.config
+    config = SCHEDULER.config
     betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps) ** 2
     assert torch.equal(SCHEDULE.alphas_cumprod, torch.cumprod(1.0 - betas, dim=0))
     # a zero-terminal-SNR config (v-prediction models) is followed too: nothing of the picture at the last step
