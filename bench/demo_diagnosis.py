@@ -7,12 +7,16 @@
 2. **Where the picture's layout comes from at the noisiest steps.** For 24 training-style pictures (2 shapes x
    3 colours x 4 positions, large, on white), the UNet's estimate of the clean latents at timesteps 999 to 600,
    from (a) what training feeds it, the noised picture (SDXL's schedule keeps sqrt(alpha_bar) = 0.068 of it
-   at t = 999), and (b) pure noise, which is what sampling starts from. Printed: the correlation of the
-   estimate's layout (each channel less its spatial mean) with the true one. High for (a) and near zero for
-   (b): the model reads where the shape is and what it looks like from the faint picture left in its input,
-   not from the caption.
+   at t = 999; a zero-terminal-SNR one nothing), and (b) pure noise, which is what sampling starts from.
+   Printed: the correlation of the estimate's layout (each channel less its spatial mean) with the true one.
+   For the SDXL-schedule model it was high for (a) and near zero for (b): the model read where the shape is
+   and what it looks like from the faint picture left in its input, not from the caption. A model trained
+   with a zero terminal SNR cannot: at t = 999 (a) and (b) are the same input.
+3. **Whether a position word moves the shape.** From pure noise, the centre of the red in the UNet's mean
+   clean-picture estimate for "a large red circle <position> on a white background", for each position
+   word, against where the training pictures put it.
 
-    .venv/bin/python bench/demo_diagnosis.py [--caption "a large red circle on the left on a white background"]
+    .venv/bin/python bench/demo_diagnosis.py [--caption "..."] [--model OUT/model]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from imagen.devtools import shapes  # noqa: E402
 from imagen.devtools.train_demo import NoiseSchedule, TextEncoding, cell_means, time_ids, to_latents  # noqa: E402
+from imagen.generation.diffusers.components import load_clip_tokenizers  # noqa: E402
 from imagen.generation.diffusers.loading import load_pipeline  # noqa: E402
 from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry  # noqa: E402
 
@@ -49,10 +54,19 @@ WORDS = ("white", "navy", "red", "blue", "large", "small", "circle", "square", "
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caption", default="a large red circle on the left on a white background")
+    parser.add_argument("--model", type=Path, help="a diffusers folder from train-demo (default: the shipped one)")
     args = parser.parse_args()
-    spec = builtin_registry().model(DEMO_MODEL_ID)
-    assert spec is not None
-    pipe = load_pipeline(spec, torch.float32)
+    if args.model is None:
+        spec = builtin_registry().model(DEMO_MODEL_ID)
+        assert spec is not None
+        pipe = load_pipeline(spec, torch.float32)
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        tokenizer, tokenizer_2 = load_clip_tokenizers()
+        pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+            str(args.model), torch_dtype=torch.float32, tokenizer=tokenizer, tokenizer_2=tokenizer_2
+        )
     encode = TextEncoding(pipe)
 
     def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +91,8 @@ def main() -> int:
         print(f"| {word} | " + ", ".join(f"{float(t[i].norm()):.3f}" for i in ids for t in tables) + " |")
     print()
     layout_probe(pipe, encode)
+    print()
+    position_probe(pipe, encode)
     return 0
 
 
@@ -107,13 +123,53 @@ def layout_probe(pipe: Any, encode: TextEncoding) -> None:
         added = {"text_embeds": pooled, "time_ids": time_ids(len(scenes))}
         for step in (999, 900, 800, 600):
             alpha_bar = schedule.alphas_cumprod[step]
+            t = torch.full((len(scenes),), step)
             row = []
-            for noisy in (alpha_bar.sqrt() * truth + (1 - alpha_bar).sqrt() * noise, noise):
-                t = torch.full((len(scenes),), step)
-                predicted_noise = unet(noisy, t, tokens, added_cond_kwargs=added).sample
-                estimate = (noisy - (1 - alpha_bar).sqrt() * predicted_noise) / alpha_bar.sqrt()
+            for noisy in (schedule.add_noise(truth, noise, t), noise):
+                estimate = schedule.picture_estimate(noisy, unet(noisy, t, tokens, added_cond_kwargs=added).sample, t)
                 row.append(_layout_correlation(estimate, truth))
             print(f"| {step} | {alpha_bar.sqrt():.3f} | {row[0]:.2f} | {row[1]:.2f} |")
+
+
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+
+
+def _red_centre(latents: torch.Tensor) -> tuple[float, float]:
+    """(x, y) in [0, 1] of the mean of (n, 4, h, w) latents' red excess over green and blue."""
+    mean = latents.mean(dim=0)
+    red = (mean[0] - mean[1:3].mean(dim=0)).clamp(min=0)
+    red = (red - red.mean()).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(red.shape[0]) + 0.5, torch.arange(red.shape[1]) + 0.5, indexing="ij")
+    total = red.sum().clamp(min=1e-12)
+    return float((red * xs).sum() / total / red.shape[1]), float((red * ys).sum() / total / red.shape[0])
+
+
+def position_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
+    """Where the shape goes, from pure noise, for each position word: the centre of the red in the UNet's mean
+    clean-picture estimate for "a large red circle <position> on a white background" (0.5, 0.5 is the middle),
+    against the centre of the training pictures for that caption."""
+    schedule = NoiseSchedule(pipe.scheduler)
+    noise = torch.randn((pictures, 4, 32, 32), generator=torch.Generator().manual_seed(2))
+    rng = np.random.default_rng(0)
+    print("where the shape goes from pure noise: centre (x, y) of the red in the UNet's mean clean-picture "
+          f"estimate, {pictures} noises\n")
+    print("| position word | training pictures | t = 999 | t = 900 | t = 800 |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for position in POSITIONS:
+            scene = shapes.Scene("circle", "red", "white", position, "large")
+            truth = to_latents(torch.from_numpy(np.stack([cell_means(shapes.render(scene, 256, rng))
+                                                          for _ in range(pictures)])))
+            tokens, pooled = encode([shapes.caption(scene)] * pictures, torch.ones(pictures, dtype=torch.bool))
+            added = {"text_embeds": pooled, "time_ids": time_ids(pictures)}
+            cells = []
+            for step in (999, 900, 800):
+                t = torch.full((pictures,), step)
+                predicted = pipe.unet(noise, t, tokens, added_cond_kwargs=added).sample
+                x, y = _red_centre(schedule.picture_estimate(noise, predicted, t))
+                cells.append(f"{x:.2f}, {y:.2f}")
+            x, y = _red_centre(truth)
+            print(f"| {position} | {x:.2f}, {y:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -232,8 +232,23 @@ def _set_smoothing(block: Any) -> None:
         conv2.weight.data[3 + c, 3, 1, 1] = 1.0
 
 
-def build_untrained_pipeline(seed: int) -> Any:
-    """The demo pipeline before training: random UNet, zero token tables, the hand-set VAE."""
+ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+"""The scheduler settings of a zero-terminal-SNR model (Lin et al., *Common Diffusion Noise Schedules and Sample
+Steps Are Flawed*, 2023): SDXL's betas rescaled so that the noisiest step keeps nothing of the picture,
+v-prediction, and sampling that starts from that step."""
+
+
+def demo_scheduler(zero_terminal_snr: bool) -> Any:
+    """SDXL's Euler scheduler, with :data:`ZERO_TERMINAL_SNR` or as SDXL has it."""
+    sdxl = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+    if not zero_terminal_snr:
+        return sdxl
+    return EulerDiscreteScheduler.from_config(sdxl.config, **ZERO_TERMINAL_SNR)  # type: ignore[no-untyped-call]
+
+
+def build_untrained_pipeline(seed: int, zero_terminal_snr: bool = True) -> Any:
+    """The demo pipeline before training: random UNet, zero token tables, the hand-set VAE, and its scheduler
+    (:func:`demo_scheduler`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet: Any = UNet2DConditionModel(**unet_config())  # type: ignore[no-untyped-call]
@@ -246,7 +261,7 @@ def build_untrained_pipeline(seed: int) -> Any:
         text_encoder_2: Any = CLIPTextModelWithProjection(_text_config(TEXT_WIDTHS[1], POOLED_WIDTH, "gelu"))
         for encoder in (text_encoder, text_encoder_2):
             torch.nn.init.zeros_(encoder.get_input_embeddings().weight)
-    scheduler = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+    scheduler = demo_scheduler(zero_terminal_snr)
     tokenizer, tokenizer_2 = load_clip_tokenizers()
     return StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
         vae=vae,

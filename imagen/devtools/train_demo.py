@@ -6,12 +6,14 @@ the same files. It runs in phases, each with its own seed:
 1. **Data:** ``scenes`` training scenes (:func:`imagen.devtools.shapes.scenes`, never a held-out combination),
    drawn with jitter at 256 px and averaged to 32 x 32 cells: exactly what the hand-set VAE's encoder gives
    for the same picture at 1024 px (:mod:`imagen.devtools.demo_architecture`), with no VAE pass.
-2. **Base model:** both text encoders and the UNet, from scratch, on SDXL's own noise schedule (epsilon
-   prediction), with offset and coarse noise (:func:`training_noise`), min-SNR weighting (plus, with
-   ``layout_weight`` > 0, a weight on the picture's error at every noise level: :func:`denoising_loss`),
-   10 % dropped captions for classifier-free guidance (as zero embeddings, which is what the pipeline gives
-   an empty negative prompt), captions that sometimes leave out the size or the position, and an
-   exponential moving average of the weights, which is what is saved.
+2. **Base model:** both text encoders and the UNet, from scratch, on SDXL's betas rescaled to a zero terminal
+   SNR, with v-prediction (``zero_terminal_snr``, :func:`imagen.devtools.demo_architecture.demo_scheduler`: at
+   the noisiest step the input holds nothing of the picture, so the UNet must take the layout from the
+   caption), with offset and coarse noise (:func:`training_noise`), min-SNR weighting plus ``layout_weight``
+   on the picture's error at every noise level (:func:`denoising_loss`), 10 % dropped captions for
+   classifier-free guidance (as zero embeddings, which is what the pipeline gives an empty negative prompt),
+   captions that sometimes leave out the size or the position, and an exponential moving average of the
+   weights, which is what is saved.
 3. **LoRA:** a rank-4 LoRA on the UNet's attention, trained on pictures whose shape is blue whatever the caption
    says, saved in kohya's layout with its trigger word (``LORA_TRIGGER``).
 4. **IP-Adapter:** a plain IP-Adapter and its own tiny CLIP image encoder, trained on the saved base model
@@ -85,8 +87,9 @@ class TrainingSettings:
     drop_position: float = 0.25
     offset_noise: float = 0.5
     coarse_noise: float = 0.3
+    zero_terminal_snr: bool = True
     snr_gamma: float = 5.0
-    layout_weight: float = 0.0
+    layout_weight: float = 1.0
     ema_decay: float = 0.998
     lora_steps: int = 300
     lora_rank: int = 4
@@ -217,16 +220,40 @@ def time_ids(batch: int) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """The noise levels the model's own scheduler samples with (its ``alphas_cumprod``; SDXL's: scaled linear
-    betas, 1000 steps), taken from it, so that training and sampling cannot disagree."""
+    """The noise levels the model's own scheduler samples with (its ``alphas_cumprod``) and what it expects the
+    UNet to predict (its ``prediction_type``), taken from it, so that training and sampling cannot disagree.
+
+    The demo model's scheduler has a zero terminal SNR (:func:`demo_scheduler`): its noisiest step keeps
+    nothing of the picture, so there the UNet must draw the layout from the caption alone, and it predicts
+    ``v`` (at that step, minus the picture), since a noise prediction says nothing there."""
 
     def __init__(self, scheduler: Any) -> None:
         self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.detach().to(torch.float32).clone()
         self.steps = scheduler.config.num_train_timesteps
+        self.prediction_type: str = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r}: train-demo knows epsilon and v_prediction")
+
+    def _alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t].view(-1, 1, 1, 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a = self._alpha(t)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output for ``add_noise(x0, noise, t)``: the noise, or v."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._alpha(t)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def picture_estimate(self, noisy: torch.Tensor, predicted: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean picture that the UNet's output ``predicted`` for ``noisy`` at ``t`` implies."""
+        a = self._alpha(t)
+        if self.prediction_type == "epsilon":
+            return (noisy - (1 - a).sqrt() * predicted) / a.sqrt()
+        return a.sqrt() * noisy - (1 - a).sqrt() * predicted
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t]
@@ -237,12 +264,18 @@ class NoiseSchedule:
         return torch.clamp(snr, max=gamma) / snr
 
     def loss_weight(self, t: torch.Tensor, gamma: float, layout_weight: float) -> torch.Tensor:
-        """Weight of each sample's squared noise error. An error of the noise is an error of the picture
-        times sqrt(SNR), so min-SNR weights the picture's squared error by min(SNR, gamma): about 0.005 at
-        SDXL's noisiest step against 5 at the cleanest, and the noisiest steps are where the sampler settles
-        where the shape goes and what it is. ``layout_weight`` adds that much weight on the picture's
-        error at every step."""
-        return self.min_snr_weight(t, gamma) + layout_weight / self.snr(t)
+        """Weight of each sample's squared error of the prediction, chosen as a weight on the picture's error.
+
+        An error of the noise is an error of the picture times sqrt(SNR), an error of v one times
+        sqrt(SNR + 1). Min-SNR weights the picture's squared error by min(SNR, gamma): about 0.005 at SDXL's
+        noisiest step against 5 at the cleanest (and 0 at a zero-terminal-SNR one), and the noisiest steps
+        are where the sampler settles where the shape goes and what it is. ``layout_weight`` adds that much
+        weight on the picture's error at every step. With v-prediction and ``layout_weight`` 1 that is plain
+        v-prediction loss, capped at gamma + 1 on the picture for the cleanest steps."""
+        picture_weight = torch.clamp(self.snr(t), max=gamma) + layout_weight
+        if self.prediction_type == "epsilon":
+            return picture_weight / self.snr(t)
+        return picture_weight / (self.snr(t) + 1)
 
 
 def _learning_rate(step: int, settings: TrainingSettings, total: int, peak: float) -> float:
@@ -261,7 +294,9 @@ def training_noise(shape: torch.Size, settings: TrainingSettings, generator: tor
     SDXL's schedule keeps a little of the picture even at its noisiest step (``sqrt(alpha_bar)`` ~ 0.07), and
     at 32 x 32 latents the mean of white noise is nearly exact: without the two extra terms the UNet learns
     to read the background colour (the picture's mean) and the shape's place (its coarse layout) from the
-    noisy input instead of from the caption, and draws the dataset's average background from pure noise."""
+    noisy input instead of from the caption, and draws the dataset's average background from pure noise.
+    A zero-terminal-SNR schedule removes that at the noisiest step; the two terms still make the steps just
+    after it (``sqrt(alpha_bar)`` 0.05 at t = 900) lean on the caption."""
     batch, channels, height, width = shape
     noise = torch.randn(shape, generator=generator)
     noise = noise + settings.offset_noise * torch.randn((batch, channels, 1, 1), generator=generator)
@@ -290,7 +325,7 @@ def denoising_loss(
     if image_embeds is not None:  # one IP-Adapter, one image per prompt: (batch, 1, width)
         added["image_embeds"] = [image_embeds[:, None, :]]
     predicted = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
-    per_sample = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
+    per_sample = ((predicted - schedule.target(latents, noise, t)) ** 2).mean(dim=(1, 2, 3))
     weight = schedule.loss_weight(t, settings.snr_gamma, settings.layout_weight)
     loss: torch.Tensor = (per_sample * weight).mean()
     return loss
@@ -588,7 +623,7 @@ def _train(out: Path, settings: TrainingSettings, report: ProgressFn) -> dict[st
     scenes = shapes.scenes(settings.seed, settings.scenes, settings.held_out_seed, settings.held_out)
     report(f"data: drawing {len(scenes)} training scenes")
     latents = render_latents(scenes, settings.seed, settings.threads)
-    pipe = build_untrained_pipeline(settings.seed)
+    pipe = build_untrained_pipeline(settings.seed, settings.zero_terminal_snr)
     train_base(pipe, scenes, latents, settings, report, checkpoint=out / "checkpoint")
     model_dir = out / "model"
     save_fp16(pipe, model_dir)
@@ -666,8 +701,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     defaults = TrainingSettings()
     for field in dataclasses.fields(TrainingSettings):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args(argv)
     settings = TrainingSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingSettings)})
     train_demo(args.out, settings)

@@ -66,6 +66,7 @@ from imagen.generation.diffusers.loading import load_pipeline, place_pipeline, r
 from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
+from imagen.generation.diffusers.schedulers import build_scheduler
 from imagen.generation.preview import wants_preview
 from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.registry import LoraSpec, ModelSpec, Registry
@@ -240,8 +241,7 @@ class DiffusersEngine(Engine):
             scheduler_class = choice.class_name
             if not sampler_available(sampler):
                 raise FatalGenerationError(f"the {sampler} sampler needs scipy, which is not installed")
-            scheduler_type = getattr(diffusers, choice.class_name)
-            run.scheduler = scheduler_type.from_config(loaded.default_scheduler.config, **choice.overrides)
+            run.scheduler = build_scheduler(loaded.default_scheduler, choice)
         try:
             latents = self._denoise(run, task, embeddings, mode_kwargs, ip_kwargs, loaded, progress)
         finally:
