@@ -33,8 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagen.devtools import shapes  # noqa: E402
-from imagen.devtools.train_demo import NoiseSchedule, TextEncoding, cell_means, time_ids, to_latents  # noqa: E402
-from imagen.generation.diffusers.components import load_clip_tokenizers  # noqa: E402
+from imagen.devtools.train_demo import (  # noqa: E402
+    NoiseSchedule,
+    TextEncoding,
+    cell_means,
+    load_trained_pipeline,
+    time_ids,
+    to_latents,
+)
 from imagen.generation.diffusers.loading import load_pipeline  # noqa: E402
 from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry  # noqa: E402
 
@@ -61,12 +67,7 @@ def main() -> int:
         assert spec is not None
         pipe = load_pipeline(spec, torch.float32)
     else:
-        from diffusers import StableDiffusionXLPipeline
-
-        tokenizer, tokenizer_2 = load_clip_tokenizers()
-        pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            str(args.model), torch_dtype=torch.float32, tokenizer=tokenizer, tokenizer_2=tokenizer_2
-        )
+        pipe = load_trained_pipeline(args.model)
     encode = TextEncoding(pipe)
 
     def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:

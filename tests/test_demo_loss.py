@@ -7,21 +7,22 @@ from diffusers import EulerDiscreteScheduler
 
 from imagen.devtools.demo_architecture import demo_scheduler
 from imagen.devtools.train_demo import NoiseSchedule
-from imagen.generation.diffusers.components import SDXL_CONFIG_DIR
+from imagen.generation.diffusers.components import sdxl_scheduler
 
-SCHEDULER = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+SCHEDULER = sdxl_scheduler()
 SCHEDULE = NoiseSchedule(SCHEDULER)
 T = torch.arange(0, 1000)
 
 
 def test_min_snr_counts_the_picture_error_of_the_noisiest_steps_a_thousand_times_less() -> None:
-    picture_weight = SCHEDULE.min_snr_weight(T, 5.0) * SCHEDULE.snr(T)  # noise error = picture error * sqrt(SNR)
+    picture_weight = SCHEDULE.loss_weight(T, 5.0, 0.0) * SCHEDULE.snr(T)  # noise error = picture error * sqrt(SNR)
     assert torch.allclose(picture_weight, SCHEDULE.snr(T).clamp(max=5.0))
     assert picture_weight[999] < 0.006 and picture_weight[0] == 5.0
 
 
 def test_layout_weight_adds_its_weight_on_the_picture_error_at_every_step() -> None:
-    assert torch.equal(SCHEDULE.loss_weight(T, 5.0, 0.0), SCHEDULE.min_snr_weight(T, 5.0))  # 0: unchanged
+    snr = SCHEDULE.snr(T)
+    assert torch.equal(SCHEDULE.loss_weight(T, 5.0, 0.0), snr.clamp(max=5.0) / snr)  # 0: plain min-SNR
     picture_weight = SCHEDULE.loss_weight(T, 5.0, 1.0) * SCHEDULE.snr(T)
     assert torch.allclose(picture_weight, SCHEDULE.snr(T).clamp(max=5.0) + 1.0)
     assert picture_weight[999] > 1.0

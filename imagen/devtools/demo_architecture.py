@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, clip_text_config, load_clip_tokenizers
+from imagen.generation.diffusers.components import clip_text_config, load_clip_tokenizers, sdxl_scheduler
 from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 
 IMAGE_SIZE = 1024
@@ -240,7 +240,7 @@ v-prediction, and sampling that starts from that step."""
 
 def demo_scheduler(zero_terminal_snr: bool) -> Any:
     """SDXL's Euler scheduler, with :data:`ZERO_TERMINAL_SNR` or as SDXL has it."""
-    sdxl = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+    sdxl = sdxl_scheduler()
     if not zero_terminal_snr:
         return sdxl
     return EulerDiscreteScheduler.from_config(sdxl.config, **ZERO_TERMINAL_SNR)  # type: ignore[no-untyped-call]

@@ -259,10 +259,6 @@ class NoiseSchedule:
         a = self.alphas_cumprod[t]
         return a / (1 - a)
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        snr = self.snr(t)
-        return torch.clamp(snr, max=gamma) / snr
-
     def loss_weight(self, t: torch.Tensor, gamma: float, layout_weight: float) -> torch.Tensor:
         """Weight of each sample's squared error of the prediction, chosen as a weight on the picture's error.
 
@@ -469,16 +465,9 @@ def _cross_attention_widths(unet: Any) -> list[tuple[str, int]]:
     return widths
 
 
-def train_ip_adapter(
-    model_dir: Path, scenes: Sequence[shapes.Scene], latents: torch.Tensor, settings: TrainingSettings,
-    report: ProgressFn,
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """A plain IP-Adapter (4 image tokens) and its own tiny CLIP vision encoder, trained on the saved base
-    model (frozen): the reference is the very picture being denoised, and half the captions are dropped, so
-    the image tokens must carry what the picture shows. Returns the adapter's tensors in the original
-    (``image_proj.*``, ``ip_adapter.N.to_k_ip.weight``) layout and the encoder."""
+def load_trained_pipeline(model_dir: Path) -> Any:
+    """A model folder this command wrote (``OUT/model`` or a checkpoint), in float32, with the real tokenizers."""
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from imagen.generation.diffusers.components import load_clip_tokenizers
 
@@ -487,6 +476,20 @@ def train_ip_adapter(
         str(model_dir), torch_dtype=torch.float32, tokenizer=tokenizer, tokenizer_2=tokenizer_2
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_ip_adapter(
+    model_dir: Path, scenes: Sequence[shapes.Scene], latents: torch.Tensor, settings: TrainingSettings,
+    report: ProgressFn,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """A plain IP-Adapter (4 image tokens) and its own tiny CLIP vision encoder, trained on the saved base
+    model (frozen): the reference is the very picture being denoised, and half the captions are dropped, so
+    the image tokens must carry what the picture shows. Returns the adapter's tensors in the original
+    (``image_proj.*``, ``ip_adapter.N.to_k_ip.weight``) layout and the encoder."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    pipe = load_trained_pipeline(model_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed + 13)
         encoder = CLIPVisionModelWithProjection(ip_encoder_config())

@@ -129,7 +129,7 @@ def build_tiny_sdxl_pipeline(shape: TinySdxlShape, seed: int = 0) -> Any:
         text_encoder_2: Any = CLIPTextModelWithProjection(
             clip_text_config(shape.text_hidden_2, shape.text_layers, pooled_dim, "gelu")
         )
-    scheduler = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
+    scheduler = sdxl_scheduler()
     tokenizer, tokenizer_2 = load_clip_tokenizers()
     return StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
         vae=vae,
@@ -142,3 +142,8 @@ def build_tiny_sdxl_pipeline(shape: TinySdxlShape, seed: int = 0) -> Any:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def sdxl_scheduler() -> Any:
+    """SDXL base's own scheduler (Euler, scaled linear betas, epsilon), from the shipped SDXL config."""
+    return EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")  # type: ignore[no-untyped-call]
