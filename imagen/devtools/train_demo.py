@@ -12,8 +12,9 @@ the same files. It runs in phases, each with its own seed:
    caption), with offset and coarse noise (:func:`training_noise`), min-SNR weighting plus ``layout_weight``
    on the picture's error at every noise level (:func:`denoising_loss`), 10 % dropped captions for
    classifier-free guidance (as zero embeddings, which is what the pipeline gives an empty negative prompt),
-   captions that sometimes leave out the size or the position, and an exponential moving average of the
-   weights, which is what is saved.
+   captions that sometimes leave out the size or the position, a loss that asks the encoders' outputs for
+   every word of the caption (``word_loss``, :class:`WordHeads`: without it the shape and position words
+   collapsed), and an exponential moving average of the weights, which is what is saved.
 3. **LoRA:** a rank-4 LoRA on the UNet's attention, trained on pictures whose shape is blue whatever the caption
    says, saved in kohya's layout with its trigger word (``LORA_TRIGGER``).
 4. **IP-Adapter:** a plain IP-Adapter and its own tiny CLIP image encoder, trained on the saved base model
@@ -90,6 +91,7 @@ class TrainingSettings:
     zero_terminal_snr: bool = True
     snr_gamma: float = 5.0
     layout_weight: float = 1.0
+    word_loss: float = 0.1
     ema_decay: float = 0.998
     lora_steps: int = 300
     lora_rank: int = 4
@@ -201,16 +203,71 @@ class TextEncoding:
             self.cache[caption] = (ids[0], ids[1])
         return self.cache[caption]
 
-    def __call__(self, captions: Sequence[str], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden states (batch, 77, width), pooled (batch, pooled width))`` of every caption."""
         ids = [self._ids(c) for c in captions]
         ids_1 = torch.stack([i[0] for i in ids])
         ids_2 = torch.stack([i[1] for i in ids])
         out_1 = self.pipe.text_encoder(ids_1, output_hidden_states=True)
         out_2 = self.pipe.text_encoder_2(ids_2, output_hidden_states=True)
         embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-        pooled = out_2.text_embeds
+        return embeds, out_2.text_embeds
+
+    def __call__(self, captions: Sequence[str], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode`, with the captions where ``keep`` is false dropped (zeros: no caption)."""
+        embeds, pooled = self.encode(captions)
         mask = keep.float()
         return embeds * mask[:, None, None], pooled * mask[:, None]
+
+
+WORD_KINDS: dict[str, tuple[str, ...]] = {
+    "shape": shapes.SHAPES,
+    "colour": tuple(shapes.COLOURS),
+    "background": tuple(shapes.BACKGROUNDS),
+    "position": (*shapes.POSITIONS, "not said"),
+    "size": (*shapes.SIZES, "not said"),
+}
+"""What a caption says, kind by kind, as :class:`WordHeads` reads it back ("not said": the caption leaves it out)."""
+
+
+def said(scene: shapes.Scene, caption: str) -> list[int]:
+    """The index in :data:`WORD_KINDS` of each thing ``caption`` (a :func:`caption_variant` of ``scene``) says."""
+    position_said = f"{scene.shape} {scene.position} on a " in caption
+    size_said = f"a {scene.size} {scene.colour} {scene.shape}" in caption
+    values = {
+        "shape": scene.shape,
+        "colour": scene.colour,
+        "background": scene.background,
+        "position": scene.position if position_said else "not said",
+        "size": scene.size if size_said else "not said",
+    }
+    return [WORD_KINDS[kind].index(values[kind]) for kind in WORD_KINDS]
+
+
+class WordHeads(torch.nn.Module):
+    """Linear read-outs of every word kind (:data:`WORD_KINDS`) from what the UNet is given of a caption: the
+    pooled embedding, and the hidden states averaged over the 77 tokens. Their cross-entropy, added to the
+    denoising loss during base training (``word_loss``), makes the text encoders keep the shape and the
+    position words apart: trained on the denoising loss alone, the encoders kept colour, size and background
+    words apart (what most of the picture's pixels depend on) but mapped every shape and every position word
+    to nearly the same hidden states, and the UNet drew the dataset's average shape in the middle
+    (``bench/demo_diagnosis.py``). The heads are not saved; the model stays a plain SDXL pipeline."""
+
+    def __init__(self, hidden_width: int, pooled_width: int, seed: int) -> None:
+        super().__init__()
+        classes = sum(len(values) for values in WORD_KINDS.values())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.from_hidden = torch.nn.Linear(hidden_width, classes)
+            self.from_pooled = torch.nn.Linear(pooled_width, classes)
+
+    def forward(self, embeds: torch.Tensor, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over word kinds and both read-outs; ``targets`` (batch, kinds) from :func:`said`."""
+        losses = []
+        for logits in (self.from_hidden(embeds.mean(dim=1)), self.from_pooled(pooled)):
+            for kind, chunk in enumerate(logits.split([len(v) for v in WORD_KINDS.values()], dim=1)):
+                losses.append(torch.nn.functional.cross_entropy(chunk, targets[:, kind]))
+        return torch.stack(losses).mean()
 
 
 def time_ids(batch: int) -> torch.Tensor:
@@ -311,12 +368,18 @@ def denoising_loss(
     settings: TrainingSettings,
     generator: torch.Generator,
     image_embeds: torch.Tensor | None = None,
+    words: tuple[WordHeads, torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """The weighted denoising loss of one batch; with ``words`` (heads, targets from :func:`said`), plus
+    ``word_loss`` times the heads' loss on the captions' encodings (dropped captions included: the heads read
+    the encoders, not what the UNet is given)."""
     batch = latents.shape[0]
     noise = training_noise(latents.shape, settings, generator)
     t = torch.randint(0, schedule.steps, (batch,), generator=generator)
     noisy = schedule.add_noise(latents, noise, t)
-    embeds, pooled = text(captions, keep)
+    full_embeds, full_pooled = text.encode(captions)
+    mask = keep.float()
+    embeds, pooled = full_embeds * mask[:, None, None], full_pooled * mask[:, None]
     added: dict[str, Any] = {"text_embeds": pooled, "time_ids": time_ids(batch)}
     if image_embeds is not None:  # one IP-Adapter, one image per prompt: (batch, 1, width)
         added["image_embeds"] = [image_embeds[:, None, :]]
@@ -324,6 +387,9 @@ def denoising_loss(
     per_sample = ((predicted - schedule.target(latents, noise, t)) ** 2).mean(dim=(1, 2, 3))
     weight = schedule.loss_weight(t, settings.snr_gamma, settings.layout_weight)
     loss: torch.Tensor = (per_sample * weight).mean()
+    if words is not None:
+        heads, targets = words
+        loss = loss + settings.word_loss * heads(full_embeds, full_pooled, targets)
     return loss
 
 
@@ -341,7 +407,8 @@ def train_base(
     for m in modules:
         m.train()
     ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    heads = WordHeads(pipe.unet.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim, settings.seed)
+    optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=settings.learning_rate, weight_decay=0.0)
     text = TextEncoding(pipe)
     schedule = NoiseSchedule(pipe.scheduler)
     rng = random.Random(settings.seed)
@@ -354,7 +421,9 @@ def train_base(
         keep = torch.tensor([rng.random() >= settings.caption_dropout for _ in idx])
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, settings, settings.steps, settings.learning_rate)
-        loss = denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator)
+        targets = torch.tensor([said(scenes[i], c) for i, c in zip(idx, captions, strict=True)])
+        loss = denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator,
+                              words=(heads, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
