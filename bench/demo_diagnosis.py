@@ -15,6 +15,10 @@
 3. **Whether a position word moves the shape.** From pure noise, the centre of the red in the UNet's mean
    clean-picture estimate for "a large red circle <position> on a white background", for each position
    word, against where the training pictures put it.
+4. **How much a shape word changes the picture.** From pure noise, how far the UNet's mean clean-picture
+   estimate for "a large red <shape> in the center on a white background" moves when the shape word changes,
+   against how far apart the mean training pictures of those captions are, and the size of the picture
+   itself: the whole signal a shape word carries, at 32 x 32 latents.
 
     .venv/bin/python bench/demo_diagnosis.py [--caption "..."] [--model OUT/model]
 """
@@ -94,6 +98,8 @@ def main() -> int:
     layout_probe(pipe, encode)
     print()
     position_probe(pipe, encode)
+    print()
+    shape_probe(pipe, encode)
     return 0
 
 
@@ -171,6 +177,40 @@ def position_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
                 cells.append(f"{x:.2f}, {y:.2f}")
             x, y = _red_centre(truth)
             print(f"| {position} | {x:.2f}, {y:.2f} | " + " | ".join(cells) + " |")
+
+
+def _mean_truth(scene: shapes.Scene, pictures: int, rng: np.random.Generator) -> torch.Tensor:
+    cells = np.stack([cell_means(shapes.render(scene, 256, rng)) for _ in range(pictures)])
+    return to_latents(torch.from_numpy(cells)).mean(dim=0)
+
+
+def shape_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
+    """Distance of each shape's mean clean-picture estimate (from pure noise) from the circle's, and the same
+    between the mean training pictures (``pictures`` jittered drawings each)."""
+    schedule = NoiseSchedule(pipe.scheduler)
+    noise = torch.randn((pictures, 4, 32, 32), generator=torch.Generator().manual_seed(3))
+    rng = np.random.default_rng(0)
+    estimates: dict[str, list[torch.Tensor]] = {}
+    truths: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for shape in shapes.SHAPES:
+            scene = shapes.Scene(shape, "red", "white", "in the center", "large")
+            truths[shape] = _mean_truth(scene, pictures, rng)
+            tokens, pooled = encode([shapes.caption(scene)] * pictures, torch.ones(pictures, dtype=torch.bool))
+            added = {"text_embeds": pooled, "time_ids": time_ids(pictures)}
+            estimates[shape] = []
+            for step in (999, 900, 800):
+                t = torch.full((pictures,), step)
+                predicted = pipe.unet(noise, t, tokens, added_cond_kwargs=added).sample
+                estimates[shape].append(schedule.picture_estimate(noise, predicted, t).mean(dim=0))
+    print("how far a shape word moves the picture: distance from the circle's mean clean-picture estimate "
+          f"(latents), {pictures} noises; |the circle's training picture| = {truths['circle'].norm():.1f}\n")
+    print("| shape word | training pictures | t = 999 | t = 900 | t = 800 |")
+    print("|---|---|---|---|---|")
+    for shape in shapes.SHAPES[1:]:
+        moved = [float((e - c).norm()) for e, c in zip(estimates[shape], estimates["circle"], strict=True)]
+        truth = float((truths[shape] - truths["circle"]).norm())
+        print(f"| circle -> {shape} | {truth:.2f} | " + " | ".join(f"{m:.2f}" for m in moved) + " |")
 
 
 if __name__ == "__main__":

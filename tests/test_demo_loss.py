@@ -142,3 +142,21 @@ def test_the_word_heads_make_the_text_encoders_tell_shape_and_position_words_apa
         first, last = (loss.item() if step == 0 else first), loss.item()
     assert last < first / 4
     assert min(moved()) > 1.0  # after: both words move what the UNet would read
+
+
+def test_outline_weights_weigh_the_shape_s_outline_and_nothing_else() -> None:
+    import numpy as np
+
+    from imagen.devtools import shapes
+    from imagen.devtools.train_demo import cell_means, outline_weights, to_latents
+
+    scene = shapes.Scene("triangle", "red", "white", "in the center", "large")
+    latents = to_latents(torch.from_numpy(cell_means(shapes.render(scene, 256)))[None])
+    weights = outline_weights(latents, 5.0)[0, 0]
+    assert weights.shape == (32, 32) and float(weights.max()) == 6.0
+    assert float(weights[:4].max()) < 1.001 and float(weights[:, :4].max()) < 1.001  # the background far from it
+    assert float(weights[16, 16]) < 1.5  # the inside of the triangle is flat too
+    outline = weights > 2.0
+    assert 10 < int(outline.sum()) < 100  # a ring of cells, not the picture
+    flat = to_latents(torch.full((1, 3, 32, 32), 0.3))
+    assert torch.allclose(outline_weights(flat, 5.0), torch.ones(1, 1, 32, 32))

@@ -165,7 +165,7 @@ def test_a_fresh_install_draws_a_red_circle_on_white(make_client: Callable[..., 
     assert image.size == (1024, 1024)
     verdict = read(image)
     assert (verdict.colour, verdict.background) == ("red", "white"), verdict
-    # The shape itself is not reliable yet (issue 15: shape right on 28 % of held-out pictures, target 75 %).
+    # The shape itself is not reliable yet (issue 15: shape right on 22 % of held-out pictures, target 75 %).
 
 
 def test_the_same_seed_draws_the_same_picture_and_another_seed_another_place(engine: DiffusersEngine) -> None:
@@ -201,12 +201,19 @@ def test_every_sampler_draws_what_it_is_asked(engine: DiffusersEngine, sampler: 
     assert (verdict.colour, verdict.background) == ("red", "white"), (sampler, verdict)
 
 
-@pytest.mark.xfail(reason="issue 15 open: the model follows position words on too few pictures", strict=False)
 def test_position_and_size_words_are_followed(engine: DiffusersEngine) -> None:
-    left = read(draw(engine, "a large blue square on the left on a white background", seed=5))
-    top = read(draw(engine, "a small yellow circle at the top on a navy background", seed=5))
-    assert (left.colour, left.position, left.size, left.background) == ("blue", "on the left", "large", "white")
-    assert (top.colour, top.position, top.size, top.background) == ("yellow", "at the top", "small", "navy")
+    """Every position word, both sizes (the judge's reading: position by thirds, size by area)."""
+    asked = [
+        ("large", "blue", "square", "on the left", "white"),
+        ("small", "yellow", "circle", "at the top", "navy"),
+        ("large", "red", "star", "on the right", "beige"),
+        ("small", "black", "triangle", "at the bottom", "sky blue"),
+        ("large", "green", "circle", "in the center", "white"),
+    ]
+    for size, colour, shape, position, background in asked:
+        verdict = read(draw(engine, f"a {size} {colour} {shape} {position} on a {background} background", seed=5))
+        drawn = (verdict.position, verdict.size, verdict.colour, verdict.background)
+        assert drawn == (position, size, colour, background), verdict
 
 
 # ---------------------------------------------------------------- LoRA, prompt weighting, long prompts
