@@ -145,8 +145,6 @@ def test_the_word_heads_make_the_text_encoders_tell_shape_and_position_words_apa
 
 
 def test_outline_weights_weigh_the_shape_s_outline_and_nothing_else() -> None:
-    import numpy as np
-
     from imagen.devtools import shapes
     from imagen.devtools.train_demo import cell_means, outline_weights, to_latents
 
