@@ -215,10 +215,16 @@ class TextEncoding:
         return embeds, out_2.text_embeds
 
     def __call__(self, captions: Sequence[str], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode`, with the captions where ``keep`` is false dropped (zeros: no caption)."""
-        embeds, pooled = self.encode(captions)
-        mask = keep.float()
-        return embeds * mask[:, None, None], pooled * mask[:, None]
+        """:meth:`encode`, with the captions where ``keep`` is false dropped (:func:`drop_captions`)."""
+        return drop_captions(*self.encode(captions), keep)
+
+
+def drop_captions(
+    embeds: torch.Tensor, pooled: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros where ``keep`` is false: what the pipeline gives an empty prompt (classifier-free guidance)."""
+    mask = keep.float()
+    return embeds * mask[:, None, None], pooled * mask[:, None]
 
 
 WORD_KINDS: dict[str, tuple[str, ...]] = {
@@ -393,8 +399,7 @@ def denoising_loss(
     t = torch.randint(0, schedule.steps, (batch,), generator=generator)
     noisy = schedule.add_noise(latents, noise, t)
     full_embeds, full_pooled = text.encode(captions)
-    mask = keep.float()
-    embeds, pooled = full_embeds * mask[:, None, None], full_pooled * mask[:, None]
+    embeds, pooled = drop_captions(full_embeds, full_pooled, keep)
     added: dict[str, Any] = {"text_embeds": pooled, "time_ids": time_ids(batch)}
     if image_embeds is not None:  # one IP-Adapter, one image per prompt: (batch, 1, width)
         added["image_embeds"] = [image_embeds[:, None, :]]
