@@ -165,8 +165,7 @@ def position_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
     with torch.no_grad():
         for position in POSITIONS:
             scene = shapes.Scene("circle", "red", "white", position, "large")
-            truth = to_latents(torch.from_numpy(np.stack([cell_means(shapes.render(scene, 256, rng))
-                                                          for _ in range(pictures)])))
+            truth = _mean_truth(scene, pictures, rng)[None]
             tokens, pooled = encode([shapes.caption(scene)] * pictures, torch.ones(pictures, dtype=torch.bool))
             added = {"text_embeds": pooled, "time_ids": time_ids(pictures)}
             cells = []
