@@ -419,6 +419,42 @@ def denoising_loss(
 # ---------------------------------------------------------------- phases
 
 
+def sample_batch(
+    scenes: Sequence[shapes.Scene], rng: random.Random, settings: TrainingSettings, prefix: str = ""
+) -> tuple[list[int], list[str]]:
+    """``batch`` scene indices drawn with ``rng``, and a caption variant of each (after ``prefix``)."""
+    idx = [rng.randrange(len(scenes)) for _ in range(settings.batch)]
+    return idx, [prefix + caption_variant(scenes[i], rng, settings) for i in idx]
+
+
+def optimise(
+    progress: Progress,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[int], torch.Tensor],
+    learning_rate: Callable[[int], float],
+    clip: Sequence[torch.nn.Parameter] = (),
+    after_step: Callable[[int], None] | None = None,
+    smoothing: float = 0.95,
+) -> None:
+    """The loop every phase runs: for each of ``progress.total`` steps set the learning rate, take one
+    optimizer step on ``batch_loss(step)`` (gradients clipped to norm 1 over ``clip``, if given), call
+    ``after_step(step)``, and report the loss's running mean."""
+    running = 0.0
+    for step in range(progress.total):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step)
+        loss = batch_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if clip:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        running = smoothing * running + (1 - smoothing) * loss.item() if step else loss.item()
+        progress.step(step + 1, f"loss {running:.4f}")
+
+
 def train_base(
     pipe: Any, scenes: Sequence[shapes.Scene], latents: torch.Tensor, settings: TrainingSettings,
     report: ProgressFn, checkpoint: Path | None = None,
@@ -436,27 +472,19 @@ def train_base(
     schedule = NoiseSchedule(pipe.scheduler)
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    progress = Progress("base model", settings.steps, report)
-    running = 0.0
-    for step in range(settings.steps):
-        idx = [rng.randrange(len(scenes)) for _ in range(settings.batch)]
-        captions = [caption_variant(scenes[i], rng, settings) for i in idx]
+
+    def batch_loss(step: int) -> torch.Tensor:
+        idx, captions = sample_batch(scenes, rng, settings)
         keep = torch.tensor([rng.random() >= settings.caption_dropout for _ in idx])
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, settings, settings.steps, settings.learning_rate)
         targets = torch.tensor([said(scenes[i], c) for i, c in zip(idx, captions, strict=True)])
-        loss = denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator,
+        return denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator,
                               words=(heads, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+
+    def after_step(step: int) -> None:
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for shadow, p in zip(ema, params, strict=True):
                 shadow.lerp_(p.detach(), 1 - decay)
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        progress.step(step + 1, f"loss {running:.4f}")
         if checkpoint is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
             live = [p.detach().clone() for p in params]
             with torch.no_grad():
@@ -467,6 +495,12 @@ def train_base(
                 for saved, p in zip(live, params, strict=True):
                     p.copy_(saved)
             report(f"base model: checkpoint of the averaged weights at step {step + 1} in {checkpoint}")
+
+    optimise(
+        Progress("base model", settings.steps, report), optimizer, batch_loss,
+        lambda step: _learning_rate(step, settings, settings.steps, settings.learning_rate),
+        clip=params, after_step=after_step, smoothing=0.98,
+    )
     with torch.no_grad():
         for shadow, p in zip(ema, params, strict=True):
             p.copy_(shadow)
@@ -496,22 +530,18 @@ def train_lora(
     schedule = NoiseSchedule(pipe.scheduler)
     rng = random.Random(settings.seed + 7)
     generator = torch.Generator().manual_seed(settings.seed + 7)
-    progress = Progress("LoRA", settings.lora_steps, report)
-    running = 0.0
     lora_settings = dataclasses.replace(settings, warmup_steps=20)
-    pipe.unet.train()
-    for step in range(settings.lora_steps):
-        idx = [rng.randrange(len(scenes)) for _ in range(settings.batch)]
-        captions = [f"{LORA_TRIGGER}, " + caption_variant(scenes[i], rng, settings) for i in idx]
+
+    def batch_loss(step: int) -> torch.Tensor:
+        idx, captions = sample_batch(scenes, rng, settings, prefix=f"{LORA_TRIGGER}, ")
         keep = torch.tensor([rng.random() >= settings.caption_dropout for _ in idx])
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, lora_settings, settings.lora_steps, settings.lora_learning_rate)
-        loss = denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        running = 0.95 * running + 0.05 * loss.item() if step else loss.item()
-        progress.step(step + 1, f"loss {running:.4f}")
+        return denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator)
+
+    pipe.unet.train()
+    optimise(
+        Progress("LoRA", settings.lora_steps, report), optimizer, batch_loss,
+        lambda step: _learning_rate(step, lora_settings, settings.lora_steps, settings.lora_learning_rate),
+    )
     pipe.unet.eval()
     state = get_peft_model_state_dict(pipe.unet)
     config = dict(pipe.unet.config)
@@ -621,25 +651,21 @@ def train_ip_adapter(
     schedule = NoiseSchedule(pipe.scheduler)
     rng = random.Random(settings.seed + 13)
     noise_generator = torch.Generator().manual_seed(settings.seed + 13)
-    progress = Progress("IP-Adapter", settings.ip_steps, report)
     ip_settings = dataclasses.replace(settings, warmup_steps=20)
-    running = 0.0
-    encoder.train()
-    for step in range(settings.ip_steps):
-        idx = [rng.randrange(len(scenes)) for _ in range(settings.batch)]
-        captions = [caption_variant(scenes[i], rng, settings) for i in idx]
+
+    def batch_loss(step: int) -> torch.Tensor:
+        idx, captions = sample_batch(scenes, rng, settings)
         keep_text = torch.tensor([rng.random() >= settings.ip_text_dropout for _ in idx])
         keep_image = torch.tensor([rng.random() >= settings.ip_image_dropout for _ in idx]).float()
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, ip_settings, settings.ip_steps, settings.ip_learning_rate)
         image_embeds = encoder(references[idx]).image_embeds * keep_image[:, None]
-        loss = denoising_loss(pipe, text, schedule, latents[idx], captions, keep_text, settings,
+        return denoising_loss(pipe, text, schedule, latents[idx], captions, keep_text, settings,
                               noise_generator, image_embeds=image_embeds)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        running = 0.95 * running + 0.05 * loss.item() if step else loss.item()
-        progress.step(step + 1, f"loss {running:.4f}")
+
+    encoder.train()
+    optimise(
+        Progress("IP-Adapter", settings.ip_steps, report), optimizer, batch_loss,
+        lambda step: _learning_rate(step, ip_settings, settings.ip_steps, settings.ip_learning_rate),
+    )
     encoder.eval()  # type: ignore[no-untyped-call]
     projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     tensors = {
