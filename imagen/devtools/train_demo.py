@@ -92,7 +92,7 @@ class TrainingSettings:
     snr_gamma: float = 5.0
     layout_weight: float = 1.0
     word_loss: float = 0.1
-    outline_weight: float = 0.0
+    outline_weight: float = 5.0
     ema_decay: float = 0.998
     lora_steps: int = 300
     lora_rank: int = 4
