@@ -188,7 +188,7 @@ LMS_ZERO_SNR = pytest.mark.xfail(
 )
 SDE_KARRAS_ZERO_SNR = pytest.mark.xfail(
     reason="issue 15 open: with the outline-weighted model (session 23) DPM++ 2M SDE Karras draws a wrong colour "
-    "on 4 seeds of 8 (1-8; the model before: 0 of 8); the other samplers draw red on white",
+    "on 4 seeds of 8 (1-8; the model before: 0 of 8); its non-Karras twin draws red on white on 8 of 8",
     strict=False,
 )
 MARKS = {"LMS": LMS_ZERO_SNR, "DPM++ 2M SDE Karras": SDE_KARRAS_ZERO_SNR}
