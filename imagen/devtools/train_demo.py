@@ -430,20 +430,20 @@ def sample_batch(
 def optimise(
     progress: Progress,
     optimizer: torch.optim.Optimizer,
-    batch_loss: Callable[[int], torch.Tensor],
+    batch_loss: Callable[[], torch.Tensor],
     learning_rate: Callable[[int], float],
     clip: Sequence[torch.nn.Parameter] = (),
     after_step: Callable[[int], None] | None = None,
     smoothing: float = 0.95,
 ) -> None:
     """The loop every phase runs: for each of ``progress.total`` steps set the learning rate, take one
-    optimizer step on ``batch_loss(step)`` (gradients clipped to norm 1 over ``clip``, if given), call
+    optimizer step on ``batch_loss()`` (gradients clipped to norm 1 over ``clip``, if given), call
     ``after_step(step)``, and report the loss's running mean."""
     running = 0.0
     for step in range(progress.total):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
-        loss = batch_loss(step)
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         if clip:
@@ -473,7 +473,7 @@ def train_base(
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    def batch_loss(step: int) -> torch.Tensor:
+    def batch_loss() -> torch.Tensor:
         idx, captions = sample_batch(scenes, rng, settings)
         keep = torch.tensor([rng.random() >= settings.caption_dropout for _ in idx])
         targets = torch.tensor([said(scenes[i], c) for i, c in zip(idx, captions, strict=True)])
@@ -532,7 +532,7 @@ def train_lora(
     generator = torch.Generator().manual_seed(settings.seed + 7)
     lora_settings = dataclasses.replace(settings, warmup_steps=20)
 
-    def batch_loss(step: int) -> torch.Tensor:
+    def batch_loss() -> torch.Tensor:
         idx, captions = sample_batch(scenes, rng, settings, prefix=f"{LORA_TRIGGER}, ")
         keep = torch.tensor([rng.random() >= settings.caption_dropout for _ in idx])
         return denoising_loss(pipe, text, schedule, latents[idx], captions, keep, settings, generator)
@@ -653,7 +653,7 @@ def train_ip_adapter(
     noise_generator = torch.Generator().manual_seed(settings.seed + 13)
     ip_settings = dataclasses.replace(settings, warmup_steps=20)
 
-    def batch_loss(step: int) -> torch.Tensor:
+    def batch_loss() -> torch.Tensor:
         idx, captions = sample_batch(scenes, rng, settings)
         keep_text = torch.tensor([rng.random() >= settings.ip_text_dropout for _ in idx])
         keep_image = torch.tensor([rng.random() >= settings.ip_image_dropout for _ in idx]).float()
