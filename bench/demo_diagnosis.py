@@ -76,7 +76,7 @@ def main() -> int:
 
     def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            tokens, pooled = encode([caption], torch.tensor([True]))
+            tokens, pooled = encode.encode([caption])
         return tokens[0], pooled[0]
 
     tokens, pooled = conditioning(args.caption)
@@ -126,7 +126,7 @@ def layout_probe(pipe: Any, encode: TextEncoding) -> None:
     print("| timestep | sqrt(alpha_bar) | from the noised picture (training) | from pure noise (sampling) |")
     print("|---|---|---|---|")
     with torch.no_grad():
-        tokens, pooled = encode([shapes.caption(s) for s in scenes], torch.ones(len(scenes), dtype=torch.bool))
+        tokens, pooled = encode.encode([shapes.caption(s) for s in scenes])
         added = {"text_embeds": pooled, "time_ids": time_ids(len(scenes))}
         for step in (999, 900, 800, 600):
             alpha_bar = schedule.alphas_cumprod[step]
@@ -166,7 +166,7 @@ def position_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
         for position in POSITIONS:
             scene = shapes.Scene("circle", "red", "white", position, "large")
             truth = _mean_truth(scene, pictures, rng)[None]
-            tokens, pooled = encode([shapes.caption(scene)] * pictures, torch.ones(pictures, dtype=torch.bool))
+            tokens, pooled = encode.encode([shapes.caption(scene)] * pictures)
             added = {"text_embeds": pooled, "time_ids": time_ids(pictures)}
             cells = []
             for step in (999, 900, 800):
@@ -195,7 +195,7 @@ def shape_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
         for shape in shapes.SHAPES:
             scene = shapes.Scene(shape, "red", "white", "in the center", "large")
             truths[shape] = _mean_truth(scene, pictures, rng)
-            tokens, pooled = encode([shapes.caption(scene)] * pictures, torch.ones(pictures, dtype=torch.bool))
+            tokens, pooled = encode.encode([shapes.caption(scene)] * pictures)
             added = {"text_embeds": pooled, "time_ids": time_ids(pictures)}
             estimates[shape] = []
             for step in (999, 900, 800):

@@ -214,10 +214,6 @@ class TextEncoding:
         embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
         return embeds, out_2.text_embeds
 
-    def __call__(self, captions: Sequence[str], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode`, with the captions where ``keep`` is false dropped (:func:`drop_captions`)."""
-        return drop_captions(*self.encode(captions), keep)
-
 
 def drop_captions(
     embeds: torch.Tensor, pooled: torch.Tensor, keep: torch.Tensor
