@@ -16,9 +16,9 @@
    clean-picture estimate for "a large red circle <position> on a white background", for each position
    word, against where the training pictures put it.
 4. **How much a shape word changes the picture.** From pure noise, how far the UNet's mean clean-picture
-   estimate for "a large red <shape> in the center on a white background" moves when the shape word changes,
-   against how far apart the mean training pictures of those captions are, and the size of the picture
-   itself: the whole signal a shape word carries, at 32 x 32 latents.
+   estimate for "a large red <shape> in the center on a white background" moves when the shape word changes
+   (every pair of the four shapes), against how far apart the mean training pictures of those captions are,
+   and the size of the picture itself: the whole signal a shape word carries, at 32 x 32 latents.
 
     .venv/bin/python bench/demo_diagnosis.py [--caption "..."] [--model OUT/model]
 """
@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -202,14 +203,14 @@ def shape_probe(pipe: Any, encode: TextEncoding, pictures: int = 16) -> None:
                 t = torch.full((pictures,), step)
                 predicted = pipe.unet(noise, t, tokens, added_cond_kwargs=added).sample
                 estimates[shape].append(schedule.picture_estimate(noise, predicted, t).mean(dim=0))
-    print("how far a shape word moves the picture: distance from the circle's mean clean-picture estimate "
+    print("how far a shape word moves the picture: distance between two shapes' mean clean-picture estimates "
           f"(latents), {pictures} noises; |the circle's training picture| = {truths['circle'].norm():.1f}\n")
     print("| shape word | training pictures | t = 999 | t = 900 | t = 800 |")
     print("|---|---|---|---|---|")
-    for shape in shapes.SHAPES[1:]:
-        moved = [float((e - c).norm()) for e, c in zip(estimates[shape], estimates["circle"], strict=True)]
-        truth = float((truths[shape] - truths["circle"]).norm())
-        print(f"| circle -> {shape} | {truth:.2f} | " + " | ".join(f"{m:.2f}" for m in moved) + " |")
+    for one, other in itertools.combinations(shapes.SHAPES, 2):
+        moved = [float((e - c).norm()) for e, c in zip(estimates[other], estimates[one], strict=True)]
+        truth = float((truths[other] - truths[one]).norm())
+        print(f"| {one} -> {other} | {truth:.2f} | " + " | ".join(f"{m:.2f}" for m in moved) + " |")
 
 
 if __name__ == "__main__":

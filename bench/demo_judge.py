@@ -2,14 +2,18 @@
 
 Every held-out caption (``imagen.devtools.shapes.held_out_combinations``: 60 combinations the training never
 saw), with 2 seeds each, through the service's own engine (the ``DiffusersEngine`` a worker runs, the built-in
-registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5, the model's default sampler. Each PNG
+registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5 (with the registry's guidance rescale for
+the model), the model's default sampler. Each PNG
 goes to ``imagen.devtools.judge`` (background from the border, shape pixels, colour, centre, hull moments).
 
 Printed: the table of the issue's four targets (and size, not a target), what the misses were read as, and the
 median generation time per image on this machine. Written: a contact sheet of the first ``--sheet`` images
 with what the judge read under each (``--contact-sheet``, default ``docs/demo-contact-sheet.png``).
 
-    .venv/bin/python bench/demo_judge.py [--seeds 2] [--limit N] [--contact-sheet PATH]
+    .venv/bin/python bench/demo_judge.py [--seeds 2] [--limit N] [--contact-sheet PATH] [--guidance G] [--sampler S]
+
+``--guidance`` and ``--sampler`` are for diagnosis (how much of a miss is the guidance's, or the sampler's);
+the issue's table is the one printed with neither.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out captions")
     parser.add_argument("--sheet", type=int, default=24, help="images on the contact sheet")
     parser.add_argument("--contact-sheet", type=Path, default=REPO / "docs" / "demo-contact-sheet.png")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (the issue's: 7.5)")
+    parser.add_argument("--sampler", default=None, help="an A1111 sampler name (default: the model's own)")
     args = parser.parse_args()
 
     from imagen.generation.diffusers.engine import DiffusersEngine
@@ -68,7 +74,8 @@ def main() -> int:
             for s in range(args.seeds):
                 task = GenerationTask(
                     prompt=shapes.caption(scene), negative_prompt=None, model=DEMO_MODEL_ID, steps=30,
-                    guidance_scale=7.5, seed=SEED_BASE + 97 * i + s, width=1024, height=1024,
+                    guidance_scale=args.guidance, seed=SEED_BASE + 97 * i + s, width=1024, height=1024,
+                    scheduler=args.sampler,
                 )
                 started = time.perf_counter()
                 image = engine.generate(task, lambda step, percent: None)[0].image
@@ -85,9 +92,12 @@ def main() -> int:
                     sheet.append((image, shapes.caption(scene), read, all(marks.values())))
             print(f"{i + 1}/{len(scenes)} captions judged", file=sys.stderr, flush=True)
 
+    spec = builtin_registry().model(DEMO_MODEL_ID)
+    rescale = f" (rescale {spec.guidance_rescale:g})" if spec is not None and spec.guidance_rescale else ""
+    sampler = args.sampler or "the model's own"
     print(f"demo model, judged: {len(scenes)} held-out captions x {args.seeds} seeds = {total} images, "
-          f"1024x1024, 30 steps, guidance 7.5, {engine.device.type} {str(engine.dtype).removeprefix('torch.')} "
-          f"({os.cpu_count()} cores)\n")
+          f"1024x1024, 30 steps, guidance {args.guidance:g}{rescale}, sampler {sampler}, "
+          f"{engine.device.type} {str(engine.dtype).removeprefix('torch.')} ({os.cpu_count()} cores)\n")
     print("| what | right | target | met |")
     print("|---|---|---|---|")
     for what, label in LABELS.items():

@@ -125,6 +125,27 @@ def test_registry_default_sampler_and_clip_skip(tmp_path: Path) -> None:
     assert np.array_equal(_image(engine, model="pony", scheduler="Euler", clip_skip=1), _image(engine))
 
 
+def test_registry_guidance_rescale(tmp_path: Path) -> None:
+    registry = fixtures_registry()
+    plain = registry.models[0]
+    rescaled = plain.model_copy(update={"id": "rescaled", "guidance_rescale": 0.7})
+    engine = DiffusersEngine(
+        registry.model_copy(update={"models": [plain, rescaled]}), engine_settings(tmp_path)
+    )
+    (result,) = engine.generate(task(model="rescaled"), ProgressLog())
+    assert result.extra_metadata["guidance_rescale"] == 0.7
+    assert "guidance_rescale" not in engine.generate(task(), ProgressLog())[0].extra_metadata
+    image = pixels(result.image)
+    assert not np.array_equal(image, _image(engine))  # same weights, same seed: only the rescale differs
+    assert np.array_equal(_image(engine, model="rescaled"), image)
+    # img2img takes it too
+    init = InputImages(init=_init_image())
+    assert not np.array_equal(
+        _image(engine, init, model="rescaled", strength=0.6, init_image=True),
+        _image(engine, init, strength=0.6, init_image=True),
+    )
+
+
 def test_clip_skip(engine: DiffusersEngine) -> None:
     default = _image(engine)
     assert np.array_equal(_image(engine, clip_skip=1), default)  # SDXL's own (penultimate) layer

@@ -21,6 +21,7 @@ def test_documented_example_parses() -> None:
     assert model.path == (REPO / "models" / "sd_xl_base_1.0.safetensors").resolve()
     pony = registry.model("pony-xl-v6")
     assert pony is not None and pony.file_prefix == "pony_xl_v6" and pony.size == 1024
+    assert (pony.scheduler, pony.clip_skip, pony.guidance_rescale) == ("Euler a", 2, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,7 @@ def test_documented_example_parses() -> None:
         ("models:\n  - {id: a, name: A, path: a.safetensors}\nloras:\n  - {id: l, name: L, path: l.safetensors, "
          "default_weight: 3}\n", "less than or equal to 2"),
         ("models:\n  - {id: a, name: A, path: a.safetensors, colour: red}\n", "colour"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_rescale: 1.5}\n", "less than or equal to 1"),
         ("- just a list\n", "must be a mapping"),
         ("models: [\n", "not valid YAML"),
     ],

@@ -148,6 +148,10 @@ def test_a1111_parameters_add_the_new_fields_only_when_used() -> None:
         "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 42, Size: 1216x832, "
         "Model: demo, Denoising strength: 0.5, Clip skip: 2, Version: imagen"
     )
+    rescaled = {**default, "guidance_rescale": 0.7}
+    assert "CFG scale: 5.0, Seed: 42, Size: 1024x1024, Model: demo, CFG Rescale phi: 0.7, Version: imagen" in (
+        a1111_parameters(rescaled)
+    )
 
 
 def test_registry_scheduler_and_clip_skip(tmp_path: Path) -> None:

@@ -315,6 +315,7 @@ def models(registry: RegistryDep) -> ModelList:
                 sizes=[Size(width=w, height=h) for w, h in recommended_sizes(m.size)],
                 default_scheduler=m.scheduler,
                 clip_skip=m.clip_skip or 1,
+                guidance_rescale=m.guidance_rescale,
             )
             for m in registry.models
         ]

@@ -37,6 +37,7 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
         # only present when a request used them (absent keys: the chunk of a default request is unchanged)
         "Denoising strength": metadata.get("strength"),
         "Clip skip": metadata.get("clip_skip"),
+        "CFG Rescale phi": metadata.get("guidance_rescale"),  # as the sd-webui CFG-rescale extension writes it
     }
     if metadata.get("ip_strength"):
         fields["IP-Adapter strength"] = metadata["ip_strength"]

@@ -235,6 +235,10 @@ class DiffusersEngine(Engine):
                 # an empty schedule. The init image comes back unchanged, as A1111 returns it.
                 return self._unchanged(task, init, extra, sampler)
 
+        if spec.guidance_rescale:
+            # every SDXL pipeline (txt2img, img2img, inpainting) takes it; 0 is left out, so that a model
+            # without it gets exactly the call it got before the field existed
+            mode_kwargs["guidance_rescale"] = spec.guidance_rescale
         scheduler_class = type(loaded.default_scheduler).__name__
         if sampler is not None:
             choice = scheduler_for(sampler)
@@ -262,6 +266,7 @@ class DiffusersEngine(Engine):
                 "scheduler": sampler if sampler is not None else scheduler_class,
                 **({"scheduler_class": scheduler_class} if sampler is not None else {}),
                 **({"clip_skip": clip_skip} if clip_skip is not None else {}),
+                **({"guidance_rescale": spec.guidance_rescale} if spec.guidance_rescale else {}),
                 **({"strength": mode_kwargs["strength"]} if mode != "txt2img" else {}),
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
