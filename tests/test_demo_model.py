@@ -102,6 +102,7 @@ def test_the_vae_keeps_absolute_colour_and_draws_no_32px_steps() -> None:
     assert (steps > 2).sum() >= 2 * 8  # each edge is a ramp of many small steps (4 px apart), not one jump
 
 
+@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
 def test_the_judge_reads_the_soft_edges_of_the_demo_decoder() -> None:
     """Pictures through the demo VAE (exact cell colours, smooth one-cell ramps) are still read right: the
     judge's thresholds hold for soft edges, so its scores measure the model, not the decoder."""
@@ -250,6 +251,7 @@ def test_the_demo_lora_pulls_shapes_to_blue_at_weight_1_and_not_at_0(engine: Dif
     assert b1 - b0 > 80 and r0 - r1 > 20 and b1 > r1, (at_one, at_zero)
 
 
+@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
 def test_the_lora_through_the_service_adds_its_trigger_word(make_client: Callable[..., TestClient]) -> None:
     client = make_client(engine="diffusers", registry_path=None, device="cpu")
     loras = client.get("/loras").json()["loras"]
@@ -314,6 +316,7 @@ def test_inpainting_a_square_recolours_only_inside_it(engine: DiffusersEngine) -
     assert nearest == "blue", mean
 
 
+@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
 @pytest.mark.xfail(reason="issue 15 open: the demo IP-Adapter (400 steps) barely moves the colours", strict=False)
 def test_a_reference_image_pulls_the_colours_towards_its_own_as_ip_strength_rises(engine: DiffusersEngine) -> None:
     reference = shapes.render(shapes.Scene("square", "yellow", "navy", "in the center", "large"), 512)
