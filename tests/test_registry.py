@@ -56,6 +56,8 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_builtin_registry_is_the_demo_model() -> None:
     registry = builtin_registry()
     assert registry.model_ids == ["demo"] and registry.resolve_default_model() == "demo"
+    demo = registry.model("demo")
+    assert demo is not None and demo.guidance_rescale == 0.7  # zero terminal SNR: Lin et al.'s value
     with pytest.raises(RegistryError, match="not declared"):
         registry.resolve_default_model("sdxl-base")
 
