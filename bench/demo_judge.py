@@ -64,7 +64,8 @@ def main() -> int:
     scenes = shapes.held_out_combinations(0)[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp), engine="diffusers")  # what `imagen serve` uses by default
-        engine = DiffusersEngine(builtin_registry(), settings)
+        registry = builtin_registry()
+        engine = DiffusersEngine(registry, settings)
         right: dict[str, int] = collections.Counter()
         misses: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         seconds: list[float] = []
@@ -92,7 +93,7 @@ def main() -> int:
                     sheet.append((image, shapes.caption(scene), read, all(marks.values())))
             print(f"{i + 1}/{len(scenes)} captions judged", file=sys.stderr, flush=True)
 
-    spec = builtin_registry().model(DEMO_MODEL_ID)
+    spec = registry.model(DEMO_MODEL_ID)
     rescale = f" (rescale {spec.guidance_rescale:g})" if spec is not None and spec.guidance_rescale else ""
     sampler = args.sampler or "the model's own"
     print(f"demo model, judged: {len(scenes)} held-out captions x {args.seeds} seeds = {total} images, "
