@@ -121,12 +121,12 @@ def test_models_loras_health(client: TestClient) -> None:
         "vae_path": "madebyollin/sdxl-vae-fp16-fix",  # as the registry file writes it, never a server path
         "default_negative": "low quality, blurry, distorted, ugly, bad anatomy",
     }
-    # the extensions: sizes and defaults for width/height, scheduler, clip_skip, and the guidance rescale
+    # the extensions: sizes and defaults for width/height, scheduler, clip_skip, and the guidance rescale and stop
     assert set(models[0]) - reference_fields == {
-        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale"
+        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop"
     }
     assert models[0]["native_size"] == {"width": 64, "height": 64} and models[0]["clip_skip"] == 1
-    assert models[0]["guidance_rescale"] == 0.0
+    assert (models[0]["guidance_rescale"], models[0]["guidance_stop"]) == (0.0, 1.0)
     assert [m["id"] for m in models] == ["sdxl-base", "pony-xl-v6"]
     loras = client.get("/loras").json()["loras"]
     assert loras == [

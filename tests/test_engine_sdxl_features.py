@@ -146,6 +146,53 @@ def test_registry_guidance_rescale(tmp_path: Path) -> None:
     )
 
 
+def test_registry_guidance_stop(tmp_path: Path) -> None:
+    registry = fixtures_registry()
+    plain = registry.models[0]
+    stopping = plain.model_copy(update={"id": "stopping", "guidance_stop": 0.5})
+    engine = DiffusersEngine(
+        registry.model_copy(update={"models": [plain, stopping]}), engine_settings(tmp_path)
+    )
+    (result,) = engine.generate(task(model="stopping", steps=8), ProgressLog())
+    assert result.extra_metadata["guidance_stop"] == 0.5
+    assert "guidance_stop" not in engine.generate(task(steps=8), ProgressLog())[0].extra_metadata
+    image = pixels(result.image)
+    assert not np.array_equal(image, _image(engine, steps=8))  # same weights, same seed: only the stop differs
+    assert np.array_equal(_image(engine, model="stopping", steps=8), image)
+
+    batches: list[int] = []  # what the UNet is given at each step: both halves (2) while guided, then one
+    unet = engine._models["stopping"].pipe.unet
+    handle = unet.register_forward_pre_hook(lambda _module, args: batches.append(args[0].shape[0]))
+    try:
+        _image(engine, model="stopping", steps=8)
+        assert batches == [2] * 4 + [1] * 4
+        batches.clear()
+        assert len(engine.generate(task(model="stopping", steps=8, num_images=2), ProgressLog())) == 2
+        assert batches == [4] * 4 + [2] * 4
+        batches.clear()
+        # img2img and inpainting: half of the steps they run (strength 0.5 of 8: 4)
+        init = _init_image()
+        _image(engine, InputImages(init=init), model="stopping", steps=8, strength=0.5, init_image=True)
+        assert batches == [2, 2, 1, 1]
+        batches.clear()
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        out = _image(engine, InputImages(init=init, mask=mask), model="stopping", steps=8, strength=0.5,
+                     init_image=True, mask_image=True)
+        assert batches == [2, 2, 1, 1]
+        assert np.abs(out - pixels(init))[~(np.asarray(mask) > 0)].max() == 0
+        batches.clear()
+        # no guidance asked: nothing to stop; an IP-Adapter image: guided to the end (the pipeline keeps its
+        # image embeddings for both halves out of the callback's reach), and the metadata says neither
+        (unguided,) = engine.generate(task(model="stopping", steps=8, guidance_scale=1.0), ProgressLog())
+        assert batches == [1] * 8 and "guidance_stop" not in unguided.extra_metadata
+        batches.clear()
+        (ip,) = engine.generate(task(model="stopping", steps=8, ip_strength=0.8), ProgressLog())
+        assert batches == [2] * 8 and "guidance_stop" not in ip.extra_metadata
+    finally:
+        handle.remove()
+
+
 def test_clip_skip(engine: DiffusersEngine) -> None:
     default = _image(engine)
     assert np.array_equal(_image(engine, clip_skip=1), default)  # SDXL's own (penultimate) layer

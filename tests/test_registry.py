@@ -21,7 +21,7 @@ def test_documented_example_parses() -> None:
     assert model.path == (REPO / "models" / "sd_xl_base_1.0.safetensors").resolve()
     pony = registry.model("pony-xl-v6")
     assert pony is not None and pony.file_prefix == "pony_xl_v6" and pony.size == 1024
-    assert (pony.scheduler, pony.clip_skip, pony.guidance_rescale) == ("Euler a", 2, 0.0)
+    assert (pony.scheduler, pony.clip_skip, pony.guidance_rescale, pony.guidance_stop) == ("Euler a", 2, 0.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,8 @@ def test_documented_example_parses() -> None:
          "default_weight: 3}\n", "less than or equal to 2"),
         ("models:\n  - {id: a, name: A, path: a.safetensors, colour: red}\n", "colour"),
         ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_rescale: 1.5}\n", "less than or equal to 1"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_stop: 0}\n", "greater than 0"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_stop: 1.2}\n", "less than or equal to 1"),
         ("- just a list\n", "must be a mapping"),
         ("models: [\n", "not valid YAML"),
     ],
@@ -58,6 +60,7 @@ def test_builtin_registry_is_the_demo_model() -> None:
     assert registry.model_ids == ["demo"] and registry.resolve_default_model() == "demo"
     demo = registry.model("demo")
     assert demo is not None and demo.guidance_rescale == 0.7  # zero terminal SNR: Lin et al.'s value
+    assert demo.guidance_stop == 0.6  # the last 40 % of the steps unguided (README, demo model)
     with pytest.raises(RegistryError, match="not declared"):
         registry.resolve_default_model("sdxl-base")
 

@@ -316,6 +316,7 @@ def models(registry: RegistryDep) -> ModelList:
                 default_scheduler=m.scheduler,
                 clip_skip=m.clip_skip or 1,
                 guidance_rescale=m.guidance_rescale,
+                guidance_stop=m.guidance_stop,
             )
             for m in registry.models
         ]

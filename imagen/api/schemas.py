@@ -175,12 +175,15 @@ class ModelInfo(BaseModel):
     description: str
     vae_path: str | None
     default_negative: str
-    # extensions: what `width`/`height`, `scheduler`, `clip_skip` and guidance rescale are for this model
+    # extensions: what `width`/`height`, `scheduler`, `clip_skip` and guidance are for this model
     native_size: Size
     sizes: list[Size] = Field(description="Recommended sizes (SDXL's aspect buckets for a 1024² model).")
     default_scheduler: str | None = Field(description="Its default sampler; null: the model's own scheduler.")
     clip_skip: int = 1
     guidance_rescale: float = Field(0.0, description="Guidance rescale its jobs use (0: plain guidance).")
+    guidance_stop: float = Field(
+        1.0, description="Share of the steps after which its jobs' guidance stops (1: guided to the end)."
+    )
 
 
 class SchedulerList(BaseModel):

@@ -56,6 +56,7 @@ from imagen.generation.base import (
 )
 from imagen.generation.diffusers import acceleration
 from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
+from imagen.generation.diffusers.guidance import callback_inputs, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
     attach_ip_adapter,
@@ -239,6 +240,7 @@ class DiffusersEngine(Engine):
             # every SDXL pipeline (txt2img, img2img, inpainting) takes it; 0 is left out, so that a model
             # without it gets exactly the call it got before the field existed
             mode_kwargs["guidance_rescale"] = spec.guidance_rescale
+        stop = guidance_stop(spec, task, ip_kwargs)
         scheduler_class = type(loaded.default_scheduler).__name__
         if sampler is not None:
             choice = scheduler_for(sampler)
@@ -247,7 +249,7 @@ class DiffusersEngine(Engine):
                 raise FatalGenerationError(f"the {sampler} sampler needs scipy, which is not installed")
             run.scheduler = build_scheduler(loaded.default_scheduler, choice)
         try:
-            latents = self._denoise(run, task, embeddings, mode_kwargs, ip_kwargs, loaded, progress)
+            latents = self._denoise(run, task, embeddings, mode_kwargs, ip_kwargs, stop, loaded, progress)
         finally:
             run.scheduler = loaded.default_scheduler  # the next job starts from the model's own scheduler
             if run is not pipe and getattr(pipe, "_all_hooks", None):
@@ -267,6 +269,7 @@ class DiffusersEngine(Engine):
                 **({"scheduler_class": scheduler_class} if sampler is not None else {}),
                 **({"clip_skip": clip_skip} if clip_skip is not None else {}),
                 **({"guidance_rescale": spec.guidance_rescale} if spec.guidance_rescale else {}),
+                **({"guidance_stop": stop} if stop is not None else {}),
                 **({"strength": mode_kwargs["strength"]} if mode != "txt2img" else {}),
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
@@ -284,10 +287,12 @@ class DiffusersEngine(Engine):
         embeddings: Any,
         mode_kwargs: dict[str, Any],
         ip_kwargs: dict[str, Any],
+        stop: float | None,
         loaded: LoadedModel,
         progress: ProgressCallback,
     ) -> torch.Tensor:
-        """The pipeline call: ``output_type="latent"``, one generator per image (seed + i)."""
+        """The pipeline call: ``output_type="latent"``, one generator per image (seed + i); guidance ends
+        after ``stop`` of the steps (:func:`guidance_stop`)."""
         cancelled: list[JobCancelled] = []
         preview, every = self.preview, self.settings.preview_every_steps
         make_preview: Callable[[torch.Tensor], bytes]
@@ -305,6 +310,8 @@ class DiffusersEngine(Engine):
             # percent of the denoising loop's real length (img2img: strength x steps; second-order
             # samplers such as Heun run two UNet evaluations per step)
             total = getattr(pipe, "_num_timesteps", None) or fallback_total
+            if stop is not None and step + 1 == guided_steps(stop, total) < total:
+                kwargs = stop_guidance(pipe, kwargs)
             try:
                 progress(STEP_GENERATION, min(100, int(100 * (step + 1) / total)))
             except JobCancelled as exc:
@@ -330,6 +337,7 @@ class DiffusersEngine(Engine):
             guidance_scale=task.guidance_scale,
             generator=generator,
             callback_on_step_end=on_step_end,
+            **({"callback_on_step_end_tensor_inputs": callback_inputs(run)} if stop is not None else {}),
             output_type="latent",
             **({"num_images_per_prompt": count} if count > 1 else {}),
             **mode_kwargs,
@@ -457,6 +465,15 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
+
+
+def guidance_stop(spec: ModelSpec, task: GenerationTask, ip_kwargs: dict[str, Any]) -> float | None:
+    """Where this job's guidance stops (a fraction of its steps), or None: guided to the end, as the model's
+    ``guidance_stop`` is 1, the job is not guided (scale at most 1), or it uses an IP-Adapter (whose image
+    embeddings the pipeline does not let a callback halve: :mod:`imagen.generation.diffusers.guidance`)."""
+    if spec.guidance_stop >= 1 or task.guidance_scale <= 1 or ip_kwargs:
+        return None
+    return spec.guidance_stop
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:
