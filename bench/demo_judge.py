@@ -2,15 +2,17 @@
 
 Every held-out caption (``imagen.devtools.shapes.held_out_combinations``: 60 combinations the training never
 saw), with 2 seeds each, through the service's own engine (the ``DiffusersEngine`` a worker runs, the built-in
-registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5 (with the registry's guidance rescale for
-the model), the model's default sampler. Each PNG
+registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5 (with the registry's guidance rescale and
+stop for the model), the model's default sampler. Each PNG
 goes to ``imagen.devtools.judge`` (background from the border, shape pixels, colour, centre, hull moments).
 
 Printed: the table of the issue's four targets (and size, not a target), what the misses were read as, and the
-median generation time per image on this machine. Written: a contact sheet of the first ``--sheet`` images
-with what the judge read under each (``--contact-sheet``, default ``docs/demo-contact-sheet.png``).
+median generation time per image on this machine. Written: a contact sheet of ``--sheet`` images (every seed of
+captions spread evenly over the held-out list, so every shape is on it) with what the judge read under each
+(``--contact-sheet``, default ``docs/demo-contact-sheet.png``).
 
     .venv/bin/python bench/demo_judge.py [--seeds 2] [--limit N] [--contact-sheet PATH] [--guidance G] [--sampler S]
+                                         [--save-images DIR]
 
 ``--guidance`` and ``--sampler`` are for diagnosis (how much of a miss is the guidance's, or the sampler's);
 the issue's table is the one printed with neither.
@@ -57,6 +59,7 @@ def main() -> int:
     parser.add_argument("--contact-sheet", type=Path, default=REPO / "docs" / "demo-contact-sheet.png")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (the issue's: 7.5)")
     parser.add_argument("--sampler", default=None, help="an A1111 sampler name (default: the model's own)")
+    parser.add_argument("--save-images", type=Path, default=None, help="also write every judged PNG here")
     args = parser.parse_args()
 
     from imagen.generation.diffusers.engine import DiffusersEngine
@@ -70,6 +73,7 @@ def main() -> int:
         misses: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         seconds: list[float] = []
         sheet: list[tuple[Image.Image, str, str, bool]] = []
+        sheet_every = max(1, len(scenes) * args.seeds // max(1, args.sheet))  # captions 0, 5, 10, ... of 60
         total = 0
         for i, scene in enumerate(scenes):
             for s in range(args.seeds):
@@ -82,19 +86,26 @@ def main() -> int:
                 image = engine.generate(task, lambda step, percent: None)[0].image
                 seconds.append(time.perf_counter() - started)
                 verdict = judge(image)
+                if args.save_images is not None:
+                    args.save_images.mkdir(parents=True, exist_ok=True)
+                    image.save(args.save_images / f"{i:02d}-{s}-{shapes.caption(scene).replace(' ', '_')}.png")
                 marks = score(scene, verdict)
                 total += 1
                 for what, ok in marks.items():
                     right[what] += ok
                     if not ok:
                         misses[what][f"{getattr(scene, what)} -> {getattr(verdict, what)}"] += 1
-                if len(sheet) < args.sheet:
+                if i % sheet_every == 0 and len(sheet) < args.sheet:
                     read = f"{verdict.colour} {verdict.shape} / {verdict.background}"
                     sheet.append((image, shapes.caption(scene), read, all(marks.values())))
             print(f"{i + 1}/{len(scenes)} captions judged", file=sys.stderr, flush=True)
 
     spec = registry.model(DEMO_MODEL_ID)
-    rescale = f" (rescale {spec.guidance_rescale:g})" if spec is not None and spec.guidance_rescale else ""
+    own = [] if spec is None else [
+        *([f"rescale {spec.guidance_rescale:g}"] if spec.guidance_rescale else []),
+        *([f"stopping after {spec.guidance_stop:.0%} of the steps"] if spec.guidance_stop < 1 else []),
+    ]
+    rescale = f" ({', '.join(own)})" if own else ""
     sampler = args.sampler or "the model's own"
     print(f"demo model, judged: {len(scenes)} held-out captions x {args.seeds} seeds = {total} images, "
           f"1024x1024, 30 steps, guidance {args.guidance:g}{rescale}, sampler {sampler}, "
@@ -115,7 +126,8 @@ def main() -> int:
     print(f"\ngeneration: median {statistics.median(seconds):.2f} s per image "
           f"(min {min(seconds):.2f}, max {max(seconds):.2f}), 30 steps at 1024x1024 on this CPU")
     write_sheet(sheet, args.contact_sheet)
-    print(f"contact sheet: {args.contact_sheet}")
+    shown = args.contact_sheet.resolve()
+    print(f"contact sheet: {shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown}")
     return 0
 
 

@@ -7,12 +7,14 @@ without Gaussian noise of sigma 8.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from imagen.devtools import shapes
-from imagen.devtools.judge import judge, score
+from imagen.devtools.judge import STAR_SOLIDITY, judge, score
 from imagen.devtools.shapes import Scene, caption, render
 
 PARTS = ("background", "colour", "shape", "position", "size")
@@ -116,6 +118,36 @@ def test_judge_catches_the_wrong_picture() -> None:
         "position": True,
         "size": True,
     }
+
+
+def _pointed(points: int, inner: float, radius: float = 0.2, blur: float = 0.0, size: int = 256) -> Image.Image:
+    """Black on white: an outline with ``points`` tips at ``radius`` of the picture and notches at ``inner`` of
+    that (a triangle with straight sides has 0.5, so does the drawn star), drawn at 4x and box-averaged."""
+    big = size * 4
+    outline = []
+    for k in range(2 * points):
+        angle = -math.pi / 2 + k * math.pi / points
+        r = radius * big * (1.0 if k % 2 == 0 else inner)
+        outline.append((big / 2 + r * math.cos(angle), big / 2 + r * math.sin(angle)))
+    image = Image.new("RGB", (big, big), shapes.BACKGROUNDS["white"])
+    ImageDraw.Draw(image).polygon(outline, fill=shapes.COLOURS["black"])
+    image = image.resize((size, size), Image.Resampling.BOX)
+    return image.filter(ImageFilter.GaussianBlur(blur)) if blur else image
+
+
+def test_points_tell_a_triangle_with_concave_sides_from_a_star() -> None:
+    for shape, points in (("circle", 0), ("triangle", 3), ("square", 4), ("star", 5)):
+        assert judge(render(Scene(shape, "red", "white", "in the center", "large"), 256)).points == points
+    # sides bowed in (notches at 0.4 of the tips' radius): not convex, but three points: a triangle, sharp or
+    # with soft edges (the demo model draws such triangles at guidance 7.5)
+    for blur in (0.0, 3.0):
+        verdict = judge(_pointed(3, 0.4, blur=blur))
+        assert verdict.solidity < STAR_SOLIDITY and (verdict.shape, verdict.points) == ("triangle", 3), verdict
+    # notches deeper than a drawn star's (solidity below 0.62): a three-pointed star, which is no triangle
+    assert judge(_pointed(3, 0.22)).shape == "star"
+    # five points stay a star: sharp, soft, small and soft
+    for radius, blur in ((0.2, 0.0), (0.2, 3.0), (0.1, 2.0)):
+        assert judge(_pointed(5, 0.5, radius=radius, blur=blur)).shape == "star", (radius, blur)
 
 
 def test_blank_picture_has_no_shape() -> None:

@@ -8,9 +8,10 @@
   its centre (named by thirds: left/right third first, then top/bottom, else center) and its area fraction
   (small/large);
 * the shape, from simple moments of that region: solidity (area over convex-hull area), the fill ratio of
-  its bounding box and the circularity of the hull (4*pi*A/P^2), with thresholds that hold for sharp edges
-  and for the demo model's soft ones (:func:`classify`); the hull's corner count (after a
-  Ramer-Douglas-Peucker simplification) is reported too.
+  its bounding box, the circularity of the hull (4*pi*A/P^2) and the number of its points (the peaks of the
+  outline's distance from the centre: a triangle's three corners, a star's five tips, the corners of its
+  convex hull), with thresholds that hold for sharp edges and for the demo model's soft ones
+  (:func:`classify`); the hull's corner count after a Ramer-Douglas-Peucker simplification is reported too.
 
 ``score(scene, verdict)`` says which of background/colour/shape/position/size were read back right.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, signal
 from scipy.spatial import ConvexHull, QhullError
 
 from imagen.devtools.shapes import BACKGROUNDS, COLOURS, RGB, SIZE_THRESHOLD, Scene
@@ -46,6 +47,20 @@ CIRCLE_CIRCULARITY = 0.965
 """From this circularity of its hull a convex, well-filled shape is a circle (0.98-0.99 drawn or soft);
 squares are at 0.79 drawn and 0.89-0.95 with soft corners."""
 
+DRAWN_STAR_SOLIDITY = 0.62
+"""The solidity of the drawn five-pointed star (inner radius half the outer: 5 R r sin 36 over the pentagon's
+5/2 R^2 sin 72). A three-pointed outline at least this solid is a triangle whose sides bow in (its inner
+radius is at least 0.31 of the outer; a straight-sided triangle's is 0.5, solidity 1): :func:`classify`."""
+
+POINT_PROMINENCE = 0.03
+"""A peak of the outline's radius counts as a point from this prominence, as a fraction of the mean radius:
+just above the pixels' own raggedness. Drawn shapes, sharp or soft, have their points at 0.11 or more (a small
+soft square's corners; a triangle's are at 0.45 or more) and no other peak from 0.03; a soft circle may show a
+few (its count is never used: only a non-convex shape's is)."""
+
+POINT_BINS = 72
+"""Angular bins (5 degrees each) of the outline's radius profile, smoothed over three."""
+
 CORNER_TOLERANCE = 0.08
 """Hull simplification tolerance, as a fraction of the shape's equivalent radius."""
 
@@ -65,6 +80,7 @@ class Verdict:
     solidity: float = 0.0
     circularity: float = 0.0
     corners: int = 0
+    points: int = 0
 
 
 def _nearest(rgb: FloatArray, palette: dict[str, RGB]) -> str:
@@ -126,12 +142,45 @@ def count_corners(hull_points: FloatArray, tolerance: float) -> int:
     return len(one) - 1 + len(two) - 1
 
 
-def classify(solidity: float, fill_ratio: float, circularity: float) -> str:
-    """The shape from its moments: stars are not convex; of the convex ones, triangles fill half their
-    bounding box, and circles are rounder than squares. The thresholds hold for sharp and for soft edges
-    (one-cell ramps, as the demo model draws), so the corner count, which soft corners blur, is not used."""
+def count_points(mask: npt.NDArray[np.bool_]) -> int:
+    """The points of a region's outline: peaks of its distance from the centroid around the full turn, with
+    a prominence of at least :data:`POINT_PROMINENCE` of the mean distance (a circle has none, a triangle 3,
+    a square 4, a star 5)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    outline = mask & ~ndimage.binary_erosion(mask)
+    oy, ox = np.nonzero(outline)
+    angle = np.arctan2(oy - cy, ox - cx)
+    radius = np.hypot(oy - cy, ox - cx) + 0.5
+    which = ((angle + math.pi) / (2 * math.pi) * POINT_BINS).astype(int) % POINT_BINS
+    profile = np.full(POINT_BINS, np.nan)
+    np.fmax.at(profile, which, radius)
+    seen = ~np.isnan(profile)
+    if not seen.any():
+        return 0
+    if not seen.all():  # a small region leaves some bins empty: fill them around the circle
+        bins = np.arange(POINT_BINS)
+        known = bins[seen]
+        profile = np.interp(
+            bins, np.concatenate([known - POINT_BINS, known, known + POINT_BINS]), np.tile(profile[seen], 3)
+        )
+    wrapped = np.concatenate([profile[-1:], profile, profile[:1]])
+    profile = np.convolve(wrapped, np.ones(3) / 3, mode="valid")
+    profile = profile / profile.mean()
+    # three turns, so that a peak at the seam and its prominence are seen whole; count the middle turn's
+    peaks, _ = signal.find_peaks(np.tile(profile, 3), prominence=POINT_PROMINENCE)
+    return int(np.count_nonzero((peaks >= POINT_BINS) & (peaks < 2 * POINT_BINS)))
+
+
+def classify(solidity: float, fill_ratio: float, circularity: float, points: int) -> str:
+    """The shape from its moments: stars are not convex, except that a non-convex outline with three points
+    (and at least as solid as a drawn star) is a triangle whose sides bow in; of the convex ones, triangles
+    fill half their bounding box, and circles are rounder than squares. The thresholds hold for sharp and
+    for soft edges (one-cell ramps, as the demo model draws); the point count decides only between a star
+    and a triangle with concave sides, where a soft small star may show four of its five points but never
+    three (``tests/test_shapes_judge.py``)."""
     if solidity < STAR_SOLIDITY:
-        return "star"
+        return "triangle" if points == 3 and solidity >= DRAWN_STAR_SOLIDITY else "star"
     if fill_ratio < TRIANGLE_FILL:
         return "triangle"
     if circularity < CIRCLE_CIRCULARITY:
@@ -204,10 +253,11 @@ def judge(image: Image.Image | npt.NDArray[np.generic]) -> Verdict:
     circularity = 4 * math.pi * hull_area / hull_perimeter**2
     radius = math.sqrt(area / math.pi)
     corners = count_corners(points[hull.vertices], CORNER_TOLERANCE * radius)
+    tips = count_points(mask)
     return Verdict(
         background=background,
         colour=colour,
-        shape=classify(solidity, area / bbox, circularity),
+        shape=classify(solidity, area / bbox, circularity, tips),
         position=position_word(cx, cy),
         size="large" if area_fraction > SIZE_THRESHOLD else "small",
         background_rgb=_as_rgb(background_rgb),
@@ -218,6 +268,7 @@ def judge(image: Image.Image | npt.NDArray[np.generic]) -> Verdict:
         solidity=solidity,
         circularity=circularity,
         corners=corners,
+        points=tips,
     )
 
 
