@@ -11,8 +11,8 @@ from imagen.devtools.train_demo import TrainingSettings, train_demo
 
 pytestmark = pytest.mark.slow
 
-TINY = TrainingSettings(scenes=64, steps=3, batch=4, warmup_steps=2, lora_steps=2, checkpoint_every=2,
-                        contact_prompts=2, threads=1)
+TINY = TrainingSettings(scenes=64, steps=3, batch=4, warmup_steps=2, lora_steps=2, ip_steps=3, ip_batch=4,
+                        checkpoint_every=2, contact_prompts=2, threads=1)
 
 
 @pytest.mark.timeout(900)  # 2 tiny runs of every phase: 2.5 min on a fast 2-core CPU, 4.7 on a slower one
