@@ -125,13 +125,16 @@ def test_registry_default_sampler_and_clip_skip(tmp_path: Path) -> None:
     assert np.array_equal(_image(engine, model="pony", scheduler="Euler", clip_skip=1), _image(engine))
 
 
-def test_registry_guidance_rescale(tmp_path: Path) -> None:
+def _engine_with_variant(tmp_path: Path, model_id: str, **settings: object) -> DiffusersEngine:
+    """An engine on the fixtures registry plus ``model_id``: its first model with ``settings`` changed."""
     registry = fixtures_registry()
     plain = registry.models[0]
-    rescaled = plain.model_copy(update={"id": "rescaled", "guidance_rescale": 0.7})
-    engine = DiffusersEngine(
-        registry.model_copy(update={"models": [plain, rescaled]}), engine_settings(tmp_path)
-    )
+    variant = plain.model_copy(update={"id": model_id, **settings})
+    return DiffusersEngine(registry.model_copy(update={"models": [plain, variant]}), engine_settings(tmp_path))
+
+
+def test_registry_guidance_rescale(tmp_path: Path) -> None:
+    engine = _engine_with_variant(tmp_path, "rescaled", guidance_rescale=0.7)
     (result,) = engine.generate(task(model="rescaled"), ProgressLog())
     assert result.extra_metadata["guidance_rescale"] == 0.7
     assert "guidance_rescale" not in engine.generate(task(), ProgressLog())[0].extra_metadata
@@ -147,12 +150,7 @@ def test_registry_guidance_rescale(tmp_path: Path) -> None:
 
 
 def test_registry_guidance_stop(tmp_path: Path) -> None:
-    registry = fixtures_registry()
-    plain = registry.models[0]
-    stopping = plain.model_copy(update={"id": "stopping", "guidance_stop": 0.5})
-    engine = DiffusersEngine(
-        registry.model_copy(update={"models": [plain, stopping]}), engine_settings(tmp_path)
-    )
+    engine = _engine_with_variant(tmp_path, "stopping", guidance_stop=0.5)
     (result,) = engine.generate(task(model="stopping", steps=8), ProgressLog())
     assert result.extra_metadata["guidance_stop"] == 0.5
     assert "guidance_stop" not in engine.generate(task(steps=8), ProgressLog())[0].extra_metadata
