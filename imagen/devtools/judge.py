@@ -11,7 +11,7 @@
   its bounding box, the circularity of the hull (4*pi*A/P^2) and the number of its points (the peaks of the
   outline's distance from the centre: a triangle's three corners, a star's five tips, the corners of its
   convex hull), with thresholds that hold for sharp edges and for the demo model's soft ones
-  (:func:`classify`); the hull's corner count after a Ramer-Douglas-Peucker simplification is reported too.
+  (:func:`classify`).
 
 ``score(scene, verdict)`` says which of background/colour/shape/position/size were read back right.
 """
@@ -61,9 +61,6 @@ few (its count is never used: only a non-convex shape's is)."""
 POINT_BINS = 72
 """Angular bins (5 degrees each) of the outline's radius profile, smoothed over three."""
 
-CORNER_TOLERANCE = 0.08
-"""Hull simplification tolerance, as a fraction of the shape's equivalent radius."""
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -79,7 +76,6 @@ class Verdict:
     fill_ratio: float = 0.0
     solidity: float = 0.0
     circularity: float = 0.0
-    corners: int = 0
     points: int = 0
 
 
@@ -100,46 +96,6 @@ def _largest_region(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     sizes[0] = 0
     result: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes))
     return result
-
-
-def _rdp(points: FloatArray, tolerance: float) -> list[int]:
-    """Indices kept by Ramer-Douglas-Peucker on an open polyline (first and last always kept)."""
-    keep = [0, len(points) - 1]
-    stack = [(0, len(points) - 1)]
-    while stack:
-        start, end = stack.pop()
-        if end - start < 2:
-            continue
-        a, b = points[start], points[end]
-        seg = b - a
-        length = float(np.hypot(seg[0], seg[1]))
-        inner = points[start + 1 : end] - a
-        if length == 0.0:
-            dist = np.hypot(inner[:, 0], inner[:, 1])
-        else:
-            dist = np.abs(seg[0] * inner[:, 1] - seg[1] * inner[:, 0]) / length
-        worst = int(np.argmax(dist))
-        if float(dist[worst]) > tolerance:
-            mid = start + 1 + worst
-            keep.append(mid)
-            stack.extend([(start, mid), (mid, end)])
-    return sorted(set(keep))
-
-
-def count_corners(hull_points: FloatArray, tolerance: float) -> int:
-    """Corners of a closed convex polygon (vertices in order) after simplification to ``tolerance``."""
-    n = len(hull_points)
-    if n <= 3:
-        return n
-    # split the closed ring at its two farthest-apart vertices and simplify both halves
-    first = 0
-    far = int(np.argmax(np.hypot(*(hull_points - hull_points[first]).T)))
-    first = int(np.argmax(np.hypot(*(hull_points - hull_points[far]).T)))
-    ring = np.roll(hull_points, -first, axis=0)
-    far = (far - first) % n
-    one = _rdp(ring[: far + 1], tolerance)
-    two = _rdp(np.vstack([ring[far:], ring[:1]]), tolerance)
-    return len(one) - 1 + len(two) - 1
 
 
 def count_points(mask: npt.NDArray[np.bool_]) -> int:
@@ -251,8 +207,6 @@ def judge(image: Image.Image | npt.NDArray[np.generic]) -> Verdict:
     hull_perimeter = float(hull.area) + 4.0
     solidity = area / hull_area
     circularity = 4 * math.pi * hull_area / hull_perimeter**2
-    radius = math.sqrt(area / math.pi)
-    corners = count_corners(points[hull.vertices], CORNER_TOLERANCE * radius)
     tips = count_points(mask)
     return Verdict(
         background=background,
@@ -267,7 +221,6 @@ def judge(image: Image.Image | npt.NDArray[np.generic]) -> Verdict:
         fill_ratio=area / bbox,
         solidity=solidity,
         circularity=circularity,
-        corners=corners,
         points=tips,
     )
 
