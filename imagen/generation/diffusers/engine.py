@@ -56,7 +56,7 @@ from imagen.generation.base import (
 )
 from imagen.generation.diffusers import acceleration
 from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
-from imagen.generation.diffusers.guidance import callback_inputs, guided_steps, stop_guidance
+from imagen.generation.diffusers.guidance import callback_inputs, guidance_stop, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
     attach_ip_adapter,
@@ -465,15 +465,6 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
-
-
-def guidance_stop(spec: ModelSpec, task: GenerationTask, ip_kwargs: dict[str, Any]) -> float | None:
-    """Where this job's guidance stops (a fraction of its steps), or None: guided to the end, as the model's
-    ``guidance_stop`` is 1, the job is not guided (scale at most 1), or it uses an IP-Adapter (whose image
-    embeddings the pipeline does not let a callback halve: :mod:`imagen.generation.diffusers.guidance`)."""
-    if spec.guidance_stop >= 1 or task.guidance_scale <= 1 or ip_kwargs:
-        return None
-    return spec.guidance_stop
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:

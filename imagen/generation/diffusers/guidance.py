@@ -18,9 +18,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagen.generation.base import GenerationTask
+from imagen.registry import ModelSpec
+
 HALVED_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents")
 """What the SDXL pipelines (txt2img, img2img, inpainting) hold twice under guidance, negative half first, and
 hand to ``callback_on_step_end`` when asked for them."""
+
+
+def guidance_stop(spec: ModelSpec, task: GenerationTask, ip_kwargs: dict[str, Any]) -> float | None:
+    """Where this job's guidance stops (a fraction of its steps), or None: guided to the end, as the model's
+    ``guidance_stop`` is 1, the job is not guided (scale at most 1), or it uses an IP-Adapter (whose image
+    embeddings the pipeline does not let a callback halve)."""
+    if spec.guidance_stop >= 1 or task.guidance_scale <= 1 or ip_kwargs:
+        return None
+    return spec.guidance_stop
 
 
 def guided_steps(stop: float, total: int) -> int:
