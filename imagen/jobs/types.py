@@ -133,6 +133,11 @@ class BackendHealth:
     queue_broker: str  # "embedded", "connected" or "disconnected"
     gpu_available: bool
     workers: tuple[WorkerHealth, ...] = ()  # the generation workers (embedded: one per slot)
+    # What /health turns into its status: a reason in ``unavailable`` means the service cannot take work now
+    # ("unavailable", 503); one in ``degraded`` means it takes work but something is wrong ("degraded").
+    # Each is a short sentence naming the cause, e.g. "outputs disk full (/data/outputs)".
+    unavailable: tuple[str, ...] = ()
+    degraded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
