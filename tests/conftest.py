@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from imagen.api.app import create_app
 from imagen.config import Settings
+from tests.latches import LATCH_DIR_ENV, Latches
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +110,17 @@ def execution_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def make_client(make_settings: Callable[..., Settings], execution_log: Path) -> Iterator[Callable[..., TestClient]]:
+def latches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Latches:
+    """Latches for ``hold NAME`` jobs; the folder reaches worker processes through the environment."""
+    found = Latches(tmp_path / "latches")
+    monkeypatch.setenv(LATCH_DIR_ENV, str(found.folder))
+    return found
+
+
+@pytest.fixture
+def make_client(
+    make_settings: Callable[..., Settings], execution_log: Path, latches: Latches
+) -> Iterator[Callable[..., TestClient]]:
     """An in-process API (with its real worker processes) built from setting overrides."""
     clients: list[TestClient] = []
 

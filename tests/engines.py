@@ -6,6 +6,7 @@
     "fatal"          fail in a way retrying cannot fix
     "crash-once"     SIGKILL its own process on the first attempt, succeed on the next
     "hang"           never return
+    "hold NAME"      report progress, then wait until the test releases latch NAME (tests/latches.py), then succeed
 Anything else succeeds at once. Each execution appends the prompt to $IMAGEN_TEST_EXECUTION_LOG.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from imagen.errors import FatalGenerationError
 from imagen.generation.base import NO_INPUTS, GeneratedImage, GenerationTask, InputImages, ProgressCallback
 from imagen.generation.test_pattern import TestPatternEngine
+from tests.latches import hold_until_released
 
 
 def _record(task: GenerationTask) -> int:
@@ -53,6 +55,9 @@ class ScriptedEngine(TestPatternEngine):
         elif command == "crash-once" and previous_runs == 0:
             progress("generation_gpu", 10)
             os.kill(os.getpid(), signal.SIGKILL)
+        elif command == "hold":
+            progress("generation_gpu", 1)
+            hold_until_released(words[1])
         elif command == "hang":
             progress("generation_gpu", 1)
             while True:

@@ -1,0 +1,59 @@
+"""Latches between a test and a job running in another process: the job holds until the test releases it.
+
+A test engine job ``hold NAME`` (tests/engines.py) marks ``NAME.started`` in ``$IMAGEN_TEST_LATCH_DIR``,
+then waits for ``NAME.release``. The test waits for the condition "the job is running" with
+:meth:`Latches.wait_started`, does what it needs while the job is certainly held, then :meth:`Latches.release`.
+No timing is assumed: the job holds for as long as the test wants (bounded, so a forgotten latch cannot hang
+a worker forever).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+LATCH_DIR_ENV = "IMAGEN_TEST_LATCH_DIR"
+HOLD_LIMIT_S = 600.0  # a test that never releases its latch still ends, with the job failing loudly
+
+
+def hold_until_released(name: str) -> None:
+    """In the job's process: say the job started, then wait for the test's release."""
+    folder = Path(os.environ[LATCH_DIR_ENV])
+    (folder / f"{name}.started").touch()
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not (folder / f"{name}.release").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"latch {name!r} was never released")
+        time.sleep(0.02)
+
+
+class Latches:
+    """The test's side: one folder of latches, passed to server and worker processes via the environment."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {LATCH_DIR_ENV: str(self.folder)}
+
+    def started(self, name: str) -> bool:
+        return (self.folder / f"{name}.started").exists()
+
+    def wait_started(self, name: str, timeout: float = 120.0) -> None:
+        """Wait until a ``hold NAME`` job is running (bounded: a generous limit, not a timing assumption)."""
+        deadline = time.monotonic() + timeout
+        while not self.started(name):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job 'hold {name}' did not start within {timeout} s")
+            time.sleep(0.02)
+
+    def release(self, name: str) -> None:
+        (self.folder / f"{name}.release").touch()
+
+    def reset(self, name: str) -> None:
+        """Forget a latch's marks, so the same name can hold a job again (after a restart, say)."""
+        for suffix in ("started", "release"):
+            (self.folder / f"{name}.{suffix}").unlink(missing_ok=True)
