@@ -200,7 +200,7 @@ class ServerProcess:
 
 @pytest.fixture
 def make_server(
-    tmp_path: Path, reference_registry: Path, execution_log: Path
+    tmp_path: Path, reference_registry: Path, execution_log: Path, latches: Latches
 ) -> Iterator[Callable[..., ServerProcess]]:
     servers: list[ServerProcess] = []
 
