@@ -57,7 +57,7 @@ class ScriptedEngine(TestPatternEngine):
             os.kill(os.getpid(), signal.SIGKILL)
         elif command == "hold":
             progress("generation_gpu", 1)
-            hold_until_released(words[1])
+            hold_until_released(words[1], lambda: progress("generation_gpu", 1))
         elif command == "hang":
             progress("generation_gpu", 1)
             while True:

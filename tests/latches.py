@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LATCH_DIR_ENV = "IMAGEN_TEST_LATCH_DIR"
 HOLD_LIMIT_S = 600.0  # a test that never releases its latch still ends, with the job failing loudly
 
 
-def hold_until_released(name: str) -> None:
-    """In the job's process: say the job started, then wait for the test's release."""
+def hold_until_released(name: str, still_wanted: Callable[[], None]) -> None:
+    """In the job's process: say the job started, then wait for the test's release.
+
+    ``still_wanted`` is called on every look at the latch: the job's progress callback, which raises once the
+    job is cancelled (a held job can be cancelled like a real one)."""
     folder = Path(os.environ[LATCH_DIR_ENV])
     (folder / f"{name}.started").touch()
     deadline = time.monotonic() + HOLD_LIMIT_S
+    looks = 0
     while not (folder / f"{name}.release").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"latch {name!r} was never released")
+        if looks % 10 == 0:  # a progress report every ~0.2 s, as a real engine's steps would come
+            still_wanted()
+        looks += 1
         time.sleep(0.02)
 
 

@@ -43,6 +43,20 @@ def imagen(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedPr
     )
 
 
+def _wait_until_following(running: subprocess.Popen[str]) -> str:
+    """The client's job id, once the client itself says it follows the running job (its own output, not the
+    server's state: a Ctrl-C before that line could land before the client is ready to cancel)."""
+    assert running.stderr is not None
+    first = running.stderr.readline()
+    assert first.startswith("job "), first
+    for _ in range(1000):  # one line per status change; the held job reports PROGRESS and stays there
+        line = running.stderr.readline()
+        assert line, "the client ended before following the job"
+        if line.startswith("PROGRESS"):
+            return first.split()[1]
+    raise AssertionError("the client never reported the job running")
+
+
 def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProcess, str], tmp_path: Path) -> None:
     process, key = server
     env = _env(IMAGEN_URL=process.url, IMAGEN_API_KEY=key)
@@ -76,15 +90,11 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
 
     # Ctrl-C while the job runs: the job is cancelled on the server, exit 130
     running = subprocess.Popen(
-        [sys.executable, "-m", "imagen", "generate", "sleep 20", "--steps", "100"],
+        [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert running.stderr is not None
-    line = running.stderr.readline()
-    assert line.startswith("job "), line
-    job = line.split()[1]
+    job = _wait_until_following(running)
     headers = {"Authorization": f"Bearer {key}"}
-    wait_for(lambda: httpx.get(f"{process.url}/status/{job}", headers=headers).json()["status"] == "PROGRESS")
     running.send_signal(signal.SIGINT)
     assert running.wait(timeout=30) == 130
     assert f"job {job} cancelled" in running.stderr.read()
@@ -144,12 +154,10 @@ def test_cli_generates_and_cancels_on_both_backends(job_system: Callable[..., An
         assert done.stdout.splitlines() == ["two-0.png  seed=5", "two-1.png  seed=6"]
         assert (tmp_path / "two-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         running = subprocess.Popen(
-            [sys.executable, "-m", "imagen", "generate", "sleep 20", "--steps", "100"],
+            [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert running.stderr is not None
-        job = running.stderr.readline().split()[1]
-        wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "PROGRESS")
+        job = _wait_until_following(running)
         running.send_signal(signal.SIGINT)
         assert running.wait(timeout=30) == 130
         assert wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "REVOKED")
