@@ -56,8 +56,7 @@ class ScriptedEngine(TestPatternEngine):
             progress("generation_gpu", 10)
             os.kill(os.getpid(), signal.SIGKILL)
         elif command == "hold":
-            progress("generation_gpu", 1)
-            hold_until_released(words[1], lambda: progress("generation_gpu", 1))
+            hold_until_released(words[1], lambda percent: progress("generation_gpu", percent))
         elif command == "hang":
             progress("generation_gpu", 1)
             while True:

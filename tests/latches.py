@@ -18,11 +18,13 @@ LATCH_DIR_ENV = "IMAGEN_TEST_LATCH_DIR"
 HOLD_LIMIT_S = 600.0  # a test that never releases its latch still ends, with the job failing loudly
 
 
-def hold_until_released(name: str, still_wanted: Callable[[], None]) -> None:
+def hold_until_released(name: str, report: Callable[[int], None]) -> None:
     """In the job's process: say the job started, then wait for the test's release.
 
-    ``still_wanted`` is called on every look at the latch: the job's progress callback, which raises once the
-    job is cancelled (a held job can be cancelled like a real one)."""
+    ``report(percent)`` is the job's progress: it is called with a rising percent (1 to 99, one more every
+    0.5 s, as a real engine's steps come) and raises once the job is cancelled, so a held job can be
+    cancelled like a real one. (The distributed worker looks for a cancel only when the progress changes: a
+    job held past 99 % can no longer be cancelled there, about 50 s after it started.)"""
     folder = Path(os.environ[LATCH_DIR_ENV])
     (folder / f"{name}.started").touch()
     deadline = time.monotonic() + HOLD_LIMIT_S
@@ -30,8 +32,8 @@ def hold_until_released(name: str, still_wanted: Callable[[], None]) -> None:
     while not (folder / f"{name}.release").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"latch {name!r} was never released")
-        if looks % 10 == 0:  # a progress report every ~0.2 s, as a real engine's steps would come
-            still_wanted()
+        if looks % 25 == 0:
+            report(min(99, 1 + looks // 25))
         looks += 1
         time.sleep(0.02)
 
