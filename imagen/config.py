@@ -45,6 +45,21 @@ class Settings(BaseSettings):
         description="Seconds an HTTP connection may stay idle, after a response or since it opened, or take to "
         "send a whole request head; then the server closes it (uvicorn `timeout_keep_alive`).",
     )
+    max_header_line_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Longest request line (method and URL) or header line a request may send; a longer one "
+        "gets 431 and the connection is closed, before more is read.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=4 * 1024,
+        description="Largest request head (request line and all headers); a larger one gets 431 and the "
+        "connection is closed, before more is read.",
+    )
+    max_headers: int = Field(
+        100, ge=10, description="Most header lines a request may send; one more gets 431 and the connection is closed."
+    )
     cors_origins: str | None = Field(
         None,
         description="Comma-separated origins that browsers may call the API from (`https://app.example.com`), "
@@ -69,6 +84,26 @@ class Settings(BaseSettings):
         description="With API keys: requests per minute per key; beyond that 429 (a key's "
         "`requests_per_minute` overrides it).",
     )
+    key_max_uploads: int = Field(
+        32,
+        ge=1,
+        description="Images sent to `POST /uploads` that one key may have kept at once (until they expire); "
+        "one more gets 429 (a key's `max_uploads` overrides it). Without keys: all callers together.",
+    )
+    key_max_upload_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of images sent to `POST /uploads` that one key may have kept at once (as sent; "
+        "until they expire); past it 429, or 413 for one image larger than that (a key's "
+        "`max_upload_bytes` overrides it). Without keys: all callers together.",
+    )
+    metrics_token: str | None = Field(
+        None,
+        min_length=16,
+        description="A secret (16+ characters) that opens `GET /metrics` as `Authorization: Bearer <token>`, "
+        "for a Prometheus scraper. Set, `/metrics` needs it (or an admin key). Unset: with keys, admin keys "
+        "only; without, open.",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="`json`: one JSON object per log line (for log shippers); `text`: plain lines."
     )
@@ -76,6 +111,21 @@ class Settings(BaseSettings):
     # --- files ------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where the job database and the caches live.")
     outputs_dir: Path = Field(Path("outputs"), description="Where generated PNGs are written and served from.")
+    outputs_max_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="Outputs retention: PNGs of the outputs folder older than this many seconds are deleted "
+        "(then `/image`, `/download` and `/outputs` answer 404 for them). Unset: kept for ever.",
+    )
+    outputs_max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Outputs retention: past this many bytes of PNGs in the outputs folder, the oldest are "
+        "deleted (the newest is always kept). Unset: no bound.",
+    )
+    outputs_sweep_s: float = Field(
+        60.0, gt=0, description="How often the outputs retention (when set) looks at the outputs folder."
+    )
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of the PNGs: 1 is several times faster than 6 for ~10% more bytes."
     )
@@ -97,6 +147,17 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(600.0, gt=0, description="A job running longer than this fails with a timeout.")
     result_ttl_s: float = Field(3600.0, gt=0, description="Seconds /status and /image keep a finished job.")
     workers: int = Field(1, ge=1, description="Embedded: generation worker processes (one job at a time each).")
+    database_busy_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description="Embedded: how long a request waits for the job database while another writer holds it "
+        "(then 503 with Retry-After). Worker slots and webhooks wait up to 30 s.",
+    )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="Cancel the job of an OpenAI or AUTOMATIC1111 request whose client went away (or that the "
+        "server's shutdown ended) before its image was answered: nobody else can fetch it.",
+    )
     worker_gpu: str | None = Field(
         None,
         description="Distributed worker: CUDA device index it uses (sets `CUDA_VISIBLE_DEVICES`); "
@@ -152,14 +213,21 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str | None = Field(
         None,
         description="Comma-separated host names, addresses and networks (`hooks.example.com,10.0.0.0/8`) "
-        "webhooks may be sent to. Unset: any host except link-local and cloud-metadata addresses (never "
-        "allowed).",
+        "webhooks may be sent to, internal ones (loopback, private...) included; `*` adds any public host. "
+        "Unset: any host whose addresses are public. Link-local and cloud-metadata addresses are never allowed.",
     )
     webhook_retry_s: float = Field(
         86400.0, gt=0, description="How long a `job.completed` webhook is retried after the job finished."
     )
     webhook_first_retry_s: float = Field(
         5.0, gt=0, description="Delay before the first retry of a webhook; it doubles (with jitter) up to 1 hour."
+    )
+    webhook_attempt_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="The whole of one webhook attempt (DNS, connection, request, the answer's headers), however "
+        "slowly the receiver answers; then the attempt has failed.",
     )
 
     # --- generation -------------------------------------------------------------------------

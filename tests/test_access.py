@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route
 from starlette.websockets import WebSocketDisconnect
 
-from imagen.access.keys import KeyFile, KeyRing, add_key, key_digest
-from imagen.api.access import KEY_INVALID, KEY_MISSING
+from imagen.access.keys import KeyFile, add_key, key_digest
+from imagen.api.access import KEY_INVALID, KEY_MISSING, METRICS_ADMIN_ONLY, METRICS_TOKEN_REQUIRED
 from imagen.api.app import create_app
 from tests.celery_support import shared_redis
 from tests.conftest import REPO, submit, wait_for, wait_status
@@ -76,6 +76,7 @@ class Row:
     owned: bool = False
     not_found: str | None = None
     public: bool = False  # no key needed
+    admin_only: bool = False  # every key but an admin one gets ``owner_status`` (403); an admin key gets 200
     body: dict[str, Any] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
     data: dict[str, str] | None = None  # form fields, with files
@@ -121,7 +122,7 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/docs"): Row("/docs", 200),
     ("GET", "/docs/oauth2-redirect"): Row("/docs/oauth2-redirect", 200),
     ("GET", "/redoc"): Row("/redoc", 200),
-    ("GET", "/metrics"): Row("/metrics", 200),
+    ("GET", "/metrics"): Row("/metrics", 403, admin_only=True),  # every key's activity: admin keys only
     # the web page and its files hold no data: the page asks for a key and sends it with its API calls
     ("GET", "/"): Row("/", 200, public=True),
     ("GET", "/ui"): Row("/ui/app.js", 200, public=True),  # the StaticFiles mount: any file under /ui/
@@ -199,8 +200,10 @@ def test_route_with_no_key_a_wrong_key_another_key_and_an_admin_key(
         assert other.json() == {"detail": row.not_found}
     else:
         assert other.status_code == row.owner_status
+    if row.admin_only:
+        assert owner.json() == other.json() == {"detail": METRICS_ADMIN_ONLY}
     admin = call(keyed_client, method, row, owners_job, keys.headers("admin"))
-    assert admin.status_code == row.owner_status, (template, admin.text[:300])
+    assert admin.status_code == (200 if row.admin_only else row.owner_status), (template, admin.text[:300])
     # the other key's attempt changed nothing (its cancel in particular)
     assert keyed_client.get(f"/status/{owners_job['job_id']}", headers=keys.headers("owner")).json()["status"] == (
         "SUCCESS"
@@ -217,6 +220,37 @@ def test_without_keys_everything_is_open_as_the_reference_says(client: TestClien
     done = wait_status(client, job_id, TERMINAL)
     assert client.get(f"/download/{done['result']['filename']}").status_code == 200
     assert client.get("/openapi.json").status_code == 200
+
+
+# -- /metrics: every key's activity, so admin keys and the scraper's token only ---------------------------
+METRICS_TOKEN = "scraper-" + "t" * 24
+
+
+def test_the_metrics_token_opens_metrics_and_nothing_else(make_client: Callable[..., TestClient], keys: Keys) -> None:
+    client = make_client(api_keys_file=keys.path, engine="test-pattern", metrics_token=METRICS_TOKEN)
+    scraper = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    scraped = client.get("/metrics", headers=scraper)
+    assert scraped.status_code == 200 and "imagen_jobs_waiting" in scraped.text
+    assert client.get("/metrics", headers=keys.headers("admin")).status_code == 200
+    refused = client.get("/metrics", headers=keys.headers("owner"))
+    assert refused.status_code == 403 and refused.json() == {"detail": METRICS_ADMIN_ONLY}
+    assert refused.headers["x-ratelimit-limit"]  # counted like any other answer to a key
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+    other_route = client.get("/models", headers=scraper)  # the token is not an API key
+    assert other_route.status_code == 401 and other_route.json() == {"detail": KEY_INVALID}
+
+
+def test_without_keys_metrics_stays_open(client: TestClient) -> None:
+    assert client.get("/metrics").status_code == 200
+
+
+def test_without_keys_a_metrics_token_still_closes_metrics(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(engine="test-pattern", metrics_token=METRICS_TOKEN)
+    missing = client.get("/metrics")
+    assert missing.status_code == 401 and missing.json() == {"detail": METRICS_TOKEN_REQUIRED}
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 200
+    assert client.get("/models").status_code == 200  # nothing else needs it
 
 
 # -- isolation and limits on both backends -----------------------------------------------------------
@@ -359,18 +393,6 @@ def test_a_key_added_while_the_server_runs_works_without_a_restart(
         wait_for(lambda: http.get("/models", headers={"Authorization": f"Bearer {second}"}).status_code == 200, 10)
         assert http.get("/models").status_code == 401
         assert http.get("/health").status_code == 200
-
-
-def test_a_broken_keys_file_keeps_the_keys_read_before(tmp_path: Path) -> None:
-    path = tmp_path / "keys.yaml"
-    key = add_key(path, "first")
-    ring = KeyRing(path, default_max_waiting=5, default_requests_per_minute=60)
-    caller = ring.identify(key)
-    assert caller is not None and caller.name == "first" and caller.max_waiting == 5
-    path.write_text("keys: [ {name: x, sha256: nothex} ]")
-    ring._checked_at = 0.0  # look at the file again now
-    assert ring.identify(key) == caller
-    assert ring.identify("imk_" + "x" * 43) is None
 
 
 def test_a_missing_keys_file_stops_the_start(make_client: Callable[..., TestClient], tmp_path: Path) -> None:

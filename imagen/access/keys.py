@@ -7,13 +7,15 @@ The file (``IMAGEN_API_KEYS_FILE``) holds no key, only each key's SHA-256::
         sha256: 5c1f...e9        # hex SHA-256 of the key's UTF-8 text
         max_waiting: 5           # optional: overrides IMAGEN_KEY_MAX_WAITING for this key
         requests_per_minute: 60  # optional: overrides IMAGEN_KEY_REQUESTS_PER_MINUTE
+        max_uploads: 10          # optional: overrides IMAGEN_KEY_MAX_UPLOADS
+        max_upload_bytes: 50000000  # optional: overrides IMAGEN_KEY_MAX_UPLOAD_BYTES
       - name: ops
         sha256: 0b7a...41
         admin: true              # sees and cancels every key's jobs and files
 
 ``imagen keys add NAME [--admin]`` appends an entry and prints the new key once. A running server reads the
-file again when it changes (checked at most once a second), so a new key works without a restart; a file
-that no longer parses keeps the keys last read (and says why in the log).
+file again when it changes (checked once a second), so a new key works without a restart; a removed key
+stops working, also when the file is deleted or the edit does not parse (``KeyRing`` says how).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ log = logging.getLogger("imagen.access")
 
 KEY_PREFIX = "imk_"  # recognisable in a leaked config or a secret scanner
 RELOAD_CHECK_S = 1.0
+COMPLAINT_REPEAT_S = 60.0  # a keys file that stays broken or missing is logged again this often
 
 
 class KeyEntry(BaseModel):
@@ -47,6 +50,8 @@ class KeyEntry(BaseModel):
     admin: bool = False
     max_waiting: int | None = Field(None, ge=1)
     requests_per_minute: int | None = Field(None, ge=1)
+    max_uploads: int | None = Field(None, ge=1)
+    max_upload_bytes: int | None = Field(None, ge=1024)
 
 
 class KeyFile(BaseModel):
@@ -61,6 +66,11 @@ class KeyFile(BaseModel):
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return cls()
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: Path) -> KeyFile:
+        """Parse the text of the file ``path``. Raises ``ValueError`` saying what is wrong."""
         try:
             document = yaml.safe_load(text) or {}
             parsed = cls.model_validate(document)
@@ -122,6 +132,9 @@ class Caller:
     admin: bool = False
     max_waiting: int | None = None  # None: no per-key limit
     requests_per_minute: int | None = None  # None: not rate limited
+    # Live uploads this key may keep (count, bytes); None: the server's IMAGEN_KEY_MAX_UPLOADS / _BYTES.
+    max_uploads: int | None = None
+    max_upload_bytes: int | None = None
 
     def owns(self, key_name: str | None) -> bool:
         """May this caller see (and cancel) a job or file of ``key_name`` (None: made by no known job)?"""
@@ -132,19 +145,44 @@ ANYONE = Caller(name="", admin=True)  # no keys configured: today's behaviour, e
 
 
 class KeyRing:
-    """The keys of the file, read again when it changes; ``identify`` a presented key in constant time."""
+    """The keys of the file, and who a presented key says the caller is.
+
+    ``identify`` reads memory only (it runs on the event loop, for every request). ``refresh`` reads the
+    file: blocking I/O, so the middleware runs it in a thread, at most once per ``RELOAD_CHECK_S`` (when
+    ``refresh_due`` says so). Each look hashes the whole content (the file is small): an edit that keeps
+    the size and the modification time (``cp -p``, ``rsync -t``) is noticed too.
+
+    What a look finds decides which keys work, failing closed for any key that may have been removed:
+
+    - a file that parses: exactly its keys;
+    - no file, or one that cannot be read: no key at all (every request is a 401) until it is back;
+    - a file that does not parse: of the keys last read, those whose SHA-256 still appears in its text
+      outside ``#`` comments keep working, with the rights last read; every other one stops at once (a
+      revoking edit with a typo still revokes). New keys and changed rights wait until the file parses.
+
+    The last two are logged at ERROR when they start, and again every ``COMPLAINT_REPEAT_S`` while they last.
+    """
 
     def __init__(self, path: Path, *, default_max_waiting: int, default_requests_per_minute: int) -> None:
         self.path = path
         self.default_max_waiting = default_max_waiting
         self.default_requests_per_minute = default_requests_per_minute
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._checked_at = 0.0
-        self._callers: list[tuple[bytes, Caller]] = []
+        self._due_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._checked_at = time.monotonic()
         if not path.is_file():
             raise ValueError(f"IMAGEN_API_KEYS_FILE={path} does not exist; create it with `imagen keys add NAME`")
-        self._load(KeyFile.read(path))  # a broken file stops the start
+        content = path.read_bytes()
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a valid API keys file: not UTF-8 text ({exc})") from exc
+        # a broken file stops the start
+        self._parsed: list[tuple[bytes, Caller]] = self._callers_of(KeyFile.parse(text, path))
+        self._callers = self._parsed  # what ``identify`` serves now
+        self._content_digest: bytes | None = hashlib.sha256(content).digest()
+        self._complaint: str | None = None  # why fewer keys than the file's work now, while that lasts
+        self._complained_at = 0.0
 
     def __len__(self) -> int:
         return len(self._callers)
@@ -152,7 +190,6 @@ class KeyRing:
     def identify(self, presented: str) -> Caller | None:
         """The caller whose key is ``presented``, or None. Every entry is compared (``hmac.compare_digest``
         on digests), so the time taken says nothing about which key, or how much of it, matched."""
-        self._reload_if_changed()
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         found: Caller | None = None
         for expected, caller in self._callers:
@@ -160,28 +197,54 @@ class KeyRing:
                 found = caller
         return found
 
-    def _reload_if_changed(self) -> None:
+    def refresh_due(self) -> bool:
+        """True, to one caller per ``RELOAD_CHECK_S``, when the file should be looked at again."""
         now = time.monotonic()
-        if now - self._checked_at < RELOAD_CHECK_S:
-            return
-        with self._lock:
+        with self._due_lock:
             if now - self._checked_at < RELOAD_CHECK_S:
-                return
+                return False
             self._checked_at = now
-            try:
-                stat = self.path.stat()
-                stamp = (stat.st_mtime_ns, stat.st_size)
-                if stamp != self._stamp:
-                    self._load(KeyFile.read(self.path), stamp)
-                    log.info("API keys read again from %s: %d key(s)", self.path, len(self._callers))
-            except (OSError, ValueError) as exc:
-                log.error("API keys file unreadable, keeping the %d key(s) read before: %s", len(self._callers), exc)
+            return True
 
-    def _load(self, keys: KeyFile, stamp: tuple[int, int] | None = None) -> None:
-        if stamp is None:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        self._callers = [
+    def refresh(self) -> None:
+        """Look at the file again and serve what it says (see the class). Blocking file I/O."""
+        with self._refresh_lock:
+            try:
+                content = self.path.read_bytes()
+            except OSError as exc:
+                self._callers, self._content_digest = [], None
+                self._complain(f"API keys file {self.path} is gone or unreadable ({exc}): every API key is refused")
+                return
+            digest = hashlib.sha256(content).digest()
+            if digest == self._content_digest:
+                if self._complaint is not None:
+                    self._complain(self._complaint)
+                return
+            self._content_digest = digest
+            try:
+                parsed = self._callers_of(KeyFile.parse(content.decode("utf-8"), self.path))
+            except ValueError as exc:  # UnicodeDecodeError included
+                named = _outside_comments(content.decode("utf-8", "replace")).lower()
+                self._callers = [(key, caller) for key, caller in self._parsed if key.hex() in named]
+                kept = {caller.name for _, caller in self._callers}
+                dropped = sorted(caller.name for _, caller in self._parsed if caller.name not in kept)
+                self._complain(
+                    f"API keys file {self.path} does not parse: only the {len(kept)} key(s) it still names work "
+                    f"(as last read); refused now: {', '.join(dropped) or 'none'}. {exc}"
+                )
+                return
+            self._parsed = self._callers = parsed
+            self._complaint = None
+            log.info("API keys read again from %s: %d key(s)", self.path, len(parsed))
+
+    def _complain(self, message: str) -> None:
+        now = time.monotonic()
+        if message != self._complaint or now - self._complained_at >= COMPLAINT_REPEAT_S:
+            log.error("%s", message)
+            self._complaint, self._complained_at = message, now
+
+    def _callers_of(self, keys: KeyFile) -> list[tuple[bytes, Caller]]:
+        return [
             (
                 bytes.fromhex(entry.sha256),
                 Caller(
@@ -189,8 +252,15 @@ class KeyRing:
                     admin=entry.admin,
                     max_waiting=entry.max_waiting or self.default_max_waiting,
                     requests_per_minute=entry.requests_per_minute or self.default_requests_per_minute,
+                    max_uploads=entry.max_uploads,
+                    max_upload_bytes=entry.max_upload_bytes,
                 ),
             )
             for entry in keys.keys
         ]
-        self._stamp = stamp
+
+
+def _outside_comments(text: str) -> str:
+    """The text without its ``#`` comments: no name or digest holds a ``#``, so cutting at the first one
+    can only hide a key (which then stops working), never keep one that was commented out."""
+    return "\n".join(line.partition("#")[0] for line in text.splitlines())

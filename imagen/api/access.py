@@ -7,6 +7,7 @@ AUTOMATIC1111 clients send it): the reference's routes, ``/docs``,
 route by route. A missing or unknown key gets 401 with ``WWW-Authenticate: Bearer``. A known key is counted
 against its requests per minute (429 past it, ``X-RateLimit-*`` headers on every answer), and the route finds
 the caller in ``request.state.caller`` (``deps.CallerDep``) to keep each key to its own jobs and files.
+``/metrics`` needs more: an admin key (403 for the others) or the metrics token (``METRICS_PATH``).
 
 Without keys, every request is ``ANYONE`` (sees everything, no limit): the reference's examples run as
 written.
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,6 +35,12 @@ OPEN_PATHS = frozenset({"/health", "/"})
 OPEN_PREFIXES = ("/ui/",)
 KEY_MISSING = "Clé API requise (en-tête Authorization: Bearer <clé>)"
 KEY_INVALID = "Clé API invalide"
+# /metrics shows every key's activity (jobs running, totals, workers' host:pid): with keys on, admin keys only;
+# IMAGEN_METRICS_TOKEN, when set, also opens it (to a Prometheus scraper) and, with keys off, is needed.
+METRICS_PATH = "/metrics"
+METRICS_ADMIN_ONLY = "Métriques réservées aux clés API d'administration (ou au jeton IMAGEN_METRICS_TOKEN)"
+METRICS_TOKEN_REQUIRED = "Jeton de métriques requis (en-tête Authorization: Bearer <jeton>)"
+METRICS_READER = Caller(name="")  # the metrics token: owns nothing, reaches /metrics only
 
 
 def too_many_requests(per_minute: int, retry_after_s: int) -> str:
@@ -56,15 +66,29 @@ def presented_key(headers: Headers) -> str | None:
 
 
 class AccessMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyRing | None, limiter: RateLimiter | None) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: KeyRing | None, limiter: RateLimiter | None, metrics_token: str | None = None
+    ) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
+        self.metrics_token = hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
+        if self.metrics_token is not None and scope["path"] == METRICS_PATH:
+            presented = presented_key(Headers(scope=scope))
+            if presented is not None and hmac.compare_digest(
+                hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(), self.metrics_token
+            ):
+                self._admit(scope, METRICS_READER)
+                await self.app(scope, receive, send)
+                return
+            if self.keys is None:
+                await _refuse(401, METRICS_TOKEN_REQUIRED, scope, receive, send)
+                return
         if self.keys is None:
             self._admit(scope, ANYONE)
             await self.app(scope, receive, send)
@@ -72,6 +96,8 @@ class AccessMiddleware:
         if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
+        if self.keys.refresh_due():  # the keys file is read in a thread, once a second, never on the loop
+            await run_in_threadpool(self.keys.refresh)
         presented = presented_key(Headers(scope=scope))
         caller = self.keys.identify(presented) if presented is not None else None
         if caller is None and scope["type"] == "websocket":  # none today; a later one is covered too
@@ -80,12 +106,7 @@ class AccessMiddleware:
             )
             return
         if caller is None:
-            response = JSONResponse(
-                {"detail": KEY_MISSING if presented is None else KEY_INVALID},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send)
+            await _refuse(401, KEY_MISSING if presented is None else KEY_INVALID, scope, receive, send)
             return
         extra_headers: dict[str, str] = {}
         if scope["type"] == "http" and self.limiter is not None and caller.requests_per_minute is not None:
@@ -101,6 +122,9 @@ class AccessMiddleware:
                     )
                     await response(scope, receive, send)
                     return
+        if scope["path"] == METRICS_PATH and not caller.admin:
+            await _refuse(403, METRICS_ADMIN_ONLY, scope, receive, send, extra_headers)
+            return
         self._admit(scope, caller)
         if not extra_headers:
             await self.app(scope, receive, send)
@@ -118,3 +142,13 @@ class AccessMiddleware:
     @staticmethod
     def _admit(scope: Scope, caller: Caller) -> None:
         scope.setdefault("state", {})["caller"] = caller
+
+
+async def _refuse(
+    status: int, detail: str, scope: Scope, receive: Receive, send: Send, headers: dict[str, str] | None = None
+) -> None:
+    """401 (with ``WWW-Authenticate: Bearer``) or 403, as JSON, before any route runs."""
+    challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    await JSONResponse({"detail": detail}, status_code=status, headers={**(headers or {}), **challenge})(
+        scope, receive, send
+    )

@@ -30,6 +30,7 @@ from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
+from imagen.outputs.retention import RetentionSweeper
 from imagen.registry import load_registry
 from imagen.webhooks.dispatcher import WebhookDispatcher
 
@@ -74,16 +75,21 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         return answer
 
     webhooks = WebhookDispatcher.from_settings(settings, read_status=read_status)
+    retention = RetentionSweeper.from_settings(settings)  # None unless IMAGEN_OUTPUTS_MAX_AGE_S/_BYTES is set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend.start()
         if webhooks is not None:
             webhooks.start()
+        if retention is not None:
+            retention.start()
         log.info("imagen %s ready: %d model(s), %d LoRA(s)", __version__, len(registry.models), len(registry.loras))
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             if webhooks is not None:
                 webhooks.stop()
             backend.stop()
@@ -116,7 +122,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     # stranger's body is never read).
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     limiter = RateLimiter.from_settings(settings) if keys is not None else None
-    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics_token=settings.metrics_token)
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
         app.add_middleware(
