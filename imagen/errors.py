@@ -24,6 +24,18 @@ class KeyQueueFullError(ImagenError):
         self.limit = limit
 
 
+class UploadQuotaError(ImagenError):
+    """An upload would take one API key (or, without keys, everyone together) past its quota of live uploads:
+    ``what`` is ``uploads`` (how many) or ``bytes`` (how many bytes). ``retry_after_s``: until the key's
+    oldest live upload expires (None when waiting cannot help: this one alone is over the byte quota)."""
+
+    def __init__(self, what: str, limit: int, retry_after_s: int | None) -> None:
+        super().__init__(f"upload quota reached: at most {limit} {what} kept at once")
+        self.what = what
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
 class BrokerUnavailableError(ImagenError):
     """The job broker (Redis) cannot be reached."""
 

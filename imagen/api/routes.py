@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from imagen.access.keys import Caller
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep, WebhooksDep
 from imagen.api.events import first_event_id, status_events
 from imagen.api.headers import generation_metadata_header
@@ -45,10 +46,12 @@ from imagen.api.schemas import (
     WorkerStatus,
 )
 from imagen.api.submission import InvalidRequest, prepare_job
+from imagen.config import Settings
+from imagen.errors import UploadQuotaError
 from imagen.generation.samplers import available_samplers
-from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image, to_png
+from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
 from imagen.inputs.sizes import recommended_sizes
-from imagen.jobs.types import JobRecord, JobState, Upload
+from imagen.jobs.types import JobRecord, JobState, Upload, UploadQuota
 from imagen.outputs.serving import resolve_servable
 
 JOB_NOT_FOUND = "Job ID non trouvé"
@@ -329,11 +332,42 @@ def schedulers() -> SchedulerList:
     return SchedulerList(schedulers=available_samplers())
 
 
+def upload_quota_reached(exc: UploadQuotaError) -> str:
+    """The French ``detail`` of an upload over its owner's quota (``exc.retry_after_s`` set)."""
+    kept = f"{exc.limit} conservées" if exc.what == "uploads" else f"{exc.limit} octets conservés"
+    return f"Quota d'images envoyées atteint ({kept} au plus à la fois), réessayez dans {exc.retry_after_s} s"
+
+
+def upload_larger_than_quota(limit: int) -> str:
+    return f"Image plus grande que le quota d'images envoyées ({limit} octets au plus)"
+
+
+def upload_quota(caller: Caller, settings: Settings) -> UploadQuota:
+    """The caller's quota of live uploads: its key's own, else the server's (also without keys)."""
+    return UploadQuota(
+        max_uploads=caller.max_uploads or settings.key_max_uploads,
+        max_bytes=caller.max_upload_bytes or settings.key_max_upload_bytes,
+    )
+
+
 @router.post(
     "/uploads",
     status_code=201,
     response_model=UploadResponse,
-    responses={413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."}},
+    responses={
+        413: {
+            "model": Detail,
+            "description": "Body larger than IMAGEN_MAX_BODY_BYTES, or an image larger than the upload quota "
+            "(IMAGEN_KEY_MAX_UPLOAD_BYTES or the key's own).",
+        },
+        429: {
+            "model": Detail,
+            "description": "Upload quota reached: as many uploads (IMAGEN_KEY_MAX_UPLOADS), or bytes of them "
+            "(IMAGEN_KEY_MAX_UPLOAD_BYTES), are kept for this key as it may have at once (or too many requests "
+            "this minute). Retry-After: when its oldest upload expires.",
+            "headers": _RETRY_AFTER,
+        },
+    },
 )
 def upload(
     file: Annotated[UploadFile, File(description="A PNG, JPEG or WebP image, at most 20 MB.")],
@@ -342,7 +376,8 @@ def upload(
     caller: CallerDep,
 ) -> UploadResponse:
     """Keep an image for later requests (`init_image`, `mask_image`, `ip_image`: `"upload:<upload_id>"`),
-    for IMAGEN_UPLOAD_TTL_S seconds. Checked now: a bad image is a 422 here, never a failed job later."""
+    for IMAGEN_UPLOAD_TTL_S seconds. Checked now: a bad image is a 422 here, never a failed job later. Kept
+    as sent (the bytes count against the key's upload quota), decoded again when a request names it."""
     data = file.file.read(MAX_IMAGE_BYTES + 1)
     try:
         checked = check_image(data)
@@ -352,12 +387,19 @@ def upload(
     stored = Upload(
         upload_id=uuid.uuid4().hex,
         key_name=caller.name,
-        png=to_png(checked.image),
+        data=data,
         width=checked.width,
         height=checked.height,
         expires_at=time.time() + settings.upload_ttl_s,
     )
-    backend.save_upload(stored)
+    try:
+        backend.save_upload(stored, upload_quota(caller, settings))
+    except UploadQuotaError as exc:
+        if exc.retry_after_s is None:
+            raise HTTPException(status_code=413, detail=upload_larger_than_quota(exc.limit)) from exc
+        raise HTTPException(
+            status_code=429, detail=upload_quota_reached(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from exc
     return UploadResponse(
         upload_id=stored.upload_id, width=stored.width, height=stored.height, expires_at=stored.expires_at
     )

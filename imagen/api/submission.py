@@ -216,7 +216,7 @@ class _RequestImages:
                         f"unknown or expired upload {value!r} (uploads are kept IMAGEN_UPLOAD_TTL_S seconds; "
                         "send it again with POST /uploads)"
                     )
-                return check_image(upload.png)
+                return check_image(upload.data)
             return check_image(decode_data_url(value))
         except BadImage as exc:
             self._errors.append(FieldError((field,), str(exc), value[:64] + ("…" if len(value) > 64 else "")))

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
 
 from imagen.jobs.changes import Watcher
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
 
 class JobBackend(ABC):
@@ -42,8 +42,10 @@ class JobBackend(ABC):
         this backend ever named it. Kept as long as the file may exist, not only while the job is kept."""
 
     @abstractmethod
-    def save_upload(self, upload: Upload) -> None:
-        """Keep an uploaded image until ``upload.expires_at`` (where every API replica can read it)."""
+    def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
+        """Keep an uploaded image until ``upload.expires_at`` (where every API replica can read it). With a
+        ``quota``: ``UploadQuotaError`` instead, and nothing kept, when it does not fit beside the live
+        uploads of ``upload.key_name`` (checked and stored in one atomic step)."""
 
     @abstractmethod
     def load_upload(self, upload_id: str) -> Upload | None:

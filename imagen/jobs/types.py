@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from imagen.errors import UploadQuotaError
 
 
 class JobState(enum.StrEnum):
@@ -47,10 +50,31 @@ class Upload:
 
     upload_id: str
     key_name: str
-    png: bytes  # checked, upright, alpha kept
+    # The file as it was sent (PNG, JPEG or WebP): checked when it arrived, checked and decoded again when a
+    # request names it. Kept as sent because that is its compact form: a photo re-encoded as PNG is ~4x.
+    data: bytes
     width: int
     height: int
     expires_at: float
+
+
+@dataclass(frozen=True)
+class UploadQuota:
+    """How much one owner (an API key; without keys, everyone together) may keep in live uploads at once."""
+
+    max_uploads: int
+    max_bytes: int
+
+    def check(self, live_uploads: int, live_bytes: int, size: int, oldest_expires_in_s: float | None) -> None:
+        """Raise ``UploadQuotaError`` if one more upload of ``size`` bytes does not fit beside the owner's live
+        ones (``oldest_expires_in_s``: when the first of them expires, which frees room)."""
+        retry_after = None if oldest_expires_in_s is None else max(1, math.ceil(oldest_expires_in_s))
+        if size > self.max_bytes:
+            raise UploadQuotaError("bytes", self.max_bytes, None)  # waiting cannot make it fit
+        if live_uploads + 1 > self.max_uploads:
+            raise UploadQuotaError("uploads", self.max_uploads, retry_after)
+        if live_bytes + size > self.max_bytes:
+            raise UploadQuotaError("bytes", self.max_bytes, retry_after)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,10 @@ it answers ``conflict`` and the caller reads again).
   it outlives the job record, as long as the image may be served.
 - A job's input images (img2img, inpainting, IP-Adapter reference) are fields ``input:<role>`` of its record:
   they live and expire with it, and ``get`` never reads them (it names the fields it reads).
-- ``imagen:upload:{id}`` hash: an image sent to ``POST /uploads``, with a Redis expiry at ``expires_at``.
+- ``imagen:upload:{id}`` hash: an image sent to ``POST /uploads``, as sent (field ``data``), with a Redis
+  expiry at ``expires_at``. ``imagen:uploads_of:{key_name}`` sorted set (upload ids by ``expires_at``) and
+  ``imagen:upload_sizes:{key_name}`` hash (upload id -> bytes) index the live uploads of a key for its quota
+  (``types.UploadQuota``); expired ids leave them at the key's next upload, and both expire with its last.
 - ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
 - ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
   A cancelled job (``lua/cancel.lua``) leaves the queue or this set at once, REVOKED: its worker learns it
@@ -65,7 +68,7 @@ from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.generation.base import INPUT_ROLES
 from imagen.jobs import fairness, stats
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
-from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -114,6 +117,14 @@ def job_key(job_id: str) -> str:
 
 def upload_key(upload_id: str) -> str:
     return f"{PREFIX}upload:{upload_id}"
+
+
+def uploads_index_key(key_name: str) -> str:
+    return f"{PREFIX}uploads_of:{key_name}"
+
+
+def upload_sizes_key(key_name: str) -> str:
+    return f"{PREFIX}upload_sizes:{key_name}"
 
 
 def lock_key(job_id: str) -> str:
@@ -314,25 +325,59 @@ class RedisJobStore:
         values = cast(list[bytes | None], self.client.hmget(job_key(job_id), fields))  # one round trip
         return {role: value for role, value in zip(INPUT_ROLES, values, strict=True) if value is not None}
 
-    def save_upload(self, upload: Upload) -> None:
-        ttl_ms = max(1, int((upload.expires_at - self.clock()) * 1000))
-        self.client.hset(
-            upload_key(upload.upload_id),
-            mapping={"key_name": upload.key_name, "png": upload.png, "width": upload.width,
-                     "height": upload.height, "expires_at": repr(upload.expires_at)},
-        )  # fmt: skip
-        self.client.pexpire(upload_key(upload.upload_id), ttl_ms)
+    def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
+        """Keep the upload until it expires, and index it under its owner; with a ``quota``, first check that it
+        fits beside the owner's live uploads (``UploadQuotaError``: nothing stored). The check reads the index
+        under ``WATCH`` and the write is one ``MULTI``: an upload of the same owner in between makes it read
+        again, so two at once never both pass the last free place."""
+        size = len(upload.data)
+        index, sizes = uploads_index_key(upload.key_name), upload_sizes_key(upload.key_name)
+        for _ in range(CONFLICT_RETRIES):
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(index, sizes)
+                    now = self.clock()
+                    live = cast(list[tuple[bytes, float]], pipe.zrangebyscore(index, f"({now!r}", "+inf",
+                                                                              withscores=True))  # fmt: skip
+                    expired = cast(list[bytes], pipe.zrangebyscore(index, "-inf", repr(now)))
+                    if quota is not None:
+                        counted = cast(list[bytes | None], pipe.hmget(sizes, [i for i, _ in live]) if live else [])
+                        oldest = live[0][1] - now if live else None
+                        quota.check(len(live), sum(int(value or 0) for value in counted), size, oldest)
+                    ttl_ms = max(1, int((upload.expires_at - now) * 1000))
+                    index_ttl_ms = max([ttl_ms, *(int((at - now) * 1000) + 1 for _, at in live)])
+                    pipe.multi()
+                    if expired:
+                        pipe.zrem(index, *expired)
+                        pipe.hdel(sizes, *expired)
+                    pipe.hset(
+                        upload_key(upload.upload_id),
+                        mapping={"key_name": upload.key_name, "data": upload.data, "width": upload.width,
+                                 "height": upload.height, "expires_at": repr(upload.expires_at)},
+                    )  # fmt: skip
+                    pipe.pexpire(upload_key(upload.upload_id), ttl_ms)
+                    pipe.zadd(index, {upload.upload_id: upload.expires_at})
+                    pipe.hset(sizes, upload.upload_id, size)
+                    pipe.pexpire(index, index_ttl_ms)
+                    pipe.pexpire(sizes, index_ttl_ms)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+        raise redis.RedisError(f"uploads of {upload.key_name!r}: the index kept changing while being read")
 
     def load_upload(self, upload_id: str) -> Upload | None:
-        fields = ["key_name", "png", "width", "height", "expires_at"]
+        # "png": the field's name before uploads were kept as sent (an upload of that time lives an hour).
+        fields = ["key_name", "data", "width", "height", "expires_at", "png"]
         values = cast(list[bytes | None], self.client.hmget(upload_key(upload_id), fields))
-        if any(value is None for value in values):
+        values[1] = values[1] if values[1] is not None else values.pop()
+        if any(value is None for value in values[:5]):
             return None
-        key_name, png, width, height, expires_at = cast(list[bytes], values)
+        key_name, data, width, height, expires_at = cast(list[bytes], values[:5])
         if float(expires_at) <= self.clock():
             return None
         return Upload(
-            upload_id=upload_id, key_name=key_name.decode(), png=png, width=int(width), height=int(height),
+            upload_id=upload_id, key_name=key_name.decode(), data=data, width=int(width), height=int(height),
             expires_at=float(expires_at),
         )  # fmt: skip
 

@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from imagen.private_files import private_database, private_folder
+
 
 class SqliteFile:
     def __init__(self, path: Path, schema: str) -> None:
         self.path = path
         self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)  # every key's prompts and uploads: 0700 (private_files.py)
         self.connection().executescript(schema)
+        private_database(path)  # 0600, and so are the -wal and -shm files SQLite makes after it
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (made on first use)."""
