@@ -34,7 +34,17 @@ from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, WorkerHealth
+from imagen.jobs.types import (
+    BackendHealth,
+    JobMetrics,
+    JobRecord,
+    JobState,
+    NewJob,
+    Submitted,
+    Upload,
+    UploadQuota,
+    WorkerHealth,
+)
 
 log = logging.getLogger("imagen.jobs")
 
@@ -148,9 +158,9 @@ class CeleryBackend(JobBackend):
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
-    def save_upload(self, upload: Upload) -> None:
+    def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
         try:
-            self.store.save_upload(upload)
+            self.store.save_upload(upload, quota)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 

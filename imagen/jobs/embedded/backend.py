@@ -22,7 +22,7 @@ from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload
+from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
 log = logging.getLogger("imagen.jobs")
 
@@ -89,8 +89,8 @@ class EmbeddedBackend(JobBackend):
     def output_owner(self, filename: str) -> str | None:
         return self.store.output_owner(filename)
 
-    def save_upload(self, upload: Upload) -> None:
-        self.store.save_upload(upload)
+    def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
+        self.store.save_upload(upload, quota)
 
     def load_upload(self, upload_id: str) -> Upload | None:
         return self.store.load_upload(upload_id)

@@ -11,6 +11,11 @@ here: the store reads the running job under an owner guard, asks the ``lifecycle
 a dead owner (``lifecycle.owner_is_dead``) go the same way, so a job that got a job_id always ends in
 SUCCESS or FAILURE (or REVOKED: ``cancel`` applies ``lifecycle.cancel_verdict`` the same way).
 
+Uploads (``POST /uploads``) are kept as sent, with their size: the owner's quota (``types.UploadQuota``) is
+checked in the transaction that stores one. The file runs with ``auto_vacuum = INCREMENTAL`` (an older file
+is converted once at start), so the space of expired jobs, their input images and expired uploads goes back
+to the file system when ``purge_expired`` deletes them; without it a SQLite file never shrinks.
+
 Every write that changes a job calls ``on_change(job_id)`` once it is committed: the API process's live
 streams (``jobs/changes.py``) hear of it there, whoever wrote it (a worker slot, the reaper, a route).
 """
@@ -18,6 +23,7 @@ streams (``jobs/changes.py``) hear of it there, whoever wrote it (a worker slot,
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -36,7 +42,9 @@ from imagen.jobs.lifecycle import (
     cancel_verdict,
     owner_is_dead,
 )
-from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
+
+log = logging.getLogger("imagen.jobs")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -75,21 +83,27 @@ CREATE TABLE IF NOT EXISTS job_inputs (
     png BLOB NOT NULL,
     PRIMARY KEY (job_id, role)
 );
--- Images sent to POST /uploads, until they expire.
+-- Images sent to POST /uploads, as sent (size: bytes of data), until they expire.
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
     key_name TEXT NOT NULL,
-    png BLOB NOT NULL,
+    data BLOB NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS uploads_by_key ON uploads (key_name, expires_at);
 """
 # Columns added since the first release, for databases created before them.
 ADDED_COLUMNS = {
     "denoising": "TEXT",  # JSON, written with each progress report
     "key_name": "TEXT NOT NULL DEFAULT ''",  # the API key that submitted the job ("": no keys configured)
 }
+
+# Pages the reaper's pass gives back to the file system at most (``incremental_vacuum``): a pass holds the
+# write lock while it moves pages, so a large backlog is returned over several passes (64 MiB each at 4 KiB).
+VACUUM_PAGES_PER_PASS = 16384
 
 RUNNING = (JobState.STARTED.value, JobState.PROGRESS.value)
 COLUMNS = (
@@ -122,6 +136,8 @@ class SqliteJobStore:
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        _upgrade_uploads(db)
+        _use_incremental_vacuum(db, path)
         self.stats = SqliteStats(path)  # outcome totals (jobs/stats.py), added after each ending write
 
     # -- API side ------------------------------------------------------------------------------
@@ -350,19 +366,31 @@ class SqliteJobStore:
         rows = self.file.connection().execute("SELECT role, png FROM job_inputs WHERE job_id = ?", (job_id,))
         return {str(row["role"]): bytes(row["png"]) for row in rows}
 
-    def save_upload(self, upload: Upload) -> None:
+    def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
+        """Keep the upload; with a ``quota``, first check (in the same transaction) that it fits beside its
+        owner's live uploads, else ``UploadQuotaError`` and nothing is stored."""
+        now = self.clock()
         with self.file.transaction(durable=True) as db:
+            if quota is not None:
+                count, total, oldest = db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(expires_at) FROM uploads "
+                    "WHERE key_name = ? AND expires_at > ?",
+                    (upload.key_name, now),
+                ).fetchone()
+                quota.check(int(count), int(total), len(upload.data), None if oldest is None else oldest - now)
             db.execute(
-                "INSERT INTO uploads (upload_id, key_name, png, width, height, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (upload.upload_id, upload.key_name, upload.png, upload.width, upload.height, upload.expires_at),
-            )
+                "INSERT INTO uploads (upload_id, key_name, data, width, height, expires_at, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (upload.upload_id, upload.key_name, upload.data, upload.width, upload.height, upload.expires_at,
+                 len(upload.data)),
+            )  # fmt: skip
 
     def load_upload(self, upload_id: str) -> Upload | None:
         """The upload, or None when unknown or expired."""
         row = (
             self.file.connection()
             .execute(
-                "SELECT upload_id, key_name, png, width, height, expires_at FROM uploads "
+                "SELECT upload_id, key_name, data, width, height, expires_at FROM uploads "
                 "WHERE upload_id = ? AND expires_at > ?",
                 (upload_id, self.clock()),
             )
@@ -371,11 +399,14 @@ class SqliteJobStore:
         if row is None:
             return None
         return Upload(
-            upload_id=row["upload_id"], key_name=row["key_name"], png=bytes(row["png"]), width=row["width"],
+            upload_id=row["upload_id"], key_name=row["key_name"], data=bytes(row["data"]), width=row["width"],
             height=row["height"], expires_at=row["expires_at"],
         )  # fmt: skip
 
     def purge_expired(self) -> int:
+        """Delete expired job records (with their input images) and uploads, then give the pages they held
+        back to the file system: the file shrinks (``auto_vacuum = INCREMENTAL``, and a checkpoint that
+        truncates the write-ahead log). The number of job records deleted."""
         now = self.clock()
         cutoff = now - self.result_ttl_s
         with self.file.transaction() as db:
@@ -384,7 +415,21 @@ class SqliteJobStore:
             )
             cursor = db.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
             db.execute("DELETE FROM uploads WHERE expires_at <= ?", (now,))
+        self.reclaim_space()
         return cursor.rowcount
+
+    def reclaim_space(self) -> int:
+        """Return up to ``VACUUM_PAGES_PER_PASS`` free pages to the file system; the number returned."""
+        db = self.file.connection()
+        free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        if free == 0:
+            return 0
+        # executescript steps the pragma to its end (``execute`` would free a single page).
+        db.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_PASS});")
+        # The pages leave the main file when the log is copied back into it; TRUNCATE also empties the log,
+        # which had grown by the pages just moved.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return free - int(db.execute("PRAGMA freelist_count").fetchone()[0])
 
     def close(self) -> None:
         self.stats.close()
@@ -410,3 +455,28 @@ def _record(row: sqlite3.Row) -> JobRecord:
         finished_at=row["finished_at"],
         key_name=row["key_name"],
     )
+
+
+def _upgrade_uploads(db: sqlite3.Connection) -> None:
+    """A database made before uploads were kept as sent: its ``png`` column holds PNG bytes, which are an
+    image as valid as any other, so they are kept under the new name and counted."""
+    present = {row["name"] for row in db.execute("PRAGMA table_info(uploads)")}
+    if "png" in present:
+        db.execute("ALTER TABLE uploads RENAME COLUMN png TO data")
+    if "size" not in present:
+        db.execute("ALTER TABLE uploads ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+        db.execute("UPDATE uploads SET size = LENGTH(data)")
+
+
+def _use_incremental_vacuum(db: sqlite3.Connection, path: Path) -> None:
+    """Make deleted rows give their space back (``purge_expired``). SQLite takes the mode only in a new
+    database or through one ``VACUUM``, which rewrites the file (once, on the first start after an upgrade:
+    it needs free disk space as large as the file, and time in proportion to it)."""
+    if int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:  # INCREMENTAL
+        return
+    size = path.stat().st_size if path.exists() else 0
+    if size > 16 * 1024 * 1024:
+        log.warning("%s: rewriting the database once (%d MB) so that expired data gives its space back", path,
+                    size // (1024 * 1024))  # fmt: skip
+    db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    db.execute("VACUUM")

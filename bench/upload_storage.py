@@ -1,0 +1,114 @@
+"""What one upload costs in storage, on each job backend (printed, not asserted).
+
+N photos' worth of noise (a JPEG at quality 80: noise is the worst case for any re-encoding) go through
+``POST /uploads`` of an in-process app. Embedded: the bytes the data folder (SQLite file, WAL and all) grew
+by, then what it holds once the uploads expired and the store's own sweep ran. Distributed: Redis
+``used_memory`` growth and ``MEMORY USAGE`` of one upload's key (a private redis-server; no worker needed).
+
+    .venv/bin/python bench/upload_storage.py [--uploads 3] [--size 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness import start_redis  # noqa: E402
+
+from imagen.api.app import create_app  # noqa: E402
+from imagen.config import Settings  # noqa: E402
+
+
+def noise_jpeg(size: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def settings(work: Path, **overrides: Any) -> Settings:
+    registry = work / "registry.yaml"
+    registry.write_text("models:\n  - id: sdxl-base\n    name: SDXL\n    path: m.safetensors\n    size: 64\n")
+    values: dict[str, Any] = {
+        "data_dir": work / "data", "outputs_dir": work / "outputs", "registry_path": registry,
+        "engine": "test-pattern", "key_max_upload_bytes": 1 << 40, "key_max_uploads": 1000,
+    }  # fmt: skip
+    values.update(overrides)
+    return Settings(**values)
+
+
+def post(client: Any, data: bytes) -> str:
+    answer = client.post("/uploads", files={"file": ("noise.jpg", data, "image/jpeg")})
+    assert answer.status_code == 201, answer.text[:300]
+    return str(answer.json()["upload_id"])
+
+
+def embedded(files: list[bytes], work: Path, ttl_s: float) -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app(settings(work, upload_ttl_s=ttl_s))
+    with TestClient(app) as client:
+        before = folder_bytes(work / "data")
+        for data in files:
+            post(client, data)
+        grown = folder_bytes(work / "data") - before
+        time.sleep(ttl_s)  # a benchmark may wait; the tests expire uploads through the store's clock instead
+        app.state.backend.store.purge_expired()
+        left = folder_bytes(work / "data") - before
+    sent = sum(map(len, files))
+    print(f"embedded: {len(files)} uploads, {sent} bytes sent; data folder grew by {grown} bytes "
+          f"({grown / sent:.2f}x); after expiry and the sweep: {left} bytes above the start")  # fmt: skip
+
+
+def distributed(files: list[bytes], work: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    redis_process, url = start_redis(work, appendonly=False)
+    try:
+        client = redis.Redis.from_url(url)
+        app = create_app(settings(work, broker_url=url))
+        with TestClient(app) as http:
+            before = int(client.info("memory")["used_memory"])
+            ids = [post(http, data) for data in files]
+            grown = int(client.info("memory")["used_memory"]) - before
+            one = int(client.memory_usage(f"imagen:upload:{ids[0]}") or 0)
+        sent = sum(map(len, files))
+        print(f"distributed: {len(files)} uploads, {sent} bytes sent; Redis used_memory grew by {grown} bytes "
+              f"({grown / sent:.2f}x); MEMORY USAGE of one upload: {one} bytes for {len(files[0])} sent "
+              f"({one / len(files[0]):.2f}x)")  # fmt: skip
+        client.close()
+    finally:
+        redis_process.terminate()
+        redis_process.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=3)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--ttl-s", type=float, default=3.0)
+    args = parser.parse_args()
+    files = [noise_jpeg(args.size, seed) for seed in range(args.uploads)]
+    print(f"{args.uploads} noise JPEGs of {args.size}x{args.size} at quality 80: {len(files[0])} bytes each")
+    embedded(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-embedded-")), args.ttl_s)
+    distributed(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-distributed-")))
+
+
+if __name__ == "__main__":
+    main()
