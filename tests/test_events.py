@@ -22,6 +22,7 @@ from imagen.generation.base import StepMeter
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
 from tests.celery_support import TEST_LOCK_TTL_S, CeleryCluster, RedisServer, shared_redis, start_celery_system
 from tests.conftest import ServerProcess, submit, wait_for, wait_status
+from tests.latches import Latches
 from tests.test_job_contract import job_system
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
@@ -90,12 +91,28 @@ def assert_well_formed(events: list[Event], client: TestClient, job_id: str) -> 
     assert events[-1].data == client.get(f"/status/{job_id}").json()
 
 
-def test_events_follow_a_job_from_pending_to_success(job_system: Callable[..., TestClient]) -> None:
+def read_in_background(client: TestClient, job_id: str, **options: Any) -> tuple[threading.Thread, list[Event]]:
+    """A stream read to its end in a thread; returns once the stream is connected (the feed watches it)."""
+    feed = client.app.state.backend.feed  # type: ignore[attr-defined]
+    watched_before = feed.watched()
+    events: list[Event] = []
+    reader = threading.Thread(target=lambda: events.extend(read_events(client, job_id, **options)))
+    reader.start()
+    wait_for(lambda: feed.watched() > watched_before)
+    return reader, events
+
+
+def test_events_follow_a_job_from_pending_to_success(
+    job_system: Callable[..., TestClient], latches: Latches
+) -> None:
     client = job_system()
-    blocker = submit(client, "sleep 1.5")
-    wait_status(client, blocker, {"PROGRESS"})
+    submit(client, "hold blocker")
+    latches.wait_started("blocker")
     job_id = submit(client, "sleep 1.0", steps=10)
-    events = read_events(client, job_id)
+    reader, events = read_in_background(client, job_id)  # connected while the job certainly waits
+    latches.release("blocker")
+    reader.join(timeout=60)
+    assert not reader.is_alive()
     assert_well_formed(events, client, job_id)
     states = [e.data["status"] for e in events]
     assert states[0] == "PENDING"
@@ -127,7 +144,7 @@ def test_step_meter_finds_the_step_from_the_percent_engines_report() -> None:
 
 def test_a_cancelled_job_ends_its_stream_with_revoked(job_system: Callable[..., TestClient]) -> None:
     client = job_system()
-    job_id = submit(client, "sleep 20", steps=10)
+    job_id = submit(client, "hold never-released", steps=10)
     wait_status(client, job_id, {"PROGRESS"})
     box: dict[str, list[Event]] = {}
     reader = threading.Thread(target=lambda: box.setdefault("events", read_events(client, job_id)))
@@ -141,16 +158,19 @@ def test_a_cancelled_job_ends_its_stream_with_revoked(job_system: Callable[..., 
 
 
 def test_reconnecting_with_last_event_id_gets_the_current_status_at_once(
-    job_system: Callable[..., TestClient],
+    job_system: Callable[..., TestClient], latches: Latches
 ) -> None:
     client = job_system()
-    job_id = submit(client, "sleep 2", steps=10)
+    job_id = submit(client, "hold job", steps=10)
     wait_status(client, job_id, {"PROGRESS"})
     first = read_events(client, job_id, stop_after=1)  # the client goes away after one event
     assert first[0].data["status"] == "PROGRESS"
-    again = read_events(client, job_id, last_event_id=str(first[0].id))
+    reader, again = read_in_background(client, job_id, last_event_id=str(first[0].id))
+    latches.release("job")
+    reader.join(timeout=60)
+    assert not reader.is_alive()
     assert again[0].id > first[0].id
-    assert again[0].data["status"] in {"PROGRESS", "SUCCESS"}
+    assert again[0].data["status"] == "PROGRESS"  # the job was still held when the client came back
     assert_well_formed(again, client, job_id)
     # Once finished: the terminal event at once, and the stream ends.
     final = read_events(client, job_id, last_event_id=str(again[-1].id))
@@ -190,11 +210,18 @@ def test_fifty_streams_on_one_job_all_get_the_terminal_event(job_system: Callabl
     wait_for(lambda: client.app.state.backend.feed.watched() == 0, timeout=5)  # every watcher gone
 
 
-def test_a_quiet_stream_gets_keep_alive_comments(job_system: Callable[..., TestClient]) -> None:
+def test_a_quiet_stream_gets_keep_alive_comments(
+    job_system: Callable[..., TestClient], latches: Latches
+) -> None:
     client = job_system(events_ping_s=0.2)
-    job_id = submit(client, "sleep 1.5", steps=10)
+    job_id = submit(client, "hold quiet", steps=10)
+    comments: list[str] = []
     with client.stream("GET", f"/events/{job_id}") as response:
-        comments = [line for line in response.iter_lines() if line.startswith(":")]
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments.append(line)
+                if len(comments) == 3:  # pings came while the job was held; now let it end the stream
+                    latches.release("quiet")
     assert len(comments) >= 3, comments
 
 
@@ -208,17 +235,15 @@ def test_streams_outlive_a_lost_redis_subscription(
     """The API's pub/sub connection is killed mid-job: the listener subscribes again and the stream goes on
     (without it, the stream would only learn the end at its next resync, 30 s later)."""
     client = start_celery_system(shared_redis, tmp_path, reference_registry, make_client, request)()
-    job_id = submit(client, "sleep 3", steps=10)
+    latches = request.getfixturevalue("latches")
+    job_id = submit(client, "hold job", steps=10)
     wait_status(client, job_id, {"PROGRESS"})
-    box: dict[str, list[Event]] = {}
-    reader = threading.Thread(target=lambda: box.setdefault("events", read_events(client, job_id)))
-    reader.start()
-    feed = client.app.state.backend.feed
-    wait_for(lambda: feed.watched() == 1)
+    reader, events = read_in_background(client, job_id)
     assert shared_redis.client().client_kill_filter(_type="pubsub") >= 1
+    latches.release("job")  # the job ends only after the subscription was lost
     reader.join(timeout=10)
     assert not reader.is_alive(), "the stream missed the job's end"
-    assert box["events"][-1].data["status"] == "SUCCESS"
+    assert events[-1].data["status"] == "SUCCESS"
 
 
 async def follow_raw(port: int, job_id: str) -> bytes:

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from tests.celery_support import RedisServer, shared_redis, start_celery_system
 from tests.conftest import submit, wait_for, wait_status
+from tests.latches import Latches
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 RUNNING = {"STARTED", "PROGRESS"}
@@ -56,11 +57,12 @@ def test_job_runs_to_success_with_progress(job_system: Callable[..., TestClient]
     assert (tmp_path / "outputs" / done["result"]["filename"]).is_file()
 
 
-def test_position_is_the_place_in_the_queue(job_system: Callable[..., TestClient]) -> None:
+def test_position_is_the_place_in_the_queue(job_system: Callable[..., TestClient], latches: Latches) -> None:
     client = job_system()
-    blocker = submit(client, "sleep 2")
-    wait_status(client, blocker, RUNNING)
+    submit(client, "hold blocker")
+    latches.wait_started("blocker")
     messages = [client.post("/generate", json={"prompt": f"job {i}"}).json()["message"] for i in range(3)]
+    latches.release("blocker")
     assert messages == [f"Tâche en file d'attente. Position estimée: {n}" for n in (1, 2, 3)]
 
 
@@ -120,13 +122,14 @@ def test_timeout_fails_the_job_and_frees_the_worker(job_system: Callable[..., Te
 
 
 def test_worker_killed_mid_job_the_job_still_completes_once(
-    job_system: Callable[..., TestClient], tmp_path: Path
+    job_system: Callable[..., TestClient], tmp_path: Path, latches: Latches
 ) -> None:
     client = job_system()
-    job_id = submit(client, "sleep 3")
+    job_id = submit(client, "hold job")
     wait_status(client, job_id, {"PROGRESS"})
     (pid,) = worker_pids(client)
     os.kill(pid, signal.SIGKILL)
+    latches.release("job")  # the killed attempt made no image; the next one ends at once
     done = wait_status(client, job_id, TERMINAL, timeout=30)
     assert done["status"] == "SUCCESS"
     assert [p.name for p in (tmp_path / "outputs").glob("*.png")] == [done["result"]["filename"]]
