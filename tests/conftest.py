@@ -176,6 +176,7 @@ class ServerProcess:
             cwd=self.env.get("IMAGEN_TEST_CWD", str(REPO)),
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a service manager starts it
         )
         wait_for(self._ready, timeout=60, interval=0.05)
 
@@ -192,6 +193,14 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
+        self.process = None
+
+    def stop_group(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole process group (the API and its generation workers), as systemd's default stop
+        (``KillMode=control-group``) or ``kill -TERM -<pgid>`` does, and wait for the API to exit."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=60)
         self.process = None
 
     def client(self) -> httpx.Client:

@@ -1,7 +1,7 @@
 """The rules of a job's life, written once. Both stores apply them; neither restates them.
 
-- **The attempt policy**: what a failed attempt, a dead worker or a job past its timeout leads to
-  (back to the queue, or FAILURE with which text). Stores read a running job's record, ask
+- **The attempt policy**: what a failed attempt, a dead worker, a job past its timeout or a clean stop
+  leads to (back to the queue, or FAILURE with which text). Stores read a running job's record, ask
   :class:`AttemptPolicy` for a :class:`Verdict`, and apply it atomically under a guard (the owner is
   still the one they read). The SQLite store does so inside one transaction, the Redis store in a Lua
   script that receives the verdict as data: no copy of the rule in SQL or Lua.
@@ -25,6 +25,7 @@ HOSTNAME = socket.gethostname()
 
 # -- failure texts ---------------------------------------------------------------------------------
 WORKER_DIED = "worker died while running the job (killed or out of memory)"
+STOPPED_CLEANLY = "worker stopped cleanly; back in the queue"
 
 
 def timeout_text(timeout_s: float) -> str:
@@ -47,6 +48,9 @@ class Verdict:
 
     state: JobState  # PENDING (back in the queue) or FAILURE
     error: str
+    # False: the attempt does not count (its count goes back down): the worker stopped on purpose (SIGTERM,
+    # to it alone or to its whole process group), which says nothing about whether the job can pass.
+    counted: bool = True
 
     @property
     def requeue(self) -> bool:
@@ -69,6 +73,11 @@ class AttemptPolicy:
     def after_timeout(self) -> Verdict:
         """The attempt ran past ``timeout_s``: no retry (the next one would time out too)."""
         return Verdict(JobState.FAILURE, timeout_text(self.timeout_s))
+
+    @staticmethod
+    def after_clean_stop() -> Verdict:
+        """The worker was asked to stop (SIGTERM) and gave the job back: to the queue, the attempt uncounted."""
+        return Verdict(JobState.PENDING, STOPPED_CLEANLY, counted=False)
 
     def after_owner_lost(self, *, attempts: int, started_at: float | None, now: float) -> Verdict:
         """The worker running the job died (or went silent past its lease)."""

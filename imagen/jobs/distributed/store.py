@@ -617,11 +617,13 @@ class RedisJobStore:
                 verdict.error,
                 repr(self.clock()),
                 self._ttl_ms,
+                "1" if verdict.counted else "0",
             ],
         )
         if _text(answer) != "applied":
             return False
-        self._count(job_id, verdict)
+        if verdict.counted:  # a clean stop is no event of the job's: nothing to log or count
+            self._count(job_id, verdict)
         return True
 
     def claim(
@@ -779,6 +781,11 @@ class RedisJobStore:
         if not self._settle(job_id, seen, verdict, lock_guard="*"):
             return "lost"
         return "retry" if verdict.requeue else "failed"
+
+    def give_back(self, job_id: str, token: str) -> str:
+        """This worker stops (SIGTERM): the job goes back to its place in the queue, the attempt uncounted.
+        'retry', or 'lost' (no longer ours)."""
+        return self.end_attempt(job_id, token, AttemptPolicy.after_clean_stop())
 
     def fail(self, job_id: str, token: str, error: str) -> str:
         """FAILURE now (an error no retry can fix, or a timeout): 'failed' or 'lost'."""

@@ -19,6 +19,12 @@ A Redis error is never taken for an outcome: the body retries the call for a whi
 back to the broker (``Reject(requeue=True)``) rather than let Celery acknowledge a message whose job never
 started.
 
+SIGTERM to a pool child while it runs a job (a stop of the worker's whole process group: systemd's default
+``KillMode=control-group``, ``kill -TERM -<pgid>``; or Celery's cold shutdown) is a clean stop
+(:class:`StopRequests`): the engine is interrupted at once, the job goes back to its place in the queue with
+its attempt uncounted, and the message goes back to the broker. Without it the child would exit mid-job and
+the job would come back as a worker death, one attempt used.
+
 This module imports no Celery app (the app imports it) and no model code at import time.
 """
 
@@ -27,13 +33,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import redis
@@ -81,6 +90,73 @@ def retry_redis(what: str, call: Callable[[], T], within_s: float) -> T:
             log.warning("%s: Redis error (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, pause)
             time.sleep(pause)
             pause = min(2.0, pause * 2)
+
+
+class WorkerStopping(BaseException):
+    """SIGTERM reached this pool child while its engine ran a job. A ``BaseException``, like
+    ``KeyboardInterrupt``: an engine's ``except Exception`` never takes it for a failed generation."""
+
+
+class StopRequests:
+    """SIGTERM while a task body runs (``with StopRequests(...)``): a clean stop, not a death.
+
+    While the engine runs (:meth:`engine_running`) the signal raises :class:`WorkerStopping` at once (as
+    Celery's soft time limit raises its exception); elsewhere (a Redis call, recording the outcome) it is
+    only noted (``requested``) and the body acts on it at its next step, so no Redis reply is cut in half.
+    A SIGTERM once the job's time limit has passed is billiard's hard time limit killing a stuck child: it
+    is passed to the handler that was there before (the child exits, the job fails with its timeout).
+    """
+
+    def __init__(self, time_limit_s: float) -> None:
+        self.requested = False
+        self._interruptible = False
+        self._deadline = time.monotonic() + time_limit_s
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequests:
+        # Signal handlers belong to the main thread (a pool child runs its tasks there).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if time.monotonic() >= self._deadline and callable(self._previous):
+            self._previous(signum, frame)
+            return
+        self.requested = True
+        if self._interruptible:
+            self._interruptible = False
+            raise WorkerStopping
+
+    @contextmanager
+    def engine_running(self) -> Iterator[None]:
+        """The part that a SIGTERM interrupts at once."""
+        if self.requested:
+            raise WorkerStopping
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Inside :meth:`engine_running`: a Redis call a SIGTERM must not cut in half (it acts after it)."""
+        was = self._interruptible
+        self._interruptible = False
+        try:
+            yield
+        finally:
+            self._interruptible = was
+        if was and self.requested:
+            self._interruptible = False
+            raise WorkerStopping
 
 
 class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
@@ -188,6 +264,10 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # replaced): give it back untouched, with its whole time limit; the main process stops consuming
             # until the engine is ready (EngineGate).
             raise Reject(f"engine not loaded: {self.load_error or 'loading'}", requeue=True)
+        with StopRequests(self.settings.job_timeout_s) as stop:
+            self._run(engine, named_job_id, stop)
+
+    def _run(self, engine: Engine, named_job_id: str, stop: StopRequests) -> None:
         me = OwnerToken.new()
         token = str(me)
         ticket = str(self.request.id or named_job_id)
@@ -200,6 +280,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         while claim.outcome == "unconfirmed" and time.monotonic() < deadline:
             time.sleep(UNCONFIRMED_POLL_S)
             claim = self._claim_next(token, ticket, named_job_id)
+        if stop.requested and claim.outcome != "claimed":
+            raise Reject("worker stopping (SIGTERM)", requeue=True)
         if claim.outcome != "claimed":
             # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
             # delivery, a job cancelled while it waited, an extra message): drop it.
@@ -210,7 +292,12 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         retry_reason: str | None = None
         with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
             try:
-                result, png, more_pngs = self._generate(engine, job_id, token)
+                result, png, more_pngs = self._generate(engine, job_id, token, stop)
+            except WorkerStopping:
+                outcome = retry_redis(f"job {job_id}", lambda: self.store.give_back(job_id, token), OUTCOME_RETRY_S)
+                log.info("job %s: worker stopping (SIGTERM); %s", job_id,
+                         "back in the queue, attempt not counted" if outcome == "retry" else "no longer ours")
+                retry_reason = "worker stopping (SIGTERM)"
             except JobCancelled:
                 # REVOKED already (by the cancel itself); the message is acknowledged, no PNG was made.
                 log.info("job %s: REVOKED; stopped without an image", job_id)
@@ -284,17 +371,17 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise Reject(f"claim failed: {exc}", requeue=True) from exc
 
     def _generate(
-        self, engine: Engine, job_id: str, token: str
+        self, engine: Engine, job_id: str, token: str, stop: StopRequests
     ) -> tuple[dict[str, Any], bytes, dict[str, bytes]]:
         """Run the job here; its result, its first PNG and (num_images > 1) the others by file name."""
-        from imagen.generation.base import GenerationTask, StepMeter, denoising_steps
+        from imagen.generation.base import GenerationTask, JobProgress, StepMeter, denoising_steps
         from imagen.generation.runner import run_task
 
         record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
         stats.on_started(record)
         task = GenerationTask.from_dict(record.task)
-        meter = StepMeter(max(1, denoising_steps(task)))
+        meter, whole_job = StepMeter(max(1, denoising_steps(task))), JobProgress()
         last: list[tuple[str, int]] = []
 
         def progress(step: str, percent: int) -> None:
@@ -302,7 +389,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             if not last or last[-1] != value:
                 last[:] = [value]
                 try:
-                    outcome = self.store.report_progress(job_id, token, *value, meter(*value))
+                    with stop.shielded():
+                        outcome = self.store.report_progress(job_id, token, step, whole_job(*value), meter(*value))
                 except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
                     log.debug("job %s: progress not recorded: %s", job_id, exc)
                     return
@@ -311,21 +399,24 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
         def preview(step: int, jpeg: bytes) -> None:
             try:
-                self.store.publish_preview(job_id, step, jpeg)
+                with stop.shielded():
+                    self.store.publish_preview(job_id, step, jpeg)
             except redis.RedisError as exc:  # a preview is advisory too
                 log.debug("job %s: preview not published: %s", job_id, exc)
 
+        inputs = retry_redis(f"job {job_id}: inputs", lambda: self.store.job_inputs(job_id), OUTCOME_RETRY_S)
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
-        result = run_task(
-            engine,
-            task,
-            record.output_name,
-            self.scratch,
-            progress,
-            self.settings.png_compress_level,
-            preview,
-            retry_redis(f"job {job_id}: inputs", lambda: self.store.job_inputs(job_id), OUTCOME_RETRY_S),
-        )
+        with stop.engine_running():
+            result = run_task(
+                engine,
+                task,
+                record.output_name,
+                self.scratch,
+                progress,
+                self.settings.png_compress_level,
+                preview,
+                inputs,
+            )
         names = [image["filename"] for image in result.get("images", [])] or [record.output_name]
         pngs: dict[str, bytes] = {}
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from imagen.config import Settings
 from imagen.errors import JobCancelled
-from imagen.generation.base import GenerationTask, ProgressCallback, StepMeter, denoising_steps
+from imagen.generation.base import GenerationTask, JobProgress, ProgressCallback, StepMeter, denoising_steps
 from imagen.generation.loader import load_engine
 from imagen.generation.runner import classify_failure, run_task
 from imagen.jobs.embedded.messages import (
@@ -65,7 +65,11 @@ def _die_with_parent() -> None:
 
 def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and a stop of the whole process group (systemd's default ``KillMode=control-group``, ``kill -TERM
+    # -<pgid>``) are the API process's to handle: it stops this child itself and puts the running job back
+    # without counting an attempt. Dying here first would look like a crash and count one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings(**settings_data)
     configure_logging(settings.log_format)
 
@@ -86,11 +90,11 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     send(Ready(engine.device_info()))
 
     def progress_for(task: GenerationTask) -> ProgressCallback:
-        meter = StepMeter(max(1, denoising_steps(task)))
+        meter, whole_job = StepMeter(max(1, denoising_steps(task))), JobProgress()
 
         def progress(step: str, percent: int) -> None:
             percent = max(0, min(100, int(percent)))
-            send(Progress(step, percent, meter(step, percent)))
+            send(Progress(step, whole_job(step, percent), meter(step, percent)))
             while conn.poll():  # never blocks: a select() on the pipe
                 match conn.recv():
                     case Cancel():

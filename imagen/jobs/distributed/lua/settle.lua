@@ -1,8 +1,10 @@
 -- Apply a verdict (decided in Python by lifecycle.AttemptPolicy) to a running job, if the record is still
 -- what the caller read: same owner and attempts, and a lock as expected ('*': any, '': none, else its
--- holder). Returns 'applied' or 'conflict'.
+-- holder). Returns 'applied' or 'conflict'. An uncounted verdict (a clean stop) takes the attempt back and
+-- puts the job back at its own place in the queue (its submission's seq), not at the end.
 -- KEYS: job, lock, running, waiting, seq
--- ARGV: id, expected owner, expected attempts, lock guard, verdict state (PENDING|FAILURE), error, now, ttl_ms
+-- ARGV: id, expected owner, expected attempts, lock guard, verdict state (PENDING|FAILURE), error, now, ttl_ms,
+--       counted ('1' | '0')
 local id = ARGV[1]
 local state = redis.call('HGET', KEYS[1], 'state')
 if (state ~= 'STARTED' and state ~= 'PROGRESS')
@@ -15,7 +17,10 @@ redis.call('HSET', KEYS[1], 'state', ARGV[5], 'error', ARGV[6])
 redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress')
 redis.call('SREM', KEYS[3], id)
 redis.call('DEL', KEYS[2])
-if ARGV[5] == 'PENDING' then
+if ARGV[5] == 'PENDING' and ARGV[9] == '0' then
+  if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'seq') or redis.call('INCR', KEYS[5]), id)
+elseif ARGV[5] == 'PENDING' then
   redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), id)
 else
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[7])
