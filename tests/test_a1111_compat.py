@@ -66,7 +66,7 @@ def test_webuiapi_and_open_webui_on_both_backends(job_system: Callable[..., Test
 
         # interrupt: another key's interrupt leaves the job alone; the owner's cancels it
         answers: list[Any] = []
-        running = threading.Thread(target=lambda: answers.append(api.txt2img(prompt="sleep 20", steps=100)))
+        running = threading.Thread(target=lambda: answers.append(api.txt2img(prompt="hold never-released", steps=100)))
         running.start()
         progress = wait_for(lambda: (p := api.get_progress())["progress"] > 0 and p, timeout=30)
         assert progress["state"]["job_count"] == 1 and 0 < progress["progress"] < 1

@@ -26,6 +26,7 @@ from imagen.config import Settings
 from imagen.jobs.embedded.backend import EmbeddedBackend
 from imagen.jobs.types import JobRecord
 from tests.conftest import ServerProcess, free_port, wait_for, wait_status
+from tests.latches import Latches
 
 FILENAME = re.compile(r"^sdxl_base_\d{8}_\d{6}_[0-9a-f]{8}\.png$")
 
@@ -89,8 +90,8 @@ def test_null_seed_reports_the_seed_used_and_reproduces(client: TestClient) -> N
     assert client.get(f"/image/{first}").content == client.get(f"/image/{again}").content
 
 
-def test_image_is_202_while_queued_or_running(client: TestClient) -> None:
-    running = client.post("/generate", json={"prompt": "sleep 2", "steps": 10}).json()["job_id"]
+def test_image_is_202_while_queued_or_running(client: TestClient, latches: Latches) -> None:
+    running = client.post("/generate", json={"prompt": "hold running", "steps": 10}).json()["job_id"]
     queued = client.post("/generate", json={"prompt": "queued"}).json()["job_id"]
     wait_status(client, running, {"PROGRESS"})
     response = client.get(f"/image/{running}")
@@ -104,6 +105,7 @@ def test_image_is_202_while_queued_or_running(client: TestClient) -> None:
     assert waiting.status_code == 202
     assert waiting.json()["detail"]["state"] == "PENDING"
     assert client.get(f"/status/{queued}").json() == {"job_id": queued, "status": "PENDING", "result": None}
+    latches.release("running")
 
 
 def test_download_of_a_missing_file_is_404(client: TestClient) -> None:

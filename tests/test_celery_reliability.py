@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from imagen.api.app import BROKER_DOWN
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, celery_tool, live_workers, own_redis
 from tests.conftest import REPO, ServerProcess, submit, wait_for, wait_status
+from tests.latches import Latches
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
@@ -39,34 +40,39 @@ def owner_pid(cluster: CeleryCluster, job_id: str) -> int:
 
 @pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_worker_host_killed_mid_job_completes_on_another_worker_once(
-    celery_cluster: CeleryCluster, tmp_path: Path, execution_log: Path
+    celery_cluster: CeleryCluster, tmp_path: Path, execution_log: Path, latches: Latches
 ) -> None:
     cluster = celery_cluster
     cluster.settings = {"broker_visibility_timeout_s": 2.0}
     workers = [cluster.start_worker(), cluster.start_worker()]
     client = cluster.api()
-    job_id = submit(client, "sleep 3", steps=30)
+    job_id = submit(client, "hold job", steps=30)
     wait_status(client, job_id, {"PROGRESS"})
     running_child = owner_pid(cluster, job_id)
     (victim,) = [w for w in workers if running_child in w.children()]
     victim.kill()  # the whole worker (main process and pool child), as a host that dies
+    latches.release("job")  # the killed attempt made nothing; the next one ends at once
     done = wait_status(client, job_id, TERMINAL, timeout=30)
     assert done["status"] == "SUCCESS"
     assert [p.name for p in (tmp_path / "outputs").glob("*.png")] == [done["result"]["filename"]]
-    assert executions(execution_log, "sleep 3") == 2
+    assert executions(execution_log, "hold job") == 2
 
 
 @pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
-def test_job_longer_than_the_visibility_timeout_runs_once(celery_cluster: CeleryCluster, execution_log: Path) -> None:
+def test_job_longer_than_the_visibility_timeout_runs_once(
+    celery_cluster: CeleryCluster, execution_log: Path, latches: Latches
+) -> None:
     cluster = celery_cluster
     cluster.settings = {"broker_visibility_timeout_s": 0.5}
     workers = [cluster.start_worker(), cluster.start_worker()]
     client = cluster.api()
-    job_id = submit(client, "sleep 3", steps=30)
+    job_id = submit(client, "hold long", steps=30)
+    latches.wait_started("long")
+    # Held past the visibility timeout: Redis hands the message to the idle worker, whose lock check drops it.
+    wait_for(lambda: any("not run here (busy)" in worker.log() for worker in workers), timeout=60)
+    latches.release("long")
     assert wait_status(client, job_id, TERMINAL, timeout=30)["status"] == "SUCCESS"
-    assert executions(execution_log, "sleep 3") == 1
-    # Redis did hand the message to the idle worker; the job's lock made it drop the duplicate.
-    assert any("not run here (busy)" in worker.log() for worker in workers)
+    assert executions(execution_log, "hold long") == 1
     after = submit(client, "after the long job")
     assert wait_status(client, after, TERMINAL)["status"] == "SUCCESS"
 
