@@ -25,6 +25,7 @@ from imagen.jobs.embedded import backend as embedded_backend
 from imagen.jobs.embedded.backend import EmbeddedBackend
 from tests.conftest import submit, wait_for, wait_status
 from tests.engines import ScriptedEngine
+from tests.latches import Latches
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 MALFORMED_ENGINE = f"{__name__}:MalformedMessageEngine"
@@ -116,12 +117,17 @@ def test_malformed_message_from_the_child_retries_the_job_on_a_new_child(
 
 @pytest.mark.parametrize("method", ["report_progress", "complete", "heartbeat"])
 def test_database_locked_during_a_job_retries_it(
-    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str,
+    latches: Latches,
 ) -> None:
     client = make_client()
     raised = inject(monkeypatch, backend_of(client).store, method, locked())
-    # long enough for one heartbeat (every 2 s) when that is the method that fails
-    job_id = submit(client, "sleep 2.5" if method == "heartbeat" else "sleep 0.3", steps=10)
+    if method == "heartbeat":  # held until its heartbeat (every 2 s) has met the locked database
+        job_id = submit(client, "hold job", steps=10)
+        wait_for(lambda: raised == [1], timeout=60)
+        latches.release("job")
+    else:
+        job_id = submit(client, "sleep 0.3", steps=10)
     done = wait_status(client, job_id, TERMINAL, timeout=30)
     assert raised == [1]
     assert done["status"] == "SUCCESS"
