@@ -21,6 +21,7 @@ from imagen.generation.samplers import SAMPLER_NAMES
 from imagen.inputs.images import MAX_IMAGE_BYTES
 from tests.celery_support import shared_redis
 from tests.conftest import submit, wait_for, wait_status
+from tests.latches import Latches
 from tests.test_job_contract import job_system
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
@@ -200,10 +201,13 @@ def test_num_images_makes_one_job_with_several_files(job_system: Callable[..., T
     assert client.get(f"/image/{job_id}", params={"index": 3}).status_code == 404
 
 
-def test_img2img_progress_counts_the_steps_it_really_runs(job_system: Callable[..., TestClient]) -> None:
-    client = job_system()  # the scripted engine: "sleep 1" reports progress for 1 s
-    job_id = submit(client, "sleep 1", steps=20, strength=0.5, init_image=data_url(picture()))
+def test_img2img_progress_counts_the_steps_it_really_runs(
+    job_system: Callable[..., TestClient], latches: Latches
+) -> None:
+    client = job_system()  # the scripted engine: "hold" reports progress until released
+    job_id = submit(client, "hold job", steps=20, strength=0.5, init_image=data_url(picture()))
     running = wait_for(lambda: (body := client.get(f"/status/{job_id}").json()).get("meta", {}).get("total_steps")
                        and body)  # fmt: skip
+    latches.release("job")
     assert running["meta"]["total_steps"] == 10  # 20 steps × strength 0.5
     assert wait_status(client, job_id, TERMINAL)["status"] == "SUCCESS"

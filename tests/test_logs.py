@@ -71,7 +71,7 @@ def test_worker_logs_json_job_events(celery_cluster: CeleryCluster) -> None:
     worker = celery_cluster.start_worker()
     client: TestClient = celery_cluster.api()
     ok = submit(client, "quick")
-    cancelled = submit(client, "sleep 5", steps=50)
+    cancelled = submit(client, "hold never-released", steps=50)
     wait_status(client, ok, TERMINAL)
     wait_status(client, cancelled, {"PROGRESS"})
     client.post(f"/cancel/{cancelled}")

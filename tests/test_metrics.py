@@ -61,7 +61,7 @@ def test_metrics_count_what_happened(job_system: Callable[..., TestClient]) -> N
     jobs["failed"] = submit(client, "fatal")
     for name in ("ok", "retried", "failed"):
         wait_status(client, jobs[name], TERMINAL)
-    jobs["running"] = submit(client, "sleep 5", steps=50)
+    jobs["running"] = submit(client, "hold never-released", steps=50)
     wait_status(client, jobs["running"], {"PROGRESS"})
     jobs["waiting"] = submit(client, "never runs")
     assert client.post(f"/cancel/{jobs['waiting']}").status_code == 200
