@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from PIL import Image
 
 from imagen.generation.preview import MAX_PREVIEW_PX, encode_preview
 from tests.celery_support import shared_redis
-from tests.conftest import submit, wait_status
-from tests.test_events import Event, assert_status_shape, read_events
+from tests.conftest import submit
+from tests.latches import Latches
+from tests.test_events import assert_status_shape, read_in_background
 from tests.test_job_contract import job_system
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
@@ -39,17 +39,20 @@ def decode_preview(image: str) -> Image.Image:
     return decoded
 
 
-def test_streams_that_ask_get_preview_events_and_the_others_none(job_system: Callable[..., TestClient]) -> None:
+def test_streams_that_ask_get_preview_events_and_the_others_none(
+    job_system: Callable[..., TestClient], latches: Latches
+) -> None:
     client = job_system()
-    blocker = submit(client, "sleep 1.0")
-    wait_status(client, blocker, {"PROGRESS"})
+    submit(client, "hold blocker")
+    latches.wait_started("blocker")
     job_id = submit(client, "sleep 0.3", steps=10)  # previews after steps 5 and 10 (default setting)
-    with_previews: list[Event] = []
-    without: list[Event] = []
-    reader = threading.Thread(target=lambda: without.extend(read_events(client, job_id)))
-    reader.start()
-    with_previews.extend(read_events(client, job_id, preview=True))
-    reader.join(30)
+    # both streams connected while the job certainly waits: neither can miss a preview
+    reader, without = read_in_background(client, job_id)
+    with_reader, with_previews = read_in_background(client, job_id, preview=True)
+    latches.release("blocker")
+    for thread in (reader, with_reader):
+        thread.join(60)
+        assert not thread.is_alive()
 
     previews = [e for e in with_previews if e.name == "preview"]
     assert previews, [e.name for e in with_previews]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess, wait_for
+from tests.latches import Latches
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 
@@ -22,16 +23,18 @@ def _state(server: ServerProcess, job_id: str) -> str:
 @pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "killed"])
 def test_restart_runs_every_queued_job_exactly_once(
-    make_server: Callable[..., ServerProcess], execution_log: Path, tmp_path: Path, stop_signal: int
+    make_server: Callable[..., ServerProcess], execution_log: Path, tmp_path: Path, stop_signal: int,
+    latches: Latches,
 ) -> None:
     server = make_server()
     server.start()
     with server.client() as http:
-        running = http.post("/generate", json={"prompt": "sleep 3", "steps": 10}).json()["job_id"]
+        running = http.post("/generate", json={"prompt": "hold job", "steps": 10}).json()["job_id"]
         wait_for(lambda: _state(server, running) == "PROGRESS", timeout=30)
         queued = {http.post("/generate", json={"prompt": f"queued {i}"}).json()["job_id"]: f"queued {i}"
                   for i in range(4)}
     server.stop(stop_signal)
+    latches.release("job")  # stopped while held; after the restart it runs again and ends at once
 
     restarted = make_server()
     restarted.start()
@@ -45,6 +48,6 @@ def test_restart_runs_every_queued_job_exactly_once(
     for prompt in queued.values():
         assert runs.count(prompt) == 1, runs
     # the job that was running when the process stopped ran again, and still left exactly one image
-    assert runs.count("sleep 3") == 2
+    assert runs.count("hold job") == 2
     images = sorted(p.name for p in (tmp_path / "outputs").glob("*.png"))
     assert images == sorted(body["result"]["filename"] for body in results.values())
