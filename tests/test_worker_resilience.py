@@ -14,6 +14,7 @@ from kombu import Connection, Queue
 from imagen.jobs.distributed.app import ResilientRedisTransport
 from tests.celery_support import CeleryCluster, RedisServer, WorkerProcess, celery_cluster, celery_tool, own_redis
 from tests.conftest import submit, wait_for, wait_status
+from tests.latches import Latches
 
 TERMINAL = {"SUCCESS", "FAILURE"}
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
@@ -59,16 +60,18 @@ def test_a_worker_whose_engine_cannot_load_takes_no_job_and_health_says_why(cele
 
 
 def test_workers_survive_redis_out_of_memory_and_the_jobs_complete(
-    celery_cluster: CeleryCluster, execution_log: Path
+    celery_cluster: CeleryCluster, execution_log: Path, latches: Latches
 ) -> None:
     cluster = celery_cluster
     workers = [cluster.start_worker(), cluster.start_worker()]
     client = cluster.api()
-    before = [submit(client, f"sleep 1 before {i}", steps=10) for i in range(4)]
-    running = {"STARTED", "PROGRESS"}
-    wait_for(lambda: sum(client.get(f"/status/{job}").json()["status"] in running for job in before) == 2)
+    before = [submit(client, f"hold before-{i}", steps=10) for i in range(4)]
+    latches.wait_started("before-0")
+    latches.wait_started("before-1")
     admin = cluster.redis.client()
     admin.config_set("maxmemory", 1)  # every write is refused from now on: OutOfMemoryError
+    for i in range(4):
+        latches.release(f"before-{i}")  # the two running jobs end into the refusal
     try:
         refused = client.post("/generate", json={"prompt": "while Redis is full"})
         assert refused.status_code == 503, refused.text
