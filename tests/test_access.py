@@ -33,6 +33,7 @@ from tests.test_job_contract import job_system
 
 __all__ = ["job_system", "shared_redis"]  # fixtures (job_system runs a test on both backends)
 
+HELD = "hold never-released"  # a job that runs until cancelled (tests/latches.py)
 JOB_NOT_FOUND = "Job ID non trouvé"
 PNG = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS\xde"
@@ -282,7 +283,7 @@ def test_another_key_cannot_cancel_a_waiting_job(
     keys: Keys,
 ) -> None:
     client = job_system(api_keys_file=str(keys.path))
-    blocker = client.post("/generate", json={"prompt": "sleep 2"}, headers=keys.headers("owner")).json()["job_id"]
+    blocker = client.post("/generate", json={"prompt": HELD}, headers=keys.headers("owner")).json()["job_id"]
     waiting = client.post("/generate", json={"prompt": "after"}, headers=keys.headers("owner")).json()["job_id"]
     refused = client.post(f"/cancel/{waiting}", headers=keys.headers("other"))
     assert refused.status_code == 404 and refused.json() == {"detail": JOB_NOT_FOUND}
@@ -295,7 +296,7 @@ def test_a_key_past_its_waiting_limit_gets_429_while_others_still_submit(
     keys: Keys,
 ) -> None:
     client = job_system(api_keys_file=str(keys.path), key_max_waiting=2)
-    blocker = client.post("/generate", json={"prompt": "sleep 3"}, headers=keys.headers("owner")).json()["job_id"]
+    blocker = client.post("/generate", json={"prompt": HELD}, headers=keys.headers("owner")).json()["job_id"]
     wait_for(lambda: client.get(f"/status/{blocker}", headers=keys.headers("owner")).json()["status"] != "PENDING")
     for _ in range(2):
         assert client.post("/generate", json={"prompt": "w"}, headers=keys.headers("owner")).status_code == 201
