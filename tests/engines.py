@@ -7,6 +7,7 @@
     "crash-once"     SIGKILL its own process on the first attempt, succeed on the next
     "hang"           never return
     "hold NAME"      report progress, then wait until the test releases latch NAME (tests/latches.py), then succeed
+    "phases A B"     the steps as the diffusers engine reports them, held denoising (latch A), then decoding (B)
 Anything else succeeds at once. Each execution appends the prompt to $IMAGEN_TEST_EXECUTION_LOG.
 """
 
@@ -57,6 +58,11 @@ class ScriptedEngine(TestPatternEngine):
             os.kill(os.getpid(), signal.SIGKILL)
         elif command == "hold":
             hold_until_released(words[1], lambda percent: progress("generation_gpu", percent))
+        elif command == "phases":
+            hold_until_released(words[1], lambda percent: progress("generation_gpu", percent))
+            progress("generation_gpu", 100)
+            hold_until_released(words[2], lambda _: progress("decoding", 0))
+            progress("decoding", 100)
         elif command == "hang":
             progress("generation_gpu", 1)
             while True:

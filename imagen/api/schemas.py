@@ -246,7 +246,9 @@ class Detail(BaseModel):
 class Progress(BaseModel):
     step: str = Field(description="queued, starting, loading_model, loading_loras, encoding_prompt, "
                       "generation_gpu, decoding or saving.")
-    progress: int = Field(ge=0, le=100)
+    progress: int = Field(
+        ge=0, le=100, description="The whole job's percent: never goes back when the step changes (denoising is 10-90)."
+    )
     # While denoising only (step generation_gpu):
     current_step: int | None = Field(None, ge=0, description="Denoising steps done.")
     total_steps: int | None = Field(None, ge=1, description="Denoising steps in all (the request's steps).")

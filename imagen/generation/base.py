@@ -28,6 +28,18 @@ STEP_GENERATION = "generation_gpu"
 STEP_DECODING = "decoding"
 STEP_SAVING = "saving"
 
+# Where each step lies on the whole job's 0-100 scale (``meta.progress``), in the order engines go through
+# them; a report's own percent (of that step's work) moves the job across the step's band. Denoising is
+# nearly all of a job's time.
+PROGRESS_BANDS: dict[str, tuple[int, int]] = {
+    STEP_LOADING_MODEL: (0, 5),
+    STEP_LOADING_LORAS: (5, 8),
+    STEP_ENCODING_PROMPT: (8, 10),
+    STEP_GENERATION: (10, 90),
+    STEP_DECODING: (90, 98),
+    STEP_SAVING: (98, 100),
+}
+
 
 @dataclass(frozen=True)
 class LoraChoice:
@@ -185,6 +197,23 @@ PreviewCallback = Callable[[int, bytes], None]
 # progress(step_name, percent 0-100). It raises ``imagen.errors.JobCancelled`` once the job is cancelled:
 # engines call it at least once per denoising step and let that exception pass.
 ProgressCallback = Callable[[str, int], None]
+
+
+class JobProgress:
+    """``meta.progress``: one number for the whole job, 0-100, that never goes back (a progress bar reads it;
+    ``meta.step`` says which step runs), from the reports engines make, each a percent of its own step
+    (``PROGRESS_BANDS``). A step name with no band (an engine's own) leaves the number where it is. One per
+    attempt: both job backends turn each report into this number before they store it."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __call__(self, step: str, percent: int) -> int:
+        band = PROGRESS_BANDS.get(step)
+        if band is not None:
+            low, high = band
+            self.value = max(self.value, low + (high - low) * max(0, min(100, percent)) // 100)
+        return self.value
 
 
 class StepMeter:

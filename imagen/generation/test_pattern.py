@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagen.generation.base import (
     NO_INPUTS,
+    STEP_DECODING,
     STEP_GENERATION,
     STEP_LOADING_MODEL,
     DeviceInfo,
@@ -49,8 +50,7 @@ class TestPatternEngine(Engine):
         else:
             width, height = native, native
         progress(STEP_LOADING_MODEL, 0)
-        images: list[GeneratedImage] = []
-        tiles = []
+        tiles, drawn = [], []
         for index in range(task.num_images):
             alone = task if task.num_images == 1 else replace(task, seed=task.seed + index, num_images=1)
             digest = hashlib.sha256(repr(sorted(alone.as_dict().items())).encode()).digest()
@@ -58,11 +58,7 @@ class TestPatternEngine(Engine):
             tile = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
             tiles.append(tile)
             scale_y, scale_x = -(-height // tile.shape[0]), -(-width // tile.shape[1])
-            pixels = np.ascontiguousarray(tile.repeat(scale_y, axis=0).repeat(scale_x, axis=1)[:height, :width])
-            image = Image.fromarray(pixels, "RGB")
-            images.append(
-                GeneratedImage(image=image, extra_metadata={"width": width, "height": height}, pixels=pixels)
-            )
+            drawn.append(np.ascontiguousarray(tile.repeat(scale_y, axis=0).repeat(scale_x, axis=1)[:height, :width]))
         steps = denoising_steps(task)
         step_seconds = self.settings.test_pattern_seconds / max(1, steps)
         preview = self.preview
@@ -73,4 +69,15 @@ class TestPatternEngine(Engine):
             remaining = start + (step + 1) * step_seconds - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
+        progress(STEP_GENERATION, 100)
+        # The steps a real engine reports after denoising, in its order (the pixels were drawn above, within
+        # the time the job takes)
+        progress(STEP_DECODING, 0)
+        images = [
+            GeneratedImage(
+                image=Image.fromarray(pixels, "RGB"), extra_metadata={"width": width, "height": height}, pixels=pixels
+            )
+            for pixels in drawn
+        ]
+        progress(STEP_DECODING, 100)
         return images

@@ -61,7 +61,7 @@ class WorkerReport:
 @dataclass(frozen=True)
 class Progress:
     step: str
-    percent: int  # 0..100
+    percent: int  # 0..100 of the whole job (``JobProgress``): ``meta.progress``
     denoising: dict[str, Any] | None = None  # while denoising: ``StepMeter``'s current_step, total_steps, eta_s
 
 
