@@ -3,14 +3,16 @@
 N photos' worth of noise (a JPEG at quality 80: noise is the worst case for any re-encoding) go through
 ``POST /uploads`` of an in-process app. Embedded: the bytes the data folder (SQLite file, WAL and all) grew
 by, then what it holds once the uploads expired and the store's own sweep ran. Distributed: Redis
-``used_memory`` growth and ``MEMORY USAGE`` of one upload's key (a private redis-server; no worker needed).
+``used_memory`` growth and ``MEMORY USAGE`` of one upload's key (a private redis-server; no worker runs), then
+what a queued job takes in Redis, without and with an input image.
 
-    .venv/bin/python bench/upload_storage.py [--uploads 3] [--size 4096]
+    .venv/bin/python bench/upload_storage.py [--uploads 3] [--size 4096] [--queued-jobs 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import sys
 import tempfile
@@ -47,7 +49,7 @@ def settings(work: Path, **overrides: Any) -> Settings:
     registry.write_text("models:\n  - id: sdxl-base\n    name: SDXL\n    path: m.safetensors\n    size: 64\n")
     values: dict[str, Any] = {
         "data_dir": work / "data", "outputs_dir": work / "outputs", "registry_path": registry,
-        "engine": "test-pattern", "key_max_upload_bytes": 1 << 40, "key_max_uploads": 1000,
+        "engine": "test-pattern", "key_max_upload_bytes": 1 << 40, "key_max_uploads": 1000, "max_queue": 1000,
     }  # fmt: skip
     values.update(overrides)
     return Settings(**values)
@@ -76,7 +78,7 @@ def embedded(files: list[bytes], work: Path, ttl_s: float) -> None:
           f"({grown / sent:.2f}x); after expiry and the sweep: {left} bytes above the start")  # fmt: skip
 
 
-def distributed(files: list[bytes], work: Path) -> None:
+def distributed(files: list[bytes], work: Path, jobs: int) -> None:
     from fastapi.testclient import TestClient
 
     redis_process, url = start_redis(work, appendonly=False)
@@ -84,6 +86,15 @@ def distributed(files: list[bytes], work: Path) -> None:
         client = redis.Redis.from_url(url)
         app = create_app(settings(work, broker_url=url))
         with TestClient(app) as http:
+            # Queued jobs first (no worker runs: they stay queued): text only, then each with a 1024² init image.
+            queued = []
+            init = "data:image/jpeg;base64," + base64.b64encode(noise_jpeg(1024, 99)).decode()
+            for extra in ({}, {"init_image": init}):
+                start = int(client.info("memory")["used_memory"])
+                for index in range(jobs):
+                    answer = http.post("/generate", json={"prompt": f"a queued job {index}", **extra})
+                    assert answer.status_code == 201, answer.text[:300]
+                queued.append((int(client.info("memory")["used_memory"]) - start) / jobs)
             before = int(client.info("memory")["used_memory"])
             ids = [post(http, data) for data in files]
             grown = int(client.info("memory")["used_memory"]) - before
@@ -92,6 +103,8 @@ def distributed(files: list[bytes], work: Path) -> None:
         print(f"distributed: {len(files)} uploads, {sent} bytes sent; Redis used_memory grew by {grown} bytes "
               f"({grown / sent:.2f}x); MEMORY USAGE of one upload: {one} bytes for {len(files[0])} sent "
               f"({one / len(files[0]):.2f}x)")  # fmt: skip
+        print(f"distributed: {jobs} queued jobs: {queued[0]:.0f} bytes each (text only), {queued[1]:.0f} bytes each "
+              "with a 1024x1024 noise init image (kept as the normalised PNG the worker reads)")  # fmt: skip
         client.close()
     finally:
         redis_process.terminate()
@@ -103,11 +116,12 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=3)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--ttl-s", type=float, default=3.0)
+    parser.add_argument("--queued-jobs", type=int, default=20)
     args = parser.parse_args()
     files = [noise_jpeg(args.size, seed) for seed in range(args.uploads)]
     print(f"{args.uploads} noise JPEGs of {args.size}x{args.size} at quality 80: {len(files[0])} bytes each")
     embedded(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-embedded-")), args.ttl_s)
-    distributed(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-distributed-")))
+    distributed(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-distributed-")), args.queued_jobs)
 
 
 if __name__ == "__main__":

@@ -332,10 +332,14 @@ class RedisJobStore:
         again, so two at once never both pass the last free place."""
         size = len(upload.data)
         index, sizes = uploads_index_key(upload.key_name), upload_sizes_key(upload.key_name)
-        for _ in range(CONFLICT_RETRIES):
+        # A read is spoiled only by another upload of the same owner that was kept meanwhile, and no more than
+        # ``max_uploads`` of those fit: with one try more, racing uploads get the quota's answer (kept or 429),
+        # never a 503 for running out of tries.
+        tries = quota.max_uploads + 1 if quota is not None else CONFLICT_RETRIES
+        for _ in range(tries):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(index, sizes)
+                    pipe.watch(index, sizes)  # type: ignore[no-untyped-call]
                     now = self.clock()
                     live = cast(list[tuple[bytes, float]], pipe.zrangebyscore(index, f"({now!r}", "+inf",
                                                                               withscores=True))  # fmt: skip
