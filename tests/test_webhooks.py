@@ -15,16 +15,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imagen.webhooks.dispatcher import WebhookDispatcher
+from imagen.webhooks.events import Delivery
+from imagen.webhooks.sender import Result, Sender
+from imagen.webhooks.signing import Signer
 from imagen.webhooks.urls import TargetPolicy, UnsafeTarget
 from tests.celery_support import shared_redis
 from tests.conftest import free_port, submit, wait_for, wait_status
 from tests.test_job_contract import job_system
-from tests.webhook_receiver import SECRET, Answer, Receiver
+from tests.webhook_receiver import SECRET, Answer, DrippingReceiver, Receiver
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
 
 TERMINAL = {"SUCCESS", "FAILURE"}
-FAST_RETRIES = {"webhook_secret": SECRET, "webhook_first_retry_s": 0.2}
+# The receivers listen on loopback, which webhooks reach only when the settings open it.
+WEBHOOKS = {"webhook_secret": SECRET, "webhook_allowed_hosts": "127.0.0.1"}
+FAST_RETRIES = {**WEBHOOKS, "webhook_first_retry_s": 0.2}
 
 
 @pytest.fixture
@@ -55,7 +60,7 @@ def test_completed_is_delivered_signed_with_the_status_json(
     job_system: Callable[..., TestClient], receivers: Callable[..., Receiver]
 ) -> None:
     receiver = receivers()
-    client = job_system(webhook_secret=SECRET)
+    client = job_system(**WEBHOOKS)
     job_id = submit(client, "quick", webhook=receiver.url)
     done = wait_status(client, job_id, TERMINAL)
     (request,) = wait_requests(receiver, 1)
@@ -75,7 +80,7 @@ def test_a_failed_job_is_delivered_too(
     job_system: Callable[..., TestClient], receivers: Callable[..., Receiver]
 ) -> None:
     receiver = receivers()
-    client = job_system(webhook_secret=SECRET)
+    client = job_system(**WEBHOOKS)
     job_id = submit(client, "fatal", webhook=receiver.url)
     (request,) = wait_requests(receiver, 1)
     data = request.verified()["data"]
@@ -155,7 +160,7 @@ def test_start_and_progress_events_when_asked(
     job_system: Callable[..., TestClient], receivers: Callable[..., Receiver]
 ) -> None:
     receiver = receivers()
-    client = job_system(webhook_secret=SECRET)
+    client = job_system(**WEBHOOKS)
     job_id = submit(
         client, "sleep 3.5", steps=20, webhook=receiver.url, webhook_events_filter=["start", "progress", "completed"]
     )
@@ -176,7 +181,7 @@ def test_start_and_progress_events_when_asked(
 
 def test_only_the_events_asked_for(job_system: Callable[..., TestClient], receivers: Callable[..., Receiver]) -> None:
     receiver = receivers()
-    client = job_system(webhook_secret=SECRET)
+    client = job_system(**WEBHOOKS)
     job_id = submit(client, "sleep 1.5", steps=10, webhook=receiver.url, webhook_events_filter=["start"])
     wait_status(client, job_id, TERMINAL)
     outbox = dispatcher(client).outbox
@@ -189,7 +194,7 @@ def test_a_slow_receiver_delays_nothing_else(
 ) -> None:
     slow = receivers(answer=lambda n: Answer(200, delay_s=6.0))
     fast = receivers()
-    client = job_system(webhook_secret=SECRET)
+    client = job_system(**WEBHOOKS)
     first = submit(client, "quick", webhook=slow.url)
     wait_requests(slow, 1)
     started = time.monotonic()
@@ -238,7 +243,7 @@ def test_unknown_events_are_refused(make_client: Callable[..., TestClient]) -> N
     client = make_client(webhook_secret=SECRET)
     for events in (["done"], []):
         response = client.post(
-            "/generate", json={"prompt": "x", "webhook": "http://127.0.0.1:9/", "webhook_events_filter": events}
+            "/generate", json={"prompt": "x", "webhook": "https://hooks.example/", "webhook_events_filter": events}
         )
         assert response.status_code == 422
         assert response.json()["detail"][0]["loc"][:2] == ["body", "webhook_events_filter"]
@@ -265,17 +270,187 @@ def test_the_allow_list_restricts_targets(make_client: Callable[..., TestClient]
     assert TargetPolicy.parse("hooks.example.com").url_problem("http://other.example.com/hook") is not None
 
 
-def test_every_resolved_address_is_checked_when_connecting() -> None:
-    """DNS rebinding: a name that resolved to a public address at submission may resolve to the metadata
-    address later. The check runs on the addresses of the connection, and the request goes to the checked one."""
+LOOPBACK_SPELLINGS = [
+    "localhost", "LocalHost.", "app.localhost", "127.1", "2130706433", "0x7f.1", "0x7f000001", "127.0.0.1.",
+    "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]",
+]  # fmt: skip
+OPEN_LOOPBACK = "127.0.0.0/8, ::1, localhost, app.localhost"
+
+
+def test_every_spelling_of_loopback_is_refused_by_default_and_accepted_when_opened(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """``httpx`` keeps ``127.1``, ``2130706433`` and ``0x7f.1`` as host names, which the system resolver then
+    reads as 127.0.0.1: each spelling is judged as the address it means."""
+    closed = make_client(webhook_secret=SECRET)
+    opened = make_client(webhook_secret=SECRET, webhook_allowed_hosts=OPEN_LOOPBACK)
+    port = free_port()  # nothing listens: the accepted jobs' deliveries are refused, and retried
+    for host in LOOPBACK_SPELLINGS:
+        url = f"http://{host}:{port}/p"
+        response = closed.post("/generate", json={"prompt": "x", "webhook": url})
+        assert response.status_code == 422, (url, response.text)
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", "webhook"] and "IMAGEN_WEBHOOK_ALLOWED_HOSTS" in error["msg"], error
+        assert "loopback" in error["msg"], error
+        assert opened.post("/generate", json={"prompt": "x", "webhook": url}).status_code == 201, url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0177.0.0.1:18150/p",  # httpx refuses it (a dotted quad with a leading zero): it would never be sent
+        "http://127.0.0.01/p",
+        "http://%31%32%37.0.0.1/p",
+        "http://[fe80::1%25eth0]/p",
+        "http://127.0.0.1:0/p",
+    ],
+)
+def test_a_url_the_sender_cannot_send_to_is_refused_whatever_the_settings(
+    make_client: Callable[..., TestClient], url: str
+) -> None:
+    client = make_client(webhook_secret=SECRET, webhook_allowed_hosts=f"*, {OPEN_LOOPBACK}, fe80::/10")
+    response = client.post("/generate", json={"prompt": "x", "webhook": url})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "webhook"]
+
+
+@pytest.mark.parametrize(
+    ("host", "what"),
+    [
+        ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("[fc00::1]", "private"),
+        ("[fd12:3456::1]", "private"), ("100.64.0.1", "carrier-grade NAT"), ("100.127.255.254", "carrier-grade NAT"),
+        ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"), ("192.0.2.1", "documentation"),
+        ("[2001:db8::1]", "documentation"), ("198.18.0.1", "benchmarking"), ("[::ffff:10.0.0.1]", "private"),
+        ("[64:ff9b::a00:1]", "private"), ("[2002:c0a8:101::1]", "private"), ("[2001::1]", "reserved"),
+    ],
+)  # fmt: skip
+def test_internal_addresses_are_refused_unless_listed(host: str, what: str) -> None:
+    url = f"http://{host}/hook"
+    problem = TargetPolicy.parse(None).url_problem(url)
+    assert problem is not None and what in problem and "IMAGEN_WEBHOOK_ALLOWED_HOSTS" in problem
+    listed = host.strip("[]")
+    assert TargetPolicy.parse(f"hooks.example, {listed}").url_problem(url) is None
+    assert TargetPolicy.parse("*").url_problem(url) == problem  # `*` opens public hosts, nothing internal
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["169.254.169.254", "[fd00:ec2::254]", "100.100.100.200", "168.63.129.16", "[::ffff:100.100.100.200]",
+     "[64:ff9b::a9fe:a9fe]", "169.254.170.2", "[fe80::1]", "0.0.0.0", "[::]", "224.0.0.1", "[ff02::1]"],
+)  # fmt: skip
+def test_metadata_and_link_local_addresses_are_never_called(host: str) -> None:
+    url = f"http://{host}/latest/meta-data/"
+    listed = f"*, {host.strip('[]')}, 0.0.0.0/0, ::/0"
+    for policy in (TargetPolicy.parse(None), TargetPolicy.parse(listed)):
+        problem = policy.url_problem(url)
+        assert problem is not None and "never sent there" in problem
+
+
+def test_public_addresses_and_names_are_accepted_by_default() -> None:
     policy = TargetPolicy.parse(None)
-    with pytest.raises(UnsafeTarget, match=r"169\.254\.169\.254"):
-        policy.resolve("http://rebind.example/hook", resolver=lambda host, port: ["127.0.0.1", "169.254.169.254"])
-    target = policy.resolve("https://hooks.example/hook", resolver=lambda host, port: ["127.0.0.1"])
-    assert (target.host, target.address) == ("hooks.example", "127.0.0.1")
-    restricted = TargetPolicy.parse("10.0.0.0/8")
-    with pytest.raises(UnsafeTarget, match="ALLOWED_HOSTS"):
-        restricted.resolve("http://hooks.example/hook", resolver=lambda host, port: ["127.0.0.1"])
+    for url in ("https://hooks.example.com/x", "http://8.8.8.8/x", "http://[2606:4700::1111]/x",
+                "http://[64:ff9b::808:808]/x", "http://[2002:808:808::1]/x", "https://bücher.example/x"):  # fmt: skip
+        assert policy.url_problem(url) is None, url
+
+
+def test_every_resolved_address_is_checked_when_connecting(receivers: Callable[..., Receiver]) -> None:
+    """DNS rebinding: a name that resolved to a public address at submission may resolve to an internal one
+    later. The check runs on the addresses of the connection, and the connection goes to a checked one."""
+    receiver = receivers()
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    url = f"http://hooks.example:{port}/hook"
+    body = '{"type": "job.completed"}'
+    delivery = Delivery(id="msg_rebind", job_id="j", url=url, body=body, retry=True, created_at=time.time())
+
+    def rebinding(host: str, port: int) -> list[str]:
+        return ["8.8.8.8", "127.0.0.1"] if host == "hooks.example" else []
+
+    with pytest.raises(UnsafeTarget, match=r"hooks\.example resolves to 127\.0\.0\.1; .*loopback"):
+        TargetPolicy.parse(None).addresses("hooks.example", port, resolver=rebinding)
+    refusing = Sender(Signer(SECRET), TargetPolicy.parse(None), 5.0, resolver=lambda host, port: ["127.0.0.1"])
+    outcome = refusing.send(delivery)
+    refusing.close()
+    assert outcome.result is Result.RETRY and "hooks.example resolves to 127.0.0.1" in outcome.reason
+    assert receiver.requests == []
+    # the name is listed: its addresses may be internal; the request goes to the checked address, and the
+    # Host header still names the URL's host
+    allowed = Sender(Signer(SECRET), TargetPolicy.parse("hooks.example"), 5.0, resolver=lambda h, p: ["127.0.0.1"])
+    assert allowed.send(delivery).result is Result.DELIVERED
+    allowed.close()
+    (request,) = receiver.requests
+    assert request.headers["host"] == f"hooks.example:{port}" and request.verified()["type"] == "job.completed"
+
+
+# --- failures: any error is a failed attempt, bounded in time; bad deliveries never block the others ------
+
+
+def test_a_dripping_receiver_fails_the_attempt_at_its_limit() -> None:
+    """A receiver that answers one byte every half second never trips a per-read timeout: the attempt's limit
+    covers the whole of it, and it ends while the receiver is still dripping."""
+    dripping = DrippingReceiver(drips=120, interval_s=0.5)
+    sender = Sender(Signer(SECRET), TargetPolicy.parse("127.0.0.1"), 1.0)
+    try:
+        delivery = Delivery(id="msg_drip", job_id="j", url=dripping.url, body="{}", retry=True, created_at=time.time())
+        outcome = sender.send(delivery)
+        assert outcome.result is Result.RETRY and "timed out" in outcome.reason, outcome
+        wait_for(lambda: dripping.cut == 1)  # the sender hung up, before the end of the answer
+        assert dripping.finished == 0 and dripping.connections == 1
+    finally:
+        sender.close()
+        dripping.stop()
+
+
+def test_dripping_receivers_neither_hold_the_pool_nor_are_retried_for_ever(
+    make_client: Callable[..., TestClient], receivers: Callable[..., Receiver]
+) -> None:
+    """Ten deliveries to a dripping receiver (more than the pool's threads) and then a healthy one: the
+    healthy one arrives while the dripping answers are far from done, and each dripping attempt is recorded
+    as failed and retried."""
+    dripping = DrippingReceiver(drips=120, interval_s=0.5)
+    healthy = receivers()
+    client = make_client(**FAST_RETRIES, webhook_attempt_timeout_s=1.0)
+    outbox = dispatcher(client).outbox
+    now = time.time()
+    slow_ids = [f"msg_drip_{n}" for n in range(10)]
+    try:
+        for delivery_id in slow_ids:
+            outbox.enqueue(Delivery(delivery_id, "j", dripping.url, "{}", retry=True, created_at=now, next_at=now))
+        wait_for(lambda: dripping.connections >= 8)  # the pool's threads are all held by the dripping receiver
+        submit(client, "quick", webhook=healthy.url)
+        wait_requests(healthy, 1)
+        assert dripping.finished == 0
+        wait_for(lambda: all(outbox.pending().get(delivery_id, 0) >= 2 for delivery_id in slow_ids))
+        assert dripping.finished == 0 and dripping.cut >= 20
+    finally:
+        dripping.stop()
+
+
+# Accepted at submission before, as ``urlsplit`` reads them; ``httpx.URL`` refuses them when sending.
+POISON_URLS = ["http://0177.0.0.1:18150/p", "http://127.0.0.01/p", "http://127.00.0.1/p", "http://0177.000.0.1/p"]
+
+
+def test_poison_deliveries_are_dropped_after_their_deadline_and_block_nobody(
+    job_system: Callable[..., TestClient], receivers: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty deliveries that no attempt can make (left in the outbox by an older version, whose submission
+    check let them through) are older than a good one: the good one is delivered at once; each poison one
+    is a failed attempt (a log line, no traceback), retried until its deadline, then dropped."""
+    receiver = receivers()
+    client = job_system(**FAST_RETRIES, webhook_retry_s=2.0)
+    outbox = dispatcher(client).outbox
+    now = time.time()
+    poison = {f"msg_poison_{n}": POISON_URLS[n % len(POISON_URLS)] for n in range(40)}
+    for delivery_id, url in poison.items():
+        outbox.enqueue(Delivery(delivery_id, "poison", url, "{}", retry=True, created_at=now - 1, next_at=now - 1))
+    job_id = submit(client, "quick", webhook=receiver.url)
+    (request,) = wait_requests(receiver, 1)
+    assert request.webhook_id == f"msg_{job_id}_completed"
+    wait_for(lambda: not set(outbox.pending()) & set(poison))
+    webhook_records = [record for record in caplog.records if record.name == "imagen.webhooks"]
+    assert [record for record in webhook_records if record.exc_info] == []
+    dropped = [record.getMessage() for record in webhook_records if "not delivered after" in record.getMessage()]
+    assert all(any(f"webhook {delivery_id} to " in line for line in dropped) for delivery_id in poison)
 
 
 def test_redirects_are_not_followed(make_client: Callable[..., TestClient], receivers: Callable[..., Receiver]) -> None:

@@ -1,8 +1,11 @@
-"""A webhook receiver for the tests: a real HTTP server on 127.0.0.1 that records every request and answers
-what the test scripts (a status, optional headers, an optional delay, all bounded)."""
+"""Webhook receivers for the tests, on 127.0.0.1: a real HTTP server that records every request and answers
+what the test scripts (a status, optional headers, an optional delay, all bounded), and a raw-socket one that
+drips its answer."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -87,3 +90,67 @@ class Receiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class DrippingReceiver:
+    """A raw-socket receiver that answers ``HTTP/1.1 200 OK`` and then the rest of its head one byte every
+    ``interval_s``, ``drips`` times, before finishing it: every read a client makes gets a byte well within
+    any per-read timeout. It records whether the client hung up before the end (``cut``) or waited for it
+    all (``finished``)."""
+
+    def __init__(self, drips: int = 60, interval_s: float = 0.5) -> None:
+        self.drips = drips
+        self.interval_s = interval_s
+        self.connections = 0
+        self.cut = 0
+        self.finished = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._drip, args=(connection,), daemon=True).start()
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
+    def _drip(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(5.0)
+            try:
+                connection.recv(65536)  # the request (its head and small body come in one piece)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nx-drip: ")
+                for _ in range(self.drips):
+                    # Wait one interval, unless the client hangs up (readable, and nothing to read) first.
+                    readable, _, _ = select.select([connection], [], [], self.interval_s)
+                    if self._stopping.is_set():
+                        return
+                    if readable and not connection.recv(65536):
+                        self._count("cut")
+                        return
+                    connection.sendall(b"x")
+                connection.sendall(b"\r\ncontent-length: 0\r\n\r\n")
+                self._count("finished")
+            except OSError:
+                self._count("cut")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._listener.close()

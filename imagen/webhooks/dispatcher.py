@@ -1,6 +1,6 @@
 """The webhook dispatcher: a thread of the API process that turns job changes into deliveries and sends
 them through a bounded pool, so a slow or dead receiver never delays generation, the API or other
-jobs' webhooks (it holds one pool thread for at most one attempt's timeout).
+jobs' webhooks (it holds one pool thread for at most one attempt's limit, ``IMAGEN_WEBHOOK_ATTEMPT_TIMEOUT_S``).
 
 Each pass (every ``POLL_S``):
 
@@ -11,10 +11,12 @@ Each pass (every ``POLL_S``):
   final state is therefore never missed: a subscription stays in the outbox until the watcher has seen
   the job finish, whatever restarts in between (as long as the record has not expired:
   ``IMAGEN_RESULT_TTL_S``).
-- **Send**: claim the due deliveries (a lease: one attempt at a time per webhook-id, across replicas too)
-  and hand them to the pool. ``job.completed`` is retried with exponential backoff and jitter (or after the
-  receiver's ``Retry-After``) on connection errors, 5xx and 429, until ``IMAGEN_WEBHOOK_RETRY_S`` after the
-  event; a 410 stops it and ends the job's subscription, any other answer ends it.
+- **Send**: claim the due deliveries (a lease: one attempt at a time per webhook-id, across replicas too;
+  a claimed delivery leaves the due ones until its lease ends, so deliveries that keep failing never hide
+  the others) and hand them to the pool. ``job.completed`` is retried with exponential backoff and jitter
+  (or after the receiver's ``Retry-After``) after any failed attempt (5xx, 429, or no answer: whatever the
+  error, an unreadable URL or a refused target included), until ``IMAGEN_WEBHOOK_RETRY_S`` after the event;
+  then it is dropped with a warning. A 410 stops it and ends the job's subscription, any other answer ends it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from imagen.jobs.lifecycle import OwnerToken
 from imagen.jobs.types import JobState
 from imagen.webhooks.events import PROGRESS_EVERY_S, Delivery, EventName, Subscription, new_delivery
 from imagen.webhooks.outbox import Outbox, build_outbox
-from imagen.webhooks.sender import ATTEMPT_TIMEOUT_S, Outcome, Result, Sender
+from imagen.webhooks.sender import Outcome, Result, Sender
 from imagen.webhooks.signing import Signer
 from imagen.webhooks.urls import TargetPolicy
 
@@ -42,7 +44,7 @@ log = logging.getLogger("imagen.webhooks")
 
 POLL_S = 0.2
 POOL_SIZE = 8
-LEASE_S = 3 * ATTEMPT_TIMEOUT_S  # a claim outlives any attempt (DNS included); then another may take it
+LEASE_ATTEMPTS = 3  # a claim lasts three attempt limits: it outlives any attempt; then another may take it
 LEAD_TTL_S = 5.0
 MAX_BACKOFF_S = 3600.0
 # A subscription whose job is unknown this long after it was written: a submission that failed after it,
@@ -71,6 +73,7 @@ class WebhookDispatcher:
         self.read_status = read_status
         self.retry_for_s = retry_for_s
         self.first_retry_s = first_retry_s
+        self.lease_s = LEASE_ATTEMPTS * sender.attempt_timeout_s
         self.clock = clock
         self.holder = str(OwnerToken.new())
         self._stopping = threading.Event()
@@ -90,7 +93,11 @@ class WebhookDispatcher:
         server has no webhook secret (webhooks are then refused at submission)."""
         if not settings.webhook_secret:
             return None
-        sender = Sender(Signer(settings.webhook_secret), TargetPolicy.parse(settings.webhook_allowed_hosts))
+        sender = Sender(
+            Signer(settings.webhook_secret),
+            TargetPolicy.parse(settings.webhook_allowed_hosts),
+            settings.webhook_attempt_timeout_s,
+        )
         return cls(
             build_outbox(settings),
             sender,
@@ -120,8 +127,8 @@ class WebhookDispatcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Attempts in flight finish in the background (10 s at most); one cut short by the end of the
-        process is not lost: its claim expires and it is sent again."""
+        """Attempts in flight finish in the background (one attempt limit at most); one cut short by the end
+        of the process is not lost: its claim expires and it is sent again."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=POLL_S + 5)
@@ -174,7 +181,7 @@ class WebhookDispatcher:
     def _send_due(self) -> None:
         with self._lock:
             free = POOL_SIZE - len(self._in_flight)
-        for delivery in self.outbox.claim_due(self.clock(), free, LEASE_S):
+        for delivery in self.outbox.claim_due(self.clock(), free, self.lease_s):
             with self._lock:
                 if delivery.id in self._in_flight:
                     continue
@@ -183,13 +190,13 @@ class WebhookDispatcher:
 
     def _attempt(self, delivery: Delivery) -> None:
         try:
-            self._settle(delivery, self.sender.send(delivery))
-        except Exception as exc:
-            if self._stopping.is_set():  # the store may be closed already
+            self._settle(delivery, self.sender.send(delivery))  # send never raises: any error is a failed attempt
+        except Exception as exc:  # the outcome could not be written: the store is unreachable, or closed
+            if self._stopping.is_set():
                 log.info("webhook %s: outcome not recorded at shutdown (%s); it is sent again", delivery.id, exc)
             else:
-                log.exception("webhook %s: attempt failed unexpectedly; it is tried again when its claim expires",
-                              delivery.id)
+                log.warning("webhook %s: outcome not recorded (%s: %s); it is tried again when its claim expires",
+                            delivery.id, type(exc).__name__, exc)
         finally:
             with self._lock:
                 self._in_flight.discard(delivery.id)

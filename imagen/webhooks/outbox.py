@@ -39,8 +39,9 @@ class Outbox(ABC):
 
     @abstractmethod
     def claim_due(self, now: float, limit: int, lease_s: float) -> list[Delivery]:
-        """Up to ``limit`` deliveries due by ``now``, each claimed for ``lease_s``: no other dispatcher (or
-        replica) sends it meanwhile."""
+        """Up to ``limit`` deliveries due by ``now``, oldest first, each claimed for ``lease_s``: no other
+        dispatcher (or replica) sends it meanwhile, and it is not among the due ones until its lease ends or
+        its outcome is written (deliveries in flight, or whose sender died, never hide later ones)."""
 
     @abstractmethod
     def reschedule(self, delivery_id: str, attempts: int, next_at: float) -> None:

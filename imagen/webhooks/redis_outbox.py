@@ -3,8 +3,10 @@
 - ``imagen:webhook:subs`` set of the job ids with a subscription; ``imagen:webhook:sub:{job_id}`` its hash.
 - ``imagen:webhook:delivery:{id}`` a pending delivery (hash); ``imagen:webhook:due`` sorted set of their ids,
   scored by the time of the next attempt.
-- ``imagen:webhook:claim:{id}`` the replica sending that delivery now (short expiry): one attempt at a time
-  per webhook-id across replicas; a replica that dies mid-attempt frees it when the claim expires.
+- A claim (one attempt at a time per webhook-id across replicas) moves the delivery's score to the end of
+  its lease, in one script: a claimed delivery leaves the due range, so the oldest due ids are always ones
+  nobody holds (deliveries being sent, or whose sender died, never hide later ones), and a replica that dies
+  mid-attempt lets it come back when the lease ends. The outcome then sets the score (retry) or removes it.
 - ``imagen:webhook:watcher`` the replica that turns job changes into deliveries (a short lock).
 
 Concluding a subscription and queuing its delivery is one Lua script.
@@ -41,6 +43,17 @@ if ARGV[2] then
 end
 return 1
 """
+# KEYS: due. ARGV: now, limit, end of the lease. The ids claimed, each followed by its due time (the score).
+CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local claimed = {}
+for _, id in ipairs(ids) do
+  table.insert(claimed, id)
+  table.insert(claimed, redis.call('ZSCORE', KEYS[1], id))
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+end
+return claimed
+"""
 # Only while the subscription exists: a late write never brings a concluded one back.
 UPDATE_SUB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -55,10 +68,6 @@ def sub_key(job_id: str) -> str:
 
 def delivery_key(delivery_id: str) -> str:
     return f"{PREFIX}delivery:{delivery_id}"
-
-
-def claim_key(delivery_id: str) -> str:
-    return f"{PREFIX}claim:{delivery_id}"
 
 
 def _fields(delivery: Delivery) -> dict[FieldT, EncodableT]:
@@ -77,6 +86,7 @@ class RedisOutbox(Outbox):
         self.client = client
         self._conclude = client.register_script(CONCLUDE)
         self._update_sub = client.register_script(UPDATE_SUB)
+        self._claim_due = client.register_script(CLAIM_DUE)
 
     def subscribe(self, sub: Subscription) -> None:
         try:
@@ -146,21 +156,20 @@ class RedisOutbox(Outbox):
     def claim_due(self, now: float, limit: int, lease_s: float) -> list[Delivery]:
         if limit <= 0:
             return []
+        raw = cast(list[bytes], self._claim_due(keys=[DUE], args=[repr(now), limit, repr(now + lease_s)]))
+        due = {raw[i].decode(): float(raw[i + 1]) for i in range(0, len(raw), 2)}
+        if not due:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for delivery_id in due:
+                pipe.hgetall(delivery_key(delivery_id))
+            hashes = cast(list[dict[bytes, bytes]], pipe.execute())
         claimed: list[Delivery] = []
-        # More candidates than wanted: other replicas may hold some of them.
-        candidates = cast(list[bytes], self.client.zrangebyscore(DUE, "-inf", now, start=0, num=limit * 4))
-        for raw_id in candidates:
-            if len(claimed) >= limit:
-                break
-            delivery_id = raw_id.decode()
-            if not self.client.set(claim_key(delivery_id), "1", nx=True, px=max(1, int(lease_s * 1000))):
-                continue
-            raw = cast(dict[bytes, bytes], self.client.hgetall(delivery_key(delivery_id)))
-            fields = {key.decode(): value.decode() for key, value in raw.items()}
-            if "url" not in fields:  # removed by another replica after our range read
+        for (delivery_id, next_at), raw_fields in zip(due.items(), hashes, strict=True):
+            fields = {key.decode(): value.decode() for key, value in raw_fields.items()}
+            if "url" not in fields:  # removed meanwhile, or a hash lost: nothing to send
                 self.remove(delivery_id)
                 continue
-            score = self.client.zscore(DUE, delivery_id)
             claimed.append(
                 Delivery(
                     id=delivery_id,
@@ -170,7 +179,7 @@ class RedisOutbox(Outbox):
                     retry=fields["retry"] == "1",
                     created_at=float(fields["created_at"]),
                     attempts=int(fields["attempts"]),
-                    next_at=float(score) if score is not None else now,
+                    next_at=next_at,
                 )
             )
         return claimed
@@ -179,14 +188,12 @@ class RedisOutbox(Outbox):
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(delivery_key(delivery_id), "attempts", str(attempts))
             pipe.zadd(DUE, {delivery_id: next_at}, xx=True)
-            pipe.delete(claim_key(delivery_id))
             pipe.execute()
 
     def remove(self, delivery_id: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(delivery_key(delivery_id))
             pipe.zrem(DUE, delivery_id)
-            pipe.delete(claim_key(delivery_id))
             pipe.execute()
 
     def pending(self) -> dict[str, int]:
