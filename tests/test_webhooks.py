@@ -271,8 +271,9 @@ def test_the_allow_list_restricts_targets(make_client: Callable[..., TestClient]
 
 
 LOOPBACK_SPELLINGS = [
-    "localhost", "LocalHost.", "app.localhost", "127.1", "2130706433", "0x7f.1", "0x7f000001", "127.0.0.1.",
-    "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]",
+    "localhost", "LocalHost.", "app.localhost", "localhost6", "127.1", "2130706433", "0x7f.1", "0x7f000001",
+    "127.0.0.1.", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::127.0.0.1]", "[64:ff9b::7f00:1]",
+    "[2002:7f00:1::1]",
 ]  # fmt: skip
 OPEN_LOOPBACK = "127.0.0.0/8, ::1, localhost, app.localhost"
 

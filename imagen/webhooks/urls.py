@@ -78,7 +78,9 @@ IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Names that always mean this host (RFC 6761), whatever the resolver says.
-LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+LOOPBACK_NAMES = (
+    "localhost", "localhost.localdomain", "localhost6", "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"
+)
 LOOPBACK_ADDRESSES = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # letters, digits, hyphens (IDNs come as xn--)
 
