@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -47,13 +47,15 @@ from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
 from imagen.generation.samplers import available_samplers
-from imagen.inputs.images import decode_data_url
+from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.types import JobRecord, JobState
 from imagen.registry import Registry
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
+# Fields of a job as A1111's clients name them.
+_FIELD_NAMES = {"init_image": "init_images", "mask_image": "mask"}
 # A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant.
 SCHEDULE_TYPES = ("Automatic", "Karras")
 
@@ -139,14 +141,17 @@ def _data_url(image: str) -> str:
 
 
 def _inverted_mask(mask: str) -> str:
-    picture = Image.open(io.BytesIO(decode_data_url(_data_url(mask)))).convert("L")
+    """A1111's ``inpainting_mask_invert``: the mask, black and white swapped, as a PNG data URL. Checked first
+    as every input image (its size read from the header: a huge one is never decoded); it decodes and encodes,
+    so it runs in a worker thread, never on the event loop. Raises ``BadImage``."""
+    checked = check_image(decode_data_url(mask))
     out = io.BytesIO()
-    ImageOps.invert(picture).save(out, format="PNG")
+    ImageOps.invert(checked.image.convert("L")).save(out, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def _generation_request(
-    fields: _Txt2Img, registry: Registry, settings: Settings, default_model: str | None
+    fields: _Txt2Img, registry: Registry, settings: Settings, default_model: str | None, mask: str | None
 ) -> tuple[GenerationRequest | None, str | None]:
     tags = parse_lora_tags(fields.prompt, registry)
     sampler, problem = _sampler(fields)
@@ -178,16 +183,18 @@ def _generation_request(
         values["guidance_scale"] = float(fields.cfg_scale)
     if fields.init_images:
         values["init_image"] = _data_url(fields.init_images[0])
-        if fields.mask:
-            values["mask_image"] = _inverted_mask(fields.mask) if fields.inpainting_mask_invert else _data_url(
-                fields.mask
-            )
+        values["mask_image"] = mask
         values["strength"] = fields.denoising_strength if fields.denoising_strength is not None else 0.75
     try:
         return GenerationRequest.model_validate(values), None
     except ValidationError as exc:
         error = exc.errors()[0]
         return None, f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+
+
+def _refusal(exc: InvalidRequest) -> str:
+    """The job's refusal, each problem after the field as the client named it (``mask``, not ``mask_image``)."""
+    return "; ".join(f"{_FIELD_NAMES.get(str(error.loc[0]), error.loc[0])}: {error.message}" for error in exc.errors)
 
 
 def _infotext(job: JobRecord, seed: int, model: str) -> str:
@@ -220,13 +227,19 @@ async def _generate(
     caller: Caller,
 ) -> JSONResponse:
     state = _state(http)
-    request, problem = _generation_request(fields, registry, settings, state.models.get(caller.name))
+    mask = _data_url(fields.mask) if fields.init_images and fields.mask else None
+    if mask is not None and fields.inpainting_mask_invert:
+        try:
+            mask = await run_in_threadpool(_inverted_mask, mask)
+        except BadImage as exc:
+            return _error(422, f"mask: {exc}", "ValidationError")
+    request, problem = _generation_request(fields, registry, settings, state.models.get(caller.name), mask)
     if request is None:
         return _error(422, problem or "invalid request", "ValidationError")
     try:
         job_id = await submit(request, backend, registry, settings, caller)
     except InvalidRequest as exc:
-        return _error(422, str(exc), "ValidationError")
+        return _error(422, _refusal(exc), "ValidationError")
     except (QueueFullError, KeyQueueFullError) as exc:
         return _error(429, f"queue full ({exc}); try again later")
     except BrokerUnavailableError:
@@ -241,27 +254,25 @@ async def _generate(
         mine.pop(job_id, None)
     if job.state is JobState.REVOKED:
         # A1111 answers an interrupted generation with what it has: here, no image
-        return JSONResponse({"images": [], "parameters": raw, "info": json.dumps({"interrupted": True})})
+        return await run_in_threadpool(_images_answer, [], raw, {"interrupted": True})
     if job.state is not JobState.SUCCESS or job.result is None:
         return _error(500, f"generation failed: {job.error}", "GenerationError")
-    images = []
-    seeds = []
-    for image in image_files(job):
-        images.append(base64.b64encode(await read_image(backend, settings, str(image["filename"]))).decode("ascii"))
-        seeds.append(int(str(image["seed"])))
+    files = image_files(job)
+    pngs = [await read_image(backend, settings, str(image["filename"])) for image in files]
+    seeds = [int(str(image["seed"])) for image in files]
     metadata = job.result["metadata"]
     model = str(metadata.get("model", ""))
     prompt = str(metadata.get("final_prompt") or metadata.get("prompt", ""))
     negative = str(metadata.get("final_negative_prompt") or metadata.get("negative_prompt") or "")
     info = {
         "prompt": prompt,
-        "all_prompts": [prompt] * len(images),
+        "all_prompts": [prompt] * len(pngs),
         "negative_prompt": negative,
-        "all_negative_prompts": [negative] * len(images),
+        "all_negative_prompts": [negative] * len(pngs),
         "seed": seeds[0],
         "all_seeds": seeds,
         "subseed": -1,
-        "all_subseeds": [-1] * len(images),
+        "all_subseeds": [-1] * len(pngs),
         "subseed_strength": 0,
         "width": metadata.get("width"),
         "height": metadata.get("height"),
@@ -283,13 +294,21 @@ async def _generate(
         "is_using_inpainting_conditioning": bool(metadata.get("mask_image")),
         "version": f"imagen {__version__}",
     }
-    return JSONResponse({"images": images, "parameters": raw, "info": json.dumps(info)})
+    return await run_in_threadpool(_images_answer, pngs, raw, info)
+
+
+def _images_answer(pngs: list[bytes], parameters: dict[str, Any], info: dict[str, Any]) -> JSONResponse:
+    """A1111's answer, its images in base64 and the request echoed as ``parameters`` (an img2img's own image
+    with it): encoded and rendered in a worker thread. For four large images that is tens of MB of JSON, about
+    a second of CPU that the event loop must not spend."""
+    images = [base64.b64encode(png).decode("ascii") for png in pngs]
+    return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
 
 async def _read(http: Request) -> tuple[_Txt2Img, dict[str, Any]] | JSONResponse:
     """The body's fields and its raw JSON (A1111 echoes it as `parameters`), or the 422 to answer."""
     try:
-        raw = json.loads(await http.body() or b"{}")
+        raw = await run_in_threadpool(json.loads, await http.body() or b"{}")  # up to 32 MB: not on the loop
         if not isinstance(raw, dict):
             raise ValueError("the body must be a JSON object")
         return _Txt2Img.model_validate(raw), raw

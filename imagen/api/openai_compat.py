@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from imagen.api.compat_jobs import (
     JobWaitTimeout,
@@ -251,25 +252,37 @@ async def _run(
     wants_url = (fields.response_format or "url") == "url"
     output_format = "png" if wants_url else (fields.output_format or "png")
     prompt = revised_prompt(job)
-    data: list[dict[str, Any]] = []
-    for image in image_files(job):
-        filename = str(image["filename"])
-        if wants_url:
-            data.append({"url": f"{base_url(http, settings)}/download/{filename}", "revised_prompt": prompt})
-        else:
-            png = await read_image(backend, settings, filename)
-            encoded = base64.b64encode(_convert(png, output_format, fields.output_compression)).decode("ascii")
-            data.append({"b64_json": encoded, "revised_prompt": prompt})
+    filenames = [str(image["filename"]) for image in image_files(job)]
     metadata = job.result["metadata"]
     body: dict[str, Any] = {
         "created": int(job.created_at or time.time()),
-        "data": data,
+        "data": [],  # the images, below
         "size": f"{metadata.get('width')}x{metadata.get('height')}",
         "output_format": output_format,
         "quality": fields.quality or "auto",
     }
     if fields.style is not None:
         body["style"] = fields.style
+    if wants_url:
+        body["data"] = [
+            {"url": f"{base_url(http, settings)}/download/{filename}", "revised_prompt": prompt}
+            for filename in filenames
+        ]
+        return JSONResponse(body)
+    pngs = [await read_image(backend, settings, filename) for filename in filenames]
+    return await run_in_threadpool(_b64_answer, body, pngs, output_format, fields.output_compression, prompt)
+
+
+def _b64_answer(
+    body: dict[str, Any], pngs: list[bytes], output_format: str, compression: int | None, prompt: str
+) -> JSONResponse:
+    """``body`` with the images as ``b64_json``: converted, encoded and rendered in a worker thread. Four
+    2048² WebP are more than a second of CPU, which the event loop must not spend."""
+    body["data"] = [
+        {"b64_json": base64.b64encode(_convert(png, output_format, compression)).decode("ascii"),
+         "revised_prompt": prompt}
+        for png in pngs
+    ]  # fmt: skip
     return JSONResponse(body)
 
 
@@ -297,7 +310,7 @@ async def generations(
 ) -> JSONResponse:
     """OpenAI's image generation: waits for the job and answers its images (`url` or `b64_json`)."""
     try:
-        raw = json.loads(await http.body())
+        raw = await run_in_threadpool(json.loads, await http.body())  # up to 32 MB: not on the loop
         fields = ImageGenerationRequest.model_validate(raw)
         request = _generation_request(fields, registry)
     except json.JSONDecodeError:
@@ -387,17 +400,26 @@ async def edits(
     if "n" in values:
         values["n"] = int(values["n"]) if str(values["n"]).isdigit() else values["n"]
     try:
-        check_image(picture)
-        mask_url = _mask_from_transparency(mask_bytes) if mask_bytes is not None else None
         fields = ImageGenerationRequest.model_validate(values)
-        request = _generation_request(fields, registry, init_image=_data_url(picture), mask=mask_url)
-    except BadImage as exc:
-        return _invalid(f"image: {exc}", "image").response()
+        request = await run_in_threadpool(_edit_request, fields, registry, picture, mask_bytes)
     except ValidationError as exc:
         return _from_validation(exc).response()
     except OpenAIError as exc:
         return exc.response()
     return await _run(fields, request, http, backend, registry, settings, caller)
+
+
+def _edit_request(
+    fields: ImageGenerationRequest, registry: Registry, picture: bytes, mask: bytes | None
+) -> GenerationRequest:
+    """The edit's job request, its image and mask checked (which decodes them: an 11 MB JPEG takes more than a
+    second) in a worker thread, never on the event loop."""
+    try:
+        check_image(picture)
+    except BadImage as exc:
+        raise _invalid(f"image: {exc}", "image") from exc
+    mask_url = _mask_from_transparency(mask) if mask is not None else None
+    return _generation_request(fields, registry, init_image=_data_url(picture), mask=mask_url)
 
 
 @router.get("/models")
