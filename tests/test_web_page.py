@@ -135,7 +135,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def make_page(browser: Browser) -> Iterator[Callable[..., Page]]:
-    """A page in a fresh context (own localStorage); uncaught script errors fail the test."""
+    """A page in a fresh context (own localStorage); uncaught script errors, and anything the page's
+    Content-Security-Policy blocks, fail the test."""
     contexts: list[BrowserContext] = []
     errors: list[str] = []
 
@@ -149,6 +150,10 @@ def make_page(browser: Browser) -> Iterator[Callable[..., Page]]:
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None,
+        )
         page.goto(server.url + "/")
         return page
 
@@ -200,8 +205,25 @@ def image_loaded(page: Page, selector: str) -> None:
 
 
 def gallery(page: Page) -> list[dict[str, Any]]:
+    """The gallery a page keeps without a key (each key's own is stored under a tag of that key)."""
     entries: list[dict[str, Any]] = page.evaluate("JSON.parse(localStorage.getItem('imagen.gallery') || '[]')")
     return entries
+
+
+def shown_gallery(page: Page) -> list[str]:
+    """The job ids the gallery shows, newest first."""
+    ids: list[str] = page.locator("#gallery li").evaluate_all("items => items.map((li) => li.dataset.id)")
+    return ids
+
+
+def give_key(page: Page, key: str, asked: bool = False) -> None:
+    """Through the key box: opened by the server's 401 (``asked``), else by the "API key" button."""
+    if not asked:
+        page.locator("#key-button").click()
+    expect(page.locator("#keybox")).to_be_visible()
+    page.locator("#key-input").fill(key)
+    page.locator("#key-save").click()
+    expect(page.locator("#keybox")).to_be_hidden()
 
 
 def shown_image_bytes(page: Page) -> bytes:
@@ -219,8 +241,9 @@ def shown_image_bytes(page: Page) -> bytes:
 
 
 def check_accessibility(page: Page, where: str) -> None:
-    """axe-core (the copy axe-playwright-python ships) run in the page: no serious or critical violation."""
-    page.add_script_tag(path=str(AXE_JS))
+    """axe-core (the copy axe-playwright-python ships) run in the page: no serious or critical violation.
+    Evaluated, not added as a <script>: the page's Content-Security-Policy blocks inline scripts."""
+    page.evaluate(AXE_JS.read_text(encoding="utf-8") + "\n;undefined")
     result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
     bad = [
         f"{v['id']} ({v['impact']}): {v['help']} at {[node['target'] for node in v['nodes']][:3]}"
@@ -421,12 +444,71 @@ def test_an_api_key_required_then_given(
     assert json.loads(page.evaluate("localStorage.getItem('imagen.apiKey')")) == key
     run_job(page, "a key-holder's image")
     wait_image(page)
-    job_id = gallery(page)[0]["id"]
+    job_id = shown_gallery(page)[0]
     assert job_status(server, job_id, {"Authorization": f"Bearer {key}"})["status"] == "SUCCESS"
     page.reload()  # the key is kept: the gallery's image loads with it
     ready(page)
     expect(keybox).to_be_hidden()
     image_loaded(page, f'#gallery li[data-id="{job_id}"] img')
+
+
+def test_each_key_has_its_own_gallery_and_forgetting_a_key_forgets_it(
+    make_page: Callable[..., Page], servers: Servers, tmp_path: Path, shots: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    alice, bob = add_key(keys, "alice"), add_key(keys, "bob")
+    server = servers.start("gallery-keys", api_keys_file=str(keys))
+    page = make_page(server)
+    give_key(page, alice, asked=True)
+    ready(page)
+    run_job(page, "alice's secret prompt")
+    wait_image(page)
+    expect(page.locator("#gallery li")).to_have_count(1)
+    alices_job = shown_gallery(page)[0]
+    # another key on the same browser: none of alice's jobs, prompts or images on the screen
+    give_key(page, bob)
+    expect(page.locator("#gallery li")).to_have_count(0)
+    expect(page.locator("#image")).to_be_hidden()
+    expect(page.locator("body")).not_to_contain_text("alice's secret prompt")
+    expect(page.locator("#prompt")).to_have_value("")
+    run_job(page, "bob's prompt")
+    wait_image(page)
+    expect(page.locator("#gallery li")).to_have_count(1)
+    bobs_job = shown_gallery(page)[0]
+    give_key(page, alice)  # each key finds its own gallery again
+    expect(page.locator("#gallery li")).to_have_count(1)
+    assert shown_gallery(page) == [alices_job]
+    page.reload()
+    ready(page)
+    image_loaded(page, f'#gallery li[data-id="{alices_job}"] img')
+    # "Forget it": nothing of alice's is left in this browser
+    page.locator("#key-button").click()
+    page.locator("#key-forget").click()
+    expect(page.locator("#gallery li")).to_have_count(0)
+    expect(page.locator("#image")).to_be_hidden()
+    kept = page.evaluate("JSON.stringify(Object.entries(localStorage))")
+    assert alice not in kept and alices_job not in kept and "alice's secret prompt" not in kept
+    assert bobs_job in kept  # bob's gallery is bob's to forget
+    page.screenshot(path=shots / "13-key-forgotten.png")
+    give_key(page, bob, asked=True)  # the key box stays open after "Forget it"
+    expect(page.locator("#gallery li")).to_have_count(1)
+    assert shown_gallery(page) == [bobs_job]
+
+
+def test_a_gallery_kept_without_a_key_is_dropped_by_a_server_that_needs_one(
+    make_page: Callable[..., Page], servers: Servers, tmp_path: Path
+) -> None:
+    """What an older page kept for whichever key (one list for the whole browser) is nobody's to show."""
+    keys = tmp_path / "keys.yaml"
+    add_key(keys, "someone")
+    server = servers.start("gallery-leftover", api_keys_file=str(keys))
+    page = make_page(server)
+    leftover = {"id": str(uuid.uuid4()), "prompt": "an earlier key's prompt", "status": "SUCCESS", "created": 0}
+    page.evaluate("entry => localStorage.setItem('imagen.gallery', JSON.stringify([entry]))", leftover)
+    page.reload()
+    expect(page.locator("#keybox")).to_be_visible()
+    expect(page.locator("#gallery li")).to_have_count(0)
+    assert page.evaluate("localStorage.getItem('imagen.gallery')") is None
 
 
 def test_live_previews_and_the_extra_fields_come_from_the_server(

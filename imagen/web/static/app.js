@@ -3,7 +3,8 @@
  * What the server offers is read from it: the models (/models), the LoRAs (/loras), the request's fields and
  * their ranges, and whether /cancel and /events exist (/openapi.json). Progress comes from GET /events as a
  * fetch() stream (EventSource cannot send the API key), with previews; without it, /status is polled. The
- * API key, the language and the gallery of this browser's jobs are kept in localStorage.
+ * API key, the language and the gallery of this browser's jobs are kept in localStorage: the gallery (and the
+ * last seed) per key, so that a key never shows another key's prompts and jobs (``mine``).
  */
 "use strict";
 (() => {
@@ -37,6 +38,28 @@
       } catch { /* private mode: nothing is kept */ }
     },
   };
+
+  /** A short, stable tag of a key (cyrb53, 53 bits): names that key's own storage without holding the key.
+   * Synchronous, because crypto.subtle exists only on https and localhost. */
+  function keyTag(key) {
+    let h1 = 0xdeadbeef;
+    let h2 = 0x41c6ce57;
+    for (let i = 0; i < key.length; i++) {
+      const ch = key.charCodeAt(i);
+      h1 = Math.imul(h1 ^ ch, 2654435761);
+      h2 = Math.imul(h2 ^ ch, 1597334677);
+    }
+    h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+    h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+    return (4294967296 * (2097151 & h2) + (h1 >>> 0)).toString(36);
+  }
+
+  /** The storage name of ``name`` for the key in use: ``imagen.gallery.<tag>``; without a key (a server
+   * without keys, where every job is everyone's) the plain name. */
+  function mine(name) {
+    const key = store.get(KEY);
+    return key ? `${name}.${keyTag(key)}` : name;
+  }
 
   // -- words ------------------------------------------------------------------------------------------
   let lang = store.get(LANG) || ((navigator.language || "en").toLowerCase().startsWith("fr") ? "fr" : "en");
@@ -147,6 +170,12 @@
   let keyWaiters = [];
 
   function askForKey(detail, hadKey) {
+    // This server needs a key: a keyless gallery here can only be what an older page kept for some key.
+    if (store.get(GALLERY) !== null || store.get(LAST_SEED) !== null) {
+      store.set(GALLERY, null);
+      store.set(LAST_SEED, null);
+      if (!store.get(KEY)) leaveKey();
+    }
     $("keybox").hidden = false;
     $("key-button").hidden = false;
     $("key-forget").hidden = !store.get(KEY);
@@ -159,6 +188,33 @@
     }
     setHealth("wait", "keyTitle");
     if (!$("keybox").contains(document.activeElement)) $("key-input").focus();
+  }
+
+  /** Another key, or none: nothing of the previous key's stays on the screen; that key's gallery shows. */
+  function leaveKey() {
+    if (state.job) {
+      state.job.controller.abort();
+      state.job = null;
+      setRunning(false);
+    }
+    state.shown = null;
+    for (const url of state.blobs.values()) URL.revokeObjectURL(url);
+    state.blobs.clear();
+    $("image").hidden = true;
+    $("image").removeAttribute("src");
+    $("image").alt = "";
+    for (const id of ["preview", "overlay", "details", "notice", "variants"]) $(id).hidden = true;
+    for (const id of ["params", "variants"]) $(id).replaceChildren();
+    $("copied").textContent = "";
+    $("download").removeAttribute("href");
+    $("empty").hidden = false;
+    $("seed-reuse").disabled = store.get(mine(LAST_SEED)) === null;
+    renderGallery();
+  }
+
+  function forgetPrompt() {
+    $("prompt").value = "";
+    $("negative_prompt").value = "";
   }
 
   function keyGiven() {
@@ -174,7 +230,10 @@
       $("key-input").focus();
       return;
     }
+    const previous = store.get(KEY);
     store.set(KEY, value);
+    if (previous && value !== previous) forgetPrompt(); // another person's key: their prompt is theirs
+    if (value !== previous) leaveKey();
     $("key-input").value = "";
     $("keybox").hidden = true;
     $("key-button").hidden = false;
@@ -836,7 +895,7 @@
       showProgress("loadingImage", null, 100);
       const entry = updateEntry(id, { status: "SUCCESS", filename: result.filename, url: result.url, metadata, images: result.images || undefined });
       if (typeof metadata.seed === "number") {
-        store.set(LAST_SEED, metadata.seed);
+        store.set(mine(LAST_SEED), metadata.seed);
         $("seed-reuse").disabled = false;
       }
       try {
@@ -1065,19 +1124,19 @@
   }
 
   function reuseLastSeed() {
-    const seed = store.get(LAST_SEED);
+    const seed = store.get(mine(LAST_SEED));
     if (seed === null) return;
     $("seed-random").checked = false;
     $("seed").value = seed;
     onRandomToggle();
   }
 
-  // -- the gallery (this browser's jobs) --------------------------------------------------------------
-  const entries = () => store.get(GALLERY, []);
+  // -- the gallery (this browser's jobs, of the key in use) -------------------------------------------
+  const entries = () => store.get(mine(GALLERY), []);
 
   function addEntry(entry) {
     const list = [entry, ...entries().filter((e) => e.id !== entry.id)].slice(0, GALLERY_MAX);
-    store.set(GALLERY, list);
+    store.set(mine(GALLERY), list);
     renderGallery();
   }
 
@@ -1088,7 +1147,7 @@
     const before = JSON.stringify(entry);
     Object.assign(entry, changes);
     if (JSON.stringify(entry) !== before) {
-      store.set(GALLERY, list);
+      store.set(mine(GALLERY), list);
       renderGallery();
     }
     return entry;
@@ -1245,7 +1304,7 @@
     $("model").addEventListener("change", onModelChange);
     $("seed-random").addEventListener("change", onRandomToggle);
     $("seed-reuse").addEventListener("click", reuseLastSeed);
-    $("seed-reuse").disabled = store.get(LAST_SEED) === null;
+    $("seed-reuse").disabled = store.get(mine(LAST_SEED)) === null;
     $("copy-seed").addEventListener("click", copySeed);
     $("reuse").addEventListener("click", reuseSettings);
     $("key-form").addEventListener("submit", onKeySubmit);
@@ -1256,12 +1315,17 @@
       if (!$("keybox").hidden) $("key-input").focus();
     });
     $("key-forget").addEventListener("click", () => {
+      // Forgetting a key forgets what this browser kept of it: its gallery, its last seed, its prompt.
+      store.set(mine(GALLERY), null);
+      store.set(mine(LAST_SEED), null);
       store.set(KEY, null);
+      forgetPrompt();
+      leaveKey();
       $("key-forget").hidden = true;
       $("key-input").focus();
     });
     $("gallery-clear").addEventListener("click", () => {
-      store.set(GALLERY, []);
+      store.set(mine(GALLERY), []);
       renderGallery();
     });
     if (store.get(KEY)) $("key-button").hidden = false;
