@@ -27,7 +27,8 @@ def test_the_page_and_its_files_forbid_framing_and_foreign_or_inline_code(client
         csp = policy(answer.headers["content-security-policy"])
         assert csp["frame-ancestors"] == {"'none'"}
         assert csp["default-src"] == {"'none'"}
-        assert csp["script-src"] == csp["style-src"] == csp["connect-src"] == {"'self'"}
+        assert csp["script-src"] == csp["style-src"] == {"'self'"}
+        assert csp["connect-src"] == {"'self'", "blob:"}  # this server, and the page's own object URLs
         assert not any("unsafe" in value for values in csp.values() for value in values)
 
 

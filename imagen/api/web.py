@@ -30,7 +30,7 @@ CONTENT_SECURITY_POLICY = "; ".join((
     "script-src 'self'",
     "style-src 'self'",
     "img-src 'self' blob: data:",
-    "connect-src 'self'",
+    "connect-src 'self' blob:",  # blob: the page's own object URLs (reading back an image it shows)
     "base-uri 'none'",
     "form-action 'none'",
     "frame-ancestors 'none'",
