@@ -184,14 +184,16 @@ class Settings(BaseSettings):
     png_ttl_s: float = Field(
         300.0,
         gt=0,
-        description="Distributed: seconds Redis keeps a finished PNG for the API replicas to copy (it goes as "
-        "soon as every live replica has a copy). A replica that missed it answers 404 for that image.",
+        description="Distributed: seconds Redis keeps a finished PNG after a first API replica copied it, for "
+        "the other live replicas (it goes as soon as every one has a copy). A PNG no replica has copied never "
+        "expires.",
     )
     png_redis_max_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,
-        description="Distributed: most bytes of PNGs Redis keeps at once; past it the oldest go first (the "
-        "newest is always kept).",
+        description="Distributed: bytes of finished PNGs Redis holds for the API replicas. Past it, copied ones "
+        "go first (oldest first); while PNGs no replica has copied fill it, POST /generate answers 503 and "
+        "workers start no job.",
     )
 
     # --- live progress (GET /events) ---------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ImagenError(Exception):
     """Root of every error Imagen raises on purpose."""
@@ -36,8 +38,24 @@ class UploadQuotaError(ImagenError):
         self.retry_after_s = retry_after_s
 
 
-class BrokerUnavailableError(ImagenError):
+class UnavailableError(ImagenError):
+    """The service cannot take work for a while, for a reason that passes: the API answers 503 with a
+    ``Retry-After``, and ``/health`` says why."""
+
+
+class BrokerUnavailableError(UnavailableError):
     """The job broker (Redis) cannot be reached."""
+
+
+class OutputsFullError(UnavailableError):
+    """Embedded: the outputs disk is full. A generation worker keeps its finished image and tries again to
+    write it; no new job is accepted until one is written."""
+
+
+class ImageBacklogFullError(UnavailableError):
+    """Distributed: finished PNGs that no API replica has copied yet fill ``png_redis_max_bytes`` of Redis
+    (a replica whose outputs disk is full, or no replica up). They stay until copied; no new job is accepted
+    (and workers start none) until copies make room."""
 
 
 class GenerationError(ImagenError):
@@ -77,6 +95,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a disk is full (or a disk quota reached): a condition to wait out, never a
+    property of the job that failed to write."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class JobCancelled(ImagenError):

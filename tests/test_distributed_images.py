@@ -1,6 +1,7 @@
 """Images from workers to API replicas through Redis (real redis-server, real workers): a copy that fails
-stalls nothing and is retried; Redis lets a PNG go once every live replica has it, after ``png_ttl_s``,
-or when ``png_redis_max_bytes`` is reached (oldest first)."""
+stalls nothing and is retried; Redis lets a PNG go once every live replica has it, ``png_ttl_s`` after a
+first replica copied it, or when ``png_redis_max_bytes`` is reached (oldest copied first); a PNG no replica
+has copied never goes (tests/test_full_disk.py: an outputs disk that cannot be written for long)."""
 
 from __future__ import annotations
 
@@ -89,23 +90,31 @@ def test_a_png_a_replica_never_copies_expires_after_png_ttl(celery_cluster: Cele
     wait_for(lambda: int(cluster.redis.client().get(PNG_BYTES) or 0) == 0, timeout=10)
 
 
-def test_pngs_in_redis_stay_within_the_byte_bound_oldest_first(own_redis: RedisServer) -> None:
-    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60, png_limits=PngLimits(ttl_s=600, max_bytes=250))
-    slow_replica(own_redis)
-    names = []
-    for i in range(5):
-        job = new_job(f"image {i}")
-        store.submit(job, max_queue=100)
-        assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
-        name = f"image_{i}.png"
-        assert store.complete(job.job_id, "w", {"filename": name}, bytes(100))
-        names.append(name)
-        assert store.png_bytes() <= 250
-    assert store.kept_pngs() == names[-2:]  # the two newest fit
-    assert [store.get_png(name) is not None for name in names] == [False, False, False, True, True]
-    # A single PNG larger than the bound is still kept (the newest always is).
-    job = new_job("huge")
+def finish(store: RedisJobStore, name: str, size: int) -> None:
+    job = new_job(name)
     store.submit(job, max_queue=100)
-    store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
-    store.complete(job.job_id, "w", {"filename": "huge.png"}, bytes(1000))
-    assert store.kept_pngs() == ["huge.png"] and store.png_bytes() == 1000
+    assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
+    assert store.complete(job.job_id, "w", {"filename": name}, bytes(size))
+
+
+def test_past_the_byte_bound_copied_pngs_go_oldest_first_and_uncopied_ones_stay(own_redis: RedisServer) -> None:
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60, png_limits=PngLimits(ttl_s=600, max_bytes=250))
+    slow_replica(own_redis)  # alive, never copies: nothing is dropped for having reached every replica
+    names = [f"image_{i}.png" for i in range(3)]
+    for name in names:
+        finish(store, name, 100)
+    # No replica has any: all stay, past the bound, and the backlog is full (no new work until copies).
+    assert store.kept_pngs() == names and store.png_bytes() == 300
+    assert store.png_backlog_bytes() == 300 and store.png_backlog_full()
+    for name in names[:2]:
+        assert not store.release_png(name, "another replica")  # copied there; the slow one still lacks it
+    assert store.uncopied_pngs() == names[2:]
+    assert store.png_backlog_bytes() == 100 and not store.png_backlog_full()
+    finish(store, "image_3.png", 100)
+    # Room for it: the oldest copied ones went first; the uncopied one stayed.
+    assert store.kept_pngs() == ["image_2.png", "image_3.png"] and store.png_bytes() == 200
+    assert [store.get_png(name) is not None for name in names] == [False, False, True]
+    # One PNG larger than the bound, with nothing copied to make room for it: kept, like every uncopied one.
+    finish(store, "huge.png", 1000)
+    assert store.uncopied_pngs() == ["image_2.png", "image_3.png", "huge.png"]
+    assert store.png_bytes() == store.png_backlog_bytes() == 1200

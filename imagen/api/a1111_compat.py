@@ -45,7 +45,7 @@ from imagen.api.prompt_tags import parse_lora_tags
 from imagen.api.schemas import MAX_IMAGES, GenerationRequest, LoraRequest
 from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
+from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
@@ -244,6 +244,8 @@ async def _generate(
         return _error(429, f"queue full ({exc}); try again later")
     except BrokerUnavailableError:
         return _error(503, "the job queue is unreachable; try again later")
+    except UnavailableError as exc:  # a full outputs disk, too many images waiting for a copy
+        return _error(503, f"the service cannot take jobs now ({exc}); try again later")
     mine = state.jobs.setdefault(caller.name, {})
     mine[job_id] = time.time()
     try:

@@ -27,7 +27,13 @@ from imagen.api.request_id import RequestIdMiddleware
 from imagen.api.routes import router, status
 from imagen.api.web import install_web
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
+from imagen.errors import (
+    BrokerUnavailableError,
+    ImageBacklogFullError,
+    KeyQueueFullError,
+    OutputsFullError,
+    QueueFullError,
+)
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
 from imagen.outputs.retention import RetentionSweeper
@@ -36,6 +42,8 @@ from imagen.webhooks.dispatcher import WebhookDispatcher
 
 QUEUE_FULL = "Queue pleine, réessayez plus tard"
 BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
+OUTPUTS_FULL = "Disque des images plein, réessayez plus tard"
+IMAGE_BACKLOG_FULL = "Trop d'images en attente de copie, réessayez plus tard"
 
 
 def key_queue_full(limit: int) -> str:
@@ -112,6 +120,14 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     @app.exception_handler(BrokerUnavailableError)
     async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
+
+    @app.exception_handler(OutputsFullError)
+    async def outputs_full(_: Request, exc: OutputsFullError) -> JSONResponse:
+        return JSONResponse({"detail": OUTPUTS_FULL}, status_code=503, headers={"Retry-After": "30"})
+
+    @app.exception_handler(ImageBacklogFullError)
+    async def image_backlog_full(_: Request, exc: ImageBacklogFullError) -> JSONResponse:
+        return JSONResponse({"detail": IMAGE_BACKLOG_FULL}, status_code=503, headers={"Retry-After": "30"})
 
     @app.exception_handler(KeyQueueFullError)
     async def key_queue_full_handler(_: Request, exc: KeyQueueFullError) -> JSONResponse:

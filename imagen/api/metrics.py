@@ -79,6 +79,18 @@ def _queue(numbers: JobMetrics) -> Iterator[Metric]:
         family = GaugeMetricFamily(name, help_text, labels=["backend"])
         family.add_metric([numbers.backend], value)
         yield family
+    yield GaugeMetricFamily(
+        "imagen_outputs_disk_full",
+        "1 while this process's outputs disk is full: finished images wait to be written (new jobs get 503).",
+        value=1 if numbers.outputs_disk_full else 0,
+    )
+    if numbers.png_backlog_bytes is not None:
+        yield GaugeMetricFamily(
+            "imagen_png_backlog_bytes",
+            "Bytes of finished PNGs in Redis that no API replica has copied yet (new jobs get 503 past "
+            "IMAGEN_PNG_REDIS_MAX_BYTES).",
+            value=numbers.png_backlog_bytes,
+        )
 
 
 def _totals(totals: dict[str, float]) -> Iterator[Metric]:

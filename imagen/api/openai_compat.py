@@ -37,7 +37,7 @@ from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
 from imagen.api.schemas import MAX_IMAGES, MAX_PROMPT_CHARS, GenerationRequest, LoraRequest
 from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError
+from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
 from imagen.jobs.types import JobState
 from imagen.registry import Registry
@@ -242,6 +242,9 @@ async def _run(
     except BrokerUnavailableError:
         return OpenAIError(503, "The job queue is unreachable; try again later", "server_error", None,
                            "queue_unavailable").response({"Retry-After": "10"})
+    except UnavailableError as exc:  # a full outputs disk, too many images waiting for a copy
+        return OpenAIError(503, f"The service cannot take jobs now ({exc}); try again later", "server_error", None,
+                           "service_unavailable").response({"Retry-After": "30"})
     try:
         job = await wait_for_end(backend, job_id, wait_limit_s(settings))
     except JobWaitTimeout as exc:

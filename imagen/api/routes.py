@@ -114,7 +114,12 @@ router = APIRouter()
             "or sent too many requests this minute.",
             "headers": _RETRY_AFTER,
         },
-        503: {"model": Detail, "description": "Queue full, or broker unreachable.", "headers": _RETRY_AFTER},
+        503: {
+            "model": Detail,
+            "description": "Queue full, broker or job database unreachable, outputs disk full, or too many images "
+            "waiting to be copied (distributed).",
+            "headers": _RETRY_AFTER,
+        },
     },
 )
 def generate(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imagen.errors import GenerationError, is_out_of_memory
+from imagen.errors import GenerationError, is_out_of_memory, is_out_of_space
 from imagen.generation.base import (
     STEP_SAVING,
     Engine,
@@ -62,6 +62,7 @@ def run_task(
     png_compress_level: int = 1,
     preview: PreviewCallback | None = None,
     inputs: Mapping[str, bytes] | None = None,
+    on_no_space: Callable[[OSError], None] | None = None,
 ) -> dict[str, Any]:
     """Generate, save, and return the ``result`` object ``/status`` shows on SUCCESS. A cancelled job
     (``JobCancelled`` from ``progress``, the last time just before saving) writes no PNG.
@@ -69,6 +70,10 @@ def run_task(
     ``inputs``: the job's input images as PNG bytes by role ("init", "mask", "ip"). Image 0 is written as
     ``output_name``, image i ≥ 1 as ``image_names(output_name, n)[i]``; each PNG's metadata carries its
     own seed. ``filename``, ``path``, ``url`` and ``metadata`` describe image 0; ``images`` lists them all.
+
+    ``on_no_space``: called when a PNG cannot be written because the disk is full (``ENOSPC``, ``EDQUOT``);
+    it waits (or raises, ``JobCancelled`` say), then the same image is written again: a full disk costs a
+    wait, never the generation. Without it, the ``OSError`` is raised.
     """
     started_at = time.time()
     timer = PhaseTimer(progress)
@@ -87,7 +92,14 @@ def run_task(
     metadatas: list[dict[str, Any]] = []
     for index, (name, image) in enumerate(zip(names, generated, strict=True)):
         metadata: dict[str, Any] = {**base, "seed": task.seed + index, **image.extra_metadata}
-        save_png(image.rgb_pixels(), metadata, outputs_dir, name, png_compress_level)
+        while True:
+            try:
+                save_png(image.rgb_pixels(), metadata, outputs_dir, name, png_compress_level)
+                break
+            except OSError as exc:
+                if on_no_space is None or not is_out_of_space(exc):
+                    raise
+                on_no_space(exc)
         metadatas.append(metadata)
         images.append({
             "filename": name,

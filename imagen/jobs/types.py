@@ -172,3 +172,8 @@ class JobMetrics:
     waiting: int
     running: int
     totals: dict[str, float]  # field name (``jobs.stats.field``) -> value
+    # This process's outputs disk is full: embedded, a worker waits to write its image; distributed, this
+    # API replica cannot copy the images it is sent.
+    outputs_disk_full: bool = False
+    # Distributed: bytes of finished PNGs in Redis that no API replica has copied yet (None: embedded).
+    png_backlog_bytes: int | None = None

@@ -129,9 +129,14 @@ def republish(app: Celery, job_id: str) -> None:
 def create_worker_app(settings: Settings) -> Celery:
     """The app a worker runs: the task, its per-process hooks, and the engine gate on the consumer."""
     app = create_celery(settings)
-    # Created before the pool forks, so the main process and its pool child share it.
+    # Created before the pool forks, so the main process and its pool child share them.
     engine_ready = multiprocessing.Value("b", 0)
-    task_class = type("GenerateTask", (GenerateTask,), {"settings": settings, "engine_ready": engine_ready})
+    backlogged = multiprocessing.Value("b", 0)
+    task_class = type(
+        "GenerateTask",
+        (GenerateTask,),
+        {"settings": settings, "engine_ready": engine_ready, "backlogged": backlogged},
+    )
     app.register_task(task_class())
     app.steps["consumer"].add(EngineGate)
 
@@ -154,9 +159,10 @@ def _generate_task(app: Celery) -> GenerateTask:
 
 class EngineGate(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships no type hints
     """A consumer step of the worker's main process: consume the queue while the pool child's engine is
-    loaded, not otherwise. The worker starts with the queue excluded (``worker.run_worker``), so a worker
-    that cannot load its engine never holds a message. Runs in the consumer's event loop (a timer), and is
-    started again with the consumer after a lost broker connection."""
+    loaded and the finished images that no API replica has copied leave room in Redis, not otherwise. The
+    worker starts with the queue excluded (``worker.run_worker``), so a worker that cannot load its engine
+    never holds a message. Runs in the consumer's event loop (a timer), and is started again with the
+    consumer after a lost broker connection."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -179,7 +185,8 @@ class EngineGate(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships
     def _sync(consumer: Any) -> None:
         if consumer.task_consumer is None:  # between a lost connection and the next one
             return
-        ready = bool(_generate_task(consumer.app).engine_ready.value)
+        task = _generate_task(consumer.app)
+        ready = bool(task.engine_ready.value) and not task.backlogged.value
         consuming = consumer.task_consumer.consuming_from(QUEUE)
         if ready and not consuming:
             consumer.add_task_queue(QUEUE)

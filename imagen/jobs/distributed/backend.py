@@ -25,7 +25,7 @@ from dataclasses import replace
 import redis
 
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError
+from imagen.errors import BrokerUnavailableError, ImageBacklogFullError
 from imagen.jobs import stats
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
@@ -107,6 +107,8 @@ class CeleryBackend(JobBackend):
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         try:
+            if self.store.png_backlog_full():  # its image could not be kept for the replicas: refuse it now
+                raise ImageBacklogFullError(self._backlog_text(self.store.png_backlog_bytes()))
             submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         except redis.RedisError as exc:
             # If the call reached Redis after all, its unconfirmed record expires on its own.
@@ -174,6 +176,7 @@ class CeleryBackend(JobBackend):
         try:
             self._health_client.ping()
             beats = self._health_store.workers()
+            backlog = self._health_store.png_backlog_bytes()
         except redis.RedisError:
             return BackendHealth(queue_broker="disconnected", gpu_available=False, workers=())
         listed = tuple(sorted(map(WorkerHealth.from_heartbeat, beats), key=lambda w: (w.host, w.pid)))
@@ -181,7 +184,13 @@ class CeleryBackend(JobBackend):
             queue_broker="connected",
             gpu_available=any(w.ready and w.gpu_available for w in listed),
             workers=listed,
+            unavailable=(self._backlog_text(backlog),) if backlog >= self.settings.png_redis_max_bytes else (),
+            degraded=tuple(filter(None, [self.images.trouble()])),
         )
+
+    def _backlog_text(self, backlog: int) -> str:
+        return (f"finished images waiting for an API replica's copy fill Redis ({backlog} bytes; "
+                f"IMAGEN_PNG_REDIS_MAX_BYTES={self.settings.png_redis_max_bytes})")
 
     def job_metrics(self) -> JobMetrics:
         try:
@@ -190,6 +199,8 @@ class CeleryBackend(JobBackend):
                 waiting=self._health_store.count_waiting(),
                 running=self._health_store.count_running(),
                 totals=self._health_store.read_stats(),
+                outputs_disk_full=self.images.disk_full is not None,
+                png_backlog_bytes=self._health_store.png_backlog_bytes(),
             )
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc

@@ -33,11 +33,14 @@ it answers ``conflict`` and the caller reads again).
   A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A claim is
   guarded by the record and its lock, so a job never runs twice at once. A broker message is a *ticket*
   (see ``task.py``): its worker claims the fair queue's next confirmed job, whichever job it names.
-- ``imagen:png:{name}`` the PNG bytes of a finished job (expiry ``png_ttl_s``), ``imagen:outputs`` a stream
-  of finished names. Each API replica copies the images into its own outputs folder (no shared disk),
-  then adds itself to ``imagen:png_copies:{name}``; the PNG is deleted once every live replica
-  (``imagen:replicas``, scored by heartbeat deadline) has a copy. ``imagen:png_sizes``/``png_order``/
-  ``png_bytes`` index them: past ``png_redis_max_bytes`` the oldest go first.
+- ``imagen:png:{name}`` the PNG bytes of a finished job, ``imagen:outputs`` a stream of finished names. Each
+  API replica copies the images into its own outputs folder (no shared disk), then adds itself to
+  ``imagen:png_copies:{name}``; the PNG is deleted once every live replica (``imagen:replicas``, scored by
+  heartbeat deadline) has a copy. A PNG no replica has copied never leaves Redis (``imagen:png_uncopied``,
+  by age, and ``png_uncopied_bytes``); the first copy moves it to ``imagen:png_order`` and starts its expiry
+  (``png_ttl_s``), for a live replica that does not copy it. ``imagen:png_sizes``/``png_bytes`` index them
+  all: past ``png_redis_max_bytes`` the oldest copied ones go first, and while uncopied ones fill it, no new
+  job is accepted or started (``png_backlog_full``).
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry.
 - ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
   made the event (a worker, a reaper, an API replica), right after its script: ``/metrics`` reads them.
@@ -93,6 +96,10 @@ OUTPUTS_STREAM_MAXLEN = 10_000
 PNG_SIZES = PREFIX + "png_sizes"
 PNG_ORDER = PREFIX + "png_order"
 PNG_BYTES = PREFIX + "png_bytes"
+PNG_UNCOPIED = PREFIX + "png_uncopied"
+PNG_UNCOPIED_BYTES = PREFIX + "png_uncopied_bytes"
+# The keys of the PNG index, as the scripts' ``png_index`` (lib_pngs.lua) takes them after the two prefixes.
+PNG_INDEX = [PNG_SIZES, PNG_ORDER, PNG_BYTES, PNG_UNCOPIED, PNG_UNCOPIED_BYTES]
 REPLICAS = PREFIX + "replicas"
 HOUSEKEEPER = PREFIX + "housekeeper"
 STATS = PREFIX + "stats"
@@ -578,14 +585,26 @@ class RedisJobStore:
         return bool(
             self._run(
                 "release_png",
-                [png_key(output_name), copies_key(output_name), REPLICAS, PNG_SIZES, PNG_ORDER, PNG_BYTES],
+                [png_key(output_name), copies_key(output_name), REPLICAS, *PNG_INDEX],
                 [output_name, replica_id, int(self.png_limits.ttl_s * 1000), PNG_PREFIX, COPIES_PREFIX],
             )
         )
 
     def kept_pngs(self) -> list[str]:
-        """The names of the PNGs Redis holds (oldest first)."""
-        return [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_ORDER, 0, -1))]
+        """The names of the PNGs Redis holds: those no replica has copied yet, then the others (oldest first)."""
+        return self.uncopied_pngs() + [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_ORDER, 0, -1))]
+
+    def uncopied_pngs(self) -> list[str]:
+        """The PNGs that no API replica has copied yet (oldest first): they stay until one does."""
+        return [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_UNCOPIED, 0, -1))]
+
+    def png_backlog_bytes(self) -> int:
+        """Bytes of the PNGs no API replica has copied yet."""
+        return int(cast(bytes | None, self.client.get(PNG_UNCOPIED_BYTES)) or 0)
+
+    def png_backlog_full(self) -> bool:
+        """PNGs no replica has copied fill ``png_redis_max_bytes``: take no new job until copies make room."""
+        return self.png_backlog_bytes() >= self.png_limits.max_bytes
 
     def png_bytes(self) -> int:
         return int(cast(bytes | None, self.client.get(PNG_BYTES)) or 0)
@@ -745,30 +764,19 @@ class RedisJobStore:
         stored = bool(
             self._run(
                 "complete",
-                [
-                    job_key(job_id),
-                    lock_key(job_id),
-                    RUNNING,
-                    WAITING,
-                    png_key(name),
-                    OUTPUTS_STREAM,
-                    PNG_SIZES,
-                    PNG_ORDER,
-                    PNG_BYTES,
-                ],
+                [job_key(job_id), lock_key(job_id), RUNNING, WAITING, OUTPUTS_STREAM, *PNG_INDEX],
                 [
                     job_id,
                     token,
                     json.dumps(result),
-                    png,
                     repr(self.clock()),
                     self._ttl_ms,
-                    max(1, int(self.png_limits.ttl_s * 1000)),
-                    name,
                     OUTPUTS_STREAM_MAXLEN,
                     self.png_limits.max_bytes,
                     PNG_PREFIX,
                     COPIES_PREFIX,
+                    name,
+                    png,
                     *(item for other, data in (more_pngs or {}).items() for item in (other, data)),
                 ],
             )

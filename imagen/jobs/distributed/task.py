@@ -168,6 +168,10 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     # Shared with the worker's main process (created there before the pool forks): 1 once this child's
     # engine is loaded. The main process consumes the queue only while it is up.
     engine_ready: ClassVar[Synchronized[int]]
+    # Also shared: 1 while the finished images that no API replica has copied fill ``png_redis_max_bytes``
+    # (read by this child at each heartbeat). The main process consumes nothing meanwhile: a job finished
+    # now would have no room to wait for its copy.
+    backlogged: ClassVar[Synchronized[int]]
 
     store: RedisJobStore
     scratch: Path
@@ -254,7 +258,21 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _beat_forever(self) -> None:
         while not self._stopping.is_set():
             self._beat()
+            self._watch_backlog()
             self._stopping.wait(HEARTBEAT_S)
+
+    def _watch_backlog(self) -> None:
+        try:
+            full = self.store.png_backlog_full()
+        except redis.RedisError:
+            return  # the broker may be restarting; the next beat looks again
+        if full != bool(self.backlogged.value):
+            self.backlogged.value = int(full)
+            if full:
+                log.warning("finished images that no API replica has copied fill Redis "
+                            "(IMAGEN_PNG_REDIS_MAX_BYTES): this worker takes no job until copies make room")
+            else:
+                log.info("images copied: room in Redis again; this worker takes jobs again")
 
     # -- the task body --------------------------------------------------------------------------------
     def run(self, named_job_id: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from imagen.config import Settings
+from imagen.errors import OutputsFullError
 from imagen.jobs import stats
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
@@ -66,6 +67,8 @@ class EmbeddedBackend(JobBackend):
         self.store.close()
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
+        if self.outputs_full():
+            raise OutputsFullError(f"outputs disk full ({self.settings.outputs_dir})")
         submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         self.wakeups.notify()
         self.store.stats.add(stats.on_submitted(job, submitted.position))
@@ -98,7 +101,10 @@ class EmbeddedBackend(JobBackend):
     def health(self) -> BackendHealth:
         workers = tuple(slot.health() for slot in self._slots)
         return BackendHealth(
-            queue_broker="embedded", gpu_available=any(w.ready and w.gpu_available for w in workers), workers=workers
+            queue_broker="embedded",
+            gpu_available=any(w.ready and w.gpu_available for w in workers),
+            workers=workers,
+            unavailable=(f"outputs disk full ({self.settings.outputs_dir})",) if self.outputs_full() else (),
         )
 
     def job_metrics(self) -> JobMetrics:
@@ -107,7 +113,12 @@ class EmbeddedBackend(JobBackend):
             waiting=self.store.count_waiting(),
             running=self.store.count_running(),
             totals=self.store.stats.read(),
+            outputs_disk_full=self.outputs_full(),
         )
+
+    def outputs_full(self) -> bool:
+        """A worker waits to write a finished image: the outputs disk is full (no new job until it has room)."""
+        return any(slot.waiting_for_space is not None for slot in self._slots)
 
     # -- internals -------------------------------------------------------------------------------
     def _new_slot(self, index: int) -> WorkerSlot:

@@ -5,6 +5,9 @@ It builds the engine once and says :class:`Ready` (or :class:`StartupFailed`), t
 :class:`Cancelled` after a :class:`Cancel`, read at each progress report), until :class:`Stop` or the end of
 the pipe. Model code (torch, diffusers) lives only here: a crash, hang or OOM kill in it never takes the API
 down. The messages are in ``messages.py``.
+
+A full outputs disk costs a wait, not the work: the finished image stays here and is written again with a
+growing delay (:class:`NoSpace` each time) until there is room, or the job is cancelled or the child stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,6 +34,7 @@ from imagen.jobs.embedded.messages import (
     Done,
     Failed,
     FromChild,
+    NoSpace,
     Preview,
     Progress,
     ProtocolError,
@@ -46,6 +51,9 @@ from imagen.registry import load_registry
 log = logging.getLogger("imagen.worker")
 
 PR_SET_PDEATHSIG = 1
+# A finished image that the full outputs disk refused is written again after 0.5 s, 1 s, 2 s, ... 10 s.
+NO_SPACE_FIRST_RETRY_S = 0.5
+NO_SPACE_MAX_RETRY_S = 10.0
 
 
 def _die_with_parent() -> None:
@@ -104,6 +112,23 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
 
         return progress
 
+    def space_wait() -> Callable[[OSError], None]:
+        """For one job: wait before writing its image again, listening for a ``Cancel`` meanwhile."""
+        delay = NO_SPACE_FIRST_RETRY_S
+
+        def wait(exc: OSError) -> None:
+            nonlocal delay
+            send(NoSpace(str(exc), delay))
+            if conn.poll(delay):
+                match conn.recv():
+                    case Cancel():
+                        raise JobCancelled
+                    case other:
+                        raise ProtocolError(f"unexpected message during a job: {other!r:.200}")
+            delay = min(NO_SPACE_MAX_RETRY_S, delay * 2)
+
+        return wait
+
     while True:
         try:
             message = conn.recv()
@@ -122,6 +147,7 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                         settings.png_compress_level,
                         preview=lambda step, jpeg: send(Preview(step, jpeg)),
                         inputs=inputs,
+                        on_no_space=space_wait(),
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")

@@ -6,11 +6,16 @@ not unpickle, is an error of the protocol, never a guess.
 
     slot -> child:  RunJob | Cancel | Stop
     child -> slot:  WorkerReport then Ready | StartupFailed   (once, after loading the engine)
-                    (Progress | Preview)* then WorkerReport then Done | Failed | Cancelled   (per RunJob)
+                    (Progress | Preview | NoSpace)* then WorkerReport then Done | Failed | Cancelled
+                                                                                   (per RunJob)
 
 ``Cancel`` is sent while a job runs, at most once per job; the child reads it, without blocking, each time
 the engine reports progress, and ends the job with ``Cancelled`` (no image). The pipe keeps messages in
 order, so a ``Cancel`` that arrives after its job ended is read before the next ``RunJob`` and ignored.
+
+``NoSpace`` comes each time the child fails to write a finished image because the outputs disk is full. The
+child keeps the image and tries again after a growing delay, reading the pipe (a ``Cancel``) while it waits;
+the job ends as usual once the image is written.
 """
 
 from __future__ import annotations
@@ -75,6 +80,15 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class NoSpace:
+    """The finished image could not be written: the outputs disk is full. The child tries again in
+    ``retry_in_s`` seconds (the job is still running)."""
+
+    error: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
 class Done:
     result: dict[str, Any]  # the ``result`` object of /status
 
@@ -91,7 +105,7 @@ class Cancelled:
 
 
 ToChild = RunJob | Cancel | Stop
-FromChild = Ready | StartupFailed | WorkerReport | Progress | Preview | Done | Failed | Cancelled
+FromChild = Ready | StartupFailed | WorkerReport | Progress | Preview | NoSpace | Done | Failed | Cancelled
 
 
 class ProtocolError(Exception):

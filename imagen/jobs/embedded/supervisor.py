@@ -5,6 +5,10 @@ The thread claims the next job, hands it to its child (``child.py``) as a ``RunJ
 and turns a dead child into a failed attempt. What a failed attempt leads to is the store's business (it
 applies ``lifecycle.AttemptPolicy``); the slot only says how the attempt ended.
 
+A full outputs disk is waited out: the child keeps the finished image and says ``NoSpace`` at each failed
+write; the slot shows it (``waiting_for_space``: the backend's ``/health`` and submissions read it) and does
+not count the wait in the job's timeout. The job ends as usual once its image is written.
+
 A cancelled job (``POST /cancel``) is REVOKED in the store at once. The slot learns of it from the store: the
 backend asks every slot to look (``check_cancel``), and a progress write or heartbeat the store refuses
 makes it look too. It then sends ``Cancel``; the child stops at the engine's next step and answers
@@ -36,6 +40,7 @@ from imagen.jobs.embedded.messages import (
     Cancelled,
     Done,
     Failed,
+    NoSpace,
     Preview,
     Progress,
     ProtocolError,
@@ -118,6 +123,10 @@ class WorkerSlot(threading.Thread):
         self.device: DeviceInfo | None = None  # set once its child's engine is loaded
         self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
+        # Why its child cannot write the job's finished image (the outputs disk is full), while it waits to
+        # write it again; None otherwise.
+        self.waiting_for_space: str | None = None
+        self._deadline = 0.0  # when the job it runs times out (monotonic clock)
         self.numbers = WorkerNumbers()  # its child's last ``WorkerReport`` (for /metrics)
         self._look_for_cancel = threading.Event()  # its job may have been cancelled: read the store
         self._cancel_sent = False  # Cancel went to the child for the job it runs now
@@ -234,7 +243,7 @@ class WorkerSlot(threading.Thread):
         conn = self._conn
         assert conn is not None
         stats.on_started(job)
-        deadline = time.monotonic() + self.settings.job_timeout_s
+        self._deadline = time.monotonic() + self.settings.job_timeout_s
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         self._cancel_sent = False
         self._look_for_cancel.clear()
@@ -242,6 +251,7 @@ class WorkerSlot(threading.Thread):
             self._send(RunJob(job.task, job.output_name, self.store.job_inputs(job.job_id)))
             while not self.stopping.is_set():
                 now = time.monotonic()
+                deadline = self._deadline
                 if now >= deadline:
                     self._kill_child()
                     self._log_verdict(job, self.store.time_out(job.job_id, self.owner))
@@ -259,6 +269,8 @@ class WorkerSlot(threading.Thread):
                     return
         except (EOFError, OSError):
             pass  # the child died
+        finally:
+            self.waiting_for_space = None
         # The child died, or the backend stops: the job goes back (uncounted when stopping).
         self._kill_child()
         self._give_back(job, WORKER_DIED)
@@ -276,7 +288,18 @@ class WorkerSlot(threading.Thread):
             case WorkerReport(numbers=WorkerNumbers() as numbers):
                 self.numbers = numbers
                 return False
+            case NoSpace(error=str() as error, retry_in_s=float() as retry_in_s):
+                if self.waiting_for_space is None:
+                    log.warning("job %s: outputs disk full (%s): %s; its image is kept and written again as soon "
+                                "as there is room; no new job is accepted until then",
+                                job.job_id, self.settings.outputs_dir, error)
+                self.waiting_for_space = error
+                self._deadline += retry_in_s  # waiting for room is no part of the job's time
+                return False
             case Done(result=dict() as result):
+                if self.waiting_for_space is not None:
+                    log.info("job %s: its image is written; the outputs disk has room again", job.job_id)
+                    self.waiting_for_space = None
                 if self.store.complete(job.job_id, self.owner, result):
                     return True  # the store logs the event (jobs/stats.py)
                 if self._revoked(job):
