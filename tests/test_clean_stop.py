@@ -18,9 +18,11 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from tests.celery_support import CeleryCluster, celery_cluster, own_redis
+from imagen.jobs.distributed.store import RedisJobStore, connect
+from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import ServerProcess, submit, wait_for, wait_status
 from tests.latches import Latches
+from tests.test_distributed_reconciler import new_job
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
@@ -102,3 +104,18 @@ def test_distributed_group_sigterm_puts_the_running_job_back_uncounted(
     assert body["status"] == "SUCCESS", body
     assert attempts() == 1
     assert execution_log.read_text().splitlines().count("hold group-stop") == RESTARTS + 1
+
+
+def test_a_job_given_back_keeps_its_place_in_the_queue_and_its_attempt_count(own_redis: RedisServer) -> None:
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    first, second = new_job("first"), new_job("second")
+    for job in (first, second):
+        store.submit(job, max_queue=10)
+        store.confirm(job.job_id)
+    claim = store.claim(first.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    assert claim.outcome == "claimed" and claim.attempts == 1
+    assert store.give_back(first.job_id, "w") == "retry"
+    record = store.get(first.job_id)
+    assert record is not None and record.state.value == "PENDING" and record.attempts == 0
+    assert store.position(first.job_id) == 1  # ahead of the job submitted after it, as before it started
+    assert store.give_back(first.job_id, "w") == "lost"  # no longer this worker's
