@@ -14,11 +14,17 @@ from imagen.config import Settings
 def _serve(args: argparse.Namespace) -> int:
     from imagen.api.app import create_app
     from imagen.api.http_server import serve
+    from imagen.errors import ImagenError
     from imagen.logs import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_format)
-    serve(create_app(settings), settings, host=args.host or settings.host, port=args.port or settings.port)
+    try:
+        app = create_app(settings)
+    except ImagenError as exc:  # a damaged job database, a bad registry: what to do, not a traceback
+        print(f"imagen serve: {exc}", file=sys.stderr)
+        return 1
+    serve(app, settings, host=args.host or settings.host, port=args.port or settings.port)
     return 0
 
 

@@ -47,6 +47,21 @@ class BrokerUnavailableError(UnavailableError):
     """The job broker (Redis) cannot be reached."""
 
 
+class DatabaseUnavailableError(BrokerUnavailableError):
+    """The embedded backend's job database (its queue, as Redis is the distributed one's) cannot be used now:
+    locked by another writer for longer than a request waits, full, unreadable, damaged, deleted or replaced.
+    ``reason`` says which in a few words."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"job database {path}: {reason}")
+        self.reason = reason
+
+
+class DatabaseDamagedError(ImagenError):
+    """At start: the job database file is damaged (or empty where a database was). Imagen refuses to start
+    over it and leaves it as it is; the message names the file and how to recover."""
+
+
 class OutputsFullError(UnavailableError):
     """Embedded: the outputs disk is full. A generation worker keeps its finished image and tries again to
     write it; no new job is accepted until one is written."""

@@ -144,6 +144,7 @@ def test_models_loras_health(client: TestClient) -> None:
         "status": "ok",
         "gpu_available": False,
         "queue_broker": "embedded",
+        "reasons": [],
         "workers": [{"host": socket.gethostname(), "pid": worker["pid"], "ready": True, "device": "cpu",
                      "gpu_available": False}],
     }

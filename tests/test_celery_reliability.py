@@ -137,6 +137,7 @@ def test_imagen_serve_with_a_broker_url_end_to_end(
             "status": "ok",
             "gpu_available": False,
             "queue_broker": "connected",
+            "reasons": [],
             "workers": [
                 {"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu", "gpu_available": False}
             ],
@@ -168,8 +169,11 @@ def test_broker_down_health_says_disconnected_and_generate_answers_503(celery_cl
     cluster.redis.kill()
     started = time.monotonic()
     health = client.get("/health")
-    assert health.status_code == 200
-    assert health.json() == {"status": "ok", "gpu_available": False, "queue_broker": "disconnected", "workers": []}
+    assert health.status_code == 503  # a load balancer sends work elsewhere
+    assert health.json() == {
+        "status": "unavailable", "gpu_available": False, "queue_broker": "disconnected",
+        "reasons": ["job broker (Redis) unreachable: ConnectionError"], "workers": [],
+    }
     response = client.post("/generate", json={"prompt": "while the broker is down"})
     assert response.status_code == 503
     assert response.json() == {"detail": BROKER_DOWN}
@@ -242,6 +246,7 @@ def test_gpu_flag_health_and_celery_inspect(celery_cluster: CeleryCluster) -> No
         "status": "ok",
         "gpu_available": True,
         "queue_broker": "connected",
+        "reasons": [],
         "workers": [
             {
                 "host": socket.gethostname(), "pid": worker.children()[0], "ready": True, "device": "cuda:3",

@@ -34,6 +34,7 @@ from imagen.access.keys import Caller
 from imagen.api.compat_jobs import (
     JobWaitTimeout,
     LivePreviews,
+    WaitAbandoned,
     image_files,
     read_image,
     submit,
@@ -249,9 +250,14 @@ async def _generate(
     mine = state.jobs.setdefault(caller.name, {})
     mine[job_id] = time.time()
     try:
-        job = await wait_for_end(backend, job_id, wait_limit_s(settings), state.previews)
+        job = await wait_for_end(
+            backend, job_id, wait_limit_s(settings), state.previews,
+            client=http, cancel_on_disconnect=settings.cancel_on_disconnect,
+        )  # fmt: skip
     except JobWaitTimeout as exc:
         return _error(504, str(exc))
+    except WaitAbandoned:  # the server is stopping (a client that went away reads nothing)
+        return _error(503, "the server is restarting; try again")
     finally:
         mine.pop(job_id, None)
     if job.state is JobState.REVOKED:

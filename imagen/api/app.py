@@ -18,7 +18,9 @@ from imagen.access.keys import ANYONE, KeyRing
 from imagen.access.rate_limits import RateLimiter
 from imagen.api.a1111_compat import router as a1111_router
 from imagen.api.access import AccessMiddleware
+from imagen.api.answering import AnsweringMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
+from imagen.api.compat_jobs import Waiters
 from imagen.api.errors import invalid_request
 from imagen.api.metrics import install_metrics
 from imagen.api.openai_compat import router as openai_router
@@ -29,6 +31,7 @@ from imagen.api.web import install_web
 from imagen.config import Settings
 from imagen.errors import (
     BrokerUnavailableError,
+    DatabaseUnavailableError,
     ImageBacklogFullError,
     KeyQueueFullError,
     OutputsFullError,
@@ -42,6 +45,7 @@ from imagen.webhooks.dispatcher import WebhookDispatcher
 
 QUEUE_FULL = "Queue pleine, réessayez plus tard"
 BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
+DATABASE_DOWN = "Base de données des tâches indisponible, réessayez plus tard"
 OUTPUTS_FULL = "Disque des images plein, réessayez plus tard"
 IMAGE_BACKLOG_FULL = "Trop d'images en attente de copie, réessayez plus tard"
 
@@ -83,6 +87,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         return answer
 
     webhooks = WebhookDispatcher.from_settings(settings, read_status=read_status)
+    waiters = Waiters()  # the OpenAI and A1111 routes' waits for their jobs (compat_jobs)
     retention = RetentionSweeper.from_settings(settings)  # None unless IMAGEN_OUTPUTS_MAX_AGE_S/_BYTES is set
 
     @asynccontextmanager
@@ -96,6 +101,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         try:
             yield
         finally:
+            waiters.end_all()  # an OpenAI or A1111 request still waiting for its job answers 503 now
             if retention is not None:
                 retention.stop()
             if webhooks is not None:
@@ -107,6 +113,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.state.registry = registry
     app.state.backend = backend
     app.state.webhooks = webhooks
+    app.state.waiters = waiters
     app.include_router(router)
     app.include_router(openai_router)  # OpenAI's /v1/images and /v1/models
     app.include_router(a1111_router)  # AUTOMATIC1111's /sdapi/v1
@@ -120,6 +127,11 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     @app.exception_handler(BrokerUnavailableError)
     async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
+
+    @app.exception_handler(DatabaseUnavailableError)
+    async def database_down(_: Request, exc: DatabaseUnavailableError) -> JSONResponse:
+        log.warning("answered 503: %s", exc)
+        return JSONResponse({"detail": DATABASE_DOWN}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(OutputsFullError)
     async def outputs_full(_: Request, exc: OutputsFullError) -> JSONResponse:
@@ -136,6 +148,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.exception_handler(RequestValidationError)(invalid_request)
     # Last added runs first: CORS (a browser's preflight carries no key), then keys, then the body limit (a
     # stranger's body is never read).
+    app.add_middleware(AnsweringMiddleware, backend=backend)  # a request waits briefly for a busy store: 503
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     limiter = RateLimiter.from_settings(settings) if keys is not None else None
     app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics_token=settings.metrics_token)

@@ -2,22 +2,36 @@
 job: build it as ``POST /generate`` does (``submission.prepare_job``), submit it on the same queue and
 limits, and wait for its end on the backend's change feed, in the event loop (no worker thread is held).
 
-The wait is bounded: ``job_timeout_s`` × ``max_attempts`` plus a margin for the queue. A client that goes
-away leaves its job running, as after ``POST /generate``.
+The wait is bounded: ``job_timeout_s`` × ``max_attempts`` plus a margin for the queue, and it ends sooner
+when nobody is left to answer. A client that goes away (its connection closes: the ASGI ``http.disconnect``,
+awaited beside the job, not polled) ends the wait, and its job is cancelled (``IMAGEN_CANCEL_ON_DISCONNECT``,
+on by default): its image would reach nobody, since these APIs give the client no job id to fetch it with,
+and an SDK that retries would make a second one. Each such request submits its own job, so its wait is that
+job's only one. A server that stops (``Waiters.end_all``: from ``imagen serve`` as soon as SIGTERM arrives,
+and from the app's shutdown) ends every wait the same way, and the route answers 503: a wait never holds a
+shutdown back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive
 
 from imagen.access.keys import Caller
 from imagen.api.schemas import GenerationRequest
 from imagen.api.submission import prepare_job
 from imagen.config import Settings
+from imagen.errors import BrokerUnavailableError
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.types import JobRecord
 from imagen.outputs.serving import resolve_servable
@@ -27,8 +41,49 @@ WAIT_MARGIN_S = 120.0  # beyond the job's own time limit: the time it may wait i
 RESYNC_S = 30.0  # read the job again after this long even without a notification (see events.RESYNC_S)
 
 
+log = logging.getLogger("imagen.api")
+
+
 class JobWaitTimeout(Exception):
     """The job did not end within the bounded wait."""
+
+
+class WaitAbandoned(Exception):
+    """The wait ended before the job: its client went away, or the server is stopping. The job was cancelled
+    (unless ``IMAGEN_CANCEL_ON_DISCONNECT`` is off). A route answers 503 (read only when the server stops)."""
+
+
+class Waiters:
+    """The compatibility routes' waits in progress in this process (``app.state.waiters``). ``end_all`` ends
+    each of them, and any wait begun afterwards ends at once: the server is stopping."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waits: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.stopping = False
+
+    @contextlib.contextmanager
+    def register(self) -> Iterator[asyncio.Event]:
+        """On the event loop of the wait: an event set when the wait must end."""
+        wait = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waits.add(wait)
+            if self.stopping:
+                wait[1].set()
+        try:
+            yield wait[1]
+        finally:
+            with self._lock:
+                self._waits.discard(wait)
+
+    def end_all(self) -> None:
+        """From any thread (the server's shutdown, the app's lifespan)."""
+        with self._lock:
+            self.stopping = True
+            waits = tuple(self._waits)
+        for loop, ended in waits:
+            with contextlib.suppress(RuntimeError):  # its loop closed: that wait is over already
+                loop.call_soon_threadsafe(ended.set)
 
 
 @dataclass
@@ -65,29 +120,70 @@ async def wait_for_end(
     job_id: str,
     limit_s: float,
     previews: LivePreviews | None = None,
+    *,
+    client: Request | None = None,
+    cancel_on_disconnect: bool = True,
 ) -> JobRecord:
-    """The job once terminal. Raises ``JobWaitTimeout`` after ``limit_s``."""
+    """The job once terminal. Raises ``JobWaitTimeout`` after ``limit_s``. With ``client`` (the request that
+    waits; its app's ``state.waiters`` registers the wait): ``WaitAbandoned`` as soon as that client goes away
+    or the server stops, after cancelling the job when ``cancel_on_disconnect``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
-    try:
-        async with backend.changes(job_id, previews is not None) as watcher:  # listening before reading
-            while True:
-                if previews is not None:
-                    preview = watcher.take_preview()
-                    if preview is not None:
-                        previews.latest[job_id] = preview
-                job = await run_in_threadpool(backend.get, job_id)
-                if job is None:
-                    raise JobWaitTimeout(f"job {job_id} expired while waited for")
-                if job.state.is_terminal():
-                    return job
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise JobWaitTimeout(f"job {job_id} did not end within {limit_s:.0f} s")
-                await watcher.wait(min(RESYNC_S, left))
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
+        # What ends the wait early, each awaited beside the job (nothing is polled).
+        stopping: asyncio.Future[Any] = loop.create_future()  # never done without a client
+        gone: asyncio.Future[Any] = loop.create_future()
+        if client is not None:
+            waiters: Waiters = client.app.state.waiters
+            stopping = asyncio.ensure_future(stack.enter_context(waiters.register()).wait())
+            gone = asyncio.ensure_future(_until_gone(client.receive))
+        stack.callback(stopping.cancel)
+        stack.callback(gone.cancel)
         if previews is not None:
-            previews.latest.pop(job_id, None)
+            stack.callback(previews.latest.pop, job_id, None)
+        watcher = await stack.enter_async_context(backend.changes(job_id, previews is not None))  # listening first
+        while True:
+            if previews is not None:
+                preview = watcher.take_preview()
+                if preview is not None:
+                    previews.latest[job_id] = preview
+            job = await run_in_threadpool(backend.get, job_id)
+            if job is None:
+                raise JobWaitTimeout(f"job {job_id} expired while waited for")
+            if job.state.is_terminal():
+                return job
+            left = deadline - loop.time()
+            if left <= 0:
+                raise JobWaitTimeout(f"job {job_id} did not end within {limit_s:.0f} s")
+            changed = asyncio.ensure_future(watcher.wait(min(RESYNC_S, left)))
+            await asyncio.wait({changed, stopping, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not changed.done():
+                changed.cancel()
+                why = "its client went away" if gone.done() else "the server is stopping"
+                await _abandon(backend, job_id, why, cancel_on_disconnect)
+                raise WaitAbandoned(f"job {job_id}: no longer waited for ({why})")
+
+
+async def _until_gone(receive: Receive) -> None:
+    """Returns when the client's connection closes. The request's body has been read: the server's next
+    message is ``http.disconnect`` (uvicorn sends it when the connection is lost)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot receive any more: nobody is there to answer either
+        log.debug("receive failed while waiting for a disconnect", exc_info=True)
+
+
+async def _abandon(backend: JobBackend, job_id: str, why: str, cancel: bool) -> None:
+    if not cancel:
+        log.info("job %s: no longer waited for (%s); it runs on", job_id, why)
+        return
+    try:
+        state = await run_in_threadpool(backend.cancel, job_id)
+    except BrokerUnavailableError as exc:
+        log.warning("job %s: no longer waited for (%s), and could not be cancelled: %s", job_id, why, exc)
+        return
+    log.info("job %s: no longer waited for (%s); cancelled: %s", job_id, why, state.value if state else "gone")
 
 
 def image_files(job: JobRecord) -> list[dict[str, object]]:

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imagen.api.compat_jobs import (
     JobWaitTimeout,
+    WaitAbandoned,
     image_files,
     read_image,
     revised_prompt,
@@ -246,9 +247,14 @@ async def _run(
         return OpenAIError(503, f"The service cannot take jobs now ({exc}); try again later", "server_error", None,
                            "service_unavailable").response({"Retry-After": "30"})
     try:
-        job = await wait_for_end(backend, job_id, wait_limit_s(settings))
+        job = await wait_for_end(
+            backend, job_id, wait_limit_s(settings), client=http, cancel_on_disconnect=settings.cancel_on_disconnect
+        )
     except JobWaitTimeout as exc:
         return OpenAIError(504, str(exc), "server_error", None, "timeout").response()
+    except WaitAbandoned:  # the server is stopping (a client that went away reads nothing)
+        return OpenAIError(503, "The server is restarting; try again", "server_error", None,
+                           "server_stopping").response({"Retry-After": "10"})
     if job.state is not JobState.SUCCESS or job.result is None:
         code = "cancelled" if job.state is JobState.REVOKED else "generation_failed"
         return OpenAIError(500, f"The image generation failed: {job.error}", "server_error", None, code).response()

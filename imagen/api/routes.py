@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Header, HTTPException, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -426,8 +426,24 @@ def loras(registry: RegistryDep) -> LoraList:
     )
 
 
-@router.get("/health", response_model=Health, response_model_exclude_none=True)
-def health(backend: BackendDep) -> Health:
+@router.get(
+    "/health",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "`unavailable`: no new job can be accepted now (`reasons`)."}},
+)
+def health(backend: BackendDep, response: Response) -> Health:
+    """`ok`, `degraded` (200: jobs are accepted, `reasons` says what is wrong) or `unavailable` (503: a load
+    balancer should send work elsewhere). Never keyed, never rate-limited."""
     state = backend.health()
     workers = [WorkerStatus(**asdict(worker)) for worker in state.workers]
-    return Health(status="ok", gpu_available=state.gpu_available, queue_broker=state.queue_broker, workers=workers)
+    status = "unavailable" if state.unavailable else "degraded" if state.degraded else "ok"
+    if state.unavailable:
+        response.status_code = 503
+    return Health(
+        status=status,
+        gpu_available=state.gpu_available,
+        queue_broker=state.queue_broker,
+        reasons=[*state.unavailable, *state.degraded],
+        workers=workers,
+    )

@@ -223,9 +223,18 @@ class WorkerStatus(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    gpu_available: bool
-    queue_broker: str
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="`ok`: all is well. `degraded` (200): jobs are accepted but something is wrong, e.g. no "
+        "worker ready (jobs wait for one). `unavailable` (503): no new job can be accepted now (broker "
+        "unreachable, job database deleted or damaged, outputs disk full). `reasons` says why."
+    )
+    gpu_available: bool = Field(description="A ready worker runs on a GPU.")
+    queue_broker: str = Field(description="`connected` or `disconnected` (Redis), or `embedded` (SQLite).")
+    reasons: list[str] = Field(
+        default_factory=list,
+        description="An extension of the reference: why the status is not `ok`, one short sentence each "
+        "(those that make it unavailable first). Empty when ok.",
+    )
     workers: list[WorkerStatus] = Field(
         default_factory=list,
         description="An extension of the reference: the generation workers, ready or not (embedded: one per "

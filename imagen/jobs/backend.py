@@ -5,7 +5,7 @@ anywhere), chosen by ``factory.build_backend``."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 
 from imagen.jobs.changes import Watcher
 from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
@@ -52,7 +52,13 @@ class JobBackend(ABC):
         """The upload, or None when unknown or expired."""
 
     @abstractmethod
-    def health(self) -> BackendHealth: ...
+    def health(self) -> BackendHealth:
+        """What ``/health`` reports: never raises, and answers soon even when the store does not."""
+
+    def answering(self) -> AbstractContextManager[None]:
+        """Entered around every HTTP request (``api.app``): a backend may give up sooner there than in its
+        background work, so a request answers 503 within seconds instead of waiting on a busy store."""
+        return nullcontext()
 
     @abstractmethod
     def job_metrics(self) -> JobMetrics:

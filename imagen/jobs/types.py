@@ -164,6 +164,17 @@ class BackendHealth:
     degraded: tuple[str, ...] = ()
 
 
+def no_worker_ready(workers: tuple[WorkerHealth, ...]) -> tuple[str, ...]:
+    """The ``degraded`` reason of a system whose workers take no job now (jobs wait until one is ready), with
+    why, when a worker said; empty when one is ready. Not ``unavailable``: submissions still queue."""
+    if any(worker.ready for worker in workers):
+        return ()
+    errors = sorted({worker.error for worker in workers if worker.error})
+    if errors:
+        return (f"no worker ready: {errors[0][:200]}",)
+    return ("no worker ready (none started yet, or engines still loading)",)
+
+
 @dataclass(frozen=True)
 class JobMetrics:
     """What ``/metrics`` shows of a job system: its queue now, and its durable totals (``jobs.stats``)."""

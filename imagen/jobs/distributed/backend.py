@@ -44,6 +44,7 @@ from imagen.jobs.types import (
     Upload,
     UploadQuota,
     WorkerHealth,
+    no_worker_ready,
 )
 
 log = logging.getLogger("imagen.jobs")
@@ -173,19 +174,26 @@ class CeleryBackend(JobBackend):
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     def health(self) -> BackendHealth:
+        """Unavailable while Redis cannot be reached (submissions answer 503); degraded while no live worker
+        is ready (jobs queue, and wait for one)."""
         try:
             self._health_client.ping()
             beats = self._health_store.workers()
             backlog = self._health_store.png_backlog_bytes()
-        except redis.RedisError:
-            return BackendHealth(queue_broker="disconnected", gpu_available=False, workers=())
+        except redis.RedisError as exc:
+            return BackendHealth(
+                queue_broker="disconnected",
+                gpu_available=False,
+                workers=(),
+                unavailable=(f"job broker (Redis) unreachable: {type(exc).__name__}",),
+            )
         listed = tuple(sorted(map(WorkerHealth.from_heartbeat, beats), key=lambda w: (w.host, w.pid)))
         return BackendHealth(
             queue_broker="connected",
             gpu_available=any(w.ready and w.gpu_available for w in listed),
             workers=listed,
             unavailable=(self._backlog_text(backlog),) if backlog >= self.settings.png_redis_max_bytes else (),
-            degraded=tuple(filter(None, [self.images.trouble()])),
+            degraded=(*no_worker_ready(listed), *filter(None, [self.images.trouble()])),
         )
 
     def _backlog_text(self, backlog: int) -> str:

@@ -13,17 +13,28 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 
 from imagen.config import Settings
 from imagen.errors import OutputsFullError
 from imagen.jobs import stats
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.changes import ChangeFeed, Watcher
+from imagen.jobs.embedded.sqlite import request_lock_wait
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
-from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
+from imagen.jobs.types import (
+    BackendHealth,
+    JobMetrics,
+    JobRecord,
+    JobState,
+    NewJob,
+    Submitted,
+    Upload,
+    UploadQuota,
+    no_worker_ready,
+)
 
 log = logging.getLogger("imagen.jobs")
 
@@ -99,13 +110,23 @@ class EmbeddedBackend(JobBackend):
         return self.store.load_upload(upload_id)
 
     def health(self) -> BackendHealth:
+        """Unavailable while the job database is deleted, replaced or damaged (new jobs would be lost);
+        degraded while no worker is ready (jobs queue, and wait for one)."""
         workers = tuple(slot.health() for slot in self._slots)
+        trouble = self.store.file.trouble()
         return BackendHealth(
             queue_broker="embedded",
             gpu_available=any(w.ready and w.gpu_available for w in workers),
             workers=workers,
-            unavailable=(f"outputs disk full ({self.settings.outputs_dir})",) if self.outputs_full() else (),
+            unavailable=(
+                *(() if trouble is None else (f"job database {trouble}",)),
+                *self._no_room(),
+            ),
+            degraded=no_worker_ready(workers),
         )
+
+    def answering(self) -> AbstractContextManager[None]:
+        return request_lock_wait(self.settings.database_busy_timeout_s)
 
     def job_metrics(self) -> JobMetrics:
         return JobMetrics(
@@ -119,6 +140,15 @@ class EmbeddedBackend(JobBackend):
     def outputs_full(self) -> bool:
         """A worker waits to write a finished image: the outputs disk is full (no new job until it has room)."""
         return any(slot.waiting_for_space is not None for slot in self._slots)
+
+    def _no_room(self) -> tuple[str, ...]:
+        """The full disks the worker slots wait on (``/health``'s unavailable reasons)."""
+        reasons = []
+        if self.outputs_full():
+            reasons.append(f"outputs disk full ({self.settings.outputs_dir})")
+        if any(slot.database_full is not None for slot in self._slots):
+            reasons.append(f"job database disk full ({self.settings.database_path})")
+        return tuple(reasons)
 
     # -- internals -------------------------------------------------------------------------------
     def _new_slot(self, index: int) -> WorkerSlot:
@@ -156,6 +186,7 @@ class EmbeddedBackend(JobBackend):
     def _reap_forever(self) -> None:
         while not self._stopping.wait(REAPER_PERIOD_S):
             try:
+                self.store.file.trouble()  # a deleted or replaced database is logged within a pass
                 self._replace_dead_slots()
                 self._take_back_orphans()
                 self.store.purge_expired()

@@ -130,7 +130,7 @@ class SqliteJobStore:
         self.policy = policy
         self.result_ttl_s = result_ttl_s
         self.clock = clock
-        self.file = SqliteFile(path, SCHEMA)
+        self.file = SqliteFile(path, SCHEMA, verify=True)  # a damaged file stops the start (sqlite.py)
         db = self.file.connection()
         present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
         for column, kind in ADDED_COLUMNS.items():
@@ -144,7 +144,9 @@ class SqliteJobStore:
     def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
         """Queue the job (and record who owns its output), all in one durable transaction. ``QueueFullError``
         when ``max_queue`` jobs wait (checked first), ``KeyQueueFullError`` when ``key_max_waiting`` jobs of
-        the job's key do. The position is its place in the fair order."""
+        the job's key do. The position is its place in the fair order. ``DatabaseUnavailableError`` when the
+        file was deleted, replaced or damaged under the server: the job would be lost."""
+        self.file.ensure_in_place()
         with self.file.transaction(durable=True) as db:
             # Same connection: everything below is read inside this transaction.
             ahead = self.count_waiting()
@@ -370,6 +372,7 @@ class SqliteJobStore:
         """Keep the upload; with a ``quota``, first check (in the same transaction) that it fits beside its
         owner's live uploads, else ``UploadQuotaError`` and nothing is stored."""
         now = self.clock()
+        self.file.ensure_in_place()
         with self.file.transaction(durable=True) as db:
             if quota is not None:
                 count, total, oldest = db.execute(
