@@ -3,7 +3,10 @@
 Embedded: the generation worker's writes of its PNG fail with a real ``ENOSPC`` from the kernel (the test
 engine sends them to ``/dev/full`` while a marker file exists). The finished image is kept in the worker,
 which tries again with a growing delay; meanwhile ``/health`` says why it is unavailable, ``/metrics`` shows
-it, and ``POST /generate`` answers 503. Once space is back every job ends SUCCESS, with one attempt.
+it, and ``POST /generate`` answers 503. Once space is back every job ends SUCCESS, with one attempt. The job
+database's disk filling up (by default the same disk) is waited out too: the real store's writes fail with a
+real ``SQLITE_FULL`` (from a SQLite database capped by ``max_page_count``), and no job loses its image or an
+attempt for it.
 
 Distributed: the API replica cannot write its outputs folder (a regular file stands where the folder should
 be, which stops root too; or its writes go to ``/dev/full``). The PNGs wait in Redis, past ``png_ttl_s``,
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +34,7 @@ from imagen.jobs.embedded.backend import EmbeddedBackend
 from tests.celery_support import CeleryCluster, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
 from tests.engines import ScriptedEngine
+from tests.latches import Latches
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
 
@@ -124,6 +130,68 @@ def test_embedded_a_job_waiting_for_room_can_be_cancelled(
     assert not list((tmp_path / "outputs").glob("*.png"))
     disk_full.unlink()
     assert wait_status(client, submit(client, "next"), TERMINAL)["status"] == "SUCCESS"
+
+
+class FullDatabase:
+    """Makes the named writes of a real ``SqliteJobStore`` fail, while ``full`` is set, with the error its disk
+    being full gives: a real ``SQLITE_FULL`` from SQLite, mapped by the store file's own fault mapping."""
+
+    def __init__(self, backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch, *methods: str) -> None:
+        self.full = threading.Event()
+        self.refused = 0
+        for method in methods:
+            original = getattr(backend.store, method)
+
+            def write(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                if self.full.is_set():
+                    self.refused += 1
+                    with backend.store.file.mapping_faults():
+                        capped = sqlite3.connect(":memory:")
+                        capped.execute("PRAGMA max_page_count = 2")
+                        capped.execute("CREATE TABLE filler (data BLOB)")
+                        capped.execute("INSERT INTO filler VALUES (zeroblob(100000))")  # database or disk is full
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(backend.store, method, write)
+
+
+def test_embedded_a_full_database_disk_costs_a_running_job_neither_its_image_nor_an_attempt(
+    make_client: Callable[..., TestClient], latches: Latches, execution_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client()
+    backend = backend_of(client)
+    database = FullDatabase(backend, monkeypatch, "heartbeat", "report_progress", "complete")
+    job = submit(client, "hold db-full")
+    latches.wait_started("db-full")
+    (child,) = [worker["pid"] for worker in client.get("/health").json()["workers"]]
+    database.full.set()
+    latches.release("db-full")  # its progress, heartbeats and success are refused while the disk is full
+    reasons = wait_for(lambda: client.get("/health").json()["reasons"] if database.refused >= 3 else None)
+    assert f"job database disk full ({backend.settings.database_path})" in reasons
+    assert client.get(f"/status/{job}").json()["status"] == "PROGRESS"
+    database.full.clear()
+    assert wait_status(client, job, TERMINAL)["status"] == "SUCCESS"
+    record = backend.store.get(job)
+    assert record is not None and record.attempts == 1
+    assert execution_log.read_text().splitlines().count("hold db-full") == 1  # its image was not made twice
+    assert [worker["pid"] for worker in client.get("/health").json()["workers"]] == [child]
+
+
+def test_embedded_a_full_database_disk_keeps_an_idle_worker_and_its_model(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client()
+    backend = backend_of(client)
+    wait_for(lambda: all(worker["ready"] for worker in client.get("/health").json()["workers"]))
+    (child,) = [worker["pid"] for worker in client.get("/health").json()["workers"]]
+    database = FullDatabase(backend, monkeypatch, "claim_next")
+    database.full.set()
+    wait_for(lambda: database.refused >= 3, timeout=30)  # claims refused again and again
+    assert f"job database disk full ({backend.settings.database_path})" in client.get("/health").json()["reasons"]
+    job = submit(client, "after the disk is freed")
+    database.full.clear()
+    assert wait_status(client, job, TERMINAL, timeout=60)["status"] == "SUCCESS"
+    assert [worker["pid"] for worker in client.get("/health").json()["workers"]] == [child]
 
 
 def images_of(client: TestClient, jobs: list[str]) -> list[int]:

@@ -7,7 +7,10 @@ applies ``lifecycle.AttemptPolicy``); the slot only says how the attempt ended.
 
 A full outputs disk is waited out: the child keeps the finished image and says ``NoSpace`` at each failed
 write; the slot shows it (``waiting_for_space``: the backend's ``/health`` and submissions read it) and does
-not count the wait in the job's timeout. The job ends as usual once its image is written.
+not count the wait in the job's timeout. The job ends as usual once its image is written. A full disk under
+the job database (by default the same disk) is waited out too (``database_full``): a heartbeat or progress
+write it refuses is skipped, the job's outcome is written again until it fits, and a slot that cannot claim
+keeps its child (its model stays loaded): no attempt is counted, no image lost.
 
 A cancelled job (``POST /cancel``) is REVOKED in the store at once. The slot learns of it from the store: the
 backend asks every slot to look (``check_cancel``), and a progress write or heartbeat the store refuses
@@ -23,8 +26,10 @@ on, after a backoff that grows while the errors repeat.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +37,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from imagen.config import Settings
+from imagen.errors import DatabaseUnavailableError
 from imagen.generation.base import DeviceInfo
 from imagen.jobs import stats
 from imagen.jobs.embedded.child import worker_main
@@ -98,6 +104,14 @@ def backoff_s(consecutive_errors: int) -> float:
     return float(min(MAX_BACKOFF_S, 0.5 * 2 ** (consecutive_errors - 1)))
 
 
+def database_disk_full(exc: BaseException) -> bool:
+    """The job database refused a write because its disk is full (``SQLITE_FULL``): a condition to wait out."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+            return isinstance(exc, (DatabaseUnavailableError, sqlite3.Error))
+    return False
+
+
 class WorkerSlot(threading.Thread):
     """One generation at a time: this thread and the child process it drives."""
 
@@ -126,6 +140,7 @@ class WorkerSlot(threading.Thread):
         # Why its child cannot write the job's finished image (the outputs disk is full), while it waits to
         # write it again; None otherwise.
         self.waiting_for_space: str | None = None
+        self.database_full: str | None = None  # why the job database refused its last write (disk full)
         self._deadline = 0.0  # when the job it runs times out (monotonic clock)
         self.numbers = WorkerNumbers()  # its child's last ``WorkerReport`` (for /metrics)
         self._look_for_cancel = threading.Event()  # its job may have been cancelled: read the store
@@ -176,9 +191,31 @@ class WorkerSlot(threading.Thread):
                 self.stopping.wait(backoff_s(errors))
             except Exception as exc:
                 errors += 1
-                self._recover(exc)
+                if self.job is None and database_disk_full(exc):
+                    self._note_database_full(exc)  # no claim now; the child (and its model) stays
+                else:
+                    self._recover(exc)
                 self.stopping.wait(backoff_s(errors))
         self._stop_child()
+
+    def _note_database_full(self, exc: BaseException) -> None:
+        if self.database_full is None:
+            log.warning("worker slot %d: the job database's disk is full (%s); its jobs wait, nothing is counted "
+                        "against them", self.index, exc)
+        self.database_full = str(exc)
+
+    def _written(self, write: Callable[[], bool]) -> bool:
+        """A heartbeat or progress write; True (as if written) when the database's disk is full: neither is
+        worth ending the job for, and the next one says the same."""
+        try:
+            written = write()
+        except Exception as exc:
+            if not database_disk_full(exc):
+                raise
+            self._note_database_full(exc)
+            return True
+        self.database_full = None
+        return written
 
     def _serve_one(self) -> None:
         """Run the next job, or wait a little for one."""
@@ -186,6 +223,7 @@ class WorkerSlot(threading.Thread):
         if self.stopping.is_set():
             return
         job = self.store.claim_next(self.owner)
+        self.database_full = None
         if job is None:
             self.wakeups.wait(seen, timeout=IDLE_RECHECK_S)
             return
@@ -257,7 +295,7 @@ class WorkerSlot(threading.Thread):
                     self._log_verdict(job, self.store.time_out(job.job_id, self.owner))
                     return
                 if now >= next_heartbeat:
-                    if not self.store.heartbeat(job.job_id, self.owner):
+                    if not self._written(lambda: self.store.heartbeat(job.job_id, self.owner)):
                         self._look_for_cancel.set()
                     next_heartbeat = now + HEARTBEAT_S
                 if self._look_for_cancel.is_set():
@@ -279,7 +317,9 @@ class WorkerSlot(threading.Thread):
         """Apply one message from the child; True once the job has ended."""
         match message:
             case Progress(step=str() as step, percent=int() as percent, denoising=(dict() | None) as denoising):
-                if not self.store.report_progress(job.job_id, self.owner, step, percent, denoising):
+                if not self._written(
+                    functools.partial(self.store.report_progress, job.job_id, self.owner, step, percent, denoising)
+                ):
                     self._look_for_cancel.set()  # refused: the job is no longer ours; cancelled?
                 return False
             case Preview(step=int() as step, jpeg=bytes() as jpeg):
@@ -300,7 +340,7 @@ class WorkerSlot(threading.Thread):
                 if self.waiting_for_space is not None:
                     log.info("job %s: its image is written; the outputs disk has room again", job.job_id)
                     self.waiting_for_space = None
-                if self.store.complete(job.job_id, self.owner, result):
+                if self._complete(job, result):
                     return True  # the store logs the event (jobs/stats.py)
                 if self._revoked(job):
                     # Cancelled while its image was being saved: a REVOKED job leaves no file behind.
@@ -317,6 +357,26 @@ class WorkerSlot(threading.Thread):
                 return True
             case _:
                 raise ProtocolError(f"unexpected message from the generation worker: {message!r:.200}")
+
+    def _complete(self, job: JobRecord, result: dict[str, object]) -> bool:
+        """Record SUCCESS; while the database's disk is full, try again with a growing delay (the image is
+        written already). Stopping first: the job stays as it is and the next start runs it again."""
+        errors = 0
+        while True:
+            try:
+                completed = self.store.complete(job.job_id, self.owner, result)
+            except Exception as exc:
+                if not database_disk_full(exc):
+                    raise
+                self._note_database_full(exc)
+                errors += 1
+                if self.stopping.wait(backoff_s(errors)):
+                    log.warning("job %s: its success could not be recorded before the stop (disk full); the next "
+                                "start takes the job back", job.job_id)
+                    return True
+                continue
+            self.database_full = None
+            return completed
 
     def _revoked(self, job: JobRecord) -> bool:
         record = self.store.get(job.job_id)
