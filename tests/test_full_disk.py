@@ -272,3 +272,19 @@ def test_distributed_full_outputs_disk_fills_the_png_backlog_and_new_jobs_get_50
     assert images_of(client, jobs) == [200] * len(jobs)
     assert wait_status(client, submit(client, "after"), TERMINAL, timeout=60)["status"] == "SUCCESS"
     assert "imagen_outputs_disk_full 0.0" in client.get("/metrics").text
+
+
+def test_distributed_a_full_worker_scratch_disk_is_waited_out(
+    celery_cluster: CeleryCluster, disk_full: Path
+) -> None:
+    cluster = celery_cluster
+    client = cluster.api()
+    disk_full.touch()
+    worker = cluster.start_worker(engine=FULL_DISK_ENGINE)  # its writes of finished images fail with ENOSPC
+    job = submit(client, "on a full worker disk")
+    wait_for(lambda: "scratch disk is full" in worker.log(), timeout=30)
+    assert client.get(f"/status/{job}").json()["status"] == "PROGRESS"
+    disk_full.unlink()
+    assert wait_status(client, job, TERMINAL, timeout=60)["status"] == "SUCCESS"
+    assert int(cluster.redis.client().hget(f"imagen:job:{job}", "attempts") or 0) == 1
+    assert images_of(client, [job]) == [200]

@@ -54,6 +54,7 @@ from imagen.errors import JobCancelled
 from imagen.jobs import stats
 from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, Claim, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
+from imagen.jobs.types import JobState
 from imagen.jobs.worker_numbers import measure
 
 if TYPE_CHECKING:
@@ -73,6 +74,9 @@ CLAIM_RETRY_S = 3.0
 OUTCOME_RETRY_S = 60.0
 # How often a message that finds only unconfirmed submissions waiting looks again.
 UNCONFIRMED_POLL_S = 0.02
+# A finished image that the worker's full scratch disk refused is written again after 0.5 s, 1 s, ... 10 s.
+NO_SPACE_FIRST_RETRY_S = 0.5
+NO_SPACE_MAX_RETRY_S = 10.0
 
 T = TypeVar("T")
 
@@ -424,6 +428,24 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
         inputs = retry_redis(f"job {job_id}: inputs", lambda: self.store.job_inputs(job_id), OUTCOME_RETRY_S)
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
+        delay = NO_SPACE_FIRST_RETRY_S
+
+        def wait_for_space(exc: OSError) -> None:
+            # This worker's scratch disk is full: the finished image is kept and written again (a cancel or a
+            # stop ends the wait; the job's time limit bounds it).
+            nonlocal delay
+            log.warning("job %s: the worker's scratch disk is full (%s: %s); its image is written again in "
+                        "%.1f s", job_id, self.scratch, exc, delay)
+            time.sleep(delay)
+            delay = min(NO_SPACE_MAX_RETRY_S, delay * 2)
+            try:
+                with stop.shielded():
+                    current = self.store.get(job_id)
+            except redis.RedisError:
+                return
+            if current is not None and current.state is JobState.REVOKED:
+                raise JobCancelled
+
         with stop.engine_running():
             result = run_task(
                 engine,
@@ -434,6 +456,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 self.settings.png_compress_level,
                 preview,
                 inputs,
+                on_no_space=wait_for_space,
             )
         names = [image["filename"] for image in result.get("images", [])] or [record.output_name]
         pngs: dict[str, bytes] = {}
