@@ -21,12 +21,13 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from imagen import __version__
@@ -42,8 +43,20 @@ from imagen.api.compat_jobs import (
     wait_limit_s,
 )
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
+from imagen.api.json_body import BadJson, parse_json
 from imagen.api.prompt_tags import parse_lora_tags
-from imagen.api.schemas import MAX_IMAGES, GenerationRequest, LoraRequest
+from imagen.api.schemas import (
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    GenerationRequest,
+    GuidanceScale,
+    ImageCount,
+    IntegerNotText,
+    Side,
+    Steps,
+    Strength,
+)
 from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
@@ -56,7 +69,10 @@ from imagen.registry import Registry
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
 # Fields of a job as A1111's clients name them.
-_FIELD_NAMES = {"init_image": "init_images", "mask_image": "mask"}
+_FIELD_NAMES = {
+    "init_image": "init_images", "mask_image": "mask", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
+    "num_images": "batch_size × n_iter", "scheduler": "sampler_name", "loras": "prompt's <lora:…> tags",
+}  # fmt: skip
 # A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant.
 SCHEDULE_TYPES = ("Automatic", "Karras")
 
@@ -81,29 +97,47 @@ def _error(status: int, detail: str, error: str = "HTTPException") -> JSONRespon
     return JSONResponse({"error": error, "detail": detail, "body": "", "errors": ""}, status_code=status)
 
 
-class _Txt2Img(BaseModel):
-    """The fields used; every other A1111 field is accepted and ignored (clients send dozens)."""
+class OverrideSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
-    model_config = ConfigDict(extra="ignore")
+    sd_model_checkpoint: str | None = Field(
+        None, description="The model of this request (GET /sdapi/v1/sd-models: its title or file name)."
+    )
 
-    prompt: str = ""
-    negative_prompt: str | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    seed: int = -1
-    width: int | None = None
-    height: int | None = None
-    sampler_name: str | None = None
-    sampler_index: str | None = None  # the old name of sampler_name
-    scheduler: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+class Txt2ImgRequest(BaseModel):
+    """The fields used; every other A1111 field is accepted and ignored (clients send dozens). Numbers are
+    as strict as on POST /generate: ``"seed": false`` or ``"steps": "30"`` is a 422, never converted, and NaN or
+    Infinity anywhere in the body is a 422 (``json_body``)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="Not blank; `<lora:name:weight>` tags choose LoRAs."
+    )
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    steps: Steps | None = None
+    cfg_scale: GuidanceScale | None = None
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED), IntegerNotText] = Field(-1, description="-1: random.")
+    width: Side | None = Field(None, description="With `height`.")
+    height: Side | None = Field(None, description="With `width`.")
+    sampler_name: str | None = Field(None, description='GET /sdapi/v1/samplers; "" or null: the model\'s default.')
+    sampler_index: str | None = Field(None, description="The old name of `sampler_name`, read when it is absent.")
+    scheduler: str | None = Field(None, description='A1111\'s "Schedule type": "Karras" picks a Karras sampler.')
+    batch_size: ImageCount = Field(1, description=f"batch_size × n_iter images, at most {MAX_IMAGES}.")
+    n_iter: ImageCount = 1
+    override_settings: OverrideSettings = Field(default_factory=OverrideSettings)
     # img2img
-    init_images: list[str] | None = None
-    mask: str | None = None
-    denoising_strength: float | None = None
-    inpainting_mask_invert: int = 0
+    init_images: list[str] | None = Field(None, description="Base64 PNG, JPEG or WebP (data URL or bare); the first.")
+    mask: str | None = Field(None, description="Base64 image: white = repaint (img2img).")
+    denoising_strength: Strength | None = None
+    inpainting_mask_invert: Annotated[int, Field(ge=0, le=1), IntegerNotText] = Field(
+        0, description="1: the mask's black is repainted."
+    )
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(min_length=1, description="Base64 PNG, JPEG or WebP (data URL or bare); the first.")
 
 
 def model_title(model_id: str) -> str:
@@ -123,18 +157,20 @@ def find_model(name: str, registry: Registry) -> str | None:
     return None
 
 
-def _sampler(fields: _Txt2Img) -> tuple[str | None, str | None]:
-    """Our sampler name (an A1111 name, Karras variants included), or an error."""
+def _sampler(fields: Txt2ImgRequest) -> tuple[str | None, str | None]:
+    """Our sampler name (an A1111 name, Karras variants included), or an error. Both names a client may send
+    are checked: neither is ignored."""
+    available = available_samplers()
+    for field_name, given in (("sampler_name", fields.sampler_name), ("sampler_index", fields.sampler_index)):
+        if given and given not in available:
+            return None, f"{field_name}: sampler {given!r} is not available here; available: {', '.join(available)}"
     name = fields.sampler_name or fields.sampler_index
     if not name:
         return None, None
-    available = available_samplers()
     karras = bool(fields.scheduler) and str(fields.scheduler).lower() == "karras"
     if karras and not name.endswith(" Karras") and name + " Karras" in available:
         return name + " Karras", None
-    if name in available:
-        return name, None
-    return None, f"sampler {name!r} is not available here; available: {', '.join(available)}"
+    return name, None
 
 
 def _data_url(image: str) -> str:
@@ -152,7 +188,7 @@ def _inverted_mask(mask: str) -> str:
 
 
 def _generation_request(
-    fields: _Txt2Img, registry: Registry, settings: Settings, default_model: str | None, mask: str | None
+    fields: Txt2ImgRequest, registry: Registry, settings: Settings, default_model: str | None, mask: str | None
 ) -> tuple[GenerationRequest | None, str | None]:
     tags = parse_lora_tags(fields.prompt, registry)
     sampler, problem = _sampler(fields)
@@ -161,17 +197,20 @@ def _generation_request(
     count = fields.batch_size * fields.n_iter
     if count > MAX_IMAGES:
         return None, f"batch_size × n_iter is at most {MAX_IMAGES} here, not {count}"
-    checkpoint = fields.override_settings.get("sd_model_checkpoint")
+    checkpoint = fields.override_settings.sd_model_checkpoint
     model = default_model
-    if isinstance(checkpoint, str) and checkpoint:
+    if checkpoint is not None:
         model = find_model(checkpoint, registry)
         if model is None:
-            return None, f"unknown sd_model_checkpoint {checkpoint!r}; available: {', '.join(registry.model_ids)}"
+            return None, (
+                f"override_settings.sd_model_checkpoint: unknown model {checkpoint!r}; available: "
+                f"{', '.join(registry.model_ids)}"
+            )
     values: dict[str, Any] = {
         "prompt": tags.prompt or fields.prompt,
         "negative_prompt": fields.negative_prompt or None,
         "model": model,
-        "loras": [LoraRequest(name=name, weight=weight) for name, weight in tags.loras],
+        "loras": [{"name": name, "weight": weight} for name, weight in tags.loras],  # checked below, as the rest
         "seed": fields.seed if fields.seed >= 0 else None,
         "width": fields.width,
         "height": fields.height,
@@ -189,8 +228,17 @@ def _generation_request(
     try:
         return GenerationRequest.model_validate(values), None
     except ValidationError as exc:
-        error = exc.errors()[0]
-        return None, f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+        return None, _problems(exc)
+
+
+def _problems(exc: ValidationError) -> str:
+    """A refused body's problems, each after its field as the client named it (``cfg_scale``)."""
+    return "; ".join(
+        ".".join([_FIELD_NAMES.get(str(error["loc"][0]), str(error["loc"][0])), *map(str, error["loc"][1:])])
+        + f": {error['msg']}"
+        if error["loc"] else error["msg"]
+        for error in exc.errors()
+    )
 
 
 def _refusal(exc: InvalidRequest) -> str:
@@ -219,7 +267,7 @@ def _infotext(job: JobRecord, seed: int, model: str) -> str:
 
 
 async def _generate(
-    fields: _Txt2Img,
+    fields: Txt2ImgRequest,
     raw: dict[str, Any],
     http: Request,
     backend: JobBackend,
@@ -313,43 +361,92 @@ def _images_answer(pngs: list[bytes], parameters: dict[str, Any], info: dict[str
     return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
 
-async def _read(http: Request) -> tuple[_Txt2Img, dict[str, Any]] | JSONResponse:
+async def _read(http: Request, model: type[Txt2ImgRequest]) -> tuple[Txt2ImgRequest, dict[str, Any]] | JSONResponse:
     """The body's fields and its raw JSON (A1111 echoes it as `parameters`), or the 422 to answer."""
     try:
-        raw = await run_in_threadpool(json.loads, await http.body() or b"{}")  # up to 32 MB: not on the loop
-        if not isinstance(raw, dict):
-            raise ValueError("the body must be a JSON object")
-        return _Txt2Img.model_validate(raw), raw
-    except (ValueError, ValidationError) as exc:
-        return _error(422, str(exc).splitlines()[0], "ValidationError")
+        raw = await run_in_threadpool(parse_json, await http.body() or b"{}")  # up to 32 MB: not on the loop
+    except BadJson as exc:
+        return _error(422, str(exc), "ValidationError")
+    if not isinstance(raw, dict):
+        return _error(422, "the body must be a JSON object", "ValidationError")
+    try:
+        return model.model_validate(raw), raw
+    except ValidationError as exc:
+        return _error(422, _problems(exc), "ValidationError")
 
 
-_GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+def request_schemas() -> dict[str, Any]:
+    """The JSON Schemas of the bodies these routes read themselves, for the OpenAPI document's components."""
+    _, schemas = models_json_schema(
+        [(Txt2ImgRequest, "validation"), (Img2ImgRequest, "validation")], ref_template="#/components/schemas/{model}"
+    )
+    defs: dict[str, Any] = schemas["$defs"]
+    return defs
 
 
-@router.post("/txt2img", response_model=None, openapi_extra=_GENERATION_BODY)
+_A1111_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "detail", "body", "errors"],
+    "properties": {name: {"type": "string"} for name in ("error", "detail", "body", "errors")},
+}
+
+
+def _answers(description: str, schema: dict[str, Any] = _A1111_ERROR) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _generation_route(model: str) -> dict[str, Any]:
+    """What the OpenAPI document says of a txt2img/img2img route: its body, and every answer it gives."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+            }
+        },
+        "responses": {
+            200: _answers(
+                "`images`: base64 PNGs; `parameters`: the request; `info`: a JSON string (seeds, infotexts...).",
+                {
+                    "type": "object",
+                    "required": ["images", "parameters", "info"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string"}},
+                        "parameters": {"type": "object"},
+                        "info": {"type": "string"},
+                    },
+                },
+            ),
+            422: _answers("A refused request: `detail` names the field (`error`: ValidationError)."),
+            429: _answers("Queue full, or this key has as many jobs waiting as it may."),
+            500: _answers("The job failed (`error`: GenerationError)."),
+            503: _answers("The job queue is unreachable, the service cannot take jobs now, or it is restarting."),
+            504: _answers("The job did not end in time."),
+        },
+    }
+
+
+@router.post("/txt2img", response_model=None, **_generation_route("Txt2ImgRequest"))
 async def txt2img(
     http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
 ) -> JSONResponse:
     """A1111's txt2img: waits for the job; `images` are base64 PNGs, `info` a JSON string."""
-    read = await _read(http)
+    read = await _read(http, Txt2ImgRequest)
     if isinstance(read, JSONResponse):
         return read
     fields, raw = read
     return await _generate(fields, raw, http, backend, registry, settings, caller)
 
 
-@router.post("/img2img", response_model=None, openapi_extra=_GENERATION_BODY)
+@router.post("/img2img", response_model=None, **_generation_route("Img2ImgRequest"))
 async def img2img(
     http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
 ) -> JSONResponse:
     """A1111's img2img: `init_images[0]`, optional `mask` (white = repaint), `denoising_strength`."""
-    read = await _read(http)
+    read = await _read(http, Img2ImgRequest)
     if isinstance(read, JSONResponse):
         return read
     fields, raw = read
-    if not fields.init_images:
-        return _error(422, "init_images: give one image (base64)", "ValidationError")
     return await _generate(fields, raw, http, backend, registry, settings, caller)
 
 
@@ -427,14 +524,28 @@ def get_options(
     }
 
 
-@router.post("/options", response_model=None)
+@router.post(
+    "/options",
+    response_model=None,
+    openapi_extra={
+        "requestBody": {  # none: nothing changes
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OverrideSettings"}}},
+        }
+    },
+    responses={
+        200: _answers("Set.", {"type": "boolean"}),
+        400: _answers("An unknown `sd_model_checkpoint`."),
+        422: _answers("A body that is not a JSON object."),
+    },
+)
 async def set_options(http: Request, registry: RegistryDep, caller: CallerDep) -> Any:
     """Accepts any options (clients send back all they read); `sd_model_checkpoint` selects this key's
     default model for its later requests. The others are ignored."""
     try:
-        options = json.loads(await http.body() or b"{}")
-    except ValueError:
-        return _error(422, "the body must be JSON", "ValidationError")
+        options = await run_in_threadpool(parse_json, await http.body() or b"{}")
+    except BadJson as exc:
+        return _error(422, str(exc), "ValidationError")
     if not isinstance(options, dict):
         return _error(422, "the body must be a JSON object", "ValidationError")
     checkpoint = options.get("sd_model_checkpoint")

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from imagen import __version__
@@ -21,7 +22,7 @@ from imagen.api.access import AccessMiddleware
 from imagen.api.answering import AnsweringMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
 from imagen.api.compat_jobs import Waiters
-from imagen.api.errors import invalid_request
+from imagen.api.errors import http_error, invalid_request
 from imagen.api.metrics import install_metrics
 from imagen.api.openai_compat import router as openai_router
 from imagen.api.openapi import install_openapi
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         return JSONResponse({"detail": key_queue_full(exc.limit)}, status_code=429, headers={"Retry-After": "30"})
 
     app.exception_handler(RequestValidationError)(invalid_request)
+    app.exception_handler(StarletteHTTPException)(http_error)  # a 400's reason, a 405's every method
     # Last added runs first: CORS (a browser's preflight carries no key), then keys, then the body limit (a
     # stranger's body is never read).
     app.add_middleware(AnsweringMiddleware, backend=backend)  # a request waits briefly for a busy store: 503

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -35,11 +35,22 @@ from imagen.api.compat_jobs import (
     wait_limit_s,
 )
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
-from imagen.api.schemas import MAX_IMAGES, MAX_PROMPT_CHARS, GenerationRequest, LoraRequest
+from imagen.api.json_body import BadJson, parse_json
+from imagen.api.schemas import (
+    MAX_PROMPT_CHARS,
+    GenerationRequest,
+    GuidanceScale,
+    ImageCount,
+    IntegerNotText,
+    LoraRequest,
+    Seed,
+    Steps,
+)
 from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
+from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from imagen.jobs.types import JobState
 from imagen.registry import Registry
 
@@ -49,6 +60,10 @@ QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "auto": 30, "high": 50
 _PARAM_NAMES = {"width": "size", "height": "size", "num_images": "n", "guidance_scale": "guidance_scale"}
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
+
+# A size a job may have ("auto": the model's own): both sides from the list, so the document says it exactly
+_SIDES = "|".join(str(side) for side in range(MIN_SIDE, MAX_SIDE + 1, SIDE_STEP))
+_SIZE = re.compile(rf"^(auto|({_SIDES})[xX]({_SIDES}))$")  # no named groups: JSON Schema's regex has none
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -74,11 +89,10 @@ def _error(description: str) -> dict[str, Any]:
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("A field the server refuses (`param` names it)."),
-    401: _error("Missing or unknown API key."),
     404: _error("Unknown model (`code`: model_not_found)."),
     429: _error("Queue full, or this key has as many jobs waiting as it may (`code`: queue_full)."),
     500: _error("The job failed (`code`: generation_failed) or was cancelled."),
-    503: _error("The job queue is unreachable."),
+    503: _error("The job queue is unreachable, the service cannot take jobs now, or it is restarting."),
     504: _error("The job did not end in time."),
 }
 _IMAGES_RESPONSE: dict[str, Any] = {
@@ -107,25 +121,30 @@ _OK: dict[int | str, dict[str, Any]] = {
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, description="A model id (GET /v1/models); OpenAI's names: the default one.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, strict=True)
-    size: str | None = Field(None, description='"WIDTHxHEIGHT" (SDXL buckets: GET /models) or "auto".')
+    n: ImageCount = 1
+    size: str | None = Field(
+        None,
+        description=f'"WIDTHxHEIGHT", each a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (SDXL buckets: '
+        'GET /models), or "auto".',
+        json_schema_extra={"pattern": _SIZE.pattern},
+    )
     response_format: Literal["url", "b64_json"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: Annotated[int, Field(ge=0, le=100), IntegerNotText] | None = None
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     style: Literal["vivid", "natural"] | None = None
     background: Literal["auto", "opaque", "transparent"] | None = None
     moderation: Literal["auto", "low"] | None = None
     user: str | None = None
     # extensions (a strict OpenAI client never sends them)
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    seed: Seed | None = None
+    steps: Steps | None = None
+    guidance_scale: GuidanceScale | None = None
     loras: list[LoraRequest] = Field(default_factory=list)
     scheduler: str | None = None
 
@@ -147,10 +166,13 @@ def _invalid(message: str, param: str | None, code: str | None = None) -> OpenAI
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise _invalid(f"size must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto', not {size!r}", "size")
-    return int(width), int(height)
+    match = _SIZE.fullmatch(size)
+    if match is None:
+        raise _invalid(
+            f"size must be 'WIDTHxHEIGHT', each a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} "
+            f"(e.g. '1024x1024'), or 'auto'; not {size!r}", "size",
+        )
+    return int(match[2]), int(match[3])
 
 
 def _model_id(model: str | None, registry: Registry) -> str | None:
@@ -319,11 +341,11 @@ async def generations(
 ) -> JSONResponse:
     """OpenAI's image generation: waits for the job and answers its images (`url` or `b64_json`)."""
     try:
-        raw = await run_in_threadpool(json.loads, await http.body())  # up to 32 MB: not on the loop
+        raw = await run_in_threadpool(parse_json, await http.body())  # up to 32 MB: not on the loop
         fields = ImageGenerationRequest.model_validate(raw)
         request = _generation_request(fields, registry)
-    except json.JSONDecodeError:
-        return _invalid("The body is not valid JSON", None).response()
+    except BadJson as exc:
+        return _invalid(str(exc), exc.field).response()
     except ValidationError as exc:
         return _from_validation(exc).response()
     except OpenAIError as exc:
@@ -351,6 +373,14 @@ def _mask_from_transparency(data: bytes) -> str:
 
 
 _EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "quality", "user")
+_GENERATION_FIELDS: dict[str, Any] = ImageGenerationRequest.model_json_schema()["properties"]
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    choices = [choice for choice in schema.get("anyOf", []) if choice.get("type") != "null"]
+    if len(choices) != 1:
+        return schema
+    return {**{key: value for key, value in schema.items() if key not in ("anyOf", "default")}, **choices[0]}
 _EDIT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -362,14 +392,8 @@ _EDIT_BODY: dict[str, Any] = {
                     "properties": {
                         "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
                         "mask": {"type": "string", "format": "binary", "description": "Transparent = repaint."},
-                        "prompt": {"type": "string"},
-                        "model": {"type": "string"},
-                        "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES},
-                        "size": {"type": "string"},
-                        "response_format": {"enum": ["url", "b64_json"]},
-                        "output_format": {"enum": ["png", "jpeg", "webp"]},
-                        "quality": {"type": "string"},
-                        "user": {"type": "string"},
+                        # the generation request's fields, as text (a form has no null)
+                        **{name: _not_null(_GENERATION_FIELDS[name]) for name in _EDIT_FIELDS},
                     },
                 }
             }

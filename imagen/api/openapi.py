@@ -10,11 +10,14 @@ stays in the description.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from imagen.api.a1111_compat import request_schemas
+from imagen.api.openai_compat import OPENAI_MODEL_NAMES
 from imagen.config import Settings
 from imagen.generation.samplers import available_samplers
 from imagen.registry import Registry
@@ -23,10 +26,14 @@ from imagen.registry import Registry
 def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
+            # a copy: FastAPI puts the routes' own dicts (openapi_extra) in the document, and each app patches its own
+            document = copy.deepcopy(
+                get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             )
+            document["components"]["schemas"].update(request_schemas())  # the A1111 bodies
             _describe_this_server(document["components"]["schemas"], registry, settings)
+            _describe_compat_bodies(document, registry, settings)
+            _body_answers(document)
             if settings.api_keys_file is not None:
                 _require_keys(document)
             app.openapi_schema = document
@@ -59,6 +66,53 @@ def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings:
     }  # fmt: skip
 
 
+def _describe_compat_bodies(document: dict[str, Any], registry: Registry, settings: Settings) -> None:
+    """The same for the OpenAI and AUTOMATIC1111 bodies: the ids, samplers and limits a request may name."""
+    samplers = available_samplers()
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    openai_bodies = [
+        paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"],
+        paths["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"],
+    ]
+    for body in openai_bodies:
+        fields = body["properties"]
+        fields["prompt"]["pattern"] = r"\S"
+        _choices(fields["model"], [*OPENAI_MODEL_NAMES, *registry.model_ids])
+        if "scheduler" in fields:
+            _choices(fields["scheduler"], samplers)
+            fields["loras"]["maxItems"] = min(settings.max_loras, len(registry.lora_ids))
+    for name in ("Txt2ImgRequest", "Img2ImgRequest"):
+        fields = schemas[name]["properties"]
+        fields["prompt"]["pattern"] = r"\S"
+        _choices(fields["sampler_name"], ["", *samplers])
+        _choices(fields["sampler_index"], ["", *samplers])
+        schemas[name]["dependentRequired"] = {"width": ["height"], "height": ["width"]}
+    _choices(schemas["OverrideSettings"]["properties"]["sd_model_checkpoint"], registry.model_ids)
+
+
+def _choices(field: dict[str, Any], values: list[str]) -> None:
+    """A string field (or "string or null") as one of ``values``."""
+    string = next((choice for choice in field.get("anyOf", []) if choice.get("type") == "string"), field)
+    string["enum"] = values
+
+
+def _body_answers(document: dict[str, Any]) -> None:
+    """Every route with a body may answer 413 (the body limit, before any route runs), and those whose body
+    FastAPI reads (not the OpenAI and A1111 ones, which answer in their own shapes) 400 for one it cannot."""
+    detail = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Detail"}}}}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if "requestBody" not in operation:
+                continue
+            responses = operation["responses"]
+            responses.setdefault("413", {"description": "Body larger than IMAGEN_MAX_BODY_BYTES.", **detail})
+            if not path.startswith(("/v1/", "/sdapi/")):
+                responses.setdefault("400", {
+                    "description": "A body that cannot be read: not UTF-8, JSON nested too deep, a broken form.",
+                    **detail,
+                })  # fmt: skip
+
+
 def _require_keys(document: dict[str, Any]) -> None:
     """With API keys on: every operation but ``/health`` needs one (Swagger UI's "Authorize" button), and
     may answer 401 (and 429: requests per minute)."""
@@ -73,5 +127,11 @@ def _require_keys(document: dict[str, Any]) -> None:
             if path == "/health":
                 operation["security"] = []
                 continue
-            operation["responses"].setdefault("401", {"description": "Missing or unknown API key.", **detail})
-            operation["responses"].setdefault("429", {"description": "Too many requests for this key.", **detail})
+            responses = operation["responses"]
+            responses.setdefault("401", {"description": "Missing or unknown API key.", **detail})
+            if "429" not in responses:
+                responses["429"] = {"description": "Too many requests for this key.", **detail}
+            elif responses["429"].get("content") != detail["content"]:  # the route's own 429 (OpenAI's, A1111's)
+                content = responses["429"]["content"]["application/json"]
+                content["schema"] = {"anyOf": [content["schema"], detail["content"]["application/json"]["schema"]]}
+                responses["429"]["description"] += " Or too many requests for this key (`detail`)."

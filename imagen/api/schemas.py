@@ -46,6 +46,15 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 # minimum/maximum (after it, as keywords no JSON Schema tool reads).
 IntegerNotText = BeforeValidator(_integer_not_text_or_bool)
 
+# The numbers a job takes, with their bounds: one place for the native, OpenAI and AUTOMATIC1111 requests
+# (each names them its own way: ``cfg_scale``, ``n``, ``batch_size``...).
+Steps = Annotated[int, Field(ge=10, le=100), IntegerNotText]
+GuidanceScale = Annotated[float, Field(ge=1.0, le=30.0, strict=True, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), IntegerNotText]
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText]
+ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES), IntegerNotText]
+Strength = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+
 
 class LoraRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -73,26 +82,24 @@ class GenerationRequest(BaseModel):
         description="Each LoRA at most once; at most IMAGEN_MAX_LORAS of them (4 unless the server says "
         f"otherwise, never more than {LORAS_PER_REQUEST_CAP}).",
     )
-    steps: Annotated[int, Field(ge=10, le=100), IntegerNotText] = Field(30, description="Diffusion steps, 10-100.")
-    guidance_scale: float = Field(
-        7.5, ge=1.0, le=30.0, strict=True, allow_inf_nan=False, description="CFG scale, 1.0-30.0."
-    )
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED), IntegerNotText] | None = Field(
+    steps: Steps = Field(30, description="Diffusion steps, 10-100.")
+    guidance_scale: GuidanceScale = Field(7.5, description="CFG scale, 1.0-30.0.")
+    seed: Seed | None = Field(
         None, description="null = random (the seed used is reported)."
     )
     ip_strength: float = Field(
         0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."
     )
     # -- more of SDXL (README "API beyond the reference"): all optional; unused, the job is as before ----
-    width: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText] | None = Field(
+    width: Side | None = Field(
         None,
         description=f"Image width, a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (with `height`; "
         "default: the model's native size, or the init image's). GET /models lists recommended sizes.",
     )
-    height: Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText] | None = Field(
+    height: Side | None = Field(
         None, description=f"Image height, a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (with `width`)."
     )
-    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES), IntegerNotText] = Field(
+    num_images: ImageCount = Field(
         1,
         description=f"1-{MAX_IMAGES} images in one job (one batch); image i uses seed + i. The result's "
         "`images` lists them; /image/{job_id}?index=i serves image i.",
@@ -114,12 +121,8 @@ class GenerationRequest(BaseModel):
         max_length=MAX_IMAGE_FIELD_CHARS,
         description="Inpainting, with `init_image`: white = repaint, black = keep (same size as init_image).",
     )
-    strength: float | None = Field(
+    strength: Strength | None = Field(
         None,
-        ge=0.0,
-        le=1.0,
-        strict=True,
-        allow_inf_nan=False,
         description="With `init_image`: how much to change it, 0.0-1.0 (default 0.75); steps run = steps × strength.",
     )
     ip_image: Text | None = Field(

@@ -8,7 +8,9 @@ says what is wrong and never a job that fails later:
 - at most ``MAX_IMAGE_BYTES`` bytes and ``MAX_IMAGE_PIXELS`` pixels: the size is read from the header and
   refused before the pixels are decoded (a 1 KB PNG that claims 100,000² is never decoded);
 - decodable to the end (a truncated file is refused);
-- EXIF orientation applied (a phone photo comes out upright).
+- EXIF orientation applied (a phone photo comes out upright; damaged EXIF is ignored);
+- a PNG whose compressed metadata (zTXt, iTXt, iCCP) expands past Pillow's limits is refused;
+- a CMYK JPEG is converted to RGB.
 
 What a job receives (``prepare``) is a normalised PNG per role: ``init`` and ``ip`` in RGB, ``mask`` in L
 (white = repaint). An ``init`` image with transparency and no ``mask`` gives its mask from the alpha
@@ -25,11 +27,12 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size; an SDXL job uses at most 2048² (larger ones are resized)
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # modes a PNG holds as they are
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*);base64,(?P<data>.*)", re.S)
 
 
@@ -81,6 +84,7 @@ def check_image(data: bytes) -> CheckedImage:
         raise BadImage("empty file, not an image")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged EXIF: the pixels count
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -90,6 +94,8 @@ def check_image(data: bytes) -> CheckedImage:
         ) from None
     except (UnidentifiedImageError, OSError):
         raise BadImage("not a PNG, JPEG or WebP image") from None
+    except (ValueError, SyntaxError) as exc:  # Pillow reads a PNG's chunks up to the pixels here
+        raise _unreadable(exc) from None
     width, height = opened.size  # from the header: nothing decoded yet
     if width * height > MAX_IMAGE_PIXELS or width < 1 or height < 1:
         raise BadImage(
@@ -97,10 +103,26 @@ def check_image(data: bytes) -> CheckedImage:
         )
     try:
         opened.load()
-    except (OSError, SyntaxError, ValueError):
-        raise BadImage("the image is truncated or damaged: it cannot be decoded to the end") from None
-    upright = ImageOps.exif_transpose(opened) or opened
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _unreadable(exc) from None
+    try:
+        upright = ImageOps.exif_transpose(opened) or opened
+    except Exception:  # damaged EXIF (SyntaxError, ValueError, struct.error...): kept as stored
+        upright = opened
+    if upright.mode not in _PNG_MODES:  # a CMYK JPEG: every role's PNG (and the engine) needs RGB
+        upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
     return CheckedImage(image=upright, format=str(opened.format))
+
+
+def _unreadable(exc: Exception) -> BadImage:
+    """Why Pillow could not read an image that announced a known format and an accepted size."""
+    if any(sign in str(exc).lower() for sign in ("too large", "too much memory")):
+        chunk, total = PngImagePlugin.MAX_TEXT_CHUNK // 2**20, PngImagePlugin.MAX_TEXT_MEMORY // 2**20
+        return BadImage(
+            f"a compressed metadata chunk (PNG zTXt, iTXt or iCCP) expands to more than {chunk} MB ({total} MB in "
+            "all): refused"
+        )
+    return BadImage("the image is truncated or damaged: it cannot be decoded to the end")
 
 
 def to_png(image: Image.Image) -> bytes:
