@@ -5,8 +5,8 @@ engine sends them to ``/dev/full`` while a marker file exists). The finished ima
 which tries again with a growing delay; meanwhile ``/health`` says why it is unavailable, ``/metrics`` shows
 it, and ``POST /generate`` answers 503. Once space is back every job ends SUCCESS, with one attempt. The job
 database's disk filling up (by default the same disk) is waited out too: the real store's writes fail with a
-real ``SQLITE_FULL`` (from a SQLite database capped by ``max_page_count``), and no job loses its image or an
-attempt for it.
+real ``SQLITE_FULL`` (from a SQLite database capped by ``max_page_count``, as the store maps it), and no job
+loses its image or an attempt for it.
 
 Distributed: the API replica cannot write its outputs folder (a regular file stands where the folder should
 be, which stops root too; or its writes go to ``/dev/full``). The PNGs wait in Redis, past ``png_ttl_s``,
@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 
 import imagen.jobs.distributed.image_transfer
 import imagen.outputs.png
+from imagen.errors import DatabaseUnavailableError
 from imagen.jobs.embedded.backend import EmbeddedBackend
 from tests.celery_support import CeleryCluster, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
@@ -132,9 +133,25 @@ def test_embedded_a_job_waiting_for_room_can_be_cancelled(
     assert wait_status(client, submit(client, "next"), TERMINAL)["status"] == "SUCCESS"
 
 
+def database_full_error(backend: EmbeddedBackend) -> DatabaseUnavailableError:
+    """What the store raises when its disk is full: ``DatabaseUnavailableError`` caused by a real ``SQLITE_FULL``
+    (from a SQLite database capped by ``max_page_count``)."""
+    capped = sqlite3.connect(":memory:")
+    capped.execute("PRAGMA max_page_count = 2")
+    capped.execute("CREATE TABLE filler (data BLOB)")
+    try:
+        capped.execute("INSERT INTO filler VALUES (zeroblob(100000))")
+    except sqlite3.OperationalError as full:
+        assert full.sqlite_errorcode == sqlite3.SQLITE_FULL
+        error = DatabaseUnavailableError(backend.settings.database_path, f"disk full: {full}")
+        error.__cause__ = full
+        return error
+    raise AssertionError("the capped database took the row")
+
+
 class FullDatabase:
     """Makes the named writes of a real ``SqliteJobStore`` fail, while ``full`` is set, with the error its disk
-    being full gives: a real ``SQLITE_FULL`` from SQLite, mapped by the store file's own fault mapping."""
+    being full gives (``database_full_error``)."""
 
     def __init__(self, backend: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch, *methods: str) -> None:
         self.full = threading.Event()
@@ -145,11 +162,7 @@ class FullDatabase:
             def write(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
                 if self.full.is_set():
                     self.refused += 1
-                    with backend.store.file.mapping_faults():
-                        capped = sqlite3.connect(":memory:")
-                        capped.execute("PRAGMA max_page_count = 2")
-                        capped.execute("CREATE TABLE filler (data BLOB)")
-                        capped.execute("INSERT INTO filler VALUES (zeroblob(100000))")  # database or disk is full
+                    raise database_full_error(backend)
                 return _original(*args, **kwargs)
 
             monkeypatch.setattr(backend.store, method, write)
