@@ -1,5 +1,6 @@
 """The embedded backend's SQLite file under faults, with real files and a real ``imagen serve``.
 
+- Full (a file-size limit stands in for the disk): the same 503, and jobs are taken again once there is room.
 - Locked by another writer (a separate connection holding ``BEGIN EXCLUSIVE``): a write answers 503 with a
   French ``detail`` and Retry-After within ``IMAGEN_DATABASE_BUSY_TIMEOUT_S``, the keep-alive connection
   carries on, and the next request on it works once the lock is gone. Reads are not blocked by a writer in WAL
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -97,6 +99,37 @@ def test_a_locked_database_answers_503_soon_and_the_keep_alive_connection_carrie
     with server.client() as http:
         assert wait_status(http, job_id, TERMINAL)["status"] == "SUCCESS"
     assert "job database" in server.log_path.read_text() and "locked" in server.log_path.read_text()
+
+
+def test_a_database_that_cannot_grow_answers_503_and_takes_jobs_again_once_it_can(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """A full disk, as an unprivileged test can make one: the server's file-size limit (RLIMIT_FSIZE, set
+    from outside with prlimit) stops its write-ahead log from growing. SQLite reports that as a write I/O
+    error (a real ENOSPC is SQLITE_FULL): both are the same 503."""
+    server = make_server()
+    server.start()
+    assert server.process is not None
+    path = database(tmp_path)
+    with server.client() as http:
+        assert wait_status(http, submit(http, "before"), TERMINAL)["status"] == "SUCCESS"
+        with sqlite3.connect(path) as other:  # the log emptied into the file: new writes must grow it
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        limit = server.log_path.stat().st_size + 256 * 1024  # room for the server's log lines
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            for _ in range(2000):  # each accepted job grows the log; bounded in count
+                answer = http.post("/generate", json={"prompt": "until the disk is full"})
+                if answer.status_code != 201:
+                    break
+            assert (answer.status_code, answer.json()) == (503, {"detail": DATABASE_DOWN}), answer.text
+            assert "retry-after" in answer.headers
+        finally:
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        after = http.post("/generate", json={"prompt": "room again"})  # the same keep-alive connection
+        assert after.status_code == 201, after.text
+        assert wait_status(http, after.json()["job_id"], TERMINAL)["status"] == "SUCCESS"
+    assert "disk I/O error" in server.log_path.read_text()
 
 
 def replace_with_a_copy(path: Path) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imagen.errors import DatabaseDamagedError, DatabaseUnavailableError
 from imagen.private_files import private_database, private_folder
@@ -69,35 +69,47 @@ def request_lock_wait(seconds: float) -> Iterator[None]:
 
 class _Cursor(sqlite3.Cursor):
     """A cursor whose reads map the file's faults as ``_Connection`` does (a damaged page may show only when a
-    later row is read)."""
+    later row is read). Plain ``try`` blocks: these run for every statement."""
 
-    file: SqliteFile
+    connection: _Connection
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        with self.file.mapping_faults():
+        try:
             super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
         return self
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Cursor:
-        with self.file.mapping_faults():
+        try:
             super().executemany(sql, seq_of_parameters)
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
         return self
 
     def fetchone(self) -> Any:
-        with self.file.mapping_faults():
+        try:
             return super().fetchone()
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
 
     def fetchmany(self, size: int | None = 1) -> list[Any]:
-        with self.file.mapping_faults():
+        try:
             return super().fetchmany(size)
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
 
     def fetchall(self) -> list[Any]:
-        with self.file.mapping_faults():
+        try:
             return super().fetchall()
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
 
     def __next__(self) -> Any:
-        with self.file.mapping_faults():
+        try:
             return super().__next__()
+        except sqlite3.Error as exc:
+            self.connection.file.raise_mapped(exc)
 
 
 class _Connection(sqlite3.Connection):
@@ -106,19 +118,19 @@ class _Connection(sqlite3.Connection):
     file: SqliteFile
 
     def cursor(self, factory: Any = None) -> _Cursor:  # type: ignore[override]
-        cursor = super().cursor(_Cursor)
-        cursor.file = self.file
-        return cursor
+        return super().cursor(_Cursor)
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        return self.cursor().execute(sql, parameters)
+        return super().cursor(_Cursor).execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> _Cursor:
-        return self.cursor().executemany(sql, parameters)
+        return super().cursor(_Cursor).executemany(sql, parameters)
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
-        with self.file.mapping_faults():
+        try:
             return super().executescript(sql_script)
+        except sqlite3.Error as exc:
+            self.file.raise_mapped(exc)
 
 
 class SqliteFile:
@@ -159,7 +171,7 @@ class SqliteFile:
 
     def _connect(self, *, create: bool) -> sqlite3.Connection:
         uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-        with self.mapping_faults():
+        try:
             db = sqlite3.connect(
                 uri,
                 uri=True,
@@ -168,6 +180,8 @@ class SqliteFile:
                 check_same_thread=False,
                 factory=_Connection,
             )
+        except sqlite3.Error as exc:
+            self.raise_mapped(exc)
         db.file = self
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
@@ -237,19 +251,15 @@ class SqliteFile:
             )
         return trouble
 
-    @contextmanager
-    def mapping_faults(self) -> Iterator[None]:
-        """Turn ``sqlite3`` errors that say the file cannot be used into ``DatabaseUnavailableError``."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            reason = _UNAVAILABLE.get(primary)
-            if reason is None:
-                raise
-            if primary in _DAMAGE:
-                self._damage = reason
-            raise DatabaseUnavailableError(self.path, f"{reason}: {exc}") from exc
+    def raise_mapped(self, exc: sqlite3.Error) -> NoReturn:
+        """Raise ``DatabaseUnavailableError`` for an error that says the file cannot be used, else ``exc``."""
+        primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        reason = _UNAVAILABLE.get(primary)
+        if reason is None:
+            raise exc
+        if primary in _DAMAGE:
+            self._damage = reason
+        raise DatabaseUnavailableError(self.path, f"{reason}: {exc}") from exc
 
     def close(self) -> None:
         """Close this thread's connection."""
