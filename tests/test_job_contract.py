@@ -133,7 +133,7 @@ def test_worker_killed_mid_job_the_job_still_completes_once(
     done = wait_status(client, job_id, TERMINAL, timeout=30)
     assert done["status"] == "SUCCESS"
     assert [p.name for p in (tmp_path / "outputs").glob("*.png")] == [done["result"]["filename"]]
-    assert worker_pids(client) != [pid]
+    wait_for(lambda: pid not in worker_pids(client))  # a dead pool child's heartbeat ages out (distributed)
 
 
 def test_worker_that_crashes_is_replaced_and_the_job_retried(
