@@ -44,7 +44,8 @@ def unreadable_body(reason: str) -> str:
 async def http_error(request: Request, exc: HTTPException) -> Response:
     """FastAPI's answer to ``exc``, with a 400's reason and a 405's full ``Allow``."""
     if exc.status_code == 405:
-        exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": _allowed_methods(request, exc)})
+        allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow")
+        exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), **({"Allow": allowed} if allowed else {})})
     elif exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY and exc.__cause__ is not None:
         exc = HTTPException(400, unreadable_body(_parse_failure(exc.__cause__)), headers=exc.headers)
     return await http_exception_handler(request, exc)
@@ -60,12 +61,12 @@ def _parse_failure(cause: BaseException) -> str:
     return f"formulaire ou JSON invalide ({str(cause)[:ECHO_CHARS]})"
 
 
-def _allowed_methods(request: Request, exc: HTTPException) -> str:
+def _allowed_methods(request: Request) -> str:
     methods: set[str] = set()
     for route in iter_route_contexts(request.app.routes):  # included routers' routes too, prefixed
         if route.path is not None and route.methods and compile_path(route.path)[0].match(request.scope["path"]):
             methods |= route.methods
-    return ", ".join(sorted(methods)) if methods else (exc.headers or {}).get("Allow", "")
+    return ", ".join(sorted(methods))
 
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
