@@ -1,13 +1,21 @@
 """Benchmark: a job through the service vs the same diffusers call made directly, and where the time goes.
 
 1. The demo model (SDXL architecture, trained on shapes, native 1024x1024; the very pipeline the server
-   builds) at 30 steps, CFG 7.5, the server's dtype. Two paths, **interleaved** (direct, service, service,
-   direct, ...: a background load or thermal drift hits both alike), one untimed warm-up run each:
+   builds), CFG 7.5, the server's dtype, two jobs (``--job``): ``full`` 1024x1024 at 30 steps and ``short``
+   512x512 at 10 steps. Two paths, **interleaved** (direct, service, service, direct, ...: a background load
+   or thermal drift hits both alike), one untimed warm-up run each, the same work on both:
 
    * direct: the plain diffusers pipeline call, ``pipe(prompt=..., negative_prompt=...)`` to a PIL image;
    * service: POST /generate -> GET /status until SUCCESS, through a real ``imagen serve`` (embedded job
      system, worker child process) started by this script; the client polls by the job's progress
      (:func:`poll_delay`: rarely while it runs, every 20 ms near its end).
+
+   Same work: ``--guidance plain`` (default) serves the demo model from a registry file with plain
+   classifier-free guidance to the end (``guidance_rescale: 0``, ``guidance_stop: 1``), as the plain call
+   does; ``--guidance model`` keeps the built-in entry (rescale 0.7, guidance stopped after 60 % of the
+   steps) and gives the direct call the same, as diffusers' documentation writes it (``guidance_rescale=``
+   and a ``callback_on_step_end`` that drops the unconditional half). ``--threads N``: both processes on N
+   CPU threads (default: torch's own choice, printed).
 
    Printed: each run, the median and the spread (min, max, IQR) of each path, the ratio of the medians
    (target <= 1.05) and the median of the per-round ratios, then the median time of each phase:
@@ -18,7 +26,8 @@
 2. Model switch and LoRA-set switch, measured in the engine on the tiny fixtures (``imagen fixtures``):
    the extra time of a job that must switch, over a job that needs nothing new.
 
-    .venv/bin/python bench/engine_overhead.py [--runs 7] [--steps 30] [--skip-switches]
+    .venv/bin/python bench/engine_overhead.py [--job both|full|short] [--runs 7] [--threads N]
+                                              [--guidance plain|model] [--skip-switches]
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ sys.path.insert(0, str(REPO))
 PROMPT = "a large green star on the left on a beige background"
 NEGATIVE = "low quality, blurry, distorted, ugly, bad anatomy"
 GUIDANCE = 7.5
+JOBS = {"full": (1024, 30), "short": (512, 10)}  # (side in pixels, steps)
 MIN_POLL_S, MAX_POLL_S = 0.02, 0.5
+TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 
 # The service's progress steps, grouped into the phases printed for both paths.
 SERVICE_PHASES = {
@@ -64,7 +75,7 @@ PHASE_ORDER = ["queue", "load", "encode", "denoise", "decode", "PNG", "hand-back
 class Run:
     total: float
     phases: dict[str, float] = field(default_factory=dict)
-    polls: int = 0
+    messages: int = 0  # /status answers or status events the client read
 
 
 def free_port() -> int:
@@ -77,7 +88,7 @@ class DirectPath:
     """The demo pipeline in this process, called as a diffusers user would; phases timed by wrapping the
     pipeline's own ``encode_prompt``, ``vae.decode`` and ``image_processor.postprocess``."""
 
-    def __init__(self, steps: int, dtype_name: str) -> None:
+    def __init__(self, dtype_name: str, guidance: str) -> None:
         import torch
 
         from imagen.generation.diffusers.loading import load_pipeline
@@ -86,8 +97,11 @@ class DirectPath:
         spec = builtin_registry().model("demo")
         assert spec is not None
         self.torch = torch
-        self.steps = steps
+        self.side, self.steps = JOBS["full"]
         self.pipe = load_pipeline(spec, getattr(torch, dtype_name))
+        # --guidance model: the built-in entry's guidance, as a diffusers user would ask for it
+        self.rescale = spec.guidance_rescale if guidance == "model" else 0.0
+        self.stop = spec.guidance_stop if guidance == "model" else 1.0
         self._spent: dict[str, float] = {}
         self.pipe.encode_prompt = self._timed("encode", self.pipe.encode_prompt)
         self.pipe.vae.decode = self._timed("decode", self.pipe.vae.decode)
@@ -103,12 +117,27 @@ class DirectPath:
 
         return timed
 
+    def _stop_guidance(self, pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' "dynamic classifier-free guidance" recipe: after the cut, the prompt's half only."""
+        if step + 1 == max(1, round(self.stop * self.steps)):
+            for name in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
+                tensors[name] = tensors[name].chunk(2)[1]
+            pipe._guidance_scale = 1.0
+        return tensors
+
     def run(self, seed: int) -> Run:
         self._spent = {}
+        guidance: dict[str, Any] = {}
+        if self.rescale:
+            guidance["guidance_rescale"] = self.rescale
+        if self.stop < 1:
+            guidance["callback_on_step_end"] = self._stop_guidance
+            guidance["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds",
+                                                              "add_time_ids"]
         start = time.perf_counter()
         self.pipe(
             prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=self.steps, guidance_scale=GUIDANCE,
-            width=1024, height=1024, generator=self.torch.Generator("cpu").manual_seed(seed),
+            width=self.side, height=self.side, generator=self.torch.Generator("cpu").manual_seed(seed), **guidance,
         ).images[0]
         total = time.perf_counter() - start
         phases = dict(self._spent)
@@ -117,10 +146,13 @@ class DirectPath:
 
 
 class ServicePath:
-    """A real ``imagen serve`` on a free port, and a client that submits and polls like a user."""
+    """A real ``imagen serve`` on a free port, and a client that submits, then follows the job as a user
+    would: ``GET /events/{job_id}`` (``--client events``, what ``imagen generate`` and the web page do: the
+    server pushes SUCCESS the moment it is stored) or ``GET /status`` polls (``--client poll``)."""
 
-    def __init__(self, steps: int, port: int) -> None:
-        self.steps = steps
+    def __init__(self, port: int, client: str = "events") -> None:
+        self.side, self.steps = JOBS["full"]
+        self.client = client
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -146,15 +178,21 @@ class ServicePath:
         sent_at = time.time()
         start = time.perf_counter()
         job = self.call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
-                                              "guidance_scale": GUIDANCE, "seed": seed})
+                                              "guidance_scale": GUIDANCE, "seed": seed,
+                                              "width": self.side, "height": self.side})
         if "job_id" not in job:
             raise RuntimeError(f"POST /generate refused: {job}")
-        polls = 1
-        while (state := self.call("GET", f"/status/{job['job_id']}"))["status"] not in ("SUCCESS", "FAILURE"):
-            time.sleep(poll_delay(state, time.perf_counter() - start))
-            polls += 1
+        if self.client == "events":
+            state, messages = self.follow(job["job_id"])
+        else:
+            messages = 1
+            while (state := self.call("GET", f"/status/{job['job_id']}"))["status"] not in TERMINAL:
+                time.sleep(poll_delay(state, time.perf_counter() - start))
+                messages += 1
         total = time.perf_counter() - start
         seen_at = time.time()
+        if self.client == "events":
+            self.response.read()  # the rest of the stream (it ends after the terminal event): untimed
         assert state["status"] == "SUCCESS", state
         timings = state["result"]["timings"]
         phases = {"queue": timings["started_at"] - sent_at}
@@ -162,7 +200,25 @@ class ServicePath:
             phase = SERVICE_PHASES.get(step, step)
             phases[phase] = phases.get(phase, 0.0) + seconds
         phases["hand-back"] = seen_at - (timings["started_at"] + sum(timings["seconds"].values()))
-        return Run(total, phases, polls)
+        return Run(total, phases, messages)
+
+    def follow(self, job_id: str) -> tuple[dict[str, Any], int]:
+        """The job's status events until the terminal one: (its data, how many status events came)."""
+        self.connection.request("GET", f"/events/{job_id}")
+        self.response = self.connection.getresponse()
+        if self.response.status != 200:
+            raise RuntimeError(f"GET /events answered {self.response.status}: {self.response.read()!r}")
+        events, data = 0, None
+        while line := self.response.readline():
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"data:"):
+                data = json.loads(line[5:])
+            elif not line and data is not None:  # the blank line that ends an event
+                events += 1
+                if data["status"] in TERMINAL:
+                    return data, events
+                data = None
+        raise RuntimeError("the event stream ended before the job did")
 
 
 def poll_delay(state: dict[str, Any], elapsed: float) -> float:
@@ -184,13 +240,20 @@ def poll_delay(state: dict[str, Any], elapsed: float) -> float:
 
 
 @contextmanager
-def imagen_serve(workdir: Path, dtype_name: str) -> Iterator[tuple[int, Path]]:
-    """The default install (demo model, every default setting) on the CPU, whatever this shell's IMAGEN_*."""
+def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) -> Iterator[tuple[int, Path]]:
+    """The default install (demo model, every default setting) on the CPU, whatever this shell's IMAGEN_*;
+    with ``guidance == "plain"``, the demo model from a registry file that guides it plainly to the end."""
     port = free_port()
     log_path = workdir / "serve.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGEN_")}
     env.update({"IMAGEN_DATA_DIR": str(workdir / "data"), "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
                 "IMAGEN_DEVICE": "cpu", "IMAGEN_DTYPE": dtype_name, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    if guidance == "plain":
+        registry = workdir / "registry.yaml"
+        registry.write_text("models:\n  - {id: demo, name: demo, demo: true, guidance_rescale: 0, guidance_stop: 1}\n")
+        env["IMAGEN_REGISTRY_PATH"] = str(registry)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with log_path.open("wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -205,24 +268,33 @@ def imagen_serve(workdir: Path, dtype_name: str) -> Iterator[tuple[int, Path]]:
                 server.wait()
 
 
-def compare(steps: int, runs: int, dtype_name: str, workdir: Path) -> tuple[list[Run], list[Run], str]:
-    direct = DirectPath(steps, dtype_name)
-    with imagen_serve(workdir, dtype_name) as (port, log_path):
-        service = ServicePath(steps, port)
+Comparison = dict[str, tuple[list[Run], list[Run]]]
+
+
+def compare(jobs: list[str], runs: int, dtype_name: str, guidance: str, threads: int, client: str,
+            workdir: Path) -> tuple[Comparison, str]:
+    """Each job of ``jobs`` (keys of :data:`JOBS`) on both paths, one server for all."""
+    direct = DirectPath(dtype_name, guidance)
+    results: Comparison = {}
+    with imagen_serve(workdir, dtype_name, guidance, threads) as (port, log_path):
+        service = ServicePath(port, client)
         service.wait_ready()
-        direct.run(seed=0), service.run(seed=0)  # warm-up, untimed (first calls pick kernels, grow pools)
-        direct_runs: list[Run] = []
-        service_runs: list[Run] = []
-        for index in range(runs):
-            # ABBA order: neither path always runs right after the other one.
-            pair: list[tuple[Callable[[int], Run], list[Run]]] = [
-                (direct.run, direct_runs), (service.run, service_runs)
-            ]
-            for run, out in pair if index % 2 == 0 else reversed(pair):
-                out.append(run(index + 1))
+        for job in jobs:
+            direct.side, direct.steps = service.side, service.steps = JOBS[job]
+            direct.run(seed=0), service.run(seed=0)  # warm-up, untimed (first calls pick kernels, grow pools)
+            direct_runs: list[Run] = []
+            service_runs: list[Run] = []
+            for index in range(runs):
+                # ABBA order: neither path always runs right after the other one.
+                pair: list[tuple[Callable[[int], Run], list[Run]]] = [
+                    (direct.run, direct_runs), (service.run, service_runs)
+                ]
+                for run, out in pair if index % 2 == 0 else reversed(pair):
+                    out.append(run(index + 1))
+            results[job] = direct_runs, service_runs
         found = re.search(rb"(\d+) CPU threads", log_path.read_bytes())
         worker_threads = found.group(1).decode() if found else "?"
-    return direct_runs, service_runs, worker_threads
+    return results, worker_threads
 
 
 def switch_times(workdir: Path) -> dict[str, float]:
@@ -260,7 +332,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {q3 - q1:.3f}"
 
 
-def print_comparison(direct: list[Run], service: list[Run]) -> None:
+def print_comparison(direct: list[Run], service: list[Run], client: str) -> None:
     d = [run.total for run in direct]
     s = [run.total for run in service]
     print("| path | median s | min | max | IQR | runs (s) |")
@@ -268,7 +340,8 @@ def print_comparison(direct: list[Run], service: list[Run]) -> None:
     print(f"| diffusers pipeline call, direct | {spread(d)} | {', '.join(f'{t:.3f}' for t in d)} |")
     print(f"| POST /generate -> SUCCESS through imagen | {spread(s)} | {', '.join(f'{t:.3f}' for t in s)} |")
     paired = statistics.median(b / a for a, b in zip(d, s, strict=True))
-    print(f"client polls per service job: median {statistics.median(run.polls for run in service):.0f}")
+    read = "status events (GET /events)" if client == "events" else "polls (GET /status)"
+    print(f"client {read} per service job: median {statistics.median(run.messages for run in service):.0f}")
     print(f"ratio service / direct: {statistics.median(s) / statistics.median(d):.3f} (medians), "
           f"{paired:.3f} (median of per-round ratios)  (target <= 1.05)")
     print()
@@ -298,28 +371,44 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per path (at least 3)")
+    parser.add_argument("--job", choices=["both", *JOBS], default="both",
+                        help="full: 1024x1024, 30 steps; short: 512x512, 10 steps; both (default): one after the other")
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per path and job (at least 3)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of both paths (0: torch's default)")
+    parser.add_argument("--guidance", choices=["plain", "model"], default="plain",
+                        help="plain: CFG to the end on both paths; model: the demo entry's rescale and stop on both")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both paths' dtype (auto: the server's choice, bfloat16 on CPUs with native bf16)")
+    parser.add_argument("--client", choices=["events", "poll"], default="events",
+                        help="how the service's client learns that its job ended: GET /events, or polling /status")
     parser.add_argument("--skip-switches", action="store_true")
     args = parser.parse_args()
     if args.runs < 3:
         parser.error("--runs: at least 3 (the spread needs quartiles)")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
 
     import torch
 
     from imagen.generation.diffusers.loading import resolve_dtype
 
     quiet_libraries()
-    dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    jobs = list(JOBS) if args.job == "both" else [args.job]
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
-        direct, service, worker_threads = compare(args.steps, args.runs, dtype, Path(tmp))
+        results, worker_threads = compare(jobs, args.runs, dtype, args.guidance, args.threads, args.client, Path(tmp))
         switches = {} if args.skip_switches else switch_times(Path(tmp))
-    print(f"demo model, 1024x1024, {args.steps} steps, CFG {GUIDANCE}, {dtype}, {args.runs} runs per path "
-          f"(interleaved); CPU threads: direct {torch.get_num_threads()}, worker {worker_threads}")
-    print_comparison(direct, service)
+    for job, (direct, service) in results.items():
+        side, steps = JOBS[job]
+        print(f"demo model, {job} job: {side}x{side}, {steps} steps, CFG {GUIDANCE} ({args.guidance} guidance), "
+              f"{dtype}, {args.runs} runs per path (interleaved); CPU threads: direct {torch.get_num_threads()}, "
+              f"worker {worker_threads}")
+        print_comparison(direct, service, args.client)
+        print()
     if not switches:
         return
-    print()
     print("switch times, tiny fixtures (64x64, 4 steps), in the engine:")
     warm = switches["warm job (no LoRA)"]
     for name, value in switches.items():

@@ -5,6 +5,9 @@ torch.compile is not exercised here: on a 2-core CPU inductor needs far more tha
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +154,48 @@ def test_cpu_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32
+
+
+def test_on_a_cpu_the_vae_is_cast_to_float32_once_not_for_every_job(tmp_path: Path) -> None:
+    # bf16: the VAE (force_upcast) decodes in float32; casting SDXL's there and back cost ~0.15 s a job
+    engine = _engine(tmp_path, dtype="bfloat16")
+    first = image_bytes(engine.generate(task(), ProgressLog())[0].image)
+    vae = engine._models["sdxl-base"].pipe.vae
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}
+    storages = [p.data_ptr() for p in vae.parameters()]
+    assert image_bytes(engine.generate(task(), ProgressLog())[0].image) == first
+    assert [p.data_ptr() for p in vae.parameters()] == storages  # not cast again: the same tensors
+    assert {p.dtype for p in engine._models["sdxl-base"].pipe.unet.parameters()} == {torch.bfloat16}
+
+
+_FAULTS_OF_A_FREED_BLOCK = """
+import resource, sys, tempfile
+import torch
+from imagen.config import Settings
+from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.registry import builtin_registry
+
+keep = sys.argv[1] == "on"
+settings = Settings(device="cpu", data_dir=tempfile.mkdtemp(), cpu_keep_freed_memory=keep)
+DiffusersEngine(builtin_registry(), settings)
+block = torch.ones(16 << 20)  # 64 MiB: a 16-channel float32 activation of a 1024-pixel image
+del block
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = torch.ones(12 << 20)  # 48 MiB, in the memory just freed (if it was kept)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings of glibc")
+def test_a_cpu_engine_reuses_the_memory_its_tensors_free() -> None:
+    # glibc maps each block of 32 MiB or more afresh and unmaps it when freed: the next job faulted every
+    # 4 KiB page of it in again (~0.45 s of system time per 1024² demo job). A CPU engine's process keeps it.
+    def faults(setting: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _FAULTS_OF_A_FREED_BLOCK, setting],
+            capture_output=True, text=True, timeout=120, check=True, cwd=Path(__file__).resolve().parent.parent,
+        )
+        return int(done.stdout.split()[-1])
+
+    assert faults("on") < 100
+    assert faults("off") > 10_000  # 48 MiB / 4 KiB = 12,288 pages

@@ -54,7 +54,7 @@ from imagen.generation.base import (
     ProgressCallback,
     denoising_steps,
 )
-from imagen.generation.diffusers import acceleration
+from imagen.generation.diffusers import acceleration, host_memory
 from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
 from imagen.generation.diffusers.guidance import callback_inputs, guidance_stop, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
@@ -113,6 +113,8 @@ class DiffusersEngine(Engine):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.stats = EngineStats()
+        if self.device.type == "cpu" and settings.cpu_keep_freed_memory:
+            host_memory.keep_freed_memory()  # before the model loads: its blocks come from the heap too
         self.acceleration_options = acceleration.AccelerationOptions.from_settings(settings, self.device)
         self.lora_hotswap = settings.lora_hotswap == "on" or (
             settings.lora_hotswap == "auto" and self.acceleration_options.compile
@@ -256,7 +258,8 @@ class DiffusersEngine(Engine):
                 pipe.maybe_free_model_hooks()  # CPU offload: the hooks live on the loaded pipeline
 
         progress(STEP_DECODING, 0)
-        decoded = [_decode(pipe, latents[index : index + 1]) for index in range(latents.shape[0])]
+        keep_upcast = self.device.type == "cpu"
+        decoded = [_decode(pipe, latents[index : index + 1], keep_upcast) for index in range(latents.shape[0])]
         progress(STEP_DECODING, 100)
         if mode == "inpaint":
             # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
@@ -512,14 +515,20 @@ def _execution_device(pipe: Any) -> torch.device:
     return device
 
 
-def _decode(pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[Any, Any]]:
+def _decode(
+    pipe: Any, latents: torch.Tensor, keep_upcast: bool = False
+) -> tuple[Image.Image, np.ndarray[Any, Any]]:
     """Latents to RGB, as the pipeline's own ``output_type="pil"`` does, keeping the uint8 array for the
-    PNG writer."""
+    PNG writer.
+
+    ``keep_upcast``: a VAE cast to float32 for the decode stays in float32 (on a CPU, where memory is
+    plentiful: casting SDXL's VAE there and back took ~0.15 s per job); otherwise it is cast back, as on a
+    GPU, whose memory is scarce."""
     vae = pipe.vae
     # SDXL's original VAE overflows in fp16 (black images): decode it in fp32 unless it is fp16-safe
     # (the fp16-fix VAE's config says force_upcast: false). The same for bf16 (CPUs): the demo model's VAE
     # (set by hand, exact colours) needs fp32's precision, and SDXL's loses detail in bf16. diffusers' own
-    # img2img encoder already upcasts for any dtype when force_upcast is set.
+    # img2img encoder already upcasts for any dtype when force_upcast is set (and casts it back after).
     original_dtype = vae.dtype
     upcast = original_dtype in (torch.float16, torch.bfloat16) and bool(vae.config.force_upcast)
     try:
@@ -535,9 +544,12 @@ def _decode(pipe: Any, latents: torch.Tensor) -> tuple[Image.Image, np.ndarray[A
         else:
             latents = latents / vae.config.scaling_factor
         decoded = vae.decode(latents, return_dict=False)[0]
-    finally:
+    except BaseException:
         if upcast:
             vae.to(dtype=original_dtype)
+        raise
+    if upcast and not keep_upcast:
+        vae.to(dtype=original_dtype)
     floats = pipe.image_processor.postprocess(decoded, output_type="np")
     pixels = np.ascontiguousarray((floats[0] * 255).round().astype(np.uint8))
     return Image.fromarray(pixels, "RGB"), pixels
