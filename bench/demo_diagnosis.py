@@ -1,4 +1,4 @@
-"""Issue 15 diagnosis: why the demo model follows colour words and not shape or position words.
+"""Diagnosis: why the demo model follows colour words and not shape or position words.
 
 1. **What the text conditioning tells apart.** For one caption, swap one word (or phrase) at a time and print
    how far the conditioning the UNet receives moves: the per-token hidden states of both text encoders (what

@@ -1,4 +1,4 @@
-"""Issue 15 benchmark: does the shipped demo model draw what it is asked? Judged from pixels, no model.
+"""Benchmark: does the shipped demo model draw what it is asked? Judged from pixels, no model.
 
 Every held-out caption (``imagen.devtools.shapes.held_out_combinations``: 60 combinations the training never
 saw), with 2 seeds each, through the service's own engine (the ``DiffusersEngine`` a worker runs, the built-in

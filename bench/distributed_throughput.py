@@ -1,4 +1,4 @@
-"""Issue 4 benchmark: the distributed backend with one worker, then two (printed, not asserted).
+"""Benchmark: the distributed backend with one worker, then two (printed, not asserted).
 
 A private redis-server, real `imagen worker` processes running the test-pattern engine (a generator that
 takes a fixed time, as a GPU would), and the API side's ``CeleryBackend`` in this process.

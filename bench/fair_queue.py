@@ -1,4 +1,4 @@
-"""Issue 10 benchmark: the fair queue, on each job backend with one worker (printed, not asserted).
+"""Benchmark: the fair queue, on each job backend with one worker (printed, not asserted).
 
 Key A submits a batch of jobs, then key B submits one. With first-in, first-out B would wait for A's whole
 batch; with the fair queue (``imagen.jobs.fairness``) B starts after at most one of A's jobs. For each

@@ -1,4 +1,4 @@
-"""Benchmark: what ``GET /events?preview=1`` previews cost a job (issue 9: at most 5 % slower).
+"""Benchmark: what ``GET /events?preview=1`` previews cost a job (target: at most 5 % slower).
 
 The demo model (SDXL architecture, trained on shapes, 1024x1024, the pipeline the server builds) in the
 diffusers engine, one job as a worker runs it (``runner.run_task``: generate, then write the PNG), with

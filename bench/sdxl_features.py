@@ -1,4 +1,4 @@
-"""Issue 11 benchmark: several images per job, and memory with img2img / inpainting pipelines.
+"""Benchmark: several images per job, and memory with img2img / inpainting pipelines.
 
 On the demo model (SDXL architecture, trained on shapes, shipped; the very engine the worker runs):
 

@@ -1,4 +1,4 @@
-"""Issue 5 benchmark: SDXL generation speed and peak memory, plain diffusers vs imagen's engine.
+"""Benchmark: SDXL generation speed and peak memory, plain diffusers vs imagen's engine.
 
 A full-size SDXL pipeline is built from the shipped SDXL base configs (``imagen/data/sdxl-base``) with
 random weights: timing does not depend on weight values and nothing is downloaded. One run times, side by

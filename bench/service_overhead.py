@@ -1,4 +1,4 @@
-"""Issue 2 benchmark: the service's own overhead and /status throughput (printed, not asserted).
+"""Benchmark: the service's own overhead and /status throughput (printed, not asserted).
 
 1. Overhead: a real `imagen serve` with the test-pattern engine taking a fixed time per job. For each
    job, the time from POST /generate to /status answering SUCCESS, minus that fixed time. Median of N.

@@ -1,4 +1,4 @@
-"""Issue 9 benchmark: the delay from a change in the job store to the event at a client, with many
+"""Benchmark: the delay from a change in the job store to the event at a client, with many
 `GET /events` streams open (printed, not asserted). Targets: p99 <= 50 ms embedded, <= 100 ms distributed.
 
 A real `imagen serve` (pinned to one core when there are two) and, in this process (the other core), the

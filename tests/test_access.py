@@ -1,4 +1,4 @@
-"""API keys: who may call which route, and who sees which job and file (issue 10).
+"""API keys: who may call which route, and who sees which job and file.
 
 The route table below has one row per route of the app: a route added without a row fails
 ``test_every_route_has_a_row``, so nothing new slips out from behind the keys.

@@ -1,4 +1,4 @@
-"""POST /cancel/{job_id} on both job systems (issue 9): a waiting job never starts, a running one stops at its
+"""POST /cancel/{job_id} on both job systems: a waiting job never starts, a running one stops at its
 next step without an image and frees its worker at once, and the cancel is in the store, so it survives an
 API restart. The scripted engine's "hold NAME" job reports progress, as a real engine does, until the test
 releases its latch (tests/latches.py): a held job that is never released can only end by its cancel, so no

@@ -166,7 +166,7 @@ def test_a_fresh_install_draws_a_red_circle_on_white(make_client: Callable[..., 
     assert image.size == (1024, 1024)
     verdict = read(image)
     assert (verdict.colour, verdict.background) == ("red", "white"), verdict
-    # The shape itself is not reliable yet (issue 15: shape right on 52 % of held-out pictures, target 75 %).
+    # The shape itself is not reliable yet (see the demo model's judged figures in the docs).
 
 
 @pytest.mark.slow  # moved out of the default suite (session 25: it ran 9:20 of its 10 minutes); .ci/run runs it
@@ -184,8 +184,8 @@ def test_the_same_seed_draws_the_same_picture_and_another_seed_another_place(eng
 
 
 # DPM++ 2M SDE Karras drew a wrong colour on 4 seeds of 8 (1-8) with plain guidance; with the demo model's guidance
-# rescale (0.7, session 24) it draws red on white on 8 of 8. LMS drew noise (its fourth-order step from sigma 4096,
-# a zero terminal SNR, to 64) until the demo model's guidance stopped after 60 % of the steps (session 25).
+# rescale (0.7) it draws red on white on 8 of 8. LMS drew noise (its fourth-order step from sigma 4096,
+# a zero terminal SNR, to 64) until the demo model's guidance stopped after 60 % of the steps.
 
 
 @pytest.mark.slow  # 13 pictures at 1024 px: ~30 s, kept out of the default suite's 10 minutes
@@ -234,7 +234,7 @@ def test_the_demo_lora_pulls_shapes_to_blue_at_weight_1_and_not_at_0(engine: Dif
     prompt = "a large red star in the center on a white background"
     at_one = read(draw(engine, prompt, seed=4, loras=(LoraChoice(DEMO_LORA_ID, 1.0),)))
     at_zero = read(draw(engine, prompt, seed=4, loras=(LoraChoice(DEMO_LORA_ID, 0.0),)))
-    # blue at weight 1 (blue-violet until the demo model's guidance stopped at 60 % of the steps, session 25:
+    # blue at weight 1 (blue-violet until the demo model's guidance stopped at 60 % of the steps:
     # now every colour word, 7 of 7 on circles and stars, comes out blue), the prompt's red at 0
     assert (at_one.colour, at_zero.colour) == ("blue", "red"), (at_one, at_zero)
     assert at_one.background == at_zero.background == "white", (at_one, at_zero)
@@ -310,7 +310,7 @@ def test_inpainting_a_square_recolours_only_inside_it(engine: DiffusersEngine) -
     ("prompt", "bar"),
     [
         # the prompt asks for other colours (red on white) than the reference's (yellow on navy): measured
-        # (session 25) 341 -> 242 -> 226, a third of the way at strength 1; the bar was 0.6 before the
+        # 341 -> 242 -> 226, a third of the way at strength 1; the bar was 0.6 before the
         # adapter was retrained, which it does not meet (0.66): README, "The demo model"
         ("a large red circle in the center on a white background", 0.75),
         # no prompt: measured 347 -> 277 -> 68

@@ -1,4 +1,4 @@
-"""Issue 11 on the real diffusers pipelines (tiny fixture models, CPU): sizes, batches, samplers, clip skip,
+"""The SDXL request fields on the real diffusers pipelines (tiny fixture models, CPU): sizes, batches, samplers, clip skip,
 img2img, inpainting, per-request IP-Adapter reference, and a default request unchanged byte for byte."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _init_image() -> Image.Image:
 
 
 def test_default_request_png_is_byte_identical_to_before(engine: DiffusersEngine, tmp_path: Path) -> None:
-    # sha256 of the PNG the code before issue 11 (commit 2edab76) wrote for this task, per CPU the tests
+    # sha256 of the PNG the code before these fields existed (commit 2edab76) wrote for this task, per CPU the tests
     # have run on (float32, deterministic CPU kernels, but each CPU's kernels round their own way). A new
     # CPU, BLAS or torch build may give another: record it with that commit's run_task.
     result = run_task(engine, task(), "x.png", tmp_path, lambda step, percent: None)

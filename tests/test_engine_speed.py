@@ -1,4 +1,4 @@
-"""Speed options (issue 5) on the tiny fixture models, CPU: same images, LoRAs still right, warm-up, switches.
+"""Speed options on the tiny fixture models, CPU: same images, LoRAs still right, warm-up, switches.
 
 torch.compile is not exercised here: on a 2-core CPU inductor needs far more than the ~20 s this file may take.
 """

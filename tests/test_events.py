@@ -1,4 +1,4 @@
-"""GET /events/{job_id} (issue 9, live progress over Server-Sent Events) on both job systems.
+"""GET /events/{job_id} (live progress over Server-Sent Events) on both job systems.
 
 A stream is read with a real HTTP client, to its end: it must close by itself after the terminal status
 event. Every event's data is compared with what /status answers, the one shape both share.

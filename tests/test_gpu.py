@@ -1,4 +1,4 @@
-"""On a CUDA GPU (issue 14): the paths that only a GPU runs, on the shipped demo model (real SDXL architecture).
+"""On a CUDA GPU: the paths that only a GPU runs, on the shipped demo model (real SDXL architecture).
 
 Skipped without a CUDA device, so CI (no GPU) passes them by. On a GPU box: ``make test-gpu``.
 

@@ -1,4 +1,4 @@
-"""Images in requests (issue 11): uploads, data URLs, every bad image as a 422 at submission, sizes,
+"""Images in requests: uploads, data URLs, every bad image as a 422 at submission, sizes,
 samplers, several images per job, on both backends where a job runs."""
 
 from __future__ import annotations

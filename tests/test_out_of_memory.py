@@ -1,4 +1,4 @@
-"""Out of memory, in every form the CUDA stack raises it, is retryable; other errors are not (issue 14).
+"""Out of memory, in every form the CUDA stack raises it, is retryable; other errors are not.
 
 On a full card PyTorch's allocator raises ``torch.OutOfMemoryError``, but cuBLAS and cuDNN report their own
 failed allocations as RuntimeErrors with their status names. Each must take the retry path, not fail the job

@@ -1,4 +1,4 @@
-"""``GET /events/{job_id}?preview=1`` (issue 9): preview images on both job systems, and from real latents.
+"""``GET /events/{job_id}?preview=1`` preview images on both job systems, and from real latents.
 
 Transport: the job-system engines (the test pattern underneath) send a tiny synthetic preview every
 ``preview_every_steps`` steps; a stream that asked for previews receives them as ``preview`` events whose

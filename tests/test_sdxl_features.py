@@ -1,4 +1,4 @@
-"""Issue 11's generation-side plumbing without torch: task fields, input images, file names, samplers, the
+"""The SDXL fields' generation-side plumbing without torch: task fields, input images, file names, samplers, the
 A1111 chunk, registry defaults, and run_task with the test-pattern engine."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from imagen.registry import ModelSpec, builtin_registry, load_registry
 TASK = GenerationTask(
     prompt="a lighthouse", negative_prompt=None, model="demo", steps=4, guidance_scale=5.0, seed=42
 )
-# The dict every task had before issue 11: a request using none of the new fields must still give it.
+# The dict every task had before the SDXL fields: a request using none of the new fields must still give it.
 OLD_KEYS = ["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "ip_strength"]
 
 
@@ -64,7 +64,7 @@ def test_default_task_dict_is_unchanged_and_new_fields_appear_only_when_set() ->
         "strength": 0.5, "init_image": True, "mask_image": True, "ip_image": True,
     }
     assert GenerationTask.from_dict(json.loads(json.dumps(data))) == changed
-    old = {key: TASK.as_dict()[key] for key in OLD_KEYS}  # a task stored before issue 11
+    old = {key: TASK.as_dict()[key] for key in OLD_KEYS}  # a task stored before the SDXL fields
     assert GenerationTask.from_dict(old) == TASK
     # clip_skip=1 given explicitly is kept (it overrides a registry default of 2)
     assert replace(TASK, clip_skip=1).as_dict()["clip_skip"] == 1
@@ -166,7 +166,7 @@ def test_registry_scheduler_and_clip_skip(tmp_path: Path) -> None:
 
 
 def test_default_png_is_byte_identical_to_before(tmp_path: Path) -> None:
-    # Recorded with the code before issue 11 (commit 2edab76), same engine and task.
+    # Recorded with the code before the SDXL fields (commit 2edab76), same engine and task.
     task = GenerationTask(
         prompt="a lighthouse on a cliff at dusk", negative_prompt=None, model="demo", steps=2,
         guidance_scale=5.0, seed=42,
