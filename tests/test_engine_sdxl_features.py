@@ -1,5 +1,5 @@
-"""The SDXL request fields on the real diffusers pipelines (tiny fixture models, CPU): sizes, batches, samplers, clip skip,
-img2img, inpainting, per-request IP-Adapter reference, and a default request unchanged byte for byte."""
+"""The SDXL request fields on the real diffusers pipelines (tiny fixture models, CPU): sizes, batches, samplers,
+clip skip, img2img, inpainting, per-request IP-Adapter reference, and a default request unchanged byte for byte."""
 
 from __future__ import annotations
 
