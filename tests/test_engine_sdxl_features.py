@@ -300,8 +300,10 @@ def test_img2img_and_inpaint_keep_the_loaded_weights_as_they_are(tmp_path: Path)
     _image(engine, InputImages(init=_init_image()), init_image=True, strength=0.5, steps=2)
     _image(engine, inputs, init_image=True, mask_image=True, strength=0.5, steps=2)
     assert storages() == before
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    # the VAE (force_upcast) decodes in float32 and, on a CPU, stays so between jobs
+    assert all(p.dtype == torch.float32 for p in pipe.vae.parameters())
 
 
 def test_per_request_ip_image_replaces_the_servers_reference(engine: DiffusersEngine) -> None:
