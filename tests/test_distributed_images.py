@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imagen.jobs.distributed.store import PNG_BYTES, REPLICAS, PngLimits, RedisJobStore, connect
+from imagen.jobs.distributed.keys import PNG_BYTES, REPLICAS
+from imagen.jobs.distributed.store import PngLimits, RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
 from tests.test_distributed_reconciler import new_job

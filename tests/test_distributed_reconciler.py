@@ -15,8 +15,9 @@ import pytest
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask
 from imagen.jobs.distributed.app import create_celery, publish
+from imagen.jobs.distributed.keys import lock_key
 from imagen.jobs.distributed.reaper import Housekeeper, message_ids
-from imagen.jobs.distributed.store import RedisJobStore, connect, lock_key
+from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.types import JobState, NewJob
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status

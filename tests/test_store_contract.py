@@ -20,7 +20,8 @@ from typing import Protocol
 import pytest
 
 from imagen.errors import KeyQueueFullError, QueueFullError
-from imagen.jobs.distributed.store import Claim, RedisJobStore, connect, lock_key
+from imagen.jobs.distributed.keys import lock_key
+from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, HOSTNAME, AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobRecord, JobState, NewJob

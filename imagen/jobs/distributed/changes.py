@@ -1,11 +1,11 @@
-"""The API process's one listener on the Redis channel of job changes (``store.CHANGES_CHANNEL``).
+"""The API process's one listener on the Redis channel of job changes (``keys.CHANGES_CHANNEL``).
 
 The store publishes a job's id right after each script that changes it, whichever process runs it (a
 worker on any host, a replica's reaper, a cancel). Each API process subscribes once, with redis.asyncio on
 its event loop, and fans the ids out to its own streams through a ``ChangeFeed``: 500 streams cost one
 connection. It starts with the first stream, and reconnects on its own; after a reconnect it wakes every
 stream, since what changed in between was not heard. The same connection listens to the workers' preview
-images (``store.PREVIEWS_CHANNEL``), handed to the streams that asked for them.
+images (``keys.PREVIEWS_CHANNEL``), handed to the streams that asked for them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import redis.asyncio
 
 from imagen.jobs.changes import ChangeFeed
-from imagen.jobs.distributed.store import CHANGES_CHANNEL, PREVIEWS_CHANNEL
+from imagen.jobs.distributed.keys import CHANGES_CHANNEL, PREVIEWS_CHANNEL
 
 log = logging.getLogger("imagen.jobs")
 

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable
 import redis
 
 from imagen.config import Settings
-from imagen.jobs.distributed.store import HOUSEKEEPER, RedisJobStore
+from imagen.jobs.distributed.keys import HOUSEKEEPER
+from imagen.jobs.distributed.store import RedisJobStore
 from imagen.jobs.lifecycle import OwnerToken
 
 log = logging.getLogger("imagen.jobs")

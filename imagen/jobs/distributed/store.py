@@ -1,54 +1,7 @@
 """The job records of the distributed backend, in Redis (the broker's own server).
 
-Every state change is one Lua script (``lua/*.lua``), so it is atomic across API replicas and workers. The
-scripts hold no rule of their own: Python reads the record, asks :class:`imagen.jobs.lifecycle.AttemptPolicy`
-for the verdict, and a script applies it under a guard (state, owner, attempts and lock still as read; else
-it answers ``conflict`` and the caller reads again).
-
-- ``imagen:job:{id}``  hash: state, task, output_name, key_name (the API key that submitted it), attempts,
-  seq, owner, ticket (the id of the broker message that started the running attempt), progress, result,
-  error, times.
-  A finished record gets a Redis expiry of ``result_ttl_s``. A new record is *unconfirmed* (field
-  ``unconfirmed``, expiry ``CONFIRM_WINDOW_S``) until its broker message is published: a submission that
-  fails half-way (Redis stalled, publish failed, the API killed) leaves nothing behind.
-- ``imagen:waiting``   sorted set of the PENDING job ids, scored by queue order: its size is the cluster-wide
-  queue length checked by ``submit`` (check-and-add in one script, with the per-key waiting limit counted
-  there from the records' ``key_name``). Which job starts next, and a job's position, is the fair order
-  (``jobs.fairness``) of this set, read with each key's turn.
-- ``imagen:key_turns`` hash key_name -> the turn at which the key was last served; ``imagen:turn`` the
-  counter every claim increments (``lua/claim.lua`` records both).
-- ``imagen:output_owners`` hash output_name -> key_name, written by ``submit`` (removed by ``withdraw``):
-  it outlives the job record, as long as the image may be served.
-- A job's input images (img2img, inpainting, IP-Adapter reference) are fields ``input:<role>`` of its record:
-  they live and expire with it, and ``get`` never reads them (it names the fields it reads).
-- ``imagen:upload:{id}`` hash: an image sent to ``POST /uploads``, as sent (field ``data``), with a Redis
-  expiry at ``expires_at``. ``imagen:uploads_of:{key_name}`` sorted set (upload ids by ``expires_at``) and
-  ``imagen:upload_sizes:{key_name}`` hash (upload id -> bytes) index the live uploads of a key for its quota
-  (``types.UploadQuota``); expired ids leave them at the key's next upload, and both expire with its last.
-- ``imagen:unconfirmed`` the waiting ids not confirmed yet (swept when their record expired).
-- ``imagen:running``   set of the STARTED/PROGRESS job ids, scanned by the orphan reaper.
-  A cancelled job (``lua/cancel.lua``) leaves the queue or this set at once, REVOKED: its worker learns it
-  from its next progress write (``lua/progress.lua`` answers ``cancelled``), on whatever host it runs.
-- ``imagen:lock:{id}`` the running attempt's owner token, with a short expiry its worker keeps renewing.
-  A running job whose lock expired has a dead worker: it goes back to the queue (or fails). A claim is
-  guarded by the record and its lock, so a job never runs twice at once. A broker message is a *ticket*
-  (see ``task.py``): its worker claims the fair queue's next confirmed job, whichever job it names.
-- ``imagen:png:{name}`` the PNG bytes of a finished job, ``imagen:outputs`` a stream of finished names. Each
-  API replica copies the images into its own outputs folder (no shared disk), then adds itself to
-  ``imagen:png_copies:{name}``; the PNG is deleted once every live replica (``imagen:replicas``, scored by
-  heartbeat deadline) has a copy. A PNG no replica has copied never leaves Redis (``imagen:png_uncopied``,
-  by age, and ``png_uncopied_bytes``); the first copy moves it to ``imagen:png_order`` and starts its expiry
-  (``png_ttl_s``), for a live replica that does not copy it. ``imagen:png_sizes``/``png_bytes`` index them
-  all: past ``png_redis_max_bytes`` the oldest copied ones go first, and while uncopied ones fill it, no new
-  job is accepted or started (``png_backlog_full``).
-- ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry.
-- ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
-  made the event (a worker, a reaper, an API replica), right after its script: ``/metrics`` reads them.
-- ``imagen:housekeeper`` which process runs the reconciler now (a short lock).
-- ``imagen:changes`` a pub/sub channel: the id of each job a script may have changed, published right
-  after the script (``_run``); each API process's listener wakes its live streams (``changes.py``).
-
-One Redis server (not Redis Cluster): some scripts build key names from prefixes.
+The keys and their layout are described in ``keys.py``; the Lua scripts that change them are run by
+``scripts.py``.
 """
 
 from __future__ import annotations
@@ -59,8 +12,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import redis
@@ -70,84 +21,51 @@ from redis.retry import Retry
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.generation.base import INPUT_ROLES
 from imagen.jobs import fairness, stats
+from imagen.jobs.distributed.keys import (
+    COPIES_PREFIX,
+    JOB_PREFIX,
+    KEY_TURNS,
+    OUTPUT_OWNERS,
+    OUTPUTS_STREAM,
+    OUTPUTS_STREAM_MAXLEN,
+    PNG_BYTES,
+    PNG_INDEX,
+    PNG_ORDER,
+    PNG_PREFIX,
+    PNG_UNCOPIED,
+    PNG_UNCOPIED_BYTES,
+    PREVIEWS_CHANNEL,
+    REPLICAS,
+    RUNNING,
+    SEQUENCE,
+    STATS,
+    TURN,
+    UNCONFIRMED,
+    WAITING,
+    WORKER_PATTERN,
+    copies_key,
+    job_key,
+    lock_key,
+    png_key,
+    upload_key,
+    upload_sizes_key,
+    uploads_index_key,
+    worker_key,
+)
+from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
 if TYPE_CHECKING:
-    from redis.commands.core import Script
-
     from imagen.config import Settings
 
 log = logging.getLogger("imagen.jobs")
 
-PREFIX = "imagen:"
-JOB_PREFIX = PREFIX + "job:"
-PNG_PREFIX = PREFIX + "png:"
-COPIES_PREFIX = PREFIX + "png_copies:"
-WAITING = PREFIX + "waiting"
-UNCONFIRMED = PREFIX + "unconfirmed"
-RUNNING = PREFIX + "running"
-SEQUENCE = PREFIX + "seq"
-OUTPUT_OWNERS = PREFIX + "output_owners"
-KEY_TURNS = PREFIX + "key_turns"
-TURN = PREFIX + "turn"
-OUTPUTS_STREAM = PREFIX + "outputs"
-OUTPUTS_STREAM_MAXLEN = 10_000
-PNG_SIZES = PREFIX + "png_sizes"
-PNG_ORDER = PREFIX + "png_order"
-PNG_BYTES = PREFIX + "png_bytes"
-PNG_UNCOPIED = PREFIX + "png_uncopied"
-PNG_UNCOPIED_BYTES = PREFIX + "png_uncopied_bytes"
-# The keys of the PNG index, as the scripts' ``png_index`` (lib_pngs.lua) takes them after the two prefixes.
-PNG_INDEX = [PNG_SIZES, PNG_ORDER, PNG_BYTES, PNG_UNCOPIED, PNG_UNCOPIED_BYTES]
-REPLICAS = PREFIX + "replicas"
-HOUSEKEEPER = PREFIX + "housekeeper"
-STATS = PREFIX + "stats"
-WORKER_PATTERN = PREFIX + "worker:*"
-CHANGES_CHANNEL = PREFIX + "changes"
-# A job's preview images (GET /events?preview=1): "<job_id> <step> " then the JPEG bytes. Event-only: no key.
-PREVIEWS_CHANNEL = PREFIX + "previews"
-# The scripts that change a job's state or progress; their first key is the job's record.
-CHANGING_SCRIPTS = frozenset({"confirm", "claim", "settle", "progress", "complete", "cancel"})
 # How long a new record lives before its message must be confirmed published. The API's Redis calls time out
 # sooner than this, so a confirmation that arrives late (Redis stalled) finds the record gone: never a job
 # that runs after its submitter was told 503.
 CONFIRM_WINDOW_S = 1.0
-# A record changed between our read and our write (another worker, the reaper): read again, this many times.
-CONFLICT_RETRIES = 5
 RUNNING_STATES = (JobState.STARTED, JobState.PROGRESS)
-
-
-def job_key(job_id: str) -> str:
-    return JOB_PREFIX + job_id
-
-
-def upload_key(upload_id: str) -> str:
-    return f"{PREFIX}upload:{upload_id}"
-
-
-def uploads_index_key(key_name: str) -> str:
-    return f"{PREFIX}uploads_of:{key_name}"
-
-
-def upload_sizes_key(key_name: str) -> str:
-    return f"{PREFIX}upload_sizes:{key_name}"
-
-
-def lock_key(job_id: str) -> str:
-    return f"{PREFIX}lock:{job_id}"
-
-
-def png_key(output_name: str) -> str:
-    return PNG_PREFIX + output_name
-
-
-def copies_key(output_name: str) -> str:
-    return COPIES_PREFIX + output_name
-
-
-def worker_key(host: str, pid: int) -> str:
-    return f"{PREFIX}worker:{host}:{pid}"
 
 
 def connect(
@@ -173,28 +91,6 @@ def connect(
         retry_on_error=list(errors),
         health_check_interval=30,
     )
-
-
-@cache
-def lua_source(name: str) -> str:
-    """The text of ``lua/<name>.lua`` (package data)."""
-    folder = resources.files("imagen.jobs.distributed") / "lua"
-    return (folder / f"{name}.lua").read_text(encoding="utf-8")
-
-
-# The shared Lua functions each script needs, prepended to it.
-_PRELUDES = {
-    "submit": ["lib_unconfirmed"],
-    "sweep_unconfirmed": ["lib_unconfirmed"],
-    "complete": ["lib_pngs"],
-    "replica_beat": ["lib_pngs"],
-    "release_png": ["lib_pngs"],
-}
-
-
-def _script(client: redis.Redis, name: str) -> Script:
-    source = "\n".join([*(lua_source(lib) for lib in _PRELUDES.get(name, [])), lua_source(name)])
-    return client.register_script(source)
 
 
 @dataclass(frozen=True)
@@ -268,26 +164,14 @@ class RedisJobStore:
         self.result_ttl_s = result_ttl_s
         self.png_limits = png_limits or PngLimits.defaults()
         self.clock = clock
-        self._scripts = {name: _script(client, name) for name in (
-            "submit", "confirm", "withdraw", "sweep_unconfirmed", "claim", "settle", "progress", "renew",
-            "complete", "replica_beat", "release_png", "cancel",
-        )}  # fmt: skip
+        self._scripts = Scripts(client)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:
         return cls(client, result_ttl_s=settings.result_ttl_s, png_limits=PngLimits.from_settings(settings))
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        answer = self._scripts[script](keys=keys, args=args)
-        if script in CHANGING_SCRIPTS:
-            # Even when the script changed nothing (a refused guard): a stream woken for nothing reads the
-            # job, finds it as it was, and sends nothing. A lost notification only delays a stream (it reads
-            # the job again within ``api.events.RESYNC_S``): never fail the write that was made for it.
-            try:
-                self.client.publish(CHANGES_CHANNEL, keys[0].removeprefix(JOB_PREFIX))
-            except redis.RedisError as exc:
-                log.debug("change of %s not published: %s", keys[0], exc)
-        return answer
+        return self._scripts.run(script, keys, args)
 
     @property
     def _ttl_ms(self) -> int:
@@ -438,7 +322,7 @@ class RedisJobStore:
                     self._ttl_ms,
                 ],
             )
-            if _text(answer) == "applied":
+            if reply_text(answer) == "applied":
                 self._count(job_id)
                 return verdict.state
         raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
@@ -643,7 +527,7 @@ class RedisJobStore:
                 "1" if verdict.counted else "0",
             ],
         )
-        if _text(answer) != "applied":
+        if reply_text(answer) != "applied":
             return False
         if verdict.counted:  # a clean stop is no event of the job's: nothing to log or count
             self._count(job_id, verdict)
@@ -703,7 +587,7 @@ class RedisJobStore:
                     ],
                 ),
             )
-            if _text(answer[0]) == "claimed":
+            if reply_text(answer[0]) == "claimed":
                 return Claim("claimed", attempts=int(answer[1]), job_id=job_id)
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
         return Claim("busy")
@@ -751,7 +635,7 @@ class RedisJobStore:
         """'recorded', 'cancelled' (the job was revoked: stop now) or 'lost' (no longer this worker's).
         ``denoising`` is only read while ``progress_step`` is set: the scripts that clear that leave it."""
         args = [token, step, percent, JobState.REVOKED.value, json.dumps(denoising) if denoising else ""]
-        return _text(self._run("progress", [job_key(job_id)], args))
+        return reply_text(self._run("progress", [job_key(job_id)], args))
 
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
         return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
@@ -844,10 +728,6 @@ class RedisJobStore:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _float(value: str | None) -> float | None:
