@@ -229,6 +229,25 @@ def test_openai_numbers_are_strict(keyed: TestClient) -> None:
         assert error["param"] == {"n": "n"}.get(field, field)
 
 
+def test_a_prompt_blank_to_python_or_to_json_schema_is_refused_on_every_route(keyed: TestClient) -> None:
+    """U+001E is a space to Python, not to JSON Schema's (ECMAScript's) regex; U+FEFF the other way round. Both
+    are blank here, and the document's pattern says so: what it calls valid is accepted."""
+    for prompt in ("\x1e", "\ufeff", " \x85\u3000 "):
+        assert keyed.post("/generate", json={"prompt": prompt}).status_code == 422
+        assert _openai_error(keyed.post("/v1/images/generations", json={"prompt": prompt}))["param"] == "prompt"
+        assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json={"prompt": prompt})).startswith("prompt: ")
+    document = keyed.get("/openapi.json").json()
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    patterns = {
+        schemas["GenerationRequest"]["properties"]["prompt"]["pattern"],
+        schemas["Txt2ImgRequest"]["properties"]["prompt"]["pattern"],
+        paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][
+            "prompt"
+        ]["pattern"],
+    }
+    assert patterns == {r"[^\s\u001c-\u001f\u0085\ufeff]"}
+
+
 def test_an_empty_txt2img_is_a_documented_422(keyed: TestClient) -> None:
     assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json={})) == "prompt: Field required"
     assert _a1111_detail(keyed.post("/sdapi/v1/img2img", json={"prompt": "x"})) == "init_images: Field required"

@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from imagen.api.a1111_compat import request_schemas
 from imagen.api.openai_compat import OPENAI_MODEL_NAMES
+from imagen.api.schemas import NOT_BLANK
 from imagen.config import Settings
 from imagen.generation.samplers import available_samplers
 from imagen.registry import Registry
@@ -44,7 +45,7 @@ def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> Non
 
 def _describe_this_server(schemas: dict[str, Any], registry: Registry, settings: Settings) -> None:
     request = schemas["GenerationRequest"]["properties"]
-    request["prompt"]["pattern"] = r"\S"  # not blank
+    request["prompt"]["pattern"] = NOT_BLANK
     model = next(choice for choice in request["model"]["anyOf"] if choice.get("type") == "string")
     model["enum"] = registry.model_ids
     request["loras"]["maxItems"] = min(settings.max_loras, len(registry.lora_ids))
@@ -76,14 +77,14 @@ def _describe_compat_bodies(document: dict[str, Any], registry: Registry, settin
     ]
     for body in openai_bodies:
         fields = body["properties"]
-        fields["prompt"]["pattern"] = r"\S"
+        fields["prompt"]["pattern"] = NOT_BLANK
         _choices(fields["model"], [*OPENAI_MODEL_NAMES, *registry.model_ids])
         if "scheduler" in fields:
             _choices(fields["scheduler"], samplers)
             fields["loras"]["maxItems"] = min(settings.max_loras, len(registry.lora_ids))
     for name in ("Txt2ImgRequest", "Img2ImgRequest"):
         fields = schemas[name]["properties"]
-        fields["prompt"]["pattern"] = r"\S"
+        fields["prompt"]["pattern"] = NOT_BLANK
         _choices(fields["sampler_name"], ["", *samplers])
         _choices(fields["sampler_index"], ["", *samplers])
         schemas[name]["dependentRequired"] = {"width": ["height"], "height": ["width"]}

@@ -7,6 +7,7 @@ body carry a lone surrogate such as ``"\\ud800"``, which no file, database or he
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -21,6 +22,9 @@ MAX_PROMPT_CHARS = 20_000
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_IMAGES = 4
 MAX_IMAGE_FIELD_CHARS = 28_000_000  # a 20 MB image as base64, with its data: prefix
+# A character that is not blank, alike in Python and in JSON Schema's (ECMAScript's) regular expressions: each
+# language's \s misses a few of the other's spaces (Python: U+FEFF; ECMAScript: U+001C-U+001F, U+0085).
+NOT_BLANK = r"[^\s\u001c-\u001f\u0085\ufeff]"
 
 
 def _valid_unicode(text: str) -> str:
@@ -147,7 +151,7 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
+        if not re.search(NOT_BLANK, prompt):
             raise ValueError("prompt must not be blank")
         return prompt
 
