@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
+from imagen.jobs.distributed.outcomes import AttemptOutcome, ClaimOutcome
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import ServerProcess, submit, wait_for, wait_status
@@ -113,9 +114,9 @@ def test_a_job_given_back_keeps_its_place_in_the_queue_and_its_attempt_count(own
         store.submit(job, max_queue=10)
         store.confirm(job.job_id)
     claim = store.claim(first.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
-    assert claim.outcome == "claimed" and claim.attempts == 1
-    assert store.give_back(first.job_id, "w") == "retry"
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.attempts == 1
+    assert store.give_back(first.job_id, "w") is AttemptOutcome.RETRY
     record = store.get(first.job_id)
     assert record is not None and record.state.value == "PENDING" and record.attempts == 0
     assert store.position(first.job_id) == 1  # ahead of the job submitted after it, as before it started
-    assert store.give_back(first.job_id, "w") == "lost"  # no longer this worker's
+    assert store.give_back(first.job_id, "w") is AttemptOutcome.LOST  # no longer this worker's

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagen.jobs.distributed.keys import PNG_BYTES, REPLICAS
+from imagen.jobs.distributed.outcomes import ClaimOutcome
 from imagen.jobs.distributed.store import PngLimits, RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
@@ -94,7 +95,7 @@ def test_a_png_a_replica_never_copies_expires_after_png_ttl(celery_cluster: Cele
 def finish(store: RedisJobStore, name: str, size: int) -> None:
     job = new_job(name)
     store.submit(job, max_queue=100)
-    assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
+    assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome is ClaimOutcome.CLAIMED
     assert store.complete(job.job_id, "w", {"filename": name}, bytes(size))
 
 

@@ -16,6 +16,7 @@ from imagen.config import Settings
 from imagen.generation.base import GenerationTask
 from imagen.jobs.distributed.app import create_celery, publish
 from imagen.jobs.distributed.keys import lock_key
+from imagen.jobs.distributed.outcomes import ClaimOutcome
 from imagen.jobs.distributed.reaper import Housekeeper, message_ids
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.types import JobState, NewJob
@@ -79,7 +80,8 @@ def test_a_job_put_back_by_the_reaper_is_published_again_when_its_publish_failed
     job = new_job("its worker died")
     store.submit(job, max_queue=100)
     store.confirm(job.job_id)
-    assert store.claim(job.job_id, "host|1|dead", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome == "claimed"
+    claim = store.claim(job.job_id, "host|1|dead", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    assert claim.outcome is ClaimOutcome.CLAIMED
     own_redis.client().delete(lock_key(job.job_id))  # its lock expired: the worker is dead
     published: list[str] = []
     broker_down = True
@@ -146,7 +148,7 @@ def test_the_reconciler_publishes_what_the_waiting_jobs_lack_counting_messages_n
     client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "imagen"]))
     client.zadd("unacked_index", {"tag-1": time.time()})
     claim = store.claim_next("host|1|w", ticket=jobs[2].job_id, max_attempts=3, lock_ttl_s=60, timeout_s=600)
-    assert claim.outcome == "claimed" and claim.job_id == jobs[0].job_id
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job_id == jobs[0].job_id
     republished.clear()
     wait_for(lambda: housekeeper.run_once() or republished, timeout=5, interval=0.05)
     assert sorted(republished) == sorted([jobs[1].job_id, jobs[2].job_id])
@@ -158,9 +160,9 @@ def test_a_message_names_an_unconfirmed_job_it_may_start_but_never_another_one(o
     store.submit(first, max_queue=100)
     store.submit(second, max_queue=100)  # both unconfirmed: their API has not heard back from the broker
     options = {"max_attempts": 3, "lock_ttl_s": 60, "timeout_s": 600}
-    assert store.claim_next("host|1|a", ticket="m", **options).outcome == "unconfirmed"
+    assert store.claim_next("host|1|a", ticket="m", **options).outcome is ClaimOutcome.UNCONFIRMED
     claim = store.claim_next("host|1|a", ticket=second.job_id, named=second.job_id, **options)
-    assert claim.outcome == "claimed" and claim.job_id == second.job_id  # its own message is out
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job_id == second.job_id  # its own message is out
     store.forget(first.job_id)  # its publish failed: withdrawn, output owner included
     assert store.output_owner(first.output_name) is None
-    assert store.claim_next("host|1|b", ticket="n", **options).outcome == "none"
+    assert store.claim_next("host|1|b", ticket="n", **options).outcome is ClaimOutcome.NONE

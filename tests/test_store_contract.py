@@ -21,7 +21,8 @@ import pytest
 
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.jobs.distributed.keys import lock_key
-from imagen.jobs.distributed.store import Claim, RedisJobStore, connect
+from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome
+from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, HOSTNAME, AttemptPolicy, OwnerToken
 from imagen.jobs.types import JobRecord, JobState, NewJob
@@ -150,7 +151,7 @@ class RedisUnderTest:
         return str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
 
     def _claimed(self, claim: Claim, owner: str) -> JobRecord | None:
-        if claim.outcome != "claimed":
+        if claim.outcome is not ClaimOutcome.CLAIMED:
             return None
         self.held[owner] = claim.job_id
         return self.store.get(claim.job_id)
@@ -169,8 +170,8 @@ class RedisUnderTest:
 
     def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool:
         if retryable:
-            return self.store.retry_or_fail(job_id, owner, error, MAX_ATTEMPTS) != "lost"
-        return self.store.fail(job_id, owner, error) != "lost"
+            return self.store.retry_or_fail(job_id, owner, error, MAX_ATTEMPTS) is not AttemptOutcome.LOST
+        return self.store.fail(job_id, owner, error) is not AttemptOutcome.LOST
 
     def kill(self, owner: str) -> None:
         self.client.delete(lock_key(self.held[owner]))

@@ -52,6 +52,7 @@ from imagen.jobs.distributed.keys import (
     uploads_index_key,
     worker_key,
 )
+from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome, ScriptReply
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
@@ -91,16 +92,6 @@ def connect(
         retry_on_error=list(errors),
         health_check_interval=30,
     )
-
-
-@dataclass(frozen=True)
-class Claim:
-    # claimed | busy | finished | missing | timeout | failed; waiting | running (not the state the claim
-    # expected); none (no job waits); unconfirmed (only submissions not confirmed yet wait)
-    outcome: str
-    attempts: int = 0
-    holder: str | None = None
-    job_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -322,7 +313,7 @@ class RedisJobStore:
                     self._ttl_ms,
                 ],
             )
-            if reply_text(answer) == "applied":
+            if reply_text(answer) == ScriptReply.APPLIED:
                 self._count(job_id)
                 return verdict.state
         raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
@@ -527,7 +518,7 @@ class RedisJobStore:
                 "1" if verdict.counted else "0",
             ],
         )
-        if reply_text(answer) != "applied":
+        if reply_text(answer) != ScriptReply.APPLIED:
             return False
         if verdict.counted:  # a clean stop is no event of the job's: nothing to log or count
             self._count(job_id, verdict)
@@ -548,26 +539,27 @@ class RedisJobStore:
         """Start an attempt of ``job_id`` here (``ticket``: the broker message that asked, recorded on the job).
         A running job is taken over only when its lock expired or is held by ``steal_from`` (a holder known
         dead); the policy may fail it instead (timeout, attempts used up). ``expect`` limits the claim to a
-        waiting job (the fair queue's pick: else 'running'/'finished') or to a running one (a takeover: else
-        'waiting')."""
+        waiting job (the fair queue's pick: else RUNNING/FINISHED) or to a running one (a takeover: else
+        WAITING)."""
         policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=timeout_s)
         for _ in range(CONFLICT_RETRIES):
             seen = self._snapshot(job_id)
             if seen is None:
-                return Claim("missing")
+                return Claim(ClaimOutcome.MISSING)
             if seen.state.is_terminal():
-                return Claim("finished")
+                return Claim(ClaimOutcome.FINISHED)
             if expect == "waiting" and seen.running:
-                return Claim("running", holder=seen.lock or None)
+                return Claim(ClaimOutcome.RUNNING, holder=seen.lock or None)
             if expect == "running" and not seen.running:
-                return Claim("waiting")
+                return Claim(ClaimOutcome.WAITING)
             if seen.running:
                 if seen.lock and seen.lock != steal_from:
-                    return Claim("busy", holder=seen.lock)
+                    return Claim(ClaimOutcome.BUSY, holder=seen.lock)
                 verdict = policy.after_owner_lost(attempts=seen.attempts, started_at=seen.started_at, now=self.clock())
                 if not verdict.requeue:
                     if self._settle(job_id, seen, verdict, lock_guard=seen.lock):
-                        return Claim("timeout" if verdict == policy.after_timeout() else "failed")
+                        outcome = ClaimOutcome.TIMEOUT if verdict == policy.after_timeout() else ClaimOutcome.FAILED
+                        return Claim(outcome)
                     continue
             answer = cast(
                 list[Any],
@@ -587,10 +579,10 @@ class RedisJobStore:
                     ],
                 ),
             )
-            if reply_text(answer[0]) == "claimed":
-                return Claim("claimed", attempts=int(answer[1]), job_id=job_id)
+            if reply_text(answer[0]) == ClaimOutcome.CLAIMED:
+                return Claim(ClaimOutcome.CLAIMED, attempts=int(answer[1]), job_id=job_id)
         # Others keep changing it: someone else is handling this job. The reconciler republishes it if not.
-        return Claim("busy")
+        return Claim(ClaimOutcome.BUSY)
 
     def claim_next(
         self,
@@ -603,7 +595,7 @@ class RedisJobStore:
         named: str = "",
     ) -> Claim:
         """Start the fair queue's next confirmed waiting job here (``jobs.fairness``), for the broker message
-        ``ticket`` that names job ``named``; 'none' when no job waits, 'unconfirmed' when only submissions
+        ``ticket`` that names job ``named``; NONE when no job waits, UNCONFIRMED when only submissions
         not confirmed yet do. A job taken by another worker meanwhile: read again."""
         for _ in range(CONFLICT_RETRIES):
             waiting, turns, unconfirmed = self._fair_view()
@@ -611,7 +603,7 @@ class RedisJobStore:
             # the message names is the exception: its message is out, so it is confirmed in all but name.
             chosen = fairness.next_job(waiting, turns, skip=unconfirmed - {named})
             if chosen is None:
-                return Claim("unconfirmed" if waiting else "none")
+                return Claim(ClaimOutcome.UNCONFIRMED if waiting else ClaimOutcome.NONE)
             claim = self.claim(
                 chosen.job_id,
                 token,
@@ -621,9 +613,9 @@ class RedisJobStore:
                 ticket=ticket,
                 expect="waiting",
             )
-            if claim.outcome == "claimed":
+            if claim.outcome is ClaimOutcome.CLAIMED:
                 return claim
-        return Claim("busy")
+        return Claim(ClaimOutcome.BUSY)
 
     def publish_preview(self, job_id: str, step: int, jpeg: bytes) -> None:
         """Hand a preview image to the API processes' listeners (nothing is stored; nobody listening: lost)."""
@@ -631,11 +623,11 @@ class RedisJobStore:
 
     def report_progress(
         self, job_id: str, token: str, step: str, percent: int, denoising: dict[str, Any] | None = None
-    ) -> str:
-        """'recorded', 'cancelled' (the job was revoked: stop now) or 'lost' (no longer this worker's).
+    ) -> ProgressOutcome:
+        """RECORDED, CANCELLED (the job was revoked: stop now) or LOST (no longer this worker's).
         ``denoising`` is only read while ``progress_step`` is set: the scripts that clear that leave it."""
         args = [token, step, percent, JobState.REVOKED.value, json.dumps(denoising) if denoising else ""]
-        return reply_text(self._run("progress", [job_key(job_id)], args))
+        return ProgressOutcome(reply_text(self._run("progress", [job_key(job_id)], args)))
 
     def renew_lock(self, job_id: str, token: str, lock_ttl_s: float) -> bool:
         return bool(self._run("renew", [lock_key(job_id)], [token, int(lock_ttl_s * 1000)]))
@@ -669,29 +661,29 @@ class RedisJobStore:
             self._count(job_id)
         return stored
 
-    def end_attempt(self, job_id: str, token: str, verdict: Verdict) -> str:
-        """Apply the verdict on this worker's own attempt: 'retry', 'failed', or 'lost' (no longer ours)."""
+    def end_attempt(self, job_id: str, token: str, verdict: Verdict) -> AttemptOutcome:
+        """Apply the verdict on this worker's own attempt: RETRY, FAILED, or LOST (no longer ours)."""
         seen = self._snapshot(job_id)
         if seen is None or not seen.running or seen.owner != token:
-            return "lost"
+            return AttemptOutcome.LOST
         if not self._settle(job_id, seen, verdict, lock_guard="*"):
-            return "lost"
-        return "retry" if verdict.requeue else "failed"
+            return AttemptOutcome.LOST
+        return AttemptOutcome.RETRY if verdict.requeue else AttemptOutcome.FAILED
 
-    def give_back(self, job_id: str, token: str) -> str:
+    def give_back(self, job_id: str, token: str) -> AttemptOutcome:
         """This worker stops (SIGTERM): the job goes back to its place in the queue, the attempt uncounted.
-        'retry', or 'lost' (no longer ours)."""
+        RETRY, or LOST (no longer ours)."""
         return self.end_attempt(job_id, token, AttemptPolicy.after_clean_stop())
 
-    def fail(self, job_id: str, token: str, error: str) -> str:
-        """FAILURE now (an error no retry can fix, or a timeout): 'failed' or 'lost'."""
+    def fail(self, job_id: str, token: str, error: str) -> AttemptOutcome:
+        """FAILURE now (an error no retry can fix, or a timeout): FAILED or LOST."""
         return self.end_attempt(job_id, token, Verdict(JobState.FAILURE, error))
 
-    def retry_or_fail(self, job_id: str, token: str, error: str, max_attempts: int) -> str:
-        """A retryable error: 'retry' (back in the queue), 'failed' (attempts used up) or 'lost'."""
+    def retry_or_fail(self, job_id: str, token: str, error: str, max_attempts: int) -> AttemptOutcome:
+        """A retryable error: RETRY (back in the queue), FAILED (attempts used up) or LOST."""
         seen = self._snapshot(job_id)
         if seen is None or seen.owner != token:
-            return "lost"
+            return AttemptOutcome.LOST
         # The job's own timeout plays no part in a failed attempt's verdict.
         policy = AttemptPolicy(max_attempts=max_attempts, timeout_s=float("inf"))
         verdict = policy.after_failure(attempts=seen.attempts, error=error, retryable=True)

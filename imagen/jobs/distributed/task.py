@@ -52,7 +52,8 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from imagen.config import Settings
 from imagen.errors import JobCancelled
 from imagen.jobs import stats
-from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, Claim, RedisJobStore, connect
+from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome
+from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 from imagen.jobs.types import JobState
 from imagen.jobs.worker_numbers import measure
@@ -294,17 +295,17 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         token = str(me)
         ticket = str(self.request.id or named_job_id)
         takeover = claim = self._take_over(named_job_id, token, ticket)
-        if claim.outcome != "claimed":
+        if claim.outcome is not ClaimOutcome.CLAIMED:
             claim = self._claim_next(token, ticket, named_job_id)
         # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
         # window. Wait for that rather than drop a message that one of them may need.
         deadline = time.monotonic() + 2 * CONFIRM_WINDOW_S
-        while claim.outcome == "unconfirmed" and time.monotonic() < deadline:
+        while claim.outcome is ClaimOutcome.UNCONFIRMED and time.monotonic() < deadline:
             time.sleep(UNCONFIRMED_POLL_S)
             claim = self._claim_next(token, ticket, named_job_id)
-        if stop.requested and claim.outcome != "claimed":
+        if stop.requested and claim.outcome is not ClaimOutcome.CLAIMED:
             raise Reject("worker stopping (SIGTERM)", requeue=True)
-        if claim.outcome != "claimed":
+        if claim.outcome is not ClaimOutcome.CLAIMED:
             # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
             # delivery, a job cancelled while it waited, an extra message): drop it.
             log.info("job %s: not run here (%s); message %s started no other job (%s)",
@@ -317,8 +318,9 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 result, png, more_pngs = self._generate(engine, job_id, token, stop)
             except WorkerStopping:
                 outcome = retry_redis(f"job {job_id}", lambda: self.store.give_back(job_id, token), OUTCOME_RETRY_S)
+                given_back = outcome is AttemptOutcome.RETRY
                 log.info("job %s: worker stopping (SIGTERM); %s", job_id,
-                         "back in the queue, attempt not counted" if outcome == "retry" else "no longer ours")
+                         "back in the queue, attempt not counted" if given_back else "no longer ours")
                 retry_reason = "worker stopping (SIGTERM)"
             except JobCancelled:
                 # REVOKED already (by the cancel itself); the message is acknowledged, no PNG was made.
@@ -348,7 +350,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         started = self._redis(f"message {ticket}: read", self.store.running_tickets)
         job_id = started.get(ticket, named_job_id)
         claim = self._claim(job_id, token, ticket)
-        if claim.outcome == "busy" and claim.holder:
+        if claim.outcome is ClaimOutcome.BUSY and claim.holder:
             holder = OwnerToken.parse(claim.holder)
             if holder is not None and holder.process_is_gone():  # a pool child of this host, SIGKILLed
                 claim = self._claim(job_id, token, ticket, steal_from=claim.holder)
@@ -416,7 +418,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
                     log.debug("job %s: progress not recorded: %s", job_id, exc)
                     return
-                if outcome == "cancelled":  # the write itself says so: no extra round trip per step
+                if outcome is ProgressOutcome.CANCELLED:  # the write itself says so: no extra round trip per step
                     raise JobCancelled
 
         def preview(step: int, jpeg: bytes) -> None:
@@ -485,7 +487,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 lambda: self.store.retry_or_fail(job_id, token, text, max_attempts),
                 OUTCOME_RETRY_S,
             )
-            return text if outcome == "retry" else None
+            return text if outcome is AttemptOutcome.RETRY else None
         retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
         return None
 
