@@ -122,7 +122,7 @@ class CeleryBackend(JobBackend):
             raise BrokerUnavailableError(f"could not publish the job: {exc}") from exc
         if not confirmed:
             raise BrokerUnavailableError("the job expired before its message was published")
-        self.store.add_stats(stats.on_submitted(job, submitted.position))
+        self.store.totals.add(stats.on_submitted(job, submitted.position))
         return submitted
 
     def _withdraw(self, job_id: str) -> None:
@@ -206,7 +206,7 @@ class CeleryBackend(JobBackend):
                 backend="distributed",
                 waiting=self._health_store.count_waiting(),
                 running=self._health_store.count_running(),
-                totals=self._health_store.read_stats(),
+                totals=self._health_store.totals.read(),
                 outputs_disk_full=self.images.disk_full is not None,
                 png_backlog_bytes=self._health_store.png_backlog_bytes(),
             )

@@ -38,7 +38,6 @@ from imagen.jobs.distributed.keys import (
     REPLICAS,
     RUNNING,
     SEQUENCE,
-    STATS,
     TURN,
     UNCONFIRMED,
     WAITING,
@@ -54,6 +53,7 @@ from imagen.jobs.distributed.keys import (
 )
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome, ScriptReply
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
+from imagen.jobs.distributed.totals import JobTotals
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
@@ -156,6 +156,7 @@ class RedisJobStore:
         self.png_limits = png_limits or PngLimits.defaults()
         self.clock = clock
         self._scripts = Scripts(client)
+        self.totals = JobTotals(client)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:
@@ -324,23 +325,6 @@ class RedisJobStore:
     def count_running(self) -> int:
         return int(self.client.scard(RUNNING))
 
-    # -- job outcome totals (jobs/stats.py) ------------------------------------------------------
-    def add_stats(self, increments: stats.Increments) -> None:
-        """Add to the totals; never raises (a count is not worth failing the job's own write for)."""
-        if not increments:
-            return
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for name, value in increments.items():
-                    pipe.hincrbyfloat(STATS, name, value)
-                pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("job totals not recorded (%s): %s", exc, sorted(increments)[:3])
-
-    def read_stats(self) -> dict[str, float]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(STATS))
-        return {name.decode(): float(value) for name, value in raw.items()}
-
     def _count(self, job_id: str, verdict: Verdict | None = None) -> None:
         """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals.
         Never raises: the script's write is done, and a retry of it would find the job changed."""
@@ -352,7 +336,7 @@ class RedisJobStore:
         except Exception:
             log.exception("job %s: its end was not counted", job_id)
             return
-        self.add_stats(increments)
+        self.totals.add(increments)
 
     def position(self, job_id: str) -> int | None:
         """The job's place in the fair order (1 = next to start); None if it is not waiting."""

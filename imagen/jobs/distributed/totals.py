@@ -1,0 +1,38 @@
+"""The job outcome totals of the whole cluster (``jobs/stats.py`` says what is counted), in ``imagen:stats``.
+
+Each process adds what it saw (a worker its job's end, a reaper a dead worker's job, an API replica a
+submission or a cancel) right after the write that made the event; ``/metrics`` reads the sums.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import redis
+
+from imagen.jobs import stats
+from imagen.jobs.distributed.keys import STATS
+
+log = logging.getLogger("imagen.jobs")
+
+
+class JobTotals:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def add(self, increments: stats.Increments) -> None:
+        """Add to the totals; never raises (a count is not worth failing the job's own write for)."""
+        if not increments:
+            return
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for name, value in increments.items():
+                    pipe.hincrbyfloat(STATS, name, value)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("job totals not recorded (%s): %s", exc, sorted(increments)[:3])
+
+    def read(self) -> dict[str, float]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(STATS))
+        return {name.decode(): float(value) for name, value in raw.items()}
