@@ -163,13 +163,13 @@ class CeleryBackend(JobBackend):
 
     def save_upload(self, upload: Upload, quota: UploadQuota | None = None) -> None:
         try:
-            self.store.save_upload(upload, quota)
+            self.store.uploads.save(upload, quota)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
     def load_upload(self, upload_id: str) -> Upload | None:
         try:
-            return self.store.load_upload(upload_id)
+            return self.store.uploads.load(upload_id)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
