@@ -13,7 +13,8 @@ import pytest
 
 from imagen.jobs.distributed.keys import PNG_BYTES, REPLICAS
 from imagen.jobs.distributed.outcomes import ClaimOutcome
-from imagen.jobs.distributed.store import PngLimits, RedisJobStore, connect
+from imagen.jobs.distributed.pngs import PngLimits
+from imagen.jobs.distributed.store import RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
 from tests.test_distributed_reconciler import new_job
@@ -106,17 +107,17 @@ def test_past_the_byte_bound_copied_pngs_go_oldest_first_and_uncopied_ones_stay(
     for name in names:
         finish(store, name, 100)
     # No replica has any: all stay, past the bound, and the backlog is full (no new work until copies).
-    assert store.kept_pngs() == names and store.png_bytes() == 300
-    assert store.png_backlog_bytes() == 300 and store.png_backlog_full()
+    assert store.pngs.kept() == names and store.pngs.total_bytes() == 300
+    assert store.pngs.backlog_bytes() == 300 and store.pngs.backlog_full()
     for name in names[:2]:
-        assert not store.release_png(name, "another replica")  # copied there; the slow one still lacks it
-    assert store.uncopied_pngs() == names[2:]
-    assert store.png_backlog_bytes() == 100 and not store.png_backlog_full()
+        assert not store.pngs.release(name, "another replica")  # copied there; the slow one still lacks it
+    assert store.pngs.uncopied() == names[2:]
+    assert store.pngs.backlog_bytes() == 100 and not store.pngs.backlog_full()
     finish(store, "image_3.png", 100)
     # Room for it: the oldest copied ones went first; the uncopied one stayed.
-    assert store.kept_pngs() == ["image_2.png", "image_3.png"] and store.png_bytes() == 200
-    assert [store.get_png(name) is not None for name in names] == [False, False, True]
+    assert store.pngs.kept() == ["image_2.png", "image_3.png"] and store.pngs.total_bytes() == 200
+    assert [store.pngs.get(name) is not None for name in names] == [False, False, True]
     # One PNG larger than the bound, with nothing copied to make room for it: kept, like every uncopied one.
     finish(store, "huge.png", 1000)
-    assert store.uncopied_pngs() == ["image_2.png", "image_3.png", "huge.png"]
-    assert store.png_bytes() == store.png_backlog_bytes() == 1200
+    assert store.pngs.uncopied() == ["image_2.png", "image_3.png", "huge.png"]
+    assert store.pngs.total_bytes() == store.pngs.backlog_bytes() == 1200

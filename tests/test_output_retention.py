@@ -98,7 +98,7 @@ def finished(client: TestClient, prompt: str) -> dict[str, Any]:
     assert client.get(f"/image/{job_id}").status_code == 200
     if client.app.state.settings.broker_url:  # type: ignore[attr-defined]
         store = client.app.state.backend.store  # type: ignore[attr-defined]
-        wait_for(lambda: store.get_png(done["result"]["filename"]) is None)
+        wait_for(lambda: store.pngs.get(done["result"]["filename"]) is None)
     return done
 
 

@@ -77,7 +77,7 @@ class CeleryBackend(JobBackend):
             "socket_timeout": API_TIMEOUT_S,
             "socket_connect_timeout": API_TIMEOUT_S,
         }
-        self.images = ImageTransfer(self.store, settings.outputs_dir)
+        self.images = ImageTransfer(self.store.pngs, settings.outputs_dir)
         self.housekeeper = Housekeeper(
             settings, self._housekeeping_store, lambda job_id: republish(self.celery, job_id), QUEUE
         )
@@ -91,7 +91,7 @@ class CeleryBackend(JobBackend):
         self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._stopping.clear()
         self._transfer = threading.Thread(
-            target=self.images.run, args=(self._transfer_store, self._stopping), name="imagen-images", daemon=True
+            target=self.images.run, args=(self._transfer_store.pngs, self._stopping), name="imagen-images", daemon=True
         )
         self._transfer.start()
         self.housekeeper.start()
@@ -108,8 +108,8 @@ class CeleryBackend(JobBackend):
 
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         try:
-            if self.store.png_backlog_full():  # its image could not be kept for the replicas: refuse it now
-                raise ImageBacklogFullError(self._backlog_text(self.store.png_backlog_bytes()))
+            if self.store.pngs.backlog_full():  # its image could not be kept for the replicas: refuse it now
+                raise ImageBacklogFullError(self._backlog_text(self.store.pngs.backlog_bytes()))
             submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
         except redis.RedisError as exc:
             # If the call reached Redis after all, its unconfirmed record expires on its own.
@@ -179,7 +179,7 @@ class CeleryBackend(JobBackend):
         try:
             self._health_client.ping()
             beats = self._health_store.workers()
-            backlog = self._health_store.png_backlog_bytes()
+            backlog = self._health_store.pngs.backlog_bytes()
         except redis.RedisError as exc:
             return BackendHealth(
                 queue_broker="disconnected",
@@ -208,7 +208,7 @@ class CeleryBackend(JobBackend):
                 running=self._health_store.count_running(),
                 totals=self._health_store.totals.read(),
                 outputs_disk_full=self.images.disk_full is not None,
-                png_backlog_bytes=self._health_store.png_backlog_bytes(),
+                png_backlog_bytes=self._health_store.pngs.backlog_bytes(),
             )
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc

@@ -3,7 +3,7 @@
 Workers put each PNG in Redis and announce it on a stream. Every replica follows the stream and copies each
 image as soon as it is announced, then tells Redis it has a copy; Redis drops the PNG once every live replica
 (registered with a heartbeat) has one, or ``png_ttl_s`` after the first copy. A PNG that no replica has
-copied never leaves Redis (the store's ``png_backlog_full`` refuses new work instead, once such PNGs fill
+copied never leaves Redis (``Pngs.backlog_full`` refuses new work instead, once such PNGs fill
 ``png_redis_max_bytes``), so a replica whose disk was full for long still gets every image once it has room.
 
 A copy that fails (a folder it may not write, a file in the way) is logged at WARNING and tried again later
@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 
 from imagen.errors import is_out_of_space
-from imagen.jobs.distributed.store import RedisJobStore
+from imagen.jobs.distributed.pngs import Pngs
 from imagen.jobs.lifecycle import OwnerToken
 from imagen.outputs.names import is_servable_name
 from imagen.outputs.png import write_atomically
@@ -41,8 +41,8 @@ MAX_RETRY_S = 30.0
 
 
 class ImageTransfer:
-    def __init__(self, store: RedisJobStore, outputs_dir: Path, replica_id: str | None = None) -> None:
-        self.store = store
+    def __init__(self, pngs: Pngs, outputs_dir: Path, replica_id: str | None = None) -> None:
+        self.pngs = pngs
         self.outputs_dir = outputs_dir
         self.replica_id = replica_id or str(OwnerToken.new())
         self._retries: dict[str, tuple[float, float]] = {}  # name -> (next try, delay after it)
@@ -54,26 +54,26 @@ class ImageTransfer:
         self._disk_delay = FIRST_RETRY_S
         self.failing: str | None = None  # the last copy error while some image waits for another try
 
-    def fetch(self, output_name: str, store: RedisJobStore | None = None) -> bool:
+    def fetch(self, output_name: str, pngs: Pngs | None = None) -> bool:
         """Make sure the outputs folder holds ``output_name``: False if Redis no longer has it. Raises
         ``OSError`` when it cannot be written here, ``redis.RedisError`` when Redis cannot be read."""
         if not is_servable_name(output_name):
             return False
-        store = store or self.store
+        pngs = pngs or self.pngs
         destination = self.outputs_dir / output_name
         if not destination.is_file():
-            data = store.get_png(output_name)
+            data = pngs.get(output_name)
             if data is None:
                 return False
             write_atomically(destination, data)
-        store.release_png(output_name, self.replica_id)
+        pngs.release(output_name, self.replica_id)
         return True
 
-    def copy(self, output_name: str, store: RedisJobStore | None = None) -> bool:
+    def copy(self, output_name: str, pngs: Pngs | None = None) -> bool:
         """``fetch``, never raising: a failure is logged and scheduled for another try. True once copied
         (or gone from Redis: nothing left to copy)."""
         try:
-            self.fetch(output_name, store)
+            self.fetch(output_name, pngs)
         except OSError as exc:
             no_room, first = is_out_of_space(exc), False
             with self._lock:
@@ -123,7 +123,7 @@ class ImageTransfer:
         """The disk is full and its next test is not due: copy nothing now (one image will test it)."""
         return self.disk_full is not None and time.monotonic() < self._disk_retry_at
 
-    def retry_due(self, store: RedisJobStore | None = None) -> None:
+    def retry_due(self, pngs: Pngs | None = None) -> None:
         now = time.monotonic()
         with self._lock:
             # While the disk is full, every image is due once the disk's next test is: the first one tests it.
@@ -132,21 +132,21 @@ class ImageTransfer:
         for name in due:
             if self._disk_paused():
                 return
-            self.copy(name, store)
+            self.copy(name, pngs)
 
-    def copy_uncopied(self, store: RedisJobStore) -> None:
+    def copy_uncopied(self, pngs: Pngs) -> None:
         """Copy the PNGs that no replica has yet and that this one is not already retrying: those announced
         while it was down past the stream's length, or missed in any other way."""
-        for name in store.uncopied_pngs():
+        for name in pngs.uncopied():
             if self._disk_paused():
                 return
             with self._lock:
                 scheduled = name in self._retries
             if not scheduled:
-                self.copy(name, store)
+                self.copy(name, pngs)
 
-    def run(self, store: RedisJobStore, stopping: threading.Event) -> None:
-        """Follow the stream until ``stopping`` is set (a thread's body; ``store`` has its own connection,
+    def run(self, pngs: Pngs, stopping: threading.Event) -> None:
+        """Follow the stream until ``stopping`` is set (a thread's body; ``pngs`` has its own connection,
         able to block ``STREAM_BLOCK_MS`` on the stream)."""
         last_id = b"0"  # from the start of the stream: images finished while this replica was down
         next_beat = next_sweep = 0.0
@@ -154,20 +154,20 @@ class ImageTransfer:
             try:
                 now = time.monotonic()
                 if now >= next_beat:  # before reading: PNGs announced from now on wait for this replica
-                    store.replica_beat(self.replica_id, REPLICA_TTL_S)
+                    pngs.replica_beat(self.replica_id, REPLICA_TTL_S)
                     next_beat = now + REPLICA_BEAT_S
-                for entry_id, name in store.read_outputs(last_id, STREAM_BLOCK_MS):
+                for entry_id, name in pngs.read_finished(last_id, STREAM_BLOCK_MS):
                     if self._disk_paused():  # no room: the image waits in Redis, tried with the others
                         with self._lock:
                             self._retries.setdefault(name, (time.monotonic(), FIRST_RETRY_S))
                     else:
-                        self.copy(name, store)
+                        self.copy(name, pngs)
                     last_id = entry_id
-                self.retry_due(store)
+                self.retry_due(pngs)
                 if now >= next_sweep:
-                    for name in store.kept_pngs():
-                        store.release_png(name)
-                    self.copy_uncopied(store)
+                    for name in pngs.kept():
+                        pngs.release(name)
+                    self.copy_uncopied(pngs)
                     next_sweep = now + SWEEP_S
             except redis.RedisError as exc:
                 log.debug("image transfer: Redis unreachable: %s", exc)
@@ -176,4 +176,4 @@ class ImageTransfer:
                 log.exception("image transfer: unexpected error")
                 stopping.wait(0.5)
         with contextlib.suppress(redis.RedisError):  # else its heartbeat expires on its own
-            store.replica_leave(self.replica_id)
+            pngs.replica_leave(self.replica_id)

@@ -39,7 +39,7 @@ across API replicas and workers. Which module reads and writes each key is named
   (``imagen:png_uncopied``, by age, and ``png_uncopied_bytes``); the first copy moves it to
   ``imagen:png_order`` and starts its expiry (``png_ttl_s``), for a live replica that does not copy it.
   ``imagen:png_sizes``/``png_bytes`` index them all: past ``png_redis_max_bytes`` the oldest copied ones go
-  first, and while uncopied ones fill it, no new job is accepted or started (``png_backlog_full``).
+  first, and while uncopied ones fill it, no new job is accepted or started (``pngs.Pngs.backlog_full``).
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry (``workers.py``).
 - ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
   made the event (a worker, a reaper, an API replica), right after its script: ``/metrics`` reads them

@@ -28,27 +28,21 @@ from imagen.jobs.distributed.keys import (
     OUTPUT_OWNERS,
     OUTPUTS_STREAM,
     OUTPUTS_STREAM_MAXLEN,
-    PNG_BYTES,
     PNG_INDEX,
-    PNG_ORDER,
     PNG_PREFIX,
-    PNG_UNCOPIED,
-    PNG_UNCOPIED_BYTES,
     PREVIEWS_CHANNEL,
-    REPLICAS,
     RUNNING,
     SEQUENCE,
     TURN,
     UNCONFIRMED,
     WAITING,
     WORKER_PATTERN,
-    copies_key,
     job_key,
     lock_key,
-    png_key,
     worker_key,
 )
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome, ScriptReply
+from imagen.jobs.distributed.pngs import PngLimits, Pngs
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
 from imagen.jobs.distributed.totals import JobTotals
 from imagen.jobs.distributed.uploads import Uploads
@@ -93,25 +87,6 @@ def connect(
 
 
 @dataclass(frozen=True)
-class PngLimits:
-    """How long, and within how many bytes in all, Redis keeps finished PNGs for the API replicas."""
-
-    ttl_s: float
-    max_bytes: int
-
-    @classmethod
-    def defaults(cls) -> PngLimits:
-        from imagen.config import Settings
-
-        fields = Settings.model_fields
-        return cls(ttl_s=fields["png_ttl_s"].default, max_bytes=fields["png_redis_max_bytes"].default)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PngLimits:
-        return cls(ttl_s=settings.png_ttl_s, max_bytes=settings.png_redis_max_bytes)
-
-
-@dataclass(frozen=True)
 class _Snapshot:
     """What a verdict is decided from, and what its script checks is still true."""
 
@@ -151,11 +126,11 @@ class RedisJobStore:
     ) -> None:
         self.client = client
         self.result_ttl_s = result_ttl_s
-        self.png_limits = png_limits or PngLimits.defaults()
         self.clock = clock
         self._scripts = Scripts(client)
         self.totals = JobTotals(client)
         self.uploads = Uploads(client, clock)
+        self.pngs = Pngs(client, self._scripts, png_limits or PngLimits.defaults())
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:
@@ -356,57 +331,6 @@ class RedisJobStore:
         """Hold ``role_key`` for ``ttl_s`` (taking it if free, extending it if ours)."""
         return hold_lease(self.client, role_key, holder, ttl_s)
 
-    # -- API side: images ------------------------------------------------------------------------
-    def get_png(self, output_name: str) -> bytes | None:
-        return cast(bytes | None, self.client.get(png_key(output_name)))
-
-    def read_outputs(self, after_id: bytes, block_ms: int) -> list[tuple[bytes, str]]:
-        """Finished images after stream entry ``after_id``: (entry id, output name)."""
-        answer = cast(list[Any], self.client.xread({OUTPUTS_STREAM: after_id}, count=500, block=block_ms))
-        entries: list[tuple[bytes, str]] = []
-        for _stream, items in answer or []:
-            for entry_id, fields in items:
-                name = fields.get(b"output_name", b"").decode()
-                entries.append((entry_id, name))
-        return entries
-
-    def replica_beat(self, replica_id: str, ttl_s: float) -> None:
-        """This API replica is alive for ``ttl_s`` more: PNGs wait for its copy until then."""
-        self._run("replica_beat", [REPLICAS], [replica_id, max(1, int(ttl_s * 1000))])
-
-    def replica_leave(self, replica_id: str) -> None:
-        self.client.zrem(REPLICAS, replica_id)
-
-    def release_png(self, output_name: str, replica_id: str = "") -> bool:
-        """``replica_id`` has a copy of the PNG (``""``: nobody new): delete it from Redis when every live
-        replica has one, or when it expired. True when it is gone from Redis."""
-        return bool(
-            self._run(
-                "release_png",
-                [png_key(output_name), copies_key(output_name), REPLICAS, *PNG_INDEX],
-                [output_name, replica_id, int(self.png_limits.ttl_s * 1000), PNG_PREFIX, COPIES_PREFIX],
-            )
-        )
-
-    def kept_pngs(self) -> list[str]:
-        """The names of the PNGs Redis holds: those no replica has copied yet, then the others (oldest first)."""
-        return self.uncopied_pngs() + [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_ORDER, 0, -1))]
-
-    def uncopied_pngs(self) -> list[str]:
-        """The PNGs that no API replica has copied yet (oldest first): they stay until one does."""
-        return [raw.decode() for raw in cast(list[bytes], self.client.zrange(PNG_UNCOPIED, 0, -1))]
-
-    def png_backlog_bytes(self) -> int:
-        """Bytes of the PNGs no API replica has copied yet."""
-        return int(cast(bytes | None, self.client.get(PNG_UNCOPIED_BYTES)) or 0)
-
-    def png_backlog_full(self) -> bool:
-        """PNGs no replica has copied fill ``png_redis_max_bytes``: take no new job until copies make room."""
-        return self.png_backlog_bytes() >= self.png_limits.max_bytes
-
-    def png_bytes(self) -> int:
-        return int(cast(bytes | None, self.client.get(PNG_BYTES)) or 0)
-
     # -- worker side -----------------------------------------------------------------------------
     def _snapshot(self, job_id: str) -> _Snapshot | None:
         with self.client.pipeline(transaction=True) as pipe:
@@ -571,7 +495,7 @@ class RedisJobStore:
                     repr(self.clock()),
                     self._ttl_ms,
                     OUTPUTS_STREAM_MAXLEN,
-                    self.png_limits.max_bytes,
+                    self.pngs.limits.max_bytes,
                     PNG_PREFIX,
                     COPIES_PREFIX,
                     name,

@@ -268,7 +268,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     def _watch_backlog(self) -> None:
         try:
-            full = self.store.png_backlog_full()
+            full = self.store.pngs.backlog_full()
         except redis.RedisError:
             return  # the broker may be restarting; the next beat looks again
         if full != bool(self.backlogged.value):
