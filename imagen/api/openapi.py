@@ -1,11 +1,11 @@
-"""The OpenAPI document, with this server's registry written into the request schema.
+"""The OpenAPI document, with this server's registry written into the request schemas.
 
 ``schemas.py`` is static; which model and LoRA ids exist, how many LoRAs a request may name
 (``IMAGEN_MAX_LORAS``), whether ``ip_strength`` > 0 can work and whether webhooks are on are known only at
-start. Written into the
-document, they make a request that the document says is valid one that the server accepts (the schemathesis
-run in the tests holds the server to that). The one rule JSON Schema cannot say, each LoRA at most once,
-stays in the description.
+start. Written into the document (for the OpenAI and AUTOMATIC1111 bodies too: their model names, samplers and
+checkpoints), they make a request that the document says is valid one that the server accepts (the
+schemathesis run in the tests holds the server to that, on every route). The one rule JSON Schema cannot say,
+each LoRA at most once, stays in the description.
 """
 
 from __future__ import annotations
