@@ -53,7 +53,7 @@ def start_workers(
                 start_new_session=True,
             )
         )
-    wait(lambda: len(backend.store.workers()) >= count, 60, f"{count} worker(s)")
+    wait(lambda: len(backend.store.workers.alive()) >= count, 60, f"{count} worker(s)")
     return workers
 
 

@@ -104,7 +104,7 @@ def distributed(workdir: Path, jobs: int, generation_s: float) -> dict[str, Any]
         start_new_session=True,
     )
     try:
-        wait(lambda: any(beat.get("ready") for beat in backend.store.workers()), 60, "the worker")
+        wait(lambda: any(beat.get("ready") for beat in backend.store.workers.alive()), 60, "the worker")
         return run_scenario(backend, settings, jobs)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)

@@ -21,7 +21,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from imagen.errors import BrokerUnavailableError
-from imagen.jobs.distributed.store import hold_lease
+from imagen.jobs.distributed.workers import hold_lease
 from imagen.webhooks.events import Delivery, EventName, Subscription
 from imagen.webhooks.outbox import Outbox
 

@@ -178,7 +178,7 @@ class CeleryBackend(JobBackend):
         is ready (jobs queue, and wait for one)."""
         try:
             self._health_client.ping()
-            beats = self._health_store.workers()
+            beats = self._health_store.workers.alive()
             backlog = self._health_store.pngs.backlog_bytes()
         except redis.RedisError as exc:
             return BackendHealth(

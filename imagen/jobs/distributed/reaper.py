@@ -35,6 +35,7 @@ import redis
 from imagen.config import Settings
 from imagen.jobs.distributed.keys import HOUSEKEEPER
 from imagen.jobs.distributed.store import RedisJobStore
+from imagen.jobs.distributed.workers import hold_lease
 from imagen.jobs.lifecycle import OwnerToken
 
 log = logging.getLogger("imagen.jobs")
@@ -111,7 +112,7 @@ class Housekeeper:
 
     def reconcile(self) -> None:
         self.store.sweep_unconfirmed()
-        if not self.store.try_lead(HOUSEKEEPER, self.identity, self.period * 3 + 1):
+        if not hold_lease(self.store.client, HOUSEKEEPER, self.identity, self.period * 3 + 1):
             self._short_since = None  # another process reconciles; start afresh if this one takes over
             return
         waiting = self.store.confirmed_waiting()

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -36,16 +35,15 @@ from imagen.jobs.distributed.keys import (
     TURN,
     UNCONFIRMED,
     WAITING,
-    WORKER_PATTERN,
     job_key,
     lock_key,
-    worker_key,
 )
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome, ScriptReply
 from imagen.jobs.distributed.pngs import PngLimits, Pngs
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
 from imagen.jobs.distributed.totals import JobTotals
 from imagen.jobs.distributed.uploads import Uploads
+from imagen.jobs.distributed.workers import Workers
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, AttemptPolicy, Verdict, cancel_verdict
 from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
@@ -101,18 +99,6 @@ class _Snapshot:
         return self.state in RUNNING_STATES
 
 
-def hold_lease(client: redis.Redis, key: str, holder: str, ttl_s: float) -> bool:
-    """A role one process at a time holds (reconciling, watching webhooks): take ``key`` for ``ttl_s`` if it
-    is free, extend it if ``holder`` has it already; False while another holder has it."""
-    ttl_ms = max(1, int(ttl_s * 1000))
-    if client.set(key, holder, nx=True, px=ttl_ms):
-        return True
-    if cast(bytes | None, client.get(key)) == holder.encode():
-        client.pexpire(key, ttl_ms)
-        return True
-    return False
-
-
 class RedisJobStore:
     """Job records and queue bookkeeping; every method is one round trip (or a few, for scans)."""
 
@@ -130,6 +116,7 @@ class RedisJobStore:
         self._scripts = Scripts(client)
         self.totals = JobTotals(client)
         self.uploads = Uploads(client, clock)
+        self.workers = Workers(client, clock)
         self.pngs = Pngs(client, self._scripts, png_limits or PngLimits.defaults())
 
     @classmethod
@@ -318,18 +305,6 @@ class RedisJobStore:
             queued, recent_tags = cast(list[list[bytes]], pipe.execute())
         unacked = cast(list[bytes | None], self.client.hmget(unacked_key, recent_tags)) if recent_tags else []
         return queued + [raw for raw in unacked if raw is not None]
-
-    def workers(self) -> list[dict[str, Any]]:
-        """The heartbeats of the workers alive now."""
-        keys = list(cast(Iterator[bytes], self.client.scan_iter(match=WORKER_PATTERN, count=100)))
-        if not keys:
-            return []
-        values = cast(list[bytes | None], self.client.mget(keys))
-        return [json.loads(value) for value in values if value]
-
-    def try_lead(self, role_key: str, holder: str, ttl_s: float) -> bool:
-        """Hold ``role_key`` for ``ttl_s`` (taking it if free, extending it if ours)."""
-        return hold_lease(self.client, role_key, holder, ttl_s)
 
     # -- worker side -----------------------------------------------------------------------------
     def _snapshot(self, job_id: str) -> _Snapshot | None:
@@ -556,14 +531,6 @@ class RedisJobStore:
                         requeued.append(job_id)
                     break
         return requeued
-
-    def beat(self, pid: int, info: dict[str, Any], ttl_s: float) -> None:
-        host = socket.gethostname()
-        payload = json.dumps({**info, "host": host, "pid": pid, "at": self.clock()})
-        self.client.set(worker_key(host, pid), payload, px=int(ttl_s * 1000))
-
-    def forget_worker(self, pid: int) -> None:
-        self.client.delete(worker_key(socket.gethostname(), pid))
 
     def close(self) -> None:
         self.client.close()

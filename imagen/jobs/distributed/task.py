@@ -207,7 +207,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self._stopping.set()
         self.engine_ready.value = 0
         try:
-            self.store.forget_worker(os.getpid())
+            self.store.workers.forget(os.getpid())
         except redis.RedisError as exc:
             log.debug("heartbeat not withdrawn (it expires anyway): %s", exc)
         if self.engine is not None:
@@ -256,7 +256,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             **measure(self.load_seconds).as_dict(),  # /metrics: model load time, GPU memory
         }
         try:
-            self.store.beat(os.getpid(), info, HEARTBEAT_TTL_S)
+            self.store.workers.beat(os.getpid(), info, HEARTBEAT_TTL_S)
         except redis.RedisError as exc:  # the broker may be restarting; the next beat will do
             log.debug("heartbeat failed: %s", exc)
 
