@@ -47,7 +47,7 @@ from imagen.devtools.train_demo import (  # noqa: E402
     to_latents,
 )
 from imagen.generation.diffusers.loading import load_pipeline  # noqa: E402
-from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry  # noqa: E402
+from imagen.registry.builtin import DEMO_MODEL_ID, builtin_registry  # noqa: E402
 
 SWAPS = (
     ("background", "white", "navy"),

@@ -38,7 +38,7 @@ from imagen.config import Settings  # noqa: E402
 from imagen.devtools import shapes  # noqa: E402
 from imagen.devtools.judge import judge, score  # noqa: E402
 from imagen.generation.base import GenerationTask  # noqa: E402
-from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry  # noqa: E402
+from imagen.registry.builtin import DEMO_MODEL_ID, builtin_registry  # noqa: E402
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75, "position": 0.80}
 LABELS = {

@@ -38,7 +38,7 @@ from imagen.config import Settings  # noqa: E402
 from imagen.generation.base import NO_INPUTS, GenerationTask, InputImages  # noqa: E402
 from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
 from imagen.registry import builtin_registry  # noqa: E402
-from imagen.registry.specs import DEMO_MODEL_ID  # noqa: E402
+from imagen.registry.builtin import DEMO_MODEL_ID  # noqa: E402
 
 
 def rss_bytes() -> int:

@@ -21,16 +21,18 @@ from imagen.devtools import shapes
 from imagen.devtools.judge import Verdict, judge
 from imagen.generation.base import GenerationTask, InputImages, LoraChoice
 from imagen.generation.diffusers.components import load_clip_tokenizers
-from imagen.generation.diffusers.demo_model import (
+from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.samplers import sampler_available
+from imagen.registry.builtin import (
     DEMO_DIR,
     DEMO_LORA_ID,
     DEMO_LORA_TRIGGER,
     DEMO_MODEL_DIR,
+    DEMO_MODEL_ID,
     TRAINING_RECORD,
+    builtin_registry,
 )
-from imagen.generation.diffusers.engine import DiffusersEngine
-from imagen.generation.samplers import SAMPLER_NAMES, sampler_available
-from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry
+from imagen.sampler_names import SAMPLER_NAMES
 from tests.conftest import wait_status
 from tests.engine_fixtures import engine_settings
 

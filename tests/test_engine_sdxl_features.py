@@ -16,7 +16,8 @@ from imagen.errors import FatalGenerationError
 from imagen.generation.base import NO_INPUTS, STEP_GENERATION, InputImages, StepMeter, denoising_steps
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.runner import run_task
-from imagen.generation.samplers import SAMPLER_NAMES, sampler_available, scheduler_for
+from imagen.generation.samplers import sampler_available, scheduler_for
+from imagen.sampler_names import SAMPLER_NAMES
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, pixels, task
 
 pytestmark = pytest.mark.slow

@@ -29,11 +29,10 @@ from imagen.devtools.fixtures import write_attention_loras
 from imagen.devtools.judge import Verdict, judge
 from imagen.errors import RetryableGenerationError
 from imagen.generation.base import GenerationTask, LoraChoice
-from imagen.generation.diffusers.demo_model import DEMO_LORA_ID
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.runner import classify_failure
 from imagen.registry import Registry
-from imagen.registry.specs import DEMO_MODEL_ID, builtin_registry
+from imagen.registry.builtin import DEMO_LORA_ID, DEMO_MODEL_ID, builtin_registry
 from tests.conftest import wait_status
 from tests.engine_fixtures import engine_settings
 

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from imagen.access.keys import add_key
-from imagen.generation.samplers import SAMPLER_NAMES
 from imagen.inputs.images import MAX_IMAGE_BYTES
+from imagen.sampler_names import SAMPLER_NAMES
 from tests.celery_support import shared_redis
 from tests.conftest import submit, wait_for, wait_status
 from tests.latches import Latches

@@ -9,7 +9,8 @@ import torch
 
 from imagen.devtools.demo_architecture import demo_scheduler
 from imagen.generation.diffusers.schedulers import betas_of, build_scheduler
-from imagen.generation.samplers import SAMPLER_NAMES, scheduler_for
+from imagen.generation.samplers import scheduler_for
+from imagen.sampler_names import SAMPLER_NAMES
 
 SDXL = demo_scheduler(zero_terminal_snr=False)
 ZERO_SNR = demo_scheduler(zero_terminal_snr=True)

@@ -18,17 +18,12 @@ from imagen.config import Settings
 from imagen.errors import RegistryError
 from imagen.generation.base import GenerationTask, InputImages, LoraChoice, StepMeter, denoising_steps
 from imagen.generation.runner import run_task
-from imagen.generation.samplers import (
-    SAMPLER_NAMES,
-    a1111_sampler_fields,
-    is_sampler_name,
-    sampler_available,
-    scheduler_for,
-)
+from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.generation.test_pattern import TestPatternEngine
 from imagen.outputs.names import image_names, is_servable_name
 from imagen.outputs.png import a1111_parameters
 from imagen.registry import ModelSpec, builtin_registry, load_registry
+from imagen.sampler_names import SAMPLER_NAMES, a1111_sampler_fields, is_sampler_name
 
 TASK = GenerationTask(
     prompt="a lighthouse", negative_prompt=None, model="demo", steps=4, guidance_scale=5.0, seed=42

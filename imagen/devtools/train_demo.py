@@ -50,15 +50,13 @@ from safetensors.torch import save_file
 
 from imagen.devtools import ldm_export, shapes
 from imagen.devtools.demo_architecture import IMAGE_SIZE, build_untrained_pipeline
-from imagen.generation.diffusers.demo_model import (
+from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
+from imagen.registry.builtin import (
     DEMO_IP_ADAPTER_PATH,
     DEMO_IP_ENCODER_DIR,
     DEMO_IP_REFERENCE,
     DEMO_LORA_PATH,
     DEMO_LORA_TRIGGER,
-    LATENT_DOWNSCALE,
-    LATENT_SCALE,
-    LUMA,
     TRAINING_RECORD,
 )
 

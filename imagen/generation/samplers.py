@@ -1,9 +1,9 @@
-"""A1111 sampler names and the diffusers scheduler each one maps to.
+"""The diffusers scheduler each A1111 sampler name (:mod:`imagen.sampler_names`) maps to.
 
 The mapping is the one diffusers' scheduler overview documents ("A1111/k-diffusion → 🤗 Diffusers"):
 the scheduler class, plus the config overrides it lists ("init with use_karras_sigmas=True", ...).
 DDIM and UniPC are A1111 samplers of the same names. This module imports neither torch nor diffusers:
-the API imports it to validate requests and registry entries and for ``GET /schedulers``.
+the API imports it to list what this installation runs (``GET /schedulers``).
 """
 
 from __future__ import annotations
@@ -12,24 +12,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-# The names a request's ``scheduler`` (and a registry entry's) may take, in the order /schedulers lists them.
-SAMPLER_NAMES: tuple[str, ...] = (
-    "Euler",
-    "Euler a",
-    "DPM++ 2M",
-    "DPM++ 2M Karras",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Karras",
-    "DPM++ SDE Karras",
-    "DDIM",
-    "UniPC",
-    "Heun",
-    "LMS",
-    "DPM2",
-    "DPM2 a",
-)
-
-KARRAS_SUFFIX = " Karras"
+from imagen.sampler_names import SAMPLER_NAMES
 
 
 @dataclass(frozen=True)
@@ -61,10 +44,6 @@ _CHOICES: dict[str, SchedulerChoice] = {
 assert tuple(_CHOICES) == SAMPLER_NAMES
 
 
-def is_sampler_name(name: str) -> bool:
-    return name in _CHOICES
-
-
 # diffusers' LMSDiscreteScheduler computes its coefficients with scipy, an optional dependency of diffusers
 _NEEDS_SCIPY = frozenset({"LMS"})
 
@@ -80,13 +59,6 @@ def scheduler_for(name: str) -> SchedulerChoice:
     if choice is None:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
     return SchedulerChoice(choice.class_name, dict(choice.overrides))
-
-
-def a1111_sampler_fields(name: str) -> tuple[str, str | None]:
-    """(Sampler, Schedule type) as A1111 ≥ 1.9 writes them: "DPM++ 2M Karras" → ("DPM++ 2M", "Karras")."""
-    if name.endswith(KARRAS_SUFFIX):
-        return name.removesuffix(KARRAS_SUFFIX), "Karras"
-    return name, None
 
 
 def available_samplers() -> list[str]:

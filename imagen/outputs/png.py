@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imagen.generation.samplers import a1111_sampler_fields, is_sampler_name
+from imagen.sampler_names import a1111_sampler_fields, is_sampler_name
 
 
 def a1111_parameters(metadata: dict[str, Any]) -> str:

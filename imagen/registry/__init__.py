@@ -1,6 +1,8 @@
-"""The registry: which models, LoRAs and IP-Adapter this server offers (specs), and the checks that their
-files are safe to load (safe_files)."""
+"""The registry: which models, LoRAs and IP-Adapter this server offers (specs), the one a fresh install
+serves (builtin), reading the YAML file (load), and the checks that their files are safe to load (safe_files)."""
 
-from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry, builtin_registry, load_registry
+from imagen.registry.builtin import builtin_registry
+from imagen.registry.load import load_registry
+from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry
 
 __all__ = ["IpAdapterSpec", "LoraSpec", "ModelSpec", "Registry", "builtin_registry", "load_registry"]

@@ -1,32 +1,19 @@
-"""The registry: which models and LoRAs this server offers, declared in one YAML file.
+"""What a registry declares: the models, LoRAs and IP-Adapter this server offers, as one YAML file writes them.
 
-Requests name models and LoRAs by id only; paths live here and nowhere else.
+Requests name models and LoRAs by id only; paths live in the registry and nowhere else.
 See ``registry.example.yaml`` for the documented format.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from imagen.errors import RegistryError
-from imagen.generation.diffusers.demo_model import (
-    DEMO_IP_ADAPTER_PATH,
-    DEMO_IP_ENCODER_DIR,
-    DEMO_IP_REFERENCE,
-    DEMO_LORA_ID,
-    DEMO_LORA_PATH,
-    DEMO_LORA_TRIGGER,
-)
-from imagen.generation.samplers import SAMPLER_NAMES, is_sampler_name
+from imagen.sampler_names import SAMPLER_NAMES, is_sampler_name
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-DEMO_MODEL_ID = "demo"
-DEMO_GUIDANCE_RESCALE = 0.7
-DEMO_GUIDANCE_STOP = 0.6
 
 
 class ModelSpec(BaseModel):
@@ -158,75 +145,3 @@ class Registry(BaseModel):
                     raise RegistryError(f"default model {candidate!r} is not declared in the registry")
                 return candidate
         return "sdxl-base" if "sdxl-base" in self.model_ids else self.models[0].id
-
-
-def builtin_registry() -> Registry:
-    """What a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter."""
-    return Registry(
-        models=[
-            ModelSpec(
-                id=DEMO_MODEL_ID,
-                name="Demo SDXL (shapes)",
-                description="A tiny SDXL-architecture model trained on one language: one shape (circle, square, "
-                "triangle, star) in one of 8 colours, small or large, on the left, right, top, bottom or in the "
-                "center, on a white, gray, navy, beige, sky blue or dark green background. Try \"a red circle on "
-                "a white background\". Configure real weights in the registry.",
-                default_negative="",
-                prefix="demo",
-                demo=True,
-                # zero terminal SNR and v-prediction: plain guidance at 7.5 over-saturates it (purple drawn
-                # black); with 0.7, as Lin et al. recommend, the judge reads more colours, places and sizes right
-                guidance_rescale=DEMO_GUIDANCE_RESCALE,
-                # guidance on the last 40 % of the steps only carved outlines and over-saturated colours:
-                # without it the judge reads shape colours and sizes right far more often (README, demo model)
-                guidance_stop=DEMO_GUIDANCE_STOP,
-            )
-        ],
-        loras=[
-            LoraSpec(
-                id=DEMO_LORA_ID,
-                name="Blue shapes (demo LoRA)",
-                description="Trained with the demo model by the same command: at weight 1 every shape comes out "
-                "blue, whatever colour the prompt asks; at 0 the prompt's colour.",
-                path=DEMO_LORA_PATH,
-                default_weight=1.0,
-                trigger_words=[DEMO_LORA_TRIGGER],
-            )
-        ],
-        ip_adapter=IpAdapterSpec(
-            path=DEMO_IP_ADAPTER_PATH, image_encoder_path=DEMO_IP_ENCODER_DIR, reference_image=DEMO_IP_REFERENCE
-        ),
-    )
-
-
-def load_registry(path: Path | None) -> Registry:
-    """Read and validate the registry file; relative paths are taken from the file's folder."""
-    if path is None:
-        return builtin_registry()
-    try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RegistryError(f"registry file not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RegistryError(f"registry file {path} must be a mapping with `models:` (and `loras:`)")
-    base = path.resolve().parent
-    models = raw.get("models") or []
-    declared_vae_paths = [entry.get("vae_path") if isinstance(entry, dict) else None for entry in models]
-    ip_adapter = raw.get("ip_adapter")
-    entries = [*models, *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
-    for entry in entries:
-        if isinstance(entry, dict):
-            for key in ("path", "vae_path", "preview_decoder", "image_encoder_path", "reference_image"):
-                value = entry.get(key)
-                if isinstance(value, str) and value and not Path(value).is_absolute():
-                    entry[key] = str((base / value).resolve())
-    try:
-        registry = Registry.model_validate(raw)
-    except ValidationError as exc:
-        raise RegistryError(f"registry file {path} is invalid:\n{exc}") from exc
-    for model, declared in zip(registry.models, declared_vae_paths, strict=True):
-        model._declared_vae_path = declared
-    return registry
-

@@ -3,7 +3,8 @@
 :func:`resolve_device` / :func:`resolve_dtype` turn the settings into a device and dtype, :func:`load_pipeline`
 reads the files (on CPU), :func:`place_pipeline` puts the pipeline on its device (or sets up CPU offload).
 
-* ``demo: true``: the shipped demo model (``imagen/data/demo/model``, a diffusers folder: :mod:`.demo_model`).
+* ``demo: true``: the shipped demo model (``imagen/data/demo/model``, a diffusers folder:
+  :mod:`imagen.registry.builtin`).
 * a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled.
 * a single ``.safetensors`` checkpoint in the original (StabilityAI / civitai) key layout:
   ``from_single_file`` with the SDXL base configs shipped in ``imagen/data/sdxl-base`` and the shipped CLIP
@@ -26,8 +27,8 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError, is_out_of_memory
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers
-from imagen.generation.diffusers.demo_model import DEMO_MODEL_DIR
 from imagen.registry import ModelSpec, safe_files
+from imagen.registry.builtin import DEMO_MODEL_DIR
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -1,0 +1,69 @@
+"""The registry a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter.
+
+A tiny SDXL-architecture model trained on shapes ("a small red star on the left on a navy background").
+Its files ship in ``imagen/data/demo/`` as ``imagen devtools train-demo OUT`` writes them: ``model/`` (a
+diffusers folder, fp16, without tokenizers: both use the shared CLIP vocabulary), ``loras/blue.safetensors``
+(a kohya LoRA trained with it: every shape blue), ``ip-adapter/`` (an IP-Adapter with its own tiny CLIP image
+encoder, and a default reference picture) and ``training.json`` (the settings and each file's SHA-256). They
+are ours, small (< 8 MB) and reproducible by that command. How its latents are laid out is the engine's
+business (:mod:`imagen.generation.diffusers.demo_model`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry
+
+DEMO_DIR: Path = Path(__file__).resolve().parents[1] / "data" / "demo"
+DEMO_MODEL_DIR: Path = DEMO_DIR / "model"
+TRAINING_RECORD = "training.json"
+DEMO_MODEL_ID = "demo"
+DEMO_LORA_ID = "demo-blue"
+DEMO_LORA_TRIGGER = "bluify"
+DEMO_LORA_PATH: Path = DEMO_DIR / "loras" / "blue.safetensors"
+DEMO_IP_ADAPTER_DIR: Path = DEMO_DIR / "ip-adapter"
+DEMO_IP_ADAPTER_PATH: Path = DEMO_IP_ADAPTER_DIR / "ip-adapter.safetensors"
+DEMO_IP_ENCODER_DIR: Path = DEMO_IP_ADAPTER_DIR / "image_encoder"
+DEMO_IP_REFERENCE: Path = DEMO_IP_ADAPTER_DIR / "reference.png"
+DEMO_GUIDANCE_RESCALE = 0.7
+DEMO_GUIDANCE_STOP = 0.6
+
+
+def builtin_registry() -> Registry:
+    """What a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter."""
+    return Registry(
+        models=[
+            ModelSpec(
+                id=DEMO_MODEL_ID,
+                name="Demo SDXL (shapes)",
+                description="A tiny SDXL-architecture model trained on one language: one shape (circle, square, "
+                "triangle, star) in one of 8 colours, small or large, on the left, right, top, bottom or in the "
+                "center, on a white, gray, navy, beige, sky blue or dark green background. Try \"a red circle on "
+                "a white background\". Configure real weights in the registry.",
+                default_negative="",
+                prefix="demo",
+                demo=True,
+                # zero terminal SNR and v-prediction: plain guidance at 7.5 over-saturates it (purple drawn
+                # black); with 0.7, as Lin et al. recommend, the judge reads more colours, places and sizes right
+                guidance_rescale=DEMO_GUIDANCE_RESCALE,
+                # guidance on the last 40 % of the steps only carved outlines and over-saturated colours:
+                # without it the judge reads shape colours and sizes right far more often (README, demo model)
+                guidance_stop=DEMO_GUIDANCE_STOP,
+            )
+        ],
+        loras=[
+            LoraSpec(
+                id=DEMO_LORA_ID,
+                name="Blue shapes (demo LoRA)",
+                description="Trained with the demo model by the same command: at weight 1 every shape comes out "
+                "blue, whatever colour the prompt asks; at 0 the prompt's colour.",
+                path=DEMO_LORA_PATH,
+                default_weight=1.0,
+                trigger_words=[DEMO_LORA_TRIGGER],
+            )
+        ],
+        ip_adapter=IpAdapterSpec(
+            path=DEMO_IP_ADAPTER_PATH, image_encoder_path=DEMO_IP_ENCODER_DIR, reference_image=DEMO_IP_REFERENCE
+        ),
+    )
