@@ -1,4 +1,4 @@
-"""Builds the FastAPI application: settings, registry and job backend are wired here, once."""
+"""Builds the FastAPI application: settings, registry, job backend and webhook outbox are wired here, once."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from imagen.jobs.factory import build_backend
 from imagen.outputs.retention import RetentionSweeper
 from imagen.registry import load_registry
 from imagen.webhooks.dispatcher import WebhookDispatcher
+from imagen.webhooks.outbox import Outbox
 
 QUEUE_FULL = "Queue pleine, réessayez plus tard"
 BROKER_DOWN = "File d'attente indisponible (broker injoignable), réessayez plus tard"
@@ -55,6 +56,20 @@ def key_queue_full(limit: int) -> str:
     return f"Trop de tâches en attente pour cette clé API (max {limit}), réessayez plus tard"
 
 log = logging.getLogger("imagen.api")
+
+
+def build_outbox(settings: Settings) -> Outbox:
+    """The webhook outbox, in the job store the backend uses: keys in its Redis when distributed, tables in
+    the job database when embedded (each implementation is imported only when chosen)."""
+    if settings.broker_url:
+        from imagen.jobs.distributed.store import connect
+        from imagen.webhooks.redis_outbox import RedisOutbox
+
+        # Short timeouts, as for the API's other Redis calls: a stalled Redis gives a 503 within seconds.
+        return RedisOutbox(connect(settings.broker_url, socket_timeout=1.0, retry_on_timeout=False))
+    from imagen.webhooks.sqlite_outbox import SqliteOutbox
+
+    return SqliteOutbox(settings.database_path)
 
 
 def create_app(settings: Settings | None = None, backend: JobBackend | None = None) -> FastAPI:
@@ -87,7 +102,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
             return None
         return answer
 
-    webhooks = WebhookDispatcher.from_settings(settings, read_status=read_status)
+    webhooks = WebhookDispatcher.from_settings(settings, build_outbox, read_status=read_status)
     waiters = Waiters()  # the OpenAI and A1111 routes' waits for their jobs (compat_jobs)
     retention = RetentionSweeper.from_settings(settings)  # None unless IMAGEN_OUTPUTS_MAX_AGE_S/_BYTES is set
 

@@ -35,7 +35,7 @@ from imagen.config import Settings
 from imagen.jobs.lifecycle import OwnerToken
 from imagen.jobs.types import JobState
 from imagen.webhooks.events import PROGRESS_EVERY_S, Delivery, EventName, Subscription, new_delivery
-from imagen.webhooks.outbox import Outbox, build_outbox
+from imagen.webhooks.outbox import Outbox
 from imagen.webhooks.sender import Outcome, Result, Sender
 from imagen.webhooks.signing import Signer
 from imagen.webhooks.urls import TargetPolicy
@@ -86,10 +86,12 @@ class WebhookDispatcher:
     def from_settings(
         cls,
         settings: Settings,
+        open_outbox: Callable[[Settings], Outbox],
         *,
         read_status: Callable[[str], dict[str, Any] | None],
     ) -> WebhookDispatcher | None:
-        """``read_status``: what ``GET /status/{job_id}`` answers now, None for an unknown job. None when the
+        """``open_outbox``: the outbox in this server's job store (opened only when webhooks are on);
+        ``read_status``: what ``GET /status/{job_id}`` answers now, None for an unknown job. None when the
         server has no webhook secret (webhooks are then refused at submission)."""
         if not settings.webhook_secret:
             return None
@@ -99,7 +101,7 @@ class WebhookDispatcher:
             settings.webhook_attempt_timeout_s,
         )
         return cls(
-            build_outbox(settings),
+            open_outbox(settings),
             sender,
             read_status=read_status,
             retry_for_s=settings.webhook_retry_s,

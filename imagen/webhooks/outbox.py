@@ -1,14 +1,14 @@
 """The outbox interface: subscriptions and pending deliveries, kept in the job store so a restart loses none.
 
 Implementations: ``sqlite_outbox.SqliteOutbox`` (tables in the embedded job database) and
-``redis_outbox.RedisOutbox`` (keys in the distributed backend's Redis), chosen by ``build_outbox``.
+``redis_outbox.RedisOutbox`` (keys in the distributed backend's Redis), chosen where the app is wired
+(``imagen.api.app.build_outbox``): the interface knows none of them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from imagen.config import Settings
 from imagen.webhooks.events import Delivery, Subscription
 
 
@@ -62,14 +62,3 @@ class Outbox(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-
-def build_outbox(settings: Settings) -> Outbox:
-    if settings.broker_url:
-        from imagen.jobs.distributed.store import connect
-        from imagen.webhooks.redis_outbox import RedisOutbox
-
-        # Short timeouts, as for the API's other Redis calls: a stalled Redis gives a 503 within seconds.
-        return RedisOutbox(connect(settings.broker_url, socket_timeout=1.0, retry_on_timeout=False))
-    from imagen.webhooks.sqlite_outbox import SqliteOutbox
-
-    return SqliteOutbox(settings.database_path)
