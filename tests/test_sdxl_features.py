@@ -202,7 +202,7 @@ def test_test_pattern_takes_the_init_image_size_and_denoises_strength_x_steps(tm
     task = replace(TASK, steps=10, init_image=True, strength=0.5)
     (image,) = engine.generate(task, lambda s, p: calls.append((s, p)), InputImages(init=Image.new("RGB", (80, 48))))
     assert image.image.size == (80, 48)
-    assert [p for s, p in calls if s == "generation_gpu"] == [0, 20, 40, 60, 80, 100]  # 5 steps of 10, then done (as the real engine reports)
+    assert [p for s, p in calls if s == "generation_gpu"] == [0, 20, 40, 60, 80, 100]  # 5 steps of 10, then done
 
 
 def test_task_with_loras_round_trips(tmp_path: Path) -> None:
