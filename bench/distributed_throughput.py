@@ -72,7 +72,7 @@ def submit(backend: CeleryBackend, settings: Settings, prompt: str) -> str:
 
 
 def finished(backend: CeleryBackend, job_ids: list[str]) -> list[JobRecord] | None:
-    records = [backend.store.get(job_id) for job_id in job_ids]
+    records = [backend.store.jobs.get(job_id) for job_id in job_ids]
     if all(r is not None and r.state.is_terminal() for r in records):
         return [r for r in records if r is not None]
     return None

@@ -338,22 +338,22 @@ class ClaimFailsOnceEngine(TestPatternEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from imagen.jobs.distributed.store import RedisJobStore
+        from imagen.jobs.distributed.attempts import Attempts
 
         marker = Path(os.environ["IMAGEN_TEST_CLAIM_FAILURE"])
-        claim = RedisJobStore.claim
+        claim = Attempts.claim
 
-        def failing_claim(store: RedisJobStore, job_id: str, token: str, **options: Any) -> Any:
+        def failing_claim(attempts: Attempts, job_id: str, token: str, **options: Any) -> Any:
             try:
                 how = marker.read_text()
                 marker.unlink()
             except FileNotFoundError:
-                return claim(store, job_id, token, **options)
+                return claim(attempts, job_id, token, **options)
             if how == "acked":
                 raise RuntimeError("injected: claim failed, message acknowledged")
             raise redis.ConnectionError("injected: connection lost during the claim")
 
-        RedisJobStore.claim = failing_claim  # type: ignore[method-assign,assignment]
+        Attempts.claim = failing_claim  # type: ignore[method-assign,assignment]
 
 
 class ClaimsFailEngine(ScriptedEngine):
@@ -363,15 +363,15 @@ class ClaimsFailEngine(ScriptedEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from imagen.jobs.distributed.store import RedisJobStore
+        from imagen.jobs.distributed.attempts import Attempts
 
         failures_left = [int(os.environ["IMAGEN_TEST_FAIL_CLAIMS"])]
-        claim = RedisJobStore.claim
+        claim = Attempts.claim
 
-        def failing_claim(store: RedisJobStore, job_id: str, token: str, **options: Any) -> Any:
+        def failing_claim(attempts: Attempts, job_id: str, token: str, **options: Any) -> Any:
             if failures_left[0] > 0:
                 failures_left[0] -= 1
                 raise redis.ConnectionError("injected: connection lost during the claim")
-            return claim(store, job_id, token, **options)
+            return claim(attempts, job_id, token, **options)
 
-        RedisJobStore.claim = failing_claim  # type: ignore[method-assign,assignment]
+        Attempts.claim = failing_claim  # type: ignore[method-assign,assignment]

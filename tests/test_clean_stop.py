@@ -111,12 +111,12 @@ def test_a_job_given_back_keeps_its_place_in_the_queue_and_its_attempt_count(own
     store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
     first, second = new_job("first"), new_job("second")
     for job in (first, second):
-        store.submit(job, max_queue=10)
-        store.confirm(job.job_id)
-    claim = store.claim(first.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+        store.jobs.submit(job, max_queue=10)
+        store.jobs.confirm(job.job_id)
+    claim = store.attempts.claim(first.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
     assert claim.outcome is ClaimOutcome.CLAIMED and claim.attempts == 1
-    assert store.give_back(first.job_id, "w") is AttemptOutcome.RETRY
-    record = store.get(first.job_id)
+    assert store.attempts.give_back(first.job_id, "w") is AttemptOutcome.RETRY
+    record = store.jobs.get(first.job_id)
     assert record is not None and record.state.value == "PENDING" and record.attempts == 0
-    assert store.position(first.job_id) == 1  # ahead of the job submitted after it, as before it started
-    assert store.give_back(first.job_id, "w") is AttemptOutcome.LOST  # no longer this worker's
+    assert store.jobs.position(first.job_id) == 1  # ahead of the job submitted after it, as before it started
+    assert store.attempts.give_back(first.job_id, "w") is AttemptOutcome.LOST  # no longer this worker's

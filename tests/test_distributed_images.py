@@ -57,8 +57,8 @@ def test_an_image_that_cannot_be_written_stalls_nothing_and_is_copied_later(
     # Housekeeping goes on too: a job whose message was lost is still published again.
     store = RedisJobStore(connect(cluster.redis.url), result_ttl_s=60)
     lost = new_job("message lost")
-    store.submit(lost, max_queue=100)
-    store.confirm(lost.job_id)
+    store.jobs.submit(lost, max_queue=100)
+    store.jobs.confirm(lost.job_id)
     assert wait_status(client, lost.job_id, TERMINAL, timeout=20)["status"] == "SUCCESS"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and blocked_name in r.getMessage()]
     assert warnings and "will retry" in warnings[0].getMessage()
@@ -95,9 +95,10 @@ def test_a_png_a_replica_never_copies_expires_after_png_ttl(celery_cluster: Cele
 
 def finish(store: RedisJobStore, name: str, size: int) -> None:
     job = new_job(name)
-    store.submit(job, max_queue=100)
-    assert store.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600).outcome is ClaimOutcome.CLAIMED
-    assert store.complete(job.job_id, "w", {"filename": name}, bytes(size))
+    store.jobs.submit(job, max_queue=100)
+    claim = store.attempts.claim(job.job_id, "w", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    assert store.attempts.complete(job.job_id, "w", {"filename": name}, bytes(size))
 
 
 def test_past_the_byte_bound_copied_pngs_go_oldest_first_and_uncopied_ones_stay(own_redis: RedisServer) -> None:

@@ -50,8 +50,8 @@ def test_a_job_recorded_but_never_published_runs(celery_cluster: CeleryCluster) 
     # What the API leaves when it is killed between writing the record and publishing its message.
     store = RedisJobStore(connect(cluster.redis.url), result_ttl_s=60)
     job = new_job("recorded, never published")
-    store.submit(job, max_queue=100)
-    assert store.confirm(job.job_id)
+    store.jobs.submit(job, max_queue=100)
+    assert store.jobs.confirm(job.job_id)
     assert cluster.redis.client().llen("imagen") == 0
     assert wait_status(client, job.job_id, TERMINAL, timeout=30)["status"] == "SUCCESS"
 
@@ -78,9 +78,9 @@ def test_a_job_put_back_by_the_reaper_is_published_again_when_its_publish_failed
     settings = Settings(broker_url=own_redis.url, job_lock_ttl_s=1.0, reconcile_after_s=RECONCILE_AFTER_S)
     store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
     job = new_job("its worker died")
-    store.submit(job, max_queue=100)
-    store.confirm(job.job_id)
-    claim = store.claim(job.job_id, "host|1|dead", max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    store.jobs.submit(job, max_queue=100)
+    store.jobs.confirm(job.job_id)
+    claim = store.attempts.claim(job.job_id, "host|1|dead", max_attempts=3, lock_ttl_s=60, timeout_s=600)
     assert claim.outcome is ClaimOutcome.CLAIMED
     own_redis.client().delete(lock_key(job.job_id))  # its lock expired: the worker is dead
     published: list[str] = []
@@ -93,7 +93,7 @@ def test_a_job_put_back_by_the_reaper_is_published_again_when_its_publish_failed
 
     housekeeper = Housekeeper(settings, store, flaky_publish, "imagen")
     housekeeper.run_once()  # the reaper puts the job back; its publish fails
-    record = store.get(job.job_id)
+    record = store.jobs.get(job.job_id)
     assert record is not None and record.state is JobState.PENDING and published == []
     broker_down = False
     housekeeper.run_once()  # missing for less than reconcile_after_s: not yet
@@ -106,10 +106,10 @@ def test_a_job_with_a_message_in_the_queue_is_left_alone(own_redis: RedisServer)
     settings = Settings(broker_url=own_redis.url, reconcile_after_s=0.2)
     store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
     job = new_job("published")
-    store.submit(job, max_queue=100)
+    store.jobs.submit(job, max_queue=100)
     app = create_celery(settings)
     publish(app, job.job_id)
-    store.confirm(job.job_id)
+    store.jobs.confirm(job.job_id)
     raw = own_redis.client().lrange("imagen", 0, -1)
     assert message_ids(raw) == [job.job_id]  # kombu's own message format
     republished: list[str] = []
@@ -128,8 +128,8 @@ def test_the_reconciler_publishes_what_the_waiting_jobs_lack_counting_messages_n
     store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
     jobs = [new_job(f"job {i}") for i in range(3)]
     for job in jobs:
-        store.submit(job, max_queue=100)
-        store.confirm(job.job_id)
+        store.jobs.submit(job, max_queue=100)
+        store.jobs.confirm(job.job_id)
     app = create_celery(settings)
     publish(app, jobs[2].job_id)  # one message for three waiting jobs (two publishes were lost)
     app.close()
@@ -147,7 +147,7 @@ def test_the_reconciler_publishes_what_the_waiting_jobs_lack_counting_messages_n
     assert raw is not None
     client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "imagen"]))
     client.zadd("unacked_index", {"tag-1": time.time()})
-    claim = store.claim_next("host|1|w", ticket=jobs[2].job_id, max_attempts=3, lock_ttl_s=60, timeout_s=600)
+    claim = store.attempts.claim_next("host|1|w", ticket=jobs[2].job_id, max_attempts=3, lock_ttl_s=60, timeout_s=600)
     assert claim.outcome is ClaimOutcome.CLAIMED and claim.job_id == jobs[0].job_id
     republished.clear()
     wait_for(lambda: housekeeper.run_once() or republished, timeout=5, interval=0.05)
@@ -157,12 +157,12 @@ def test_the_reconciler_publishes_what_the_waiting_jobs_lack_counting_messages_n
 def test_a_message_names_an_unconfirmed_job_it_may_start_but_never_another_one(own_redis: RedisServer) -> None:
     store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
     first, second = new_job("first"), new_job("second")
-    store.submit(first, max_queue=100)
-    store.submit(second, max_queue=100)  # both unconfirmed: their API has not heard back from the broker
+    store.jobs.submit(first, max_queue=100)
+    store.jobs.submit(second, max_queue=100)  # both unconfirmed: their API has not heard back from the broker
     options = {"max_attempts": 3, "lock_ttl_s": 60, "timeout_s": 600}
-    assert store.claim_next("host|1|a", ticket="m", **options).outcome is ClaimOutcome.UNCONFIRMED
-    claim = store.claim_next("host|1|a", ticket=second.job_id, named=second.job_id, **options)
+    assert store.attempts.claim_next("host|1|a", ticket="m", **options).outcome is ClaimOutcome.UNCONFIRMED
+    claim = store.attempts.claim_next("host|1|a", ticket=second.job_id, named=second.job_id, **options)
     assert claim.outcome is ClaimOutcome.CLAIMED and claim.job_id == second.job_id  # its own message is out
-    store.forget(first.job_id)  # its publish failed: withdrawn, output owner included
-    assert store.output_owner(first.output_name) is None
-    assert store.claim_next("host|1|b", ticket="n", **options).outcome is ClaimOutcome.NONE
+    store.jobs.forget(first.job_id)  # its publish failed: withdrawn, output owner included
+    assert store.jobs.output_owner(first.output_name) is None
+    assert store.attempts.claim_next("host|1|b", ticket="n", **options).outcome is ClaimOutcome.NONE

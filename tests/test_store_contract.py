@@ -131,21 +131,21 @@ class RedisUnderTest:
         self.held: dict[str, str] = {}  # owner -> the job it claimed
 
     def submit(self, job: NewJob, max_queue: int = 100, key_max_waiting: int | None = None) -> int:
-        position = self.store.submit(job, max_queue, key_max_waiting).position
-        assert self.store.confirm(job.job_id)  # its broker message is out
+        position = self.store.jobs.submit(job, max_queue, key_max_waiting).position
+        assert self.store.jobs.confirm(job.job_id)  # its broker message is out
         return position
 
     def output_owner(self, output_name: str) -> str | None:
-        return self.store.output_owner(output_name)
+        return self.store.jobs.output_owner(output_name)
 
     def get(self, job_id: str) -> JobRecord | None:
-        return self.store.get(job_id)
+        return self.store.jobs.get(job_id)
 
     def position(self, job_id: str) -> int | None:
-        return self.store.position(job_id)
+        return self.store.jobs.position(job_id)
 
     def count_waiting(self) -> int:
-        return self.store.count_waiting()
+        return self.store.jobs.count_waiting()
 
     def new_owner(self) -> str:
         return str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
@@ -154,37 +154,37 @@ class RedisUnderTest:
         if claim.outcome is not ClaimOutcome.CLAIMED:
             return None
         self.held[owner] = claim.job_id
-        return self.store.get(claim.job_id)
+        return self.store.jobs.get(claim.job_id)
 
     def claim_next(self, owner: str) -> JobRecord | None:
         """A broker message (a ticket) is delivered to ``owner``: it starts the fair queue's next job."""
         ticket = uuid.uuid4().hex
-        claim = self.store.claim_next(
+        claim = self.store.attempts.claim_next(
             owner, ticket=ticket, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S
         )
         return self._claimed(claim, owner)
 
     def complete(self, job_id: str, owner: str) -> bool:
         name = f"{job_id}.png"
-        return self.store.complete(job_id, owner, {"status": "success", "filename": name}, b"\x89PNG")
+        return self.store.attempts.complete(job_id, owner, {"status": "success", "filename": name}, b"\x89PNG")
 
     def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool:
         if retryable:
-            return self.store.retry_or_fail(job_id, owner, error, MAX_ATTEMPTS) is not AttemptOutcome.LOST
-        return self.store.fail(job_id, owner, error) is not AttemptOutcome.LOST
+            return self.store.attempts.retry_or_fail(job_id, owner, error, MAX_ATTEMPTS) is not AttemptOutcome.LOST
+        return self.store.attempts.fail(job_id, owner, error) is not AttemptOutcome.LOST
 
     def kill(self, owner: str) -> None:
         self.client.delete(lock_key(self.held[owner]))
 
     def take_over(self, job_id: str, owner: str) -> JobRecord | None:
         """The job's message is delivered again (redelivery after the dead worker's connection closed)."""
-        claim = self.store.claim(
+        claim = self.store.attempts.claim(
             job_id, owner, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S, expect="running"
         )
         return self._claimed(claim, owner)
 
     def cancel(self, job_id: str) -> JobState | None:
-        return self.store.cancel(job_id)
+        return self.store.jobs.cancel(job_id)
 
     def close(self) -> None:
         self.client.close()

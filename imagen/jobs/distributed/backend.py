@@ -33,7 +33,8 @@ from imagen.jobs.distributed.app import QUEUE, create_celery, publish, republish
 from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.reaper import Housekeeper
-from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
+from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
+from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.types import (
     BackendHealth,
     JobMetrics,
@@ -110,13 +111,13 @@ class CeleryBackend(JobBackend):
         try:
             if self.store.pngs.backlog_full():  # its image could not be kept for the replicas: refuse it now
                 raise ImageBacklogFullError(self._backlog_text(self.store.pngs.backlog_bytes()))
-            submitted = self.store.submit(job, self.settings.max_queue, key_max_waiting)
+            submitted = self.store.jobs.submit(job, self.settings.max_queue, key_max_waiting)
         except redis.RedisError as exc:
             # If the call reached Redis after all, its unconfirmed record expires on its own.
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
         try:
             publish(self.celery, job.job_id)
-            confirmed = self.store.confirm(job.job_id)
+            confirmed = self.store.jobs.confirm(job.job_id)
         except Exception as exc:
             self._withdraw(job.job_id)
             raise BrokerUnavailableError(f"could not publish the job: {exc}") from exc
@@ -127,13 +128,13 @@ class CeleryBackend(JobBackend):
 
     def _withdraw(self, job_id: str) -> None:
         try:
-            self.store.forget(job_id)
+            self.store.jobs.forget(job_id)
         except redis.RedisError:
             log.info("job %s: not withdrawn (Redis unreachable); it expires unconfirmed", job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         try:
-            record = self.store.get(job_id)
+            record = self.store.jobs.get(job_id)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
         if record is None or record.state is not JobState.SUCCESS or record.result is None:
@@ -145,7 +146,7 @@ class CeleryBackend(JobBackend):
     def cancel(self, job_id: str) -> JobState | None:
         # In Redis, not in this process: it survives an API restart and reaches the worker on any host.
         try:
-            return self.store.cancel(job_id)
+            return self.store.jobs.cancel(job_id)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
@@ -157,7 +158,7 @@ class CeleryBackend(JobBackend):
 
     def output_owner(self, filename: str) -> str | None:
         try:
-            return self.store.output_owner(filename)
+            return self.store.jobs.output_owner(filename)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
 
@@ -204,8 +205,8 @@ class CeleryBackend(JobBackend):
         try:
             return JobMetrics(
                 backend="distributed",
-                waiting=self._health_store.count_waiting(),
-                running=self._health_store.count_running(),
+                waiting=self._health_store.jobs.count_waiting(),
+                running=self._health_store.jobs.count_running(),
                 totals=self._health_store.totals.read(),
                 outputs_disk_full=self.images.disk_full is not None,
                 png_backlog_bytes=self._health_store.pngs.backlog_bytes(),

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import redis
 
@@ -61,6 +62,19 @@ def message_ids(raw_messages: Iterable[bytes]) -> list[str]:
         if isinstance(task_id, str):
             ids.append(task_id)
     return ids
+
+
+def broker_messages(client: redis.Redis, queue: str, delivered_after: float) -> list[bytes]:
+    """The raw Celery messages of ``queue`` (not delivered yet) and those of the unacknowledged table
+    (delivered to a worker, not acknowledged yet) delivered after ``delivered_after``: kombu's Redis
+    transport keeps them there. An older unacknowledged message is running a long job, or belongs to a
+    worker that died: it only comes back after the visibility timeout."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.lrange(queue, 0, -1)
+        pipe.zrangebyscore(UNACKED_INDEX_KEY, delivered_after, "+inf")
+        queued, recent_tags = cast(list[list[bytes]], pipe.execute())
+    unacked = cast(list[bytes | None], client.hmget(UNACKED_KEY, recent_tags)) if recent_tags else []
+    return queued + [raw for raw in unacked if raw is not None]
 
 
 class Housekeeper:
@@ -104,18 +118,18 @@ class Housekeeper:
         self.reconcile()
 
     def reap(self) -> None:
-        for job_id in self.store.reap_orphans(
+        for job_id in self.store.attempts.reap_orphans(
             max_attempts=self.settings.max_attempts, timeout_s=self.settings.job_timeout_s
         ):
             log.warning("job %s: its worker died; back in the queue", job_id)
             self._publish(job_id)  # if this fails, the reconciler publishes it later
 
     def reconcile(self) -> None:
-        self.store.sweep_unconfirmed()
+        self.store.jobs.sweep_unconfirmed()
         if not hold_lease(self.store.client, HOUSEKEEPER, self.identity, self.period * 3 + 1):
             self._short_since = None  # another process reconciles; start afresh if this one takes over
             return
-        waiting = self.store.confirmed_waiting()
+        waiting = self.store.jobs.confirmed_waiting()
         shortage = len(waiting) - self._available_messages() if waiting else 0
         now = time.monotonic()
         if shortage <= 0:
@@ -139,8 +153,8 @@ class Housekeeper:
     def _available_messages(self) -> int:
         """Messages that will still start a job: queued, or delivered recently and not used by a running job."""
         recent = time.time() - self.settings.reconcile_after_s
-        raw = self.store.broker_messages(self.queue, UNACKED_KEY, UNACKED_INDEX_KEY, delivered_after=recent)
-        used = self.store.running_tickets()
+        raw = broker_messages(self.store.client, self.queue, delivered_after=recent)
+        used = self.store.jobs.running_tickets()
         return sum(1 for message_id in message_ids(raw) if message_id not in used)
 
     def _publish(self, job_id: str) -> bool:

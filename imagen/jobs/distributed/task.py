@@ -9,7 +9,7 @@ queue only once the flag is up (see ``worker.py``).
 A message is a *ticket*, not an order for one job. Its body first takes over the job it names (or the job
 it started before, a redelivery) only when that job is running with a dead owner; otherwise it claims the
 fair queue's next confirmed waiting job (``jobs.fairness``: round-robin across API keys, oldest first within
-a key; ``RedisJobStore.claim_next``), whichever job that is, and drops the message when none waits. Every
+a key; ``Attempts.claim_next``), whichever job that is, and drops the message when none waits. Every
 waiting job had a message published for it, and every message ends either starting a job or finding none
 waiting, so none is left without one (the reconciler counts messages against waiting jobs to make sure).
 The body keeps the claim's lock alive while the engine runs, stops at the next step when a progress write
@@ -52,8 +52,10 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from imagen.config import Settings
 from imagen.errors import JobCancelled
 from imagen.jobs import stats
+from imagen.jobs.distributed.attempts import Attempts
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome
-from imagen.jobs.distributed.store import CONFIRM_WINDOW_S, RedisJobStore, connect
+from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
+from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 from imagen.jobs.types import JobState
 from imagen.jobs.worker_numbers import measure
@@ -311,13 +313,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             log.info("job %s: not run here (%s); message %s started no other job (%s)",
                      named_job_id, takeover.outcome, ticket, claim.outcome)
             return
-        job_id = claim.job_id
+        job_id, attempts = claim.job_id, self.store.attempts
         retry_reason: str | None = None
-        with _LockKeeper(self.store, job_id, token, self.settings.job_lock_ttl_s):
+        with _LockKeeper(attempts, job_id, token, self.settings.job_lock_ttl_s):
             try:
                 result, png, more_pngs = self._generate(engine, job_id, token, stop)
             except WorkerStopping:
-                outcome = retry_redis(f"job {job_id}", lambda: self.store.give_back(job_id, token), OUTCOME_RETRY_S)
+                outcome = retry_redis(f"job {job_id}", lambda: attempts.give_back(job_id, token), OUTCOME_RETRY_S)
                 given_back = outcome is AttemptOutcome.RETRY
                 log.info("job %s: worker stopping (SIGTERM); %s", job_id,
                          "back in the queue, attempt not counted" if given_back else "no longer ours")
@@ -329,13 +331,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             except SoftTimeLimitExceeded:
                 text = timeout_text(self.settings.job_timeout_s)
                 # The store logs the event (jobs/stats.py), as for every outcome below.
-                retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
+                retry_redis(f"job {job_id}", lambda: attempts.fail(job_id, token, text), OUTCOME_RETRY_S)
                 return
             except Exception as exc:
                 retry_reason = self._record_failure(job_id, token, exc)
             else:
                 stored = retry_redis(
-                    f"job {job_id}", lambda: self.store.complete(job_id, token, result, png, more_pngs), OUTCOME_RETRY_S
+                    f"job {job_id}", lambda: attempts.complete(job_id, token, result, png, more_pngs), OUTCOME_RETRY_S
                 )
                 if not stored:
                     log.warning("job %s: finished after losing its claim; result discarded", job_id)
@@ -347,7 +349,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         """A redelivered message (its worker died: SIGKILLed pool child, lost connection) resumes the job it
         had started, if that one is still running with a dead owner; a first delivery, the job it names in
         that same case only. Anything else (running with a live owner, waiting, over): not claimed here."""
-        started = self._redis(f"message {ticket}: read", self.store.running_tickets)
+        started = self._redis(f"message {ticket}: read", self.store.jobs.running_tickets)
         job_id = started.get(ticket, named_job_id)
         claim = self._claim(job_id, token, ticket)
         if claim.outcome is ClaimOutcome.BUSY and claim.holder:
@@ -359,7 +361,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _claim(self, job_id: str, token: str, ticket: str, steal_from: str = "") -> Claim:
         return self._redis(
             f"job {job_id}: claim",
-            lambda: self.store.claim(
+            lambda: self.store.attempts.claim(
                 job_id,
                 token,
                 max_attempts=self.settings.max_attempts,
@@ -374,7 +376,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _claim_next(self, token: str, ticket: str, named_job_id: str) -> Claim:
         return self._redis(
             f"message {ticket}: claim",
-            lambda: self.store.claim_next(
+            lambda: self.store.attempts.claim_next(
                 token,
                 ticket=ticket,
                 named=named_job_id,
@@ -401,12 +403,13 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         from imagen.generation.base import GenerationTask, JobProgress, StepMeter, denoising_steps
         from imagen.generation.runner import run_task
 
-        record = retry_redis(f"job {job_id}: read", lambda: self.store.get(job_id), OUTCOME_RETRY_S)
+        record = retry_redis(f"job {job_id}: read", lambda: self.store.jobs.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
         stats.on_started(record)
         task = GenerationTask.from_dict(record.task)
         meter, whole_job = StepMeter(max(1, denoising_steps(task))), JobProgress()
         last: list[tuple[str, int]] = []
+        attempts = self.store.attempts
 
         def progress(step: str, percent: int) -> None:
             value = (step, max(0, min(100, int(percent))))
@@ -414,7 +417,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 last[:] = [value]
                 try:
                     with stop.shielded():
-                        outcome = self.store.report_progress(job_id, token, step, whole_job(*value), meter(*value))
+                        outcome = attempts.report_progress(job_id, token, step, whole_job(*value), meter(*value))
                 except redis.RedisError as exc:  # progress is advisory; never fail a generation for it
                     log.debug("job %s: progress not recorded: %s", job_id, exc)
                     return
@@ -424,11 +427,11 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         def preview(step: int, jpeg: bytes) -> None:
             try:
                 with stop.shielded():
-                    self.store.publish_preview(job_id, step, jpeg)
+                    attempts.publish_preview(job_id, step, jpeg)
             except redis.RedisError as exc:  # a preview is advisory too
                 log.debug("job %s: preview not published: %s", job_id, exc)
 
-        inputs = retry_redis(f"job {job_id}: inputs", lambda: self.store.job_inputs(job_id), OUTCOME_RETRY_S)
+        inputs = retry_redis(f"job {job_id}: inputs", lambda: self.store.jobs.inputs(job_id), OUTCOME_RETRY_S)
         # Rendered in a private folder: the API replicas get the bytes through Redis, not through this disk.
         delay = NO_SPACE_FIRST_RETRY_S
 
@@ -442,7 +445,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             delay = min(NO_SPACE_MAX_RETRY_S, delay * 2)
             try:
                 with stop.shielded():
-                    current = self.store.get(job_id)
+                    current = self.store.jobs.get(job_id)
             except redis.RedisError:
                 return
             if current is not None and current.state is JobState.REVOKED:
@@ -484,27 +487,27 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             max_attempts = self.settings.max_attempts
             outcome = retry_redis(
                 f"job {job_id}",
-                lambda: self.store.retry_or_fail(job_id, token, text, max_attempts),
+                lambda: self.store.attempts.retry_or_fail(job_id, token, text, max_attempts),
                 OUTCOME_RETRY_S,
             )
             return text if outcome is AttemptOutcome.RETRY else None
-        retry_redis(f"job {job_id}", lambda: self.store.fail(job_id, token, text), OUTCOME_RETRY_S)
+        retry_redis(f"job {job_id}", lambda: self.store.attempts.fail(job_id, token, text), OUTCOME_RETRY_S)
         return None
 
 
 class _LockKeeper:
     """Renews the job's lock while it runs, so other workers know its owner is alive."""
 
-    def __init__(self, store: RedisJobStore, job_id: str, token: str, ttl_s: float) -> None:
+    def __init__(self, attempts: Attempts, job_id: str, token: str, ttl_s: float) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(store, job_id, token, ttl_s), name=f"lock-{job_id[:8]}", daemon=True
+            target=self._run, args=(attempts, job_id, token, ttl_s), name=f"lock-{job_id[:8]}", daemon=True
         )
 
-    def _run(self, store: RedisJobStore, job_id: str, token: str, ttl_s: float) -> None:
+    def _run(self, attempts: Attempts, job_id: str, token: str, ttl_s: float) -> None:
         while not self._stop.wait(ttl_s / 3):
             try:
-                if not store.renew_lock(job_id, token, ttl_s):
+                if not attempts.renew_lock(job_id, token, ttl_s):
                     log.warning("job %s: lock lost (taken as dead?); its result will be discarded", job_id)
                     return
             except redis.RedisError as exc:

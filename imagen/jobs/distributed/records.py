@@ -1,0 +1,262 @@
+"""The job records of the distributed backend and its fair queue: submit, confirm, read, cancel, and the
+order in which waiting jobs start.
+
+A submission is added *unconfirmed* and confirmed once its broker message is out (``CONFIRM_WINDOW_S``); the
+queue's order is ``jobs.fairness`` over the waiting set and each key's last turn. What a worker's attempt
+does to a record (claim, progress, end) is ``attempts.py``. The keys are described in ``keys.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis
+
+from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.generation.base import INPUT_ROLES
+from imagen.jobs import fairness, stats
+from imagen.jobs.distributed.keys import (
+    JOB_PREFIX,
+    KEY_TURNS,
+    OUTPUT_OWNERS,
+    RUNNING,
+    SEQUENCE,
+    UNCONFIRMED,
+    WAITING,
+    job_key,
+)
+from imagen.jobs.distributed.outcomes import ScriptReply
+from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
+from imagen.jobs.distributed.totals import JobTotals
+from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT, Verdict, cancel_verdict
+from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
+
+log = logging.getLogger("imagen.jobs")
+
+# How long a new record lives before its message must be confirmed published. The API's Redis calls time out
+# sooner than this, so a confirmation that arrives late (Redis stalled) finds the record gone: never a job
+# that runs after its submitter was told 503.
+CONFIRM_WINDOW_S = 1.0
+
+
+class JobRecords:
+    def __init__(
+        self,
+        client: redis.Redis,
+        scripts: Scripts,
+        totals: JobTotals,
+        *,
+        result_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self.totals = totals
+        self.result_ttl_s = result_ttl_s
+        self.clock = clock
+
+    @property
+    def ttl_ms(self) -> int:
+        """A finished record's Redis expiry."""
+        return max(1, int(self.result_ttl_s * 1000))
+
+    # -- submission (API side) -------------------------------------------------------------------
+    def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
+        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``CONFIRM_WINDOW_S``.
+        ``QueueFullError`` when ``max_queue`` jobs wait (checked first), ``KeyQueueFullError`` when
+        ``key_max_waiting`` jobs of the job's key do: both checked in the script that adds it."""
+        answer = cast(
+            list[int],
+            self.scripts.run(
+                "submit",
+                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED, OUTPUT_OWNERS],
+                [
+                    job.job_id,
+                    json.dumps(job.task),
+                    job.output_name,
+                    repr(self.clock()),
+                    max_queue,
+                    int(CONFIRM_WINDOW_S * 1000),
+                    JOB_PREFIX,
+                    job.key_name,
+                    "" if key_max_waiting is None else key_max_waiting,
+                    " ".join(job.all_output_names()),
+                    *(item for role, png in job.inputs.items() for item in (role, png)),
+                ],
+            ),
+        )
+        if answer[0] == 0:
+            raise QueueFullError(f"{answer[1]} jobs waiting (max {max_queue})")
+        if answer[0] == 2:
+            assert key_max_waiting is not None
+            raise KeyQueueFullError(int(answer[1]), key_max_waiting)
+        # Read after the script: the place it had when it was added (or later, if others started since).
+        return Submitted(job_id=job.job_id, position=self.position(job.job_id) or 1)
+
+    def confirm(self, job_id: str) -> bool:
+        """The job's message is published: keep it. False when it expired first (it is gone: answer 503)."""
+        return bool(self.scripts.run("confirm", [job_key(job_id), WAITING, UNCONFIRMED], [job_id]))
+
+    def forget(self, job_id: str) -> None:
+        """Undo a submission whose message could not be published (a no-op once confirmed)."""
+        self.scripts.run("withdraw", [job_key(job_id), WAITING, UNCONFIRMED, OUTPUT_OWNERS], [job_id])
+
+    def sweep_unconfirmed(self) -> int:
+        """Drop the waiting entries of submissions that expired unconfirmed; how many."""
+        return int(self.scripts.run("sweep_unconfirmed", [WAITING, UNCONFIRMED], [JOB_PREFIX]))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord | None:
+        # The record's fields by name: never its input images, which may weigh megabytes.
+        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), RECORD_FIELDS))
+        raw = {name: value.decode() for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
+        if "state" not in raw or "unconfirmed" in raw:
+            return None
+        record = _record(job_id, raw)
+        if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
+            return None
+        return record
+
+    def inputs(self, job_id: str) -> dict[str, bytes]:
+        """The job's input images by role (PNG bytes); empty when it has none."""
+        fields = [INPUT_FIELD_PREFIX + role for role in INPUT_ROLES]
+        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), fields))  # one round trip
+        return {role: value for role, value in zip(INPUT_ROLES, values, strict=True) if value is not None}
+
+    def output_owner(self, output_name: str) -> str | None:
+        """The key whose job named this output file; None when no job did. Never expires with the job."""
+        owner = cast(bytes | None, self.client.hget(OUTPUT_OWNERS, output_name))
+        return None if owner is None else owner.decode()
+
+    def count_waiting(self) -> int:
+        return int(self.client.zcard(WAITING))
+
+    def count_running(self) -> int:
+        return int(self.client.scard(RUNNING))
+
+    def running_tickets(self) -> dict[str, str]:
+        """The broker messages (tickets) that started the running jobs: message id -> job id."""
+        running = [raw.decode() for raw in cast(set[bytes], self.client.smembers(RUNNING))]
+        if not running:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.hget(job_key(job_id), "ticket")
+            tickets = cast(list[bytes | None], pipe.execute())
+        return {ticket.decode(): job_id for job_id, ticket in zip(running, tickets, strict=True) if ticket}
+
+    # -- cancel (API side), and the totals after a job's end -------------------------------------
+    def cancel(self, job_id: str) -> JobState | None:
+        """Apply ``lifecycle.cancel_verdict`` (``lua/cancel.lua``): the job's state afterwards, or None when
+        unknown. The rule depends on the state alone, so the script's guard is the state read."""
+        for _ in range(CONFLICT_RETRIES):
+            record = self.get(job_id)
+            if record is None:
+                return None
+            verdict = cancel_verdict(record.state)
+            if not verdict.write:
+                return verdict.state
+            answer = self.scripts.run(
+                "cancel",
+                [job_key(job_id), WAITING, RUNNING],
+                [
+                    job_id,
+                    record.state.value,
+                    verdict.state.value,
+                    CANCELLED_BY_CLIENT,
+                    repr(self.clock()),
+                    self.ttl_ms,
+                ],
+            )
+            if reply_text(answer) == ScriptReply.APPLIED:
+                self.count_event(job_id)
+                return verdict.state
+        raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
+
+    def count_event(self, job_id: str, verdict: Verdict | None = None) -> None:
+        """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals.
+        Never raises: the script's write is done, and a retry of it would find the job changed."""
+        try:
+            increments = stats.on_written(self.get(job_id), verdict)
+        except redis.RedisError as exc:
+            log.warning("job %s: its end was not counted (%s)", job_id, exc)
+            return
+        except Exception:
+            log.exception("job %s: its end was not counted", job_id)
+            return
+        self.totals.add(increments)
+
+    # -- the fair queue --------------------------------------------------------------------------
+    def position(self, job_id: str) -> int | None:
+        """The job's place in the fair order (1 = next to start); None if it is not waiting."""
+        waiting, turns, _ = self.fair_view()
+        return fairness.position(waiting, turns, job_id)
+
+    def fair_view(self) -> tuple[list[fairness.WaitingJob], dict[str, int], set[str]]:
+        """What the fair order is decided from: the waiting jobs, each key's last turn, and the waiting jobs
+        not confirmed yet. Read, not locked: a claim applies its decision under the record's guard."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrange(WAITING, 0, -1, withscores=True)
+            pipe.hgetall(KEY_TURNS)
+            pipe.zrange(UNCONFIRMED, 0, -1)
+            queued, raw_turns, unconfirmed = cast(
+                tuple[list[tuple[bytes, float]], dict[bytes, bytes], list[bytes]], pipe.execute()
+            )
+        names: list[bytes | None] = []
+        if queued:
+            with self.client.pipeline(transaction=False) as pipe:
+                for raw_id, _ in queued:
+                    pipe.hget(job_key(raw_id.decode()), "key_name")
+                names = cast(list[bytes | None], pipe.execute())
+        waiting = [
+            fairness.WaitingJob(raw_id.decode(), (name or b"").decode(), score)
+            for (raw_id, score), name in zip(queued, names, strict=True)
+        ]
+        turns = {key.decode(): int(value) for key, value in raw_turns.items()}
+        return waiting, turns, {raw.decode() for raw in unconfirmed}
+
+    def confirmed_waiting(self) -> list[str]:
+        """The PENDING jobs whose message was published (or should have been)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrange(WAITING, 0, -1)
+            pipe.zrange(UNCONFIRMED, 0, -1)
+            waiting, unconfirmed = cast(list[list[bytes]], pipe.execute())
+        skip = set(unconfirmed)
+        return [raw.decode() for raw in waiting if raw not in skip]
+
+
+RECORD_FIELDS = (
+    "state", "task", "output_name", "attempts", "progress_step", "progress", "denoising", "result", "error",
+    "created_at", "started_at", "finished_at", "key_name", "unconfirmed",
+)  # fmt: skip
+INPUT_FIELD_PREFIX = "input:"
+
+
+def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
+    state = JobState(fields["state"])
+    progress = fields.get("progress")
+    return JobRecord(
+        job_id=job_id,
+        state=state,
+        task=json.loads(fields.get("task", "{}")),
+        output_name=fields.get("output_name", ""),
+        attempts=int(fields.get("attempts", 0)),
+        progress_step=fields.get("progress_step"),
+        progress=int(progress) if progress is not None else None,
+        denoising=json.loads(fields["denoising"]) if fields.get("denoising") else None,
+        result=json.loads(fields["result"]) if fields.get("result") else None,
+        # A PENDING job may carry the error of its previous attempt; only a FAILURE (or REVOKED) shows it.
+        error=fields.get("error") if state.shows_error() else None,
+        created_at=float(fields.get("created_at", 0.0)),
+        started_at=optional_float(fields.get("started_at")),
+        finished_at=optional_float(fields.get("finished_at")),
+        key_name=fields.get("key_name", ""),
+    )
+
+
+def optional_float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
