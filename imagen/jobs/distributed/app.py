@@ -8,7 +8,7 @@
 
 Delivery guarantees come from the broker settings below (late acks, one message per worker, requeue on a
 lost worker); "never twice at once" and "at most ``max_attempts``" come from the job record in Redis
-(``store``), because Redis redelivers a message that stays unacknowledged past the visibility timeout.
+(``attempts.py``), because Redis redelivers a message that stays unacknowledged past the visibility timeout.
 A worker survives any Redis error: its broker transport counts every Redis error (out of memory, a
 read-only replica, ...) as a lost connection, which Celery answers by reconnecting with a backoff instead
 of exiting.
@@ -32,7 +32,7 @@ from imagen.jobs.distributed.task import TASK_NAME, GenerateTask
 QUEUE = "imagen"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # The soft limit (job_timeout_s) fails the job cleanly; the hard one, a little later, kills a child stuck in C
-# code (its job then fails with the same timeout error, see the store's reaper).
+# code (its job then fails with the same timeout error, see ``Attempts.reap_orphans``).
 HARD_LIMIT_GRACE_S = 10.0
 # How often a worker's main process checks whether its pool child's engine is loaded.
 GATE_PERIOD_S = 0.5

@@ -1,6 +1,6 @@
 -- Start an attempt, if the record is still what the caller read (else 'conflict': read it again).
--- The caller decided from that record that the job may start here (see RedisJobStore.claim), and which
--- waiting job is next (jobs.fairness, RedisJobStore.claim_next). This records the job's key's new turn
+-- The caller decided from that record that the job may start here (see Attempts.claim), and which
+-- waiting job is next (jobs.fairness, Attempts.claim_next). This records the job's key's new turn
 -- (the fair queue's counter) and the broker message (ticket) that started the attempt.
 -- KEYS: job, lock, running, waiting, unconfirmed, key turns, turn counter
 -- ARGV: id, token, now, lock_ttl_ms, expected state, expected owner, expected attempts, expected lock holder,

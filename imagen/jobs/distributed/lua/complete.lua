@@ -2,7 +2,7 @@
 -- A new PNG has no expiry: it stays until an API replica has copied it (release_png.lua). To make room past
 -- max_bytes, the oldest PNGs that a replica has copied go first (another replica that lacks one answers 404
 -- for it); a PNG that no replica has is never dropped. While those fill max_bytes, the API refuses new jobs
--- and workers start none (RedisJobStore.png_backlog_full).
+-- and workers start none (Pngs.backlog_full).
 -- KEYS: job, lock, running, waiting, stream, png sizes, png order, png bytes, png uncopied, png uncopied bytes
 -- ARGV: id, token, result, now, ttl_ms, stream_maxlen, max_bytes, png_prefix, copies_prefix,
 --       then name, png, name, png, ... (the job's images, its output_name first)
