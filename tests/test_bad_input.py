@@ -268,3 +268,20 @@ def test_a_405_lists_every_method_of_the_path(keyed: TestClient) -> None:
         assert refused.status_code == 405 and refused.headers["allow"] == "GET, POST", refused.headers
     assert keyed.request("PATCH", "/generate").headers["allow"] == "POST"
     assert keyed.request("DELETE", "/status/abc").headers["allow"] == "GET"
+
+
+def test_a1111_schedule_types_it_cannot_give_are_a_422(keyed: TestClient, execution_log: Path) -> None:
+    unknown = {"prompt": "x", "sampler_name": "Euler", "scheduler": "Exponential"}
+    assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json=unknown)) == (
+        "scheduler: schedule type 'Exponential' is not available here; available: Automatic, Karras"
+    )
+    no_karras_variant = {"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}
+    assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json=no_karras_variant)).startswith(
+        "scheduler: the Karras schedule needs a sampler_name that has it (DPM++ 2M, DPM++ 2M SDE, DPM++ SDE), "
+    )
+    no_sampler = {"prompt": "x", "scheduler": "karras"}
+    assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json=no_sampler)).endswith("not None")
+    assert not execution_log.exists()  # refused before any job
+    for schedule in ("Automatic", "automatic", "Karras"):
+        body = {"prompt": "x", "sampler_name": "DPM++ 2M", "scheduler": schedule, "steps": 10}
+        assert keyed.post("/sdapi/v1/txt2img", json=body).status_code == 200, schedule

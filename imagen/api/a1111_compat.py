@@ -165,12 +165,21 @@ def _sampler(fields: Txt2ImgRequest) -> tuple[str | None, str | None]:
         if given and given not in available:
             return None, f"{field_name}: sampler {given!r} is not available here; available: {', '.join(available)}"
     name = fields.sampler_name or fields.sampler_index
-    if not name:
-        return None, None
-    karras = bool(fields.scheduler) and str(fields.scheduler).lower() == "karras"
-    if karras and not name.endswith(" Karras") and name + " Karras" in available:
-        return name + " Karras", None
-    return name, None
+    schedule = (fields.scheduler or "").strip().lower()
+    if schedule and schedule not in {known.lower() for known in SCHEDULE_TYPES}:
+        return None, f"scheduler: schedule type {fields.scheduler!r} is not available here; available: " + ", ".join(
+            SCHEDULE_TYPES
+        )
+    if schedule != "karras" or (name and name.endswith(" Karras")):
+        return name, None
+    # A Karras schedule we cannot give is refused, never dropped: the picture would not be the one asked for.
+    with_karras = [known.removesuffix(" Karras") for known in available if known.endswith(" Karras")]
+    if not name or name + " Karras" not in available:
+        return None, (
+            f"scheduler: the Karras schedule needs a sampler_name that has it ({', '.join(with_karras)}), "
+            f"not {name!r}"
+        )
+    return name + " Karras", None
 
 
 def _data_url(image: str) -> str:
