@@ -5,29 +5,35 @@
    512x512 at 10 steps. Two paths, **interleaved** (direct, service, service, direct, ...: a background load
    or thermal drift hits both alike), one untimed warm-up run each, the same work on both:
 
-   * direct: the plain diffusers pipeline call, ``pipe(prompt=..., negative_prompt=...)`` to a PIL image;
-   * service: POST /generate -> GET /status until SUCCESS, through a real ``imagen serve`` (embedded job
-     system, worker child process) started by this script; the client polls by the job's progress
-     (:func:`poll_delay`: rarely while it runs, every 20 ms near its end).
+   * direct: the plain diffusers pipeline call, ``pipe(prompt=..., negative_prompt=...)`` to a PIL image, in
+     this process;
+   * service: POST /generate -> SUCCESS, through a real ``imagen serve`` (embedded job system, worker child
+     process) started by this script. Its client follows ``GET /events/{job_id}`` (``--client events``, the
+     default: what ``imagen generate`` and the web page do; the server pushes SUCCESS as it is stored) or
+     polls ``GET /status`` by the job's progress (``--client poll``, :func:`poll_delay`: rarely while it
+     runs, every 20 ms near its end, so SUCCESS is seen up to 20 ms late).
 
    Same work: ``--guidance plain`` (default) serves the demo model from a registry file with plain
    classifier-free guidance to the end (``guidance_rescale: 0``, ``guidance_stop: 1``), as the plain call
    does; ``--guidance model`` keeps the built-in entry (rescale 0.7, guidance stopped after 60 % of the
    steps) and gives the direct call the same, as diffusers' documentation writes it (``guidance_rescale=``
    and a ``callback_on_step_end`` that drops the unconditional half). ``--threads N``: both processes on N
-   CPU threads (default: torch's own choice, printed).
+   CPU threads (default: torch's own choice, printed). ``--dtype``: both paths in that dtype (default: the
+   server's choice, bfloat16 on CPUs with native bf16, float32 elsewhere).
 
-   Printed: each run, the median and the spread (min, max, IQR) of each path, the ratio of the medians
-   (target <= 1.05) and the median of the per-round ratios, then the median time of each phase:
-   direct = encode (``pipe.encode_prompt``), denoise (the rest of the call), decode (VAE decode and
-   post-processing); service = queue (POST sent -> worker starts), load (model / LoRAs / IP-Adapter),
-   encode, denoise, decode, PNG (encode + write), hand-back (worker done -> the client sees SUCCESS). The
-   service's phases come from ``result.timings`` in /status (the worker times the engine's progress steps).
+   Printed, per job: each run, the median and the spread (min, max, IQR) of each path, the ratio of the
+   medians (target <= 1.05) and the median of the per-round ratios; the CPU seconds per job of each path
+   (Linux: the direct call's process; the service's worker, API process and client, each), which a loaded
+   machine skews far less than wall-clock time; then the median time of each phase: direct = encode
+   (``pipe.encode_prompt``), denoise (the rest of the call), decode (VAE decode and post-processing);
+   service = queue (POST sent -> worker starts), load (model / LoRAs / IP-Adapter), encode, denoise,
+   decode, PNG (encode + write), hand-back (worker done -> the client sees SUCCESS). The service's phases
+   come from ``result.timings`` in /status (the worker times the engine's progress steps).
 2. Model switch and LoRA-set switch, measured in the engine on the tiny fixtures (``imagen fixtures``):
    the extra time of a job that must switch, over a job that needs nothing new.
 
     .venv/bin/python bench/engine_overhead.py [--job both|full|short] [--runs 7] [--threads N]
-                                              [--guidance plain|model] [--skip-switches]
+        [--guidance plain|model] [--dtype auto|float32|bfloat16] [--client events|poll] [--skip-switches]
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class Run:
     total: float
     phases: dict[str, float] = field(default_factory=dict)
     messages: int = 0  # /status answers or status events the client read
+    cpu: float | None = None  # CPU seconds the run took, all processes of its path (None: no /proc)
+    cpu_parts: dict[str, float] = field(default_factory=dict)  # service: worker, API, client
 
 
 def free_port() -> int:
@@ -134,15 +142,17 @@ class DirectPath:
             guidance["callback_on_step_end"] = self._stop_guidance
             guidance["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds", "add_text_embeds",
                                                               "add_time_ids"]
+        cpu_start = time.process_time()
         start = time.perf_counter()
         self.pipe(
             prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=self.steps, guidance_scale=GUIDANCE,
             width=self.side, height=self.side, generator=self.torch.Generator("cpu").manual_seed(seed), **guidance,
         ).images[0]
         total = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         phases = dict(self._spent)
         phases["denoise"] = total - sum(phases.values())
-        return Run(total, phases)
+        return Run(total, phases, cpu=cpu)
 
 
 class ServicePath:
@@ -150,9 +160,10 @@ class ServicePath:
     would: ``GET /events/{job_id}`` (``--client events``, what ``imagen generate`` and the web page do: the
     server pushes SUCCESS the moment it is stored) or ``GET /status`` polls (``--client poll``)."""
 
-    def __init__(self, port: int, client: str = "events") -> None:
+    def __init__(self, port: int, client: str = "events", server_pid: int | None = None) -> None:
         self.side, self.steps = JOBS["full"]
         self.client = client
+        self.server_pid = server_pid  # the API process; with its worker child, what the CPU column adds up
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -175,6 +186,7 @@ class ServicePath:
 
     def run(self, seed: int) -> Run:
         self.connection.close()  # uvicorn drops keep-alive connections idle for 5 s (while the direct path ran)
+        cpu_start = self.cpu_seconds()
         sent_at = time.time()
         start = time.perf_counter()
         job = self.call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
@@ -193,6 +205,10 @@ class ServicePath:
         seen_at = time.time()
         if self.client == "events":
             self.response.read()  # the rest of the stream (it ends after the terminal event): untimed
+        cpu_end = self.cpu_seconds()
+        parts = {} if cpu_start is None or cpu_end is None else {
+            name: cpu_end[name] - cpu_start[name] for name in cpu_end
+        }
         assert state["status"] == "SUCCESS", state
         timings = state["result"]["timings"]
         phases = {"queue": timings["started_at"] - sent_at}
@@ -200,7 +216,19 @@ class ServicePath:
             phase = SERVICE_PHASES.get(step, step)
             phases[phase] = phases.get(phase, 0.0) + seconds
         phases["hand-back"] = seen_at - (timings["started_at"] + sum(timings["seconds"].values()))
-        return Run(total, phases, messages)
+        return Run(total, phases, messages, sum(parts.values()) if parts else None, parts)
+
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """CPU seconds used so far by the worker (the API process's children), the API process and this
+        client; None without ``/proc``."""
+        if self.server_pid is None:
+            return None
+        api = process_cpu_seconds(self.server_pid)
+        workers = [process_cpu_seconds(pid) for pid in children(self.server_pid)]
+        if api is None or any(value is None for value in workers):
+            return None
+        return {"worker": sum(value for value in workers if value is not None), "API": api,
+                "client": time.process_time()}
 
     def follow(self, job_id: str) -> tuple[dict[str, Any], int]:
         """The job's status events until the terminal one: (its data, how many status events came)."""
@@ -219,6 +247,44 @@ class ServicePath:
                     return data, events
                 data = None
         raise RuntimeError("the event stream ended before the job did")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux ``/proc``; none elsewhere)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of every thread of ``pid``, to the nanosecond (``schedstat``), else to the tick; None
+    without ``/proc``. Threads that ended are not counted: the server keeps its threads (pools)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as handle:
+                total += int(handle.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended meanwhile
+    return total
 
 
 def poll_delay(state: dict[str, Any], elapsed: float) -> float:
@@ -240,7 +306,7 @@ def poll_delay(state: dict[str, Any], elapsed: float) -> float:
 
 
 @contextmanager
-def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) -> Iterator[tuple[int, Path]]:
+def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) -> Iterator[tuple[int, Path, int]]:
     """The default install (demo model, every default setting) on the CPU, whatever this shell's IMAGEN_*;
     with ``guidance == "plain"``, the demo model from a registry file that guides it plainly to the end."""
     port = free_port()
@@ -258,7 +324,7 @@ def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) ->
         server = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
         try:
-            yield port, log_path
+            yield port, log_path, server.pid
         finally:
             server.terminate()
             try:
@@ -276,8 +342,8 @@ def compare(jobs: list[str], runs: int, dtype_name: str, guidance: str, threads:
     """Each job of ``jobs`` (keys of :data:`JOBS`) on both paths, one server for all."""
     direct = DirectPath(dtype_name, guidance)
     results: Comparison = {}
-    with imagen_serve(workdir, dtype_name, guidance, threads) as (port, log_path):
-        service = ServicePath(port, client)
+    with imagen_serve(workdir, dtype_name, guidance, threads) as (port, log_path, server_pid):
+        service = ServicePath(port, client, server_pid)
         service.wait_ready()
         for job in jobs:
             direct.side, direct.steps = service.side, service.steps = JOBS[job]
@@ -299,10 +365,10 @@ def compare(jobs: list[str], runs: int, dtype_name: str, guidance: str, threads:
 
 def switch_times(workdir: Path) -> dict[str, float]:
     from imagen.config import Settings
-    from imagen.devtools.fixtures import write_fixtures
     from imagen.generation.base import GenerationTask, LoraChoice
     from imagen.generation.diffusers.engine import DiffusersEngine
     from imagen.registry import load_registry
+    from imagen.testing.fixtures import write_fixtures
 
     registry = load_registry(write_fixtures(workdir / "fixtures"))
     engine = DiffusersEngine(registry, Settings(data_dir=workdir / "data", max_loaded_models=1))
@@ -344,6 +410,13 @@ def print_comparison(direct: list[Run], service: list[Run], client: str) -> None
     print(f"client {read} per service job: median {statistics.median(run.messages for run in service):.0f}")
     print(f"ratio service / direct: {statistics.median(s) / statistics.median(d):.3f} (medians), "
           f"{paired:.3f} (median of per-round ratios)  (target <= 1.05)")
+    cpu_d = [run.cpu for run in direct if run.cpu is not None]
+    cpu_s = [run.cpu for run in service if run.cpu is not None]
+    if cpu_d and cpu_s:  # what a loaded machine skews least: CPU seconds, not wall-clock ones
+        parts = " + ".join(f"{name} {statistics.median(run.cpu_parts[name] for run in service):.3f}"
+                           for name in service[0].cpu_parts)
+        print(f"CPU s per job (median): direct {statistics.median(cpu_d):.3f}, service {statistics.median(cpu_s):.3f} "
+              f"= {parts}; ratio {statistics.median(cpu_s) / statistics.median(cpu_d):.3f}")
     print()
     print("| phase (median s) | direct | service |")
     print("|---|---|---|")
