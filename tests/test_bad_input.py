@@ -285,3 +285,12 @@ def test_a1111_schedule_types_it_cannot_give_are_a_422(keyed: TestClient, execut
     for schedule in ("Automatic", "automatic", "Karras"):
         body = {"prompt": "x", "sampler_name": "DPM++ 2M", "scheduler": schedule, "steps": 10}
         assert keyed.post("/sdapi/v1/txt2img", json=body).status_code == 200, schedule
+
+
+def test_openai_transparent_background_is_refused_not_dropped(keyed: TestClient, execution_log: Path) -> None:
+    answer = keyed.post("/v1/images/generations", json={"prompt": "x", "background": "transparent"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "background"
+    assert not execution_log.exists()
+    opaque = keyed.post("/v1/images/generations", json={"prompt": "x", "background": "opaque", "steps": 10})
+    assert opaque.status_code == 200

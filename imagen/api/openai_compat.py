@@ -5,9 +5,11 @@ Each request becomes a ``POST /generate`` job (same checks, queue and per-key li
 for its end (``compat_jobs``). Errors are OpenAI's body, ``{"error": {"message", "type", "param",
 "code"}}``: a bad field 400 (naming it), an unknown model 404, a full queue 429, a failed job 500.
 
-Mappings (README "Use it from your tools"): OpenAI's model names (``dall-e-2``, ``dall-e-3``,
+Mappings (docs/clients.md): OpenAI's model names (``dall-e-2``, ``dall-e-3``,
 ``gpt-image-1``...) mean the server's default model; ``quality`` low → 20 steps, high/hd → 50, else 30
-(an explicit ``steps`` wins); ``style`` is accepted and echoed, and changes nothing.
+(an explicit ``steps`` wins); ``style`` is accepted and echoed, and changes nothing (dall-e-3 clients send it
+unasked); ``background: transparent`` is refused (our pictures are opaque); ``moderation`` and ``user`` are
+accepted (no moderation here; ``user`` is the caller's own label).
 """
 
 from __future__ import annotations
@@ -190,6 +192,9 @@ def _model_id(model: str | None, registry: Registry) -> str | None:
 def _generation_request(
     fields: ImageGenerationRequest, registry: Registry, init_image: str | None = None, mask: str | None = None
 ) -> GenerationRequest:
+    if fields.background == "transparent":  # refused, never dropped: the client would get an opaque picture
+        raise _invalid("background: transparent backgrounds are not available here; use 'auto' or 'opaque'",
+                       "background")
     width, height = _parse_size(fields.size)
     steps = fields.steps if fields.steps is not None else QUALITY_STEPS.get(fields.quality or "auto", 30)
     values: dict[str, Any] = {
