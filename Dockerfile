@@ -1,5 +1,5 @@
 # Imagen in a container: one image for the API (`imagen serve`) and the GPU workers (`imagen worker`).
-# compose.yaml runs it (README "Docker Compose"). tests/test_deploy.py checks this file against pyproject.toml
+# compose.yaml runs it (docs/running-for-others.md, "Docker Compose"). tests/test_deploy.py checks this file against pyproject.toml
 # and imagen's settings and commands. No image has been built or run from it yet: try it on a Docker host first.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}

@@ -1,7 +1,7 @@
 """All settings, read from ``IMAGEN_*`` environment variables (or a ``.env`` file).
 
-Every field carries a description: the README's configuration table is generated from them
-(``imagen settings``; ``tests/test_readme.py`` checks that the README's table matches).
+Every field carries a description: the configuration page's table (docs/configuration.md) is generated from
+them (``imagen settings``; ``tests/test_docs.py`` checks that the page's table matches).
 """
 
 from __future__ import annotations

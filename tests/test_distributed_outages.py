@@ -20,7 +20,7 @@ from tests.conftest import ServerProcess, wait_for, wait_status
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
 TERMINAL = {"SUCCESS", "FAILURE"}
-QUICK_503_S = 2.0  # the README's "a second or two"
+QUICK_503_S = 2.0  # docs/distributed.md: with Redis stalled, a 503 "within about a second"
 
 
 def redis_command(server: RedisServer, *command: str | int) -> threading.Thread:

@@ -143,7 +143,7 @@ def test_settings_turn_each_option_off(tmp_path: Path) -> None:
 
 
 def test_cpu_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Measured on a 2-core AVX512-BF16 EPYC (README, Performance): one full-size UNet step at 1024² takes
+    # Measured on a 2-core AVX512-BF16 EPYC (docs/performance.md): one full-size UNet step at 1024² takes
     # 84 s in fp32 and 46 s in bf16, so `auto` keeps bf16 where the CPU has native bf16, fp32 elsewhere.
     from imagen.generation.diffusers import loading
 

@@ -6,7 +6,7 @@ image. Every file an example writes must be a PNG. Jobs take 0.3 s, so polling e
 The Docker troubleshooting snippets are not examples of the API and are skipped.
 
 The reference's batch example is wrong (``curl -f`` takes its 202 for success and saves the JSON as
-``image_0.png``): it is an expected failure here, and the README shows the corrected loop, run below.
+``image_0.png``): it is an expected failure here, and docs/choices.md shows the corrected loop, run below.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MADE_UP_DONE_JOB = "550e8400-e29b-41d4-a716-446655440000"  # "Télécharger (apr
 MADE_UP_FILE = "20260130_123456_abc123.png"  # /download: a finished job's file
 BATCH_DEFECT = (
     "the reference's batch example polls with `curl -f -o image_$i.png`: curl -f treats the reference's own 202 "
-    "as success, so it saves the JSON body as image_0.png and moves on (README: the corrected loop)"
+    "as success, so it saves the JSON body as image_0.png and moves on (docs/choices.md: the corrected loop)"
 )
 
 
@@ -103,9 +103,9 @@ def test_examples_were_found() -> None:
     assert sum(bool(param.marks) for param in EXAMPLES) == 1  # the batch example, and only it
 
 
-def test_readme_batch_loop_saves_only_pngs(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = readme.split("<!-- batch-example:start -->")[1].split("<!-- batch-example:end -->")[0]
+def test_corrected_batch_loop_saves_only_pngs(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    page = (REPO / "docs" / "choices.md").read_text(encoding="utf-8")
+    block = page.split("<!-- batch-example:start -->")[1].split("<!-- batch-example:end -->")[0]
     (language, code), = BLOCK.findall(block)
     server = make_server(test_pattern_seconds="0.3")
     server.start()

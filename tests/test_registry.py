@@ -60,7 +60,7 @@ def test_builtin_registry_is_the_demo_model() -> None:
     assert registry.model_ids == ["demo"] and registry.resolve_default_model() == "demo"
     demo = registry.model("demo")
     assert demo is not None and demo.guidance_rescale == 0.7  # zero terminal SNR: Lin et al.'s value
-    assert demo.guidance_stop == 0.6  # the last 40 % of the steps unguided (README, demo model)
+    assert demo.guidance_stop == 0.6  # the last 40 % of the steps unguided (docs/demo-model.md)
     with pytest.raises(RegistryError, match="not declared"):
         registry.resolve_default_model("sdxl-base")
 

@@ -1,5 +1,5 @@
 """The endpoints of the API reference v2.0, with its status codes and French ``detail`` strings, and
-``POST /cancel/{job_id}`` and ``GET /events/{job_id}`` (README, "API beyond the reference").
+``POST /cancel/{job_id}`` and ``GET /events/{job_id}`` (docs/cancel-and-events.md).
 
 Every route that reaches the job backend or the disk is a plain ``def``: FastAPI runs it in its thread
 pool, so a slow Redis or disk never stalls the event loop (``/health`` keeps answering). Each route

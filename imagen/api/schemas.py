@@ -94,7 +94,7 @@ class GenerationRequest(BaseModel):
     ip_strength: float = Field(
         0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="IP-Adapter strength, 0.0-1.0."
     )
-    # -- more of SDXL (README "API beyond the reference"): all optional; unused, the job is as before ----
+    # -- more of SDXL (docs/sdxl-fields.md): all optional; unused, the job is as before -----------------------
     width: Side | None = Field(
         None,
         description=f"Image width, a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE} (with `height`; "
