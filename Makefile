@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test test-slow test-browser test-gpu test-all lint bench demo-model clean
+.PHONY: install run test test-slow test-browser test-gpu test-all lint docs bench demo-model clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-all: test test-slow test-browser
 lint: install
 	$(BIN)/ruff check imagen tests bench
 	$(BIN)/mypy
+
+# The manual (docs/) as a site in build/site; --strict: a broken link or anchor fails. Preview: .venv/bin/mkdocs serve
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python bench/service_overhead.py

@@ -86,7 +86,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def settings_table() -> str:
-    """Every setting as the README's Markdown table (tests/test_readme.py checks the README against it)."""
+    """Every setting as a Markdown table (tests/test_docs.py checks docs/configuration.md against it)."""
     lines = ["| Variable | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default if field.default is not None else ""

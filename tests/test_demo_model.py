@@ -313,7 +313,7 @@ def test_inpainting_a_square_recolours_only_inside_it(engine: DiffusersEngine) -
     [
         # the prompt asks for other colours (red on white) than the reference's (yellow on navy): measured
         # 341 -> 242 -> 226, a third of the way at strength 1; the bar was 0.6 before the
-        # adapter was retrained, which it does not meet (0.66): README, "The demo model"
+        # adapter was retrained, which it does not meet (0.66): docs/demo-model.md
         ("a large red circle in the center on a white background", 0.75),
         # no prompt: measured 347 -> 277 -> 68
         ("", 0.4),

@@ -362,7 +362,7 @@ def test_reload_keeps_the_gallery_and_shows_expired_jobs(
     kept = gallery(page)
     assert [entry["prompt"] for entry in kept] == ["a blue whale", "a red fox in the snow"]
     page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
-    page.screenshot(path=shots / "00-web-page.png")  # the README's picture (docs/web-page.png)
+    page.screenshot(path=shots / "00-web-page.png")
     # a job the server no longer knows (finished more than an hour ago)
     gone = {"id": str(uuid.uuid4()), "prompt": "an old job", "status": "PENDING", "created": 0}
     page.evaluate("entry => localStorage.setItem('imagen.gallery', JSON.stringify([...JSON.parse("
@@ -682,7 +682,8 @@ def test_the_demo_model_of_a_fresh_install(
     assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 1024]
     verdict = judge(Image.open(io.BytesIO(page.locator("#image").screenshot())))  # the picture as shown
     assert (verdict.colour, verdict.background) == ("red", "white"), verdict  # its shapes are not reliable yet
-    page.screenshot(path=shots / "02b-demo-model.png")
+    page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+    page.screenshot(path=shots / "02b-demo-model.png")  # the manual's picture of the page (docs/web-page.png)
 
 
 def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(

@@ -48,7 +48,7 @@ def builtin_registry() -> Registry:
                 # black); with 0.7, as Lin et al. recommend, the judge reads more colours, places and sizes right
                 guidance_rescale=DEMO_GUIDANCE_RESCALE,
                 # guidance on the last 40 % of the steps only carved outlines and over-saturated colours:
-                # without it the judge reads shape colours and sizes right far more often (README, demo model)
+                # without it the judge reads shape colours and sizes right far more often (docs/demo-model.md)
                 guidance_stop=DEMO_GUIDANCE_STOP,
             )
         ],
