@@ -173,12 +173,12 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(value) for value in values if value]
 
 
-# What operators point Celery's tools at (README, "Celery tools").
+# What operators point Celery's tools at (docs/distributed.md, "Celery tools").
 CELERY_APP = "imagen.jobs.distributed.app:celery_app"
 
 
 def celery_tool(broker_url: str, *arguments: str) -> subprocess.CompletedProcess[str]:
-    """``celery -A <our app> <arguments>``, as the README shows it."""
+    """``celery -A <our app> <arguments>``, as docs/distributed.md shows it."""
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", CELERY_APP, *arguments],
         env={**os.environ, "PYTHONPATH": str(REPO), "IMAGEN_BROKER_URL": broker_url},
