@@ -36,7 +36,7 @@ test-gpu: install
 test-all: test test-slow test-browser
 
 lint: install
-	$(BIN)/ruff check imagen tests bench
+	$(BIN)/ruff check imagen tests bench training
 	$(BIN)/mypy
 
 # The manual (docs/) as a site in build/site; --strict: a broken link or anchor fails. Preview: .venv/bin/mkdocs serve
@@ -46,11 +46,12 @@ docs: install
 bench: install
 	$(BIN)/python bench/service_overhead.py
 
-# Retrain the shipped demo model from its seed (about 85-90 min on 2 CPU cores) and put it in the package:
+# Retrain the shipped demo model from its seed (about 85-90 min on 2 CPU cores) with training/ (kept out of
+# the package, like diffusers' examples/) and put it in the package:
 # imagen/data/demo gets model/ (without tokenizers: the shared CLIP vocabulary), loras/, ip-adapter/ and
 # training.json; the contact sheet stays in build/demo-model.
 demo-model: install
-	$(BIN)/imagen devtools train-demo build/demo-model
+	$(BIN)/python -m training.train_demo build/demo-model
 	rm -rf imagen/data/demo && mkdir -p imagen/data/demo
 	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/training.json imagen/data/demo/
 	rm -rf imagen/data/demo/model/tokenizer imagen/data/demo/model/tokenizer_2

@@ -1,10 +1,10 @@
 """Benchmark: does the shipped demo model draw what it is asked? Judged from pixels, no model.
 
-Every held-out caption (``imagen.devtools.shapes.held_out_combinations``: 60 combinations the training never
+Every held-out caption (``training.shapes.held_out_combinations``: 60 combinations the training never
 saw), with 2 seeds each, through the service's own engine (the ``DiffusersEngine`` a worker runs, the built-in
 registry, Compel prompt encoding): 1024 x 1024, 30 steps, guidance 7.5 (with the registry's guidance rescale and
 stop for the model), the model's default sampler. Each PNG
-goes to ``imagen.devtools.judge`` (background from the border, shape pixels, colour, centre, hull moments).
+goes to ``training.judge`` (background from the border, shape pixels, colour, centre, hull moments).
 
 Printed: the table of the issue's four targets (and size, not a target), what the misses were read as, and the
 median generation time per image on this machine. Written: a contact sheet of ``--sheet`` images (every seed of
@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagen.config import Settings  # noqa: E402
-from imagen.devtools import shapes  # noqa: E402
-from imagen.devtools.judge import judge, score  # noqa: E402
 from imagen.generation.base import GenerationTask  # noqa: E402
 from imagen.registry.builtin import DEMO_MODEL_ID, builtin_registry  # noqa: E402
+from training import shapes  # noqa: E402
+from training.judge import judge, score  # noqa: E402
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75, "position": 0.80}
 LABELS = {

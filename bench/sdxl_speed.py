@@ -56,12 +56,12 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from imagen.config import Settings  # noqa: E402
-from imagen.devtools.fixtures import write_attention_loras  # noqa: E402
 from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice  # noqa: E402
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
 from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
 from imagen.generation.diffusers.loading import resolve_dtype  # noqa: E402
 from imagen.registry import LoraSpec, ModelSpec, Registry  # noqa: E402
+from imagen.testing.fixtures import write_attention_loras  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -470,8 +470,8 @@ def _graphs() -> int:
 def tiny_compile_lora(args: argparse.Namespace) -> list[str]:
     """LoRA switching with torch.compile on the tiny fixture model (64², 2 steps), for machines where the
     full-size compile is out of reach (a 2-core CPU): the mechanism and whether a switch recompiles."""
-    from imagen.devtools.fixtures import write_fixtures
     from imagen.registry import load_registry
+    from imagen.testing.fixtures import write_fixtures
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="imagen-bench-tiny-") as tmp:

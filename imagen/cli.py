@@ -1,5 +1,5 @@
 """``imagen`` command line: serve the API, run a distributed worker, manage API keys, write test fixtures,
-train the demo model, list settings; and a client of a running server: generate, status, cancel, models, loras."""
+list settings; and a client of a running server: generate, status, cancel, models, loras."""
 
 from __future__ import annotations
 
@@ -35,18 +35,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _fixtures(args: argparse.Namespace) -> int:
-    from imagen.devtools.fixtures import write_fixtures
+    from imagen.testing.fixtures import write_fixtures
 
     registry = write_fixtures(Path(args.directory))
     print(f"wrote tiny random-weight fixtures; registry: {registry}")
     print(f"serve them with: IMAGEN_REGISTRY_PATH={registry} imagen serve")
     return 0
-
-
-def _train_demo(args: argparse.Namespace) -> int:
-    from imagen.devtools.train_demo import main as train_demo
-
-    return train_demo([args.out, *args.options])
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
@@ -154,16 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures = commands.add_parser("fixtures", help="write tiny random-weight models, LoRAs and a registry")
     fixtures.add_argument("directory")
     fixtures.set_defaults(handler=_fixtures)
-
-    devtools = commands.add_parser("devtools", help="build the shipped demo model")
-    devtools_commands = devtools.add_subparsers(dest="devtools_command", required=True)
-    train = devtools_commands.add_parser(
-        "train-demo",
-        help="train the demo model on shapes (85-90 min on 2 CPU cores); OUT --help lists its settings",
-    )
-    train.add_argument("out", help="folder to write: model/, loras/, contact-sheet.png, training.json")
-    train.add_argument("options", nargs=argparse.REMAINDER, help="training settings, e.g. --seed 1 --steps 2000")
-    train.set_defaults(handler=_train_demo)
 
     keys = commands.add_parser("keys", help="API keys: add one (printed once), list them")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from imagen.config import Settings
-from imagen.devtools.fixtures import write_fixtures
 from imagen.generation.base import GenerationTask, LoraChoice
 from imagen.registry import Registry, load_registry
+from imagen.testing.fixtures import write_fixtures
 
 
 @cache

@@ -18,7 +18,8 @@ generation                the engines: a task in, an image out (reads the regist
 jobs                      the job backends, which run the engines in workers
 webhooks                  job events sent out, read from the job store
 api                       the HTTP layer: everything the server offers
-devtools                  demo training and test models (generation and registry only)
+testing                   tiny test models for ``imagen fixtures`` (builds on generation and registry;
+                          only the command line imports it)
 cli                       the command line: serves the API, runs workers, calls the client
 __main__                  ``python -m imagen``
 ========================  =====================================================================
@@ -30,6 +31,8 @@ The API process never loads torch, diffusers or celery by importing a route: tho
 (celery) when the distributed backend is built.
 
 A new folder or top-level module gets its row here, with the parts it needs, below it in the table.
+The demo model's training (``training/``), the tests and the benchmarks live outside the package: they may
+import it, never the other way round, and the wheel holds none of them.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ ALLOWED: dict[str, frozenset[str]] = {
         "imagen", "config", "errors", "logs", "access", "inputs", "outputs", "registry", "sampler_names",
         "generation", "jobs", "webhooks",
     }),
-    "devtools": frozenset({"registry", "generation"}),
-    "cli": frozenset({"config", "errors", "logs", "client", "access", "jobs", "api", "devtools"}),
+    "testing": frozenset({"registry", "generation"}),
+    "cli": frozenset({"config", "errors", "logs", "client", "access", "jobs", "api", "testing"}),
     "__main__": frozenset({"cli"}),
 }
 
@@ -262,3 +265,26 @@ def test_the_api_process_loads_no_torch_diffusers_or_celery(tmp_path: Path) -> N
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+OUTSIDE = ("training", "tests", "bench")  # top-level folders of the repository that are not shipped
+
+
+def test_the_package_imports_nothing_from_the_folders_it_does_not_ship() -> None:
+    """An installed ``imagen`` has no ``training/``, ``tests/`` or ``bench/``: importing one would fail there."""
+    wrong = sorted(where(imp) for imp in IMPORTS if imp.target.split(".")[0] in OUTSIDE)
+    assert wrong == []
+
+
+def test_the_wheel_ships_only_the_package() -> None:
+    """The packages setuptools finds with pyproject.toml's own settings: ``imagen`` and its folders, and
+    neither the demo's training nor the tests nor the benchmarks."""
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_namespace_packages(str(REPO), include=find.get("include", ["*"]), exclude=find.get("exclude", []))
+    assert "imagen.testing" in shipped and "imagen.generation.diffusers" in shipped
+    assert [name for name in shipped if name != "imagen" and not name.startswith("imagen.")] == []
+    assert (REPO / "training" / "train_demo.py").is_file() and not (PACKAGE / "devtools").exists()

@@ -1,13 +1,13 @@
-"""The demo training's loss weights (``imagen devtools train-demo``), on SDXL's own noise schedule."""
+"""The demo training's loss weights (``training/train_demo.py``), on SDXL's own noise schedule."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from imagen.devtools.demo_architecture import demo_scheduler
-from imagen.devtools.train_demo import NoiseSchedule
 from imagen.generation.diffusers.components import sdxl_scheduler
+from training.demo_architecture import demo_scheduler
+from training.train_demo import NoiseSchedule
 
 SCHEDULER = sdxl_scheduler()
 SCHEDULE = NoiseSchedule(SCHEDULER)
@@ -30,7 +30,7 @@ def test_layout_weight_adds_its_weight_on_the_picture_error_at_every_step() -> N
 
 def test_training_noises_with_the_schedule_the_sampler_uses_and_the_shipped_model_was_trained_on() -> None:
     assert torch.equal(SCHEDULE.alphas_cumprod, SCHEDULER.alphas_cumprod)
-    # what train-demo computed itself when the shipped weights were trained: the same numbers, bit for bit
+    # what the training computed itself when the shipped weights were trained: the same numbers, bit for bit
     config = SCHEDULER.config
     betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps) ** 2
     assert torch.equal(SCHEDULE.alphas_cumprod, torch.cumprod(1.0 - betas, dim=0))
@@ -86,8 +86,8 @@ def test_v_loss_weights_the_picture_error_at_least_as_much_at_the_noisiest_steps
 def test_said_reads_back_what_each_caption_variant_says() -> None:
     import random
 
-    from imagen.devtools import shapes
-    from imagen.devtools.train_demo import WORD_KINDS, TrainingSettings, caption_variant, said
+    from training import shapes
+    from training.train_demo import WORD_KINDS, TrainingSettings, caption_variant, said
 
     rng = random.Random(3)
     settings = TrainingSettings(filler=0.5)
@@ -107,9 +107,9 @@ def test_said_reads_back_what_each_caption_variant_says() -> None:
 def test_the_word_heads_make_the_text_encoders_tell_shape_and_position_words_apart() -> None:
     """On the untrained demo encoders (zero token tables: every word reads the same), a few steps of the word
     loss alone separate captions that differ only in their shape or their position word."""
-    from imagen.devtools import shapes
-    from imagen.devtools.demo_architecture import build_untrained_pipeline
-    from imagen.devtools.train_demo import TextEncoding, WordHeads, said
+    from training import shapes
+    from training.demo_architecture import build_untrained_pipeline
+    from training.train_demo import TextEncoding, WordHeads, said
 
     pipe = build_untrained_pipeline(seed=0)
     text = TextEncoding(pipe)
@@ -145,8 +145,8 @@ def test_the_word_heads_make_the_text_encoders_tell_shape_and_position_words_apa
 
 
 def test_outline_weights_weigh_the_shape_s_outline_and_nothing_else() -> None:
-    from imagen.devtools import shapes
-    from imagen.devtools.train_demo import cell_means, outline_weights, to_latents
+    from training import shapes
+    from training.train_demo import cell_means, outline_weights, to_latents
 
     scene = shapes.Scene("triangle", "red", "white", "in the center", "large")
     latents = to_latents(torch.from_numpy(cell_means(shapes.render(scene, 256)))[None])

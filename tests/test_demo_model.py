@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +19,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imagen.devtools import shapes
-from imagen.devtools.judge import Verdict, judge
 from imagen.generation.base import GenerationTask, InputImages, LoraChoice
 from imagen.generation.diffusers.components import load_clip_tokenizers
 from imagen.generation.diffusers.engine import DiffusersEngine
@@ -33,8 +33,10 @@ from imagen.registry.builtin import (
     builtin_registry,
 )
 from imagen.sampler_names import SAMPLER_NAMES
-from tests.conftest import wait_status
+from tests.conftest import REPO, wait_status
 from tests.engine_fixtures import engine_settings
+from training import shapes
+from training.judge import Verdict, judge
 
 STEPS = 30
 WEIGHTS_LIMIT = 8 * 1024 * 1024
@@ -66,7 +68,7 @@ def read(image: Image.Image) -> Verdict:
 
 
 def test_the_shipped_weights_are_the_ones_the_training_command_recorded() -> None:
-    from imagen.devtools.train_demo import TrainingSettings, weight_hashes
+    from training.train_demo import TrainingSettings, weight_hashes
 
     record = json.loads((DEMO_DIR / TRAINING_RECORD).read_text())
     assert weight_hashes(DEMO_DIR) == record["weights"]
@@ -83,7 +85,7 @@ def test_the_vae_keeps_absolute_colour_and_draws_no_32px_steps() -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from imagen.devtools.train_demo import cell_means, to_latents
+    from training.train_demo import cell_means, to_latents
 
     vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), torch_dtype=torch.float32).eval()
     picture = shapes.render(shapes.Scene("square", "orange", "navy", "in the center", "large"), 1024)
@@ -111,8 +113,8 @@ def test_the_judge_reads_the_soft_edges_of_the_demo_decoder() -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from imagen.devtools.judge import score
-    from imagen.devtools.train_demo import cell_means, to_latents
+    from training.judge import score
+    from training.train_demo import cell_means, to_latents
 
     vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), torch_dtype=torch.float32).eval()
     scenes = [
@@ -139,9 +141,9 @@ def test_the_judge_reads_the_soft_edges_of_the_demo_decoder() -> None:
 def test_in_bfloat16_the_service_decodes_the_demo_vae_in_float32() -> None:
     import torch
 
-    from imagen.devtools.train_demo import to_latents
     from imagen.generation.diffusers.engine import _decode
     from imagen.generation.diffusers.loading import load_pipeline
+    from training.train_demo import to_latents
 
     pipe = load_pipeline(builtin_registry().models[0], torch.bfloat16)
     pink = np.asarray(shapes.COLOURS["pink"], dtype=np.float32)
@@ -367,9 +369,9 @@ def _core_colour(image: Image.Image, background: tuple[int, int, int]) -> tuple[
 def test_previews_of_the_demo_model_are_its_exact_mean_colours() -> None:
     import torch
 
-    from imagen.devtools.train_demo import cell_means, to_latents
     from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
     from imagen.generation.diffusers.preview import latents_to_pixels
+    from training.train_demo import cell_means, to_latents
 
     picture = shapes.render(shapes.Scene("star", "pink", "dark green", "on the right", "large"), 1024)
     means = torch.from_numpy(cell_means(picture))[None]
@@ -378,11 +380,13 @@ def test_previews_of_the_demo_model_are_its_exact_mean_colours() -> None:
     assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_the_training_command_is_offered_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from imagen.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["devtools", "train-demo", str(tmp_path), "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--seed" in out and "--steps" in out and "--lora-steps" in out
+def test_make_demo_model_runs_the_training_script_outside_the_package(tmp_path: Path) -> None:
+    """The training lives in ``training/`` (not shipped); ``make demo-model`` runs it from the repository root."""
+    recipe = (REPO / "Makefile").read_text().split("\ndemo-model:")[1].split("\n\n")[0]
+    assert "$(BIN)/python -m training.train_demo build/demo-model" in recipe
+    out = subprocess.run(
+        [sys.executable, "-m", "training.train_demo", str(tmp_path), "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--seed" in out.stdout and "--steps" in out.stdout and "--lora-steps" in out.stdout

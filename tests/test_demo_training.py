@@ -1,4 +1,4 @@
-"""``imagen devtools train-demo``: a few steps of every phase, twice, give the same files (slow: ~1 min)."""
+"""``python -m training.train_demo``: a few steps of every phase, twice, give the same files (slow: ~1 min)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagen.devtools.train_demo import TrainingSettings, train_demo
+from training.train_demo import TrainingSettings, train_demo
 
 pytestmark = pytest.mark.slow
 

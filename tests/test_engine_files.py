@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from imagen.devtools import ldm_export
 from imagen.errors import FatalGenerationError, RegistryError
 from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_sdxl_pipeline, load_clip_tokenizers
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.diffusers.prompts import add_trigger_words
 from imagen.registry import LoraSpec, ModelSpec, Registry, load_registry, safe_files
+from imagen.testing import ldm_export
 from tests.engine_fixtures import engine_settings, fixtures_registry, fixtures_registry_path, task
 
 

@@ -11,7 +11,6 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from imagen.devtools import ldm_export
 from imagen.errors import FatalGenerationError
 from imagen.generation.base import (
     STEP_DECODING,
@@ -23,6 +22,7 @@ from imagen.generation.base import (
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.diffusers.prompts import PromptEncoder
 from imagen.registry import ModelSpec, Registry, builtin_registry
+from imagen.testing import ldm_export
 from tests.engine_fixtures import (
     ProgressLog,
     engine_settings,

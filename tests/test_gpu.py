@@ -25,16 +25,16 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imagen.devtools.fixtures import write_attention_loras
-from imagen.devtools.judge import Verdict, judge
 from imagen.errors import RetryableGenerationError
 from imagen.generation.base import GenerationTask, LoraChoice
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.runner import classify_failure
 from imagen.registry import Registry
 from imagen.registry.builtin import DEMO_LORA_ID, DEMO_MODEL_ID, builtin_registry
+from imagen.testing.fixtures import write_attention_loras
 from tests.conftest import wait_status
 from tests.engine_fixtures import engine_settings
+from training.judge import Verdict, judge
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,10 +7,10 @@ import diffusers
 import pytest
 import torch
 
-from imagen.devtools.demo_architecture import demo_scheduler
 from imagen.generation.diffusers.schedulers import betas_of, build_scheduler
 from imagen.generation.samplers import scheduler_for
 from imagen.sampler_names import SAMPLER_NAMES
+from training.demo_architecture import demo_scheduler
 
 SDXL = demo_scheduler(zero_terminal_snr=False)
 ZERO_SNR = demo_scheduler(zero_terminal_snr=True)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from imagen.devtools import shapes
-from imagen.devtools.judge import STAR_SOLIDITY, judge, score
-from imagen.devtools.shapes import Scene, caption, render
+from training import shapes
+from training.judge import STAR_SOLIDITY, judge, score
+from training.shapes import Scene, caption, render
 
 PARTS = ("background", "colour", "shape", "position", "size")
 

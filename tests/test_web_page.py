@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from imagen.access.keys import add_key
-from imagen.devtools.judge import judge
 from tests.conftest import REFERENCE_REGISTRY, REPO, SCRIPTED_ENGINE, ServerProcess, free_port, wait_for
 from tests.engine_fixtures import fixtures_registry_path
+from training.judge import judge
 
 pytestmark = pytest.mark.browser
 

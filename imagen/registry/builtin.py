@@ -1,7 +1,7 @@
 """The registry a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter.
 
 A tiny SDXL-architecture model trained on shapes ("a small red star on the left on a navy background").
-Its files ship in ``imagen/data/demo/`` as ``imagen devtools train-demo OUT`` writes them: ``model/`` (a
+Its files ship in ``imagen/data/demo/`` as ``make demo-model`` (``training/``) writes them: ``model/`` (a
 diffusers folder, fp16, without tokenizers: both use the shared CLIP vocabulary), ``loras/blue.safetensors``
 (a kohya LoRA trained with it: every shape blue), ``ip-adapter/`` (an IP-Adapter with its own tiny CLIP image
 encoder, and a default reference picture) and ``training.json`` (the settings and each file's SHA-256). They

@@ -1,8 +1,8 @@
 """How the demo model's latents are laid out: what its training builds and its exact previews read.
 
 The demo model (the built-in registry's, :mod:`imagen.registry.builtin`) speaks the language of
-:mod:`imagen.devtools.shapes`: "a small red star on the left on a navy background". Its VAE is set by hand,
-not learned (:mod:`imagen.devtools.demo_architecture`): a latent is the exact 32 x 32 average of the image's
+:mod:`training.shapes`: "a small red star on the left on a navy background". Its VAE is set by hand,
+not learned (:mod:`training.demo_architecture`): a latent is the exact 32 x 32 average of the image's
 RGB plus its luminance, times :data:`LATENT_SCALE`. So a latent is its own preview: :data:`DEMO_LATENT_RGB`
 maps it back to RGB with no approximation. No torch here.
 """

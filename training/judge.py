@@ -1,4 +1,4 @@
-"""A model-free judge for the shapes language (``imagen.devtools.shapes``): what does a picture show?
+"""A model-free judge for the shapes language (``training.shapes``): what does a picture show?
 
 ``judge(image)`` reads, from pixels alone:
 
@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage, signal
 from scipy.spatial import ConvexHull, QhullError
 
-from imagen.devtools.shapes import BACKGROUNDS, COLOURS, RGB, SIZE_THRESHOLD, Scene
+from training.shapes import BACKGROUNDS, COLOURS, RGB, SIZE_THRESHOLD, Scene
 
 FloatArray = npt.NDArray[np.float64]
 

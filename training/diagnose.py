@@ -20,7 +20,7 @@
    (every pair of the four shapes), against how far apart the mean training pictures of those captions are,
    and the size of the picture itself: the whole signal a shape word carries, at 32 x 32 latents.
 
-    .venv/bin/python bench/demo_diagnosis.py [--caption "..."] [--model OUT/model]
+    .venv/bin/python -m training.diagnose [--caption "..."] [--model OUT/model]   # from the repository root
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from imagen.devtools import shapes  # noqa: E402
-from imagen.devtools.train_demo import (  # noqa: E402
+from imagen.generation.diffusers.loading import load_pipeline
+from imagen.registry.builtin import DEMO_MODEL_ID, builtin_registry
+from training import shapes
+from training.train_demo import (
     NoiseSchedule,
     TextEncoding,
     cell_means,
@@ -46,8 +45,6 @@ from imagen.devtools.train_demo import (  # noqa: E402
     time_ids,
     to_latents,
 )
-from imagen.generation.diffusers.loading import load_pipeline  # noqa: E402
-from imagen.registry.builtin import DEMO_MODEL_ID, builtin_registry  # noqa: E402
 
 SWAPS = (
     ("background", "white", "navy"),
@@ -65,7 +62,7 @@ WORDS = ("white", "navy", "red", "blue", "large", "small", "circle", "square", "
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caption", default="a large red circle on the left on a white background")
-    parser.add_argument("--model", type=Path, help="a diffusers folder from train-demo (default: the shipped one)")
+    parser.add_argument("--model", type=Path, help="a model folder from training.train_demo (default: the shipped one)")
     args = parser.parse_args()
     if args.model is None:
         spec = builtin_registry().model(DEMO_MODEL_ID)

@@ -11,7 +11,7 @@ Everything is pure numpy + Pillow and deterministic from a seed:
 * ``scenes(seed, count)``: training scenes drawn from a seed.
 
 Shapes are scaled to a fixed *area* (not a fixed radius), so that the size word is read back from the
-area fraction whatever the shape. ``imagen.devtools.judge`` reads all of it back from pixels.
+area fraction whatever the shape. ``training.judge`` reads all of it back from pixels.
 """
 
 from __future__ import annotations

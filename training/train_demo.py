@@ -1,13 +1,13 @@
-"""``imagen devtools train-demo OUT``: train the demo model on the shapes language, on a CPU.
+"""``python -m training.train_demo OUT`` (what ``make demo-model`` runs): train the demo model on shapes, on a CPU.
 
 Deterministic from its settings (seed, steps, threads): the same command on the same kind of machine writes
 the same files. It runs in phases, each with its own seed:
 
-1. **Data:** ``scenes`` training scenes (:func:`imagen.devtools.shapes.scenes`, never a held-out combination),
+1. **Data:** ``scenes`` training scenes (:func:`training.shapes.scenes`, never a held-out combination),
    drawn with jitter at 256 px and averaged to 32 x 32 cells: exactly what the hand-set VAE's encoder gives
-   for the same picture at 1024 px (:mod:`imagen.devtools.demo_architecture`), with no VAE pass.
+   for the same picture at 1024 px (:mod:`training.demo_architecture`), with no VAE pass.
 2. **Base model:** both text encoders and the UNet, from scratch, on SDXL's betas rescaled to a zero terminal
-   SNR, with v-prediction (``zero_terminal_snr``, :func:`imagen.devtools.demo_architecture.demo_scheduler`: at
+   SNR, with v-prediction (``zero_terminal_snr``, :func:`training.demo_architecture.demo_scheduler`: at
    the noisiest step the input holds nothing of the picture, so the UNet must take the layout from the
    caption), with offset and coarse noise (:func:`training_noise`), min-SNR weighting plus ``layout_weight``
    on the picture's error at every noise level (:func:`denoising_loss`), 10 % dropped captions for
@@ -48,8 +48,6 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from imagen.devtools import ldm_export, shapes
-from imagen.devtools.demo_architecture import IMAGE_SIZE, build_untrained_pipeline
 from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 from imagen.registry.builtin import (
     DEMO_IP_ADAPTER_PATH,
@@ -59,6 +57,9 @@ from imagen.registry.builtin import (
     DEMO_LORA_TRIGGER,
     TRAINING_RECORD,
 )
+from imagen.testing import ldm_export
+from training import shapes
+from training.demo_architecture import IMAGE_SIZE, build_untrained_pipeline
 
 RENDER_SIZE = 256
 """Training pictures are drawn at this size and averaged to latent cells (8 x 8 pixels each)."""
@@ -255,7 +256,7 @@ class WordHeads(torch.nn.Module):
     position words apart: trained on the denoising loss alone, the encoders kept colour, size and background
     words apart (what most of the picture's pixels depend on) but mapped every shape and every position word
     to nearly the same hidden states, and the UNet drew the dataset's average shape in the middle
-    (``bench/demo_diagnosis.py``). The heads are not saved; the model stays a plain SDXL pipeline."""
+    (``training/diagnose.py``). The heads are not saved; the model stays a plain SDXL pipeline."""
 
     def __init__(self, hidden_width: int, pooled_width: int, seed: int) -> None:
         super().__init__()
@@ -293,7 +294,7 @@ class NoiseSchedule:
         self.steps = scheduler.config.num_train_timesteps
         self.prediction_type: str = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type {self.prediction_type!r}: train-demo knows epsilon and v_prediction")
+            raise ValueError(f"prediction_type {self.prediction_type!r}: the training knows epsilon and v_prediction")
 
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -369,7 +370,7 @@ def outline_weights(latents: torch.Tensor, weight: float) -> torch.Tensor:
 
     A shape word decides a few cells along the outline: at 32 x 32 latents the mean training pictures of
     circle, square, triangle and star differ by a tenth of the picture's norm, and with an even loss the UNet
-    drew one rounded blob for all four (``bench/demo_diagnosis.py``, its fourth table)."""
+    drew one rounded blob for all four (``training/diagnose.py``, its fourth table)."""
     local = torch.nn.functional.avg_pool2d(latents, 3, stride=1, padding=1, count_include_pad=False)
     edges = (latents - local).abs().sum(dim=1, keepdim=True)
     edges = edges / edges.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
@@ -827,7 +828,7 @@ def _version(package: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="imagen devtools train-demo")
+    parser = argparse.ArgumentParser(prog="python -m training.train_demo")
     parser.add_argument("out", type=Path)
     defaults = TrainingSettings()
     for field in dataclasses.fields(TrainingSettings):

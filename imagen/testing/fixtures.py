@@ -27,9 +27,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from imagen.devtools import ldm_export
 from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_sdxl_pipeline
 from imagen.registry import LoraSpec
+from imagen.testing import ldm_export
 
 FIXTURE_SEED = 1234
 LORA_RANK = 4
@@ -294,7 +294,7 @@ def write_fixtures(directory: Path) -> Path:
         yaml.safe_dump(unsupported, sort_keys=False), "utf-8"
     )
     (directory / "README.json").write_text(
-        json.dumps({"generated_by": "imagen.devtools.fixtures.write_fixtures", "seed": FIXTURE_SEED}, indent=2),
+        json.dumps({"generated_by": "imagen.testing.fixtures.write_fixtures", "seed": FIXTURE_SEED}, indent=2),
         "utf-8",
     )
     return registry_path

@@ -1,1 +1,0 @@
-"""Tools that build test models (tiny random-weight fixtures, single-file export); never used to serve."""
