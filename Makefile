@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test test-slow test-browser test-gpu test-all lint docs bench demo-model clean
+.PHONY: install run test test-browser test-gpu lint docs bench demo-model clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,25 +18,24 @@ install: $(BIN)/imagen
 run: install
 	$(BIN)/imagen serve
 
-test: install lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not browser and not slow"
+# Everything, as CI runs it: lint, types, the docs build and every test (the real pipelines and the web page
+# in chromium included). Tests run in parallel: most of them wait on processes (servers, workers, Redis), not
+# on the CPU. Pick a part by what it needs with MARK, e.g. `make test MARK="not browser"`.
+PYTEST_WORKERS ?= 4
+MARK ?=
+test: install lint docs
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(if $(MARK),-m "$(MARK)")
 
-# The real diffusers pipelines on tiny models (CPU), in detail; .ci/run runs it after `make test`.
-test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not browser"
-
-# The web page in a real browser (Debian's /usr/bin/chromium); .ci/run runs it too.
+# The web page in a real browser (Debian's /usr/bin/chromium) alone.
 test-browser: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m browser
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m browser
 
 # On a CUDA box: the paths only a GPU runs (tests/test_gpu.py; skipped, so passing, without one).
 test-gpu: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
 
-test-all: test test-slow test-browser
-
 lint: install
-	$(BIN)/ruff check imagen tests bench training
+	$(BIN)/ruff check imagen tests bench training docs_hooks.py
 	$(BIN)/mypy
 
 # The manual (docs/) as a site in build/site; --strict: a broken link or anchor fails. Preview: .venv/bin/mkdocs serve

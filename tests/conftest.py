@@ -21,6 +21,17 @@ from imagen.config import Settings
 from tests.latches import LATCH_DIR_ENV, Latches
 
 T = TypeVar("T")
+REDIS_FIXTURES = {"shared_redis", "own_redis", "celery_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what each test needs: a Redis fixture, named or reached through a "celery" parameter (the
+    ``job_system`` fixture runs a test on both backends), means a redis-server of the test's own."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_celery = callspec is not None and "celery" in (str(value) for value in callspec.params.values())
+        if on_celery or REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTED_ENGINE = "tests.engines:ScriptedEngine"
 

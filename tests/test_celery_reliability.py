@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-import pytest
 from fastapi.testclient import TestClient
 
 from imagen.api.app import BROKER_DOWN
@@ -38,7 +37,6 @@ def owner_pid(cluster: CeleryCluster, job_id: str) -> int:
     return int(owner.decode().split("|")[1])
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_worker_host_killed_mid_job_completes_on_another_worker_once(
     celery_cluster: CeleryCluster, tmp_path: Path, execution_log: Path, latches: Latches
 ) -> None:
@@ -58,7 +56,6 @@ def test_worker_host_killed_mid_job_completes_on_another_worker_once(
     assert executions(execution_log, "hold job") == 2
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_job_longer_than_the_visibility_timeout_runs_once(
     celery_cluster: CeleryCluster, execution_log: Path, latches: Latches
 ) -> None:

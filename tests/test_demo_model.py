@@ -106,7 +106,7 @@ def test_the_vae_keeps_absolute_colour_and_draws_no_32px_steps() -> None:
     assert (steps > 2).sum() >= 2 * 8  # each edge is a ramp of many small steps (4 px apart), not one jump
 
 
-@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
+@pytest.mark.engine
 def test_the_judge_reads_the_soft_edges_of_the_demo_decoder() -> None:
     """Pictures through the demo VAE (exact cell colours, smooth one-cell ramps) are still read right: the
     judge's thresholds hold for soft edges, so its scores measure the model, not the decoder."""
@@ -173,7 +173,7 @@ def test_a_fresh_install_draws_a_red_circle_on_white(make_client: Callable[..., 
     # The shape itself is not reliable yet (see the demo model's judged figures in the docs).
 
 
-@pytest.mark.slow  # moved out of the default suite (session 25: it ran 9:20 of its 10 minutes); .ci/run runs it
+@pytest.mark.engine
 def test_the_same_seed_draws_the_same_picture_and_another_seed_another_place(engine: DiffusersEngine) -> None:
     prompt = "a green triangle on a beige background"
     first, again = draw(engine, prompt, seed=11), draw(engine, prompt, seed=11)
@@ -192,7 +192,7 @@ def test_the_same_seed_draws_the_same_picture_and_another_seed_another_place(eng
 # a zero terminal SNR, to 64) until the demo model's guidance stopped after 60 % of the steps.
 
 
-@pytest.mark.slow  # 13 pictures at 1024 px: ~30 s, kept out of the default suite's 10 minutes
+@pytest.mark.engine
 @pytest.mark.parametrize(
     "sampler",
     [name for name in SAMPLER_NAMES if sampler_available(name)],
@@ -244,7 +244,7 @@ def test_the_demo_lora_pulls_shapes_to_blue_at_weight_1_and_not_at_0(engine: Dif
     assert at_one.background == at_zero.background == "white", (at_one, at_zero)
 
 
-@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
+@pytest.mark.engine
 def test_the_lora_through_the_service_adds_its_trigger_word(make_client: Callable[..., TestClient]) -> None:
     client = make_client(engine="diffusers", registry_path=None, device="cpu")
     loras = client.get("/loras").json()["loras"]
@@ -309,7 +309,7 @@ def test_inpainting_a_square_recolours_only_inside_it(engine: DiffusersEngine) -
     assert nearest == "blue", mean
 
 
-@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
+@pytest.mark.engine
 @pytest.mark.parametrize(
     ("prompt", "bar"),
     [

@@ -9,7 +9,7 @@ import pytest
 
 from training.train_demo import TrainingSettings, train_demo
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 TINY = TrainingSettings(scenes=64, steps=3, batch=4, warmup_steps=2, lora_steps=2, ip_steps=3, ip_batch=4,
                         checkpoint_every=2, contact_prompts=2, threads=1)

@@ -38,7 +38,6 @@ def slow_replica(server: RedisServer) -> None:
     server.client().zadd(REPLICAS, {"slow replica": (time.time() + 600) * 1000})
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_an_image_that_cannot_be_written_stalls_nothing_and_is_copied_later(
     celery_cluster: CeleryCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -79,7 +78,6 @@ def test_a_png_leaves_redis_once_every_replica_has_a_copy(celery_cluster: Celery
     assert int(cluster.redis.client().get(PNG_BYTES) or 0) == 0
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_a_png_a_replica_never_copies_expires_after_png_ttl(celery_cluster: CeleryCluster) -> None:
     cluster = celery_cluster
     cluster.settings = {"png_ttl_s": 1.0}

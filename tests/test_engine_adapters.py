@@ -13,7 +13,7 @@ from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.registry import Registry
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, image_bytes, task
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

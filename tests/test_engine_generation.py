@@ -33,7 +33,7 @@ from tests.engine_fixtures import (
     task,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.sampler_names import SAMPLER_NAMES
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, pixels, task
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")

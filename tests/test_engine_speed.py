@@ -22,7 +22,7 @@ from imagen.generation.diffusers.loading import resolve_dtype
 from imagen.generation.diffusers.loras import HotswapLoras
 from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, image_bytes, pixels, task
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 PLAIN = {"channels_last": False, "fuse_qkv": False, "lora_hotswap": "off"}
 TOLERANCE = 3  # max |pixel difference| (0-255) allowed between numerically equivalent paths

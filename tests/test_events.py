@@ -262,7 +262,6 @@ async def follow_raw(port: int, job_id: str) -> bytes:
     return received
 
 
-@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
 @pytest.mark.parametrize("backend", ["embedded", "celery"])
 def test_five_hundred_streams_on_one_job_in_a_real_server(
     backend: str,

@@ -110,7 +110,6 @@ def test_openai_client_generates_edits_and_gets_openai_errors(
         assert full.value.body["code"] == "queue_full"  # type: ignore[index]
 
 
-@pytest.mark.slow  # moved out of the default suite (session 25: it ran 9:20 of its 10 minutes); .ci/run runs it
 def test_revised_prompt_has_the_loras_trigger_words(make_client: Callable[..., TestClient]) -> None:
     """With the real engine (tiny random-weight SDXL on the CPU): the prompt as the model received it."""
     from tests.engine_fixtures import fixtures_registry_path

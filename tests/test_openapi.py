@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from imagen.access.keys import add_key
@@ -109,7 +108,6 @@ def test_schemathesis_finds_nothing_on_any_route(make_server: Callable[..., Serv
     _schemathesis(server.url, key, tmp_path, max_examples=2, seed=8)
 
 
-@pytest.mark.slow  # 2-4 minutes; .ci/run runs it
 def test_schemathesis_finds_nothing_on_any_route_at_length(
     make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

@@ -92,7 +92,7 @@ def test_the_diffusers_engines_report_order_gives_a_rising_number() -> None:
     assert JobProgress()("upscaling", 50) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_a_real_diffusers_job_reports_a_rising_number(tmp_path: Path) -> None:
     from imagen.generation.diffusers.engine import DiffusersEngine
     from imagen.generation.runner import run_task

@@ -20,7 +20,6 @@ def _state(server: ServerProcess, job_id: str) -> str:
         return status
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "killed"])
 def test_restart_runs_every_queued_job_exactly_once(
     make_server: Callable[..., ServerProcess], execution_log: Path, tmp_path: Path, stop_signal: int,

@@ -136,7 +136,6 @@ def test_410_stops_the_retries(job_system: Callable[..., TestClient], receivers:
     assert len(receiver.requests) == 1
 
 
-@pytest.mark.slow  # moved out of the default suite (session 24: it was at 9:44 of its 10 minutes); .ci/run runs it
 def test_a_delivery_pending_at_restart_is_made_after_it(
     job_system: Callable[..., TestClient], receivers: Callable[..., Receiver]
 ) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection, Queue
 
@@ -30,7 +29,6 @@ def assert_alive(*workers: WorkerProcess) -> None:
         assert "Unrecoverable error" not in worker.log(), worker.log()
 
 
-@pytest.mark.slow  # a long scenario, kept out of the default suite's 10 minutes; .ci/run runs it
 def test_a_worker_whose_engine_cannot_load_takes_no_job_and_health_says_why(celery_cluster: CeleryCluster) -> None:
     cluster = celery_cluster
     # The real diffusers engine, with the reference registry whose model files are not on this host.
