@@ -171,7 +171,7 @@ def _sampler(fields: Txt2ImgRequest) -> tuple[str | None, str | None]:
             SCHEDULE_TYPES
         )
     if schedule != "karras" or (name and name.endswith(" Karras")):
-        return name, None
+        return name or None, None  # an empty name is the model's own sampler, as in A1111
     # A Karras schedule we cannot give is refused, never dropped: the picture would not be the one asked for.
     with_karras = [known.removesuffix(" Karras") for known in available if known.endswith(" Karras")]
     if not name or name + " Karras" not in available:
