@@ -180,15 +180,15 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            cwd=self.env.get("IMAGEN_TEST_CWD", str(REPO)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a service manager starts it
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the file descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                cwd=self.env.get("IMAGEN_TEST_CWD", str(REPO)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a service manager starts it
+            )
         wait_for(self._ready, timeout=60, interval=0.05)
 
     def _ready(self) -> bool:

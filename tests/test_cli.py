@@ -65,7 +65,8 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
                   "--seed", "7", "--size", "512x512", "-n", "2", "-o", "out/fox.png", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["out/fox-0.png  seed=7", "out/fox-1.png  seed=8"]
-    assert Image.open(tmp_path / "out" / "fox-1.png").size == (512, 512)
+    with Image.open(tmp_path / "out" / "fox-1.png") as written:
+        assert written.size == (512, 512)
     assert "generation_gpu" in done.stderr  # the progress bar followed the job's steps
     job_id = done.stderr.split("job ", 1)[1].split()[0]
 

@@ -87,7 +87,7 @@ def test_the_vae_keeps_absolute_colour_and_draws_no_32px_steps() -> None:
 
     from training.train_demo import cell_means, to_latents
 
-    vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), dtype=torch.float32).eval()
     picture = shapes.render(shapes.Scene("square", "orange", "navy", "in the center", "large"), 1024)
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_the_judge_reads_the_soft_edges_of_the_demo_decoder() -> None:
     from training.judge import score
     from training.train_demo import cell_means, to_latents
 
-    vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(str(DEMO_MODEL_DIR / "vae"), dtype=torch.float32).eval()
     scenes = [
         shapes.Scene(shape, colour, background, position, size)
         for shape, colour, background, position, size in (

@@ -29,7 +29,7 @@ def test_training_is_deterministic_and_writes_a_loadable_model(tmp_path: Path) -
     assert any("base model: 3/3" in line and "ETA" in line for line in lines)
     assert (tmp_path / "one" / "checkpoint" / "model_index.json").is_file()  # the averaged weights at step 2
     assert (tmp_path / "one" / "contact-sheet.png").is_file()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "one" / "model"), torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "one" / "model"), dtype=torch.float32)
     pipe.load_lora_weights(str(tmp_path / "one" / "loras" / "blue.safetensors"))
     image = pipe("a red circle", num_inference_steps=2, height=256, width=256).images[0]
     assert image.size == (256, 256)

@@ -593,7 +593,7 @@ def load_trained_pipeline(model_dir: Path) -> Any:
 
     tokenizer, tokenizer_2 = load_clip_tokenizers()
     pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-        str(model_dir), torch_dtype=torch.float32, tokenizer=tokenizer, tokenizer_2=tokenizer_2
+        str(model_dir), dtype=torch.float32, tokenizer=tokenizer, tokenizer_2=tokenizer_2
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

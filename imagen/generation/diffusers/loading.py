@@ -77,7 +77,7 @@ def load_vae(path: Path, dtype: torch.dtype) -> Any:
         raise FatalGenerationError(str(exc)) from exc
     if path.is_dir():
         vae = AutoencoderKL.from_pretrained(  # type: ignore[no-untyped-call]
-            str(path), torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            str(path), dtype=dtype, use_safetensors=True, local_files_only=True
         )
     else:
         config = sibling_config_dir(path)
@@ -85,7 +85,7 @@ def load_vae(path: Path, dtype: torch.dtype) -> Any:
             kwargs: dict[str, Any] = {"config": str(config)}
         else:
             kwargs = {"config": str(config or SDXL_CONFIG_DIR), "subfolder": "vae"}
-        vae = AutoencoderKL.from_single_file(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
+        vae = AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True, **kwargs)
     return vae
 
 
@@ -93,7 +93,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """Load (on CPU, in ``dtype``) the pipeline a registry entry describes."""
     if spec.demo:
         pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            str(DEMO_MODEL_DIR), torch_dtype=dtype, use_safetensors=True, local_files_only=True,
+            str(DEMO_MODEL_DIR), dtype=dtype, use_safetensors=True, local_files_only=True,
             **_tokenizer_kwargs(None),
         )
     else:
@@ -110,7 +110,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
             if path.is_dir():
                 pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
                     str(path),
-                    torch_dtype=dtype,
+                    dtype=dtype,
                     use_safetensors=True,
                     local_files_only=True,
                     **_tokenizer_kwargs(path),
@@ -121,7 +121,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
                 pipe = StableDiffusionXLPipeline.from_single_file(
                     str(path),
                     config=str(config),
-                    torch_dtype=dtype,
+                    dtype=dtype,
                     local_files_only=True,
                     **_tokenizer_kwargs(config),
                     **extra,

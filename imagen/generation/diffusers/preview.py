@@ -66,7 +66,7 @@ def load_preview_decoder(path: Path, device: torch.device, dtype: torch.dtype) -
     from diffusers import AutoencoderTiny
 
     decoder = AutoencoderTiny.from_pretrained(  # type: ignore[no-untyped-call]
-        str(path), torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        str(path), dtype=dtype, use_safetensors=True, local_files_only=True
     )
     return decoder.to(device).eval()
 
