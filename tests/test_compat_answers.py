@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imagen.api import compat_jobs
+from imagen.api.compat_jobs import Outcome
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
 from tests.conftest import submit, wait_for, wait_status
 from tests.http_thread import http_server
@@ -230,3 +231,21 @@ def test_a_cancelled_job(make_client: Callable[..., TestClient], latches: Latche
         finally:
             latches.release("openai")
             latches.release("a1111")
+
+
+# Each outcome of the shared path, and the test above that pins both layers' answer to it.
+OUTCOME_TESTS = {
+    Outcome.REFUSED: test_a_job_the_submission_refuses,
+    Outcome.QUEUE_FULL: test_a_full_queue,
+    Outcome.QUEUE_UNREACHABLE: test_an_unreachable_job_database,
+    Outcome.UNAVAILABLE: test_a_full_outputs_disk,
+    Outcome.TIMED_OUT: test_a_wait_that_runs_out,
+    Outcome.ABANDONED: test_a_server_that_stops,
+    Outcome.FAILED: test_a_failed_job,
+    Outcome.CANCELLED: test_a_cancelled_job,
+}
+
+
+def test_every_outcome_is_pinned() -> None:
+    """A new way for a job to end without images gets its answers pinned here before a client meets them."""
+    assert set(OUTCOME_TESTS) == set(Outcome)

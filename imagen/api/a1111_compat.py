@@ -32,18 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from imagen import __version__
 from imagen.access.keys import Caller
-from imagen.api.compat_jobs import (
-    JobWaitTimeout,
-    LivePreviews,
-    WaitAbandoned,
-    image_files,
-    read_image,
-    submit,
-    wait_for_end,
-    wait_limit_s,
-)
+from imagen.api.compat_jobs import LivePreviews, NoImages, Outcome, read_images, run_job
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
-from imagen.api.json_body import BadJson, parse_json
+from imagen.api.json_body import BadJson, read_json
 from imagen.api.prompt_tags import parse_lora_tags
 from imagen.api.schemas import (
     MAX_IMAGES,
@@ -57,13 +48,12 @@ from imagen.api.schemas import (
     Steps,
     Strength,
 )
-from imagen.api.submission import InvalidRequest
+from imagen.api.submission import FieldError
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
-from imagen.jobs.types import JobRecord, JobState
+from imagen.jobs.types import JobState
 from imagen.registry import Registry
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
@@ -95,6 +85,26 @@ def _state(request: Request) -> A1111State:
 
 def _error(status: int, detail: str, error: str = "HTTPException") -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, "body": "", "errors": ""}, status_code=status)
+
+
+# How a job that ends without images is answered: status, `error`, `detail` ({}: the reason). A job the
+# submission refuses is a 422 that names each field; a cancelled one is answered with no image, as A1111 does.
+_NO_IMAGES: dict[Outcome, tuple[int, str, str]] = {
+    Outcome.QUEUE_FULL: (429, "HTTPException", "queue full ({}); try again later"),
+    Outcome.QUEUE_UNREACHABLE: (503, "HTTPException", "the job queue is unreachable; try again later"),
+    Outcome.UNAVAILABLE: (503, "HTTPException", "the service cannot take jobs now ({}); try again later"),
+    Outcome.TIMED_OUT: (504, "HTTPException", "{}"),
+    # the server is stopping (a client that went away reads nothing)
+    Outcome.ABANDONED: (503, "HTTPException", "the server is restarting; try again"),
+    Outcome.FAILED: (500, "GenerationError", "generation failed: {}"),
+}
+
+
+def _no_images(ended: NoImages) -> JSONResponse:
+    if ended.outcome is Outcome.REFUSED:
+        return _error(422, _refusal(ended.problems), "ValidationError")
+    status, error, detail = _NO_IMAGES[ended.outcome]
+    return _error(status, detail.format(ended.reason), error)
 
 
 class OverrideSettings(BaseModel):
@@ -250,13 +260,12 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-def _refusal(exc: InvalidRequest) -> str:
+def _refusal(problems: tuple[FieldError, ...]) -> str:
     """The job's refusal, each problem after the field as the client named it (``mask``, not ``mask_image``)."""
-    return "; ".join(f"{_FIELD_NAMES.get(str(error.loc[0]), error.loc[0])}: {error.message}" for error in exc.errors)
+    return "; ".join(f"{_FIELD_NAMES.get(str(error.loc[0]), error.loc[0])}: {error.message}" for error in problems)
 
 
-def _infotext(job: JobRecord, seed: int, model: str) -> str:
-    metadata = (job.result or {}).get("metadata", {})
+def _infotext(metadata: dict[str, Any], seed: int, model: str) -> str:
     lines = [str(metadata.get("final_prompt") or metadata.get("prompt", ""))]
     negative = metadata.get("final_negative_prompt") or metadata.get("negative_prompt")
     if negative:
@@ -295,41 +304,22 @@ async def _generate(
     if request is None:
         return _error(422, problem or "invalid request", "ValidationError")
     try:
-        job_id = await submit(request, backend, registry, settings, caller)
-    except InvalidRequest as exc:
-        return _error(422, _refusal(exc), "ValidationError")
-    except (QueueFullError, KeyQueueFullError) as exc:
-        return _error(429, f"queue full ({exc}); try again later")
-    except BrokerUnavailableError:
-        return _error(503, "the job queue is unreachable; try again later")
-    except UnavailableError as exc:  # a full outputs disk, too many images waiting for a copy
-        return _error(503, f"the service cannot take jobs now ({exc}); try again later")
-    mine = state.jobs.setdefault(caller.name, {})
-    mine[job_id] = time.time()
-    try:
-        job = await wait_for_end(
-            backend, job_id, wait_limit_s(settings), state.previews,
-            client=http, cancel_on_disconnect=settings.cancel_on_disconnect,
+        job = await run_job(
+            request, http, backend, registry, settings, caller,
+            previews=state.previews, waiting=state.jobs.setdefault(caller.name, {}),
         )  # fmt: skip
-    except JobWaitTimeout as exc:
-        return _error(504, str(exc))
-    except WaitAbandoned:  # the server is stopping (a client that went away reads nothing)
-        return _error(503, "the server is restarting; try again")
-    finally:
-        mine.pop(job_id, None)
-    if job.state is JobState.REVOKED:
-        # A1111 answers an interrupted generation with what it has: here, no image
-        return await run_in_threadpool(_images_answer, [], raw, {"interrupted": True})
-    if job.state is not JobState.SUCCESS or job.result is None:
-        return _error(500, f"generation failed: {job.error}", "GenerationError")
-    files = image_files(job)
-    pngs = [await read_image(backend, settings, str(image["filename"])) for image in files]
-    seeds = [int(str(image["seed"])) for image in files]
-    metadata = job.result["metadata"]
+    except NoImages as ended:
+        if ended.outcome is Outcome.CANCELLED:
+            # A1111 answers an interrupted generation with what it has: here, no image
+            return await run_in_threadpool(_images_answer, [], raw, {"interrupted": True})
+        return _no_images(ended)
+    pngs = await read_images(backend, settings, job)
+    seeds = [int(str(image["seed"])) for image in job.images]
+    metadata = job.metadata
     model = str(metadata.get("model", ""))
     prompt = str(metadata.get("final_prompt") or metadata.get("prompt", ""))
     negative = str(metadata.get("final_negative_prompt") or metadata.get("negative_prompt") or "")
-    info = {
+    info: dict[str, Any] = {
         "prompt": prompt,
         "all_prompts": [prompt] * len(pngs),
         "negative_prompt": negative,
@@ -352,9 +342,9 @@ async def _generate(
         "denoising_strength": metadata.get("strength"),
         "extra_generation_params": {},
         "index_of_first_image": 0,
-        "infotexts": [_infotext(job, seed, model) for seed in seeds],
+        "infotexts": [_infotext(metadata, seed, model) for seed in seeds],
         "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at or time.time())),
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.record.created_at or time.time())),
         "clip_skip": metadata.get("clip_skip") or 1,
         "is_using_inpainting_conditioning": bool(metadata.get("mask_image")),
         "version": f"imagen {__version__}",
@@ -370,14 +360,22 @@ def _images_answer(pngs: list[bytes], parameters: dict[str, Any], info: dict[str
     return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
 
-async def _read(http: Request, model: type[Txt2ImgRequest]) -> tuple[Txt2ImgRequest, dict[str, Any]] | JSONResponse:
-    """The body's fields and its raw JSON (A1111 echoes it as `parameters`), or the 422 to answer."""
+async def _json_object(http: Request) -> dict[str, Any] | JSONResponse:
+    """The body's JSON object (none: an empty one), or the 422 to answer."""
     try:
-        raw = await run_in_threadpool(parse_json, await http.body() or b"{}")  # up to 32 MB: not on the loop
+        raw = await read_json(http, empty=b"{}")
     except BadJson as exc:
         return _error(422, str(exc), "ValidationError")
     if not isinstance(raw, dict):
         return _error(422, "the body must be a JSON object", "ValidationError")
+    return raw
+
+
+async def _read(http: Request, model: type[Txt2ImgRequest]) -> tuple[Txt2ImgRequest, dict[str, Any]] | JSONResponse:
+    """The body's fields and its raw JSON (A1111 echoes it as `parameters`), or the 422 to answer."""
+    raw = await _json_object(http)
+    if isinstance(raw, JSONResponse):
+        return raw
     try:
         return model.model_validate(raw), raw
     except ValidationError as exc:
@@ -551,12 +549,9 @@ def get_options(
 async def set_options(http: Request, registry: RegistryDep, caller: CallerDep) -> Any:
     """Accepts any options (clients send back all they read); `sd_model_checkpoint` selects this key's
     default model for its later requests. The others are ignored."""
-    try:
-        options = await run_in_threadpool(parse_json, await http.body() or b"{}")
-    except BadJson as exc:
-        return _error(422, str(exc), "ValidationError")
-    if not isinstance(options, dict):
-        return _error(422, "the body must be a JSON object", "ValidationError")
+    options = await _json_object(http)
+    if isinstance(options, JSONResponse):
+        return options
     checkpoint = options.get("sd_model_checkpoint")
     if checkpoint is not None:
         model = find_model(str(checkpoint), registry)

@@ -10,6 +10,11 @@ and an SDK that retries would make a second one. Each such request submits its o
 job's only one. A server that stops (``Waiters.end_all``: from ``imagen serve`` as soon as SIGTERM arrives,
 and from the app's shutdown) ends every wait the same way, and the route answers 503: a wait never holds a
 shutdown back.
+
+``run_job`` is that path, whole: it returns a ``FinishedJob`` (ended SUCCESS, with its images) or raises
+``NoImages``, whose ``Outcome`` says how it ended otherwise (refused, queue full, wait run out, failed,
+cancelled...). Each layer keeps only its own mapping of fields in, and of outcomes out to its API's error
+shape.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +36,11 @@ from starlette.types import Receive
 
 from imagen.access.keys import Caller
 from imagen.api.schemas import GenerationRequest
-from imagen.api.submission import prepare_job
+from imagen.api.submission import FieldError, InvalidRequest, prepare_job
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError
+from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.jobs.backend import JobBackend
-from imagen.jobs.types import JobRecord
+from imagen.jobs.types import JobRecord, JobState
 from imagen.outputs.serving import resolve_servable
 from imagen.registry import Registry
 
@@ -94,7 +101,7 @@ class LivePreviews:
     latest: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
-async def submit(
+async def _submit(
     request: GenerationRequest,
     backend: JobBackend,
     registry: Registry,
@@ -115,7 +122,7 @@ def wait_limit_s(settings: Settings) -> float:
     return settings.job_timeout_s * settings.max_attempts + WAIT_MARGIN_S
 
 
-async def wait_for_end(
+async def _wait_for_end(
     backend: JobBackend,
     job_id: str,
     limit_s: float,
@@ -186,13 +193,118 @@ async def _abandon(backend: JobBackend, job_id: str, why: str, cancel: bool) -> 
     log.info("job %s: no longer waited for (%s); cancelled: %s", job_id, why, state.value if state else "gone")
 
 
-def image_files(job: JobRecord) -> list[dict[str, object]]:
-    """A successful job's images: each with ``filename`` and ``seed``."""
-    assert job.result is not None
-    images: list[dict[str, object]] = job.result.get("images") or [
-        {"filename": job.result["filename"], "seed": job.result["metadata"].get("seed")}
-    ]
-    return images
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job that ended SUCCESS with its images: what a compatibility layer answers from."""
+
+    record: JobRecord
+    result: dict[str, Any]  # the record's (never None here)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = self.result["metadata"]
+        return metadata
+
+    @property
+    def images(self) -> list[dict[str, object]]:
+        """Each image's ``filename`` and ``seed``."""
+        images: list[dict[str, object]] = self.result.get("images") or [
+            {"filename": self.result["filename"], "seed": self.metadata.get("seed")}
+        ]
+        return images
+
+    @property
+    def filenames(self) -> list[str]:
+        return [str(image["filename"]) for image in self.images]
+
+    @property
+    def revised_prompt(self) -> str:
+        """The prompt as encoded: with the LoRAs' trigger words when the engine reports it."""
+        metadata = self.result.get("metadata", {})
+        return str(metadata.get("final_prompt") or metadata.get("prompt") or self.record.task.get("prompt", ""))
+
+
+class Outcome(Enum):
+    """How a compatibility request ended without its images. Each layer answers each in its API's shape."""
+
+    REFUSED = "refused"  # the submission's checks refused the job: ``NoImages.problems`` says why, per field
+    QUEUE_FULL = "queue full"  # the queue, or the caller's key, has as many jobs waiting as it may
+    QUEUE_UNREACHABLE = "queue unreachable"  # the broker (Redis) or the job database cannot be used now
+    UNAVAILABLE = "unavailable"  # no job is taken for a while: a full outputs disk, too many images to copy
+    TIMED_OUT = "timed out"  # the job did not end within the bounded wait (it runs on)
+    ABANDONED = "abandoned"  # the wait ended first: its client went away (reading nothing), or the server stops
+    FAILED = "failed"  # the job ended FAILURE, or SUCCESS without a result
+    CANCELLED = "cancelled"  # the job was cancelled (REVOKED): ``/sdapi/v1/interrupt``, ``POST /cancel``
+
+
+# When trying again may help, and after how long (OpenAI's layer sends it as Retry-After).
+RETRY_AFTER_S = {Outcome.QUEUE_FULL: 30, Outcome.QUEUE_UNREACHABLE: 10, Outcome.UNAVAILABLE: 30, Outcome.ABANDONED: 10}
+
+
+class NoImages(Exception):
+    """A compatibility request that ends without images: ``outcome`` says how; ``reason`` why, in the words
+    of the layer below (the queue's error, the job's error); ``problems``, for REFUSED, each refused field."""
+
+    def __init__(self, outcome: Outcome, reason: str, problems: Sequence[FieldError] = ()) -> None:
+        super().__init__(f"{outcome.value}: {reason}")
+        self.outcome = outcome
+        self.reason = reason
+        self.problems = tuple(problems)
+
+    @property
+    def retry_after_s(self) -> int | None:
+        return RETRY_AFTER_S.get(self.outcome)
+
+
+async def run_job(
+    request: GenerationRequest,
+    http: Request,
+    backend: JobBackend,
+    registry: Registry,
+    settings: Settings,
+    caller: Caller,
+    *,
+    previews: LivePreviews | None = None,
+    waiting: dict[str, float] | None = None,
+) -> FinishedJob:
+    """Submits the job and waits for its end (``http``: the client whose going away ends the wait), as the
+    module docstring says. ``previews``: where the job's latest preview is kept while it runs; ``waiting``:
+    the job's id and the time it was submitted are in it from its submission to the end of its wait.
+    Raises ``NoImages`` for every end but a job's images."""
+    try:
+        job_id = await _submit(request, backend, registry, settings, caller)
+    except InvalidRequest as exc:
+        raise NoImages(Outcome.REFUSED, str(exc), exc.errors) from exc
+    except (QueueFullError, KeyQueueFullError) as exc:
+        raise NoImages(Outcome.QUEUE_FULL, str(exc)) from exc
+    except BrokerUnavailableError as exc:
+        raise NoImages(Outcome.QUEUE_UNREACHABLE, str(exc)) from exc
+    except UnavailableError as exc:
+        raise NoImages(Outcome.UNAVAILABLE, str(exc)) from exc
+    if waiting is not None:
+        waiting[job_id] = time.time()
+    try:
+        job = await _wait_for_end(
+            backend, job_id, wait_limit_s(settings), previews,
+            client=http, cancel_on_disconnect=settings.cancel_on_disconnect,
+        )  # fmt: skip
+    except JobWaitTimeout as exc:
+        raise NoImages(Outcome.TIMED_OUT, str(exc)) from exc
+    except WaitAbandoned as exc:
+        raise NoImages(Outcome.ABANDONED, str(exc)) from exc
+    finally:
+        if waiting is not None:
+            waiting.pop(job_id, None)
+    if job.state is JobState.REVOKED:
+        raise NoImages(Outcome.CANCELLED, f"{job.error}")
+    if job.state is not JobState.SUCCESS or job.result is None:
+        raise NoImages(Outcome.FAILED, f"{job.error}")
+    return FinishedJob(job, job.result)
+
+
+async def read_images(backend: JobBackend, settings: Settings, job: FinishedJob) -> list[bytes]:
+    """A finished job's PNGs, in order."""
+    return [await read_image(backend, settings, filename) for filename in job.filenames]
 
 
 async def read_image(backend: JobBackend, settings: Settings, filename: str) -> bytes:
@@ -208,10 +320,3 @@ async def read_image(backend: JobBackend, settings: Settings, filename: str) -> 
         return Path(path).read_bytes()
 
     return await run_in_threadpool(read)
-
-
-def revised_prompt(job: JobRecord) -> str:
-    """The prompt as encoded: with the LoRAs' trigger words when the engine reports it."""
-    metadata = (job.result or {}).get("metadata", {})
-    return str(metadata.get("final_prompt") or metadata.get("prompt") or job.task.get("prompt", ""))
-

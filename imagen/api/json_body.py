@@ -5,8 +5,7 @@ nesting deep enough for a ``RecursionError`` in the parser or in whatever walks 
 A1111 answer echoes the body), and what Python's parser accepts but no JSON answer can carry: ``NaN``,
 ``Infinity`` (or ``1e999``) and lone surrogates (``"\\ud800"``): an A1111 job ran to the end, then its answer
 failed. Here each is a ``BadJson`` that names the problem and, for a value, its field, before anything else
-reads the body. It walks the value without recursion; the routes call it in a worker thread (a body may be
-32 MB).
+reads the body. It walks the value without recursion, in a worker thread (``read_json``: a body may be 32 MB).
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ import json
 import math
 import re
 from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 MAX_DEPTH = 32  # nesting levels of arrays and objects; A1111 clients send about 5
 # Only a \uD800-\uDFFF escape makes a lone surrogate: without one, no string needs checking.
@@ -32,6 +34,12 @@ class BadJson(ValueError):
     def field(self) -> str | None:
         """The top-level field at fault (OpenAI's ``param``), if any."""
         return self.path[0] if self.path and isinstance(self.path[0], str) else None
+
+
+async def read_json(http: Request, empty: bytes = b"") -> Any:
+    """The value of the request's JSON body (``empty``: what an empty body stands for), parsed in a worker
+    thread, never on the event loop; or ``BadJson``."""
+    return await run_in_threadpool(parse_json, await http.body() or empty)
 
 
 def parse_json(body: bytes) -> Any:

@@ -26,18 +26,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from imagen.api.compat_jobs import (
-    JobWaitTimeout,
-    WaitAbandoned,
-    image_files,
-    read_image,
-    revised_prompt,
-    submit,
-    wait_for_end,
-    wait_limit_s,
-)
+from imagen.api.compat_jobs import NoImages, Outcome, read_images, run_job
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
-from imagen.api.json_body import BadJson, parse_json
+from imagen.api.json_body import BadJson, read_json
 from imagen.api.schemas import (
     MAX_PROMPT_CHARS,
     GenerationRequest,
@@ -48,12 +39,9 @@ from imagen.api.schemas import (
     Seed,
     Steps,
 )
-from imagen.api.submission import InvalidRequest
 from imagen.config import Settings
-from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
 from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
-from imagen.jobs.types import JobState
 from imagen.registry import Registry
 
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
@@ -166,6 +154,36 @@ def _invalid(message: str, param: str | None, code: str | None = None) -> OpenAI
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
 
+# How a job that ends without images is answered: status, type, code, message ({}: the reason). A job the
+# submission refuses is answered below: its error names the field.
+_NO_IMAGES: dict[Outcome, tuple[int, str, str, str]] = {
+    Outcome.QUEUE_FULL: (429, "rate_limit_exceeded", "queue_full", "Too many jobs waiting: {}; try again later"),
+    Outcome.QUEUE_UNREACHABLE: (
+        503, "server_error", "queue_unavailable", "The job queue is unreachable; try again later"
+    ),
+    Outcome.UNAVAILABLE: (
+        503, "server_error", "service_unavailable", "The service cannot take jobs now ({}); try again later"
+    ),
+    Outcome.TIMED_OUT: (504, "server_error", "timeout", "{}"),
+    # the server is stopping (a client that went away reads nothing)
+    Outcome.ABANDONED: (503, "server_error", "server_stopping", "The server is restarting; try again"),
+    Outcome.FAILED: (500, "server_error", "generation_failed", "The image generation failed: {}"),
+    Outcome.CANCELLED: (500, "server_error", "cancelled", "The image generation failed: {}"),
+}  # fmt: skip
+
+
+def _no_images(ended: NoImages) -> JSONResponse:
+    if ended.outcome is Outcome.REFUSED:
+        first = ended.problems[0]
+        param = _PARAM_NAMES.get(str(first.loc[0]), str(first.loc[0]))
+        if param == "model":
+            return OpenAIError(404, first.message, "invalid_request_error", "model", "model_not_found").response()
+        return _invalid(first.message, param).response()
+    status, type_, code, message = _NO_IMAGES[ended.outcome]
+    retry_after = None if ended.retry_after_s is None else {"Retry-After": str(ended.retry_after_s)}
+    return OpenAIError(status, message.format(ended.reason), type_, None, code).response(retry_after)
+
+
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
@@ -255,43 +273,15 @@ async def _run(
     caller: CallerDep,
 ) -> JSONResponse:
     try:
-        job_id = await submit(request, backend, registry, settings, caller)
-    except InvalidRequest as exc:
-        first = exc.errors[0]
-        param = _PARAM_NAMES.get(str(first.loc[0]), str(first.loc[0]))
-        if param == "model":
-            return OpenAIError(404, first.message, "invalid_request_error", "model", "model_not_found").response()
-        return _invalid(first.message, param).response()
-    except (QueueFullError, KeyQueueFullError) as exc:
-        return OpenAIError(429, f"Too many jobs waiting: {exc}; try again later", "rate_limit_exceeded", None,
-                           "queue_full").response({"Retry-After": "30"})
-    except BrokerUnavailableError:
-        return OpenAIError(503, "The job queue is unreachable; try again later", "server_error", None,
-                           "queue_unavailable").response({"Retry-After": "10"})
-    except UnavailableError as exc:  # a full outputs disk, too many images waiting for a copy
-        return OpenAIError(503, f"The service cannot take jobs now ({exc}); try again later", "server_error", None,
-                           "service_unavailable").response({"Retry-After": "30"})
-    try:
-        job = await wait_for_end(
-            backend, job_id, wait_limit_s(settings), client=http, cancel_on_disconnect=settings.cancel_on_disconnect
-        )
-    except JobWaitTimeout as exc:
-        return OpenAIError(504, str(exc), "server_error", None, "timeout").response()
-    except WaitAbandoned:  # the server is stopping (a client that went away reads nothing)
-        return OpenAIError(503, "The server is restarting; try again", "server_error", None,
-                           "server_stopping").response({"Retry-After": "10"})
-    if job.state is not JobState.SUCCESS or job.result is None:
-        code = "cancelled" if job.state is JobState.REVOKED else "generation_failed"
-        return OpenAIError(500, f"The image generation failed: {job.error}", "server_error", None, code).response()
+        job = await run_job(request, http, backend, registry, settings, caller)
+    except NoImages as ended:
+        return _no_images(ended)
     wants_url = (fields.response_format or "url") == "url"
     output_format = "png" if wants_url else (fields.output_format or "png")
-    prompt = revised_prompt(job)
-    filenames = [str(image["filename"]) for image in image_files(job)]
-    metadata = job.result["metadata"]
     body: dict[str, Any] = {
-        "created": int(job.created_at or time.time()),
+        "created": int(job.record.created_at or time.time()),
         "data": [],  # the images, below
-        "size": f"{metadata.get('width')}x{metadata.get('height')}",
+        "size": f"{job.metadata.get('width')}x{job.metadata.get('height')}",
         "output_format": output_format,
         "quality": fields.quality or "auto",
     }
@@ -299,12 +289,14 @@ async def _run(
         body["style"] = fields.style
     if wants_url:
         body["data"] = [
-            {"url": f"{base_url(http, settings)}/download/{filename}", "revised_prompt": prompt}
-            for filename in filenames
+            {"url": f"{base_url(http, settings)}/download/{filename}", "revised_prompt": job.revised_prompt}
+            for filename in job.filenames
         ]
         return JSONResponse(body)
-    pngs = [await read_image(backend, settings, filename) for filename in filenames]
-    return await run_in_threadpool(_b64_answer, body, pngs, output_format, fields.output_compression, prompt)
+    pngs = await read_images(backend, settings, job)
+    return await run_in_threadpool(
+        _b64_answer, body, pngs, output_format, fields.output_compression, job.revised_prompt
+    )
 
 
 def _b64_answer(
@@ -344,7 +336,7 @@ async def generations(
 ) -> JSONResponse:
     """OpenAI's image generation: waits for the job and answers its images (`url` or `b64_json`)."""
     try:
-        raw = await run_in_threadpool(parse_json, await http.body())  # up to 32 MB: not on the loop
+        raw = await read_json(http)
         fields = ImageGenerationRequest.model_validate(raw)
         request = _generation_request(fields, registry)
     except BadJson as exc:
