@@ -133,7 +133,11 @@ class Txt2ImgRequest(BaseModel):
     height: Side | None = Field(None, description="With `width`.")
     sampler_name: str | None = Field(None, description='GET /sdapi/v1/samplers; "" or null: the model\'s default.')
     sampler_index: str | None = Field(None, description="The old name of `sampler_name`, read when it is absent.")
-    scheduler: str | None = Field(None, description='A1111\'s "Schedule type": "Karras" picks a Karras sampler.')
+    scheduler: str | None = Field(
+        None,
+        description='A1111\'s "Schedule type": Automatic (the sampler as named) or Karras (its Karras variant, for '
+        "a sampler that has one; a 422 otherwise).",
+    )
     batch_size: ImageCount = Field(1, description=f"batch_size × n_iter images, at most {MAX_IMAGES}.")
     n_iter: ImageCount = 1
     override_settings: OverrideSettings = Field(default_factory=OverrideSettings)

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from imagen.api.a1111_compat import request_schemas
+from imagen.api.a1111_compat import SCHEDULE_TYPES, request_schemas
 from imagen.api.openai_compat import OPENAI_MODEL_NAMES
 from imagen.api.schemas import NOT_BLANK
 from imagen.config import Settings
@@ -87,6 +87,7 @@ def _describe_compat_bodies(document: dict[str, Any], registry: Registry, settin
         fields["prompt"]["pattern"] = NOT_BLANK
         _choices(fields["sampler_name"], ["", *samplers])
         _choices(fields["sampler_index"], ["", *samplers])
+        _choices(fields["scheduler"], ["", *SCHEDULE_TYPES, *(name.lower() for name in SCHEDULE_TYPES)])
         schemas[name]["dependentRequired"] = {"width": ["height"], "height": ["width"]}
     _choices(schemas["OverrideSettings"]["properties"]["sd_model_checkpoint"], registry.model_ids)
 
