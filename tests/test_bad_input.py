@@ -294,3 +294,11 @@ def test_openai_transparent_background_is_refused_not_dropped(keyed: TestClient,
     assert not execution_log.exists()
     opaque = keyed.post("/v1/images/generations", json={"prompt": "x", "background": "opaque", "steps": 10})
     assert opaque.status_code == 200
+
+
+def test_a1111_lora_tags_it_cannot_honour_are_a_422(keyed: TestClient, execution_log: Path) -> None:
+    unknown = _a1111_detail(keyed.post("/sdapi/v1/txt2img", json={"prompt": "fox <lora:nope:0.5>"}))
+    assert unknown == "prompt: unknown LoRA 'nope' in a <lora:...> tag; available: anime-style, character-detail"
+    not_a_number = _a1111_detail(keyed.post("/sdapi/v1/txt2img", json={"prompt": "fox <lora:anime-style:much>"}))
+    assert not_a_number == "prompt: the weight in <lora:anime-style:much> is not a number"
+    assert not execution_log.exists()  # refused before any job

@@ -214,6 +214,13 @@ def _generation_request(
     fields: Txt2ImgRequest, registry: Registry, settings: Settings, default_model: str | None, mask: str | None
 ) -> tuple[GenerationRequest | None, str | None]:
     tags = parse_lora_tags(fields.prompt, registry)
+    if tags.unknown:
+        return None, (
+            f"prompt: unknown LoRA {tags.unknown[0]!r} in a <lora:...> tag; available: "
+            + (", ".join(registry.lora_ids) or "none")
+        )
+    if tags.bad_weights:
+        return None, f"prompt: the weight in {tags.bad_weights[0]} is not a number"
     sampler, problem = _sampler(fields)
     if problem is not None:
         return None, problem

@@ -2,7 +2,8 @@
 resolved against the registry by LoRA id or by its file's stem.
 
 ``<lora:name>`` weighs 1.0 (A1111's default); ``<lora:name:te:unet>`` takes its first weight. A name the
-registry does not know is dropped with the tag, as A1111 drops a network it cannot find, and reported.
+registry does not know, or a weight that is not a number, is reported (A1111 drops such a tag with a
+warning in its console; a client of ours gets a 422 instead: nothing asked for is silently left out).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ DEFAULT_TAG_WEIGHT = 1.0
 class PromptTags:
     prompt: str  # without the tags
     loras: list[tuple[str, float]] = field(default_factory=list)  # (registry id, weight), first mention wins
-    unknown: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # names the registry does not know
+    bad_weights: list[str] = field(default_factory=list)  # the tags whose weight is not a number
 
 
 def lora_id(name: str, registry: Registry) -> str | None:
@@ -42,7 +44,8 @@ def parse_lora_tags(prompt: str, registry: Registry) -> PromptTags:
         try:
             weight = float(weights[0]) if weights else DEFAULT_TAG_WEIGHT
         except ValueError:
-            weight = DEFAULT_TAG_WEIGHT
+            found.bad_weights.append(match[0])
+            continue
         resolved = lora_id(name, registry)
         if resolved is None:
             found.unknown.append(name)
