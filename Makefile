@@ -37,13 +37,15 @@ test-gpu: install
 lint: install
 	$(BIN)/ruff check imagen tests bench training docs_hooks.py
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 # The manual (docs/) as a site in build/site; --strict: a broken link or anchor fails. Preview: .venv/bin/mkdocs serve
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
+# The CPU benchmarks (a few minutes on 2 cores), then one summary table; what each measures: bench/README.md
 bench: install
-	$(BIN)/python bench/service_overhead.py
+	$(BIN)/python bench/run_cpu_set.py
 
 # Retrain the shipped demo model from its seed (about 85-90 min on 2 CPU cores) with training/ (kept out of
 # the package, like diffusers' examples/) and put it in the package:

@@ -14,82 +14,25 @@ takes a fixed time, as a GPU would), and the API side's ``CeleryBackend`` in thi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from harness import Headline, Table, new_job, redis_server, report, test_pattern_cluster, wait, wait_finished, workers
 
-from harness import start_redis, test_pattern_cluster, wait  # noqa: E402
-
-from imagen.api.schemas import GenerationRequest  # noqa: E402
-from imagen.api.submission import prepare_job  # noqa: E402
-from imagen.config import Settings  # noqa: E402
-from imagen.jobs.distributed.backend import CeleryBackend  # noqa: E402
-from imagen.jobs.types import JobRecord  # noqa: E402
-from imagen.registry import load_registry  # noqa: E402
-
-
-def start_workers(
-    count: int, env: dict[str, str], workdir: Path, backend: CeleryBackend
-) -> list[subprocess.Popen[bytes]]:
-    workers = []
-    for index in range(count):
-        log = (workdir / f"worker-{index}.log").open("ab")
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "imagen", "worker", "--gpu", str(index)],
-                env=env,
-                cwd=workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    wait(lambda: len(backend.store.workers.alive()) >= count, 60, f"{count} worker(s)")
-    return workers
-
-
-def stop_workers(workers: list[subprocess.Popen[bytes]], backend: CeleryBackend) -> None:
-    for worker in workers:
-        os.killpg(worker.pid, signal.SIGTERM)
-    for worker in workers:
-        worker.wait(timeout=30)
-    backend.store.client.delete(*backend.store.client.keys("imagen:worker:*") or ["imagen:none"])
+from imagen.config import Settings
+from imagen.jobs.distributed.backend import CeleryBackend
 
 
 def submit(backend: CeleryBackend, settings: Settings, prompt: str) -> str:
-    registry = load_registry(settings.registry_path)
-    job = prepare_job(GenerationRequest(prompt=prompt, steps=10), registry, settings)
-    return backend.submit(job).job_id
-
-
-def finished(backend: CeleryBackend, job_ids: list[str]) -> list[JobRecord] | None:
-    records = [backend.store.jobs.get(job_id) for job_id in job_ids]
-    if all(r is not None and r.state.is_terminal() for r in records):
-        return [r for r in records if r is not None]
-    return None
+    return backend.submit(new_job(settings, prompt)).job_id
 
 
 def throughput(backend: CeleryBackend, settings: Settings, jobs: int) -> float:
     started = time.time()
     job_ids = [submit(backend, settings, f"throughput {i}") for i in range(jobs)]
-    records: list[JobRecord] = []
-
-    def done() -> bool:
-        nonlocal records
-        records = finished(backend, job_ids) or []
-        return bool(records)
-
-    wait(done, 600, "the throughput jobs", interval=0.005)
-    assert all(r.state.value == "SUCCESS" for r in records), [r.error for r in records]
+    records = wait_finished(backend, job_ids, 600, interval=0.005)
     last = max(r.finished_at or 0.0 for r in records)
     return jobs / (last - started)
 
@@ -97,16 +40,7 @@ def throughput(backend: CeleryBackend, settings: Settings, jobs: int) -> float:
 def dispatch_latencies(backend: CeleryBackend, settings: Settings, jobs: int) -> list[float]:
     latencies = []
     for index in range(jobs):
-        job_id = submit(backend, settings, f"latency {index}")
-        records: list[JobRecord] = []
-
-        def done(job_id: str = job_id) -> bool:
-            nonlocal records
-            records = finished(backend, [job_id]) or []
-            return bool(records)
-
-        wait(done, 60, "a latency job", interval=0.005)
-        record = records[0]
+        record = wait_finished(backend, [submit(backend, settings, f"latency {index}")], 60, interval=0.005)[0]
         assert record.started_at is not None
         latencies.append(record.started_at - record.created_at)
     return latencies
@@ -121,49 +55,43 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         workdir = Path(tmp)
-        redis_process, url = start_redis(workdir, appendonly=True)
-        env, settings = test_pattern_cluster(url, workdir, args.generation_s)
-        backend = CeleryBackend(settings)
-        backend.start()
-        try:
-            results: dict[int, float] = {}
-            for count in (1, 2):
-                workers = start_workers(count, env, workdir, backend)
-                try:
-                    submit_and_wait_one = dispatch_latencies(backend, settings, 2)  # warm-up
-                    del submit_and_wait_one
-                    results[count] = throughput(backend, settings, args.jobs)
-                    if count == 1:
-                        latencies = dispatch_latencies(backend, settings, args.latency_jobs)
-                finally:
-                    stop_workers(workers, backend)
-            ideal = 1 / args.generation_s
-            print(f"generator: test-pattern, {args.generation_s:g} s per 1024x1024 PNG; {args.jobs} jobs")
-            print(f"1 worker : {results[1]:.2f} jobs/s ({results[1] / ideal:.0%} of one generator's rate)")
-            print(f"2 workers: {results[2]:.2f} jobs/s ({results[2] / ideal:.0%})")
-            print(f"throughput ratio 2 workers / 1 worker: {results[2] / results[1]:.2f}x (target >= 1.8x)")
-            ms = sorted(1000 * value for value in latencies)
-            print(
-                f"enqueue -> worker start, {len(ms)} jobs to an idle worker: "
-                f"median {statistics.median(ms):.1f} ms, "
-                f"p90 {ms[int(0.9 * (len(ms) - 1))]:.1f} ms, max {ms[-1]:.1f} ms (target median <= 20 ms)"
-            )
-            print(
-                json.dumps(
-                    {
-                        "throughput_1": results[1],
-                        "throughput_2": results[2],
-                        "ratio": results[2] / results[1],
-                        "median_dispatch_ms": statistics.median(ms),
-                    }
-                )
-            )
-        finally:
-            backend.stop()
-            os.killpg(redis_process.pid, signal.SIGKILL)
-            redis_process.wait()
+        with redis_server(workdir, appendonly=True) as url:
+            env, settings = test_pattern_cluster(url, workdir, args.generation_s)
+            backend = CeleryBackend(settings)
+            backend.start()
+            try:
+                results: dict[int, float] = {}
+                for count in (1, 2):
+                    with workers(count, env, workdir):
+                        wait(lambda: len(backend.store.workers.alive()) >= count, 60, f"{count} worker(s)")  # noqa: B023 - called at once
+                        dispatch_latencies(backend, settings, 2)  # warm-up
+                        results[count] = throughput(backend, settings, args.jobs)
+                        if count == 1:
+                            latencies = dispatch_latencies(backend, settings, args.latency_jobs)
+                    # the stopped workers' heartbeats, so that the next count waits for live ones
+                    backend.store.client.delete(*backend.store.client.keys("imagen:worker:*") or ["imagen:none"])
+            finally:
+                backend.stop()
+    ideal = 1 / args.generation_s
+    ms = sorted(1000 * value for value in latencies)
+    ratio = results[2] / results[1]
+    median = statistics.median(ms)
+    report(
+        f"Distributed backend: test-pattern engine at {args.generation_s:g} s per 1024x1024 PNG",
+        Table(["what", "measured", "target"], [
+            [f"1 worker, {args.jobs} jobs", f"{results[1]:.2f} jobs/s ({results[1] / ideal:.0%} of one generator's "
+             "rate)", ""],
+            [f"2 workers, {args.jobs} jobs", f"{results[2]:.2f} jobs/s ({results[2] / ideal:.0%})", ""],
+            ["throughput ratio 2 workers / 1 worker", f"{ratio:.2f}x", ">= 1.8x"],
+            [f"enqueue -> worker start, {len(ms)} jobs to an idle worker",
+             f"median {median:.1f} ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.1f} ms, max {ms[-1]:.1f} ms",
+             "median <= 20 ms"],
+        ]),
+        headlines=[Headline("throughput, 2 workers / 1", f"{ratio:.2f}x", ">= 1.8x"),
+                   Headline("enqueue -> worker start (median)", f"{median:.1f} ms", "<= 20 ms")],
+    )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for issue 14, in one go (the GPU box may start bare each time, and its time is short):
+# The GPU set in one go (a borrowed GPU box may start bare each time, and its time is short):
 # install what the box lacks, then the SDXL benchmark and the `gpu` tests, most important first, each part
 # under its own time limit inside a total budget, so that a slow part costs only itself.
 #

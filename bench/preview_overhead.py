@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from harness import Headline, Table, quiet_libraries, report
 
 
 def main() -> None:
@@ -31,6 +29,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
+    quiet_libraries()
 
     import torch
 
@@ -47,14 +46,14 @@ def main() -> None:
     engine = engine_module.DiffusersEngine(builtin_registry(), settings)
     spent_in_previews = [0.0]
 
-    def timed_preview(latents: torch.Tensor, **latent_rgb: Any) -> bytes:
+    def timed_preview(latents: torch.Tensor, *args: Any, **kwargs: Any) -> bytes:
         start = time.perf_counter()
         try:
-            return latents_preview(latents, **latent_rgb)
+            return latents_preview(latents, *args, **kwargs)
         finally:
             spent_in_previews[0] += time.perf_counter() - start
 
-    engine_module.latents_preview = timed_preview  # type: ignore[attr-defined]
+    engine_module.latents_preview = timed_preview  # type: ignore[attr-defined]  # the engine previews with it
     task = GenerationTask(prompt="a large green star on the left on a beige background", negative_prompt=None,
                           model="demo", steps=args.steps, guidance_scale=7.5, seed=1)
     previews: list[int] = []
@@ -82,19 +81,28 @@ def main() -> None:
         latents_preview(latents)
         one.append(time.perf_counter() - start)
 
-    print(f"demo model, 1024x1024, {args.steps} steps, {engine.device} {engine.dtype}, preview every "
-          f"{settings.preview_every_steps} steps ({args.steps // settings.preview_every_steps} per job, "
-          f"~{statistics.median(previews) / 1024:.1f} KiB each), {args.runs} runs per path (interleaved)")
-    for with_previews, label in ((False, "without previews"), (True, "with previews")):
-        runs = times[with_previews]
-        print(f"{label:17s} median {statistics.median(runs):.3f} s  runs " + " ".join(f"{t:.3f}" for t in runs))
     ratio = statistics.median(times[True]) / statistics.median(times[False])
-    print(f"ratio of the medians (with / without): {ratio:.3f} (target <= 1.05)")
     share = spent_in_previews[0] / sum(times[True])
-    print(f"time spent making previews: {spent_in_previews[0] / args.runs * 1000:.1f} ms per job, "
-          f"{share * 100:.3f} % of the jobs with previews")
-    print(f"one preview alone ({cells}x{cells} latents -> JPEG): median {statistics.median(one) * 1000:.2f} ms")
-
+    per_job = args.steps // settings.preview_every_steps
+    report(
+        f"Previews: demo model, 1024x1024, {args.steps} steps, {engine.device}, a preview every "
+        f"{settings.preview_every_steps} steps ({per_job} per job, ~{statistics.median(previews) / 1024:.1f} KiB "
+        f"each), {args.runs} runs per path (interleaved)",
+        Table(["path", "median s", "runs (s)"], [
+            [label, f"{statistics.median(times[with_previews]):.3f}",
+             " ".join(f"{t:.3f}" for t in times[with_previews])]
+            for with_previews, label in ((False, "without previews"), (True, "with previews"))
+        ]),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        notes=[
+            f"ratio of the medians (with / without): {ratio:.3f} (target <= 1.05)",
+            f"time spent making previews: {spent_in_previews[0] / args.runs * 1000:.1f} ms per job, "
+            f"{share * 100:.3f} % of the jobs with previews",
+            f"one preview alone ({cells}x{cells} latents -> JPEG): median {statistics.median(one) * 1000:.2f} ms",
+        ],
+        headlines=[Headline("with / without previews (medians)", f"{ratio:.3f}", "<= 1.05"),
+                   Headline("time spent making previews", f"{share * 100:.3f} % of a job")],
+    )
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import gc
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -41,27 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from harness import Headline, Table, peak_rss_bytes, report, reset_peak_rss
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import (  # noqa: E402
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
-
-from imagen.config import Settings  # noqa: E402
-from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice  # noqa: E402
-from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers  # noqa: E402
-from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
-from imagen.generation.diffusers.loading import resolve_dtype  # noqa: E402
-from imagen.registry import LoraSpec, ModelSpec, Registry  # noqa: E402
-from imagen.testing.fixtures import write_attention_loras  # noqa: E402
+from imagen.config import Settings
+from imagen.generation.base import STEP_GENERATION, STEP_LOADING_LORAS, GenerationTask, LoraChoice
+from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers
+from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.diffusers.loading import resolve_dtype
+from imagen.registry import LoraSpec, ModelSpec, Registry
+from imagen.testing.fixtures import write_attention_loras
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -75,36 +67,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
+        reset_peak_rss()
 
 
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_rss_bytes()
 
 
 def gib(n: int | None) -> str:
@@ -154,7 +129,7 @@ def build_unet(device: torch.device, dtype: torch.dtype, seed: int = SEED) -> An
     config = UNet2DConditionModel.load_config(str(SDXL_CONFIG_DIR / "unet"))
     with torch.random.fork_rng(devices=[]), torch.device(device), default_dtype(dtype):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(config)  # type: ignore[no-untyped-call]
     return unet.to(device=device, dtype=dtype).eval()
 
 
@@ -167,16 +142,18 @@ def build_components(device: torch.device, dtype: torch.dtype, seed: int = SEED)
     te2_config = CLIPTextConfig.from_pretrained(str(SDXL_CONFIG_DIR / "text_encoder_2"))
     with torch.random.fork_rng(devices=[]), torch.device(device), default_dtype(dtype):
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL.from_config(vae_config)
+        vae = AutoencoderKL.from_config(vae_config)  # type: ignore[no-untyped-call]
         text_encoder = CLIPTextModel(te_config)
         text_encoder_2 = CLIPTextModelWithProjection(te2_config)
     tokenizer, tokenizer_2 = load_clip_tokenizers()
-    scheduler = EulerDiscreteScheduler.from_pretrained(str(SDXL_CONFIG_DIR), subfolder="scheduler")
+    scheduler = EulerDiscreteScheduler.from_pretrained(  # type: ignore[no-untyped-call]
+        str(SDXL_CONFIG_DIR), subfolder="scheduler"
+    )
     return {
         "unet": unet,
         "vae": vae.to(device=device, dtype=dtype).eval(),
-        "text_encoder": text_encoder.to(device=device, dtype=dtype).eval(),
-        "text_encoder_2": text_encoder_2.to(device=device, dtype=dtype).eval(),
+        "text_encoder": text_encoder.to(device=device, dtype=dtype).eval(),  # type: ignore[call-arg]
+        "text_encoder_2": text_encoder_2.to(device=device, dtype=dtype).eval(),  # type: ignore[call-arg]
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "scheduler": scheduler,
@@ -194,7 +171,8 @@ def free(device: torch.device) -> None:
 def run_plain(args: argparse.Namespace, device: torch.device) -> Row:
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # what a user writes / the default
     components = build_components(device, dtype)
-    pipe = StableDiffusionXLPipeline(**components).to(device.type, dtype)
+    pipe: Any = StableDiffusionXLPipeline(**components)  # type: ignore[no-untyped-call]
+    pipe = pipe.to(device.type, dtype)
     del components
     pipe.set_progress_bar_config(disable=True)
 
@@ -263,7 +241,7 @@ class RandomPipelineEngine(DiffusersEngine):
 
     def _load(self, spec: ModelSpec, dtype: torch.dtype) -> Any:
         components = build_components(self.build_device, dtype)
-        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+        pipe: Any = StableDiffusionXLPipeline(**components, add_watermarker=False)  # type: ignore[no-untyped-call]
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -407,12 +385,12 @@ def memory_modes(args: argparse.Namespace, device: torch.device) -> list[Row]:
             continue
         row = run_engine(args, device, f"imagen, {name}", **{"compile": args.memory_compile, **overrides})
         rows.append(row)
-        print(f"  {table([row], None).splitlines()[-1]}", flush=True)
+        show_row(row_cells(row, None))
     return rows
 
 
 # --- LoRA switching -----------------------------------------------------------------------------------
-def lora_switch(args: argparse.Namespace, device: torch.device) -> list[str]:
+def lora_switch(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
     """Switch between two LoRAs job after job; report the switch step and the job right after a switch."""
     lines = []
     with tempfile.TemporaryDirectory(prefix="imagen-bench-lora-") as tmp:
@@ -451,10 +429,9 @@ def lora_switch(args: argparse.Namespace, device: torch.device) -> list[str]:
                     job_s.append(time.perf_counter() - started)
                     switch_s.append(marks["lora100"] - marks["lora0"])
             if job_s:
-                lines.append(
-                    f"| {label} | {1000 * sum(switch_s) / len(switch_s):.1f} ms | "
-                    f"{sum(job_s) / len(job_s):.2f} s | {engine.acceleration_summary()} |"
-                )
+                lines.append([label, f"{1000 * sum(switch_s) / len(switch_s):.1f} ms",
+                              f"{sum(job_s) / len(job_s):.2f} s", engine.acceleration_summary()])
+                show_row(lines[-1])
             engine.close()
             del engine
             free(device)
@@ -467,7 +444,7 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def tiny_compile_lora(args: argparse.Namespace) -> list[str]:
+def tiny_compile_lora(args: argparse.Namespace) -> list[list[str]]:
     """LoRA switching with torch.compile on the tiny fixture model (64², 2 steps), for machines where the
     full-size compile is out of reach (a 2-core CPU): the mechanism and whether a switch recompiles."""
     from imagen.registry import load_registry
@@ -525,32 +502,31 @@ def tiny_compile_lora(args: argparse.Namespace) -> list[str]:
                     job_s.append(time.perf_counter() - started)
                     switch_s.append(marks["lora100"] - marks["lora0"])
             new_graphs = _graphs() - graphs_at_steady
-            lines.append(
-                f"| {label} | {1000 * sum(switch_s) / len(switch_s):.1f} ms | {sum(job_s) / len(job_s):.3f} s | "
-                f"{new_graphs} | {warm:.1f} s |"
-            )
-            print(f"  {lines[-1]}", flush=True)
+            lines.append([label, f"{1000 * sum(switch_s) / len(switch_s):.1f} ms", f"{sum(job_s) / len(job_s):.3f} s",
+                          str(new_graphs), f"{warm:.1f} s"])
+            show_row(lines[-1])
             engine.close()
     return lines
 
 
 # --- main ---------------------------------------------------------------------------------------------
-def table(rows: list[Row], base: float | None) -> str:
-    out = [
-        "| configuration | s/image | s/step | peak memory | ratio to plain diffusers | warm-up (excluded) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if row.s_image is None:
-            out.append(f"| {row.name} | – | – | not measured | – | {row.note} |")
-            continue
-        ratio = f"{row.s_image / base:.2f}×" if base else "–"
-        peak = f"{gib(row.peak)} ({row.peak_kind})" if row.peak is not None else "not measured"
-        warm = f"{row.warm_up_s:.1f} s" if row.warm_up_s is not None else "–"
-        note = f" {row.note}" if row.note else ""
-        step = f"{row.s_step:.3f}" if row.s_step is not None else "–"
-        out.append(f"| {row.name} | {row.s_image:.3f} | {step} | {peak} | {ratio} | {warm}{note} |")
-    return "\n".join(out)
+ROW_COLUMNS = ["configuration", "s/image", "s/step", "peak memory", "ratio to plain diffusers", "warm-up (excluded)"]
+
+
+def row_cells(row: Row, base: float | None) -> list[str]:
+    if row.s_image is None:
+        return [row.name, "–", "–", "not measured", "–", row.note]
+    ratio = f"{row.s_image / base:.2f}×" if base else "–"
+    peak = f"{gib(row.peak)} ({row.peak_kind})" if row.peak is not None else "not measured"
+    warm = f"{row.warm_up_s:.1f} s" if row.warm_up_s is not None else "–"
+    note = f" {row.note}" if row.note else ""
+    step = f"{row.s_step:.3f}" if row.s_step is not None else "–"
+    return [row.name, f"{row.s_image:.3f}", step, peak, ratio, warm + note]
+
+
+def show_row(cells: list[str]) -> None:
+    """A row as soon as it is measured (on stderr): it survives a run killed by its time limit."""
+    print("  | " + " | ".join(cells) + " |", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -631,29 +607,28 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")
     args = parse_args(argv)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(
-        f"# SDXL speed: {name}, torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"{args.size}², {args.steps} steps, batch 1, CFG on (guidance {GUIDANCE}), "
-        f"{args.images} timed image(s) after {args.warmup} warm-up image(s)\n",
-        flush=True,
-    )
+    dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    setup = (f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+             f"{torch.get_num_threads()} CPU threads; {args.images} timed image(s) after {args.warmup} warm-up "
+             f"image(s), batch 1, CFG on (guidance {GUIDANCE})")
     if args.cpu_dtype_check:
-        print("## CPU: one full-size UNet step at 1024² (latents 128×128, batch 2 for CFG)\n", flush=True)
         results = cpu_dtype_check(args)
-        base = results[0][1]
-        print("\n| dtype | s per UNet step | speed vs fp32 |\n|---|---|---|")
-        for dtype_name, seconds, _ in results:
-            print(f"| {dtype_name} | {seconds:.1f} | {base / seconds:.2f}× |")
-        print(flush=True)
+        fp32 = results[0][1]
+        report(
+            "SDXL speed, CPU: one full-size UNet step at 1024² (latents 128×128, batch 2 for CFG)",
+            Table(["dtype", "s per UNet step", "speed vs fp32"],
+                  [[name, f"{seconds:.1f}", f"{fp32 / seconds:.2f}×"] for name, seconds, _ in results]),
+            notes=[setup],
+            headlines=[Headline(f"{name}: one 1024² UNet step vs fp32", f"{fp32 / seconds:.2f}×")
+                       for name, seconds, _ in results[1:]],
+        )
     if not args.skip_main:
         wanted = {row.strip() for row in args.rows.split(",")}
         rows: list[Row] = []
 
         def add(row: Row) -> None:
             rows.append(row)
-            print(f"  {table([row], rows[0].s_image).splitlines()[-1]}", flush=True)  # survives a killed run
+            show_row(row_cells(row, rows[0].s_image))
 
         if "plain" in wanted:
             add(run_plain(args, device))
@@ -662,43 +637,38 @@ def main(argv: list[str] | None = None) -> None:
         if "imagen" in wanted:
             add(run_engine(args, device, "imagen"))
         base = rows[0].s_image if rows and "plain" in wanted else None
-        print(f"\n## Plain diffusers vs imagen ({args.size}², {args.steps} steps, {device.type})\n")
-        print(table(rows, base), flush=True)
-        print()
+        last = rows[-1].s_image if rows else None
+        report(
+            f"SDXL speed: plain diffusers vs imagen ({args.size}², {args.steps} steps, {device.type})",
+            Table(ROW_COLUMNS, [row_cells(row, base) for row in rows]),
+            dtype=dtype, notes=[setup],
+            headlines=[Headline(f"{rows[-1].name}: s/image vs plain diffusers", f"{last / base:.2f}×")]
+            if base and last and len(rows) > 1 else [],
+        )
     if args.memory_modes:
         margs = with_size(args, args.memory_size, args.memory_steps)
-        print(f"## Memory modes ({margs.size}², {margs.steps} steps, {device.type})\n", flush=True)
         mrows = memory_modes(margs, device)
-        base = mrows[0].s_image
-        print()
-        print(table(mrows, None).replace("ratio to plain diffusers", "ratio to default"))
-        if base:
-            print(
-                "\n"
-                + "\n".join(
-                    f"- {row.name}: {row.s_image / base:.2f}× the default's time" for row in mrows[1:] if row.s_image
-                )
-            )
-        print(flush=True)
+        default = mrows[0].s_image
+        report(
+            f"SDXL memory modes ({margs.size}², {margs.steps} steps, {device.type})",
+            Table([*ROW_COLUMNS[:4], "ratio to default", ROW_COLUMNS[5]], [row_cells(row, default) for row in mrows]),
+            dtype=dtype, notes=[setup],
+        )
     if args.lora_switch:
         largs = with_size(args, args.lora_size, args.lora_steps)
-        print(
-            f"## LoRA switching ({largs.size}², {largs.steps} steps, {device.type}, 2 LoRAs alternating)\n",
-            flush=True,
+        report(
+            f"LoRA switching ({largs.size}², {largs.steps} steps, {device.type}, 2 LoRAs alternating)",
+            Table(["engine", "LoRA switch step (mean)", "job right after a switch (mean)", "speed options"],
+                  lora_switch(largs, device)),
+            dtype=dtype, notes=[setup],
         )
-        print("| engine | LoRA switch step (mean) | job right after a switch (mean) | speed options |")
-        print("|---|---|---|---|")
-        print("\n".join(lora_switch(largs, device)), flush=True)
     if args.tiny_compile_lora:
-        print("## LoRA switching with torch.compile, tiny fixture model (64², 2 steps, CPU, fp32)\n", flush=True)
-        lines = tiny_compile_lora(args)
-        print(
-            "| engine | LoRA switch step (mean) | job after a switch (mean) | graphs compiled while "
-            "switching | warm-up |"
+        report(
+            "LoRA switching with torch.compile, tiny fixture model (64², 2 steps, CPU)",
+            Table(["engine", "LoRA switch step (mean)", "job after a switch (mean)",
+                   "graphs compiled while switching", "warm-up"], tiny_compile_lora(args)),
+            dtype="float32",
         )
-        print("|---|---|---|---|---|")
-        print("\n".join(lines), flush=True)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

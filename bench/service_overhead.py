@@ -2,8 +2,9 @@
 
 1. Overhead: a real `imagen serve` with the test-pattern engine taking a fixed time per job. For each
    job, the time from POST /generate to /status answering SUCCESS, minus that fixed time. Median of N.
+   Target: <= 15 ms.
 2. Throughput: GET /status requests per second served by the API pinned to one core, while a job runs,
-   with the load generator (keep-alive connections, this file) on the other core.
+   with the load generator (keep-alive connections, this file) on the other core. Target: >= 2,000/s.
 
     .venv/bin/python bench/service_overhead.py [--jobs 40] [--generation-s 0.2] [--seconds 5]
 """
@@ -12,85 +13,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
-import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_json(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def start_server(workdir: Path, generation_s: float, api_cpu: int | None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "IMAGEN_ENGINE": "test-pattern", "IMAGEN_TEST_PATTERN_SECONDS": str(generation_s),
-           "IMAGEN_DATA_DIR": str(workdir / "data"), "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
-           "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if api_cpu is not None and shutil.which("taskset"):
-        command = ["taskset", "-c", str(api_cpu), *command]
-    process = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if http_json("GET", f"{url}/health")[0] == 200:
-                return process, url
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit("server did not start")
+from harness import Headline, JsonClient, Table, imagen_env, report, serve
 
 
 def measure_overhead(url: str, jobs: int, generation_s: float) -> list[float]:
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)  # keep-alive, as a client would
-
-    def call(method: str, path: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, Any]]:
-        payload = json.dumps(body).encode() if body is not None else None
-        connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-
+    client = JsonClient(url, timeout=10)  # keep-alive, as a client would
     overheads = []
     for index in range(jobs + 2):
         start = time.perf_counter()
-        status, body = call("POST", "/generate", {"prompt": f"benchmark {index}", "steps": 10})
-        assert status == 201, body
-        job_id = body["job_id"]
-        while True:
-            _, state = call("GET", f"/status/{job_id}")
-            if state["status"] in ("SUCCESS", "FAILURE"):
-                break
+        job_id = client.submit({"prompt": f"benchmark {index}", "steps": 10})
+        while (state := client.call("GET", f"/status/{job_id}")[1])["status"] not in ("SUCCESS", "FAILURE"):
             time.sleep(0.001)
         elapsed = time.perf_counter() - start
         assert state["status"] == "SUCCESS", state
         if index >= 2:  # the first jobs warm the worker
             overheads.append(elapsed - generation_s)
+    client.close()
     return overheads
 
 
@@ -117,18 +61,18 @@ async def _status_load(host: str, port: int, path: str, seconds: float, connecti
     return done
 
 
-def measure_status_throughput(url: str, seconds: float, connections: int) -> tuple[float, str]:
-    _, body = http_json("POST", f"{url}/generate", {"prompt": "long running job", "steps": 100})
-    job_id = body["job_id"]
-    while http_json("GET", f"{url}/status/{job_id}")[1]["status"] != "PROGRESS":
+def measure_status_throughput(url: str, port: int, seconds: float, connections: int) -> tuple[float, str]:
+    client = JsonClient(url, timeout=10)
+    job_id = client.submit({"prompt": "long running job", "steps": 100})
+    while client.call("GET", f"/status/{job_id}")[1]["status"] != "PROGRESS":
         time.sleep(0.01)
-    host, port = url.removeprefix("http://").split(":")
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
-    asyncio.run(_status_load(host, int(port), f"/status/{job_id}", 0.5, connections))  # warm-up
-    count = asyncio.run(_status_load(host, int(port), f"/status/{job_id}", seconds, connections))
-    state = http_json("GET", f"{url}/status/{job_id}")[1]["status"]
-    return count / seconds, str(state)
+    asyncio.run(_status_load("127.0.0.1", port, f"/status/{job_id}", 0.5, connections))  # warm-up
+    count = asyncio.run(_status_load("127.0.0.1", port, f"/status/{job_id}", seconds, connections))
+    state = str(client.call("GET", f"/status/{job_id}")[1]["status"])
+    client.close()
+    return count / seconds, state
 
 
 def main() -> None:
@@ -139,25 +83,29 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
-        process, url = start_server(Path(tmp), args.generation_s, api_cpu=None)
-        try:
-            overheads = measure_overhead(url, args.jobs, args.generation_s)
-        finally:
-            process.kill()
-            process.wait()
+        workdir = Path(tmp)
+        env = imagen_env(workdir, "serve", engine="test-pattern", test_pattern_seconds=args.generation_s)
+        with serve(env, workdir) as server:
+            overheads = measure_overhead(server.url, args.jobs, args.generation_s)
         # a long job for the throughput part; the API on core 0, the load generator on core 1
-        process, url = start_server(Path(tmp), 120.0, api_cpu=0)
-        try:
-            rate, state_after = measure_status_throughput(url, args.seconds, args.connections)
-        finally:
-            process.kill()
-            process.wait()
+        env = imagen_env(workdir, "serve", engine="test-pattern", test_pattern_seconds=120)
+        with serve(env, workdir, cpu=0) as server:
+            rate, state_after = measure_status_throughput(server.url, server.port, args.seconds, args.connections)
     ms = sorted(o * 1000 for o in overheads)
-    print(f"service overhead, POST /generate -> SUCCESS minus {args.generation_s * 1000:.0f} ms generation "
-          f"({len(ms)} jobs): median {statistics.median(ms):.1f} ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.1f} ms, "
-          f"min {ms[0]:.1f} ms  (target <= 15 ms)")
-    print(f"GET /status on one core while a job runs ({state_after}): {rate:,.0f} requests/s "
-          f"with {args.connections} keep-alive connections  (target >= 2,000/s)")
+    median, p90 = statistics.median(ms), ms[int(0.9 * (len(ms) - 1))]
+    overhead = f"median {median:.1f} ms, p90 {p90:.1f} ms, min {ms[0]:.1f} ms"
+    throughput = f"{rate:,.0f} requests/s"
+    report(
+        "The service's own overhead (test-pattern engine)",
+        Table(["what", "measured", "target"], [
+            [f"POST /generate -> SUCCESS minus {args.generation_s * 1000:.0f} ms generation ({len(ms)} jobs)",
+             overhead, "<= 15 ms"],
+            [f"GET /status on one core while a job runs ({state_after}), {args.connections} keep-alive connections",
+             throughput, ">= 2,000/s"],
+        ]),
+        headlines=[Headline("service overhead per job (median)", f"{median:.1f} ms", "<= 15 ms"),
+                   Headline("GET /status on one core", throughput, ">= 2,000/s")],
+    )
 
 
 if __name__ == "__main__":

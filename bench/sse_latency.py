@@ -16,47 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from harness import Headline, JsonClient, Table, imagen_env, redis_server, report, serve, wait
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from harness import free_port, start_redis, wait  # noqa: E402
-
-
-def start_api(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
-        command = ["taskset", "-c", "0", *command]  # one API process on one core
-    log = (workdir / "api.log").open("ab")
-    process = subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait(healthy, 60, "the API")
-    return process, url
+TARGET_P99_MS = {"embedded": 50, "distributed": 100}
 
 
 def submit(url: str, prompt: str) -> str:
-    response = httpx.post(f"{url}/generate", json={"prompt": prompt, "steps": 10}, timeout=10)
-    response.raise_for_status()
-    job_id: str = response.json()["job_id"]
+    client = JsonClient(url, timeout=10)
+    job_id = client.submit({"prompt": prompt, "steps": 10})
+    client.close()
     return job_id
 
 
@@ -100,9 +75,11 @@ async def one_round(url: str, streams: int) -> list[float]:
     return [(arrival - changed_at) * 1000 for arrival in arrivals]
 
 
-def measure(name: str, env: dict[str, str], workdir: Path, streams: int, rounds: int) -> None:
-    api, url = start_api(env, workdir)
-    try:
+def measure(name: str, env: dict[str, str], workdir: Path, streams: int, rounds: int) -> list[float]:
+    """The delays (ms) of every stream of every round, sorted; a round's spread on stderr as it ends."""
+    one_core = 0 if (os.cpu_count() or 1) > 1 else None  # the API on one core, the clients on the other
+    with serve(env, workdir, cpu=one_core) as server:
+        url = server.url
         if name == "embedded":
             blocker = submit(url, "runs for an hour")  # the only worker slot is busy: new jobs stay PENDING
             wait(lambda: httpx.get(f"{url}/status/{blocker}").json()["status"] != "PENDING", 30, "the blocker")
@@ -110,15 +87,8 @@ def measure(name: str, env: dict[str, str], workdir: Path, streams: int, rounds:
         delays: list[float] = []
         for _ in range(rounds):
             delays += (got := asyncio.run(one_round(url, streams)))
-            print(f"  round: min {min(got):.1f} max {max(got):.1f}")
-        delays.sort()
-        p50 = statistics.median(delays)
-        p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
-        print(f"{name}: {streams} streams x {rounds} rounds, store change -> client event: "
-              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {delays[-1]:.1f} ms")
-    finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
+            print(f"  {name} round: min {min(got):.1f} max {max(got):.1f} ms", file=sys.stderr)
+    return sorted(delays)
 
 
 def main() -> int:
@@ -129,26 +99,29 @@ def main() -> int:
     args = parser.parse_args()
     if (os.cpu_count() or 1) > 1 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {1})  # the clients off the API's core
+    results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         workdir = Path(tmp)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "IMAGEN_ENGINE": "test-pattern",
-            "IMAGEN_TEST_PATTERN_SECONDS": "3600",
-            "IMAGEN_DATA_DIR": str(workdir / "data"),
-            "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
-            "IMAGEN_MAX_QUEUE": "10000",
-        }
+        settings = {"engine": "test-pattern", "test_pattern_seconds": 3600, "max_queue": 10000}
         if args.backend in ("embedded", "both"):
-            measure("embedded", env, workdir, args.streams, args.rounds)
+            results["embedded"] = measure("embedded", imagen_env(workdir, "embedded", **settings), workdir,
+                                          args.streams, args.rounds)
         if args.backend in ("distributed", "both"):
-            redis_process, redis_url = start_redis(workdir, appendonly=False)
-            try:
-                measure("distributed", {**env, "IMAGEN_BROKER_URL": redis_url}, workdir, args.streams, args.rounds)
-            finally:
-                redis_process.terminate()
-                redis_process.wait(timeout=10)
+            with redis_server(workdir) as url:
+                env = imagen_env(workdir, "distributed", broker_url=url, **settings)
+                results["distributed"] = measure("distributed", env, workdir, args.streams, args.rounds)
+    rows, headlines = [], []
+    for name, delays in results.items():
+        p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+        rows.append([name, f"{statistics.median(delays):.1f}", f"{p99:.1f}", f"{delays[-1]:.1f}",
+                     f"<= {TARGET_P99_MS[name]}"])
+        headlines.append(Headline(f"{name}: store change -> client event, p99", f"{p99:.1f} ms",
+                                  f"<= {TARGET_P99_MS[name]} ms"))
+    report(
+        f"Live events: {args.streams} GET /events streams x {args.rounds} rounds, store change -> client event",
+        Table(["backend", "p50 ms", "p99 ms", "max ms", "target p99 ms"], rows),
+        headlines=headlines,
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What one upload costs in storage, on each job backend (printed, not asserted).
+"""Benchmark: what one upload costs in storage, on each job backend (printed, not asserted).
 
 N photos' worth of noise (a JPEG at quality 80: noise is the worst case for any re-encoding) go through
 ``POST /uploads`` of an in-process app. Embedded: the bytes the data folder (SQLite file, WAL and all) grew
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +21,11 @@ from typing import Any
 
 import numpy as np
 import redis
+from harness import Headline, Table, redis_server, report
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from harness import start_redis  # noqa: E402
-
-from imagen.api.app import create_app  # noqa: E402
-from imagen.config import Settings  # noqa: E402
+from imagen.api.app import create_app
+from imagen.config import Settings
 
 
 def noise_jpeg(size: int, seed: int) -> bytes:
@@ -61,7 +56,8 @@ def post(client: Any, data: bytes) -> str:
     return str(answer.json()["upload_id"])
 
 
-def embedded(files: list[bytes], work: Path, ttl_s: float) -> None:
+def embedded(files: list[bytes], work: Path, ttl_s: float) -> list[object]:
+    """The data folder's growth for ``files``, as a row of the report."""
     from fastapi.testclient import TestClient
 
     app = create_app(settings(work, upload_ttl_s=ttl_s))
@@ -74,15 +70,16 @@ def embedded(files: list[bytes], work: Path, ttl_s: float) -> None:
         app.state.backend.store.purge_expired()
         left = folder_bytes(work / "data") - before
     sent = sum(map(len, files))
-    print(f"embedded: {len(files)} uploads, {sent} bytes sent; data folder grew by {grown} bytes "
-          f"({grown / sent:.2f}x); after expiry and the sweep: {left} bytes above the start")  # fmt: skip
+    return ["embedded: the data folder (SQLite file, WAL and all)", sent, f"{grown} ({grown / sent:.2f}x)",
+            f"{left} bytes above the start after expiry and the sweep"]
 
 
-def distributed(files: list[bytes], work: Path, jobs: int) -> None:
+def distributed(files: list[bytes], work: Path, jobs: int) -> tuple[list[object], list[object], float]:
+    """Redis's growth for ``files`` and one upload's key, as rows of the report; a queued job's bytes without
+    and with an init image, and the ratio of Redis's growth to the bytes sent."""
     from fastapi.testclient import TestClient
 
-    redis_process, url = start_redis(work, appendonly=False)
-    try:
+    with redis_server(work) as url:
         client = redis.Redis.from_url(url)
         app = create_app(settings(work, broker_url=url))
         with TestClient(app) as http:
@@ -99,29 +96,36 @@ def distributed(files: list[bytes], work: Path, jobs: int) -> None:
             ids = [post(http, data) for data in files]
             grown = int(client.info("memory")["used_memory"]) - before
             one = int(client.memory_usage(f"imagen:upload:{ids[0]}") or 0)
-        sent = sum(map(len, files))
-        print(f"distributed: {len(files)} uploads, {sent} bytes sent; Redis used_memory grew by {grown} bytes "
-              f"({grown / sent:.2f}x); MEMORY USAGE of one upload: {one} bytes for {len(files[0])} sent "
-              f"({one / len(files[0]):.2f}x)")  # fmt: skip
-        print(f"distributed: {jobs} queued jobs: {queued[0]:.0f} bytes each (text only), {queued[1]:.0f} bytes each "
-              "with a 1024x1024 noise init image (kept as the normalised PNG the worker reads)")  # fmt: skip
         client.close()
-    finally:
-        redis_process.terminate()
-        redis_process.wait(timeout=10)
+    sent = sum(map(len, files))
+    uploads: list[object] = ["distributed: Redis used_memory", sent, f"{grown} ({grown / sent:.2f}x)",
+                             f"MEMORY USAGE of one upload: {one} bytes for {len(files[0])} sent "
+                             f"({one / len(files[0]):.2f}x)"]
+    jobs_row: list[object] = [f"distributed: {jobs} queued jobs, bytes each", f"{queued[0]:.0f}", f"{queued[1]:.0f}"]
+    return uploads, jobs_row, grown / sent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uploads", type=int, default=3)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--ttl-s", type=float, default=3.0)
     parser.add_argument("--queued-jobs", type=int, default=20)
     args = parser.parse_args()
     files = [noise_jpeg(args.size, seed) for seed in range(args.uploads)]
-    print(f"{args.uploads} noise JPEGs of {args.size}x{args.size} at quality 80: {len(files[0])} bytes each")
-    embedded(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-embedded-")), args.ttl_s)
-    distributed(files, Path(tempfile.mkdtemp(prefix="imagen-uploads-distributed-")), args.queued_jobs)
+    with tempfile.TemporaryDirectory(prefix="imagen-uploads-") as tmp:
+        (Path(tmp) / "embedded").mkdir()
+        (Path(tmp) / "distributed").mkdir()
+        embedded_row = embedded(files, Path(tmp) / "embedded", args.ttl_s)
+        uploads_row, jobs_row, redis_ratio = distributed(files, Path(tmp) / "distributed", args.queued_jobs)
+    report(
+        f"Upload storage: {args.uploads} noise JPEGs of {args.size}x{args.size} at quality 80, "
+        f"{len(files[0])} bytes each, through POST /uploads",
+        Table(["where", "bytes sent", "grew by (bytes)", "then"], [embedded_row, uploads_row]),
+        Table(["queued jobs", "text only", "with a 1024x1024 noise init image (kept as the normalised PNG the "
+               "worker reads)"], [jobs_row]),
+        headlines=[Headline("Redis growth per byte uploaded", f"{redis_ratio:.2f}x")],
+    )
 
 
 if __name__ == "__main__":

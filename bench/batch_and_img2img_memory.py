@@ -10,48 +10,29 @@ On the demo model (SDXL architecture, trained on shapes, shipped; the very engin
    and its img2img / inpaint pipelines (equal to the text-to-image figure when ``from_pipe`` shares every
    weight), and on CUDA ``torch.cuda.memory_allocated``.
 
-    .venv/bin/python bench/sdxl_features.py [--steps 10] [--runs 3] [--size 1024]
+    .venv/bin/python bench/batch_and_img2img_memory.py [--steps 10] [--runs 3] [--size 1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from harness import Headline, Table, mib, peak_rss_bytes, quiet_libraries, report, rss_bytes
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from imagen.config import Settings  # noqa: E402
-from imagen.generation.base import NO_INPUTS, GenerationTask, InputImages  # noqa: E402
-from imagen.generation.diffusers.engine import DiffusersEngine  # noqa: E402
-from imagen.registry import builtin_registry  # noqa: E402
-from imagen.registry.builtin import DEMO_MODEL_ID  # noqa: E402
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+from imagen.config import Settings
+from imagen.generation.base import NO_INPUTS, GenerationTask, InputImages
+from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.registry import builtin_registry
+from imagen.registry.builtin import DEMO_MODEL_ID
 
 
 def weight_bytes(engine: DiffusersEngine) -> int:
@@ -92,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
+    quiet_libraries()
 
     data = Path(tempfile.mkdtemp(prefix="imagen-bench-"))
     settings = Settings(data_dir=data, device=args.device, dtype=args.dtype, engine="diffusers", warm_up_steps=0)
@@ -100,10 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     base = GenerationTask(
         prompt="a large green star on the left on a beige background", negative_prompt=None, model=DEMO_MODEL_ID,
         steps=args.steps, guidance_scale=7.5, seed=1, width=size, height=size,
-    )
-    print(
-        f"demo model, {size}x{size}, {args.steps} steps, device {engine.device_info().device}, "
-        f"dtype {engine.device_info().dtype}, torch threads {torch.get_num_threads()}"
     )
 
     # 1. num_images 1 vs 4 (interleaved, after one warm-up of each)
@@ -115,9 +93,6 @@ def main(argv: list[str] | None = None) -> None:
         single.append(timed(engine, replace(base, seed=10 + run)))
         batch.append(timed(engine, replace(base, seed=20 + run, num_images=4)) / 4)
     one, four = statistics.median(single), statistics.median(batch)
-    print(f"num_images=1: {one:.3f} s/image (runs: {', '.join(f'{s:.3f}' for s in single)})")
-    print(f"num_images=4: {four:.3f} s/image (runs: {', '.join(f'{s:.3f}' for s in batch)}; one job, one batch)")
-    print(f"ratio batch/single s/image: {four / one:.2f}  (4 images in one job take {4 * four / one:.2f}x one job)")
 
     # 2. memory after each kind of job
     rng = np.random.default_rng(0)
@@ -130,17 +105,31 @@ def main(argv: list[str] | None = None) -> None:
         ("inpaint", replace(base, init_image=True, mask_image=True, strength=0.75), InputImages(init=init, mask=mask)),
         ("text-to-image again", base, InputImages()),
     ]
-    print("| after | job s | RSS | peak RSS | distinct weights | CUDA allocated |")
-    print("|---|---|---|---|---|---|")
+    memory: list[list[object]] = []
+    weights: list[int] = []
     for label, task, inputs in jobs:
         seconds = timed(engine, task, inputs)
         gc.collect()
-        cuda: Any = mib(torch.cuda.memory_allocated(engine.device)) if engine.device.type == "cuda" else "-"
-        print(
-            f"| {label} | {seconds:.2f} | {mib(rss_bytes())} | {mib(peak_rss_bytes())} | "
-            f"{mib(weight_bytes(engine))} | {cuda} |"
-        )
-    print(f"model loads: {engine.stats.model_loads}")
+        weights.append(weight_bytes(engine))
+        cuda = mib(torch.cuda.memory_allocated(engine.device)) if engine.device.type == "cuda" else "-"
+        memory.append([label, f"{seconds:.2f}", mib(rss_bytes()), mib(peak_rss_bytes()), mib(weights[-1]), cuda])
+
+    info = engine.device_info()
+    report(
+        f"Several images per job, img2img and inpainting memory: demo model, {size}x{size}, {args.steps} steps, "
+        f"{info.device}, torch threads {torch.get_num_threads()}",
+        Table(["num_images", "s/image (median)", "runs (s/image)"], [
+            [1, f"{one:.3f}", ", ".join(f"{s:.3f}" for s in single)],
+            ["4 (one job, one batch)", f"{four:.3f}", ", ".join(f"{s:.3f}" for s in batch)],
+        ]),
+        Table(["after", "job s", "RSS", "peak RSS", "distinct weights", "CUDA allocated"], memory),
+        dtype=info.dtype,
+        notes=[f"ratio batch/single s/image: {four / one:.2f}  (4 images in one job take {4 * four / one:.2f}x one "
+               "job)", f"model loads: {engine.stats.model_loads}"],
+        headlines=[Headline("num_images 4 / 1, s per image", f"{four / one:.2f}", "< 1"),
+                   Headline("weights after img2img and inpaint / after text-to-image",
+                            f"{max(weights) / weights[0]:.2f}", "1.00 (shared)")],
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Benchmark: a job through the service vs the same diffusers call made directly, and where the time goes.
+Target: the service's median at most 1.05 times the direct call's.
 
 1. The demo model (SDXL architecture, trained on shapes, native 1024x1024; the very pipeline the server
    builds), CFG 7.5, the server's dtype, two jobs (``--job``): ``full`` 1024x1024 at 30 steps and ``short``
@@ -29,24 +30,19 @@
    service = queue (POST sent -> worker starts), load (model / LoRAs / IP-Adapter), encode, denoise,
    decode, PNG (encode + write), hand-back (worker done -> the client sees SUCCESS). The service's phases
    come from ``result.timings`` in /status (the worker times the engine's progress steps).
-2. Model switch and LoRA-set switch, measured in the engine on the tiny fixtures (``imagen fixtures``):
-   the extra time of a job that must switch, over a job that needs nothing new.
+The model and LoRA switch times are ``bench/switch_times.py``'s.
 
-    .venv/bin/python bench/engine_overhead.py [--job both|full|short] [--runs 7] [--threads N]
-        [--guidance plain|model] [--dtype auto|float32|bfloat16] [--client events|poll] [--skip-switches]
+    .venv/bin/python bench/service_vs_diffusers.py [--job both|full|short] [--runs 7] [--threads N]
+        [--guidance plain|model] [--dtype auto|float32|bfloat16] [--client events|poll]
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -55,15 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from harness import TERMINAL, Headline, JsonClient, Server, Table, imagen_env, quiet_libraries, report, serve
 
 PROMPT = "a large green star on the left on a beige background"
 NEGATIVE = "low quality, blurry, distorted, ugly, bad anatomy"
 GUIDANCE = 7.5
 JOBS = {"full": (1024, 30), "short": (512, 10)}  # (side in pixels, steps)
 MIN_POLL_S, MAX_POLL_S = 0.02, 0.5
-TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 
 # The service's progress steps, grouped into the phases printed for both paths.
 SERVICE_PHASES = {
@@ -84,12 +78,6 @@ class Run:
     messages: int = 0  # /status answers or status events the client read
     cpu: float | None = None  # CPU seconds the run took, all processes of its path (None: no /proc)
     cpu_parts: dict[str, float] = field(default_factory=dict)  # service: worker, API, client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class DirectPath:
@@ -160,45 +148,28 @@ class ServicePath:
     would: ``GET /events/{job_id}`` (``--client events``, what ``imagen generate`` and the web page do: the
     server pushes SUCCESS the moment it is stored) or ``GET /status`` polls (``--client poll``)."""
 
-    def __init__(self, port: int, client: str = "events", server_pid: int | None = None) -> None:
+    def __init__(self, server: Server, client: str = "events") -> None:
         self.side, self.steps = JOBS["full"]
         self.client = client
-        self.server_pid = server_pid  # the API process; with its worker child, what the CPU column adds up
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.server_pid = server.pid  # the API process; with its worker child, what the CPU column adds up
+        self.http = JsonClient(server.url)
+        self.connection = self.http.connection
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.connection.request(method, path, body=json.dumps(body) if body else None,
-                                headers={"Content-Type": "application/json"})
-        result: dict[str, Any] = json.loads(self.connection.getresponse().read())
-        return result
-
-    def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.call("GET", "/health")  # the API answers; the untimed first job waits for the worker
-                return
-            except OSError:
-                self.connection.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError("imagen serve did not answer")
-            time.sleep(0.2)
+    def call(self, method: str, path: str) -> dict[str, Any]:
+        return self.http.call(method, path)[1]
 
     def run(self, seed: int) -> Run:
         self.connection.close()  # uvicorn drops keep-alive connections idle for 5 s (while the direct path ran)
         cpu_start = self.cpu_seconds()
         sent_at = time.time()
         start = time.perf_counter()
-        job = self.call("POST", "/generate", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
-                                              "guidance_scale": GUIDANCE, "seed": seed,
-                                              "width": self.side, "height": self.side})
-        if "job_id" not in job:
-            raise RuntimeError(f"POST /generate refused: {job}")
+        job_id = self.http.submit({"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": self.steps,
+                                   "guidance_scale": GUIDANCE, "seed": seed, "width": self.side, "height": self.side})
         if self.client == "events":
-            state, messages = self.follow(job["job_id"])
+            state, messages = self.follow(job_id)
         else:
             messages = 1
-            while (state := self.call("GET", f"/status/{job['job_id']}"))["status"] not in TERMINAL:
+            while (state := self.call("GET", f"/status/{job_id}"))["status"] not in TERMINAL:
                 time.sleep(poll_delay(state, time.perf_counter() - start))
                 messages += 1
         total = time.perf_counter() - start
@@ -306,32 +277,18 @@ def poll_delay(state: dict[str, Any], elapsed: float) -> float:
 
 
 @contextmanager
-def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) -> Iterator[tuple[int, Path, int]]:
+def imagen_serve(workdir: Path, dtype_name: str, guidance: str, threads: int) -> Iterator[Server]:
     """The default install (demo model, every default setting) on the CPU, whatever this shell's IMAGEN_*;
     with ``guidance == "plain"``, the demo model from a registry file that guides it plainly to the end."""
-    port = free_port()
-    log_path = workdir / "serve.log"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGEN_")}
-    env.update({"IMAGEN_DATA_DIR": str(workdir / "data"), "IMAGEN_OUTPUTS_DIR": str(workdir / "outputs"),
-                "IMAGEN_DEVICE": "cpu", "IMAGEN_DTYPE": dtype_name, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    env = imagen_env(workdir, "serve", device="cpu", dtype=dtype_name)
     if guidance == "plain":
         registry = workdir / "registry.yaml"
         registry.write_text("models:\n  - {id: demo, name: demo, demo: true, guidance_rescale: 0, guidance_stop: 1}\n")
         env["IMAGEN_REGISTRY_PATH"] = str(registry)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "imagen", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield port, log_path, server.pid
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with serve(env, workdir, timeout=300) as server:  # the untimed first job waits for the worker
+        yield server
 
 
 Comparison = dict[str, tuple[list[Run], list[Run]]]
@@ -342,9 +299,8 @@ def compare(jobs: list[str], runs: int, dtype_name: str, guidance: str, threads:
     """Each job of ``jobs`` (keys of :data:`JOBS`) on both paths, one server for all."""
     direct = DirectPath(dtype_name, guidance)
     results: Comparison = {}
-    with imagen_serve(workdir, dtype_name, guidance, threads) as (port, log_path, server_pid):
-        service = ServicePath(port, client, server_pid)
-        service.wait_ready()
+    with imagen_serve(workdir, dtype_name, guidance, threads) as server:
+        service = ServicePath(server, client)
         for job in jobs:
             direct.side, direct.steps = service.side, service.steps = JOBS[job]
             direct.run(seed=0), service.run(seed=0)  # warm-up, untimed (first calls pick kernels, grow pools)
@@ -358,88 +314,51 @@ def compare(jobs: list[str], runs: int, dtype_name: str, guidance: str, threads:
                 for run, out in pair if index % 2 == 0 else reversed(pair):
                     out.append(run(index + 1))
             results[job] = direct_runs, service_runs
-        found = re.search(rb"(\d+) CPU threads", log_path.read_bytes())
+        found = re.search(rb"(\d+) CPU threads", server.log.read_bytes())
         worker_threads = found.group(1).decode() if found else "?"
     return results, worker_threads
 
 
-def switch_times(workdir: Path) -> dict[str, float]:
-    from imagen.config import Settings
-    from imagen.generation.base import GenerationTask, LoraChoice
-    from imagen.generation.diffusers.engine import DiffusersEngine
-    from imagen.registry import load_registry
-    from imagen.testing.fixtures import write_fixtures
-
-    registry = load_registry(write_fixtures(workdir / "fixtures"))
-    engine = DiffusersEngine(registry, Settings(data_dir=workdir / "data", max_loaded_models=1))
-
-    def job(model: str, loras: tuple[tuple[str, float], ...] = ()) -> float:
-        task = GenerationTask(prompt=PROMPT, negative_prompt=None, model=model, steps=4, seed=1,
-                              loras=tuple(LoraChoice(name, weight) for name, weight in loras))
-        start = time.perf_counter()
-        engine.generate(task, lambda step, percent: None)
-        return time.perf_counter() - start
-
-    median = statistics.median
-    set_a = (("anime-style", 0.75),)
-    set_b = (("character-detail", 0.6), ("locon-detail", 0.8))
-    job("sdxl-base"), job("sdxl-base", set_a), job("sdxl-base", set_b)  # load everything once
-    warm = median([job("sdxl-base") for _ in range(5)])
-    same_set = median([job("sdxl-base", set_a) for _ in range(5)])
-    lora_switch = median([job("sdxl-base", set_a if i % 2 else set_b) for i in range(6)])
-    model_switch = median([job("sdxl-single-file" if i % 2 == 0 else "sdxl-base") for i in range(4)])
-    return {"warm job (no LoRA)": warm, "same LoRA set again": same_set,
-            "LoRA set switch (adapters already loaded)": lora_switch,
-            "model switch (reload, 1 model kept)": model_switch}
-
-
-def spread(values: list[float]) -> str:
+def spread(values: list[float]) -> list[str]:
+    """Median, min, max and interquartile range, in seconds."""
     q1, _, q3 = statistics.quantiles(values, n=4)
-    return f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {q3 - q1:.3f}"
+    return [f"{value:.3f}" for value in (statistics.median(values), min(values), max(values), q3 - q1)]
 
 
-def print_comparison(direct: list[Run], service: list[Run], client: str) -> None:
+def report_job(job: str, direct: list[Run], service: list[Run], args: argparse.Namespace, dtype: str,
+               threads: str) -> None:
+    side, steps = JOBS[job]
     d = [run.total for run in direct]
     s = [run.total for run in service]
-    print("| path | median s | min | max | IQR | runs (s) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| diffusers pipeline call, direct | {spread(d)} | {', '.join(f'{t:.3f}' for t in d)} |")
-    print(f"| POST /generate -> SUCCESS through imagen | {spread(s)} | {', '.join(f'{t:.3f}' for t in s)} |")
+    runs = Table(["path", "median s", "min", "max", "IQR", "runs (s)"], [
+        ["diffusers pipeline call, direct", *spread(d), ", ".join(f"{t:.3f}" for t in d)],
+        ["POST /generate -> SUCCESS through imagen", *spread(s), ", ".join(f"{t:.3f}" for t in s)],
+    ])  # fmt: skip
+    phases = Table(["phase (median s)", "direct", "service"], [
+        [phase, *(f"{statistics.median(values):.3f}" if values else "-"
+                  for values in ([run.phases[phase] for run in runs_ if phase in run.phases]
+                                 for runs_ in (direct, service)))]
+        for phase in PHASE_ORDER
+    ])  # fmt: skip
+    ratio = statistics.median(s) / statistics.median(d)
     paired = statistics.median(b / a for a, b in zip(d, s, strict=True))
-    read = "status events (GET /events)" if client == "events" else "polls (GET /status)"
-    print(f"client {read} per service job: median {statistics.median(run.messages for run in service):.0f}")
-    print(f"ratio service / direct: {statistics.median(s) / statistics.median(d):.3f} (medians), "
-          f"{paired:.3f} (median of per-round ratios)  (target <= 1.05)")
+    read = "status events (GET /events)" if args.client == "events" else "polls (GET /status)"
+    notes = [f"client {read} per service job: median {statistics.median(run.messages for run in service):.0f}",
+             f"ratio service / direct: {ratio:.3f} (medians), {paired:.3f} (median of per-round ratios)  "
+             "(target <= 1.05)"]
+    headlines = [Headline(f"{job} job: service / direct (medians)", f"{ratio:.3f}", "<= 1.05")]
     cpu_d = [run.cpu for run in direct if run.cpu is not None]
     cpu_s = [run.cpu for run in service if run.cpu is not None]
     if cpu_d and cpu_s:  # what a loaded machine skews least: CPU seconds, not wall-clock ones
         parts = " + ".join(f"{name} {statistics.median(run.cpu_parts[name] for run in service):.3f}"
                            for name in service[0].cpu_parts)
-        print(f"CPU s per job (median): direct {statistics.median(cpu_d):.3f}, service {statistics.median(cpu_s):.3f} "
-              f"= {parts}; ratio {statistics.median(cpu_s) / statistics.median(cpu_d):.3f}")
-    print()
-    print("| phase (median s) | direct | service |")
-    print("|---|---|---|")
-    for phase in PHASE_ORDER:
-        cells = []
-        for runs in (direct, service):
-            values = [run.phases[phase] for run in runs if phase in run.phases]
-            cells.append(f"{statistics.median(values):.3f}" if values else "-")
-        print(f"| {phase} | {cells[0]} | {cells[1]} |")
-
-
-def quiet_libraries() -> None:
-    """No progress bars, load reports or deprecation warnings from diffusers / transformers / peft."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
+        cpu_ratio = statistics.median(cpu_s) / statistics.median(cpu_d)
+        notes.append(f"CPU s per job (median): direct {statistics.median(cpu_d):.3f}, service "
+                     f"{statistics.median(cpu_s):.3f} = {parts}; ratio {cpu_ratio:.3f}")
+        headlines.append(Headline(f"{job} job: service / direct, CPU s per job", f"{cpu_ratio:.3f}"))
+    report(f"Demo model, {job} job: {side}x{side}, {steps} steps, CFG {GUIDANCE} ({args.guidance} guidance), "
+           f"{args.runs} runs per path (interleaved); CPU threads: {threads}",
+           runs, phases, dtype=dtype, notes=notes, headlines=headlines)
 
 
 def main() -> None:
@@ -454,7 +373,6 @@ def main() -> None:
                         help="both paths' dtype (auto: the server's choice, bfloat16 on CPUs with native bf16)")
     parser.add_argument("--client", choices=["events", "poll"], default="events",
                         help="how the service's client learns that its job ended: GET /events, or polling /status")
-    parser.add_argument("--skip-switches", action="store_true")
     args = parser.parse_args()
     if args.runs < 3:
         parser.error("--runs: at least 3 (the spread needs quartiles)")
@@ -472,21 +390,8 @@ def main() -> None:
     jobs = list(JOBS) if args.job == "both" else [args.job]
     with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
         results, worker_threads = compare(jobs, args.runs, dtype, args.guidance, args.threads, args.client, Path(tmp))
-        switches = {} if args.skip_switches else switch_times(Path(tmp))
     for job, (direct, service) in results.items():
-        side, steps = JOBS[job]
-        print(f"demo model, {job} job: {side}x{side}, {steps} steps, CFG {GUIDANCE} ({args.guidance} guidance), "
-              f"{dtype}, {args.runs} runs per path (interleaved); CPU threads: direct {torch.get_num_threads()}, "
-              f"worker {worker_threads}")
-        print_comparison(direct, service, args.client)
-        print()
-    if not switches:
-        return
-    print("switch times, tiny fixtures (64x64, 4 steps), in the engine:")
-    warm = switches["warm job (no LoRA)"]
-    for name, value in switches.items():
-        extra = "" if value is warm else f"  (+{(value - warm) * 1000:.0f} ms over a warm job)"
-        print(f"  {name}: {value * 1000:.0f} ms{extra}")
+        report_job(job, direct, service, args, dtype, f"direct {torch.get_num_threads()}, worker {worker_threads}")
 
 
 if __name__ == "__main__":
