@@ -28,8 +28,9 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -109,6 +110,37 @@ class LoadedModel:
     derived: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A task checked against the registry and its input images, the registry's defaults filled in: what
+    each step of ``_make_images`` reads."""
+
+    task: GenerationTask
+    spec: ModelSpec
+    mode: str  # "txt2img", "img2img" or "inpaint"
+    loras: list[tuple[LoraSpec, float]]
+    width: int
+    height: int
+    sampler: str | None  # the task's, else the registry's; None: the pipeline's own scheduler
+    clip_skip: int | None
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    text: str  # the task's prompt with its LoRAs' trigger words
+    negative: str
+    embeddings: Any  # PromptEmbeddings, for the pipeline call
+
+
+@dataclass
+class _PipelineCall:
+    """The pipeline that runs a job and the arguments of its call that depend on the mode and the model."""
+
+    run: Any
+    kwargs: dict[str, Any]
+    strength: float | None = None  # img2img and inpainting only
+
+
 class DiffusersEngine(Engine):
     def __init__(self, registry: Registry, settings: Settings) -> None:
         super().__init__(registry, settings)
@@ -185,6 +217,34 @@ class DiffusersEngine(Engine):
     def _make_images(
         self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages
     ) -> list[GeneratedImage]:
+        """The job as the pipeline runs it: check it against the registry, load the model, put its LoRAs and
+        IP-Adapter in effect, encode the prompt, choose the pipeline and its sampler, denoise, decode and (for
+        inpainting) paste the unmasked pixels back."""
+        job = self._resolve(task, inputs)
+        loaded = self._model(job.spec, progress)
+        ip_kwargs = self._apply_adapters(loaded, job, inputs.ip, progress)
+        prompt = self._encode_prompt(loaded, job, progress)
+        call = self._pipeline_call(loaded, job, inputs)
+        if job.mode != "txt2img" and denoising_steps(task) == 0:
+            # Strength 0 (or too little to make one step): nothing is denoised; diffusers would fail on an
+            # empty schedule. The init image comes back unchanged, as A1111 returns it.
+            return self._unchanged(job, prompt, call)
+        stop = guidance_stop(job.spec, task, ip_kwargs)
+        with self._job_sampler(loaded, call.run, job.sampler) as scheduler_class:
+            latents = self._denoise(loaded, call, task, prompt.embeddings, ip_kwargs, stop, progress)
+        decoded = self._decode_all(loaded.pipe, latents, progress)
+        if job.mode == "inpaint":
+            # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
+            # VAE round trip would otherwise shift them slightly); the mask's grey levels blend the edge.
+            decoded = [_overlay(pixels, call.kwargs["image"], call.kwargs["mask_image"]) for _, pixels in decoded]
+        metadata = self._metadata(job, prompt, call, scheduler_class, stop)
+        return [
+            GeneratedImage(image=image, pixels=pixels, extra_metadata=dict(metadata)) for image, pixels in decoded
+        ]
+
+    def _resolve(self, task: GenerationTask, inputs: InputImages) -> _Job:
+        """The task checked against the registry and its input images, with the registry's defaults filled in;
+        nothing is loaded yet."""
         spec = self.registry.model(task.model)
         if spec is None:
             raise FatalGenerationError(f"unknown model {task.model!r}")
@@ -192,59 +252,71 @@ class DiffusersEngine(Engine):
             raise FatalGenerationError("num_images must be at least 1")
         mode = _mode(task, inputs)
         loras = self._lora_specs(task)
-        loaded = self._model(spec, progress)
-        pipe = loaded.pipe
+        width, height = _output_size(task, spec, inputs)
+        return _Job(
+            task=task,
+            spec=spec,
+            mode=mode,
+            loras=loras,
+            width=width,
+            height=height,
+            sampler=task.scheduler if task.scheduler is not None else spec.scheduler,
+            clip_skip=task.clip_skip if task.clip_skip is not None else spec.clip_skip,
+        )
 
+    def _apply_adapters(
+        self, loaded: LoadedModel, job: _Job, ip_image: Image.Image | None, progress: ProgressCallback
+    ) -> dict[str, Any]:
+        """The job's LoRAs and IP-Adapter in effect on the loaded pipeline, and the UNet's attention made to
+        suit them; returns the pipeline call's IP-Adapter arguments."""
         progress(STEP_LOADING_LORAS, 0)
-        active = [(lora, weight) for lora, weight in loras if weight != 0]
+        active = [(lora, weight) for lora, weight in job.loras if weight != 0]
         self.stats.lora_loads += loaded.loras.activate(active)
-        ip_kwargs = self._sync_ip_adapter(loaded, task.ip_strength, inputs.ip)
+        ip_kwargs = self._sync_ip_adapter(loaded, job.task.ip_strength, ip_image)
         acceleration.sync_unet_attention(
-            pipe, loaded.acceleration, loaded.loras.any_active, loaded.ip_adapter_attached
+            loaded.pipe, loaded.acceleration, loaded.loras.any_active, loaded.ip_adapter_attached
         )
         progress(STEP_LOADING_LORAS, 100)
+        return ip_kwargs
 
+    def _encode_prompt(self, loaded: LoadedModel, job: _Job, progress: ProgressCallback) -> _Prompt:
+        """The prompt with its LoRAs' trigger words, the negative prompt (the registry's when the task has
+        none), and their embeddings."""
         progress(STEP_ENCODING_PROMPT, 0)
-        words = {lora.id: lora.trigger_words for lora, _ in loras}
-        final_prompt = add_trigger_words(
-            task.prompt, trigger_words_for([(lora.id, weight) for lora, weight in loras], words)
+        task = job.task
+        words = {lora.id: lora.trigger_words for lora, _ in job.loras}
+        text = add_trigger_words(
+            task.prompt, trigger_words_for([(lora.id, weight) for lora, weight in job.loras], words)
         )
-        final_negative = task.negative_prompt if task.negative_prompt is not None else spec.default_negative
-        clip_skip = task.clip_skip if task.clip_skip is not None else spec.clip_skip
-        embeddings = loaded.encoder.encode(final_prompt, final_negative, clip_skip or 1)
+        negative = task.negative_prompt if task.negative_prompt is not None else job.spec.default_negative
+        embeddings = loaded.encoder.encode(text, negative, job.clip_skip or 1)
         progress(STEP_ENCODING_PROMPT, 100)
+        return _Prompt(text=text, negative=negative, embeddings=embeddings)
 
-        width, height = _output_size(task, spec, inputs)
-        sampler = task.scheduler if task.scheduler is not None else spec.scheduler
-        extra: dict[str, Any] = {
-            "final_prompt": final_prompt,
-            "final_negative_prompt": final_negative,
-            "width": width,
-            "height": height,
-        }
-        if mode == "txt2img":
-            run = pipe
-            mode_kwargs: dict[str, Any] = {"width": width, "height": height}
+    def _pipeline_call(self, loaded: LoadedModel, job: _Job, inputs: InputImages) -> _PipelineCall:
+        """The pipeline that runs the job's mode (txt2img: the loaded one; img2img and inpainting: made from
+        it) and the arguments of its call that depend on the mode and the model."""
+        if job.mode == "txt2img":
+            call = _PipelineCall(run=loaded.pipe, kwargs={"width": job.width, "height": job.height})
         else:
             assert inputs.init is not None
-            init = _resized(inputs.init, width, height)
-            run = self._derived(loaded, mode)
-            strength = task.strength if task.strength is not None else DEFAULT_STRENGTH
-            mode_kwargs = {"image": init, "strength": strength}
-            if mode == "inpaint":
+            strength = job.task.strength if job.task.strength is not None else DEFAULT_STRENGTH
+            kwargs: dict[str, Any] = {"image": _resized(inputs.init, job.width, job.height), "strength": strength}
+            if job.mode == "inpaint":
                 assert inputs.mask is not None
-                mask = _resized(inputs.mask, width, height)
-                mode_kwargs.update(mask_image=mask, width=width, height=height)
-            if denoising_steps(replace(task, strength=strength)) == 0:
-                # Strength 0 (or too little to make one step): nothing is denoised; diffusers would fail on
-                # an empty schedule. The init image comes back unchanged, as A1111 returns it.
-                return self._unchanged(task, init, extra, sampler)
-
-        if spec.guidance_rescale:
+                mask = _resized(inputs.mask, job.width, job.height)
+                kwargs.update(mask_image=mask, width=job.width, height=job.height)
+            call = _PipelineCall(run=self._derived(loaded, job.mode), kwargs=kwargs, strength=strength)
+        if job.spec.guidance_rescale:
             # every SDXL pipeline (txt2img, img2img, inpainting) takes it; 0 is left out, so that a model
             # without it gets exactly the call it got before the field existed
-            mode_kwargs["guidance_rescale"] = spec.guidance_rescale
-        stop = guidance_stop(spec, task, ip_kwargs)
+            call.kwargs["guidance_rescale"] = job.spec.guidance_rescale
+        return call
+
+    @contextmanager
+    def _job_sampler(self, loaded: LoadedModel, run: Any, sampler: str | None) -> Iterator[str]:
+        """The job's sampler on ``run`` while the block denoises (yields its scheduler class's name); the
+        model's own scheduler back after it, whatever happened."""
         scheduler_class = type(loaded.default_scheduler).__name__
         if sampler is not None:
             choice = scheduler_for(sampler)
@@ -253,60 +325,69 @@ class DiffusersEngine(Engine):
                 raise FatalGenerationError(f"the {sampler} sampler needs scipy, which is not installed")
             run.scheduler = build_scheduler(loaded.default_scheduler, choice)
         try:
-            latents = self._denoise(run, task, embeddings, mode_kwargs, ip_kwargs, stop, loaded, progress)
+            yield scheduler_class
         finally:
             run.scheduler = loaded.default_scheduler  # the next job starts from the model's own scheduler
-            if run is not pipe and getattr(pipe, "_all_hooks", None):
-                pipe.maybe_free_model_hooks()  # CPU offload: the hooks live on the loaded pipeline
+            if run is not loaded.pipe and getattr(loaded.pipe, "_all_hooks", None):
+                loaded.pipe.maybe_free_model_hooks()  # CPU offload: the hooks live on the loaded pipeline
 
+    def _decode_all(
+        self, pipe: Any, latents: torch.Tensor, progress: ProgressCallback
+    ) -> list[tuple[Image.Image, np.ndarray[Any, Any]]]:
+        """Each image of the batch through the VAE, one at a time, to a picture and its uint8 pixels."""
         progress(STEP_DECODING, 0)
         keep_upcast = self.device.type == "cpu"
         decoded = [_decode(pipe, latents[index : index + 1], keep_upcast) for index in range(latents.shape[0])]
         progress(STEP_DECODING, 100)
-        if mode == "inpaint":
-            # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
-            # VAE round trip would otherwise shift them slightly); the mask's grey levels blend the edge.
-            decoded = [_overlay(pixels, mode_kwargs["image"], mode_kwargs["mask_image"]) for _, pixels in decoded]
-        extra.update(
-            {
-                "sampler": sampler if sampler is not None else _SAMPLER_NAMES.get(scheduler_class, scheduler_class),
-                "scheduler": sampler if sampler is not None else scheduler_class,
-                **({"scheduler_class": scheduler_class} if sampler is not None else {}),
-                **({"clip_skip": clip_skip} if clip_skip is not None else {}),
-                **({"guidance_rescale": spec.guidance_rescale} if spec.guidance_rescale else {}),
-                **({"guidance_stop": stop} if stop is not None else {}),
-                **({"strength": mode_kwargs["strength"]} if mode != "txt2img" else {}),
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                # no timings here: the same request and seed must give the same file, byte for byte
-            }
-        )
-        return [
-            GeneratedImage(image=image, pixels=pixels, extra_metadata=dict(extra)) for image, pixels in decoded
-        ]
+        return decoded
+
+    def _metadata(
+        self, job: _Job, prompt: _Prompt, call: _PipelineCall, scheduler_class: str, stop: float | None
+    ) -> dict[str, Any]:
+        """What each image's PNG records about how it was made (in this order: the bytes depend on it)."""
+        sampler = job.sampler
+        return {
+            **self._prompt_metadata(job, prompt),
+            "sampler": sampler if sampler is not None else _SAMPLER_NAMES.get(scheduler_class, scheduler_class),
+            "scheduler": sampler if sampler is not None else scheduler_class,
+            **({"scheduler_class": scheduler_class} if sampler is not None else {}),
+            **({"clip_skip": job.clip_skip} if job.clip_skip is not None else {}),
+            **({"guidance_rescale": job.spec.guidance_rescale} if job.spec.guidance_rescale else {}),
+            **({"guidance_stop": stop} if stop is not None else {}),
+            **({"strength": call.strength} if call.strength is not None else {}),
+            **self._device_metadata(),
+            # no timings here: the same request and seed must give the same file, byte for byte
+        }
+
+    @staticmethod
+    def _prompt_metadata(job: _Job, prompt: _Prompt) -> dict[str, Any]:
+        return {
+            "final_prompt": prompt.text,
+            "final_negative_prompt": prompt.negative,
+            "width": job.width,
+            "height": job.height,
+        }
+
+    def _device_metadata(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
     def _denoise(
         self,
-        run: Any,
+        loaded: LoadedModel,
+        call: _PipelineCall,
         task: GenerationTask,
         embeddings: Any,
-        mode_kwargs: dict[str, Any],
         ip_kwargs: dict[str, Any],
         stop: float | None,
-        loaded: LoadedModel,
         progress: ProgressCallback,
     ) -> torch.Tensor:
         """The pipeline call: ``output_type="latent"``, one generator per image (seed + i); guidance ends
-        after ``stop`` of the steps (:func:`guidance_stop`)."""
+        after ``stop`` of the steps (:func:`guidance_stop`); a preview every ``preview_every_steps`` while a
+        job's events ask for one."""
+        run = call.run
         cancelled: list[JobCancelled] = []
         preview, every = self.preview, self.settings.preview_every_steps
-        make_preview: Callable[[torch.Tensor], bytes]
-        if loaded.preview_decoder is not None:
-            make_preview = partial(decoder_preview, loaded.preview_decoder)
-        elif loaded.spec.demo:  # its latents are mean colours: an exact linear map
-            make_preview = partial(latents_preview, factors=DEMO_LATENT_RGB, bias=DEMO_LATENT_RGB_BIAS)
-        else:
-            make_preview = latents_preview
+        make_preview = _preview_maker(loaded)
         fallback_total = denoising_steps(task) or task.steps
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +426,7 @@ class DiffusersEngine(Engine):
             **({"callback_on_step_end_tensor_inputs": callback_inputs(run)} if stop is not None else {}),
             output_type="latent",
             **({"num_images_per_prompt": count} if count > 1 else {}),
-            **mode_kwargs,
+            **call.kwargs,
             **ip_kwargs,
         )
         if cancelled:
@@ -353,21 +434,20 @@ class DiffusersEngine(Engine):
         latents: torch.Tensor = output.images
         return latents
 
-    def _unchanged(
-        self, task: GenerationTask, init: Image.Image, extra: dict[str, Any], sampler: str | None
-    ) -> list[GeneratedImage]:
-        pixels = np.ascontiguousarray(np.asarray(init.convert("RGB"), dtype=np.uint8))
+    def _unchanged(self, job: _Job, prompt: _Prompt, call: _PipelineCall) -> list[GeneratedImage]:
+        """The init image as it came (strength too low for one step), once per image asked for."""
+        pixels = np.ascontiguousarray(np.asarray(call.kwargs["image"].convert("RGB"), dtype=np.uint8))
+        sampler = job.sampler
         metadata = {
-            **extra,
+            **self._prompt_metadata(job, prompt),
             **({"sampler": sampler, "scheduler": sampler} if sampler is not None else {}),
-            "strength": task.strength if task.strength is not None else DEFAULT_STRENGTH,
+            "strength": call.strength,
             "denoising_steps": 0,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            **self._device_metadata(),
         }
         return [
             GeneratedImage(image=Image.fromarray(pixels, "RGB"), pixels=pixels, extra_metadata=dict(metadata))
-            for _ in range(task.num_images)
+            for _ in range(job.task.num_images)
         ]
 
     def _derived(self, loaded: LoadedModel, mode: str) -> Any:
@@ -470,6 +550,15 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
+
+
+def _preview_maker(loaded: LoadedModel) -> Callable[[torch.Tensor], bytes]:
+    """A step's latents to a preview JPEG: by the registry's TAESDXL when it names one, else by a linear map."""
+    if loaded.preview_decoder is not None:
+        return partial(decoder_preview, loaded.preview_decoder)
+    if loaded.spec.demo:  # its latents are mean colours: an exact linear map
+        return partial(latents_preview, factors=DEMO_LATENT_RGB, bias=DEMO_LATENT_RGB_BIAS)
+    return latents_preview
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:
