@@ -16,6 +16,7 @@ from imagen.generation.base import GenerationTask
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.types import NewJob
 from tests.conftest import wait_status
+from tests.latches import Latches
 from tests.test_job_contract import job_system, shared_redis
 
 __all__ = ["job_system", "shared_redis"]  # fixtures
@@ -36,16 +37,18 @@ def keyed_job(key_name: str, prompt: str) -> NewJob:
 
 
 def test_a_second_key_starts_after_at_most_one_job_of_the_first(
-    job_system: Callable[..., TestClient], execution_log: Path
+    job_system: Callable[..., TestClient], execution_log: Path, latches: Latches
 ) -> None:
     client = job_system()
     backend: JobBackend = client.app.state.backend  # type: ignore[attr-defined]
-    a_jobs = [keyed_job("alice", f"sleep 0.3 a{i}") for i in range(5)]
+    a_jobs = [keyed_job("alice", "hold a0"), *(keyed_job("alice", f"sleep 0.3 a{i}") for i in range(1, 5))]
     for job in a_jobs:
         backend.submit(job)
+    latches.wait_started("a0")  # alice's first runs, her four others wait
     b_job = keyed_job("bob", "sleep 0.3 b0")
     submitted = backend.submit(b_job, key_max_waiting=1)
-    assert submitted.position <= 2  # at most alice's first is ahead of it (or is running already)
+    latches.release("a0")
+    assert submitted.position == 1  # only alice's running job is ahead of it
     for job in (*a_jobs, b_job):
         assert wait_status(client, job.job_id, TERMINAL, timeout=60)["status"] == "SUCCESS"
     ran = [line.split()[-1] for line in execution_log.read_text().splitlines()]

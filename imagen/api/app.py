@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
                 retention.stop()
             if webhooks is not None:
                 webhooks.stop()
+            await backend.stop_listening()
             backend.stop()
 
     app = FastAPI(title="Imagen API", version="2.0", description="Stable Diffusion XL generation", lifespan=lifespan)

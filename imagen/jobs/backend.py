@@ -20,6 +20,10 @@ class JobBackend(ABC):
     def stop(self) -> None:
         """Stop cleanly; queued jobs stay queued for the next start."""
 
+    async def stop_listening(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """On the event loop, before ``stop``: end what runs on the loop itself (a pub/sub listener), so its
+        connections close while the loop still runs."""
+
     @abstractmethod
     def submit(self, job: NewJob, key_max_waiting: int | None = None) -> Submitted:
         """Queue a job. Raises ``QueueFullError`` when ``max_queue`` jobs wait already (checked first),

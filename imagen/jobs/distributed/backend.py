@@ -97,6 +97,9 @@ class CeleryBackend(JobBackend):
         self._transfer.start()
         self.housekeeper.start()
 
+    async def stop_listening(self) -> None:
+        await self._changes.stop_and_wait()
+
     def stop(self) -> None:
         self._stopping.set()
         self._changes.stop()

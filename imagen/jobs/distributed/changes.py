@@ -45,6 +45,15 @@ class RedisChangeListener:
         except TimeoutError:
             log.warning("job changes: not subscribed yet (Redis unreachable?); streams read jobs periodically")
 
+    async def stop_and_wait(self) -> None:
+        """On the listener's own loop: cancel it and wait until its connection is closed."""
+        task = self._task
+        if task is None or task.done() or self._loop is not asyncio.get_running_loop():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     def stop(self) -> None:
         """From any thread."""
         task, loop = self._task, self._loop
