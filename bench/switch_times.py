@@ -63,13 +63,13 @@ def main() -> None:
     report(
         "Switch times, tiny fixtures (64x64, 4 steps), in the engine",
         Table(["job", "median ms", "over a warm job"],
-              [[name, f"{value * 1000:.0f}", "-" if name == "warm job (no LoRA)" else f"+{extra[name] * 1000:.0f} ms"]
+              [[name, f"{value * 1000:.0f}", "-" if name == "warm job (no LoRA)" else f"{extra[name] * 1000:+.0f} ms"]
                for name, value in times.items()]),
         dtype=dtype,
         headlines=[Headline("LoRA set switch, over a warm job",
-                            f"+{extra['LoRA set switch (adapters already loaded)'] * 1000:.0f} ms"),
+                            f"{extra['LoRA set switch (adapters already loaded)'] * 1000:+.0f} ms"),
                    Headline("model switch, over a warm job",
-                            f"+{extra['model switch (reload, 1 model kept)'] * 1000:.0f} ms")],
+                            f"{extra['model switch (reload, 1 model kept)'] * 1000:+.0f} ms")],
     )
 
 
