@@ -36,10 +36,10 @@ def main() -> None:
     from imagen.config import Settings
     from imagen.generation.base import GenerationTask
     from imagen.generation.diffusers import engine as engine_module
-    from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE
     from imagen.generation.diffusers.preview import latents_preview
     from imagen.generation.runner import run_task
     from imagen.registry import builtin_registry
+    from imagen.registry.demo_model import LATENT_DOWNSCALE
 
     workdir = Path(tempfile.mkdtemp(prefix="imagen-preview-bench-"))
     settings = Settings(data_dir=workdir / "data")

@@ -267,6 +267,19 @@ def test_the_api_process_loads_no_torch_diffusers_or_celery(tmp_path: Path) -> N
     assert out.stdout.strip() == "[]"
 
 
+def test_the_engines_know_no_model_by_name() -> None:
+    """What sets a model apart (its files, its latent-to-RGB map, its guidance) is data on its registry entry,
+    which an engine reads as it reads any model's: no module under ``generation`` asks whether a model is the
+    demo (``spec.demo``)."""
+    reads = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in sorted((PACKAGE / "generation").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "demo"
+    ]
+    assert not reads, reads
+
+
 OUTSIDE = ("training", "tests", "bench")  # top-level folders of the repository that are not shipped
 
 

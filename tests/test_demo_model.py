@@ -23,15 +23,8 @@ from imagen.generation.base import GenerationTask, InputImages, LoraChoice
 from imagen.generation.diffusers.components import load_clip_tokenizers
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.generation.samplers import sampler_available
-from imagen.registry.builtin import (
-    DEMO_DIR,
-    DEMO_LORA_ID,
-    DEMO_LORA_TRIGGER,
-    DEMO_MODEL_DIR,
-    DEMO_MODEL_ID,
-    TRAINING_RECORD,
-    builtin_registry,
-)
+from imagen.registry.builtin import DEMO_LORA_ID, DEMO_LORA_TRIGGER, DEMO_MODEL_ID, TRAINING_RECORD, builtin_registry
+from imagen.registry.demo_model import DEMO_DIR, DEMO_MODEL_DIR
 from imagen.sampler_names import SAMPLER_NAMES
 from tests.conftest import REPO, wait_status
 from tests.engine_fixtures import engine_settings
@@ -367,15 +360,17 @@ def _core_colour(image: Image.Image, background: tuple[int, int, int]) -> tuple[
 
 
 def test_previews_of_the_demo_model_are_its_exact_mean_colours() -> None:
+    """The map is data on the demo's registry entry (``latent_rgb``), which the engine reads as any model's."""
     import torch
 
-    from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
     from imagen.generation.diffusers.preview import latents_to_pixels
     from training.train_demo import cell_means, to_latents
 
+    demo = builtin_registry().model(DEMO_MODEL_ID)
+    assert demo is not None
     picture = shapes.render(shapes.Scene("star", "pink", "dark green", "on the right", "large"), 1024)
     means = torch.from_numpy(cell_means(picture))[None]
-    pixels = latents_to_pixels(to_latents(means), DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS)
+    pixels = latents_to_pixels(to_latents(means), demo.latent_rgb)
     expected = ((means[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
 

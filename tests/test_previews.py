@@ -3,8 +3,8 @@
 Transport: the job-system engines (the test pattern underneath) send a tiny synthetic preview every
 ``preview_every_steps`` steps; a stream that asked for previews receives them as ``preview`` events whose
 image decodes to a small JPEG, a stream that did not gets none. The diffusers engine makes them from its
-latents (SDXL's linear latent-to-RGB map, or the model's registry-named TAESDXL ``preview_decoder``),
-checked on the tiny fixture model with a tiny random ``AutoencoderTiny``.
+latents (by the linear latent-to-RGB map of the model's registry entry, ``latent_rgb``, or by the TAESDXL it
+names as ``preview_decoder``), checked on the tiny fixture model with a tiny random ``AutoencoderTiny``.
 """
 
 from __future__ import annotations
@@ -82,13 +82,17 @@ def test_the_diffusers_engine_makes_previews_from_its_latents(tmp_path: Path, mo
     from imagen.generation.diffusers import engine as engine_module
     from imagen.generation.diffusers.preview import latents_preview
     from imagen.generation.runner import run_task
+    from imagen.registry import LatentRgb
+    from imagen.registry.specs import SDXL_LATENT_RGB
     from tests.engine_fixtures import engine_settings, fixtures_registry, task
 
     latents_seen: list[torch.Tensor] = []
+    maps_seen: list[LatentRgb] = []
 
-    def recording_preview(latents: torch.Tensor) -> bytes:
+    def recording_preview(latents: torch.Tensor, latent_rgb: LatentRgb) -> bytes:
         latents_seen.append(latents.clone())
-        return latents_preview(latents)
+        maps_seen.append(latent_rgb)
+        return latents_preview(latents, latent_rgb)
 
     monkeypatch.setattr(engine_module, "latents_preview", recording_preview)
     registry = fixtures_registry()
@@ -111,6 +115,7 @@ def test_the_diffusers_engine_makes_previews_from_its_latents(tmp_path: Path, mo
     latent_side = spec.size // pipe.vae_scale_factor
     assert [tuple(latents.shape) for latents in latents_seen] == [(1, 4, latent_side, latent_side)] * 2
     assert not torch.equal(latents_seen[0], latents_seen[1])  # the denoising moved on between them
+    assert maps_seen == [SDXL_LATENT_RGB] * 2  # the model's own map: its entry gives none, so SDXL's
     for (_, jpeg), latents in zip(previews, latents_seen, strict=True):
         assert jpeg == latents_preview(latents)  # made from the step's latents, no VAE
         image = Image.open(io.BytesIO(jpeg))
@@ -143,6 +148,11 @@ def _tiny_taesdxl(folder: Path) -> None:
 
 def _registry_with_preview_decoder(tmp_path: Path, decoder_entry: str) -> Path:
     """The tiny fixtures' registry, its ``sdxl-base`` naming ``decoder_entry`` as its preview decoder."""
+    return _fixtures_registry_with(tmp_path, preview_decoder=decoder_entry)  # relative: to the file's folder
+
+
+def _fixtures_registry_with(tmp_path: Path, **fields: object) -> Path:
+    """The tiny fixtures' registry with only ``sdxl-base``, given ``fields`` in its entry."""
     import yaml
 
     from tests.engine_fixtures import fixtures_registry_path
@@ -151,7 +161,7 @@ def _registry_with_preview_decoder(tmp_path: Path, decoder_entry: str) -> Path:
     raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     raw["models"] = [m for m in raw["models"] if m["id"] == "sdxl-base"]
     raw["models"][0]["path"] = str(source.parent / raw["models"][0]["path"])
-    raw["models"][0]["preview_decoder"] = decoder_entry  # relative: to the registry file's folder
+    raw["models"][0].update(fields)
     raw.pop("loras"), raw.pop("ip_adapter")
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -206,6 +216,34 @@ def test_a_model_with_a_preview_decoder_gets_its_previews_from_it(
         assert jpeg != latents_preview(latents)  # ... not by the linear approximation
         image = decode_preview("data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
         assert image.size == (min(8 * latent_side, MAX_PREVIEW_PX),) * 2  # TAESD upsamples 8x
+
+
+def test_a_models_own_latent_rgb_map_draws_its_previews(tmp_path: Path) -> None:
+    """The linear map is data on the registry entry (``latent_rgb``), read as every model's is. This one ignores
+    the latents and adds a fixed colour, so each preview is that colour whatever was denoised."""
+    from imagen.generation.diffusers.engine import DiffusersEngine
+    from imagen.generation.runner import run_task
+    from imagen.registry import LatentRgb, load_registry
+    from tests.engine_fixtures import engine_settings, task
+
+    flat = {"factors": [[0, 0, 0]] * 4, "bias": [0.6, -0.2, -1.0]}
+    registry = load_registry(_fixtures_registry_with(tmp_path, latent_rgb=flat))
+    spec = registry.model("sdxl-base")
+    assert spec is not None and spec.latent_rgb == LatentRgb(factors=((0, 0, 0),) * 4, bias=(0.6, -0.2, -1.0))
+    engine = DiffusersEngine(registry, engine_settings(tmp_path / "data", preview_every_steps=2))
+    previews: list[tuple[int, bytes]] = []
+    run_task(
+        engine,
+        task(steps=4),
+        "flat.png",
+        tmp_path / "outputs",
+        lambda step, percent: None,
+        preview=lambda step, jpeg: previews.append((step, jpeg)),
+    )
+    assert [step for step, _ in previews] == [2, 4]
+    for _, jpeg in previews:
+        pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.int16)
+        assert np.abs(pixels - np.array([204, 102, 0])).max() <= 2  # (bias + 1) * 127.5
 
 
 def test_a_preview_decoder_without_safetensors_weights_is_refused_at_start(tmp_path: Path) -> None:

@@ -39,6 +39,11 @@ def test_documented_example_parses() -> None:
         ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_rescale: 1.5}\n", "less than or equal to 1"),
         ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_stop: 0}\n", "greater than 0"),
         ("models:\n  - {id: a, name: A, path: a.safetensors, guidance_stop: 1.2}\n", "less than or equal to 1"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, latent_rgb: {factors: [[1, 0, 0]]}}\n",
+         "latent_rgb.factors"),
+        ("models:\n  - {id: a, name: A, path: a.safetensors, latent_rgb: {factors: [[1, 0, 0], [0, 1, 0], "
+         "[0, 0, 1], [0, 0, 0]], bias: [.nan, 0, 0]}}\n", "latent_rgb.bias"),
+        ("models:\n  - {id: a, name: A, demo: 'on'}\n", "demo"),
         ("- just a list\n", "must be a mapping"),
         ("models: [\n", "not valid YAML"),
     ],
@@ -63,6 +68,32 @@ def test_builtin_registry_is_the_demo_model() -> None:
     assert demo.guidance_stop == 0.6  # the last 40 % of the steps unguided (docs/demo-model.md)
     with pytest.raises(RegistryError, match="not declared"):
         registry.resolve_default_model("sdxl-base")
+
+
+def test_a_demo_entry_brings_the_shipped_folder_and_its_exact_latent_map(tmp_path: Path) -> None:
+    """``demo: true`` is data, not a branch in the engine: the entry gets the shipped folder as its ``path``
+    and its latents' exact map as its ``latent_rgb``, unless it gives its own; other models get SDXL's map."""
+    from imagen.registry.demo_model import DEMO_MODEL_DIR, LATENT_SCALE
+    from imagen.registry.specs import SDXL_LATENT_RGB
+
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {id: shapes, name: Shapes, demo: true}\n"
+        "  - {id: own, name: Own, demo: true, path: own, latent_rgb: {factors: [[1, 0, 0], [0, 1, 0], [0, 0, 1], "
+        "[0, 0, 0]]}}\n"
+        "  - {id: sdxl, name: SDXL, path: sdxl.safetensors}\n"
+    )
+    shapes, own, sdxl = load_registry(path).models
+    exact = 1 / LATENT_SCALE
+    assert shapes.path == DEMO_MODEL_DIR
+    assert shapes.latent_rgb.factors == ((exact, 0, 0), (0, exact, 0), (0, 0, exact), (0, 0, 0))
+    assert shapes.latent_rgb.bias == (0, 0, 0)
+    builtin_demo = builtin_registry().model("demo")
+    assert builtin_demo is not None and builtin_demo.latent_rgb == shapes.latent_rgb
+    assert builtin_demo.path == DEMO_MODEL_DIR
+    assert own.path == (tmp_path / "own").resolve() and own.latent_rgb.factors[0] == (1, 0, 0)
+    assert sdxl.latent_rgb == SDXL_LATENT_RGB and sdxl.latent_rgb.factors[0] == (0.3651, 0.4232, 0.4341)
 
 
 def test_vae_path_is_resolved_for_loading_and_kept_as_written_for_display(tmp_path: Path) -> None:

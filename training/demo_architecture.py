@@ -7,7 +7,7 @@
   cells at 1024 px), cross-attention on the two lower ones.
 * **VAE:** an ``AutoencoderKL`` with six levels (32x), whose weights are not learned but set here so that
   a latent is exactly the 32 x 32 mean of the image's RGB plus its luminance
-  (:mod:`imagen.generation.diffusers.demo_model`). A trained small VAE loses absolute colour: the GroupNorm
+  (:mod:`imagen.registry.demo_model`). A trained small VAE loses absolute colour: the GroupNorm
   before its output takes out each image's mean. Here every GroupNorm on the main path sees its signal
   channels in +/- pairs next to a large constant pair (``+K``, ``-K``): the group mean is exactly zero and
   its spread is ``K`` to within ``1e-4``, so the norm is a fixed scale that the norm's own weight undoes.
@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from imagen.generation.diffusers.components import clip_text_config, load_clip_tokenizers, sdxl_scheduler
-from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
+from imagen.registry.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 
 IMAGE_SIZE = 1024
 TEXT_WIDTHS = (8, 16)

@@ -48,7 +48,6 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from imagen.generation.diffusers.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 from imagen.registry.builtin import (
     DEMO_IP_ADAPTER_PATH,
     DEMO_IP_ENCODER_DIR,
@@ -57,6 +56,7 @@ from imagen.registry.builtin import (
     DEMO_LORA_TRIGGER,
     TRAINING_RECORD,
 )
+from imagen.registry.demo_model import LATENT_DOWNSCALE, LATENT_SCALE, LUMA
 from imagen.testing import ldm_export
 from training import shapes
 from training.demo_architecture import IMAGE_SIZE, build_untrained_pipeline

@@ -1,8 +1,11 @@
 """The registry: which models, LoRAs and IP-Adapter this server offers (specs), the one a fresh install
-serves (builtin), reading the YAML file (load), and the checks that their files are safe to load (safe_files)."""
+serves (builtin) and its demo model's files and latent layout (demo_model), reading the YAML file (load), and
+the checks that their files are safe to load (safe_files)."""
 
 from imagen.registry.builtin import builtin_registry
 from imagen.registry.load import load_registry
-from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry
+from imagen.registry.specs import IpAdapterSpec, LatentRgb, LoraSpec, ModelSpec, Registry
 
-__all__ = ["IpAdapterSpec", "LoraSpec", "ModelSpec", "Registry", "builtin_registry", "load_registry"]
+__all__ = [
+    "IpAdapterSpec", "LatentRgb", "LoraSpec", "ModelSpec", "Registry", "builtin_registry", "load_registry",
+]

@@ -5,18 +5,17 @@ Its files ship in ``imagen/data/demo/`` as ``make demo-model`` (``training/``) w
 diffusers folder, fp16, without tokenizers: both use the shared CLIP vocabulary), ``loras/blue.safetensors``
 (a kohya LoRA trained with it: every shape blue), ``ip-adapter/`` (an IP-Adapter with its own tiny CLIP image
 encoder, and a default reference picture) and ``training.json`` (the settings and each file's SHA-256). They
-are ours, small (< 8 MB) and reproducible by that command. How its latents are laid out is the engine's
-business (:mod:`imagen.generation.diffusers.demo_model`).
+are ours, small (< 8 MB) and reproducible by that command. Where they are and how its latents are laid out:
+:mod:`imagen.registry.demo_model`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from imagen.registry.demo_model import DEMO_DIR
 from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry
 
-DEMO_DIR: Path = Path(__file__).resolve().parents[1] / "data" / "demo"
-DEMO_MODEL_DIR: Path = DEMO_DIR / "model"
 TRAINING_RECORD = "training.json"
 DEMO_MODEL_ID = "demo"
 DEMO_LORA_ID = "demo-blue"
@@ -43,7 +42,7 @@ def builtin_registry() -> Registry:
                 "a white background\". Configure real weights in the registry.",
                 default_negative="",
                 prefix="demo",
-                demo=True,
+                demo=True,  # its shipped folder and its exact latent-to-RGB map (ModelSpec.latent_rgb) with it
                 # zero terminal SNR and v-prediction: plain guidance at 7.5 over-saturates it (purple drawn
                 # black); with 0.7, as Lin et al. recommend, the judge reads more colours, places and sizes right
                 guidance_rescale=DEMO_GUIDANCE_RESCALE,

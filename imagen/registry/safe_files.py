@@ -179,8 +179,6 @@ def registry_problems(registry: Registry) -> list[str]:
     for model in registry.models:
         if model.preview_decoder is not None:
             attempt(f"model {model.id!r} preview_decoder", check_weights_folder, model.preview_decoder)
-        if model.demo:
-            continue
         if model.path is not None:
             attempt(f"model {model.id!r}", check_model_path, model.path)
         if model.vae_path:

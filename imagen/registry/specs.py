@@ -7,13 +7,52 @@ See ``registry.example.yaml`` for the documented format.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PrivateAttr,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from imagen.errors import RegistryError
+from imagen.registry.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS, DEMO_MODEL_DIR
 from imagen.sampler_names import SAMPLER_NAMES, is_sampler_name
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+Rgb = tuple[FiniteFloat, FiniteFloat, FiniteFloat]
+
+
+class LatentRgb(BaseModel):
+    """A linear map from a model's 4 latent channels, scaled as the denoising loop holds them, to RGB in
+    [-1, 1]: how ``GET /events?preview=1`` previews are drawn without the VAE. ``factors``: one (R, G, B) row
+    per latent channel; ``bias``: added to every pixel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factors: tuple[Rgb, Rgb, Rgb, Rgb]
+    bias: Rgb = (0.0, 0.0, 0.0)
+
+
+SDXL_LATENT_RGB = LatentRgb(
+    #         R        G        B
+    factors=(
+        (0.3651, 0.4232, 0.4341),
+        (-0.2533, -0.0042, 0.1068),
+        (0.1076, 0.1111, -0.0362),
+        (-0.3165, -0.2492, -0.2188),
+    ),
+    bias=(0.1084, -0.0175, -0.0011),
+)
+"""SDXL's approximation, every model's unless its entry gives its own: the coefficients ComfyUI uses for its
+SDXL "Latent2RGB" previews (``comfy/latent_formats.py``, class ``SDXL``: ``latent_rgb_factors`` and
+``latent_rgb_factors_bias``), fitted on SDXL's scaled latents."""
 
 
 class ModelSpec(BaseModel):
@@ -32,7 +71,16 @@ class ModelSpec(BaseModel):
     default_negative: str = ""
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,40}$", description="File-name prefix.")
     size: int = Field(1024, ge=64, le=4096, multiple_of=8, description="Native square resolution.")
-    demo: bool = Field(False, description="The built-in demo model (trained on shapes, shipped in the package).")
+    demo: StrictBool = Field(
+        False,
+        description="The built-in demo model (trained on shapes, shipped in the package): its folder (`path`) "
+        "and its exact latent-to-RGB map (`latent_rgb`) come with it, unless the entry gives its own.",
+    )
+    latent_rgb: LatentRgb = Field(
+        SDXL_LATENT_RGB,
+        description="Linear map from the 4 latent channels to RGB for /events previews (without a "
+        "preview_decoder): `factors` (one R, G, B row per channel) and `bias`. Default: SDXL's approximation.",
+    )
     scheduler: str | None = Field(
         None, description="Default sampler for this model's jobs, by its A1111 name (see GET /schedulers)."
     )
@@ -66,9 +114,23 @@ class ModelSpec(BaseModel):
             raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_files(cls, data: Any) -> Any:
+        """``demo: true`` names the shipped demo model: the entry gets its folder and its exact latent map
+        (its latents are mean colours) unless it gives its own, so nothing that loads a model or draws its
+        previews asks which model it is."""
+        if isinstance(data, dict) and data.get("demo") is True:
+            demo_data = {
+                "path": DEMO_MODEL_DIR,
+                "latent_rgb": {"factors": DEMO_LATENT_RGB, "bias": DEMO_LATENT_RGB_BIAS},
+            }
+            data = {**data, **{name: value for name, value in demo_data.items() if data.get(name) is None}}
+        return data
+
     @model_validator(mode="after")
     def _needs_path(self) -> ModelSpec:
-        if self.path is None and not self.demo:
+        if self.path is None:
             raise ValueError(f"model {self.id!r}: `path` is required")
         return self
 

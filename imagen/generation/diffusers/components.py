@@ -4,7 +4,7 @@
   what ``from_single_file`` needs to turn an original-layout checkpoint into a pipeline.
 * ``imagen/data/clip-tokenizer/`` holds CLIP's BPE vocabulary (49408 tokens), shared by both SDXL tokenizers.
 * :func:`build_tiny_sdxl_pipeline` builds an SDXL-architecture pipeline with tiny random weights from a
-  fixed seed: the test fixtures (the demo model is trained: :mod:`.demo_model`).
+  fixed seed: the test fixtures (the demo model is trained: :mod:`imagen.registry.demo_model`).
 """
 
 from __future__ import annotations

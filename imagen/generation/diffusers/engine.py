@@ -58,7 +58,6 @@ from imagen.generation.base import (
     denoising_steps,
 )
 from imagen.generation.diffusers import acceleration, host_memory
-from imagen.generation.diffusers.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS
 from imagen.generation.diffusers.guidance import callback_inputs, guidance_stop, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
@@ -553,12 +552,11 @@ class DiffusersEngine(Engine):
 
 
 def _preview_maker(loaded: LoadedModel) -> Callable[[torch.Tensor], bytes]:
-    """A step's latents to a preview JPEG: by the registry's TAESDXL when it names one, else by a linear map."""
+    """A step's latents to a preview JPEG: by the registry's TAESDXL when it names one, else by the model's
+    linear latent-to-RGB map (its registry entry's ``latent_rgb``)."""
     if loaded.preview_decoder is not None:
         return partial(decoder_preview, loaded.preview_decoder)
-    if loaded.spec.demo:  # its latents are mean colours: an exact linear map
-        return partial(latents_preview, factors=DEMO_LATENT_RGB, bias=DEMO_LATENT_RGB_BIAS)
-    return latents_preview
+    return partial(latents_preview, latent_rgb=loaded.spec.latent_rgb)
 
 
 def _mode(task: GenerationTask, inputs: InputImages) -> str:

@@ -3,9 +3,9 @@
 :func:`resolve_device` / :func:`resolve_dtype` turn the settings into a device and dtype, :func:`load_pipeline`
 reads the files (on CPU), :func:`place_pipeline` puts the pipeline on its device (or sets up CPU offload).
 
-* ``demo: true``: the shipped demo model (``imagen/data/demo/model``, a diffusers folder:
-  :mod:`imagen.registry.builtin`).
-* a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled.
+* a diffusers folder: ``from_pretrained(..., use_safetensors=True)`` so no ``.bin`` is ever unpickled; one
+  without tokenizers (the shipped demo model's, which its ``demo: true`` entry names) gets the shipped CLIP
+  tokenizers.
 * a single ``.safetensors`` checkpoint in the original (StabilityAI / civitai) key layout:
   ``from_single_file`` with the SDXL base configs shipped in ``imagen/data/sdxl-base`` and the shipped CLIP
   tokenizers. A checkpoint with another architecture size (e.g. the tiny test fixtures) can carry its own
@@ -28,7 +28,6 @@ from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError, is_out_of_memory
 from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers
 from imagen.registry import ModelSpec, safe_files
-from imagen.registry.builtin import DEMO_MODEL_DIR
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -62,9 +61,9 @@ def sibling_config_dir(path: Path) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def _tokenizer_kwargs(folder: Path | None) -> dict[str, Any]:
+def _tokenizer_kwargs(folder: Path) -> dict[str, Any]:
     """The shipped CLIP tokenizers, unless the folder brings its own."""
-    if folder is not None and (folder / "tokenizer").is_dir() and (folder / "tokenizer_2").is_dir():
+    if (folder / "tokenizer").is_dir() and (folder / "tokenizer_2").is_dir():
         return {}
     tokenizer, tokenizer_2 = load_clip_tokenizers()
     return {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
@@ -91,45 +90,39 @@ def load_vae(path: Path, dtype: torch.dtype) -> Any:
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """Load (on CPU, in ``dtype``) the pipeline a registry entry describes."""
-    if spec.demo:
-        pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            str(DEMO_MODEL_DIR), dtype=dtype, use_safetensors=True, local_files_only=True,
-            **_tokenizer_kwargs(None),
-        )
-    else:
-        assert spec.path is not None  # the registry guarantees it for non-demo models
-        path = Path(spec.path)
-        try:
-            safe_files.check_model_path(path)
-        except safe_files.UnsafeFileError as exc:
-            raise FatalGenerationError(f"model {spec.id!r}: {exc}") from exc
-        extra: dict[str, Any] = {}
-        try:
-            if spec.vae_path:
-                extra["vae"] = load_vae(Path(spec.vae_path), dtype)
-            if path.is_dir():
-                pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                    str(path),
-                    dtype=dtype,
-                    use_safetensors=True,
-                    local_files_only=True,
-                    **_tokenizer_kwargs(path),
-                    **extra,
-                )
-            else:
-                config = sibling_config_dir(path) or SDXL_CONFIG_DIR
-                pipe = StableDiffusionXLPipeline.from_single_file(
-                    str(path),
-                    config=str(config),
-                    dtype=dtype,
-                    local_files_only=True,
-                    **_tokenizer_kwargs(config),
-                    **extra,
-                )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            if is_out_of_memory(exc):
-                raise
-            raise FatalGenerationError(f"model {spec.id!r} could not be loaded: {exc}") from exc
+    assert spec.path is not None  # the registry guarantees it (a demo entry gets the shipped folder)
+    path = Path(spec.path)
+    try:
+        safe_files.check_model_path(path)
+    except safe_files.UnsafeFileError as exc:
+        raise FatalGenerationError(f"model {spec.id!r}: {exc}") from exc
+    extra: dict[str, Any] = {}
+    try:
+        if spec.vae_path:
+            extra["vae"] = load_vae(Path(spec.vae_path), dtype)
+        if path.is_dir():
+            pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+                str(path),
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                **_tokenizer_kwargs(path),
+                **extra,
+            )
+        else:
+            config = sibling_config_dir(path) or SDXL_CONFIG_DIR
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path),
+                config=str(config),
+                dtype=dtype,
+                local_files_only=True,
+                **_tokenizer_kwargs(config),
+                **extra,
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise FatalGenerationError(f"model {spec.id!r} could not be loaded: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,9 +1,9 @@
 """SDXL latents to preview pixels without the VAE: a linear map of the 4 latent channels to RGB, or TAESDXL.
 
-The coefficients are those ComfyUI uses for its SDXL "Latent2RGB" previews (``comfy/latent_formats.py``,
-class ``SDXL``: ``latent_rgb_factors`` and ``latent_rgb_factors_bias``), fitted on SDXL's scaled latents,
-i.e. the ``latents`` diffusers hands the step callback. The result is in [-1, 1] like the VAE's output. For
-a 1024 px image it is a 128 x 128 x 4 by 4 x 3 product: well under a millisecond, no extra weights.
+The map is the model's own, from its registry entry (``ModelSpec.latent_rgb``): SDXL's approximation unless
+the entry gives another (the demo model's is exact). It applies to the scaled latents, i.e. the ``latents``
+diffusers hands the step callback; the result is in [-1, 1] like the VAE's output. For a 1024 px image it is
+a 128 x 128 x 4 by 4 x 3 product: well under a millisecond, no extra weights.
 
 A model whose registry entry names a ``preview_decoder`` (TAESDXL: a diffusers ``AutoencoderTiny`` folder)
 gets sharper previews from it instead: it decodes the same latents (its ``scaling_factor`` is 1, as they
@@ -19,30 +19,16 @@ import numpy as np
 import torch
 
 from imagen.generation.preview import encode_preview
-
-#                     R        G        B
-SDXL_LATENT_RGB = (
-    (0.3651, 0.4232, 0.4341),
-    (-0.2533, -0.0042, 0.1068),
-    (0.1076, 0.1111, -0.0362),
-    (-0.3165, -0.2492, -0.2188),
-)
-SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
-
-
-LatentRgb = tuple[tuple[float, float, float], ...]
+from imagen.registry.specs import SDXL_LATENT_RGB, LatentRgb
 
 
 def latents_to_pixels(
-    latents: torch.Tensor,
-    factors: LatentRgb = SDXL_LATENT_RGB,
-    bias: tuple[float, float, float] = SDXL_LATENT_RGB_BIAS,
+    latents: torch.Tensor, latent_rgb: LatentRgb = SDXL_LATENT_RGB
 ) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """The first image of a (batch, 4, h, w) latent batch as RGB uint8 (h, w, 3), by a linear map (SDXL's,
-    or a model's own: the demo model's is exact, ``demo_model.DEMO_LATENT_RGB``)."""
+    """The first image of a (batch, 4, h, w) latent batch as RGB uint8 (h, w, 3), by a model's linear map."""
     first = latents[0].detach().float()
-    matrix = torch.tensor(factors, device=first.device)
-    offset = torch.tensor(bias, device=first.device)
+    matrix = torch.tensor(latent_rgb.factors, device=first.device)
+    offset = torch.tensor(latent_rgb.bias, device=first.device)
     return _to_uint8(torch.einsum("chw,cr->hwr", first, matrix) + offset)
 
 
@@ -52,13 +38,9 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
     return np.asarray(pixels, dtype=np.uint8)
 
 
-def latents_preview(
-    latents: torch.Tensor,
-    factors: LatentRgb = SDXL_LATENT_RGB,
-    bias: tuple[float, float, float] = SDXL_LATENT_RGB_BIAS,
-) -> bytes:
+def latents_preview(latents: torch.Tensor, latent_rgb: LatentRgb = SDXL_LATENT_RGB) -> bytes:
     """A JPEG preview of the latents (``imagen.generation.preview``)."""
-    return encode_preview(latents_to_pixels(latents, factors, bias))
+    return encode_preview(latents_to_pixels(latents, latent_rgb))
 
 
 def load_preview_decoder(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
