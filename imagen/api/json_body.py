@@ -1,4 +1,5 @@
-"""JSON bodies that the OpenAI and AUTOMATIC1111 routes read themselves (FastAPI reads ``/generate``'s).
+"""JSON bodies, parsed in a worker thread: those the OpenAI and AUTOMATIC1111 routes read themselves
+(``read_json``), and those FastAPI reads for the native routes (``OffLoopJsonRoute``).
 
 ``json.loads`` alone lets through what later fails as a 500: bytes that are not UTF-8 (``UnicodeDecodeError``),
 nesting deep enough for a ``RecursionError`` in the parser or in whatever walks the value afterwards (the
@@ -13,9 +14,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 MAX_DEPTH = 32  # nesting levels of arrays and objects; A1111 clients send about 5
@@ -34,6 +37,36 @@ class BadJson(ValueError):
     def field(self) -> str | None:
         """The top-level field at fault (OpenAI's ``param``), if any."""
         return self.path[0] if self.path and isinstance(self.path[0], str) else None
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads``, named so that a test can hold it (it runs in a worker thread)."""
+    return json.loads(body)
+
+
+class OffLoopJsonRoute(APIRoute):
+    """A route whose JSON body FastAPI finds already parsed: ``json.loads`` of a body (up to the body limit,
+    a data URL image inside) runs in a worker thread, never on the event loop. FastAPI reads the value
+    through ``Request.json()``, which keeps what it parsed in ``_json``. A body that does not parse is left to
+    FastAPI, which answers it as before (its parse fails where this one did)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parse_off_the_loop(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "")
+            if not content_type or "json" in content_type.lower():
+                body = await request.body()
+                if body:
+                    try:
+                        value = await run_in_threadpool(_loads, body)
+                    except (ValueError, RecursionError):
+                        pass
+                    else:
+                        request._json = value  # Starlette's own cache of request.json()
+            return await handler(request)
+
+        return parse_off_the_loop
 
 
 async def read_json(http: Request, empty: bytes = b"") -> Any:

@@ -24,6 +24,7 @@ from imagen.access.keys import Caller
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep, WebhooksDep
 from imagen.api.events import first_event_id, status_events
 from imagen.api.headers import generation_metadata_header
+from imagen.api.json_body import OffLoopJsonRoute
 from imagen.api.schemas import (
     MAX_IMAGES,
     CancelResponse,
@@ -98,7 +99,7 @@ _PREVIEW_EVENT: dict[str, Any] = {
     },
 }
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJsonRoute)  # /generate's body (up to 32 MB) is parsed off the loop
 
 
 @router.post(
