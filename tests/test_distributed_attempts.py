@@ -14,18 +14,11 @@ from imagen.jobs.distributed.outcomes import AttemptOutcome, ClaimOutcome, Progr
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.types import JobState, NewJob
 from tests.celery_support import RedisServer, shared_redis
+from tests.test_store_contract import Clock
 
 __all__ = ["shared_redis"]  # fixtures
 TIMEOUT_S = 100.0
 OPTIONS: dict[str, Any] = {"max_attempts": 2, "lock_ttl_s": 60.0, "timeout_s": TIMEOUT_S}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from imagen.jobs.lifecycle import AttemptPolicy
 from imagen.jobs.types import Upload, UploadQuota
 from tests.celery_support import RedisServer, shared_redis
 from tests.conftest import submit, wait_for, wait_status
+from tests.test_store_contract import Clock
 
 __all__ = ["shared_redis"]  # a fixture
 QUOTA_DETAIL = "Quota d'images envoyées atteint"
@@ -184,14 +185,6 @@ def test_uploads_racing_for_the_last_places_never_pass_the_quota(api: Callable[.
 
 
 # -- space given back on expiry ------------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clocked_store(tmp_path: Path) -> Iterator[tuple[SqliteJobStore, Clock]]:
     clock = Clock()
