@@ -1,4 +1,4 @@
-"""Bad input is a 4xx that says what is wrong, never a 500 (issue 27, section 4): CMYK JPEGs, PNG metadata
+"""Bad input is a 4xx that says what is wrong, never a 500: CMYK JPEGs, PNG metadata
 bombs, bodies that are not UTF-8, JSON nested too deep, NaN and Infinity, booleans given as integers, and
 the 405's ``Allow`` header. Each request goes through the real app (its middlewares, routes and handlers)."""
 

@@ -19,7 +19,7 @@ from imagen.config import LORAS_PER_REQUEST_CAP
 MAX_HEADER_BYTES = 2048
 TEXT_CHARS = 64  # registry ids are at most 64 characters: only foreign or very long names are cut
 SUMMARY_FIELDS = ("model", "loras", "steps", "guidance_scale", "seed", "ip_strength")
-# Issue 11's fields, present only when the job used them (numbers and booleans: short by nature).
+# The SDXL request fields, present only when the job used them (numbers and booleans: short by nature).
 USED_FIELDS = ("num_images", "clip_skip", "strength", "init_image", "mask_image", "ip_image")
 
 

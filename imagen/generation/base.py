@@ -62,8 +62,8 @@ class GenerationTask:
     guidance_scale: float = 7.5
     seed: int = 0
     ip_strength: float = 0.0
-    # Optional since issue 11; each is left out of ``as_dict`` while it has its default, so a request that
-    # uses none of them gives the same task dict, metadata and PNG bytes as before.
+    # Optional fields, added after the first ones; each is left out of ``as_dict`` while it has its default,
+    # so a request that uses none of them gives the same task dict, metadata and PNG bytes as before.
     width: int | None = None  # None: the model's native square (``spec.size``), or the init image's size
     height: int | None = None
     num_images: int = 1  # image i uses seed + i

@@ -136,7 +136,7 @@ def place_pipeline(pipe: Any, device: torch.device, settings: Settings) -> None:
         pipe.enable_model_cpu_offload()
     elif device.type == "cuda" and settings.cpu_offload == "sequential":
         # Compel moves the text encoders' output to `text_encoder.device`, which sequential offload makes
-        # "meta" (no data: compel issue #23). The text encoders stay whole on the GPU (SDXL's: 1.6 GB in fp16);
+        # "meta" (no data: compel cannot read it). The text encoders stay whole on the GPU (SDXL's: 1.6 GB in fp16);
         # the UNet and the VAE stream layer by layer.
         pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, *SEQUENTIAL_OFFLOAD_KEEPS]
         pipe.enable_sequential_cpu_offload()
