@@ -137,26 +137,23 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     install_openapi(app, registry, settings)
     install_web(app)  # the page at / and its files at /ui/
 
-    @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
-        return JSONResponse({"detail": QUEUE_FULL}, status_code=503, headers={"Retry-After": "30"})
+    # The service cannot take the request now: a 503 with the reference's kind of French detail and a hint.
+    unavailable: dict[type[Exception], tuple[str, str]] = {
+        QueueFullError: (QUEUE_FULL, "30"),
+        BrokerUnavailableError: (BROKER_DOWN, "10"),
+        DatabaseUnavailableError: (DATABASE_DOWN, "5"),  # a subclass of BrokerUnavailableError: its own text
+        OutputsFullError: (OUTPUTS_FULL, "30"),
+        ImageBacklogFullError: (IMAGE_BACKLOG_FULL, "30"),
+    }
 
-    @app.exception_handler(BrokerUnavailableError)
-    async def broker_down(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
-        return JSONResponse({"detail": BROKER_DOWN}, status_code=503, headers={"Retry-After": "10"})
+    async def answer_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        detail, retry_after = next(unavailable[kind] for kind in type(exc).__mro__ if kind in unavailable)
+        if isinstance(exc, DatabaseUnavailableError):
+            log.warning("answered 503: %s", exc)
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": retry_after})
 
-    @app.exception_handler(DatabaseUnavailableError)
-    async def database_down(_: Request, exc: DatabaseUnavailableError) -> JSONResponse:
-        log.warning("answered 503: %s", exc)
-        return JSONResponse({"detail": DATABASE_DOWN}, status_code=503, headers={"Retry-After": "5"})
-
-    @app.exception_handler(OutputsFullError)
-    async def outputs_full(_: Request, exc: OutputsFullError) -> JSONResponse:
-        return JSONResponse({"detail": OUTPUTS_FULL}, status_code=503, headers={"Retry-After": "30"})
-
-    @app.exception_handler(ImageBacklogFullError)
-    async def image_backlog_full(_: Request, exc: ImageBacklogFullError) -> JSONResponse:
-        return JSONResponse({"detail": IMAGE_BACKLOG_FULL}, status_code=503, headers={"Retry-After": "30"})
+    for kind in unavailable:
+        app.add_exception_handler(kind, answer_unavailable)
 
     @app.exception_handler(KeyQueueFullError)
     async def key_queue_full_handler(_: Request, exc: KeyQueueFullError) -> JSONResponse:
