@@ -28,6 +28,12 @@ STEP_GENERATION = "generation_gpu"
 STEP_DECODING = "decoding"
 STEP_SAVING = "saving"
 
+# Where a worker holds a model: "device" is ready to run (on the GPU, or in RAM on a CPU-only worker); "ram" was
+# pushed off the GPU into host RAM, so bringing it back is a copy, not a read from disk.
+TIER_DEVICE = "device"
+TIER_RAM = "ram"
+MODEL_TIERS = (TIER_DEVICE, TIER_RAM)
+
 # Where each step lies on the whole job's 0-100 scale (``meta.progress``), in the order engines go through
 # them; a report's own percent (of that step's work) moves the job across the step's band. Denoising is
 # nearly all of a job's time.
@@ -276,3 +282,15 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release memory (called when the worker stops)."""
+
+    def held_models(self) -> dict[str, str]:
+        """The models this engine holds now, each with its tier (one of ``MODEL_TIERS``), for the worker's
+        heartbeat: job routing sends a model's jobs to the workers that hold it."""
+        return {}
+
+    def load_model(self, model_id: str) -> None:  # noqa: B027 - optional hook, nothing to load by default
+        """Load the model ahead of its jobs (an admin's ``POST /models/{id}/load``), as a job would."""
+
+    def unload_model(self, model_id: str) -> None:  # noqa: B027 - optional hook, nothing held by default
+        """Free the model from every tier (an admin's ``POST /models/{id}/unload``, a model removed from the
+        registry); a model that is not held is no error."""

@@ -122,6 +122,9 @@ class WorkerHealth:
     model_load_seconds: float | None = None  # how long its engine took to load
     gpu_memory_used_bytes: int | None = None  # None: no CUDA device
     gpu_memory_total_bytes: int | None = None
+    # The models its engine holds now, each with its tier (``generation.base.MODEL_TIERS``: "device" on the
+    # GPU, or the CPU's RAM when there is none; "ram" waiting in host RAM): what job routing and /models read.
+    models: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -140,6 +143,7 @@ class WorkerHealth:
             model_load_seconds=_number(beat.get("model_load_seconds")),
             gpu_memory_used_bytes=_integer(beat.get("gpu_memory_used_bytes")),
             gpu_memory_total_bytes=_integer(beat.get("gpu_memory_total_bytes")),
+            models={str(model): str(tier) for model, tier in (beat.get("models") or {}).items()},
         )
 
 
