@@ -20,11 +20,13 @@ run: install
 
 # Everything, as CI runs it: lint, types, the docs build and every test (the real pipelines and the web page
 # in chromium included). Tests run in parallel: most of them wait on processes (servers, workers, Redis), not
-# on the CPU. Pick a part by what it needs with MARK, e.g. `make test MARK="not browser"`.
+# on the CPU. Pick a part by what it needs with MARK, e.g. `make test MARK="not browser"`. One torch thread per
+# process: four test workers and the servers and workers they start, each with a thread per core, would
+# spin against each other on two cores (the suite took a quarter more CPU that way).
 PYTEST_WORKERS ?= 4
 MARK ?=
 test: install lint docs
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(if $(MARK),-m "$(MARK)")
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(if $(MARK),-m "$(MARK)")
 
 # The web page in a real browser (Debian's /usr/bin/chromium) alone.
 test-browser: install

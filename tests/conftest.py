@@ -24,6 +24,23 @@ T = TypeVar("T")
 REDIS_FIXTURES = {"shared_redis", "own_redis", "celery_cluster"}
 
 
+@pytest.fixture(autouse=True)
+def signals_left_as_found() -> Iterator[None]:
+    """A test that leaves Ctrl-C or SIGTERM ignored, handled or blocked in the test process fails: processes
+    that later tests start inherit an ignored or blocked signal, and a Ctrl-C test then fails far away."""
+    watched = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = {sig: signal.getsignal(sig) for sig in watched}
+    left_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    changed = [signal.Signals(sig).name for sig in watched if after[sig] != before[sig]]
+    assert not changed and left_mask == mask, f"signal handlers left changed: {changed}, mask {left_mask}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark what each test needs: a Redis fixture, named or reached through a "celery" parameter (the
     ``job_system`` fixture runs a test on both backends), means a redis-server of the test's own."""
@@ -241,3 +258,4 @@ def make_server(
     yield build
     for server in servers:
         server.stop(signal.SIGKILL)
+

@@ -90,15 +90,15 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
     assert wrong_key.returncode == 1 and "401" in wrong_key.stderr
 
     # Ctrl-C while the job runs: the job is cancelled on the server, exit 130
-    running = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    job = _wait_until_following(running)
+    ) as running:
+        job = _wait_until_following(running)
+        running.send_signal(signal.SIGINT)
+        assert running.wait(timeout=30) == 130
+        assert running.stderr is not None and f"job {job} cancelled" in running.stderr.read()
     headers = {"Authorization": f"Bearer {key}"}
-    running.send_signal(signal.SIGINT)
-    assert running.wait(timeout=30) == 130
-    assert f"job {job} cancelled" in running.stderr.read()
     assert httpx.get(f"{process.url}/status/{job}", headers=headers).json()["status"] == "REVOKED"
 
 
@@ -154,11 +154,11 @@ def test_cli_generates_and_cancels_on_both_backends(job_system: Callable[..., An
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == ["two-0.png  seed=5", "two-1.png  seed=6"]
         assert (tmp_path / "two-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        running = subprocess.Popen(
+        with subprocess.Popen(
             [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        job = _wait_until_following(running)
-        running.send_signal(signal.SIGINT)
-        assert running.wait(timeout=30) == 130
+        ) as running:  # fmt: skip
+            job = _wait_until_following(running)
+            running.send_signal(signal.SIGINT)
+            assert running.wait(timeout=30) == 130
         assert wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "REVOKED")

@@ -17,6 +17,7 @@ from imagen.jobs.distributed.pngs import PngLimits
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import submit, wait_for, wait_status
+from tests.latches import Latches
 from tests.test_distributed_reconciler import new_job
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
@@ -39,15 +40,17 @@ def slow_replica(server: RedisServer) -> None:
 
 
 def test_an_image_that_cannot_be_written_stalls_nothing_and_is_copied_later(
-    celery_cluster: CeleryCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    celery_cluster: CeleryCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture, latches: Latches
 ) -> None:
     cluster = celery_cluster
     cluster.start_worker()
     client = cluster.api(reconcile_after_s=1.0)
     outputs = tmp_path / "outputs"
-    blocked_job = submit(client, "sleep 0.5")
+    blocked_job = submit(client, "hold blocked")
+    latches.wait_started("blocked")
     blocked_name = output_name(cluster.redis, blocked_job)
     (outputs / blocked_name).mkdir()  # where its file should go: writing it fails
+    latches.release("blocked")
     assert wait_status(client, blocked_job, TERMINAL)["status"] == "SUCCESS"
     others = [submit(client, f"after the blocked one {i}") for i in range(3)]
     for job_id in others:

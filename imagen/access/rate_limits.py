@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from imagen.config import Settings
@@ -62,6 +63,15 @@ class RateLimiter:
         else:
             storage = MemoryStorage()
         return cls(storage)
+
+    async def aclose(self) -> None:
+        """Close the shared counts' Redis connections, on the event loop that opened them (at the API's
+        stop): left to the garbage collector, each would be an unclosed socket."""
+        if isinstance(self.storage, RedisStorage) and isinstance(self.storage.bridge, RedispyBridge):
+            try:
+                await self.storage.bridge.storage.aclose()  # the redis.asyncio.Redis the bridge made
+            except RuntimeError as exc:  # connections of another loop, closed already: nothing can close them now
+                log.debug("rate limiter connections not closed: %s", exc)
 
     async def hit(self, key_name: str, per_minute: int) -> Allowance | None:
         """Count one request of ``key_name``; None when the counts cannot be reached (let it through)."""

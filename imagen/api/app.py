@@ -72,6 +72,16 @@ def build_outbox(settings: Settings) -> Outbox:
     return SqliteOutbox(settings.database_path)
 
 
+async def close_loop_connections(app: FastAPI) -> None:
+    """Close the asyncio connections the app opened on the running event loop: the job-change listener's
+    and the rate limiter's. The lifespan does it at the stop; a second server run on another loop for the
+    same app (the tests' HTTP thread) does it for its own loop before that loop closes."""
+    await app.state.backend.stop_listening()
+    limiter: RateLimiter | None = app.state.limiter
+    if limiter is not None:
+        await limiter.aclose()
+
+
 def create_app(settings: Settings | None = None, backend: JobBackend | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = load_registry(settings.registry_path)
@@ -122,7 +132,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
                 retention.stop()
             if webhooks is not None:
                 webhooks.stop()
-            await backend.stop_listening()
+            await close_loop_connections(app)
             backend.stop()
 
     app = FastAPI(title="Imagen API", version="2.0", description="Stable Diffusion XL generation", lifespan=lifespan)
@@ -166,6 +176,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.add_middleware(AnsweringMiddleware, backend=backend)  # a request waits briefly for a busy store: 503
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     limiter = RateLimiter.from_settings(settings) if keys is not None else None
+    app.state.limiter = limiter
     app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics_token=settings.metrics_token)
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]

@@ -38,6 +38,7 @@ class RedisChangeListener:
         so a change published from now on reaches this process."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
+            self.stop()  # one listening on another loop (a test's second server on this app) closes its own
             self._loop, self._subscribed = loop, asyncio.Event()
             self._task = loop.create_task(self._listen_forever(), name="imagen-changes")
         try:
