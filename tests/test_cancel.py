@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from imagen.errors import JobCancelled
 from imagen.jobs.lifecycle import CANCELLED_BY_CLIENT
 from tests.celery_support import CeleryCluster, celery_cluster, own_redis, shared_redis
-from tests.conftest import ServerProcess, submit, wait_status
+from tests.conftest import ServerProcess, submit, wait_for, wait_status
 from tests.latches import Latches
 from tests.test_job_contract import job_system, worker_pids
 
@@ -84,7 +84,8 @@ def test_a_running_job_stops_at_its_next_step_and_the_worker_goes_on(
     running = submit(client, LONG_JOB, steps=STEPS)
     wait_for_denoising = wait_status(client, running, {"PROGRESS"})
     assert wait_for_denoising["meta"]["step"] == "generation_gpu"
-    (pid,) = worker_pids(client)
+    # The worker's heartbeat says it is ready (on a loaded machine one may be late: wait for it)
+    (pid,) = wait_for(lambda: worker_pids(client))
     following = submit(client, "next job")  # waits for the worker
 
     assert cancel(client, running) == (200, {"job_id": running, "status": "REVOKED"})
@@ -94,7 +95,7 @@ def test_a_running_job_stops_at_its_next_step_and_the_worker_goes_on(
     assert done["status"] == "SUCCESS"
     # Its latch was never released: only the cancel, at the held job's next step, freed the worker.
     assert not (latches.folder / "long.release").exists()
-    assert worker_pids(client) == [pid]  # same process, engine and model kept: nothing reloaded
+    assert wait_for(lambda: worker_pids(client)) == [pid]  # same process, engine and model kept: nothing reloaded
     assert_revoked(client, running)
     assert pngs(tmp_path) == [done["result"]["filename"]]  # no image for the cancelled job, anywhere
     assert execution_log.read_text().splitlines() == [LONG_JOB, "next job"]
