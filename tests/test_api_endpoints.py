@@ -165,7 +165,9 @@ def test_file_name_prefix_comes_from_the_registry(client: TestClient) -> None:
     assert re.fullmatch(r"pony_xl_v6_\d{8}_\d{6}_[0-9a-f]{8}\.png", done["result"]["filename"])
 
 
-def test_nothing_outside_outputs_is_served(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+def test_nothing_outside_outputs_is_served(
+    make_server: Callable[..., ServerProcess], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG secret")
     outputs = tmp_path / "outputs"
@@ -182,6 +184,7 @@ def test_nothing_outside_outputs_is_served(make_server: Callable[..., ServerProc
         "..", "%2e%2e", ".partial-x.png", "registry.yaml",
     ]
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    request.addfinalizer(connection.close)
     for route in ("/download/", "/outputs/"):
         for attack in attacks:
             connection.request("GET", route + attack)
