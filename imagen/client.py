@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 DEFAULT_URL = "http://localhost:8009"
 POLL_S = 0.5
+CANCEL_TIMEOUT_S = 10.0  # a Ctrl-C should not leave the user waiting long for the cancel
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 EXIT_INTERRUPTED = 130
 
@@ -74,7 +75,14 @@ class ImagenClient:
             time.sleep(POLL_S)
 
     def cancel(self, job_id: str) -> httpx.Response:
-        return self.request("POST", f"/cancel/{job_id}")
+        """On a connection of its own: after a Ctrl-C that interrupted the job's stream mid-read, the pool
+        that stream used may still hold the interrupted connection's lock, and a cancel queued behind it
+        would never be sent."""
+        try:
+            with httpx.Client(base_url=self.url, headers=self.http.headers, timeout=CANCEL_TIMEOUT_S) as fresh:
+                return fresh.post(f"/cancel/{job_id}")
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the server at {self.url} ({type(exc).__name__}: {exc})") from exc
 
 
 def _detail(response: httpx.Response) -> str:

@@ -57,6 +57,16 @@ def _wait_until_following(running: subprocess.Popen[str]) -> str:
     raise AssertionError("the client never reported the job running")
 
 
+def _exit_status_after_ctrl_c(running: subprocess.Popen[str]) -> int:
+    """The client's exit status after its Ctrl-C; if it does not end, what it printed, to say why."""
+    try:
+        return running.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        running.kill()
+        _, stderr = running.communicate(timeout=30)
+        raise AssertionError(f"the client did not end after Ctrl-C; it printed: {stderr[-2000:]!r}") from None
+
+
 def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProcess, str], tmp_path: Path) -> None:
     process, key = server
     env = _env(IMAGEN_URL=process.url, IMAGEN_API_KEY=key)
@@ -96,7 +106,7 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
     ) as running:
         job = _wait_until_following(running)
         running.send_signal(signal.SIGINT)
-        assert running.wait(timeout=30) == 130
+        assert _exit_status_after_ctrl_c(running) == 130
         assert running.stderr is not None and f"job {job} cancelled" in running.stderr.read()
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(f"{process.url}/status/{job}", headers=headers).json()["status"] == "REVOKED"
@@ -160,5 +170,5 @@ def test_cli_generates_and_cancels_on_both_backends(job_system: Callable[..., An
         ) as running:  # fmt: skip
             job = _wait_until_following(running)
             running.send_signal(signal.SIGINT)
-            assert running.wait(timeout=30) == 130
+            assert _exit_status_after_ctrl_c(running) == 130
         assert wait_for(lambda: httpx.get(f"{url}/status/{job}").json()["status"] == "REVOKED")
