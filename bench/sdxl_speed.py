@@ -239,7 +239,7 @@ class RandomPipelineEngine(DiffusersEngine):
 
     build_device: torch.device
 
-    def _load(self, spec: ModelSpec, dtype: torch.dtype) -> Any:
+    def build_random_pipeline(self, spec: ModelSpec, dtype: torch.dtype) -> Any:
         components = build_components(self.build_device, dtype)
         pipe: Any = StableDiffusionXLPipeline(**components, add_watermarker=False)  # type: ignore[no-untyped-call]
         pipe.set_progress_bar_config(disable=True)
@@ -270,7 +270,7 @@ def make_engine(
     engine = RandomPipelineEngine(registry, settings)
     # Build on the GPU when there is one (seconds); the engine then places it as configured (offload...).
     engine.build_device = device
-    engine.pipeline_loader = engine._load
+    engine.pipeline_loader = engine.build_random_pipeline
     return engine
 
 
@@ -397,7 +397,7 @@ def lora_switch(args: argparse.Namespace, device: torch.device) -> list[list[str
         workdir = Path(tmp)
         probe = make_engine(args, device, workdir)
         dtype = resolve_dtype(args.dtype, device)
-        probe_pipe = probe._load(probe.registry.models[0], dtype)
+        probe_pipe = probe.build_random_pipeline(probe.registry.models[0], dtype)
         loras = write_attention_loras(probe_pipe, workdir, rank=args.lora_rank, seed=SEED + 100)
         del probe_pipe, probe
         free(device)

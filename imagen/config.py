@@ -248,8 +248,30 @@ class Settings(BaseSettings):
         description="Weights dtype of the diffusers engine. `auto`: float16 on CUDA, bfloat16 on CPUs "
         "with native bf16 (AVX512-BF16 / AMX), float32 otherwise.",
     )
-    max_loaded_models: int = Field(
-        1, ge=1, description="Pipelines kept in memory per worker; loading one more frees the least recent."
+    model_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory (GiB) the models ready on the device may take per worker: GPU memory on CUDA, RAM "
+        "on a CPU. Loading one more first frees (or moves to the RAM tier) the least recently used; a model larger "
+        "than the budget still loads, alone. Unset: 75 % of the GPU's memory on CUDA, half of the RAM on a CPU.",
+    )
+    model_ram_gb: float = Field(
+        0.0,
+        ge=0,
+        description="Second tier (GiB of host RAM) where models pushed off the device wait: switching back "
+        "to one is a copy, not a read from disk. 0: off (a model pushed off is freed). On a CPU-only worker both "
+        "tiers are RAM: this simply holds more models.",
+    )
+    max_loaded_models: int | None = Field(
+        None,
+        ge=1,
+        description="Optional cap on how many models are ready on the device per worker, on top of "
+        "`IMAGEN_MODEL_MEMORY_GB`. Unset: the memory budget alone decides.",
+    )
+    release_freed_models: bool = Field(
+        True,
+        description="After a model is freed: garbage collection, `torch.cuda.empty_cache` and glibc's "
+        "`malloc_trim` give its memory back to the system. Off only to measure what they save.",
     )
     max_loras: int = Field(
         4, ge=0, le=LORAS_PER_REQUEST_CAP, description="Most LoRAs one request may apply at once."

@@ -25,8 +25,10 @@ from starlette.routing import Mount, Route
 from starlette.websockets import WebSocketDisconnect
 
 from imagen.access.keys import KeyFile, add_key, key_digest
+from imagen.api.a1111_compat import CHECKPOINTS_ADMIN_ONLY
 from imagen.api.access import KEY_INVALID, KEY_MISSING, METRICS_ADMIN_ONLY, METRICS_TOKEN_REQUIRED
 from imagen.api.app import create_app
+from imagen.api.routes import MODELS_ADMIN_ONLY
 from tests.celery_support import shared_redis
 from tests.conftest import REPO, submit, wait_for, wait_status
 from tests.test_job_contract import job_system
@@ -41,6 +43,7 @@ PNG = (
     b"\xaeB`\x82"
 )  # 1×1
 IMAGE_NOT_FOUND = "Image non trouvée"
+A1111_CHECKPOINTS_REFUSAL = {"error": "HTTPException", "detail": CHECKPOINTS_ADMIN_ONLY, "body": "", "errors": ""}
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
@@ -77,7 +80,9 @@ class Row:
     owned: bool = False
     not_found: str | None = None
     public: bool = False  # no key needed
-    admin_only: bool = False  # every key but an admin one gets ``owner_status`` (403); an admin key gets 200
+    admin_only: bool = False  # every key but an admin one gets ``owner_status`` (403) and ``refusal``
+    admin_status: int = 200  # what an admin key gets, with ``admin_only``
+    refusal: dict[str, Any] | None = None  # the 403's body; None: /metrics' {"detail": METRICS_ADMIN_ONLY}
     body: dict[str, Any] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
     data: dict[str, str] | None = None  # form fields, with files
@@ -93,6 +98,13 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/download/{filename:path}"): Row("/download/{filename}", 200, owned=True, not_found=IMAGE_NOT_FOUND),
     ("GET", "/outputs/{filename:path}"): Row("/outputs/{filename}", 200, owned=True, not_found=IMAGE_NOT_FOUND),
     ("GET", "/models"): Row("/models", 200),
+    # an operator's orders to the workers: admin keys only (202: sent to every ready worker)
+    ("POST", "/models/{model_id}/load"): Row(
+        "/models/sdxl-base/load", 403, admin_only=True, admin_status=202, refusal={"detail": MODELS_ADMIN_ONLY}
+    ),
+    ("POST", "/models/{model_id}/unload"): Row(
+        "/models/sdxl-base/unload", 403, admin_only=True, admin_status=202, refusal={"detail": MODELS_ADMIN_ONLY}
+    ),
     ("GET", "/loras"): Row("/loras", 200),
     ("GET", "/schedulers"): Row("/schedulers", 200),
     ("POST", "/uploads"): Row("/uploads", 201, files={"file": ("a.png", PNG, "image/png")}),
@@ -119,6 +131,14 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("POST", "/sdapi/v1/options"): Row("/sdapi/v1/options", 200, body={"sd_model_checkpoint": "sdxl-base"}),
     ("GET", "/sdapi/v1/progress"): Row("/sdapi/v1/progress", 200),
     ("POST", "/sdapi/v1/interrupt"): Row("/sdapi/v1/interrupt", 200),
+    ("POST", "/sdapi/v1/unload-checkpoint"): Row(
+        "/sdapi/v1/unload-checkpoint", 403, admin_only=True, refusal=A1111_CHECKPOINTS_REFUSAL
+    ),
+    ("POST", "/sdapi/v1/reload-checkpoint"): Row(
+        "/sdapi/v1/reload-checkpoint", 403, admin_only=True, refusal=A1111_CHECKPOINTS_REFUSAL
+    ),
+    # reads the registry file again, as the server does on its own within a second: any key
+    ("POST", "/sdapi/v1/refresh-checkpoints"): Row("/sdapi/v1/refresh-checkpoints", 200),
     ("GET", "/openapi.json"): Row("/openapi.json", 200),
     ("GET", "/docs"): Row("/docs", 200),
     ("GET", "/docs/oauth2-redirect"): Row("/docs/oauth2-redirect", 200),
@@ -202,9 +222,9 @@ def test_route_with_no_key_a_wrong_key_another_key_and_an_admin_key(
     else:
         assert other.status_code == row.owner_status
     if row.admin_only:
-        assert owner.json() == other.json() == {"detail": METRICS_ADMIN_ONLY}
+        assert owner.json() == other.json() == (row.refusal or {"detail": METRICS_ADMIN_ONLY})
     admin = call(keyed_client, method, row, owners_job, keys.headers("admin"))
-    assert admin.status_code == (200 if row.admin_only else row.owner_status), (template, admin.text[:300])
+    assert admin.status_code == (row.admin_status if row.admin_only else row.owner_status), (template, admin.text[:300])
     # the other key's attempt changed nothing (its cancel in particular)
     assert keyed_client.get(f"/status/{owners_job['job_id']}", headers=keys.headers("owner")).json()["status"] == (
         "SUCCESS"

@@ -125,7 +125,7 @@ def test_models_loras_health(client: TestClient) -> None:
     }
     # the extensions: sizes and defaults for width/height, scheduler, clip_skip, and the guidance rescale and stop
     assert set(models[0]) - reference_fields == {
-        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop"
+        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop", "loaded_on"
     }
     assert models[0]["native_size"] == {"width": 64, "height": 64} and models[0]["clip_skip"] == 1
     assert (models[0]["guidance_rescale"], models[0]["guidance_stop"]) == (0.0, 1.0)
@@ -146,7 +146,7 @@ def test_models_loras_health(client: TestClient) -> None:
         "queue_broker": "embedded",
         "reasons": [],
         "workers": [{"host": socket.gethostname(), "pid": worker["pid"], "ready": True, "device": "cpu",
-                     "gpu_available": False}],
+                     "gpu_available": False, "models": {}}],
     }
     assert worker["pid"] != os.getpid()  # a child process runs the engine, never the API process
 

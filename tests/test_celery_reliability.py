@@ -136,7 +136,8 @@ def test_imagen_serve_with_a_broker_url_end_to_end(
             "queue_broker": "connected",
             "reasons": [],
             "workers": [
-                {"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu", "gpu_available": False}
+                {"host": socket.gethostname(), "pid": child, "ready": True, "device": "cpu", "gpu_available": False,
+                 "models": {}}  # no job yet: no model held
             ],
         }
         job_id = http.post("/generate", json={"prompt": "through a real server"}).json()["job_id"]
@@ -247,7 +248,7 @@ def test_gpu_flag_health_and_celery_inspect(celery_cluster: CeleryCluster) -> No
         "workers": [
             {
                 "host": socket.gethostname(), "pid": worker.children()[0], "ready": True, "device": "cuda:3",
-                "gpu_available": True,
+                "gpu_available": True, "models": {},
             }
         ],
     }

@@ -252,14 +252,14 @@ def test_the_image_python_is_one_pyproject_allows() -> None:
     assert all(version in allowed for version in versions)
 
 
-def test_the_base_image_is_cuda_with_cudnn() -> None:
-    (base_arg,) = [arg for arg in dockerfile("ARG") if arg.startswith("CUDA_IMAGE=")]
-    image = base_arg.removeprefix("CUDA_IMAGE=")
+def test_the_default_base_image_is_cuda_with_cudnn() -> None:
+    (base_arg,) = [arg for arg in dockerfile("ARG") if arg.startswith("BASE_IMAGE=")]
+    image = base_arg.removeprefix("BASE_IMAGE=")
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu22\.04", image)
     cuda_minor = re.search(r"cuda:12\.(\d+)", image)
     assert cuda_minor is not None
     assert any(arg.endswith(f"/cu12{cuda_minor.group(1)}") for arg in dockerfile("ARG")), "torch for that CUDA"
-    assert dockerfile("FROM") == ["${CUDA_IMAGE}"]
+    assert dockerfile("FROM") == ["${BASE_IMAGE}"], "the base is a build argument (a Debian one in make test-deploy)"
 
 
 def test_the_image_runs_as_a_user_with_volumes_for_models_data_outputs() -> None:

@@ -123,7 +123,8 @@ def test_progress_reports_each_stage_and_each_step(tmp_path: Path) -> None:
 
 
 def test_second_job_on_a_model_loads_nothing_and_switching_frees(tmp_path: Path) -> None:
-    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path))
+    # a memory budget smaller than one model: each model still loads, alone
+    engine = DiffusersEngine(fixtures_registry(), engine_settings(tmp_path, model_memory_gb=0.001))
     engine.generate(task(), ProgressLog())
     engine.generate(task(seed=5, prompt="another prompt"), ProgressLog())
     assert engine.stats.model_loads == 1

@@ -1,5 +1,6 @@
 """The part of AUTOMATIC1111's API (``/sdapi/v1``) that clients use (Open WebUI, SillyTavern, webuiapi,
-bots): txt2img and img2img on the job system, the model/LoRA/sampler lists, options, progress, interrupt.
+bots): txt2img and img2img on the job system, the model/LoRA/sampler lists, options, progress, interrupt,
+and the checkpoint routes (unload, reload: admin keys' orders to every worker; refresh: the registry file).
 
 Each txt2img/img2img request is one ``POST /generate`` job (``batch_size`` × ``n_iter`` images, at most 4;
 image i uses seed + i, as A1111) submitted and waited for through ``compat_jobs``. ``<lora:name:weight>``
@@ -53,8 +54,10 @@ from imagen.config import Settings
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobState
 from imagen.registry import Registry
+from imagen.registry.watch import RegistryWatcher
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 
@@ -617,3 +620,49 @@ async def interrupt(http: Request, backend: BackendDep, caller: CallerDep) -> di
     for job_id in job_ids:
         await run_in_threadpool(backend.cancel, job_id)
     return {"interrupted": job_ids}
+
+
+# -- checkpoints: what A1111 does to its one loaded model, done on every worker --------------------------
+CHECKPOINTS_ADMIN_ONLY = "Chargement et déchargement des modèles réservés aux clés API d'administration"
+_EMPTY_OBJECT: dict[str, Any] = {"type": "object", "maxProperties": 0}
+_CHECKPOINT_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: _answers("Asked of every ready worker (each does it between jobs): `{}`, as A1111.", _EMPTY_OBJECT),
+    403: _answers("A key that is not an admin key."),
+}
+
+
+@router.post("/unload-checkpoint", response_model=None, responses=_CHECKPOINT_ANSWERS)
+def unload_checkpoint(backend: BackendDep, caller: CallerDep) -> Any:
+    """Admin keys: every worker frees every model it holds, in every tier (after the job it runs), as A1111
+    frees its checkpoint. The next job loads its model again."""
+    if not caller.admin:
+        return _error(403, CHECKPOINTS_ADMIN_ONLY)
+    backend.order_models(ModelOrder("unload"))
+    return {}
+
+
+@router.post("/reload-checkpoint", response_model=None, responses=_CHECKPOINT_ANSWERS)
+def reload_checkpoint(
+    http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
+) -> Any:
+    """Admin keys: every worker loads the key's checkpoint (`sd_model_checkpoint` of POST /options, else the
+    server's default model) again, as A1111 puts its checkpoint back on the GPU."""
+    if not caller.admin:
+        return _error(403, CHECKPOINTS_ADMIN_ONLY)
+    model = _state(http).models.get(caller.name)
+    if model is None or registry.model(model) is None:  # none chosen, or removed from the registry since
+        model = registry.resolve_default_model(settings.default_model)
+    backend.order_models(ModelOrder("load", model))
+    return {}
+
+
+@router.post(
+    "/refresh-checkpoints",
+    response_model=None,
+    responses={200: _answers("The registry file was read again: `null`, as A1111.", {"type": "null"})},
+)
+def refresh_checkpoints(http: Request) -> None:
+    """Read the registry file again now (it is also read on its own within a second of a change): a new model
+    is listed by GET /sdapi/v1/sd-models. A file that does not parse keeps the registry served (and is logged)."""
+    watcher: RegistryWatcher = http.app.state.registry_watcher
+    watcher.refresh()

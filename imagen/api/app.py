@@ -42,6 +42,7 @@ from imagen.jobs.backend import JobBackend
 from imagen.jobs.factory import build_backend
 from imagen.outputs.retention import RetentionSweeper
 from imagen.registry import load_registry
+from imagen.registry.watch import RegistryWatcher
 from imagen.webhooks.dispatcher import WebhookDispatcher
 from imagen.webhooks.outbox import Outbox
 
@@ -92,6 +93,13 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
         from imagen.registry.safe_files import check_registry_files  # headers only, no torch
 
         check_registry_files(registry)
+    # Read again when it changes: a new model is offered without a restart (checked as at start).
+    registry_watcher = RegistryWatcher(
+        settings.registry_path,
+        registry=registry,
+        default_model=settings.default_model,
+        check_files=settings.engine == "diffusers" and not settings.broker_url,
+    )
     keys = (
         KeyRing(
             settings.api_keys_file,
@@ -137,14 +145,14 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
 
     app = FastAPI(title="Imagen API", version="2.0", description="Stable Diffusion XL generation", lifespan=lifespan)
     app.state.settings = settings
-    app.state.registry = registry
+    app.state.registry_watcher = registry_watcher  # deps.get_registry: the registry served now
     app.state.backend = backend
     app.state.webhooks = webhooks
     app.state.waiters = waiters
     app.include_router(router)
     app.include_router(openai_router)  # OpenAI's /v1/images and /v1/models
     app.include_router(a1111_router)  # AUTOMATIC1111's /sdapi/v1
-    install_openapi(app, registry, settings)
+    install_openapi(app, lambda: registry_watcher.current, settings)
     install_web(app)  # the page at / and its files at /ui/
 
     # The service cannot take the request now: a 503 with the reference's kind of French detail and a hint.

@@ -10,6 +10,7 @@ from imagen.access.keys import Caller
 from imagen.config import Settings
 from imagen.jobs.backend import JobBackend
 from imagen.registry import Registry
+from imagen.registry.watch import RegistryWatcher
 from imagen.webhooks.dispatcher import WebhookDispatcher
 
 
@@ -25,8 +26,12 @@ def get_caller(request: Request) -> Caller:
 
 
 def get_registry(request: Request) -> Registry:
-    registry: Registry = request.app.state.registry
-    return registry
+    """The registry served now: its file is read again when it changed, at most once a second (in the
+    thread pool FastAPI runs this in, never on the event loop)."""
+    watcher: RegistryWatcher = request.app.state.registry_watcher
+    if watcher.refresh_due():
+        watcher.refresh()
+    return watcher.current
 
 
 def get_settings(request: Request) -> Settings:

@@ -5,12 +5,14 @@
 start. Written into the document (for the OpenAI and AUTOMATIC1111 bodies too: their model names, samplers and
 checkpoints), they make a request that the document says is valid one that the server accepts (the
 schemathesis run in the tests holds the server to that, on every route). The one rule JSON Schema cannot say,
-each LoRA at most once, stays in the description.
+each LoRA at most once, stays in the description. The document is written again when the registry file
+changes (``imagen.registry.watch``).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,9 +26,14 @@ from imagen.generation.samplers import available_samplers
 from imagen.registry import Registry
 
 
-def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> None:
+def install_openapi(app: FastAPI, current_registry: Callable[[], Registry], settings: Settings) -> None:
+    """``current_registry``: the registry served now; the document is written again when it changes (the
+    registry file was edited: ``imagen.registry.watch``)."""
+    written_for: list[Registry] = []  # the registry the cached document describes
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        registry = current_registry()
+        if app.openapi_schema is None or not written_for or written_for[0] is not registry:
             # a copy: FastAPI puts the routes' own dicts (openapi_extra) in the document, and each app patches its own
             document = copy.deepcopy(
                 get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -38,6 +45,7 @@ def install_openapi(app: FastAPI, registry: Registry, settings: Settings) -> Non
             if settings.api_keys_file is not None:
                 _require_keys(document)
             app.openapi_schema = document
+            written_for[:] = [registry]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

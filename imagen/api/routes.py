@@ -39,8 +39,10 @@ from imagen.api.schemas import (
     JobStatus,
     LoraInfo,
     LoraList,
+    ModelHolder,
     ModelInfo,
     ModelList,
+    ModelOrderAccepted,
     SchedulerList,
     Size,
     UploadResponse,
@@ -49,15 +51,21 @@ from imagen.api.schemas import (
 from imagen.api.submission import InvalidRequest, prepare_job
 from imagen.config import Settings
 from imagen.errors import UploadQuotaError
+from imagen.generation.base import MODEL_TIERS
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
 from imagen.inputs.sizes import recommended_sizes
+from imagen.jobs.backend import JobBackend
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobRecord, JobState, Upload, UploadQuota
 from imagen.outputs.serving import resolve_servable
 
 JOB_NOT_FOUND = "Job ID non trouvé"
 IMAGE_NOT_FOUND = "Image non trouvée"
 ALREADY_FINISHED = "Job déjà terminé"
+MODEL_NOT_FOUND = "Modèle non trouvé"
+WORKER_NOT_FOUND = "Worker non trouvé (ou pas prêt)"
+MODELS_ADMIN_ONLY = "Chargement et déchargement des modèles réservés aux clés API d'administration"
 
 _PNG: dict[str, Any] = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _NOT_FOUND = {"model": Detail, "description": "Not found (or expired)."}
@@ -310,8 +318,24 @@ for _prefix in ("/download", "/outputs"):
     )
 
 
+def known_tiers(models: dict[str, str]) -> dict[str, str]:
+    """A worker's held models, less any in a tier this API does not know (a newer worker's)."""
+    return {model_id: tier for model_id, tier in sorted(models.items()) if tier in MODEL_TIERS}
+
+
+def model_holders(backend: JobBackend) -> dict[str, list[ModelHolder]]:
+    """Which workers hold each model now, and in which tier, from what they last reported."""
+    found: dict[str, list[ModelHolder]] = {}
+    for worker in backend.health().workers:
+        for model_id, tier in known_tiers(worker.models).items():
+            found.setdefault(model_id, []).append(ModelHolder(worker=worker.name, tier=tier))
+    return found
+
+
 @router.get("/models", response_model=ModelList)
-def models(registry: RegistryDep) -> ModelList:
+def models(registry: RegistryDep, backend: BackendDep) -> ModelList:
+    """The registry's models; `loaded_on`: the workers that hold each one now, and in which tier."""
+    holders = model_holders(backend)
     return ModelList(
         models=[
             ModelInfo(
@@ -326,10 +350,64 @@ def models(registry: RegistryDep) -> ModelList:
                 clip_skip=m.clip_skip or 1,
                 guidance_rescale=m.guidance_rescale,
                 guidance_stop=m.guidance_stop,
+                loaded_on=holders.get(m.id, []),
             )
             for m in registry.models
         ]
     )
+
+
+def order_models(order: ModelOrder, worker: str | None, backend: JobBackend, caller: Caller) -> ModelOrderAccepted:
+    """An admin's load or unload, sent to the workers (``JobBackend.order_models``). 403 for another key."""
+    if not caller.admin:
+        raise HTTPException(status_code=403, detail=MODELS_ADMIN_ONLY)
+    asked = backend.order_models(order, worker)
+    if worker is not None and not asked:
+        raise HTTPException(status_code=404, detail=WORKER_NOT_FOUND)
+    return ModelOrderAccepted(model=order.model_id or "", action=order.action, workers=asked)
+
+
+_ORDER_ANSWERS: dict[int | str, dict[str, Any]] = {
+    403: {"model": Detail, "description": "A key that is not an admin key (IMAGEN_API_KEYS_FILE, `admin: true`)."},
+    404: {"model": Detail, "description": "No such model in the registry, or no ready worker of that name."},
+}
+_WORKER_QUERY = Query(
+    description="Only this worker (`host:pid`, as GET /health and GET /models list it); default: every ready "
+    "worker."
+)
+
+
+@router.post("/models/{model_id}/load", status_code=202, response_model=ModelOrderAccepted, responses=_ORDER_ANSWERS)
+def load_model(
+    model_id: str,
+    registry: RegistryDep,
+    backend: BackendDep,
+    caller: CallerDep,
+    worker: Annotated[str | None, _WORKER_QUERY] = None,
+) -> ModelOrderAccepted:
+    """Admin keys: load the model on the workers ahead of its jobs (each worker's model cache decides the
+    tier and what leaves to make room). Answered at once; each worker loads it between jobs, and GET /models
+    shows it in `loaded_on` once it holds it."""
+    if caller.admin and registry.model(model_id) is None:
+        raise HTTPException(status_code=404, detail=MODEL_NOT_FOUND)
+    return order_models(ModelOrder("load", model_id), worker, backend, caller)
+
+
+@router.post(
+    "/models/{model_id}/unload", status_code=202, response_model=ModelOrderAccepted, responses=_ORDER_ANSWERS
+)
+def unload_model(
+    model_id: str,
+    registry: RegistryDep,
+    backend: BackendDep,
+    caller: CallerDep,
+    worker: Annotated[str | None, _WORKER_QUERY] = None,
+) -> ModelOrderAccepted:
+    """Admin keys: free the model from the workers, in every tier (after the job each one runs). Its next
+    job loads it again."""
+    if caller.admin and registry.model(model_id) is None:
+        raise HTTPException(status_code=404, detail=MODEL_NOT_FOUND)
+    return order_models(ModelOrder("unload", model_id), worker, backend, caller)
 
 
 @router.get("/schedulers", response_model=SchedulerList)
@@ -437,7 +515,9 @@ def health(backend: BackendDep, response: Response) -> Health:
     """`ok`, `degraded` (200: jobs are accepted, `reasons` says what is wrong) or `unavailable` (503: a load
     balancer should send work elsewhere). Never keyed, never rate-limited."""
     state = backend.health()
-    workers = [WorkerStatus(**asdict(worker)) for worker in state.workers]
+    workers = [
+        WorkerStatus(**{**asdict(worker), "models": known_tiers(worker.models)}) for worker in state.workers
+    ]
     status = "unavailable" if state.unavailable else "degraded" if state.degraded else "ok"
     if state.unavailable:
         response.status_code = 503

@@ -176,6 +176,16 @@ class Size(BaseModel):
     height: int
 
 
+class ModelHolder(BaseModel):
+    """A worker that holds a model now, and where."""
+
+    worker: str = Field(description="The worker, `host:pid` as GET /health lists it.")
+    tier: Literal["device", "ram"] = Field(
+        description="`device`: ready to run (on the GPU, or in RAM on a CPU-only worker); `ram`: pushed off the "
+        "GPU into host RAM, brought back by a copy rather than a read from disk."
+    )
+
+
 class ModelInfo(BaseModel):
     id: str
     name: str
@@ -190,6 +200,18 @@ class ModelInfo(BaseModel):
     guidance_rescale: float = Field(0.0, description="Guidance rescale its jobs use (0: plain guidance).")
     guidance_stop: float = Field(
         1.0, description="Share of the steps after which its jobs' guidance stops (1: guided to the end)."
+    )
+    loaded_on: list[ModelHolder] = Field(
+        [], description="The workers that hold it now (from their heartbeats), each with its tier; [] for none."
+    )
+
+
+class ModelOrderAccepted(BaseModel):
+    model: str = Field(description="The model id.")
+    action: Literal["load", "unload"]
+    workers: list[str] = Field(
+        description="The workers asked (`host:pid`): each carries it out between jobs, after the one it runs; "
+        "[] when no worker is ready."
     )
 
 
@@ -227,6 +249,10 @@ class WorkerStatus(BaseModel):
     error: str | None = Field(None, description="Why its engine does not load (it retries; takes no job meanwhile).")
     device: str | None = None
     gpu_available: bool = Field(False, description="Its engine runs on a GPU.")
+    models: dict[str, Literal["device", "ram"]] = Field(
+        default_factory=dict,
+        description="The models its engine holds now, each with its tier (as GET /models `loaded_on`).",
+    )
 
 
 class Health(BaseModel):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imagen.errors import GenerationError, is_out_of_memory, is_out_of_space
+from imagen.errors import FatalGenerationError, GenerationError, is_out_of_memory, is_out_of_space
 from imagen.generation.base import (
     STEP_SAVING,
     Engine,
@@ -53,6 +53,11 @@ class PhaseTimer:
             self._since = now
 
 
+def model_removed_text(model_id: str) -> str:
+    """Why a job fails whose model left the registry before it started."""
+    return f"model {model_id!r} was removed from the registry before this job started"
+
+
 def run_task(
     engine: Engine,
     task: GenerationTask,
@@ -75,6 +80,9 @@ def run_task(
     it waits (or raises, ``JobCancelled`` say), then the same image is written again: a full disk costs a
     wait, never the generation. Without it, the ``OSError`` is raised.
     """
+    if engine.registry.model(task.model) is None:
+        # Removed from the registry file while the job waited (the worker follows the file between jobs).
+        raise FatalGenerationError(model_removed_text(task.model))
     started_at = time.time()
     timer = PhaseTimer(progress)
     decoded = InputImages.from_png_bytes(inputs or {})

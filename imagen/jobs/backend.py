@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 
 from imagen.jobs.changes import Watcher
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import BackendHealth, JobMetrics, JobRecord, JobState, NewJob, Submitted, Upload, UploadQuota
 
 
@@ -74,6 +75,12 @@ class JobBackend(ABC):
         """On the event loop: a ``Watcher`` woken whenever the job may have changed, for the block's
         duration. It listens from the moment the block is entered, so a change after that is never missed
         (read the job inside the block). With ``previews``, it also receives the job's preview images."""
+
+    @abstractmethod
+    def order_models(self, order: ModelOrder, worker: str | None = None) -> list[str]:
+        """Send an operator's load or unload order (``model_control``) to every ready worker, or to the one
+        named ``host:pid`` (as ``/health`` lists it); each applies it between jobs, after the one it runs.
+        Returns the names of the workers asked: none when no worker is ready or none has that name."""
 
     def ensure_output(self, filename: str) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Make sure a finished image is in this API's outputs folder before it is served. The embedded

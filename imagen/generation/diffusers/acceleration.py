@@ -103,8 +103,11 @@ def _attention_modules(model: Any) -> list[Any]:
 
 
 def ensure_sdpa(pipe: Any, enabled: bool = True) -> None:
-    """UNet and VAE attention on SDPA (or, ``enabled=False``, diffusers' classic ``AttnProcessor``)."""
+    """UNet and VAE attention on SDPA (or, ``enabled=False``, diffusers' classic ``AttnProcessor``); a VAE
+    another model already prepared (shared) is left as it is."""
     for model in (pipe.unet, pipe.vae):
+        if model is pipe.vae and _prepared(model):
+            continue
         wanted = AttnProcessor2_0 if enabled else AttnProcessor
         processors = model.attn_processors
         if any(type(proc) is not wanted for proc in processors.values()):
@@ -170,18 +173,25 @@ def prepare(pipe: Any, options: AccelerationOptions) -> AccelerationState:
     ensure_sdpa(pipe, options.sdpa)
     if options.sdpa:
         pipe.unet.set_attn_processor(state.plain_processor)
+    vae_done = _prepared(pipe.vae)  # a VAE shared with a model loaded before (.shared_components)
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        if min(pipe.vae.config.block_out_channels) >= NHWC_MIN_VAE_CHANNELS:
+        if not vae_done and min(pipe.vae.config.block_out_channels) >= NHWC_MIN_VAE_CHANNELS:
             pipe.vae.to(memory_format=torch.channels_last)
     if options.fuse_qkv and options.sdpa:
         _fuse_projections(pipe.unet)
         share_fused_weights(pipe.unet)  # no duplicate weights in RAM meanwhile
         pipe.unet.set_attn_processor(state.fused_processor)
         state.unet_fusable = True
-        _fuse_projections(pipe.vae)
-        pipe.vae.set_attn_processor(FusedAttnProcessor2_0())  # type: ignore[no-untyped-call]
+        if not vae_done:
+            _fuse_projections(pipe.vae)
+            pipe.vae.set_attn_processor(FusedAttnProcessor2_0())  # type: ignore[no-untyped-call]
+    pipe.vae._imagen_prepared = True
     return state
+
+
+def _prepared(vae: Any) -> bool:
+    return bool(getattr(vae, "_imagen_prepared", False))
 
 
 def finish_on_device(pipe: Any, state: AccelerationState) -> None:
@@ -263,6 +273,6 @@ def compile_pipeline(pipe: Any, options: AccelerationOptions) -> None:
     for name, value in inductor_settings(options.compile_mode).items():
         setattr(inductor_config, name, value)
     pipe.unet.compile(mode=options.compile_mode, fullgraph=False, dynamic=False)
-    if options.compile_vae:
+    if options.compile_vae and getattr(pipe.vae.decoder, "_compiled_call_impl", None) is None:  # not if shared
         pipe.vae.decoder.compile(mode=options.compile_mode, fullgraph=False, dynamic=False)
         pipe.vae.post_quant_conv.compile(mode=options.compile_mode, fullgraph=False, dynamic=False)

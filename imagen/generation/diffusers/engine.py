@@ -2,10 +2,11 @@
 
 One instance lives in each worker process and keeps its pipelines between jobs:
 
-* pipelines stay loaded (``IMAGEN_MAX_LOADED_MODELS``, least recently used freed first), read from the
-  registry's files by :mod:`.loading` and sped up by :mod:`.acceleration` (SDPA, channels_last, fused QKV,
-  torch.compile) when loaded; ``warm_up`` runs one short image at worker start so the first job neither
-  loads nor compiles anything;
+* pipelines stay loaded within a memory budget, on the device and optionally in a host-RAM tier, least
+  recently used leaving first (:mod:`.model_cache`); components byte-identical across checkpoints are held
+  once (:mod:`.shared_components`); pipelines are read from the registry's files by :mod:`.loading` and sped
+  up by :mod:`.acceleration` (SDPA, channels_last, fused QKV, torch.compile) when loaded; ``warm_up`` runs
+  one short image at worker start so the first job neither loads nor compiles anything;
 * each pipeline has one :class:`~.loras.LoraSwitcher` (PEFT adapters, or hotswap slots when compiled) that
   puts a job's LoRAs in effect, each file read once;
 * the IP-Adapter (:mod:`.ip_adapter`) is attached only while a job asks ``ip_strength`` > 0;
@@ -24,11 +25,12 @@ One instance lives in each worker process and keeps its pipelines between jobs:
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +51,8 @@ from imagen.generation.base import (
     STEP_GENERATION,
     STEP_LOADING_LORAS,
     STEP_LOADING_MODEL,
+    TIER_DEVICE,
+    TIER_RAM,
     DeviceInfo,
     Engine,
     GeneratedImage,
@@ -67,9 +71,11 @@ from imagen.generation.diffusers.ip_adapter import (
 )
 from imagen.generation.diffusers.loading import load_pipeline, place_pipeline, resolve_device, resolve_dtype
 from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
+from imagen.generation.diffusers.model_cache import Budget, ModelCache, storage_bytes
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
 from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.diffusers.schedulers import build_scheduler
+from imagen.generation.diffusers.shared_components import LORA_TARGETS, ComponentHashes, SharedComponents
 from imagen.generation.preview import wants_preview
 from imagen.generation.samplers import sampler_available, scheduler_for
 from imagen.registry import LoraSpec, ModelSpec, Registry
@@ -88,7 +94,13 @@ _SAMPLER_NAMES = {
 class EngineStats:
     """What the engine read from disk (tests use it to check that warm jobs load nothing)."""
 
-    model_loads: int = 0
+    model_loads: int = 0  # read from disk
+    ram_switches: int = 0  # brought back from the host-RAM tier
+    models_to_ram: int = 0
+    models_freed: int = 0
+    shared_components: int = 0  # components taken from a model already held instead of read again
+    shared_bytes: int = 0  # their bytes, held once instead of twice
+    last_switch: tuple[str, float] | None = None  # (where the model came from: "disk" / "ram", seconds)
     lora_loads: int = 0
     ip_adapter_loads: int = 0
     warm_up_runs: int = 0
@@ -107,6 +119,16 @@ class LoadedModel:
     ip_adapter_attached: bool = False
     # "img2img" / "inpaint": made from ``pipe`` with from_pipe on first use (same component objects)
     derived: dict[str, Any] = field(default_factory=dict)
+    # True once the text encoders are this model's own (no longer shared), as LoRAs need them
+    private_text_encoders: bool = False
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        """What holds this model's weights, for the cache's budget (the IP-Adapter's encoder is the
+        engine's, not the model's)."""
+        pipe = self.pipe
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        modules = [module for name in names if (module := getattr(pipe, name, None)) is not None]
+        return modules + ([self.preview_decoder] if self.preview_decoder is not None else [])
 
 
 @dataclass(frozen=True)
@@ -152,10 +174,23 @@ class DiffusersEngine(Engine):
         self.lora_hotswap = settings.lora_hotswap == "on" or (
             settings.lora_hotswap == "auto" and self.acceleration_options.compile
         )
-        # How a registry entry becomes a CPU pipeline (the benchmark swaps in a random full-size one).
-        self.pipeline_loader: Callable[[ModelSpec, torch.dtype], Any] = load_pipeline
-        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        # How a registry entry becomes a CPU pipeline (the benchmark swaps in a random full-size one; only
+        # the default loader is handed shared components).
+        self.pipeline_loader: Callable[..., Any] = load_pipeline
+        self._cache: ModelCache[LoadedModel] = ModelCache(
+            Budget.from_settings(settings, self.device), demote=self._demote, free=self._freed
+        )
+        self._hashes = ComponentHashes()
+        self._shared = SharedComponents()
+        self._unique_bytes: dict[str, int] = {}  # what each model added when it last loaded from disk
+        # One job, load or unload at a time: an admin's unload waits for the model's running job.
+        self._lock = threading.RLock()
         self._ip_weights: IpAdapterWeights | None = None
+
+    @property
+    def _models(self) -> Mapping[str, LoadedModel]:
+        """The models held, every tier, least recently used first."""
+        return self._cache.entries
 
     # --- Engine interface -------------------------------------------------------------------
     def device_info(self) -> DeviceInfo:
@@ -178,7 +213,8 @@ class DiffusersEngine(Engine):
         if spec is None:
             return
         started = time.perf_counter()
-        self._model(spec, lambda step, pct: None)
+        with self._lock, torch.inference_mode():
+            self._model(spec, lambda step, pct: None)
         if self.settings.warm_up_steps > 0:
             warm_task = GenerationTask(
                 prompt="warm-up", negative_prompt=None, model=spec.id, steps=self.settings.warm_up_steps,
@@ -196,15 +232,30 @@ class DiffusersEngine(Engine):
         )
 
     def close(self) -> None:
-        self._models.clear()
-        self._ip_weights = None
-        self._free_memory()
+        with self._lock:
+            self._cache.clear()
+            self._ip_weights = None
+            self._free_memory()
+
+    def held_models(self) -> dict[str, str]:
+        return self._cache.held()
+
+    def load_model(self, model_id: str) -> None:
+        spec = self.registry.model(model_id)
+        if spec is None:
+            raise FatalGenerationError(f"unknown model {model_id!r}")
+        with self._lock, torch.inference_mode():
+            self._model(spec, lambda step, pct: None)
+
+    def unload_model(self, model_id: str) -> None:
+        with self._lock:
+            self._cache.remove(model_id)
 
     def generate(
         self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
     ) -> list[GeneratedImage]:
         try:
-            with torch.inference_mode():
+            with self._lock, torch.inference_mode():
                 return self._make_images(task, progress, inputs)
         except RuntimeError as exc:  # torch.OutOfMemoryError, and the CUDA libraries' own allocation failures
             if is_out_of_memory(exc):
@@ -270,6 +321,8 @@ class DiffusersEngine(Engine):
         suit them; returns the pipeline call's IP-Adapter arguments."""
         progress(STEP_LOADING_LORAS, 0)
         active = [(lora, weight) for lora, weight in job.loras if weight != 0]
+        if active and not loaded.private_text_encoders:
+            self._private_text_encoders(loaded)
         self.stats.lora_loads += loaded.loras.activate(active)
         ip_kwargs = self._sync_ip_adapter(loaded, job.task.ip_strength, ip_image)
         acceleration.sync_unet_attention(
@@ -472,23 +525,65 @@ class DiffusersEngine(Engine):
 
     # --- models -----------------------------------------------------------------------------
     def _model(self, spec: ModelSpec, progress: ProgressCallback) -> LoadedModel:
-        loaded = self._models.get(spec.id)
-        if loaded is not None:
-            self._models.move_to_end(spec.id)
-            return loaded
+        """The model ready on the device: as it is, copied back from the RAM tier, or read from disk; least
+        recently used models pushed off first as the budget needs (:mod:`.model_cache`), never this one."""
+        cache = self._cache
+        tier = cache.tier(spec.id)
+        if tier == TIER_DEVICE:
+            cache.touch(spec.id)
+            return cache.entries[spec.id]
         progress(STEP_LOADING_MODEL, 0)
-        while len(self._models) >= self.settings.max_loaded_models:
-            old_id, _old = self._models.popitem(last=False)
-            del _old
-            log.info("freed model %s", old_id)
-            self._free_memory()
-        pipe = self.pipeline_loader(spec, self.dtype)
+        started = time.perf_counter()
+        if tier == TIER_RAM:
+            loaded = cache.entries[spec.id]
+            cache.make_room(spec.id, cache.incoming_bytes(loaded.weight_modules(), keep=spec.id))
+            self._promote(loaded)
+            self.stats.ram_switches += 1
+            source = TIER_RAM
+        else:
+            loaded = self._load(spec)
+            source = "disk"
+        cache.add(spec.id, loaded)
+        seconds = time.perf_counter() - started
+        self.stats.last_switch = (source, seconds)
+        log.info("model %s ready from %s in %.3f s%s", spec.id, source, seconds, _cuda_memory())
+        progress(STEP_LOADING_MODEL, 100)
+        return loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        """Read a model from disk (on CPU), taking the components already held from the models that hold
+        them; room made on the device before it goes there."""
+        reuse: dict[str, Any] = {}
+        hashes: dict[str, str] = {}
+        if self.pipeline_loader is load_pipeline:
+            hashes = self._hashes.of(spec)
+            reuse = self._shared.reusable(hashes)  # held here: pushing their model off keeps them alive
+        # Room first for what this model added last time, so that memory peaks at the budget, not above.
+        self._cache.make_room(spec.id, self._unique_bytes.get(spec.id, 0))
+        pipe = self.pipeline_loader(spec, self.dtype, reuse=reuse) if reuse else self.pipeline_loader(spec, self.dtype)
         self.stats.model_loads += 1
+        if reuse:
+            self.stats.shared_components += len(reuse)
+            self.stats.shared_bytes += storage_bytes(reuse.values())
+            log.info("model %s shares %s with a model already held", spec.id, ", ".join(sorted(reuse)))
+        self._shared.register(pipe, hashes)
         state = acceleration.prepare(pipe, self.acceleration_options)
+        preview_decoder = (
+            None
+            if spec.preview_decoder is None
+            else load_preview_decoder(spec.preview_decoder, torch.device("cpu"), self.dtype)
+        )
+        parts = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, preview_decoder)
+        modules = [module for module in parts if module is not None]
+        incoming = self._cache.incoming_bytes(modules)
+        self._unique_bytes[spec.id] = incoming
+        self._cache.make_room(spec.id, incoming)
         place_pipeline(pipe, self.device, self.settings)
         acceleration.finish_on_device(pipe, state)
+        if preview_decoder is not None:
+            preview_decoder = preview_decoder.to(_execution_device(pipe))
         settings = self.settings
-        loaded = LoadedModel(
+        return LoadedModel(
             spec=spec,
             pipe=pipe,
             default_scheduler=pipe.scheduler,
@@ -497,20 +592,76 @@ class DiffusersEngine(Engine):
             loras=lora_switcher(
                 pipe, spec.id, self.lora_hotswap, settings.max_loras, settings.lora_hotswap_rank
             ),
-            preview_decoder=(
-                None
-                if spec.preview_decoder is None
-                else load_preview_decoder(spec.preview_decoder, _execution_device(pipe), self.dtype)
-            ),
+            preview_decoder=preview_decoder,
         )
-        self._models[spec.id] = loaded
-        progress(STEP_LOADING_MODEL, 100)
-        return loaded
+
+    def _moves_between_tiers(self) -> bool:
+        """Whether the RAM tier is another place: on CUDA, without CPU offload (whose hooks place the
+        modules themselves). On a CPU both tiers are the same RAM."""
+        return self.device.type == "cuda" and self.settings.cpu_offload == "none"
+
+    def _demote(self, loaded: LoadedModel, staying: set[int]) -> None:
+        """Into the RAM tier: every module that no model on the device still uses goes to host RAM."""
+        if loaded.ip_adapter_attached:
+            detach_ip_adapter(loaded.pipe)
+            loaded.ip_adapter_attached = False
+        if self._moves_between_tiers():
+            for module in loaded.weight_modules():
+                if id(module) not in staying:
+                    module.to("cpu")
+            self._reshare_fused(loaded)
+            self._free_memory()
+        self.stats.models_to_ram += 1
+
+    def _promote(self, loaded: LoadedModel) -> None:
+        """Back from the RAM tier: a copy to the device, nothing read from disk."""
+        if self._moves_between_tiers():
+            for module in loaded.weight_modules():
+                module.to(self.device)
+            self._reshare_fused(loaded)
+
+    @staticmethod
+    def _reshare_fused(loaded: LoadedModel) -> None:
+        # a move copies each fused-QKV view on its own: make them views again, or the weights exist twice
+        if loaded.acceleration.unet_fusable:
+            acceleration.share_fused_weights(loaded.pipe.unet)
+            acceleration.share_fused_weights(loaded.pipe.vae)
+
+    def _freed(self, model_id: str) -> None:
+        """The cache dropped a model: its memory back to the system (unless a shared module still serves
+        another model)."""
+        self.stats.models_freed += 1
+        log.info("freed model %s", model_id)
+        self._free_memory()
 
     def _free_memory(self) -> None:
+        if not self.settings.release_freed_models:
+            return
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        host_memory.give_back_freed_memory()
+
+    def _private_text_encoders(self, loaded: LoadedModel) -> None:
+        """Before a model's first LoRA: its text encoders leave the shared pool (a LoRA's adapters go into
+        them); one that another held model also uses is copied first, so that model never sees the LoRA."""
+        pipe = loaded.pipe
+        copied = False
+        for name in LORA_TARGETS:
+            module = getattr(pipe, name, None)
+            if module is None or not self._shared.pooled(module):
+                continue
+            self._shared.forget(module)
+            others = [
+                other for model_id, other in self._cache.entries.items()
+                if model_id != loaded.spec.id and any(m is module for m in other.weight_modules())
+            ]
+            if others:
+                setattr(pipe, name, copy.deepcopy(module))
+                copied = True
+        if copied:
+            loaded.encoder = PromptEncoder(pipe, _execution_device(pipe), self.dtype)
+        loaded.private_text_encoders = True
 
     # --- LoRAs and IP-Adapter ---------------------------------------------------------------
     def _lora_specs(self, task: GenerationTask) -> list[tuple[LoraSpec, float]]:
@@ -597,6 +748,17 @@ def _overlay(
     blended = original * (1.0 - alpha) + generated.astype(np.float32) * alpha
     pixels = np.ascontiguousarray(np.clip(blended.round(), 0, 255).astype(np.uint8))
     return Image.fromarray(pixels, "RGB"), pixels
+
+
+def _cuda_memory() -> str:
+    """CUDA's allocated and reserved memory, for the log line of each model switch ("" without CUDA)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return ""
+    mib = 1 << 20
+    return (
+        f" (CUDA allocated {torch.cuda.memory_allocated() // mib} MiB,"
+        f" reserved {torch.cuda.memory_reserved() // mib} MiB)"
+    )
 
 
 def _execution_device(pipe: Any) -> torch.device:

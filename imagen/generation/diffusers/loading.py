@@ -18,6 +18,7 @@ Every file is checked by :mod:`imagen.registry.safe_files` before a loader sees 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,18 @@ def load_vae(path: Path, dtype: torch.dtype) -> Any:
     return vae
 
 
-def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
-    """Load (on CPU, in ``dtype``) the pipeline a registry entry describes."""
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype, reuse: Mapping[str, Any] | None = None) -> Any:
+    """Load (on CPU, in ``dtype``) the pipeline a registry entry describes. ``reuse``: components already in
+    memory (by name: ``vae``, ``text_encoder``...) that the pipeline takes instead of reading its own."""
     assert spec.path is not None  # the registry guarantees it (a demo entry gets the shipped folder)
     path = Path(spec.path)
     try:
         safe_files.check_model_path(path)
     except safe_files.UnsafeFileError as exc:
         raise FatalGenerationError(f"model {spec.id!r}: {exc}") from exc
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(reuse or {})
     try:
-        if spec.vae_path:
+        if spec.vae_path and "vae" not in extra:
             extra["vae"] = load_vae(Path(spec.vae_path), dtype)
         if path.is_dir():
             pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]

@@ -16,7 +16,6 @@ from typing import Any, Literal, cast
 
 import redis
 
-from imagen.jobs import fairness
 from imagen.jobs.distributed.keys import (
     COPIES_PREFIX,
     KEY_TURNS,
@@ -25,6 +24,10 @@ from imagen.jobs.distributed.keys import (
     PNG_INDEX,
     PNG_PREFIX,
     PREVIEWS_CHANNEL,
+    QUEUE_INDEX,
+    QUEUE_KEYS,
+    QUEUE_PREFIX,
+    QUEUE_SIZES,
     RUNNING,
     SEQUENCE,
     TURN,
@@ -94,7 +97,7 @@ class Attempts:
         """Apply ``verdict`` to a running job still as ``seen``; False on a conflict."""
         answer = self.scripts.run(
             "settle",
-            [job_key(job_id), lock_key(job_id), RUNNING, WAITING, SEQUENCE],
+            [job_key(job_id), lock_key(job_id), RUNNING, WAITING, SEQUENCE, *QUEUE_INDEX],
             [
                 job_id,
                 seen.owner,
@@ -105,6 +108,7 @@ class Attempts:
                 repr(self.clock()),
                 self.records.ttl_ms,
                 "1" if verdict.counted else "0",
+                QUEUE_PREFIX,
             ],
         )
         if reply_text(answer) != ScriptReply.APPLIED:
@@ -155,7 +159,17 @@ class Attempts:
                 list[Any],
                 self.scripts.run(
                     "claim",
-                    [job_key(job_id), lock_key(job_id), RUNNING, WAITING, UNCONFIRMED, KEY_TURNS, TURN],
+                    [
+                        job_key(job_id),
+                        lock_key(job_id),
+                        RUNNING,
+                        WAITING,
+                        UNCONFIRMED,
+                        KEY_TURNS,
+                        TURN,
+                        QUEUE_KEYS,
+                        QUEUE_SIZES,
+                    ],
                     [
                         job_id,
                         token,
@@ -166,6 +180,7 @@ class Attempts:
                         seen.attempts,
                         seen.lock,
                         ticket,
+                        QUEUE_PREFIX,
                     ],
                 ),
             )
@@ -188,14 +203,11 @@ class Attempts:
         ``ticket`` that names job ``named``; NONE when no job waits, UNCONFIRMED when only submissions
         not confirmed yet do. A job taken by another worker meanwhile: read again."""
         for _ in range(CONFLICT_RETRIES):
-            waiting, turns, unconfirmed = self.records.fair_view()
-            # An unconfirmed job's submission may still fail (its API answers 503): never start one. The job
-            # the message names is the exception: its message is out, so it is confirmed in all but name.
-            chosen = fairness.next_job(waiting, turns, skip=unconfirmed - {named})
+            chosen = self._next_to_start(named)
             if chosen is None:
-                return Claim(ClaimOutcome.UNCONFIRMED if waiting else ClaimOutcome.NONE)
+                return Claim(ClaimOutcome.UNCONFIRMED if self.records.count_waiting() else ClaimOutcome.NONE)
             claim = self.claim(
-                chosen.job_id,
+                chosen,
                 token,
                 max_attempts=max_attempts,
                 lock_ttl_s=lock_ttl_s,
@@ -206,6 +218,20 @@ class Attempts:
             if claim.outcome is ClaimOutcome.CLAIMED:
                 return claim
         return Claim(ClaimOutcome.BUSY)
+
+    def _next_to_start(self, named: str) -> str | None:
+        """The fair queue's next confirmed job (its index: ``JobRecords.next_waiting``), or ``named`` when it
+        is not confirmed yet and would rank first. An unconfirmed job's submission may still fail (its API
+        answers 503): never start one, except the job the message names: its message is out, so it is
+        confirmed in all but name. None when neither may start."""
+        first = self.records.next_waiting()
+        rank = self.records.candidate_rank(named) if named else None
+        if rank is not None:
+            # Ranks are distinct between keys; equal only when ``named`` is its own key's oldest job.
+            first_rank = None if first is None else self.records.key_rank(first[1])
+            if first_rank is None or rank <= first_rank:
+                return named
+        return None if first is None else first[0]
 
     # -- while it runs ---------------------------------------------------------------------------
     def publish_preview(self, job_id: str, step: int, jpeg: bytes) -> None:

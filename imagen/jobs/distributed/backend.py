@@ -32,9 +32,11 @@ from imagen.jobs.changes import ChangeFeed, Watcher
 from imagen.jobs.distributed.app import QUEUE, create_celery, publish, republish
 from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
+from imagen.jobs.distributed.model_orders import ModelOrders
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
 from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import (
     BackendHealth,
     JobMetrics,
@@ -64,6 +66,7 @@ class CeleryBackend(JobBackend):
         # One retry on a broken connection (a pooled one after a Redis restart), none on a timeout.
         api_client = connect(url, connect_timeout=API_TIMEOUT_S, socket_timeout=API_TIMEOUT_S, retry_on_timeout=False)
         self.store = RedisJobStore.from_settings(settings, api_client)
+        self.model_orders = ModelOrders(api_client)
         # Its own connections: a PING never queues behind other traffic, and never waits long.
         self._health_client = connect(url, connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S, retries=0)
         self._health_store = RedisJobStore.from_settings(settings, self._health_client)
@@ -199,6 +202,20 @@ class CeleryBackend(JobBackend):
             unavailable=(self._backlog_text(backlog),) if backlog >= self.settings.png_redis_max_bytes else (),
             degraded=(*no_worker_ready(listed), *filter(None, [self.images.trouble()])),
         )
+
+    def order_models(self, order: ModelOrder, worker: str | None = None) -> list[str]:
+        try:
+            beats = self.store.workers.alive()
+            asked = sorted(
+                health.name
+                for health in map(WorkerHealth.from_heartbeat, beats)
+                if health.ready and (worker is None or health.name == worker)
+            )
+            for name in asked:
+                self.model_orders.send(name, order)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"Redis unreachable: {exc}") from exc
+        return asked
 
     def _backlog_text(self, backlog: int) -> str:
         return (f"finished images waiting for an API replica's copy fill Redis ({backlog} bytes; "

@@ -10,9 +10,14 @@ across API replicas and workers. Which module reads and writes each key is named
   ``unconfirmed``, expiry ``records.CONFIRM_WINDOW_S``) until its broker message is published: a submission
   that fails half-way (Redis stalled, publish failed, the API killed) leaves nothing behind.
 - ``imagen:waiting``   sorted set of the PENDING job ids, scored by queue order: its size is the cluster-wide
-  queue length checked by ``submit`` (check-and-add in one script, with the per-key waiting limit counted
-  there from the records' ``key_name``). Which job starts next, and a job's position, is the fair order
-  (``jobs.fairness``) of this set, read with each key's turn.
+  queue length checked by ``submit`` (check-and-add in one script, with the per-key waiting limit).
+- The fair queue's index (``jobs.fairness``; kept by ``lua/lib_queue.lua`` in every script that moves a
+  confirmed job in or out of the queue, so no call ever reads the whole queue):
+  ``imagen:queue:{key_name}`` sorted set of the key's confirmed waiting job ids by queue order;
+  ``imagen:queue_keys`` sorted set of the keys that have some, scored by ``fairness.key_rank`` (the next job
+  is the oldest of the first key); ``imagen:queue_sizes`` hash key_name -> how many (a position reads it
+  and ``queue_keys``, two reads whatever the queue's length). ``imagen:queue_indexed`` says the index was
+  built (``lua/index_queue.lua`` builds it once from ``imagen:waiting`` in a Redis filled by an older version).
 - ``imagen:key_turns`` hash key_name -> the turn at which the key was last served; ``imagen:turn`` the
   counter every claim increments (``lua/claim.lua`` records both).
 - ``imagen:output_owners`` hash output_name -> key_name, written by ``submit`` (removed by ``withdraw``):
@@ -41,6 +46,8 @@ across API replicas and workers. Which module reads and writes each key is named
   ``imagen:png_sizes``/``png_bytes`` index them all: past ``png_redis_max_bytes`` the oldest copied ones go
   first, and while uncopied ones fill it, no new job is accepted or started (``pngs.Pngs.backlog_full``).
 - ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry (``workers.py``).
+- ``imagen:model_orders:{host}:{pid}`` list: an operator's load and unload orders for that worker, pushed by
+  an API replica, popped by the worker between jobs; it expires when no worker pops it (``model_orders.py``).
 - ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
   made the event (a worker, a reaper, an API replica), right after its script: ``/metrics`` reads them
   (``totals.py``).
@@ -64,6 +71,13 @@ RUNNING = PREFIX + "running"
 SEQUENCE = PREFIX + "seq"
 OUTPUT_OWNERS = PREFIX + "output_owners"
 KEY_TURNS = PREFIX + "key_turns"
+QUEUE_PREFIX = PREFIX + "queue:"
+QUEUE_KEYS = PREFIX + "queue_keys"
+QUEUE_SIZES = PREFIX + "queue_sizes"
+QUEUE_INDEXED = PREFIX + "queue_indexed"
+# The keys of the fair queue's index, as the scripts' ``queue_index`` (lib_queue.lua) takes them, after the
+# queue prefix (an argument).
+QUEUE_INDEX = [QUEUE_KEYS, QUEUE_SIZES, KEY_TURNS]
 TURN = PREFIX + "turn"
 OUTPUTS_STREAM = PREFIX + "outputs"
 OUTPUTS_STREAM_MAXLEN = 10_000
@@ -99,6 +113,11 @@ def upload_sizes_key(key_name: str) -> str:
     return f"{PREFIX}upload_sizes:{key_name}"
 
 
+def queue_key(key_name: str) -> str:
+    """The confirmed waiting jobs of one API key, by queue order."""
+    return QUEUE_PREFIX + key_name
+
+
 def lock_key(job_id: str) -> str:
     return f"{PREFIX}lock:{job_id}"
 
@@ -113,3 +132,8 @@ def copies_key(output_name: str) -> str:
 
 def worker_key(host: str, pid: int) -> str:
     return f"{PREFIX}worker:{host}:{pid}"
+
+
+def model_orders_key(worker: str) -> str:
+    """The orders of the worker named ``host:pid`` (as its heartbeat names it)."""
+    return f"{PREFIX}model_orders:{worker}"

@@ -93,8 +93,13 @@ class Housekeeper:
         self._shortage = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._queue_indexed = False
 
     def start(self) -> None:
+        try:
+            self._index_queue()
+        except redis.RedisError as exc:  # Redis not up yet: the first pass that reaches it indexes the queue
+            log.debug("housekeeping: Redis unreachable: %s", exc)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="imagen-housekeeper", daemon=True)
         self._thread.start()
@@ -114,8 +119,17 @@ class Housekeeper:
                 log.exception("housekeeping: unexpected error")
 
     def run_once(self) -> None:
+        self._index_queue()
         self.reap()
         self.reconcile()
+
+    def _index_queue(self) -> None:
+        """Once per process, before any job is reaped or republished: a Redis whose queue was filled by a
+        version without the fair queue's index gets it (every API replica and worker runs a housekeeper, so
+        whichever starts first builds it; the others find it built)."""
+        if not self._queue_indexed:
+            self.store.jobs.ensure_indexed()
+            self._queue_indexed = True
 
     def reap(self) -> None:
         for job_id in self.store.attempts.reap_orphans(

@@ -2,8 +2,12 @@
 order in which waiting jobs start.
 
 A submission is added *unconfirmed* and confirmed once its broker message is out (``CONFIRM_WINDOW_S``); the
-queue's order is ``jobs.fairness`` over the waiting set and each key's last turn. What a worker's attempt
-does to a record (claim, progress, end) is ``attempts.py``. The keys are described in ``keys.py``.
+queue's order is ``jobs.fairness``, read from the fair queue's index (``keys.py``): the next job is the oldest
+of the first key of ``imagen:queue_keys``, and a position needs the job's index within its key's queue
+(``ZCOUNT``) and each waiting key's rank and count. Submit, confirm, cancel, claim and position cost
+O(log n) in the queue's length n (position also reads one rank and one count per key with jobs waiting),
+a fixed number of Redis commands whatever n is. What a worker's attempt does to a record (claim, progress,
+end) is ``attempts.py``. The keys are described in ``keys.py``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from imagen.jobs.distributed.keys import (
     JOB_PREFIX,
     KEY_TURNS,
     OUTPUT_OWNERS,
+    QUEUE_INDEX,
+    QUEUE_INDEXED,
+    QUEUE_KEYS,
+    QUEUE_PREFIX,
+    QUEUE_SIZES,
     RUNNING,
     SEQUENCE,
     UNCONFIRMED,
     WAITING,
     job_key,
+    queue_key,
 )
 from imagen.jobs.distributed.outcomes import ScriptReply
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
@@ -73,7 +83,7 @@ class JobRecords:
             list[int],
             self.scripts.run(
                 "submit",
-                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED, OUTPUT_OWNERS],
+                [WAITING, SEQUENCE, job_key(job.job_id), UNCONFIRMED, OUTPUT_OWNERS, QUEUE_SIZES],
                 [
                     job.job_id,
                     json.dumps(job.task),
@@ -99,7 +109,9 @@ class JobRecords:
 
     def confirm(self, job_id: str) -> bool:
         """The job's message is published: keep it. False when it expired first (it is gone: answer 503)."""
-        return bool(self.scripts.run("confirm", [job_key(job_id), WAITING, UNCONFIRMED], [job_id]))
+        return bool(
+            self.scripts.run("confirm", [job_key(job_id), WAITING, UNCONFIRMED, *QUEUE_INDEX], [job_id, QUEUE_PREFIX])
+        )
 
     def forget(self, job_id: str) -> None:
         """Undo a submission whose message could not be published (a no-op once confirmed)."""
@@ -162,7 +174,7 @@ class JobRecords:
                 return verdict.state
             answer = self.scripts.run(
                 "cancel",
-                [job_key(job_id), WAITING, RUNNING],
+                [job_key(job_id), WAITING, RUNNING, *QUEUE_INDEX],
                 [
                     job_id,
                     record.state.value,
@@ -170,6 +182,7 @@ class JobRecords:
                     CANCELLED_BY_CLIENT,
                     repr(self.clock()),
                     self.ttl_ms,
+                    QUEUE_PREFIX,
                 ],
             )
             if reply_text(answer) == ScriptReply.APPLIED:
@@ -192,32 +205,77 @@ class JobRecords:
 
     # -- the fair queue --------------------------------------------------------------------------
     def position(self, job_id: str) -> int | None:
-        """The job's place in the fair order (1 = next to start); None if it is not waiting."""
-        waiting, turns, _ = self.fair_view()
-        return fairness.position(waiting, turns, job_id)
-
-    def fair_view(self) -> tuple[list[fairness.WaitingJob], dict[str, int], set[str]]:
-        """What the fair order is decided from: the waiting jobs, each key's last turn, and the waiting jobs
-        not confirmed yet. Read, not locked: a claim applies its decision under the record's guard."""
+        """The job's place in the fair order (1 = next to start); None if it is not waiting. A submission not
+        confirmed yet has the place it will have once confirmed (the last of its key): its own submission's
+        answer gives it before the confirmation."""
+        # Its queue order is its score in the waiting set (a job back from a failed attempt has a new one).
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrange(WAITING, 0, -1, withscores=True)
-            pipe.hgetall(KEY_TURNS)
-            pipe.zrange(UNCONFIRMED, 0, -1)
-            queued, raw_turns, unconfirmed = cast(
-                tuple[list[tuple[bytes, float]], dict[bytes, bytes], list[bytes]], pipe.execute()
+            pipe.hmget(job_key(job_id), ["state", "key_name"])
+            pipe.zscore(WAITING, job_id)
+            (state, raw_key), seq = pipe.execute()
+        if state != JobState.PENDING.value.encode() or seq is None:
+            return None
+        key_name = (raw_key or b"").decode()
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zcount(queue_key(key_name), "-inf", f"({seq!r}")
+            pipe.zrange(queue_key(key_name), 0, 0, withscores=True)
+            pipe.hget(KEY_TURNS, key_name)
+            pipe.zrange(QUEUE_KEYS, 0, -1, withscores=True)
+            pipe.hgetall(QUEUE_SIZES)
+            index, head, turn, ranks, sizes = pipe.execute()
+        oldest = min(seq, head[0][1]) if head else seq
+        rank = fairness.key_rank(int(turn or 0), oldest)
+        return fairness.position_among(_key_queues(ranks, sizes), key_name, rank, int(index))
+
+    def next_waiting(self) -> tuple[str, str] | None:
+        """The fair queue's next confirmed job and its key (``jobs.fairness.next_key``: the first key of the
+        index, then its oldest job); None when no confirmed job waits. Read, not locked: the claim applies it
+        under the record's guard."""
+        for _ in range(CONFLICT_RETRIES):
+            first = cast(list[bytes], self.client.zrange(QUEUE_KEYS, 0, 0))
+            if not first:
+                return None
+            key_name = first[0].decode()
+            head = cast(list[bytes], self.client.zrange(queue_key(key_name), 0, 0))
+            if head:
+                return head[0].decode(), key_name
+            # Its last job was claimed or cancelled between the two reads: the index has moved on.
+        return None
+
+    def candidate_rank(self, job_id: str) -> float | None:
+        """The rank a waiting job not confirmed yet would give its key if it started next (it is older than
+        its key's confirmed jobs, or its key has none); None when it may not start before them."""
+        fields = ["state", "key_name", "seq", "unconfirmed"]
+        state, raw_key, raw_seq, unconfirmed = cast(list[bytes | None], self.client.hmget(job_key(job_id), fields))
+        if state != JobState.PENDING.value.encode() or raw_seq is None or unconfirmed is None:
+            return None
+        key_name, seq = (raw_key or b"").decode(), float(raw_seq)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrange(queue_key(key_name), 0, 0, withscores=True)
+            pipe.hget(KEY_TURNS, key_name)
+            head, turn = pipe.execute()
+        if head and head[0][1] < seq:
+            return None
+        return fairness.key_rank(int(turn or 0), seq)
+
+    def key_rank(self, key_name: str) -> float | None:
+        """The rank of a key with confirmed jobs waiting (its score in the index); None when it has none."""
+        score = self.client.zscore(QUEUE_KEYS, key_name)
+        return None if score is None else float(score)
+
+    def ensure_indexed(self) -> int:
+        """Build the fair queue's index from the waiting jobs once (``lua/index_queue.lua``): for a Redis
+        whose jobs were queued by a version without it. How many jobs it indexed (-1: built already)."""
+        indexed = int(
+            self.scripts.run(
+                "index_queue",
+                [QUEUE_INDEXED, WAITING, UNCONFIRMED, *QUEUE_INDEX],
+                [QUEUE_PREFIX, JOB_PREFIX],
             )
-        names: list[bytes | None] = []
-        if queued:
-            with self.client.pipeline(transaction=False) as pipe:
-                for raw_id, _ in queued:
-                    pipe.hget(job_key(raw_id.decode()), "key_name")
-                names = cast(list[bytes | None], pipe.execute())
-        waiting = [
-            fairness.WaitingJob(raw_id.decode(), (name or b"").decode(), score)
-            for (raw_id, score), name in zip(queued, names, strict=True)
-        ]
-        turns = {key.decode(): int(value) for key, value in raw_turns.items()}
-        return waiting, turns, {raw.decode() for raw in unconfirmed}
+        )
+        if indexed > 0:
+            log.info("fair queue: %d waiting jobs indexed by key", indexed)
+        return indexed
 
     def confirmed_waiting(self) -> list[str]:
         """The PENDING jobs whose message was published (or should have been)."""
@@ -256,6 +314,10 @@ def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
         finished_at=optional_float(fields.get("finished_at")),
         key_name=fields.get("key_name", ""),
     )
+
+
+def _key_queues(ranks: list[tuple[bytes, float]], sizes: dict[bytes, bytes]) -> list[fairness.KeyQueue]:
+    return [fairness.KeyQueue(name.decode(), rank, int(sizes.get(name, b"0"))) for name, rank in ranks]
 
 
 def optional_float(value: str | None) -> float | None:

@@ -24,13 +24,18 @@ log = logging.getLogger("imagen.jobs")
 
 SCRIPTS = (
     "submit", "confirm", "withdraw", "sweep_unconfirmed", "claim", "settle", "progress", "renew", "complete",
-    "replica_beat", "release_png", "cancel",
+    "replica_beat", "release_png", "cancel", "index_queue",
 )  # fmt: skip
 # The scripts that change a job's state or progress; their first key is the job's record.
 CHANGING_SCRIPTS = frozenset({"confirm", "claim", "settle", "progress", "complete", "cancel"})
 # The shared Lua functions each script needs, prepended to it.
 _PRELUDES = {
     "submit": ["lib_unconfirmed"],
+    "confirm": ["lib_queue"],
+    "claim": ["lib_queue"],
+    "cancel": ["lib_queue"],
+    "settle": ["lib_queue"],
+    "index_queue": ["lib_queue"],
     "sweep_unconfirmed": ["lib_unconfirmed"],
     "complete": ["lib_pngs"],
     "replica_beat": ["lib_pngs"],

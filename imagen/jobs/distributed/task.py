@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -62,6 +63,7 @@ from imagen.jobs.worker_numbers import measure
 
 if TYPE_CHECKING:
     from imagen.generation.base import Engine
+    from imagen.registry.watch import RegistryWatcher
 
 log = logging.getLogger("imagen.worker")
 
@@ -187,6 +189,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     load_seconds: float | None = None  # how long the engine took to load (heartbeat, for /metrics)
     device: dict[str, Any]
     _stopping: threading.Event
+    _engine_lock: threading.Lock
+    _registry_watcher: RegistryWatcher
 
     # -- the pool child's life ----------------------------------------------------------------------
     def start_process(self) -> None:
@@ -200,6 +204,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         self.load_error = None
         self.device = {}
         self._stopping = threading.Event()
+        # Held while a job runs and while an operator's model order or a registry change is carried out.
+        self._engine_lock = threading.Lock()
         threading.Thread(target=self._load_until_ready, name="imagen-engine-loader", daemon=True).start()
         threading.Thread(target=self._beat_forever, name="imagen-heartbeat", daemon=True).start()
 
@@ -219,14 +225,22 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _load_until_ready(self) -> None:
         from imagen.generation.loader import load_engine
         from imagen.registry import load_registry
+        from imagen.registry.watch import RegistryWatcher
 
         pause = LOAD_RETRY_FIRST_S
         attempt = 1
         while not self._stopping.is_set():
             loading = time.perf_counter()
             try:
-                engine = load_engine(self.settings, load_registry(self.settings.registry_path))
+                registry = load_registry(self.settings.registry_path)
+                engine = load_engine(self.settings, registry)
                 engine.warm_up()
+                self._registry_watcher = RegistryWatcher(
+                    self.settings.registry_path,
+                    registry=registry,
+                    default_model=self.settings.default_model,
+                    check_files=self.settings.engine == "diffusers",
+                )
             except Exception as exc:
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 log.error(
@@ -248,7 +262,24 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             self.engine_ready.value = 1
             self._beat()
             log.info("worker %d ready on %s", os.getpid(), self.device.get("device"))
+            self._serve_model_orders(engine)
             return
+
+    def _serve_model_orders(self, engine: Engine) -> None:
+        """An operator's load and unload orders, and the registry file's changes (``model_orders.py``)."""
+        from imagen.jobs.distributed.model_orders import ModelOrders, serve_orders
+        from imagen.registry.watch import RELOAD_CHECK_S
+
+        assert self.settings.broker_url
+        client = connect(self.settings.broker_url, connect_timeout=2.0, socket_timeout=RELOAD_CHECK_S + 10.0)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        threading.Thread(
+            target=serve_orders,
+            args=(ModelOrders(client), worker, engine, self._engine_lock, self._registry_watcher, self._stopping,
+                  self._beat),
+            name="imagen-model-orders",
+            daemon=True,
+        ).start()
 
     def _beat(self) -> None:
         info = {
@@ -256,11 +287,22 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             "ready": self.engine is not None,
             "error": self.load_error,
             **measure(self.load_seconds).as_dict(),  # /metrics: model load time, GPU memory
+            "models": self._held_models(),  # /health, /models and job routing
         }
         try:
             self.store.workers.beat(os.getpid(), info, HEARTBEAT_TTL_S)
         except redis.RedisError as exc:  # the broker may be restarting; the next beat will do
             log.debug("heartbeat failed: %s", exc)
+
+    def _held_models(self) -> dict[str, str]:
+        engine = self.engine
+        if engine is None:
+            return {}
+        try:
+            return dict(engine.held_models())
+        except Exception:  # advisory, read from the heartbeat thread: the next beat reads it again
+            log.debug("held models not read", exc_info=True)
+            return {}
 
     def _beat_forever(self) -> None:
         while not self._stopping.is_set():
@@ -402,6 +444,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         """Run the job here; its result, its first PNG and (num_images > 1) the others by file name."""
         from imagen.generation.base import GenerationTask, JobProgress, StepMeter, denoising_steps
         from imagen.generation.runner import run_task
+        from imagen.jobs.model_control import follow_registry
 
         record = retry_redis(f"job {job_id}: read", lambda: self.store.jobs.get(job_id), OUTCOME_RETRY_S)
         assert record is not None
@@ -451,7 +494,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             if current is not None and current.state is JobState.REVOKED:
                 raise JobCancelled
 
-        with stop.engine_running():
+        with self._engine_lock, stop.engine_running():
+            follow_registry(engine, self._registry_watcher)  # a model the API has just read must be found here
             result = run_task(
                 engine,
                 task,

@@ -24,6 +24,7 @@ from imagen.jobs.embedded.sqlite import request_lock_wait
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.embedded.supervisor import HEARTBEAT_S, Wakeups, WorkerSlot
 from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken, supervision_failed_text
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import (
     BackendHealth,
     JobMetrics,
@@ -136,6 +137,16 @@ class EmbeddedBackend(JobBackend):
             totals=self.store.stats.read(),
             outputs_disk_full=self.outputs_full(),
         )
+
+    def order_models(self, order: ModelOrder, worker: str | None = None) -> list[str]:
+        asked = []
+        for slot in self._slots:
+            health = slot.health()
+            if health.ready and (worker is None or health.name == worker):
+                slot.order(order)
+                asked.append(health.name)
+        self.wakeups.notify()  # an idle slot sends it now, not at its next look at the store
+        return asked
 
     def outputs_full(self) -> bool:
         """A worker waits to write a finished image: the outputs disk is full (no new job until it has room)."""

@@ -31,9 +31,11 @@ from imagen.generation.runner import classify_failure, run_task
 from imagen.jobs.embedded.messages import (
     Cancel,
     Cancelled,
+    ChangeModels,
     Done,
     Failed,
     FromChild,
+    ModelsChanged,
     NoSpace,
     Preview,
     Progress,
@@ -44,9 +46,11 @@ from imagen.jobs.embedded.messages import (
     Stop,
     WorkerReport,
 )
+from imagen.jobs.model_control import ModelOrder, apply_order, follow_registry
 from imagen.jobs.worker_numbers import measure
 from imagen.logs import configure_logging
 from imagen.registry import load_registry
+from imagen.registry.watch import RELOAD_CHECK_S, RegistryWatcher
 
 log = logging.getLogger("imagen.worker")
 
@@ -89,12 +93,22 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
         registry = load_registry(settings.registry_path)
         engine = load_engine(settings, registry)
         engine.warm_up()
+        watcher = RegistryWatcher(
+            settings.registry_path,
+            registry=registry,
+            default_model=settings.default_model,
+            check_files=settings.engine == "diffusers",
+        )
     except Exception as exc:
         log.exception("engine failed to start")
         send(StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
     load_seconds = time.perf_counter() - loading
-    send(WorkerReport(measure(load_seconds)))
+
+    def report() -> WorkerReport:
+        return WorkerReport(measure(load_seconds), engine.held_models())
+
+    send(report())
     send(Ready(engine.device_info()))
 
     def progress_for(task: GenerationTask) -> ProgressCallback:
@@ -129,13 +143,27 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
 
         return wait
 
+    def follow() -> bool:
+        """The registry file's changes, between jobs: new models served, removed ones freed. True when the
+        registry changed."""
+        try:
+            return follow_registry(engine, watcher) is not None
+        except Exception:
+            log.exception("could not follow the registry file's change")
+            return False
+
     while True:
         try:
+            if not conn.poll(RELOAD_CHECK_S):  # idle: look at the registry file meanwhile
+                if follow():
+                    send(report())  # the models it freed leave /health now, not after its next job
+                continue
             message = conn.recv()
         except EOFError:
             break
         match message:
             case RunJob(task=dict() as task_data, output_name=str() as output_name, inputs=dict() as inputs):
+                follow()  # a job for a model the API has just read must find it here
                 try:
                     task = GenerationTask.from_dict(task_data)
                     result = run_task(
@@ -151,18 +179,28 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
                     )
                 except JobCancelled:
                     log.info("job cancelled; stopped without an image")
-                    send(WorkerReport(measure(load_seconds)))
+                    send(report())
                     send(Cancelled())
                 except Exception as exc:
                     retryable, text = classify_failure(exc)
                     log.warning("job failed (%s): %s", "retryable" if retryable else "fatal", text)
-                    send(WorkerReport(measure(load_seconds)))
+                    send(report())
                     send(Failed(text, retryable))
                 else:
-                    send(WorkerReport(measure(load_seconds)))
+                    send(report())
                     send(Done(result))
             case Cancel():
                 pass  # its job ended before the cancel was read
+            case ChangeModels(order=ModelOrder() as order):
+                follow()
+                error: str | None = None
+                try:
+                    apply_order(engine, order)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.warning("model order %s %s not done: %s", order.action, order.model_id or "(all)", error)
+                send(report())
+                send(ModelsChanged(error))
             case Stop():
                 break
             case _:

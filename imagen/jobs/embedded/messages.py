@@ -4,10 +4,14 @@ Small frozen dataclasses, pickled by the pipe. Each side dispatches with ``match
 checks field types there), so anything else that arrives, a tuple from an older child or bytes that do
 not unpickle, is an error of the protocol, never a guess.
 
-    slot -> child:  RunJob | Cancel | Stop
+    slot -> child:  RunJob | Cancel | ChangeModels | Stop
     child -> slot:  WorkerReport then Ready | StartupFailed   (once, after loading the engine)
                     (Progress | Preview | NoSpace)* then WorkerReport then Done | Failed | Cancelled
                                                                                    (per RunJob)
+                    WorkerReport then ModelsChanged                                (per ChangeModels)
+
+``ChangeModels`` (an operator's load or unload) is sent between jobs only, and answered before the next
+``RunJob``. Between messages, the child follows its registry file on its own (``jobs.model_control``).
 
 ``Cancel`` is sent while a job runs, at most once per job; the child reads it, without blocking, each time
 the engine reports progress, and ends the job with ``Cancelled`` (no image). The pipe keeps messages in
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagen.generation.base import DeviceInfo
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.worker_numbers import WorkerNumbers
 
 
@@ -38,6 +43,13 @@ class RunJob:
 @dataclass(frozen=True)
 class Cancel:
     """The running job was cancelled: stop at its next step, write no image."""
+
+
+@dataclass(frozen=True)
+class ChangeModels:
+    """An operator's load or unload order, applied by the child's engine (``model_control.apply_order``)."""
+
+    order: ModelOrder
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,12 @@ class StartupFailed:
 
 @dataclass(frozen=True)
 class WorkerReport:
-    """The child's numbers for ``/metrics`` (model load time, GPU memory), refreshed after each job."""
+    """The child's numbers for ``/metrics`` (model load time, GPU memory) and the models its engine holds
+    with their tier (``Engine.held_models``, for ``/health`` and ``/models``), refreshed after each job and
+    each change of its models."""
 
     numbers: WorkerNumbers
+    models: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,8 +119,17 @@ class Cancelled:
     """The job stopped after a ``Cancel``; no image was written."""
 
 
-ToChild = RunJob | Cancel | Stop
-FromChild = Ready | StartupFailed | WorkerReport | Progress | Preview | NoSpace | Done | Failed | Cancelled
+@dataclass(frozen=True)
+class ModelsChanged:
+    """The ``ChangeModels`` order is done; ``error``: why it could not be (the engine's error), else None."""
+
+    error: str | None = None
+
+
+ToChild = RunJob | Cancel | ChangeModels | Stop
+FromChild = (
+    Ready | StartupFailed | WorkerReport | Progress | Preview | NoSpace | Done | Failed | Cancelled | ModelsChanged
+)
 
 
 class ProtocolError(Exception):

@@ -16,6 +16,13 @@ checked in the transaction that stores one. The file runs with ``auto_vacuum = I
 is converted once at start), so the space of expired jobs, their input images and expired uploads goes back
 to the file system when ``purge_expired`` deletes them; without it a SQLite file never shrinks.
 
+The fair queue is indexed so that no call reads the whole queue (``jobs.fairness``): ``key_turns`` holds, for
+each key, its last turn, how many of its jobs wait and its oldest waiting job's ``seq``, kept by triggers on
+``jobs`` (so every write that moves a job in or out of the queue keeps them, whoever makes it), with
+``queue_length`` the total. The next job is the first row of the partial index ``keys_in_fair_order``; a
+position reads the keys with jobs waiting and counts the job's index within its key on ``jobs_waiting_by_key``
+(from the nearer end of its key's queue). A database made before these indexes is indexed once at start.
+
 Every write that changes a job calls ``on_change(job_id)`` once it is committed: the API process's live
 streams (``jobs/changes.py``) hear of it there, whoever wrote it (a worker slot, the reaper, a route).
 """
@@ -66,10 +73,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
--- The fair queue (jobs.fairness): the turn at which each API key was last served.
+-- The fair queue (jobs.fairness): the turn at which each API key was last served (0: never), how many of
+-- its jobs wait and the seq of its oldest waiting job (NULL: none), the last two kept by QUEUE_INDEX's triggers.
 CREATE TABLE IF NOT EXISTS key_turns (
     key_name TEXT PRIMARY KEY,
-    turn INTEGER NOT NULL
+    turn INTEGER NOT NULL,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    oldest_seq INTEGER
 );
 -- Which key's job named each output file: kept as long as the file may be (job records expire sooner).
 CREATE TABLE IF NOT EXISTS output_owners (
@@ -100,6 +110,50 @@ ADDED_COLUMNS = {
     "denoising": "TEXT",  # JSON, written with each progress report
     "key_name": "TEXT NOT NULL DEFAULT ''",  # the API key that submitted the job ("": no keys configured)
 }
+ADDED_KEY_COLUMNS = {"waiting": "INTEGER NOT NULL DEFAULT 0", "oldest_seq": "INTEGER"}
+
+_PENDING = JobState.PENDING.value
+# A job joins or leaves the queue: its key's count and oldest job, and the queue's length. The oldest job
+# of a key is read again (one lookup on jobs_waiting_by_key) only when the one that leaves was it.
+_JOINS = """
+    INSERT OR IGNORE INTO key_turns (key_name, turn) VALUES (NEW.key_name, 0);
+    UPDATE key_turns SET waiting = waiting + 1,
+        oldest_seq = CASE WHEN waiting = 0 OR oldest_seq > NEW.seq THEN NEW.seq ELSE oldest_seq END
+        WHERE key_name = NEW.key_name;
+    UPDATE queue_length SET waiting = waiting + 1;
+"""
+_LEAVES = f"""
+    UPDATE key_turns SET waiting = waiting - 1,
+        oldest_seq = CASE WHEN oldest_seq = OLD.seq THEN
+            (SELECT MIN(seq) FROM jobs WHERE key_name = OLD.key_name AND state = '{_PENDING}')
+            ELSE oldest_seq END
+        WHERE key_name = OLD.key_name;
+    UPDATE queue_length SET waiting = waiting - 1;
+"""
+QUEUE_INDEX = f"""
+CREATE INDEX IF NOT EXISTS jobs_waiting_by_key ON jobs (key_name, state, seq);
+CREATE INDEX IF NOT EXISTS key_turns_by_turn ON key_turns (turn);
+CREATE INDEX IF NOT EXISTS keys_in_fair_order ON key_turns (turn, oldest_seq) WHERE waiting > 0;
+CREATE TABLE IF NOT EXISTS queue_length (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    waiting INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS queue_on_insert AFTER INSERT ON jobs WHEN NEW.state = '{_PENDING}'
+BEGIN {_JOINS} END;
+CREATE TRIGGER IF NOT EXISTS queue_on_requeue AFTER UPDATE OF state ON jobs
+    WHEN NEW.state = '{_PENDING}' AND OLD.state <> '{_PENDING}'
+BEGIN {_JOINS} END;
+CREATE TRIGGER IF NOT EXISTS queue_on_start AFTER UPDATE OF state ON jobs
+    WHEN OLD.state = '{_PENDING}' AND NEW.state <> '{_PENDING}'
+BEGIN {_LEAVES} END;
+CREATE TRIGGER IF NOT EXISTS queue_on_delete AFTER DELETE ON jobs WHEN OLD.state = '{_PENDING}'
+BEGIN {_LEAVES} END;
+"""
+# Counting the jobs of a key that wait before one (its index) from the end nearer to it: a few index entries
+# for a job near either end of its key's queue (the one just submitted, the next to start).
+_COUNT_BEFORE = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq < ?"
+_NEWEST = f"SELECT seq FROM jobs WHERE key_name = ? AND state = '{_PENDING}' ORDER BY seq DESC LIMIT 1"
+_COUNT_AFTER = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq > ?"
 
 # Pages the reaper's pass gives back to the file system at most (``incremental_vacuum``): a pass holds the
 # write lock while it moves pages, so a large backlog is returned over several passes (64 MiB each at 4 KiB).
@@ -136,6 +190,7 @@ class SqliteJobStore:
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        _index_queue(self.file)
         _upgrade_uploads(db)
         _use_incremental_vacuum(db, path)
         self.stats = SqliteStats(path)  # outcome totals (jobs/stats.py), added after each ending write
@@ -153,11 +208,10 @@ class SqliteJobStore:
             if ahead >= max_queue:
                 raise QueueFullError(f"{ahead} jobs waiting (max {max_queue})")
             if key_max_waiting is not None:
-                row = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state = ? AND key_name = ?", (JobState.PENDING.value, job.key_name)
-                ).fetchone()
-                if fairness.key_is_full(int(row[0]), key_max_waiting):
-                    raise KeyQueueFullError(int(row[0]), key_max_waiting)
+                row = db.execute("SELECT waiting FROM key_turns WHERE key_name = ?", (job.key_name,)).fetchone()
+                mine = 0 if row is None else int(row[0])
+                if fairness.key_is_full(mine, key_max_waiting):
+                    raise KeyQueueFullError(mine, key_max_waiting)
             db.execute(
                 "INSERT INTO jobs (job_id, state, task, output_name, created_at, key_name) VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -215,8 +269,8 @@ class SqliteJobStore:
         return verdict.state
 
     def count_waiting(self) -> int:
-        row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
-        return int(row.fetchone()[0])
+        row = self.file.connection().execute("SELECT waiting FROM queue_length").fetchone()
+        return 0 if row is None else int(row[0])
 
     def count_running(self) -> int:
         row = self.file.connection().execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", RUNNING)
@@ -224,16 +278,37 @@ class SqliteJobStore:
 
     def position(self, job_id: str) -> int | None:
         """The job's place in the fair order (1 = next to start); None if it is not waiting."""
-        return fairness.position(*self._fair_view(self.file.connection()), job_id)
+        db = self.file.connection()
+        while True:
+            job = db.execute("SELECT seq, key_name, state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if job is None or job["state"] != _PENDING:
+                return None
+            seq, key_name = int(job["seq"]), str(job["key_name"])
+            keys = self._waiting_keys(db)
+            own = next((key for key in keys if key.key_name == key_name), None)
+            ends = db.execute(
+                f"SELECT oldest_seq, ({_NEWEST}) FROM key_turns WHERE key_name = ?", (key_name, key_name)
+            ).fetchone()
+            if own is None or ends is None or ends[0] is None or ends[1] is None:
+                continue  # read outside a transaction: another process started the job meanwhile; read again
+            oldest, newest = int(ends[0]), int(ends[1])
+            if seq - oldest <= newest - seq:
+                index = int(db.execute(_COUNT_BEFORE, (key_name, seq)).fetchone()[0])
+            else:
+                index = own.waiting - 1 - int(db.execute(_COUNT_AFTER, (key_name, seq)).fetchone()[0])
+            return fairness.position_among(keys, key_name, own.rank, max(0, index))
 
-    def _fair_view(self, db: sqlite3.Connection) -> tuple[list[fairness.WaitingJob], dict[str, int]]:
-        """What the fair order is decided from: the waiting jobs and each key's last turn."""
-        waiting = [
-            fairness.WaitingJob(row["job_id"], row["key_name"], row["seq"])
-            for row in db.execute("SELECT seq, job_id, key_name FROM jobs WHERE state = ?", (JobState.PENDING.value,))
-        ]
-        turns = {row["key_name"]: int(row["turn"]) for row in db.execute("SELECT key_name, turn FROM key_turns")}
-        return waiting, turns
+    @staticmethod
+    def _waiting_keys(db: sqlite3.Connection) -> list[fairness.KeyQueue]:
+        """The keys with jobs waiting, as the fair order ranks them (on the partial index, never the jobs)."""
+        rows = db.execute(
+            "SELECT key_name, turn, waiting, oldest_seq FROM key_turns INDEXED BY keys_in_fair_order WHERE waiting > 0"
+        )
+        return [
+            fairness.KeyQueue(str(row["key_name"]), fairness.key_rank(int(row["turn"]), row["oldest_seq"]),
+                              int(row["waiting"]))
+            for row in rows
+        ]  # fmt: skip
 
     # -- worker side -----------------------------------------------------------------------------
     def claim_next(self, owner: OwnerToken) -> JobRecord | None:
@@ -241,20 +316,23 @@ class SqliteJobStore:
         counted, its key's turn recorded); None if none waits."""
         now = self.clock()
         with self.file.transaction() as db:
-            chosen = fairness.next_job(*self._fair_view(db))
+            # The lowest (turn, oldest) among the keys with jobs waiting: key_rank's order, on its index.
+            chosen = db.execute(
+                "SELECT key_name, oldest_seq FROM key_turns INDEXED BY keys_in_fair_order WHERE waiting > 0 "
+                "ORDER BY turn, oldest_seq LIMIT 1"
+            ).fetchone()
             if chosen is None:
                 return None
             db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
                 "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
-                (JobState.STARTED.value, str(owner), now, now, chosen.seq),
+                (JobState.STARTED.value, str(owner), now, now, chosen["oldest_seq"]),
             )
             db.execute(
-                "INSERT OR REPLACE INTO key_turns (key_name, turn) "
-                "VALUES (?, (SELECT COALESCE(MAX(turn), 0) + 1 FROM key_turns))",
-                (chosen.key_name,),
+                "UPDATE key_turns SET turn = (SELECT MAX(turn) FROM key_turns) + 1 WHERE key_name = ?",
+                (chosen["key_name"],),
             )
-            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (chosen.seq,)).fetchone()
+            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (chosen["oldest_seq"],)).fetchone()
         record = _record(claimed)
         self.on_change(record.job_id)
         return record
@@ -458,6 +536,48 @@ def _record(row: sqlite3.Row) -> JobRecord:
         finished_at=row["finished_at"],
         key_name=row["key_name"],
     )
+
+
+def _index_queue(file: SqliteFile) -> None:
+    """The fair queue's indexes and the triggers that keep them (``QUEUE_INDEX``). A database that had no
+    ``queue_length`` yet (made before them) has its waiting jobs counted into them once, in the same
+    transaction, so its queue keeps its order."""
+    with file.transaction() as db:
+        present = {row["name"] for row in db.execute("PRAGMA table_info(key_turns)")}
+        for column, kind in ADDED_KEY_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE key_turns ADD COLUMN {column} {kind}")
+        found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue_length'").fetchone()
+        new = found is None
+        for statement in _statements(QUEUE_INDEX):
+            db.execute(statement)
+        if new:
+            db.execute(
+                f"INSERT OR IGNORE INTO key_turns (key_name, turn) "
+                f"SELECT DISTINCT key_name, 0 FROM jobs WHERE state = '{_PENDING}'"
+            )
+            db.execute(
+                f"UPDATE key_turns SET "
+                f"waiting = (SELECT COUNT(*) FROM jobs WHERE jobs.key_name = key_turns.key_name "
+                f"AND state = '{_PENDING}'), "
+                f"oldest_seq = (SELECT MIN(seq) FROM jobs WHERE jobs.key_name = key_turns.key_name "
+                f"AND state = '{_PENDING}')"
+            )
+            db.execute(
+                f"INSERT OR REPLACE INTO queue_length (id, waiting) "
+                f"SELECT 0, COUNT(*) FROM jobs WHERE state = '{_PENDING}'"
+            )
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (``executescript`` would end the transaction around them)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [statement for statement in statements if statement]
 
 
 def _upgrade_uploads(db: sqlite3.Connection) -> None:

@@ -17,6 +17,10 @@ backend asks every slot to look (``check_cancel``), and a progress write or hear
 makes it look too. It then sends ``Cancel``; the child stops at the engine's next step and answers
 ``Cancelled``, and the slot takes the next job with the same child (the model stays loaded).
 
+An operator's load or unload order (``order``) waits in the slot until its child is between jobs: the slot
+sends ``ChangeModels`` before it claims its next job and waits for ``ModelsChanged`` (a running job finishes
+first; a waiting one starts after the order).
+
 Nothing leaves a job STARTED forever: any unexpected error in the loop (the store busy past its timeout, a
 message the protocol does not allow, a bug) is caught, logged, the child replaced (its state is unknown),
 and the job held then ends as a failed attempt that may pass, so the policy retries it. The loop then goes
@@ -29,6 +33,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import queue
 import sqlite3
 import threading
 import time
@@ -44,8 +49,10 @@ from imagen.jobs.embedded.child import worker_main
 from imagen.jobs.embedded.messages import (
     Cancel,
     Cancelled,
+    ChangeModels,
     Done,
     Failed,
+    ModelsChanged,
     NoSpace,
     Preview,
     Progress,
@@ -59,6 +66,7 @@ from imagen.jobs.embedded.messages import (
 )
 from imagen.jobs.embedded.store import SqliteJobStore
 from imagen.jobs.lifecycle import WORKER_DIED, OwnerToken, Verdict, supervision_failed_text
+from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobRecord, JobState, WorkerHealth
 from imagen.jobs.worker_numbers import WorkerNumbers
 
@@ -143,7 +151,9 @@ class WorkerSlot(threading.Thread):
         self.database_full: str | None = None  # why the job database refused its last write (disk full)
         self._deadline = 0.0  # when the job it runs times out (monotonic clock)
         self.numbers = WorkerNumbers()  # its child's last ``WorkerReport`` (for /metrics)
+        self.models: dict[str, str] = {}  # and the models its engine holds, with their tier (/health, /models)
         self._look_for_cancel = threading.Event()  # its job may have been cancelled: read the store
+        self._orders: queue.SimpleQueue[ModelOrder] = queue.SimpleQueue()  # for its child, between jobs
         self._cancel_sent = False  # Cancel went to the child for the job it runs now
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -168,7 +178,13 @@ class WorkerSlot(threading.Thread):
             model_load_seconds=numbers.model_load_seconds if device is not None else None,
             gpu_memory_used_bytes=numbers.gpu_memory_used_bytes if device is not None else None,
             gpu_memory_total_bytes=numbers.gpu_memory_total_bytes if device is not None else None,
+            models=dict(self.models) if device is not None else {},
         )
+
+    def order(self, order: ModelOrder) -> None:
+        """An operator's load or unload for this slot's child, sent before its next job (the backend wakes
+        the slot)."""
+        self._orders.put(order)
 
     def check_cancel(self) -> None:
         """A job was cancelled (maybe this slot's): look at the store within ``STOP_CHECK_S``."""
@@ -222,10 +238,12 @@ class WorkerSlot(threading.Thread):
         seen = self.wakeups.count
         if self.stopping.is_set():
             return
+        self._carry_out_orders()
         job = self.store.claim_next(self.owner)
         self.database_full = None
         if job is None:
             self.wakeups.wait(seen, timeout=IDLE_RECHECK_S)
+            self._read_idle_reports()
             return
         self.job = job
         self._run_job(job)
@@ -325,8 +343,8 @@ class WorkerSlot(threading.Thread):
             case Preview(step=int() as step, jpeg=bytes() as jpeg):
                 self.on_preview(job.job_id, step, jpeg)
                 return False
-            case WorkerReport(numbers=WorkerNumbers() as numbers):
-                self.numbers = numbers
+            case WorkerReport(numbers=WorkerNumbers() as numbers, models=dict() as models):
+                self.numbers, self.models = numbers, models
                 return False
             case NoSpace(error=str() as error, retry_in_s=float() as retry_in_s):
                 if self.waiting_for_space is None:
@@ -388,6 +406,46 @@ class WorkerSlot(threading.Thread):
             self._cancel_sent = True
             log.info("job %s: cancelled; stopping it at its next step", job.job_id)
 
+    def _read_idle_reports(self) -> None:
+        """The reports an idle child sends on its own (it freed the models its registry file dropped)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            while conn.poll():
+                match conn.recv():
+                    case WorkerReport(numbers=WorkerNumbers() as numbers, models=dict() as models):
+                        self.numbers, self.models = numbers, models
+                    case other:
+                        raise ProtocolError(f"unexpected message from an idle worker: {other!r:.200}")
+        except (EOFError, OSError):
+            return  # the child died: the loop starts another
+
+    def _carry_out_orders(self) -> None:
+        """Send the operator's orders waiting for this slot to its child, one at a time, each waited for."""
+        conn = self._conn
+        assert conn is not None
+        while not self.stopping.is_set():
+            try:
+                order = self._orders.get_nowait()
+            except queue.Empty:
+                return
+            self._send(ChangeModels(order))
+            deadline = time.monotonic() + self.settings.job_timeout_s  # a model load takes less than a job
+            while True:
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise ProtocolError(f"model order {order} not done within {self.settings.job_timeout_s} s")
+                match conn.recv():
+                    case WorkerReport(numbers=WorkerNumbers() as numbers, models=dict() as models):
+                        self.numbers, self.models = numbers, models
+                    case ModelsChanged(error=None):
+                        break
+                    case ModelsChanged(error=str() as error):
+                        log.warning("worker slot %d: model order %s %s failed: %s",
+                                    self.index, order.action, order.model_id or "(all)", error)
+                        break
+                    case other:
+                        raise ProtocolError(f"unexpected message after a model order: {other!r:.200}")
+
     # -- the child process -----------------------------------------------------------------------
     def _start_child(self) -> None:
         self._kill_child()
@@ -409,8 +467,8 @@ class WorkerSlot(threading.Thread):
                 except EOFError:
                     raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready") from None
                 match message:
-                    case WorkerReport(numbers=WorkerNumbers() as numbers):
-                        self.numbers = numbers
+                    case WorkerReport(numbers=WorkerNumbers() as numbers, models=dict() as models):
+                        self.numbers, self.models = numbers, models
                     case Ready(device=DeviceInfo() as device):
                         self.device, self.start_error = device, None
                         log.info("generation worker %s ready on %s", process.pid, device.device)

@@ -2,9 +2,10 @@
 -- The caller decided from that record that the job may start here (see Attempts.claim), and which
 -- waiting job is next (jobs.fairness, Attempts.claim_next). This records the job's key's new turn
 -- (the fair queue's counter) and the broker message (ticket) that started the attempt.
--- KEYS: job, lock, running, waiting, unconfirmed, key turns, turn counter
+-- The job leaves its key's queue in the fair queue's index, and the key is ranked by its new turn.
+-- KEYS: job, lock, running, waiting, unconfirmed, key turns, turn counter, queue keys, queue sizes
 -- ARGV: id, token, now, lock_ttl_ms, expected state, expected owner, expected attempts, expected lock holder,
---       ticket ('' : none)
+--       ticket ('' : none), queue prefix
 local id = ARGV[1]
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[5]
    or (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[6]
@@ -22,5 +23,9 @@ redis.call('ZREM', KEYS[5], id)
 redis.call('ZREM', KEYS[4], id)
 redis.call('SADD', KEYS[3], id)
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
-redis.call('HSET', KEYS[6], redis.call('HGET', KEYS[1], 'key_name') or '', redis.call('INCR', KEYS[7]))
+local key_name = redis.call('HGET', KEYS[1], 'key_name') or ''
+local index = queue_index(ARGV[10], KEYS[8], KEYS[9], KEYS[6])
+redis.call('ZREM', index.prefix .. key_name, id)
+redis.call('HSET', KEYS[6], key_name, redis.call('INCR', KEYS[7]))
+rerank(index, key_name)
 return {'claimed', attempts}

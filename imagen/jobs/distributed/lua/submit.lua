@@ -3,7 +3,8 @@
 -- per-key limit when one is given (the waiting jobs of this key; answer {2, waiting of the key}). Accepted:
 -- {1}; the output files' owner is recorded for as long as the files may exist. The job's input images are
 -- fields of its record ("input:<role>"), so they live and expire with it (never read by /status).
--- KEYS: waiting, seq, job, unconfirmed, output owners
+-- It enters the fair queue's index when it is confirmed (confirm.lua).
+-- KEYS: waiting, seq, job, unconfirmed, output owners, queue sizes
 -- ARGV: id, task, output_name, now, max_queue, confirm_ms, job_prefix, key_name, key_max_waiting ('': none),
 --       all output names (space-separated), then role, png, role, png, ... (the input images)
 if redis.call('EXISTS', KEYS[3]) == 1 then return {1} end  -- the same submission sent twice (a client retry)
@@ -11,8 +12,9 @@ sweep_unconfirmed(KEYS[1], KEYS[4], ARGV[7])
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting >= tonumber(ARGV[5]) then return {0, waiting} end
 if ARGV[9] ~= '' then
-  local mine = 0
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  -- The key's confirmed waiting jobs (the fair queue's index), and its submissions not confirmed yet.
+  local mine = tonumber(redis.call('HGET', KEYS[6], ARGV[8]) or '0')
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     if (redis.call('HGET', ARGV[7] .. id, 'key_name') or '') == ARGV[8] then mine = mine + 1 end
   end
   if mine >= tonumber(ARGV[9]) then return {2, mine} end

@@ -1,0 +1,309 @@
+"""Benchmark: the queue's cost does not grow with its length (printed, not asserted). Target: p99 at 100,000
+waiting within 2x of p99 at 100 waiting; >= 500 jobs/s through one Redis with 16 simulated workers.
+
+For each backend (embedded: SQLite; distributed: a private redis-server) and 1 or 1,000 API keys, the queue is
+filled to 100, 10,000 and 100,000 waiting jobs (straight into the store: an SQLite transaction, or submissions
+from 8 threads), and at each length it measures, median and p99 of ``--samples`` calls:
+
+- through a real ``imagen serve`` (test-pattern engine, ``IMAGEN_MAX_QUEUE`` far above the queue, nothing
+  draining it: the embedded server's one worker holds a job of an hour, the distributed one has no worker):
+  ``POST /generate`` (its answer gives the job's position) and ``GET /status`` of a job just submitted;
+- on the store itself: a submission, a worker's claim of the fair queue's next job, and the position of the
+  newest waiting job and of a random one (SQLite counts a job's index within its key from the nearer end of
+  the key's queue, so a job in the middle of a long key costs more: that column shows it).
+
+Then 16 threads, each a worker doing no work, claim and complete jobs from the longest Redis queue: jobs/s.
+
+    .venv/bin/python bench/queue_scale.py [--quick] [--samples 200] [--throughput-jobs 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
+
+from harness import Headline, JsonClient, Table, imagen_env, redis_server, report, serve
+
+from imagen.jobs.distributed.keys import WAITING
+from imagen.jobs.distributed.outcomes import ClaimOutcome
+from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.embedded.store import SqliteJobStore
+from imagen.jobs.lifecycle import AttemptPolicy, OwnerToken
+from imagen.jobs.types import JobState, NewJob
+
+SIZES = (100, 10_000, 100_000)
+QUICK_SIZES = (100, 10_000)
+KEY_COUNTS = (1, 1_000)
+MAX_QUEUE = 10_000_000
+POLICY = AttemptPolicy(max_attempts=3, timeout_s=3600.0)
+FILL_THREADS = 8
+WORKERS = 16
+OPERATIONS = ("POST /generate", "GET /status", "submit", "claim", "position (newest)", "position (random)")
+
+
+def new_job(key_name: str) -> NewJob:
+    job_id = uuid.uuid4().hex
+    return NewJob(job_id=job_id, task={"prompt": "queued"}, output_name=f"{job_id}.png", key_name=key_name)
+
+
+def timed(call: Callable[[], object], samples: int) -> list[float]:
+    """Seconds per call, ``samples`` times."""
+    spent = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        call()
+        spent.append(time.perf_counter() - start)
+    return spent
+
+
+def median_p99(spent: list[float]) -> tuple[float, float]:
+    ordered = sorted(spent)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.2f}"
+
+
+# -- the two stores, as this benchmark fills and calls them ----------------------------------------------
+class SqliteQueue:
+    def __init__(self, path: Path) -> None:
+        self.store = SqliteJobStore(path, policy=POLICY, result_ttl_s=3600)
+        self.owner = OwnerToken.new()
+
+    def fill(self, count: int, keys: int) -> None:
+        """``count`` more waiting jobs, in one transaction (the store's triggers index them as a submit would)."""
+        jobs = [new_job(f"key{index % keys}") for index in range(count)]
+        with self.store.file.transaction() as db:
+            db.executemany(
+                "INSERT INTO jobs (job_id, state, task, output_name, created_at, key_name) "
+                "VALUES (?, ?, '{}', ?, ?, ?)",
+                [(job.job_id, JobState.PENDING.value, job.output_name, time.time(), job.key_name) for job in jobs],
+            )
+
+    def waiting_ids(self) -> list[str]:
+        rows = self.store.file.connection().execute(
+            "SELECT job_id FROM jobs WHERE state = ? ORDER BY seq", (JobState.PENDING.value,)
+        )
+        return [str(row[0]) for row in rows]
+
+    def submit(self, key_name: str) -> None:
+        self.store.submit(new_job(key_name), MAX_QUEUE)
+
+    def claim(self) -> None:
+        self.store.claim_next(self.owner)
+
+    def position(self, job_id: str) -> None:
+        self.store.position(job_id)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class RedisQueue:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.store = RedisJobStore(connect(url), result_ttl_s=3600)
+
+    def fill(self, count: int, keys: int) -> None:
+        """``count`` more waiting jobs, submitted and confirmed by ``FILL_THREADS`` threads."""
+
+        def submit_some(part: int) -> None:
+            store = RedisJobStore(connect(self.url), result_ttl_s=3600)
+            try:
+                for index in range(part, count, FILL_THREADS):
+                    job = new_job(f"key{index % keys}")
+                    store.jobs.submit(job, MAX_QUEUE)
+                    store.jobs.confirm(job.job_id)
+            finally:
+                store.close()
+
+        with ThreadPoolExecutor(FILL_THREADS) as pool:
+            list(pool.map(submit_some, range(FILL_THREADS)))
+
+    def waiting_ids(self) -> list[str]:
+        return [raw.decode() for raw in cast(list[bytes], self.store.client.zrange(WAITING, 0, -1))]
+
+    def submit(self, key_name: str) -> None:
+        job = new_job(key_name)
+        self.store.jobs.submit(job, MAX_QUEUE)
+        self.store.jobs.confirm(job.job_id)
+
+    def claim(self) -> None:
+        claim_next(self.store)
+
+    def position(self, job_id: str) -> None:
+        self.store.jobs.position(job_id)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def claim_next(store: RedisJobStore) -> str | None:
+    """A broker message reaches a worker: it starts the fair queue's next job (its id; None if none)."""
+    claim = store.attempts.claim_next(
+        str(OwnerToken.new(slot=uuid.uuid4().hex[:6])),
+        ticket=uuid.uuid4().hex,
+        max_attempts=3,
+        lock_ttl_s=600.0,
+        timeout_s=3600.0,
+    )
+    return claim.job_id if claim.outcome is ClaimOutcome.CLAIMED else None
+
+
+Queue = SqliteQueue | RedisQueue
+
+
+# -- one backend, one key count, every length ------------------------------------------------------------
+@contextmanager
+def backend_under_test(backend: str, workdir: Path) -> Iterator[tuple[Queue, str]]:
+    """The store, and the URL of a real ``imagen serve`` on it with nothing draining the queue."""
+    settings: dict[str, object] = {"engine": "test-pattern", "max_queue": MAX_QUEUE}
+    if backend == "embedded":
+        # The one worker slot holds one job for an hour: every other job waits.
+        env = imagen_env(workdir, "embedded", workers=1, test_pattern_seconds=3600, **settings)
+        with serve(env, workdir) as server:
+            queue = SqliteQueue(workdir / "embedded-data" / "jobs.sqlite3")
+            try:
+                yield queue, server.url
+            finally:
+                queue.close()
+        return
+    with redis_server(workdir) as url:
+        # No worker: every job waits. No reconciler publishing a message per waiting job it filled.
+        env = imagen_env(workdir, "distributed", broker_url=url, reconcile_after_s=86_400, **settings)
+        with serve(env, workdir) as server:
+            redis_queue = RedisQueue(url)
+            try:
+                yield redis_queue, server.url
+            finally:
+                redis_queue.close()
+
+
+def measure(queue: Queue, url: str, keys: int, samples: int, rng: random.Random) -> dict[str, list[float]]:
+    client = JsonClient(url)  # connected now: the server closes a keep-alive connection idle while filling
+    submitted: list[str] = []
+
+    def post() -> None:
+        submitted.append(client.submit({"prompt": "queued", "steps": 10}))
+
+    spent = {"POST /generate": timed(post, samples)}
+    to_read = iter(submitted)
+
+    def status() -> None:
+        code, answer = client.call("GET", f"/status/{next(to_read)}")
+        assert code == 200, answer  # waiting (or the one job the embedded worker holds)
+
+    spent["GET /status"] = timed(status, samples)
+    spent["submit"] = timed(lambda: queue.submit(f"key{rng.randrange(keys)}"), samples)
+    spent["claim"] = timed(queue.claim, samples)
+    waiting = queue.waiting_ids()
+    newest = waiting[-1]
+    spent["position (newest)"] = timed(lambda: queue.position(newest), samples)
+    spent["position (random)"] = timed(lambda: queue.position(rng.choice(waiting)), samples)
+    return spent
+
+
+def run(
+    backend: str, keys: int, sizes: tuple[int, ...], samples: int, workdir: Path, throughput_jobs: int
+) -> tuple[dict[int, dict[str, list[float]]], float | None]:
+    rng = random.Random(7)
+    results: dict[int, dict[str, list[float]]] = {}
+    rate = None
+    with backend_under_test(backend, workdir) as (queue, url):
+        for size in sizes:
+            waiting = len(queue.waiting_ids())
+            queue.fill(max(0, size - waiting), keys)
+            results[size] = measure(queue, url, keys, samples, rng)
+            print(f"{backend}, {keys} key(s), {size} waiting: measured", flush=True)
+        if isinstance(queue, RedisQueue):
+            rate = throughput(queue, throughput_jobs)
+    return results, rate
+
+
+def throughput(queue: RedisQueue, jobs: int) -> float:
+    """Jobs per second claimed and completed by ``WORKERS`` threads doing no work, each on its own
+    connection, from the queue as it is (topped up first so that it never runs dry)."""
+    queue.fill(jobs + WORKERS, 1)
+    left = [jobs]
+    lock = threading.Lock()
+
+    def work() -> None:
+        store = RedisJobStore(connect(queue.url), result_ttl_s=3600)
+        try:
+            while True:
+                with lock:
+                    if left[0] <= 0:
+                        return
+                    left[0] -= 1
+                token = str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
+                claim = store.attempts.claim_next(
+                    token, ticket=uuid.uuid4().hex, max_attempts=3, lock_ttl_s=600.0, timeout_s=3600.0
+                )
+                if claim.outcome is ClaimOutcome.CLAIMED:
+                    name = f"{claim.job_id}.png"
+                    store.attempts.complete(claim.job_id, token, {"status": "success", "filename": name}, b"\x89PNG")
+        finally:
+            store.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return jobs / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100 and 10,000 waiting only")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--throughput-jobs", type=int, default=4000)
+    args = parser.parse_args()
+    sizes = QUICK_SIZES if args.quick else SIZES
+    rows, ratios, rates = [], [], []
+    for backend in ("embedded", "distributed"):
+        for keys in KEY_COUNTS:
+            with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
+                results, rate = run(backend, keys, sizes, args.samples, Path(tmp), args.throughput_jobs)
+            for size, spent in results.items():
+                figures = [median_p99(spent[operation]) for operation in OPERATIONS]
+                rows.append([backend, f"{keys:,}", f"{size:,}", *(f"{ms(med)} / {ms(p99)}" for med, p99 in figures)])
+            smallest, largest = results[sizes[0]], results[sizes[-1]]
+            ratios.append([backend, f"{keys:,}", *(
+                f"{median_p99(largest[operation])[1] / median_p99(smallest[operation])[1]:.2f}"
+                for operation in OPERATIONS
+            )])  # fmt: skip
+            if rate is not None:
+                rates.append([f"{keys:,}", f"{sizes[-1]:,}", f"{rate:,.0f}", ">= 500"])
+    report(
+        f"Queue cost against its length: median / p99 in ms of {args.samples} calls (test-pattern engine, nothing "
+        "draining the queue)",
+        Table(["backend", "keys", "waiting", *OPERATIONS], rows),
+        Table(
+            ["backend", "keys", *(f"{operation}: p99 at {sizes[-1]:,} / at {sizes[0]:,}" for operation in OPERATIONS)],
+            ratios,
+        ),
+        Table(["keys", "waiting", f"jobs/s, {WORKERS} workers doing no work, one Redis", "target"], rates),
+        notes=[f"Target: p99 ratio <= 2 (longest queue against {sizes[0]:,} waiting); >= 500 jobs/s."],
+        headlines=[
+            *(Headline(f"{row[0]}, {row[1]} keys: worst p99 ratio", max(row[2:], key=float), "<= 2") for row in ratios),
+            *(Headline(f"Redis, {row[0]} keys: jobs/s, {WORKERS} workers", row[2], ">= 500") for row in rates),
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
