@@ -44,16 +44,6 @@ def signals_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
     watched = (signal.SIGINT, signal.SIGTERM)
     bits = sum(1 << (sig - 1) for sig in watched)
     before = {sig: signal.getsignal(sig) for sig in watched}
-    kernel_found = _kernel_signal_masks()
-    if (kernel_found[0] | kernel_found[1]) & bits:
-        # Ignored or blocked before this test, with no test to blame (a fixture of a wider scope, or the
-        # process's start): put Python's own handlers back in the kernel, unblock, and say so.
-        for sig, handler in before.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-        with SIGNAL_CHANGES_LOG.open("a") as log:
-            log.write(f"before {request.node.nodeid}: SigIgn {kernel_found[0]:x}, SigBlk {kernel_found[1]:x}\n")
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     kernel_before = _kernel_signal_masks()
     yield

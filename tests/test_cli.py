@@ -57,6 +57,16 @@ def _wait_until_following(running: subprocess.Popen[str]) -> str:
     raise AssertionError("the client never reported the job running")
 
 
+# `python -m imagen` with Python's own Ctrl-C handler, as in a terminal: a test suite started in the background
+# (`make test &`) inherits SIGINT ignored, and Python leaves an ignored SIGINT ignored, so the client would
+# never see the Ctrl-C the test sends.
+CLI_WITH_CTRL_C = [
+    sys.executable, "-c",
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'imagen'; runpy.run_module('imagen', run_name='__main__', alter_sys=True)",
+]  # fmt: skip
+
+
 def _exit_status_after_ctrl_c(running: subprocess.Popen[str]) -> int:
     """The client's exit status after its Ctrl-C; if it does not end, what it printed, to say why."""
     try:
@@ -101,7 +111,7 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
 
     # Ctrl-C while the job runs: the job is cancelled on the server, exit 130
     with subprocess.Popen(
-        [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
+        [*CLI_WITH_CTRL_C, "generate", "hold cli", "--steps", "100"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as running:
         job = _wait_until_following(running)
@@ -165,7 +175,7 @@ def test_cli_generates_and_cancels_on_both_backends(job_system: Callable[..., An
         assert done.stdout.splitlines() == ["two-0.png  seed=5", "two-1.png  seed=6"]
         assert (tmp_path / "two-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with subprocess.Popen(
-            [sys.executable, "-m", "imagen", "generate", "hold cli", "--steps", "100"],
+            [*CLI_WITH_CTRL_C, "generate", "hold cli", "--steps", "100"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ) as running:  # fmt: skip
             job = _wait_until_following(running)
