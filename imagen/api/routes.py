@@ -59,6 +59,7 @@ from imagen.jobs.backend import JobBackend
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobRecord, JobState, Upload, UploadQuota
 from imagen.outputs.serving import resolve_servable
+from imagen.registry import Registry
 
 JOB_NOT_FOUND = "Job ID non trouvé"
 IMAGE_NOT_FOUND = "Image non trouvée"
@@ -357,10 +358,15 @@ def models(registry: RegistryDep, backend: BackendDep) -> ModelList:
     )
 
 
-def order_models(order: ModelOrder, worker: str | None, backend: JobBackend, caller: Caller) -> ModelOrderAccepted:
-    """An admin's load or unload, sent to the workers (``JobBackend.order_models``). 403 for another key."""
+def order_models(
+    order: ModelOrder, worker: str | None, registry: Registry, backend: JobBackend, caller: Caller
+) -> ModelOrderAccepted:
+    """An admin's load or unload, sent to the workers (``JobBackend.order_models``). 403 for another key,
+    404 for a model the registry does not declare or a worker that is not ready."""
     if not caller.admin:
         raise HTTPException(status_code=403, detail=MODELS_ADMIN_ONLY)
+    if order.model_id is not None and registry.model(order.model_id) is None:
+        raise HTTPException(status_code=404, detail=MODEL_NOT_FOUND)
     asked = backend.order_models(order, worker)
     if worker is not None and not asked:
         raise HTTPException(status_code=404, detail=WORKER_NOT_FOUND)
@@ -388,9 +394,7 @@ def load_model(
     """Admin keys: load the model on the workers ahead of its jobs (each worker's model cache decides the
     tier and what leaves to make room). Answered at once; each worker loads it between jobs, and GET /models
     shows it in `loaded_on` once it holds it."""
-    if caller.admin and registry.model(model_id) is None:
-        raise HTTPException(status_code=404, detail=MODEL_NOT_FOUND)
-    return order_models(ModelOrder("load", model_id), worker, backend, caller)
+    return order_models(ModelOrder("load", model_id), worker, registry, backend, caller)
 
 
 @router.post(
@@ -405,9 +409,7 @@ def unload_model(
 ) -> ModelOrderAccepted:
     """Admin keys: free the model from the workers, in every tier (after the job each one runs). Its next
     job loads it again."""
-    if caller.admin and registry.model(model_id) is None:
-        raise HTTPException(status_code=404, detail=MODEL_NOT_FOUND)
-    return order_models(ModelOrder("unload", model_id), worker, backend, caller)
+    return order_models(ModelOrder("unload", model_id), worker, registry, backend, caller)
 
 
 @router.get("/schedulers", response_model=SchedulerList)
