@@ -147,6 +147,19 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(600.0, gt=0, description="A job running longer than this fails with a timeout.")
     result_ttl_s: float = Field(3600.0, gt=0, description="Seconds /status and /image keep a finished job.")
     workers: int = Field(1, ge=1, description="Embedded: generation worker processes (one job at a time each).")
+    affinity: bool = Field(
+        True,
+        description="Model affinity: a worker takes first the waiting jobs (of the key whose turn it is) for a "
+        "model it already holds, and leaves a job to an idle worker that holds its model. Off: plain fair order.",
+    )
+    affinity_wait_s: float = Field(
+        3.0,
+        ge=0,
+        le=300,
+        description="Model affinity's bound: the longest a job waits for an idle worker that holds its model before "
+        "any idle worker takes it (and loads the model), and how much later than a job another job of the same key "
+        "may have been sent and still start before it, for a model a worker holds. 0: plain fair order.",
+    )
     database_busy_timeout_s: float = Field(
         3.0,
         gt=0,
@@ -239,6 +252,12 @@ class Settings(BaseSettings):
         "image after `test_pattern_seconds`), or `module:Class` for your own engine.",
     )
     test_pattern_seconds: float = Field(0.0, ge=0, description="Time the test-pattern engine takes per job.")
+    test_pattern_load_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Time the test-pattern engine takes to \"load\" a model it does not hold (it holds up to "
+        "`max_loaded_models`, least recently used leaving first): to measure model switching without weights.",
+    )
     default_model: str | None = Field(
         None, description="Model used when a request names none. Unset: `sdxl-base` if declared, else the first."
     )

@@ -288,16 +288,18 @@ def start_celery_system(
     make_client: Callable[..., TestClient],
     request: pytest.FixtureRequest,
 ) -> Callable[..., TestClient]:
-    """The contract suite's ``job_system`` for the Celery backend: one worker, one API."""
+    """The contract suite's ``job_system`` for the Celery backend: one API and one worker, or as many as the
+    ``workers`` setting says (the embedded backend's number of slots)."""
     shared.client().flushall()
     cluster = CeleryCluster(shared, tmp_path, registry, make_client)
     request.addfinalizer(cluster.stop)
 
     def build(**settings: Any) -> TestClient:
         cluster.settings = settings
-        worker = cluster.start_worker(wait=False)
+        workers = [cluster.start_worker(wait=False) for _ in range(int(settings.get("workers", 1)))]
         client = cluster.api()
-        cluster.wait_ready(worker)
+        for worker in workers:
+            cluster.wait_ready(worker)
         return client
 
     return build

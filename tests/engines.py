@@ -10,9 +10,9 @@
     "phases A B"     the steps as the diffusers engine reports them, held denoising (latch A), then decoding (B)
 Anything else succeeds at once. Each execution appends the prompt to $IMAGEN_TEST_EXECUTION_LOG.
 
-It holds models as the diffusers engine does, without weights: a job's model, or one ``load_model`` names,
-is held on the device until ``unload_model`` frees it (``held_models``), so the workers' reports, /models
-``loaded_on`` and the operator's load and unload orders can be tested on both backends.
+It holds models as the test-pattern engine does (a job's model is held from the job's start, while the
+script runs), so the workers' reports, /models ``loaded_on``, the operator's load and unload orders and
+job routing by held model can be tested on both backends.
 """
 
 from __future__ import annotations
@@ -22,18 +22,15 @@ import signal
 import time
 from pathlib import Path
 
-from imagen.config import Settings
 from imagen.errors import FatalGenerationError
 from imagen.generation.base import (
     NO_INPUTS,
-    TIER_DEVICE,
     GeneratedImage,
     GenerationTask,
     InputImages,
     ProgressCallback,
 )
 from imagen.generation.test_pattern import TestPatternEngine
-from imagen.registry import Registry
 from tests.latches import hold_until_released
 
 
@@ -50,19 +47,6 @@ def _record(task: GenerationTask) -> int:
 
 
 class ScriptedEngine(TestPatternEngine):
-    def __init__(self, registry: Registry, settings: Settings) -> None:
-        super().__init__(registry, settings)
-        self._held: set[str] = set()
-
-    def held_models(self) -> dict[str, str]:
-        return dict.fromkeys(sorted(self._held), TIER_DEVICE)
-
-    def load_model(self, model_id: str) -> None:
-        self._held.add(model_id)
-
-    def unload_model(self, model_id: str) -> None:
-        self._held.discard(model_id)
-
     def generate(
         self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
     ) -> list[GeneratedImage]:

@@ -25,7 +25,6 @@ from starlette.routing import Mount, Route
 from starlette.websockets import WebSocketDisconnect
 
 from imagen.access.keys import KeyFile, add_key, key_digest
-from imagen.api.a1111_compat import CHECKPOINTS_ADMIN_ONLY
 from imagen.api.access import KEY_INVALID, KEY_MISSING, METRICS_ADMIN_ONLY, METRICS_TOKEN_REQUIRED
 from imagen.api.app import create_app
 from imagen.api.routes import MODELS_ADMIN_ONLY
@@ -43,7 +42,7 @@ PNG = (
     b"\xaeB`\x82"
 )  # 1×1
 IMAGE_NOT_FOUND = "Image non trouvée"
-A1111_CHECKPOINTS_REFUSAL = {"error": "HTTPException", "detail": CHECKPOINTS_ADMIN_ONLY, "body": "", "errors": ""}
+A1111_CHECKPOINTS_REFUSAL = {"error": "HTTPException", "detail": MODELS_ADMIN_ONLY, "body": "", "errors": ""}
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
 

@@ -34,6 +34,7 @@ EXPECTED_TYPES = {
     "imagen_job_service_overhead_seconds": "histogram",
     "imagen_worker_up": "gauge",
     "imagen_worker_model_load_seconds": "gauge",
+    "imagen_worker_model_loads": "counter",
     "imagen_http_requests": "counter",
     "imagen_http_request_duration_seconds": "histogram",
 }
@@ -105,6 +106,7 @@ def test_metrics_count_what_happened(job_system: Callable[..., TestClient]) -> N
     assert value(families, "imagen_worker_up", backend=backend, worker=name) == 1
     load_seconds = value(families, "imagen_worker_model_load_seconds", worker=name)
     assert load_seconds is not None and load_seconds >= 0
+    assert value(families, "imagen_worker_model_loads_total", worker=name) == 1  # its jobs' one model
     # HTTP: route templates only.
     handlers = {s.labels["handler"] for s in families["imagen_http_requests"].samples}
     assert {"/generate", "/status/{job_id}", "/cancel/{job_id}", "/download/{filename:path}"} <= handlers
@@ -124,9 +126,10 @@ def test_a_workers_heartbeat_reaches_metrics(make_client: Callable[..., TestClie
     beat = {
         "host": "gpu-host-2", "pid": 4242, "ready": True, "error": None, "device": "cuda:0", "gpu_available": True,
         "model_load_seconds": 12.5, "gpu_memory_used_bytes": 7_000_000_000,
-        "gpu_memory_total_bytes": 85_000_000_000, "at": time.time(),
+        "gpu_memory_total_bytes": 85_000_000_000, "model_loads": 3, "at": time.time(),
     }
     own_redis.client().set("imagen:worker:gpu-host-2:4242", json.dumps(beat), px=60_000)
+    own_redis.client().sadd("imagen:workers", "imagen:worker:gpu-host-2:4242")  # the heartbeats' index
     families = scrape(client)
     worker = "gpu-host-2:4242"
     assert value(families, "imagen_worker_up", backend="distributed", worker=worker) == 1
@@ -134,6 +137,7 @@ def test_a_workers_heartbeat_reaches_metrics(make_client: Callable[..., TestClie
     assert value(families, "imagen_worker_gpu_memory_used_bytes", worker=worker) == 7e9
     assert value(families, "imagen_worker_gpu_memory_total_bytes", worker=worker) == 85e9
     assert families["imagen_worker_gpu_memory_used_bytes"].type == "gauge"
+    assert value(families, "imagen_worker_model_loads_total", worker=worker) == 3
     assert value(families, "imagen_jobs_waiting", backend="distributed") == 0
     own_redis.client().delete("imagen:worker:gpu-host-2:4242")
     assert value(scrape(client), "imagen_worker_up", backend="distributed", worker=worker) is None

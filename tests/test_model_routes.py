@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from fastapi.testclient import TestClient
 
-from imagen.api.a1111_compat import CHECKPOINTS_ADMIN_ONLY
 from imagen.api.routes import MODEL_NOT_FOUND, MODELS_ADMIN_ONLY, WORKER_NOT_FOUND
 from tests.celery_support import shared_redis
 from tests.conftest import submit, wait_for, wait_status
@@ -130,7 +129,7 @@ def test_a1111_checkpoint_routes(make_client: Callable[..., TestClient], keys: K
     for route in ("unload-checkpoint", "reload-checkpoint"):
         response = client.post(f"/sdapi/v1/{route}", headers=keys.headers("owner"))
         assert response.status_code == 403, response.text
-        assert response.json() == a1111_refusal(CHECKPOINTS_ADMIN_ONLY)
+        assert response.json() == a1111_refusal(MODELS_ADMIN_ONLY)
 
     # reload: the key's checkpoint (its options), else the default model
     assert client.post("/sdapi/v1/reload-checkpoint", headers=admin).json() == {}

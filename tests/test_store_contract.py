@@ -20,6 +20,7 @@ from typing import Protocol
 import pytest
 
 from imagen.errors import KeyQueueFullError, QueueFullError
+from imagen.jobs.affinity import LOOKAHEAD, Affinity
 from imagen.jobs.distributed.keys import lock_key
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome
 from imagen.jobs.distributed.store import RedisJobStore, connect
@@ -49,7 +50,7 @@ class StoreUnderTest(Protocol):
     def position(self, job_id: str) -> int | None: ...
     def count_waiting(self) -> int: ...
     def new_owner(self) -> str: ...
-    def claim_next(self, owner: str) -> JobRecord | None: ...
+    def claim_next(self, owner: str, affinity: Affinity | None = None) -> JobRecord | None: ...  # None: deferred too
     def complete(self, job_id: str, owner: str) -> bool: ...
     def fail(self, job_id: str, owner: str, error: str, *, retryable: bool) -> bool: ...  # False: not ours
     def kill(self, owner: str) -> None: ...
@@ -92,8 +93,8 @@ class SqliteUnderTest:
         assert token is not None
         return token
 
-    def claim_next(self, owner: str) -> JobRecord | None:
-        return self.store.claim_next(self._token(owner))
+    def claim_next(self, owner: str, affinity: Affinity | None = None) -> JobRecord | None:
+        return self.store.claim_next(self._token(owner), affinity)
 
     def complete(self, job_id: str, owner: str) -> bool:
         return self.store.complete(job_id, self._token(owner), {"status": "success", "filename": "x.png"})
@@ -156,11 +157,12 @@ class RedisUnderTest:
         self.held[owner] = claim.job_id
         return self.store.jobs.get(claim.job_id)
 
-    def claim_next(self, owner: str) -> JobRecord | None:
+    def claim_next(self, owner: str, affinity: Affinity | None = None) -> JobRecord | None:
         """A broker message (a ticket) is delivered to ``owner``: it starts the fair queue's next job."""
         ticket = uuid.uuid4().hex
         claim = self.store.attempts.claim_next(
-            owner, ticket=ticket, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S
+            owner, ticket=ticket, max_attempts=MAX_ATTEMPTS, lock_ttl_s=self.LOCK_TTL_S, timeout_s=TIMEOUT_S,
+            affinity=affinity,
         )
         return self._claimed(claim, owner)
 
@@ -470,3 +472,72 @@ def test_a_single_key_is_first_in_first_out(store: StoreUnderTest) -> None:
     while (record := store.claim_next(store.new_owner())) is not None:
         claimed.append(record.job_id)
     assert claimed == [job.job_id for job in jobs]
+
+
+# -- model affinity (jobs.affinity) ----------------------------------------------------------------------
+def model_job(model: str, key_name: str = "", prompt: str = "x") -> NewJob:
+    return NewJob(
+        job_id=str(uuid.uuid4()), task={"prompt": prompt, "model": model}, output_name=f"{uuid.uuid4().hex}.png",
+        key_name=key_name,
+    )
+
+
+def holding(*models: str, idle_holders: tuple[str, ...] = (), wait_s: float = 5.0) -> Affinity:
+    return Affinity(frozenset(models), frozenset(idle_holders), wait_s)
+
+
+def claim_prompt(store: StoreUnderTest, affinity: Affinity | None) -> str | None:
+    record = store.claim_next(store.new_owner(), affinity)
+    return None if record is None else str(record.task["prompt"])
+
+
+def test_a_worker_takes_first_the_oldest_job_of_a_model_it_holds(store: StoreUnderTest) -> None:
+    for prompt, model in (("j0", "a"), ("j1", "b"), ("j2", "a"), ("j3", "b")):
+        store.submit(model_job(model, prompt=prompt))
+    assert claim_prompt(store, holding("b")) == "j1"  # skips j0: its model is not held here
+    assert claim_prompt(store, holding("b", "c")) == "j3"
+    assert claim_prompt(store, holding("c")) == "j0"  # holds none of theirs, no idle holder: the oldest
+    assert claim_prompt(store, None) == "j2"  # affinity off: plain fair order
+    assert claim_prompt(store, holding("a")) is None and store.count_waiting() == 0
+
+
+def test_affinity_keeps_the_turns_between_keys(store: StoreUnderTest) -> None:
+    """A key's single job still starts after at most one job of another key's batch, whoever holds what."""
+    for index in range(4):
+        store.submit(model_job("a", "alice", f"a{index}"))
+    store.submit(model_job("b", "bob", "b0"))
+    order = [claim_prompt(store, holding("a")) for _ in range(5)]
+    assert order == ["a0", "b0", "a1", "a2", "a3"]  # bob's turn came second although this worker holds "a"
+
+
+def test_a_job_waits_for_an_idle_holder_of_its_model_at_most_the_affinity_wait(
+    store: StoreUnderTest, clock: Clock
+) -> None:
+    job = model_job("b", prompt="for-b")
+    store.submit(job)
+    waiting = holding("a", idle_holders=("b",), wait_s=5.0)
+    assert claim_prompt(store, waiting) is None  # left for the idle worker that holds "b"
+    assert state(store, job.job_id)[:2] == (JobState.PENDING, 0) and store.position(job.job_id) == 1
+    assert claim_prompt(store, holding("a", idle_holders=("c",))) == "for-b"  # nobody idle holds "b": taken
+    late = model_job("b", prompt="late")
+    store.submit(late)
+    clock.now += 5.0  # it has waited the whole affinity wait: any idle worker takes it
+    assert claim_prompt(store, waiting) == "late"
+
+
+def test_the_look_for_a_held_model_is_bounded(store: StoreUnderTest) -> None:
+    for index in range(LOOKAHEAD):
+        store.submit(model_job("a", prompt=f"a{index}"), max_queue=LOOKAHEAD + 1)
+    store.submit(model_job("b", prompt="beyond"), max_queue=LOOKAHEAD + 1)
+    # The held model's job lies past the first LOOKAHEAD jobs: the claim's cost stays bounded, it takes the oldest.
+    assert claim_prompt(store, holding("b")) == "a0"
+    assert claim_prompt(store, holding("b")) == "beyond"  # now within the window
+
+
+def test_only_jobs_sent_within_the_affinity_wait_overtake_the_oldest(store: StoreUnderTest, clock: Clock) -> None:
+    store.submit(model_job("a", prompt="first"))
+    clock.now += 5.0
+    store.submit(model_job("b", prompt="sent-later"))
+    # "sent-later" came a whole affinity wait after "first": a worker holding "b" does not start it first.
+    assert claim_prompt(store, holding("b", wait_s=5.0)) == "first"
+    assert claim_prompt(store, holding("b", wait_s=5.0)) == "sent-later"

@@ -37,6 +37,7 @@ from imagen.api.compat_jobs import LivePreviews, NoImages, Outcome, read_images,
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
 from imagen.api.json_body import BadJson, read_json
 from imagen.api.prompt_tags import parse_lora_tags
+from imagen.api.routes import MODELS_ADMIN_ONLY
 from imagen.api.schemas import (
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -623,7 +624,6 @@ async def interrupt(http: Request, backend: BackendDep, caller: CallerDep) -> di
 
 
 # -- checkpoints: what A1111 does to its one loaded model, done on every worker --------------------------
-CHECKPOINTS_ADMIN_ONLY = "Chargement et déchargement des modèles réservés aux clés API d'administration"
 _EMPTY_OBJECT: dict[str, Any] = {"type": "object", "maxProperties": 0}
 _CHECKPOINT_ANSWERS: dict[int | str, dict[str, Any]] = {
     200: _answers("Asked of every ready worker (each does it between jobs): `{}`, as A1111.", _EMPTY_OBJECT),
@@ -636,7 +636,7 @@ def unload_checkpoint(backend: BackendDep, caller: CallerDep) -> Any:
     """Admin keys: every worker frees every model it holds, in every tier (after the job it runs), as A1111
     frees its checkpoint. The next job loads its model again."""
     if not caller.admin:
-        return _error(403, CHECKPOINTS_ADMIN_ONLY)
+        return _error(403, MODELS_ADMIN_ONLY)
     backend.order_models(ModelOrder("unload"))
     return {}
 
@@ -648,7 +648,7 @@ def reload_checkpoint(
     """Admin keys: every worker loads the key's checkpoint (`sd_model_checkpoint` of POST /options, else the
     server's default model) again, as A1111 puts its checkpoint back on the GPU."""
     if not caller.admin:
-        return _error(403, CHECKPOINTS_ADMIN_ONLY)
+        return _error(403, MODELS_ADMIN_ONLY)
     model = _state(http).models.get(caller.name)
     if model is None or registry.model(model) is None:  # none chosen, or removed from the registry since
         model = registry.resolve_default_model(settings.default_model)

@@ -134,6 +134,9 @@ def _workers(workers: Iterable[WorkerHealth], backend: str) -> Iterator[Metric]:
         "imagen_worker_gpu_memory_used_bytes", "GPU memory held by the worker's tensors.", labels=["worker"]
     )
     total = GaugeMetricFamily("imagen_worker_gpu_memory_total_bytes", "The worker's GPU memory.", labels=["worker"])
+    loads = CounterMetricFamily(
+        "imagen_worker_model_loads", "Models the worker's engine read from disk since it started.", labels=["worker"]
+    )
     for worker in workers:
         if not worker.pid:
             continue  # an embedded slot between two children: nothing runs there
@@ -144,4 +147,6 @@ def _workers(workers: Iterable[WorkerHealth], backend: str) -> Iterator[Metric]:
             used.add_metric([worker.name], worker.gpu_memory_used_bytes)
         if worker.gpu_memory_total_bytes is not None:
             total.add_metric([worker.name], worker.gpu_memory_total_bytes)
-    yield from (up, load, used, total)
+        if worker.model_loads is not None:
+            loads.add_metric([worker.name], worker.model_loads)
+    yield from (up, load, used, total, loads)

@@ -288,6 +288,11 @@ class Engine(ABC):
         heartbeat: job routing sends a model's jobs to the workers that hold it."""
         return {}
 
+    def model_loads(self) -> int:
+        """How many models this engine has read from disk since it started (``/metrics``; a switch back from
+        the host-RAM tier is no load)."""
+        return 0
+
     def load_model(self, model_id: str) -> None:  # noqa: B027 - optional hook, nothing to load by default
         """Load the model ahead of its jobs (an admin's ``POST /models/{id}/load``), as a job would."""
 

@@ -2,22 +2,31 @@
 
 Used by the job-system tests and benchmarks (a generator that takes a known time, as a GPU would) and
 handy to try the API on a machine with no model at all (``IMAGEN_ENGINE=test-pattern``).
+
+It holds models as the diffusers engine does, without weights: a job's model (or one ``load_model`` names)
+is held until ``unload_model`` frees it or, past ``IMAGEN_MAX_LOADED_MODELS``, the least recently used
+leaves; "loading" one it does not hold takes ``IMAGEN_TEST_PATTERN_LOAD_SECONDS``. So the workers' reports,
+``/models`` ``loaded_on``, model orders and job routing by held model can be tested and measured here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
+from imagen.config import Settings
 from imagen.generation.base import (
     NO_INPUTS,
     STEP_DECODING,
     STEP_GENERATION,
     STEP_LOADING_MODEL,
+    TIER_DEVICE,
     DeviceInfo,
     Engine,
     GeneratedImage,
@@ -27,10 +36,41 @@ from imagen.generation.base import (
     denoising_steps,
 )
 from imagen.generation.preview import encode_preview, wants_preview
+from imagen.registry import Registry
 
 
 class TestPatternEngine(Engine):
     __test__ = False  # not a pytest class
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        super().__init__(registry, settings)
+        self._held: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._held_lock = threading.Lock()  # the heartbeat thread reads what a job changes
+        self._loads = 0
+
+    def held_models(self) -> dict[str, str]:
+        with self._held_lock:
+            return dict.fromkeys(self._held, TIER_DEVICE)
+
+    def model_loads(self) -> int:
+        return self._loads
+
+    def load_model(self, model_id: str) -> None:
+        with self._held_lock:
+            if model_id in self._held:
+                self._held.move_to_end(model_id)
+                return
+        time.sleep(self.settings.test_pattern_load_seconds)
+        with self._held_lock:
+            self._held[model_id] = None
+            self._loads += 1
+            limit = self.settings.max_loaded_models
+            while limit is not None and len(self._held) > limit:
+                self._held.popitem(last=False)
+
+    def unload_model(self, model_id: str) -> None:
+        with self._held_lock:
+            self._held.pop(model_id, None)
 
     def device_info(self) -> DeviceInfo:
         return DeviceInfo(gpu_available=False, device="cpu", dtype=None)
@@ -39,7 +79,10 @@ class TestPatternEngine(Engine):
         self, task: GenerationTask, progress: ProgressCallback, inputs: InputImages = NO_INPUTS
     ) -> list[GeneratedImage]:
         """Takes ``test_pattern_seconds`` in all (drawing included), like a GPU with a fixed step time and
-        a batch as fast as one image. Image i is the pattern of the same task alone with seed + i."""
+        a batch as fast as one image, after loading its model if it is not held. Image i is the pattern of the
+        same task alone with seed + i."""
+        progress(STEP_LOADING_MODEL, 0)
+        self.load_model(task.model)
         start = time.perf_counter()
         spec = self.registry.model(task.model)
         native = spec.size if spec is not None else 1024
@@ -49,7 +92,6 @@ class TestPatternEngine(Engine):
             width, height = inputs.init.size
         else:
             width, height = native, native
-        progress(STEP_LOADING_MODEL, 0)
         tiles, drawn = [], []
         for index in range(task.num_images):
             alone = task if task.num_images == 1 else replace(task, seed=task.seed + index, num_images=1)

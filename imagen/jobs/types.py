@@ -122,6 +122,7 @@ class WorkerHealth:
     model_load_seconds: float | None = None  # how long its engine took to load
     gpu_memory_used_bytes: int | None = None  # None: no CUDA device
     gpu_memory_total_bytes: int | None = None
+    model_loads: int | None = None  # models its engine read from disk since it started
     # The models its engine holds now, each with its tier (``generation.base.MODEL_TIERS``: "device" on the
     # GPU, or the CPU's RAM when there is none; "ram" waiting in host RAM): what job routing and /models read.
     models: dict[str, str] = field(default_factory=dict)
@@ -143,6 +144,7 @@ class WorkerHealth:
             model_load_seconds=_number(beat.get("model_load_seconds")),
             gpu_memory_used_bytes=_integer(beat.get("gpu_memory_used_bytes")),
             gpu_memory_total_bytes=_integer(beat.get("gpu_memory_total_bytes")),
+            model_loads=_integer(beat.get("model_loads")),
             models={str(model): str(tier) for model, tier in (beat.get("models") or {}).items()},
         )
 

@@ -240,6 +240,9 @@ class DiffusersEngine(Engine):
     def held_models(self) -> dict[str, str]:
         return self._cache.held()
 
+    def model_loads(self) -> int:
+        return self.stats.model_loads
+
     def load_model(self, model_id: str) -> None:
         spec = self.registry.model(model_id)
         if spec is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 import uuid
 from typing import Any
 
@@ -34,8 +35,8 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # The soft limit (job_timeout_s) fails the job cleanly; the hard one, a little later, kills a child stuck in C
 # code (its job then fails with the same timeout error, see ``Attempts.reap_orphans``).
 HARD_LIMIT_GRACE_S = 10.0
-# How often a worker's main process checks whether its pool child's engine is loaded.
-GATE_PERIOD_S = 0.5
+# How often a worker's main process checks whether its pool child's engine is loaded (or it steps back).
+GATE_PERIOD_S = 0.2
 
 log = logging.getLogger("imagen.worker")
 __all__ = ["QUEUE", "TASK_NAME", "create_celery", "create_worker_app", "publish", "republish"]
@@ -132,10 +133,16 @@ def create_worker_app(settings: Settings) -> Celery:
     # Created before the pool forks, so the main process and its pool child share them.
     engine_ready = multiprocessing.Value("b", 0)
     backlogged = multiprocessing.Value("b", 0)
+    stepping_back_until = multiprocessing.Value("d", 0.0)
     task_class = type(
         "GenerateTask",
         (GenerateTask,),
-        {"settings": settings, "engine_ready": engine_ready, "backlogged": backlogged},
+        {
+            "settings": settings,
+            "engine_ready": engine_ready,
+            "backlogged": backlogged,
+            "stepping_back_until": stepping_back_until,
+        },
     )
     app.register_task(task_class())
     app.steps["consumer"].add(EngineGate)
@@ -159,7 +166,8 @@ def _generate_task(app: Celery) -> GenerateTask:
 
 class EngineGate(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships no type hints
     """A consumer step of the worker's main process: consume the queue while the pool child's engine is
-    loaded and the finished images that no API replica has copied leave room in Redis, not otherwise. The
+    loaded and the finished images that no API replica has copied leave room in Redis, and not for a moment
+    after the child handed a message back for an idle worker that holds its job's model, not otherwise. The
     worker starts with the queue excluded (``worker.run_worker``), so a worker that cannot load its engine
     never holds a message. Runs in the consumer's event loop (a timer), and is started again with the
     consumer after a lost broker connection."""
@@ -186,7 +194,8 @@ class EngineGate(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships
         if consumer.task_consumer is None:  # between a lost connection and the next one
             return
         task = _generate_task(consumer.app)
-        ready = bool(task.engine_ready.value) and not task.backlogged.value
+        stepping_back = time.monotonic() < task.stepping_back_until.value
+        ready = bool(task.engine_ready.value) and not task.backlogged.value and not stepping_back
         consuming = consumer.task_consumer.consuming_from(QUEUE)
         if ready and not consuming:
             consumer.add_task_queue(QUEUE)

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 
 import redis
 
+from imagen.jobs.affinity import LOOKAHEAD, Affinity, pick
 from imagen.jobs.distributed.keys import (
     COPIES_PREFIX,
     KEY_TURNS,
@@ -198,14 +199,19 @@ class Attempts:
         lock_ttl_s: float,
         timeout_s: float,
         named: str = "",
+        affinity: Affinity | None = None,
     ) -> Claim:
-        """Start the fair queue's next confirmed waiting job here (``jobs.fairness``), for the broker message
-        ``ticket`` that names job ``named``; NONE when no job waits, UNCONFIRMED when only submissions
-        not confirmed yet do. A job taken by another worker meanwhile: read again."""
+        """Start the next confirmed waiting job here, for the broker message ``ticket`` that names job ``named``:
+        the fair queue's next key (``jobs.fairness``), and within it the job ``jobs.affinity`` picks for the
+        models this worker holds (``affinity``; None: the key's oldest). NONE when no job waits, UNCONFIRMED
+        when only submissions not confirmed yet do, DEFERRED when the waiting ones are left to an idle worker
+        that holds their model. A job taken by another worker meanwhile: read again."""
         for _ in range(CONFLICT_RETRIES):
-            chosen = self._next_to_start(named)
+            chosen = self._next_to_start(named, affinity)
             if chosen is None:
                 return Claim(ClaimOutcome.UNCONFIRMED if self.records.count_waiting() else ClaimOutcome.NONE)
+            if chosen is ClaimOutcome.DEFERRED:
+                return Claim(ClaimOutcome.DEFERRED)
             claim = self.claim(
                 chosen,
                 token,
@@ -219,11 +225,11 @@ class Attempts:
                 return claim
         return Claim(ClaimOutcome.BUSY)
 
-    def _next_to_start(self, named: str) -> str | None:
-        """The fair queue's next confirmed job (its index: ``JobRecords.next_waiting``), or ``named`` when it
-        is not confirmed yet and would rank first. An unconfirmed job's submission may still fail (its API
-        answers 503): never start one, except the job the message names: its message is out, so it is
-        confirmed in all but name. None when neither may start."""
+    def _next_to_start(self, named: str, affinity: Affinity | None) -> str | Literal[ClaimOutcome.DEFERRED] | None:
+        """The job to start: the first key's pick (its index: ``JobRecords.next_waiting``, then
+        ``jobs.affinity``), or ``named`` when it is not confirmed yet and would rank first. An unconfirmed
+        job's submission may still fail (its API answers 503): never start one, except the job the message
+        names: its message is out, so it is confirmed in all but name. None when neither may start."""
         first = self.records.next_waiting()
         rank = self.records.candidate_rank(named) if named else None
         if rank is not None:
@@ -231,7 +237,13 @@ class Attempts:
             first_rank = None if first is None else self.records.key_rank(first[1])
             if first_rank is None or rank <= first_rank:
                 return named
-        return None if first is None else first[0]
+        if first is None or affinity is None:
+            return None if first is None else first[0]
+        candidates = self.records.oldest_of_key(first[1], LOOKAHEAD)
+        if not candidates:
+            return first[0]  # its jobs were all taken meanwhile: the claim finds out and reads again
+        picked = pick(candidates, affinity, self.clock())
+        return ClaimOutcome.DEFERRED if picked is None else picked.job_id
 
     # -- while it runs ---------------------------------------------------------------------------
     def publish_preview(self, job_id: str, step: int, jpeg: bytes) -> None:

@@ -45,7 +45,8 @@ across API replicas and workers. Which module reads and writes each key is named
   ``imagen:png_order`` and starts its expiry (``png_ttl_s``), for a live replica that does not copy it.
   ``imagen:png_sizes``/``png_bytes`` index them all: past ``png_redis_max_bytes`` the oldest copied ones go
   first, and while uncopied ones fill it, no new job is accepted or started (``pngs.Pngs.backlog_full``).
-- ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info), with a short expiry (``workers.py``).
+- ``imagen:worker:{host}:{pid}`` a worker's heartbeat (device info, busy, held models), with a short expiry, and
+  ``imagen:workers`` the set of those keys (``workers.py``).
 - ``imagen:model_orders:{host}:{pid}`` list: an operator's load and unload orders for that worker, pushed by
   an API replica, popped by the worker between jobs; it expires when no worker pops it (``model_orders.py``).
 - ``imagen:stats`` hash: the job outcome totals (``jobs/stats.py``), ``HINCRBYFLOAT`` by the process that
@@ -91,7 +92,7 @@ PNG_INDEX = [PNG_SIZES, PNG_ORDER, PNG_BYTES, PNG_UNCOPIED, PNG_UNCOPIED_BYTES]
 REPLICAS = PREFIX + "replicas"
 HOUSEKEEPER = PREFIX + "housekeeper"
 STATS = PREFIX + "stats"
-WORKER_PATTERN = PREFIX + "worker:*"
+WORKERS = PREFIX + "workers"  # the keys of the heartbeats (workers.py)
 CHANGES_CHANNEL = PREFIX + "changes"
 # A job's preview images (GET /events?preview=1): "<job_id> <step> " then the JPEG bytes. Event-only: no key.
 PREVIEWS_CHANNEL = PREFIX + "previews"

@@ -30,6 +30,7 @@ class ClaimOutcome(enum.StrEnum):
     RUNNING = "running"  # the fair queue's pick started elsewhere meanwhile
     NONE = "none"  # no job waits
     UNCONFIRMED = "unconfirmed"  # only submissions not confirmed yet wait
+    DEFERRED = "deferred"  # jobs wait, left to an idle worker that holds their model (``jobs.affinity``)
 
 
 class ProgressOutcome(enum.StrEnum):

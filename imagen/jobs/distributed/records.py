@@ -23,6 +23,7 @@ import redis
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.generation.base import INPUT_ROLES
 from imagen.jobs import fairness, stats
+from imagen.jobs.affinity import Candidate
 from imagen.jobs.distributed.keys import (
     JOB_PREFIX,
     KEY_TURNS,
@@ -241,6 +242,26 @@ class JobRecords:
                 return head[0].decode(), key_name
             # Its last job was claimed or cancelled between the two reads: the index has moved on.
         return None
+
+    def oldest_of_key(self, key_name: str, limit: int) -> list[Candidate]:
+        """The key's ``limit`` oldest confirmed waiting jobs, oldest first, with their model (``jobs.affinity``):
+        one range read and one small read per job, whatever the queue's length."""
+        ids = [raw.decode() for raw in cast(list[bytes], self.client.zrange(queue_key(key_name), 0, limit - 1))]
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(job_key(job_id), ["model", "created_at", "state"])
+            rows = cast(list[list[bytes | None]], pipe.execute())
+        candidates = []
+        for job_id, (raw_model, created_at, state) in zip(ids, rows, strict=True):
+            if state != JobState.PENDING.value.encode():
+                continue  # claimed or cancelled since the range was read
+            if raw_model is not None:
+                model = raw_model.decode()
+            else:  # queued by a version that did not record it
+                task = cast(bytes | None, self.client.hget(job_key(job_id), "task"))
+                model = str(json.loads(task or b"{}").get("model", ""))
+            candidates.append(Candidate(job_id, model, float(created_at or 0.0)))
+        return candidates
 
     def candidate_rank(self, job_id: str) -> float | None:
         """The rank a waiting job not confirmed yet would give its key if it started next (it is older than

@@ -53,6 +53,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from imagen.config import Settings
 from imagen.errors import JobCancelled
 from imagen.jobs import stats
+from imagen.jobs.affinity import Affinity
 from imagen.jobs.distributed.attempts import Attempts
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome
 from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
@@ -79,6 +80,10 @@ CLAIM_RETRY_S = 3.0
 OUTCOME_RETRY_S = 60.0
 # How often a message that finds only unconfirmed submissions waiting looks again.
 UNCONFIRMED_POLL_S = 0.02
+# How long a worker that handed a message back for an idle holder of its job's model consumes nothing: long
+# enough for its main process to leave the queue (app.EngineGate looks every GATE_PERIOD_S), short enough
+# that it is back for the next job.
+STEP_BACK_S = 1.0
 # A finished image that the worker's full scratch disk refused is written again after 0.5 s, 1 s, ... 10 s.
 NO_SPACE_FIRST_RETRY_S = 0.5
 NO_SPACE_MAX_RETRY_S = 10.0
@@ -181,12 +186,16 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     # (read by this child at each heartbeat). The main process consumes nothing meanwhile: a job finished
     # now would have no room to wait for its copy.
     backlogged: ClassVar[Synchronized[int]]
+    # Also shared: until when (``time.monotonic``) the main process consumes nothing, having handed a message
+    # back for an idle worker that holds its job's model (model affinity: ``jobs.affinity``).
+    stepping_back_until: ClassVar[Synchronized[float]]
 
     store: RedisJobStore
     scratch: Path
     engine: Engine | None = None
     load_error: str | None = None
     load_seconds: float | None = None  # how long the engine took to load (heartbeat, for /metrics)
+    busy = False  # a job runs here (heartbeat: an idle worker is one that a job may wait for)
     device: dict[str, Any]
     _stopping: threading.Event
     _engine_lock: threading.Lock
@@ -286,13 +295,18 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             **self.device,
             "ready": self.engine is not None,
             "error": self.load_error,
-            **measure(self.load_seconds).as_dict(),  # /metrics: model load time, GPU memory
+            **measure(self.load_seconds, self._model_loads()).as_dict(),  # /metrics: load time, loads, GPU memory
             "models": self._held_models(),  # /health, /models and job routing
+            "busy": self.busy,
         }
         try:
             self.store.workers.beat(os.getpid(), info, HEARTBEAT_TTL_S)
         except redis.RedisError as exc:  # the broker may be restarting; the next beat will do
             log.debug("heartbeat failed: %s", exc)
+
+    def _model_loads(self) -> int | None:
+        engine = self.engine
+        return None if engine is None else engine.model_loads()
 
     def _held_models(self) -> dict[str, str]:
         engine = self.engine
@@ -349,13 +363,32 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             claim = self._claim_next(token, ticket, named_job_id)
         if stop.requested and claim.outcome is not ClaimOutcome.CLAIMED:
             raise Reject("worker stopping (SIGTERM)", requeue=True)
+        if claim.outcome is ClaimOutcome.DEFERRED:
+            # The next job is for a model that an idle worker holds: hand the message back and stay off the
+            # queue a moment, so that worker (blocked on the queue) receives it. The job's wait is bounded
+            # (IMAGEN_AFFINITY_WAIT_S): past it, this worker takes it like any other.
+            self.stepping_back_until.value = time.monotonic() + STEP_BACK_S
+            raise Reject("left for an idle worker that holds its model", requeue=True)
         if claim.outcome is not ClaimOutcome.CLAIMED:
             # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
             # delivery, a job cancelled while it waited, an extra message): drop it.
             log.info("job %s: not run here (%s); message %s started no other job (%s)",
                      named_job_id, takeover.outcome, ticket, claim.outcome)
             return
-        job_id, attempts = claim.job_id, self.store.attempts
+        self._set_busy(True)
+        try:
+            self._run_claimed(claim.job_id, token, engine, stop)
+        finally:
+            self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        """Say at once whether a job runs here: the claims of other workers read it (model affinity)."""
+        self.busy = busy
+        self._beat()
+
+    def _run_claimed(self, job_id: str, token: str, engine: Engine, stop: StopRequests) -> None:
+        """Run the job this worker claimed and record how its attempt ended."""
+        attempts = self.store.attempts
         retry_reason: str | None = None
         with _LockKeeper(attempts, job_id, token, self.settings.job_lock_ttl_s):
             try:
@@ -425,8 +458,22 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 max_attempts=self.settings.max_attempts,
                 lock_ttl_s=self.settings.job_lock_ttl_s,
                 timeout_s=self.settings.job_timeout_s,
+                affinity=self._affinity(),
             ),
         )
+
+    def _affinity(self) -> Affinity | None:
+        """The models held here and by the other ready, idle workers (their heartbeats); None: plain fair order."""
+        if not self.settings.affinity:
+            return None
+        me = (socket.gethostname(), os.getpid())
+        idle_holders = frozenset(
+            model
+            for beat in self.store.workers.alive()
+            if (beat.get("host"), beat.get("pid")) != me and beat.get("ready") and not beat.get("busy")
+            for model in beat.get("models") or {}
+        )
+        return Affinity(frozenset(self._held_models()), idle_holders, self.settings.affinity_wait_s)
 
     @staticmethod
     def _redis(what: str, call: Callable[[], T]) -> T:

@@ -1,8 +1,11 @@
 """Which processes of the cluster are alive, and which one holds a role.
 
-- **Heartbeats**: each worker process writes its device and readiness under ``imagen:worker:{host}:{pid}``
-  with a short expiry, renewed while it lives; ``/health`` and ``/metrics`` list the keys that have not
-  expired yet. (A running job's own lock, renewed the same way, is part of its attempt: ``attempts.py``.)
+- **Heartbeats**: each worker process writes its device and readiness (and whether it runs a job, and which
+  models it holds) under ``imagen:worker:{host}:{pid}`` with a short expiry, renewed while it lives, and
+  names that key in the set ``imagen:workers``; ``/health``, ``/metrics`` and every claim (model affinity)
+  read the keys of that set that have not expired yet, dropping the others from it: a read costs one
+  command per worker, never a scan of the keyspace (which holds every job).
+  (A running job's own lock, renewed the same way, is part of its attempt: ``attempts.py``.)
 - **Leases**: a role one process at a time holds (the reconciler, the webhooks watcher): a key with the
   holder's name and a short expiry, taken when free and extended by its holder (``hold_lease``).
 """
@@ -12,12 +15,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis
 
-from imagen.jobs.distributed.keys import WORKER_PATTERN, worker_key
+from imagen.jobs.distributed.keys import WORKERS, worker_key
 
 
 class Workers:
@@ -30,17 +33,28 @@ class Workers:
     def beat(self, pid: int, info: dict[str, Any], ttl_s: float) -> None:
         host = socket.gethostname()
         payload = json.dumps({**info, "host": host, "pid": pid, "at": self.clock()})
-        self.client.set(worker_key(host, pid), payload, px=int(ttl_s * 1000))
+        key = worker_key(host, pid)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(key, payload, px=int(ttl_s * 1000))
+            pipe.sadd(WORKERS, key)
+            pipe.execute()
 
     def forget(self, pid: int) -> None:
-        self.client.delete(worker_key(socket.gethostname(), pid))
+        key = worker_key(socket.gethostname(), pid)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.srem(WORKERS, key)
+            pipe.execute()
 
     def alive(self) -> list[dict[str, Any]]:
         """The heartbeats of the workers alive now."""
-        keys = list(cast(Iterator[bytes], self.client.scan_iter(match=WORKER_PATTERN, count=100)))
+        keys = sorted(cast(set[bytes], self.client.smembers(WORKERS)))
         if not keys:
             return []
         values = cast(list[bytes | None], self.client.mget(keys))
+        expired = [key for key, value in zip(keys, values, strict=True) if value is None]
+        if expired:
+            self.client.srem(WORKERS, *expired)
         return [json.loads(value) for value in values if value]
 
 

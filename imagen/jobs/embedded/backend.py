@@ -171,9 +171,15 @@ class EmbeddedBackend(JobBackend):
             wakeups=self.wakeups,
             stopping=self._stopping,
             on_preview=self.feed.publish_preview,
+            models_of_idle_peers=self._models_of_idle_peers,
         )
         slot.start()
         return slot
+
+    def _models_of_idle_peers(self, asking: WorkerSlot) -> frozenset[str]:
+        """The models held by the slots other than ``asking`` that are ready and run no job (model affinity)."""
+        peers = [slot for slot in list(self._slots) if slot is not asking and slot.idle()]
+        return frozenset(model for slot in peers for model in slot.models)
 
     def _take_back_orphans(self) -> None:
         verdicts = self.store.recover_orphans(self.owner, silent_after_s=ORPHAN_AFTER_S)

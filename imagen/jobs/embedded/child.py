@@ -106,7 +106,7 @@ def worker_main(conn: Connection, settings_data: dict[str, Any]) -> None:
     load_seconds = time.perf_counter() - loading
 
     def report() -> WorkerReport:
-        return WorkerReport(measure(load_seconds), engine.held_models())
+        return WorkerReport(measure(load_seconds, engine.model_loads()), engine.held_models())
 
     send(report())
     send(Ready(engine.device_info()))

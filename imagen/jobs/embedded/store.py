@@ -39,6 +39,7 @@ from typing import Any
 
 from imagen.errors import KeyQueueFullError, QueueFullError
 from imagen.jobs import fairness
+from imagen.jobs.affinity import LOOKAHEAD, Affinity, Candidate, pick
 from imagen.jobs.embedded.sqlite import SqliteFile
 from imagen.jobs.embedded.stats import SqliteStats
 from imagen.jobs.lifecycle import (
@@ -154,6 +155,11 @@ BEGIN {_LEAVES} END;
 _COUNT_BEFORE = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq < ?"
 _NEWEST = f"SELECT seq FROM jobs WHERE key_name = ? AND state = '{_PENDING}' ORDER BY seq DESC LIMIT 1"
 _COUNT_AFTER = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq > ?"
+# A key's oldest waiting jobs with their model, for model affinity (``jobs.affinity``): LOOKAHEAD index entries.
+_OLDEST_OF_KEY = (
+    f"SELECT seq, json_extract(task, '$.model') AS model, created_at FROM jobs INDEXED BY jobs_waiting_by_key "
+    f"WHERE key_name = ? AND state = '{_PENDING}' ORDER BY seq LIMIT ?"
+)
 
 # Pages the reaper's pass gives back to the file system at most (``incremental_vacuum``): a pass holds the
 # write lock while it moves pages, so a large backlog is returned over several passes (64 MiB each at 4 KiB).
@@ -311,9 +317,11 @@ class SqliteJobStore:
         ]  # fmt: skip
 
     # -- worker side -----------------------------------------------------------------------------
-    def claim_next(self, owner: OwnerToken) -> JobRecord | None:
-        """The first waiting job of the fair order (``jobs.fairness``), now STARTED by ``owner`` (its attempt
-        counted, its key's turn recorded); None if none waits."""
+    def claim_next(self, owner: OwnerToken, affinity: Affinity | None = None) -> JobRecord | None:
+        """The next waiting job for ``owner``, now STARTED by it (its attempt counted, its key's turn recorded):
+        the fair queue's next key (``jobs.fairness``), and within it the job ``jobs.affinity`` picks for the
+        models the worker holds (``affinity``; None: the key's oldest job). None if none waits, or if the
+        worker leaves the waiting ones to an idle worker that holds their model."""
         now = self.clock()
         with self.file.transaction() as db:
             # The lowest (turn, oldest) among the keys with jobs waiting: key_rank's order, on its index.
@@ -323,16 +331,27 @@ class SqliteJobStore:
             ).fetchone()
             if chosen is None:
                 return None
+            seq = chosen["oldest_seq"]
+            if affinity is not None:
+                rows = db.execute(_OLDEST_OF_KEY, (chosen["key_name"], LOOKAHEAD)).fetchall()
+                candidates = [
+                    Candidate(str(row["seq"]), str(row["model"] or ""), float(row["created_at"]))
+                    for row in rows
+                ]
+                picked = pick(candidates, affinity, now)
+                if picked is None:
+                    return None
+                seq = int(picked.job_id)
             db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
                 "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
-                (JobState.STARTED.value, str(owner), now, now, chosen["oldest_seq"]),
+                (JobState.STARTED.value, str(owner), now, now, seq),
             )
             db.execute(
                 "UPDATE key_turns SET turn = (SELECT MAX(turn) FROM key_turns) + 1 WHERE key_name = ?",
                 (chosen["key_name"],),
             )
-            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (chosen["oldest_seq"],)).fetchone()
+            claimed = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE seq = ?", (seq,)).fetchone()
         record = _record(claimed)
         self.on_change(record.job_id)
         return record

@@ -45,6 +45,7 @@ from imagen.config import Settings
 from imagen.errors import DatabaseUnavailableError
 from imagen.generation.base import DeviceInfo
 from imagen.jobs import stats
+from imagen.jobs.affinity import Affinity
 from imagen.jobs.embedded.child import worker_main
 from imagen.jobs.embedded.messages import (
     Cancel,
@@ -133,6 +134,7 @@ class WorkerSlot(threading.Thread):
         wakeups: Wakeups,
         stopping: threading.Event,
         on_preview: Callable[[str, int, bytes], None] = lambda _job_id, _step, _jpeg: None,
+        models_of_idle_peers: Callable[[WorkerSlot], frozenset[str]] = lambda _slot: frozenset(),
     ) -> None:
         super().__init__(name=f"imagen-worker-{index}", daemon=True)
         self.index = index
@@ -142,6 +144,8 @@ class WorkerSlot(threading.Thread):
         self.wakeups = wakeups
         self.stopping = stopping
         self.on_preview = on_preview  # (job_id, step, jpeg): to the live streams that asked for previews
+        # The models that the other slots, ready and idle, hold (``jobs.affinity``: a job may wait for them).
+        self.models_of_idle_peers = models_of_idle_peers
         self.device: DeviceInfo | None = None  # set once its child's engine is loaded
         self.start_error: str | None = None  # why its last child failed to start (it keeps retrying)
         self.job: JobRecord | None = None  # the job this slot holds now
@@ -178,8 +182,19 @@ class WorkerSlot(threading.Thread):
             model_load_seconds=numbers.model_load_seconds if device is not None else None,
             gpu_memory_used_bytes=numbers.gpu_memory_used_bytes if device is not None else None,
             gpu_memory_total_bytes=numbers.gpu_memory_total_bytes if device is not None else None,
+            model_loads=numbers.model_loads if device is not None else None,
             models=dict(self.models) if device is not None else {},
         )
+
+    def idle(self) -> bool:
+        """Its child is ready and runs no job."""
+        return self.job is None and self.device is not None and self.pid is not None
+
+    def affinity(self) -> Affinity | None:
+        """What its next claim knows of the models held here and by idle peers (None: plain fair order)."""
+        if not self.settings.affinity:
+            return None
+        return Affinity(frozenset(self.models), self.models_of_idle_peers(self), self.settings.affinity_wait_s)
 
     def order(self, order: ModelOrder) -> None:
         """An operator's load or unload for this slot's child, sent before its next job (the backend wakes
@@ -239,7 +254,7 @@ class WorkerSlot(threading.Thread):
         if self.stopping.is_set():
             return
         self._carry_out_orders()
-        job = self.store.claim_next(self.owner)
+        job = self.store.claim_next(self.owner, self.affinity())
         self.database_full = None
         if job is None:
             self.wakeups.wait(seen, timeout=IDLE_RECHECK_S)

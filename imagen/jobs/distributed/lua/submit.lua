@@ -22,6 +22,9 @@ end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'state', 'PENDING', 'task', ARGV[2], 'output_name', ARGV[3], 'attempts', 0,
            'seq', seq, 'created_at', ARGV[4], 'key_name', ARGV[8], 'unconfirmed', 1)
+-- Its model, read by the claims that prefer a worker's held models (jobs.affinity) without the whole task.
+local model = cjson.decode(ARGV[2]).model
+redis.call('HSET', KEYS[3], 'model', type(model) == 'string' and model or '')
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
