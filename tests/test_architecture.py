@@ -8,9 +8,10 @@ A *part* of the package is a folder of ``imagen/`` (``api``, ``jobs``, ...) or o
 part                      may import
 ========================  =====================================================================
 imagen, config, errors,   nothing of the package: the vocabulary every part speaks (settings, the
-logs, private_files,      root exception, log records, the data folder's modes, the A1111 sampler
-sampler_names, client,    names); ``client`` is the command line's HTTP client, ``web`` the page's
-web                       static files
+logs, private_files,      root exception, log records, the data folder's modes, how a followed file
+watched_files,            is looked at, the A1111 sampler names); ``client`` is the command line's
+sampler_names, client,    HTTP client, ``web`` the page's static files
+web
 access, inputs            keys and rate limits; request images and sizes
 outputs                   writing and serving PNGs (their A1111 ``Sampler`` field: ``sampler_names``)
 registry                  which models and LoRAs are served, the demo among them
@@ -49,15 +50,19 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "imagen"
 
-BOTTOM = frozenset({"imagen", "config", "errors", "logs", "private_files", "sampler_names", "client", "web"})
+BOTTOM = frozenset(
+    {"imagen", "config", "errors", "logs", "private_files", "watched_files", "sampler_names", "client", "web"}
+)
 ALLOWED: dict[str, frozenset[str]] = {
     **{part: frozenset() for part in BOTTOM},
-    "access": frozenset({"config"}),
+    "access": frozenset({"config", "watched_files"}),
     "inputs": frozenset(),
     "outputs": frozenset({"config", "sampler_names"}),
-    "registry": frozenset({"errors", "sampler_names"}),
+    "registry": frozenset({"errors", "sampler_names", "watched_files"}),
     "generation": frozenset({"config", "errors", "outputs", "registry", "sampler_names"}),
-    "jobs": frozenset({"config", "errors", "logs", "private_files", "outputs", "registry", "generation"}),
+    "jobs": frozenset(
+        {"config", "errors", "logs", "private_files", "watched_files", "outputs", "registry", "generation"}
+    ),
     "webhooks": frozenset({"imagen", "config", "errors", "jobs"}),
     "api": frozenset({
         "imagen", "config", "errors", "logs", "access", "inputs", "outputs", "registry", "sampler_names",

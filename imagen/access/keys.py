@@ -26,18 +26,17 @@ import logging
 import os
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imagen.watched_files import Complaints, LookSchedule
+
 log = logging.getLogger("imagen.access")
 
 KEY_PREFIX = "imk_"  # recognisable in a leaked config or a secret scanner
-RELOAD_CHECK_S = 1.0
-COMPLAINT_REPEAT_S = 60.0  # a keys file that stays broken or missing is logged again this often
 
 
 class KeyEntry(BaseModel):
@@ -167,9 +166,8 @@ class KeyRing:
         self.path = path
         self.default_max_waiting = default_max_waiting
         self.default_requests_per_minute = default_requests_per_minute
-        self._due_lock = threading.Lock()
+        self._looks = LookSchedule()
         self._refresh_lock = threading.Lock()
-        self._checked_at = time.monotonic()
         if not path.is_file():
             raise ValueError(f"IMAGEN_API_KEYS_FILE={path} does not exist; create it with `imagen keys add NAME`")
         content = path.read_bytes()
@@ -181,8 +179,7 @@ class KeyRing:
         self._parsed: list[tuple[bytes, Caller]] = self._callers_of(KeyFile.parse(text, path))
         self._callers = self._parsed  # what ``identify`` serves now
         self._content_digest: bytes | None = hashlib.sha256(content).digest()
-        self._complaint: str | None = None  # why fewer keys than the file's work now, while that lasts
-        self._complained_at = 0.0
+        self._complaints = Complaints(log)  # why fewer keys than the file's work now, while that lasts
 
     def __len__(self) -> int:
         return len(self._callers)
@@ -199,12 +196,7 @@ class KeyRing:
 
     def refresh_due(self) -> bool:
         """True, to one caller per ``RELOAD_CHECK_S``, when the file should be looked at again."""
-        now = time.monotonic()
-        with self._due_lock:
-            if now - self._checked_at < RELOAD_CHECK_S:
-                return False
-            self._checked_at = now
-            return True
+        return self._looks.due()
 
     def refresh(self) -> None:
         """Look at the file again and serve what it says (see the class). Blocking file I/O."""
@@ -213,12 +205,13 @@ class KeyRing:
                 content = self.path.read_bytes()
             except OSError as exc:
                 self._callers, self._content_digest = [], None
-                self._complain(f"API keys file {self.path} is gone or unreadable ({exc}): every API key is refused")
+                self._complaints.complain(
+                    f"API keys file {self.path} is gone or unreadable ({exc}): every API key is refused"
+                )
                 return
             digest = hashlib.sha256(content).digest()
             if digest == self._content_digest:
-                if self._complaint is not None:
-                    self._complain(self._complaint)
+                self._complaints.repeat()
                 return
             self._content_digest = digest
             try:
@@ -228,20 +221,14 @@ class KeyRing:
                 self._callers = [(key, caller) for key, caller in self._parsed if key.hex() in named]
                 kept = {caller.name for _, caller in self._callers}
                 dropped = sorted(caller.name for _, caller in self._parsed if caller.name not in kept)
-                self._complain(
+                self._complaints.complain(
                     f"API keys file {self.path} does not parse: only the {len(kept)} key(s) it still names work "
                     f"(as last read); refused now: {', '.join(dropped) or 'none'}. {exc}"
                 )
                 return
             self._parsed = self._callers = parsed
-            self._complaint = None
+            self._complaints.clear()
             log.info("API keys read again from %s: %d key(s)", self.path, len(parsed))
-
-    def _complain(self, message: str) -> None:
-        now = time.monotonic()
-        if message != self._complaint or now - self._complained_at >= COMPLAINT_REPEAT_S:
-            log.error("%s", message)
-            self._complaint, self._complained_at = message, now
 
     def _callers_of(self, keys: KeyFile) -> list[tuple[bytes, Caller]]:
         return [

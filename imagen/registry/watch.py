@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +29,10 @@ from imagen.errors import RegistryError
 from imagen.registry.load import load_registry
 from imagen.registry.safe_files import check_registry_files
 from imagen.registry.specs import ModelSpec, Registry
+from imagen.watched_files import Complaints, LookSchedule
 
 log = logging.getLogger("imagen.registry")
 
-RELOAD_CHECK_S = 1.0
-COMPLAINT_REPEAT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -91,12 +89,10 @@ class RegistryWatcher:
         self.default_model = default_model
         self.check_files = check_files
         self._refresh_lock = threading.Lock()
-        self._due_lock = threading.Lock()
-        self._checked_at = time.monotonic()
+        self._looks = LookSchedule()
         self._content_digest: bytes | None = self._digest() if path is not None else None
         self._current = registry if registry is not None else load_registry(path)
-        self._complaint: str | None = None
-        self._complained_at = 0.0
+        self._complaints = Complaints(log)
 
     @property
     def current(self) -> Registry:
@@ -104,14 +100,7 @@ class RegistryWatcher:
 
     def refresh_due(self) -> bool:
         """True, to one caller per ``RELOAD_CHECK_S``, when the file should be looked at again."""
-        if self.path is None:
-            return False
-        now = time.monotonic()
-        with self._due_lock:
-            if now - self._checked_at < RELOAD_CHECK_S:
-                return False
-            self._checked_at = now
-            return True
+        return self.path is not None and self._looks.due()
 
     def refresh(self) -> RegistryChange | None:
         """Look at the file again; what changed when a new reading is served now, else None."""
@@ -120,11 +109,12 @@ class RegistryWatcher:
         with self._refresh_lock:
             digest = self._digest()
             if digest is None:
-                self._complain(f"registry file {self.path} is gone or unreadable: the registry last read is kept")
+                self._complaints.complain(
+                    f"registry file {self.path} is gone or unreadable: the registry last read is kept"
+                )
                 return None
             if digest == self._content_digest:
-                if self._complaint is not None:
-                    self._complain(self._complaint)
+                self._complaints.repeat()
                 return None
             self._content_digest = digest
             try:
@@ -133,12 +123,14 @@ class RegistryWatcher:
                 if self.check_files:
                     check_registry_files(registry)
             except RegistryError as exc:
-                self._complain(f"registry file {self.path} changed but is not usable; the registry last read is "
-                               f"kept ({len(self._current.models)} model(s)). {exc}")
+                self._complaints.complain(
+                    f"registry file {self.path} changed but is not usable; the registry last read is kept "
+                    f"({len(self._current.models)} model(s)). {exc}"
+                )
                 return None
             change = compare(self._current, registry)
             self._current = registry
-            self._complaint = None
+            self._complaints.clear()
             log.info(
                 "registry read again from %s: %d model(s), %d LoRA(s); models added: %s; removed: %s; changed: %s",
                 self.path, len(registry.models), len(registry.loras),
@@ -153,9 +145,3 @@ class RegistryWatcher:
             return hashlib.sha256(self.path.read_bytes()).digest()
         except OSError:
             return None
-
-    def _complain(self, message: str) -> None:
-        now = time.monotonic()
-        if message != self._complaint or now - self._complained_at >= COMPLAINT_REPEAT_S:
-            log.error("%s", message)
-            self._complaint, self._complained_at = message, now

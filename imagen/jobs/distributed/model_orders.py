@@ -23,7 +23,8 @@ import redis
 from imagen.generation.base import Engine
 from imagen.jobs.distributed.keys import model_orders_key
 from imagen.jobs.model_control import ModelOrder, apply_order, follow_registry
-from imagen.registry.watch import RELOAD_CHECK_S, RegistryWatcher
+from imagen.registry.watch import RegistryWatcher
+from imagen.watched_files import RELOAD_CHECK_S
 
 log = logging.getLogger("imagen.worker")
 

@@ -277,7 +277,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def _serve_model_orders(self, engine: Engine) -> None:
         """An operator's load and unload orders, and the registry file's changes (``model_orders.py``)."""
         from imagen.jobs.distributed.model_orders import ModelOrders, serve_orders
-        from imagen.registry.watch import RELOAD_CHECK_S
+        from imagen.watched_files import RELOAD_CHECK_S
 
         assert self.settings.broker_url
         client = connect(self.settings.broker_url, connect_timeout=2.0, socket_timeout=RELOAD_CHECK_S + 10.0)

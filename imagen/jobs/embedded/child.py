@@ -50,7 +50,8 @@ from imagen.jobs.model_control import ModelOrder, apply_order, follow_registry
 from imagen.jobs.worker_numbers import measure
 from imagen.logs import configure_logging
 from imagen.registry import load_registry
-from imagen.registry.watch import RELOAD_CHECK_S, RegistryWatcher
+from imagen.registry.watch import RegistryWatcher
+from imagen.watched_files import RELOAD_CHECK_S
 
 log = logging.getLogger("imagen.worker")
 
