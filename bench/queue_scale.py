@@ -12,7 +12,7 @@ from 8 threads), and at each length it measures, median and p99 of ``--samples``
   newest waiting job and of a random one (SQLite counts a job's index within its key from the nearer end of
   the key's queue, so a job in the middle of a long key costs more: that column shows it).
 
-Then 16 threads, each a worker doing no work, claim and complete jobs from the longest Redis queue: jobs/s.
+Then 16 processes, each a worker doing no work, claim and complete jobs from the longest Redis queue: jobs/s.
 
     .venv/bin/python bench/queue_scale.py [--quick] [--samples 200] [--throughput-jobs 4000]
 """
@@ -20,15 +20,16 @@ Then 16 threads, each a worker doing no work, claim and complete jobs from the l
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import statistics
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import cast
 
@@ -232,37 +233,42 @@ def run(
 
 
 def throughput(queue: RedisQueue, jobs: int) -> float:
-    """Jobs per second claimed and completed by ``WORKERS`` threads doing no work, each on its own
-    connection, from the queue as it is (topped up first so that it never runs dry)."""
+    """Jobs per second claimed and completed by ``WORKERS`` processes doing no work, each on its own
+    connection, from the queue as it is (topped up first so that it never runs dry). Processes, as workers
+    are: threads of one process would measure Python's lock, not Redis."""
     queue.fill(jobs + WORKERS, 1)
-    left = [jobs]
-    lock = threading.Lock()
-
-    def work() -> None:
-        store = RedisJobStore(connect(queue.url), result_ttl_s=3600)
-        try:
-            while True:
-                with lock:
-                    if left[0] <= 0:
-                        return
-                    left[0] -= 1
-                token = str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
-                claim = store.attempts.claim_next(
-                    token, ticket=uuid.uuid4().hex, max_attempts=3, lock_ttl_s=600.0, timeout_s=3600.0
-                )
-                if claim.outcome is ClaimOutcome.CLAIMED:
-                    name = f"{claim.job_id}.png"
-                    store.attempts.complete(claim.job_id, token, {"status": "success", "filename": name}, b"\x89PNG")
-        finally:
-            store.close()
-
+    context = multiprocessing.get_context("spawn")
+    start_line = context.Barrier(WORKERS + 1)
+    shares = [jobs // WORKERS + (1 if index < jobs % WORKERS else 0) for index in range(WORKERS)]
+    processes = [context.Process(target=claim_and_complete, args=(queue.url, share, start_line)) for share in shares]
+    for process in processes:
+        process.start()
+    start_line.wait()  # every worker connected and ready
     start = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return jobs / (time.perf_counter() - start)
+    for process in processes:
+        process.join()
+    elapsed = time.perf_counter() - start
+    if any(process.exitcode != 0 for process in processes):
+        raise SystemExit("a simulated worker failed")
+    return jobs / elapsed
+
+
+def claim_and_complete(url: str, count: int, start_line: Barrier) -> None:
+    """One simulated worker: ``count`` claims of the fair queue's next job, each completed at once."""
+    store = RedisJobStore(connect(url), result_ttl_s=3600)
+    try:
+        store.client.ping()
+        start_line.wait()
+        for _ in range(count):
+            token = str(OwnerToken.new(slot=uuid.uuid4().hex[:6]))
+            claim = store.attempts.claim_next(
+                token, ticket=uuid.uuid4().hex, max_attempts=3, lock_ttl_s=600.0, timeout_s=3600.0
+            )
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                name = f"{claim.job_id}.png"
+                store.attempts.complete(claim.job_id, token, {"status": "success", "filename": name}, b"\x89PNG")
+    finally:
+        store.close()
 
 
 def main() -> int:

@@ -99,6 +99,21 @@ class CeleryBackend(JobBackend):
         )
         self._transfer.start()
         self.housekeeper.start()
+        # In the background: a start with Redis down is not delayed by the connection attempts.
+        threading.Thread(target=self._warm_up_submissions, name="imagen-warm-up", daemon=True).start()
+
+    def _warm_up_submissions(self) -> None:
+        """Do once at start what a process's first submission would: Celery's and kombu's lazy imports, the
+        publishing connection and the queue's declaration, a connection of the request pool. Idle, that costs
+        tens of milliseconds; on a loaded machine, past the confirmation window, so the first job after a
+        start was refused with a 503. Redis down now is no error here: submissions say so when they come."""
+        try:
+            _ = self.celery.backend
+            with self.celery.producer_or_acquire() as producer:
+                producer.maybe_declare(self.celery.amqp.queues[QUEUE])
+            self.store.client.ping()
+        except Exception as exc:
+            log.info("submissions not warmed up (Redis unreachable?): %s", exc)
 
     async def stop_listening(self) -> None:
         await self._changes.stop_and_wait()
