@@ -41,6 +41,10 @@ IMAGE = "imagen:latest"  # compose.yaml's `image:`; Podman stores it as localhos
 REDIS_IMAGE = "localhost/imagen-deploy-redis:bookworm"  # compose.podman.yaml's redis `image:`
 PROJECT = "imagen-deploy-test"
 WORKERS = {"imagen-worker-gpu0": "worker", "imagen-worker-gpu1": "worker-gpu1"}  # hostname -> service
+# podman-compose from the project's venv (a dev dependency) before the system's: Debian bookworm's 1.0.3 puts
+# every container on the project's network as well as the host's, which Podman refuses ("cannot set multiple
+# networks without bridge network mode"), and knows no profiles.
+COMPOSE = shutil.which("podman-compose", path=str(Path(sys.executable).parent)) or "podman-compose"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA_PATH = "/run/imagen-build/ca-certificates.crt"  # not over the image's own bundle, which apt writes
 # A job long enough on the CPU to be killed in its middle: the demo model's largest image at the most steps.
@@ -118,6 +122,9 @@ def pip_build_mounts(scratch: Path) -> list[str]:
         for word in value.split():
             path = word.removeprefix("file://")
             if path.startswith("/") and Path(path).exists():
+                # A local index (``…/simple``) links to its files beside it (``../files``): its whole folder.
+                if word.startswith("file://") and Path(path).name == "simple":
+                    path = str(Path(path).parent)
                 mounts[path] = path
         lines.append(f"{key} = {value}")
     if HOST_CA_BUNDLE.exists():
@@ -178,7 +185,7 @@ class Cluster:
 
     def compose(self, *args: str, check: bool = True) -> str:
         return run(
-            "podman-compose", "--project-name", PROJECT, *self.files, *args, check=check,
+            COMPOSE, "--project-name", PROJECT, *self.files, *args, check=check,
             extra_env=self.compose_env,
         )
 
@@ -196,8 +203,10 @@ class Cluster:
         )
 
     def up(self) -> None:
-        # --profile gpu1: the second worker, as compose.yaml's comments say to start it
-        self.compose("--profile", "gpu1", "up", "-d")
+        # --profile gpu1: the second worker, as compose.yaml's comments say to start it. Debian bookworm's
+        # podman-compose (1.0.3) knows no profiles: it starts every service, the second worker included.
+        knows_profiles = "--profile" in run(COMPOSE, "--help", capture=True, check=False)
+        self.compose(*(["--profile", "gpu1"] if knows_profiles else []), "up", "-d")
 
     def down(self) -> None:
         """Remove all it started, whatever state it is in (a failed start included)."""
