@@ -236,6 +236,11 @@ class Attempts:
             # Ranks are distinct between keys; equal only when ``named`` is its own key's oldest job.
             first_rank = None if first is None else self.records.key_rank(first[1])
             if first_rank is None or rank <= first_rank:
+                # Its message came before its confirmation: the same rule, on it alone (an idle holder of its
+                # model gets it; a message this fast is the usual case on an idle cluster).
+                alone = self.records.candidate(named)
+                if alone is not None and pick([alone], affinity, self.clock()) is None:
+                    return ClaimOutcome.DEFERRED
                 return named
         if first is None or affinity is None:
             return None if first is None else first[0]

@@ -263,6 +263,15 @@ class JobRecords:
             candidates.append(Candidate(job_id, model, float(created_at or 0.0)))
         return candidates
 
+    def candidate(self, job_id: str) -> Candidate | None:
+        """The waiting job as model affinity sees it (``jobs.affinity``); None when it is not waiting."""
+        state, model, created_at = cast(
+            list[bytes | None], self.client.hmget(job_key(job_id), ["state", "model", "created_at"])
+        )
+        if state != JobState.PENDING.value.encode():
+            return None
+        return Candidate(job_id, (model or b"").decode(), float(created_at or 0.0))
+
     def candidate_rank(self, job_id: str) -> float | None:
         """The rank a waiting job not confirmed yet would give its key if it started next (it is older than
         its key's confirmed jobs, or its key has none); None when it may not start before them."""
