@@ -65,7 +65,3 @@ def pick(candidates: Sequence[Candidate], affinity: Affinity | None, now: float)
         return None
     return oldest
 
-
-def defers(candidates: Sequence[Candidate], affinity: Affinity | None, now: float) -> bool:
-    """Jobs wait, but this worker leaves them to an idle worker that holds their model."""
-    return bool(candidates) and pick(candidates, affinity, now) is None

@@ -353,14 +353,16 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
         token = str(me)
         ticket = str(self.request.id or named_job_id)
         takeover = claim = self._take_over(named_job_id, token, ticket)
+        affinity: Affinity | None = None
         if claim.outcome is not ClaimOutcome.CLAIMED:
-            claim = self._claim_next(token, ticket, named_job_id)
+            affinity = self._redis(f"message {ticket}: heartbeats", self._affinity)  # once per message
+            claim = self._claim_next(token, ticket, named_job_id, affinity)
         # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
         # window. Wait for that rather than drop a message that one of them may need.
         deadline = time.monotonic() + 2 * CONFIRM_WINDOW_S
         while claim.outcome is ClaimOutcome.UNCONFIRMED and time.monotonic() < deadline:
             time.sleep(UNCONFIRMED_POLL_S)
-            claim = self._claim_next(token, ticket, named_job_id)
+            claim = self._claim_next(token, ticket, named_job_id, affinity)
         if stop.requested and claim.outcome is not ClaimOutcome.CLAIMED:
             raise Reject("worker stopping (SIGTERM)", requeue=True)
         if claim.outcome is ClaimOutcome.DEFERRED:
@@ -448,7 +450,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             ),
         )
 
-    def _claim_next(self, token: str, ticket: str, named_job_id: str) -> Claim:
+    def _claim_next(self, token: str, ticket: str, named_job_id: str, affinity: Affinity | None) -> Claim:
         return self._redis(
             f"message {ticket}: claim",
             lambda: self.store.attempts.claim_next(
@@ -458,7 +460,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 max_attempts=self.settings.max_attempts,
                 lock_ttl_s=self.settings.job_lock_ttl_s,
                 timeout_s=self.settings.job_timeout_s,
-                affinity=self._affinity(),
+                affinity=affinity,
             ),
         )
 

@@ -157,7 +157,7 @@ _NEWEST = f"SELECT seq FROM jobs WHERE key_name = ? AND state = '{_PENDING}' ORD
 _COUNT_AFTER = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq > ?"
 # A key's oldest waiting jobs with their model, for model affinity (``jobs.affinity``): LOOKAHEAD index entries.
 _OLDEST_OF_KEY = (
-    f"SELECT seq, json_extract(task, '$.model') AS model, created_at FROM jobs INDEXED BY jobs_waiting_by_key "
+    f"SELECT seq, job_id, json_extract(task, '$.model') AS model, created_at FROM jobs INDEXED BY jobs_waiting_by_key "
     f"WHERE key_name = ? AND state = '{_PENDING}' ORDER BY seq LIMIT ?"
 )
 
@@ -334,14 +334,14 @@ class SqliteJobStore:
             seq = chosen["oldest_seq"]
             if affinity is not None:
                 rows = db.execute(_OLDEST_OF_KEY, (chosen["key_name"], LOOKAHEAD)).fetchall()
+                seqs = {str(row["job_id"]): int(row["seq"]) for row in rows}
                 candidates = [
-                    Candidate(str(row["seq"]), str(row["model"] or ""), float(row["created_at"]))
-                    for row in rows
+                    Candidate(str(row["job_id"]), str(row["model"] or ""), float(row["created_at"])) for row in rows
                 ]
                 picked = pick(candidates, affinity, now)
                 if picked is None:
                     return None
-                seq = int(picked.job_id)
+                seq = seqs[picked.job_id]
             db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, owner = ?, heartbeat_at = ?, "
                 "started_at = ?, progress_step = NULL, progress = NULL WHERE seq = ?",
