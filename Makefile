@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned in pyproject.toml: on this CPU machine pip takes the wheel on disk; on a CUDA
 # box the same pin takes the CUDA build.
 
-.PHONY: install run test test-browser test-gpu test-deploy lint docs bench demo-model clean
+.PHONY: install run test test-suite test-browser test-gpu test-deploy lint docs bench demo-model clean
 
 $(BIN)/imagen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ run: install
 # spin against each other on two cores (the suite took a quarter more CPU that way).
 PYTEST_WORKERS ?= 4
 MARK ?=
-test: install lint docs
+# Lint, types and the docs build run beside the tests (mypy alone takes a core for a minute on a clean checkout,
+# while the tests leave about a third of a core idle); each one's output is printed whole when it ends.
+test: install
+	@$(MAKE) --no-print-directory -j3 --output-sync=target lint docs test-suite
+
+test-suite: install
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(if $(MARK),-m "$(MARK)")
 
 # The web page in a real browser (Debian's /usr/bin/chromium) alone.

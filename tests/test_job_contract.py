@@ -61,7 +61,8 @@ def test_position_is_the_place_in_the_queue(job_system: Callable[..., TestClient
     client = job_system()
     submit(client, "hold blocker")
     latches.wait_started("blocker")
-    messages = [client.post("/generate", json={"prompt": f"job {i}"}).json()["message"] for i in range(3)]
+    answers = [client.post("/generate", json={"prompt": f"job {i}"}).json() for i in range(3)]
+    messages = [answer.get("message", answer) for answer in answers]
     latches.release("blocker")
     assert messages == [f"Tâche en file d'attente. Position estimée: {n}" for n in (1, 2, 3)]
 

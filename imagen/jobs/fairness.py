@@ -14,18 +14,19 @@ Claiming the first job moves its key to the end of every round, so the positions
 move up: a position given now is the order the jobs will start in, unless new work arrives. With a single
 key (no keys configured: every job's key is ``""``) it is plain first-in, first-out.
 
-The order is never computed over the whole queue by the stores: it follows from a few numbers per key
-(:class:`KeyQueue`: its rank, ``key_rank(turn, oldest)``, and how many of its jobs wait), which the stores
-keep indexed as jobs come and go. The next job is the oldest job of the key of lowest rank
-(:func:`next_key`); a job's position is its index within its own key plus, for each other key, as many of
-that key's jobs as start before it (:func:`position_among`): the cost grows with the number of keys that
-have jobs waiting, never with the number of jobs. ``fair_order`` states the rule over a whole queue: the
-tests check the indexed form against it.
+The order is never computed over the whole queue by the stores: it follows from a few numbers per key (its
+rank, ``key_rank(turn, oldest)``, and how many of its jobs wait), which the stores keep indexed as jobs come
+and go. The next job is the oldest job of the key of lowest rank; the job at ``index`` among its own key's
+waiting jobs (0 = its oldest) has ``index`` jobs of its key before it and, of each other key with jobs waiting,
+``index`` of them, or ``index + 1`` when that key ranks before the job's own, never more than that key has
+waiting: the cost of a position grows with the number of keys that have jobs waiting, never with the number of
+jobs. ``fair_order`` states the rule over a whole queue; the tests check the stores' indexed forms against it
+(tests/test_queue_index.py).
 
-Both stores read those numbers, take the decision here, and apply it under a guard: the SQLite store inside
-its transaction, the Redis store through ``lua/claim.lua`` (which also records the key's new turn). The one
-piece the Redis scripts repeat is ``key_rank``'s formula (``lua/lib_queue.lua``), to keep their index of keys
-sorted by it.
+Both stores read those numbers and apply the decision under a guard: the SQLite store inside its transaction
+(a position's sum over the keys is one SQL aggregate), the Redis store in its scripts (``lua/claim.lua``, which
+also records the key's new turn, and ``lua/position.lua``). The scripts and the SQL repeat ``key_rank``'s
+formula, to keep the index of keys sorted by it.
 """
 
 from __future__ import annotations
@@ -80,31 +81,6 @@ def key_rank(turn: int, oldest_seq: float) -> float:
     it was served (turns are distinct: each claim takes a new one), else its oldest waiting job's queue order
     minus ``NEVER_SERVED_OFFSET``. Sorting by it is sorting by (turn, oldest) as ``fair_order`` does."""
     return float(turn) if turn > 0 else float(oldest_seq) - NEVER_SERVED_OFFSET
-
-
-@dataclass(frozen=True)
-class KeyQueue:
-    """A key with jobs waiting, as the stores index it: its rank (``key_rank``) and how many jobs it has waiting."""
-
-    key_name: str
-    rank: float
-    waiting: int
-
-
-def next_key(keys: Iterable[KeyQueue]) -> KeyQueue | None:
-    """The key whose oldest waiting job starts next: the lowest rank among the keys with jobs waiting."""
-    return min((key for key in keys if key.waiting > 0), key=lambda key: key.rank, default=None)
-
-
-def position_among(keys: Iterable[KeyQueue], key_name: str, rank: float, index: int) -> int:
-    """The place (1 = next) of the job at ``index`` among its key's waiting jobs (0 = its oldest), its key
-    ranking ``rank``: each other key starts ``index`` of its jobs before it, or ``index + 1`` when that key
-    ranks before the job's own, and never more than it has waiting."""
-    ahead = index
-    for key in keys:
-        if key.key_name != key_name:
-            ahead += min(key.waiting, index + 1 if key.rank < rank else index)
-    return ahead + 1
 
 
 def key_is_full(waiting_of_key: int, key_max_waiting: int | None) -> bool:

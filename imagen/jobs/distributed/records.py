@@ -208,40 +208,21 @@ class JobRecords:
     def position(self, job_id: str) -> int | None:
         """The job's place in the fair order (1 = next to start); None if it is not waiting. A submission not
         confirmed yet has the place it will have once confirmed (the last of its key): its own submission's
-        answer gives it before the confirmation."""
-        # Its queue order is its score in the waiting set (a job back from a failed attempt has a new one).
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hmget(job_key(job_id), ["state", "key_name"])
-            pipe.zscore(WAITING, job_id)
-            (state, raw_key), seq = pipe.execute()
-        if state != JobState.PENDING.value.encode() or seq is None:
-            return None
-        key_name = (raw_key or b"").decode()
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.zcount(queue_key(key_name), "-inf", f"({seq!r}")
-            pipe.zrange(queue_key(key_name), 0, 0, withscores=True)
-            pipe.hget(KEY_TURNS, key_name)
-            pipe.zrange(QUEUE_KEYS, 0, -1, withscores=True)
-            pipe.hgetall(QUEUE_SIZES)
-            index, head, turn, ranks, sizes = pipe.execute()
-        oldest = min(seq, head[0][1]) if head else seq
-        rank = fairness.key_rank(int(turn or 0), oldest)
-        return fairness.position_among(_key_queues(ranks, sizes), key_name, rank, int(index))
+        answer gives it before the confirmation. One script (``lua/position.lua``): its cost grows with the
+        keys that have jobs waiting, inside Redis, and with the log of the queue's length."""
+        place = self.scripts.run(
+            "position",
+            [job_key(job_id), WAITING, KEY_TURNS, QUEUE_KEYS, QUEUE_SIZES],
+            [job_id, QUEUE_PREFIX, JobState.PENDING.value],
+        )
+        return None if place is None else int(place)
 
     def next_waiting(self) -> tuple[str, str] | None:
-        """The fair queue's next confirmed job and its key (``jobs.fairness.next_key``: the first key of the
-        index, then its oldest job); None when no confirmed job waits. Read, not locked: the claim applies it
+        """The fair queue's next confirmed job and its key (``jobs.fairness``: the first key of the index, then
+        its oldest job; one script); None when no confirmed job waits. Read, not locked: the claim applies it
         under the record's guard."""
-        for _ in range(CONFLICT_RETRIES):
-            first = cast(list[bytes], self.client.zrange(QUEUE_KEYS, 0, 0))
-            if not first:
-                return None
-            key_name = first[0].decode()
-            head = cast(list[bytes], self.client.zrange(queue_key(key_name), 0, 0))
-            if head:
-                return head[0].decode(), key_name
-            # Its last job was claimed or cancelled between the two reads: the index has moved on.
-        return None
+        answer = cast(list[bytes] | None, self.scripts.run("next_waiting", [QUEUE_KEYS], [QUEUE_PREFIX]))
+        return None if not answer else (answer[0].decode(), answer[1].decode())
 
     def oldest_of_key(self, key_name: str, limit: int) -> list[Candidate]:
         """The key's ``limit`` oldest confirmed waiting jobs, oldest first, with their model (``jobs.affinity``):
@@ -344,10 +325,6 @@ def _record(job_id: str, fields: dict[str, str]) -> JobRecord:
         finished_at=optional_float(fields.get("finished_at")),
         key_name=fields.get("key_name", ""),
     )
-
-
-def _key_queues(ranks: list[tuple[bytes, float]], sizes: dict[bytes, bytes]) -> list[fairness.KeyQueue]:
-    return [fairness.KeyQueue(name.decode(), rank, int(sizes.get(name, b"0"))) for name, rank in ranks]
 
 
 def optional_float(value: str | None) -> float | None:

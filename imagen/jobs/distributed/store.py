@@ -72,7 +72,7 @@ class RedisJobStore:
     ) -> None:
         self.client = client
         scripts = Scripts(client)
-        self.totals = JobTotals(client)
+        self.totals = JobTotals(client, scripts)
         self.jobs = JobRecords(client, scripts, self.totals, result_ttl_s=result_ttl_s, clock=clock)
         self.pngs = Pngs(client, scripts, png_limits or PngLimits.defaults())
         self.attempts = Attempts(client, scripts, self.jobs, self.pngs.limits, clock)

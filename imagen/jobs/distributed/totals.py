@@ -13,23 +13,22 @@ import redis
 
 from imagen.jobs import stats
 from imagen.jobs.distributed.keys import STATS
+from imagen.jobs.distributed.scripts import Scripts
 
 log = logging.getLogger("imagen.jobs")
 
 
 class JobTotals:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, scripts: Scripts) -> None:
         self.client = client
+        self.scripts = scripts
 
     def add(self, increments: stats.Increments) -> None:
         """Add to the totals; never raises (a count is not worth failing the job's own write for)."""
         if not increments:
             return
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for name, value in increments.items():
-                    pipe.hincrbyfloat(STATS, name, value)
-                pipe.execute()
+            self.scripts.run("add_totals", [STATS], [item for pair in increments.items() for item in pair])
         except redis.RedisError as exc:
             log.warning("job totals not recorded (%s): %s", exc, sorted(increments)[:3])
 

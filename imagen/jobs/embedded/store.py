@@ -155,6 +155,15 @@ BEGIN {_LEAVES} END;
 _COUNT_BEFORE = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq < ?"
 _NEWEST = f"SELECT seq FROM jobs WHERE key_name = ? AND state = '{_PENDING}' ORDER BY seq DESC LIMIT 1"
 _COUNT_AFTER = f"SELECT COUNT(*) FROM jobs WHERE key_name = ? AND state = '{_PENDING}' AND seq > ?"
+# For a position: how many jobs of the other keys start before the job at index ? of a key ranking ?
+# (jobs.fairness): each other key with jobs waiting starts that many of its jobs, one more when it ranks
+# before the job's own key, never more than it has waiting. One pass over the keys with jobs waiting, inside
+# SQLite (its rank is fairness.key_rank's formula: the last turn, or the oldest seq minus NEVER_SERVED_OFFSET).
+_AHEAD_IN_OTHER_KEYS = (
+    "SELECT COALESCE(SUM(MIN(waiting, ?1 + ((CASE WHEN turn > 0 THEN turn "
+    f"ELSE oldest_seq - {int(fairness.NEVER_SERVED_OFFSET)} END) < ?2))), 0) "
+    "FROM key_turns INDEXED BY keys_in_fair_order WHERE waiting > 0 AND key_name != ?3"
+)
 # A key's oldest waiting jobs with their model, for model affinity (``jobs.affinity``): LOOKAHEAD index entries.
 _OLDEST_OF_KEY = (
     f"SELECT seq, job_id, json_extract(task, '$.model') AS model, created_at FROM jobs INDEXED BY jobs_waiting_by_key "
@@ -290,31 +299,21 @@ class SqliteJobStore:
             if job is None or job["state"] != _PENDING:
                 return None
             seq, key_name = int(job["seq"]), str(job["key_name"])
-            keys = self._waiting_keys(db)
-            own = next((key for key in keys if key.key_name == key_name), None)
-            ends = db.execute(
-                f"SELECT oldest_seq, ({_NEWEST}) FROM key_turns WHERE key_name = ?", (key_name, key_name)
+            own = db.execute(
+                f"SELECT turn, waiting, oldest_seq, ({_NEWEST}) AS newest FROM key_turns WHERE key_name = ?",
+                (key_name, key_name),
             ).fetchone()
-            if own is None or ends is None or ends[0] is None or ends[1] is None:
+            if own is None or not own["waiting"] or own["oldest_seq"] is None or own["newest"] is None:
                 continue  # read outside a transaction: another process started the job meanwhile; read again
-            oldest, newest = int(ends[0]), int(ends[1])
+            oldest, newest = int(own["oldest_seq"]), int(own["newest"])
             if seq - oldest <= newest - seq:
                 index = int(db.execute(_COUNT_BEFORE, (key_name, seq)).fetchone()[0])
             else:
-                index = own.waiting - 1 - int(db.execute(_COUNT_AFTER, (key_name, seq)).fetchone()[0])
-            return fairness.position_among(keys, key_name, own.rank, max(0, index))
-
-    @staticmethod
-    def _waiting_keys(db: sqlite3.Connection) -> list[fairness.KeyQueue]:
-        """The keys with jobs waiting, as the fair order ranks them (on the partial index, never the jobs)."""
-        rows = db.execute(
-            "SELECT key_name, turn, waiting, oldest_seq FROM key_turns INDEXED BY keys_in_fair_order WHERE waiting > 0"
-        )
-        return [
-            fairness.KeyQueue(str(row["key_name"]), fairness.key_rank(int(row["turn"]), row["oldest_seq"]),
-                              int(row["waiting"]))
-            for row in rows
-        ]  # fmt: skip
+                index = int(own["waiting"]) - 1 - int(db.execute(_COUNT_AFTER, (key_name, seq)).fetchone()[0])
+            index = max(0, index)
+            rank = fairness.key_rank(int(own["turn"]), oldest)
+            ahead = db.execute(_AHEAD_IN_OTHER_KEYS, (index, rank, key_name)).fetchone()[0]
+            return index + int(ahead) + 1
 
     # -- worker side -----------------------------------------------------------------------------
     def claim_next(self, owner: OwnerToken, affinity: Affinity | None = None) -> JobRecord | None:
