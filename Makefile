@@ -43,8 +43,8 @@ test-gpu: install
 
 # The Dockerfile built and compose.yaml's cluster (api, two workers, redis) run for real with Podman, on a local
 # Debian base instead of the CUDA one: a job's PNG comes back, a worker killed mid-job loses nothing
-# (deploy/check_cluster.py; needs root, podman, podman-compose, debootstrap). Not part of `make test`, and not
-# yet run by .ci/run: it has not been run to the end on this machine yet.
+# (deploy/check_cluster.py; needs root, podman, runc, debootstrap). Not part of `make test`; .ci/run runs it
+# after it.
 test-deploy: install
 	$(BIN)/python deploy/check_cluster.py
 

@@ -3,7 +3,9 @@ waiting within 2x of p99 at 100 waiting; >= 500 jobs/s through one Redis with 16
 
 For each backend (embedded: SQLite; distributed: a private redis-server) and 1 or 1,000 API keys, the queue is
 filled to 100, 10,000 and 100,000 waiting jobs (straight into the store: an SQLite transaction, or submissions
-from 8 threads), and at each length it measures, median and p99 of ``--samples`` calls:
+from 8 threads), and at each length it measures, median and p99 of ``--samples`` calls (1,000: a p99 of 200
+would be the second-worst call, one stall of the machine), the operations taken in turn and the queue held at
+its length (each round adds two jobs and claims two):
 
 - through a real ``imagen serve`` (test-pattern engine, ``IMAGEN_MAX_QUEUE`` far above the queue, nothing
   draining it: the embedded server's one worker holds a job of an hour, the distributed one has no worker):
@@ -15,7 +17,7 @@ from 8 threads), and at each length it measures, median and p99 of ``--samples``
 Then 16 processes, each a worker doing no work, claim and complete jobs from the longest Redis queue: jobs/s, and
 the CPU Redis used meanwhile (so, what one Redis passes with its thread busy).
 
-    .venv/bin/python bench/queue_scale.py [--quick | --throughput-only] [--samples 200] [--throughput-jobs 4000]
+    .venv/bin/python bench/queue_scale.py [--quick | --throughput-only] [--samples 1000] [--throughput-jobs 4000]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,16 +59,6 @@ OPERATIONS = ("POST /generate", "GET /status", "submit", "claim", "position (new
 def new_job(key_name: str) -> NewJob:
     job_id = uuid.uuid4().hex
     return NewJob(job_id=job_id, task={"prompt": "queued"}, output_name=f"{job_id}.png", key_name=key_name)
-
-
-def timed(call: Callable[[], object], samples: int) -> list[float]:
-    """Seconds per call, ``samples`` times."""
-    spent = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        call()
-        spent.append(time.perf_counter() - start)
-    return spent
 
 
 def median_p99(spent: list[float]) -> tuple[float, float]:
@@ -194,26 +186,40 @@ def backend_under_test(backend: str, workdir: Path) -> Iterator[tuple[Queue, str
 
 
 def measure(queue: Queue, url: str, keys: int, samples: int, rng: random.Random) -> dict[str, list[float]]:
+    """``samples`` timings of each operation, interleaved (one of each in turn, so that a stall of the machine
+    falls on all of them alike), and the queue held at its length: each round adds two jobs (a POST and a
+    submit) and takes two (a timed claim and one more)."""
     client = JsonClient(url)  # connected now: the server closes a keep-alive connection idle while filling
-    submitted: list[str] = []
+    spent: dict[str, list[float]] = {operation: [] for operation in OPERATIONS}
 
-    def post() -> None:
-        submitted.append(client.submit({"prompt": "queued", "steps": 10}))
+    def since(operation: str, start: float) -> None:
+        spent[operation].append(time.perf_counter() - start)
 
-    spent = {"POST /generate": timed(post, samples)}
-    to_read = iter(submitted)
-
-    def status() -> None:
-        code, answer = client.call("GET", f"/status/{next(to_read)}")
+    for _ in range(samples):
+        start = time.perf_counter()
+        job_id = client.submit({"prompt": "queued", "steps": 10})
+        since("POST /generate", start)
+        start = time.perf_counter()
+        code, answer = client.call("GET", f"/status/{job_id}")
+        since("GET /status", start)
         assert code == 200, answer  # waiting (or the one job the embedded worker holds)
-
-    spent["GET /status"] = timed(status, samples)
-    spent["submit"] = timed(lambda: queue.submit(f"key{rng.randrange(keys)}"), samples)
-    spent["claim"] = timed(queue.claim, samples)
+        start = time.perf_counter()
+        queue.submit(f"key{rng.randrange(keys)}")
+        since("submit", start)
+        start = time.perf_counter()
+        queue.claim()
+        since("claim", start)
+        queue.claim()
     waiting = queue.waiting_ids()
     newest = waiting[-1]
-    spent["position (newest)"] = timed(lambda: queue.position(newest), samples)
-    spent["position (random)"] = timed(lambda: queue.position(rng.choice(waiting)), samples)
+    for _ in range(samples):
+        start = time.perf_counter()
+        queue.position(newest)
+        since("position (newest)", start)
+        job_id = rng.choice(waiting)
+        start = time.perf_counter()
+        queue.position(job_id)
+        since("position (random)", start)
     return spent
 
 
@@ -291,7 +297,7 @@ def claim_and_complete(url: str, count: int, start_line: Barrier) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 and 10,000 waiting only")
-    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--throughput-jobs", type=int, default=4000)
     parser.add_argument("--throughput-only", action="store_true", help="Redis throughput only, on 100 waiting")
     args = parser.parse_args()

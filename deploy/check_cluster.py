@@ -352,9 +352,9 @@ def main() -> int:
     parser.add_argument("--down", action="store_true", help="only remove a cluster left by --keep")
     parser.add_argument("--skip-build", action="store_true", help="use the images already built")
     args = parser.parse_args()
-    for tool in ("podman", "podman-compose", "debootstrap"):
+    for tool in ("podman", COMPOSE, "runc", "debootstrap"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found: apt-get install podman podman-compose debootstrap", file=sys.stderr)
+            print(f"{tool} not found: apt-get install podman runc debootstrap; make install", file=sys.stderr)
             return 2
     figures: dict[str, str] = {}
     cluster = Cluster(free_port(), free_port())
