@@ -9,6 +9,8 @@ peers hold and act on it.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 
 from fastapi.testclient import TestClient
@@ -91,3 +93,19 @@ def test_health_says_which_models_each_worker_holds(job_system: Callable[..., Te
         assert wait_status(client, submit(client, "x", model=model), TERMINAL)["status"] == "SUCCESS"
     # One model at a time: the pony model made room for the base model.
     wait_for(lambda: [w["models"] for w in client.get("/health").json()["workers"]] == [{BASE: "device"}])
+
+
+def test_a_message_left_for_a_model_holder_is_no_warning_in_the_worker_log() -> None:
+    from celery.exceptions import Reject
+
+    from imagen.jobs.distributed.task import LeftForModelHolder, quiet_routine_rejections
+
+    def record_of(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("celery.app.trace", logging.WARNING, __file__, 1, "Task rejected", (), exc_info)
+
+    assert not quiet_routine_rejections(record_of(LeftForModelHolder("left", requeue=True)))
+    assert quiet_routine_rejections(record_of(Reject("engine not loaded", requeue=True)))  # others stay warnings

@@ -68,6 +68,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imagen.worker")
 
+
+class LeftForModelHolder(Reject):  # type: ignore[misc]  # celery ships no type hints
+    """The message goes back to the queue for an idle worker that holds its job's model (``jobs.affinity``):
+    routine on a busy cluster, so Celery's warning for a rejected message (with its traceback) is not written
+    for it (``quiet_routine_rejections``)."""
+
+
+def quiet_routine_rejections(record: logging.LogRecord) -> bool:
+    """A filter for Celery's ``celery.app.trace`` logger: False (drop) for a ``LeftForModelHolder``."""
+    return not (record.exc_info and isinstance(record.exc_info[1], LeftForModelHolder))
+
 TASK_NAME = "imagen.generate"
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 6.0
@@ -370,7 +381,8 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             # queue a moment, so that worker (blocked on the queue) receives it. The job's wait is bounded
             # (IMAGEN_AFFINITY_WAIT_S): past it, this worker takes it like any other.
             self.stepping_back_until.value = time.monotonic() + STEP_BACK_S
-            raise Reject("left for an idle worker that holds its model", requeue=True)
+            log.debug("message %s: left for an idle worker that holds its job's model", ticket)
+            raise LeftForModelHolder("left for an idle worker that holds its model", requeue=True)
         if claim.outcome is not ClaimOutcome.CLAIMED:
             # Nothing waits: the jobs this message was meant for run elsewhere or are over (a duplicate
             # delivery, a job cancelled while it waited, an extra message): drop it.

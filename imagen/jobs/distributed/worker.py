@@ -23,6 +23,7 @@ from imagen.config import Settings
 from imagen.jobs.distributed.app import QUEUE, create_worker_app, republish
 from imagen.jobs.distributed.reaper import Housekeeper
 from imagen.jobs.distributed.store import RedisJobStore, connect
+from imagen.jobs.distributed.task import quiet_routine_rejections
 from imagen.logs import configure_logging
 
 log = logging.getLogger("imagen.worker")
@@ -46,6 +47,7 @@ def run_worker(settings: Settings, gpu: str | int | None = None) -> int:
     configure_logging(settings.log_format)
     # Celery leaves logging alone when this signal has a receiver: its lines keep our format (JSON or text).
     signals.setup_logging.connect(_keep_logging, weak=False)
+    logging.getLogger("celery.app.trace").addFilter(quiet_routine_rejections)
     app = create_worker_app(settings)
 
     def start_housekeeper(**_: Any) -> None:
