@@ -165,8 +165,11 @@ def render_latents(
     scenes: Sequence[shapes.Scene], seed: int, threads: int, recolour: str | None = None
 ) -> torch.Tensor:
     jobs = [(scene, seed * 1_000_003 + i, recolour) for i, scene in enumerate(scenes)]
-    with multiprocessing.get_context("spawn").Pool(max(1, threads)) as pool:
-        cells = pool.map(_render_cells, jobs, chunksize=256)
+    if threads <= 1:  # a process of one would cost its start (torch's import: seconds) and gain nothing
+        cells = [_render_cells(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(threads) as pool:
+            cells = pool.map(_render_cells, jobs, chunksize=256)
     return to_latents(torch.from_numpy(np.stack(cells)))
 
 

@@ -39,7 +39,7 @@ from imagen.jobs.distributed.keys import (
 )
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome, ScriptReply
 from imagen.jobs.distributed.pngs import PngLimits
-from imagen.jobs.distributed.records import JobRecords, optional_float
+from imagen.jobs.distributed.records import RECORD_FIELDS, JobRecords, optional_float, record_of
 from imagen.jobs.distributed.scripts import CONFLICT_RETRIES, Scripts, reply_text
 from imagen.jobs.lifecycle import AttemptPolicy, Verdict
 from imagen.jobs.types import JobState
@@ -272,7 +272,8 @@ class Attempts:
     ) -> bool:
         """SUCCESS, with the image ``result["filename"]`` (``png``) and a num_images job's others by name."""
         name = result["filename"]
-        stored = bool(
+        answer = cast(
+            list[Any],
             self.scripts.run(
                 "complete",
                 [job_key(job_id), lock_key(job_id), RUNNING, WAITING, OUTPUTS_STREAM, *PNG_INDEX],
@@ -286,15 +287,18 @@ class Attempts:
                     self.png_limits.max_bytes,
                     PNG_PREFIX,
                     COPIES_PREFIX,
+                    len(RECORD_FIELDS),
+                    *RECORD_FIELDS,
                     name,
                     png,
                     *(item for other, data in (more_pngs or {}).items() for item in (other, data)),
                 ],
-            )
+            ),
         )
-        if stored:
-            self.records.count_event(job_id)
-        return stored
+        if int(answer[0]) != 1:
+            return False
+        self.records.count_event(job_id, record=record_of(job_id, answer[1]))
+        return True
 
     def end_attempt(self, job_id: str, token: str, verdict: Verdict) -> AttemptOutcome:
         """Apply the verdict on this worker's own attempt: RETRY, FAILED, or LOST (no longer ours)."""

@@ -125,11 +125,9 @@ class JobRecords:
     # -- reading ---------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
         # The record's fields by name: never its input images, which may weigh megabytes.
-        values = cast(list[bytes | None], self.client.hmget(job_key(job_id), RECORD_FIELDS))
-        raw = {name: value.decode() for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
-        if "state" not in raw or "unconfirmed" in raw:
+        record = record_of(job_id, cast(list[bytes | None], self.client.hmget(job_key(job_id), RECORD_FIELDS)))
+        if record is None:
             return None
-        record = _record(job_id, raw)
         if record.finished_at is not None and self.clock() - record.finished_at > self.result_ttl_s:
             return None
         return record
@@ -191,11 +189,12 @@ class JobRecords:
                 return verdict.state
         raise redis.RedisError(f"job {job_id} kept changing state while being cancelled")
 
-    def count_event(self, job_id: str, verdict: Verdict | None = None) -> None:
+    def count_event(self, job_id: str, verdict: Verdict | None = None, record: JobRecord | None = None) -> None:
         """After a script that ended an attempt (``verdict``) or the job: log the event, add to the totals.
+        ``record``: the job as the script left it, when the script answered it (else it is read here).
         Never raises: the script's write is done, and a retry of it would find the job changed."""
         try:
-            increments = stats.on_written(self.get(job_id), verdict)
+            increments = stats.on_written(record if record is not None else self.get(job_id), verdict)
         except redis.RedisError as exc:
             log.warning("job %s: its end was not counted (%s)", job_id, exc)
             return
@@ -303,6 +302,15 @@ RECORD_FIELDS = (
     "created_at", "started_at", "finished_at", "key_name", "unconfirmed",
 )  # fmt: skip
 INPUT_FIELD_PREFIX = "input:"
+
+
+def record_of(job_id: str, values: list[bytes | None]) -> JobRecord | None:
+    """The record from the values of ``RECORD_FIELDS`` as Redis answers them; None for a job that does not
+    exist or is not confirmed."""
+    raw = {name: value.decode() for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
+    if "state" not in raw or "unconfirmed" in raw:
+        return None
+    return _record(job_id, raw)
 
 
 def _record(job_id: str, fields: dict[str, str]) -> JobRecord:

@@ -4,9 +4,12 @@
 -- for it); a PNG that no replica has is never dropped. While those fill max_bytes, the API refuses new jobs
 -- and workers start none (Pngs.backlog_full).
 -- KEYS: job, lock, running, waiting, stream, png sizes, png order, png bytes, png uncopied, png uncopied bytes
--- ARGV: id, token, result, now, ttl_ms, stream_maxlen, max_bytes, png_prefix, copies_prefix,
---       then name, png, name, png, ... (the job's images, its output_name first)
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+-- ARGV: id, token, result, now, ttl_ms, stream_maxlen, max_bytes, png_prefix, copies_prefix, n, then n record
+--       fields, then name, png, name, png, ... (the job's images, its output_name first)
+-- Answers {0} when this worker no longer owns the job, else {1, the record's n fields as written}: what the
+-- job's totals are counted from, without another round trip.
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {0} end
+local field_count = tonumber(ARGV[10])
 redis.call('HSET', KEYS[1], 'state', 'SUCCESS', 'result', ARGV[3], 'finished_at', ARGV[4])
 redis.call('HDEL', KEYS[1], 'owner', 'progress_step', 'progress', 'error')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -16,7 +19,7 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 local index = png_index(ARGV[8], ARGV[9], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
 local now = now_ms()
 local max_bytes = tonumber(ARGV[7])
-for i = 10, #ARGV - 1, 2 do
+for i = 11 + field_count, #ARGV - 1, 2 do
   local name, png = ARGV[i], ARGV[i + 1]
   local size = string.len(png)
   if redis.call('HEXISTS', index.sizes, name) == 1 then drop_png(name, index) end
@@ -34,4 +37,6 @@ for i = 10, #ARGV - 1, 2 do
   redis.call('INCRBY', index.uncopied_total, size)
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'job_id', ARGV[1], 'output_name', name)
 end
-return 1
+local fields = {}
+for i = 11, 10 + field_count do fields[#fields + 1] = ARGV[i] end
+return {1, redis.call('HMGET', KEYS[1], unpack(fields))}
