@@ -17,7 +17,8 @@ its length (each round adds two jobs and claims two):
 Then 16 processes, each a worker doing no work, claim and complete jobs from the longest Redis queue: jobs/s, and
 the CPU Redis used meanwhile (so, what one Redis passes with its thread busy).
 
-    .venv/bin/python bench/queue_scale.py [--quick | --throughput-only] [--samples 1000] [--throughput-jobs 4000]
+    .venv/bin/python bench/queue_scale.py [--quick | --throughput-only] [--backend B] [--keys K] [--samples 1000]
+    [--throughput-jobs 4000]
 """
 
 from __future__ import annotations
@@ -300,11 +301,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--throughput-jobs", type=int, default=4000)
     parser.add_argument("--throughput-only", action="store_true", help="Redis throughput only, on 100 waiting")
+    parser.add_argument("--backend", choices=("embedded", "distributed"), help="only this backend")
+    parser.add_argument("--keys", type=int, choices=KEY_COUNTS, help="only this number of keys")
     args = parser.parse_args()
     sizes = (100,) if args.throughput_only else QUICK_SIZES if args.quick else SIZES
     rows, ratios, rates = [], [], []
-    for backend in ("distributed",) if args.throughput_only else ("embedded", "distributed"):
-        for keys in KEY_COUNTS:
+    backends = ("distributed",) if args.throughput_only else ("embedded", "distributed")
+    for backend in [name for name in backends if args.backend in (None, name)]:
+        for keys in [count for count in KEY_COUNTS if args.keys in (None, count)]:
             with tempfile.TemporaryDirectory(prefix="imagen-bench-") as tmp:
                 results, rate = run(backend, keys, sizes, args.samples, Path(tmp), args.throughput_jobs)
             for size, spent in results.items():
