@@ -9,12 +9,15 @@ The embedded job database deleted, replaced or damaged: tests/test_database_faul
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.celery_support import CeleryCluster, celery_cluster, own_redis
+from imagen.jobs.distributed.keys import WORKERS, worker_key
+from imagen.jobs.distributed.store import RedisJobStore, connect
+from tests.celery_support import CeleryCluster, RedisServer, celery_cluster, own_redis
 from tests.conftest import wait_for
 
 __all__ = ["celery_cluster", "own_redis"]  # fixtures
@@ -61,3 +64,20 @@ def test_distributed_health_follows_its_workers_and_its_broker(celery_cluster: C
 
     cluster.redis.start()
     wait_for(lambda: health_of(client)[0] == 200, timeout=30)
+
+
+def test_a_worker_that_beats_again_between_a_read_and_its_cleanup_stays_listed(own_redis: RedisServer) -> None:
+    # A heartbeat that expired on a loaded machine: a reader of /health finds its key gone and drops it from
+    # the index, while the worker beats again meanwhile. The drop must not hide the live worker.
+    store = RedisJobStore(connect(own_redis.url), result_ttl_s=60)
+    try:
+        key = worker_key(socket.gethostname(), 4242)
+        store.client.sadd(WORKERS, key)  # indexed, its value gone: what the reader's MGET saw
+        store.workers.beat(4242, {"ready": True}, ttl_s=30)  # back before the reader's cleanup
+        assert store.workers.forget_expired([key]) == 0
+        assert [beat["pid"] for beat in store.workers.alive()] == [4242]
+        store.client.delete(key)  # gone for good this time
+        assert store.workers.forget_expired([key]) == 1
+        assert store.workers.alive() == [] and not store.client.sismember(WORKERS, key)
+    finally:
+        store.close()

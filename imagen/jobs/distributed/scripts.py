@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 SCRIPTS = (
     "submit", "confirm", "withdraw", "sweep_unconfirmed", "claim", "settle", "progress", "renew", "complete",
     "replica_beat", "release_png", "cancel", "index_queue", "position", "add_totals",
-    "next_waiting",
+    "next_waiting", "forget_expired_workers",
 )  # fmt: skip
 # The scripts that change a job's state or progress; their first key is the job's record.
 CHANGING_SCRIPTS = frozenset({"confirm", "claim", "settle", "progress", "complete", "cancel"})

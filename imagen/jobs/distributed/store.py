@@ -77,7 +77,7 @@ class RedisJobStore:
         self.pngs = Pngs(client, scripts, png_limits or PngLimits.defaults())
         self.attempts = Attempts(client, scripts, self.jobs, self.pngs.limits, clock)
         self.uploads = Uploads(client, clock)
-        self.workers = Workers(client, clock)
+        self.workers = Workers(client, scripts, clock)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:

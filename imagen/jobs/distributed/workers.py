@@ -21,13 +21,15 @@ from typing import Any, cast
 import redis
 
 from imagen.jobs.distributed.keys import WORKERS, worker_key
+from imagen.jobs.distributed.scripts import Scripts
 
 
 class Workers:
     """The heartbeats of the worker processes."""
 
-    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: redis.Redis, scripts: Scripts, clock: Callable[[], float] = time.time) -> None:
         self.client = client
+        self.scripts = scripts
         self.clock = clock
 
     def beat(self, pid: int, info: dict[str, Any], ttl_s: float) -> None:
@@ -52,10 +54,16 @@ class Workers:
         if not keys:
             return []
         values = cast(list[bytes | None], self.client.mget(keys))
-        expired = [key for key, value in zip(keys, values, strict=True) if value is None]
+        expired = [key.decode() for key, value in zip(keys, values, strict=True) if value is None]
         if expired:
-            self.client.srem(WORKERS, *expired)
+            self.forget_expired(expired)
         return [json.loads(value) for value in values if value]
+
+    def forget_expired(self, keys: list[str]) -> int:
+        """Drop from the index the heartbeat keys that no longer exist; how many. Checked again inside Redis: a
+        worker whose heartbeat expired (a loaded machine, a long engine load) may beat again between a reader's
+        MGET and its removal, and a plain SREM would then hide a live worker until its next beat."""
+        return int(self.scripts.run("forget_expired_workers", keys, [WORKERS]))
 
 
 def hold_lease(client: redis.Redis, key: str, holder: str, ttl_s: float) -> bool:
