@@ -16,8 +16,7 @@ local index = redis.call('ZCOUNT', queue, '-inf', '(' .. seq_text)
 local oldest = seq
 local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
 if head[2] and tonumber(head[2]) < oldest then oldest = tonumber(head[2]) end
-local rank = tonumber(redis.call('HGET', KEYS[3], key_name) or '0')
-if rank <= 0 then rank = oldest - NEVER_SERVED_OFFSET end
+local rank = key_rank(KEYS[3], key_name, function() return oldest end)
 local waiting = {}
 local sizes = redis.call('HGETALL', KEYS[5])
 for i = 1, #sizes, 2 do waiting[sizes[i]] = tonumber(sizes[i + 1]) end
