@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LORAS_PER_REQUEST_CAP = 8  # the most IMAGEN_MAX_LORAS may say; request bodies are cut at this length first
+CONTROLNETS_PER_REQUEST_CAP = 8  # the same for IMAGEN_MAX_CONTROLNETS (each unit is a stored input image)
 
 
 class Settings(BaseSettings):
@@ -294,6 +295,9 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(
         4, ge=0, le=LORAS_PER_REQUEST_CAP, description="Most LoRAs one request may apply at once."
+    )
+    max_controlnets: int = Field(
+        3, ge=0, le=CONTROLNETS_PER_REQUEST_CAP, description="Most ControlNets one request may apply at once."
     )
     cpu_offload: Literal["none", "model", "sequential"] = Field(
         "none",

@@ -29,6 +29,8 @@ from imagen.api.schemas import (
     MAX_IMAGES,
     CancelResponse,
     CancelTooLate,
+    ControlNetInfo,
+    ControlNetList,
     Detail,
     GenerationRequest,
     GenerationResponse,
@@ -43,6 +45,7 @@ from imagen.api.schemas import (
     ModelInfo,
     ModelList,
     ModelOrderAccepted,
+    PreprocessorInfo,
     SchedulerList,
     Size,
     UploadResponse,
@@ -53,6 +56,7 @@ from imagen.config import Settings
 from imagen.errors import UploadQuotaError
 from imagen.generation.base import MODEL_TIERS
 from imagen.generation.samplers import available_samplers
+from imagen.inputs.control_maps import PREPROCESSORS
 from imagen.inputs.images import MAX_IMAGE_BYTES, BadImage, check_image
 from imagen.inputs.sizes import recommended_sizes
 from imagen.jobs.backend import JobBackend
@@ -352,6 +356,8 @@ def models(registry: RegistryDep, backend: BackendDep) -> ModelList:
                 guidance_rescale=m.guidance_rescale,
                 guidance_stop=m.guidance_stop,
                 loaded_on=holders.get(m.id, []),
+                base=m.base,
+                controlnets=[c.id for c in registry.controlnets_for(m)],
             )
             for m in registry.models
         ]
@@ -504,6 +510,25 @@ def loras(registry: RegistryDep) -> LoraList:
             )
             for lo in registry.loras
         ]
+    )
+
+
+@router.get("/controlnets", response_model=ControlNetList)
+def controlnets(registry: RegistryDep) -> ControlNetList:
+    """The registry's ControlNets, the models each fits, and the preprocessors a unit may name."""
+    return ControlNetList(
+        controlnets=[
+            ControlNetInfo(
+                id=c.id,
+                name=c.name,
+                description=c.description,
+                base=c.base,
+                control_types=c.control_types,
+                models=[m.id for m in registry.models_for(c)],
+            )
+            for c in registry.controlnets
+        ],
+        preprocessors=[PreprocessorInfo(name=name, description=text) for name, text in PREPROCESSORS.items()],
     )
 
 

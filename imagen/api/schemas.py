@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from imagen.config import LORAS_PER_REQUEST_CAP
+from imagen.config import CONTROLNETS_PER_REQUEST_CAP, LORAS_PER_REQUEST_CAP
+from imagen.inputs.control_maps import (
+    DEFAULT_HIGH_THRESHOLD,
+    DEFAULT_LOW_THRESHOLD,
+    MAX_PROCESSOR_RES,
+    MIN_PROCESSOR_RES,
+    PREPROCESSORS,
+    ResizeMode,
+)
 from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from imagen.webhooks.events import DEFAULT_EVENTS, EventName
 
@@ -67,6 +75,47 @@ class LoraRequest(BaseModel):
     weight: float | None = Field(
         None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False,
         description="0.0-2.0; default: the LoRA's default_weight, else 0.8.",
+    )
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+Threshold = Annotated[int, Field(ge=1, le=255), IntegerNotText]
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet applied to a job: its model, its control image and how strongly and when it guides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text = Field(description="ControlNet id (see GET /controlnets); it must fit the job's model.")
+    image: Text = Field(
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description='The control image: a PNG, JPEG or WebP as a data URL or "upload:<upload_id>"; a control '
+        "map already (preprocessor `none`) or a picture the preprocessor turns into one.",
+    )
+    scale: float = Field(
+        1.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False,
+        description="How strongly it guides, 0.0-2.0 (0: not at all; the picture is the one without it).",
+    )
+    start: Fraction = Field(0.0, description="When it starts guiding, a fraction of the steps (0.0-1.0, < end).")
+    end: Fraction = Field(1.0, description="When it stops guiding, a fraction of the steps (0.0-1.0, > start).")
+    preprocessor: Text = Field(
+        "none", description=f"What is made of the image first: {', '.join(PREPROCESSORS)} (GET /controlnets)."
+    )
+    resize_mode: ResizeMode = Field(
+        "crop",
+        description="How the map is fitted to the picture's size: `crop` (cover, overflow cropped: A1111's "
+        '"Crop and Resize"), `fill` (fit inside, black around: "Resize and Fill"), `stretch` ("Just Resize").',
+    )
+    control_type: Text | None = Field(
+        None, description="A ControlNet Union only (and required there): one of its `control_types`."
+    )
+    low_threshold: Threshold = Field(DEFAULT_LOW_THRESHOLD, description="Canny's low threshold, 1-255.")
+    high_threshold: Threshold = Field(DEFAULT_HIGH_THRESHOLD, description="Canny's high threshold, 1-255.")
+    processor_res: Annotated[int, Field(ge=MIN_PROCESSOR_RES, le=MAX_PROCESSOR_RES), IntegerNotText] | None = Field(
+        None,
+        description=f"The preprocessor runs with the image's short side at this size ({MIN_PROCESSOR_RES}-"
+        f"{MAX_PROCESSOR_RES}); default: the picture's own (A1111's pixel perfect).",
     )
 
 
@@ -134,6 +183,13 @@ class GenerationRequest(BaseModel):
         max_length=MAX_IMAGE_FIELD_CHARS,
         description="With `ip_strength` > 0: this request's own IP-Adapter reference image (data URL or "
         '"upload:<id>"), instead of the server\'s.',
+    )
+    controlnets: list[ControlNetUnit] = Field(
+        default_factory=list,
+        max_length=CONTROLNETS_PER_REQUEST_CAP,
+        description="ControlNets guiding the picture by a control image (edges, depth, a silhouette...), with "
+        "text-to-image, img2img or inpainting; at most IMAGEN_MAX_CONTROLNETS (3 unless the server says "
+        f"otherwise, never more than {CONTROLNETS_PER_REQUEST_CAP}).",
     )
     webhook: Text | None = Field(
         None,
@@ -204,6 +260,8 @@ class ModelInfo(BaseModel):
     loaded_on: list[ModelHolder] = Field(
         [], description="The workers that hold it now (from their heartbeats), each with its tier; [] for none."
     )
+    base: str = Field("sdxl", description="Its architecture family: the ControlNets of the same `base` fit it.")
+    controlnets: list[str] = Field([], description="The ControlNets that fit it (ids, see GET /controlnets).")
 
 
 class ModelOrderAccepted(BaseModel):
@@ -232,6 +290,29 @@ class LoraInfo(BaseModel):
     description: str
     default_weight: float
     trigger_words: list[str] | None
+
+
+class ControlNetInfo(BaseModel):
+    id: str
+    name: str
+    description: str
+    base: str = Field(description="The models it fits: those of this base (GET /models `base`).")
+    control_types: list[str] | None = Field(
+        description="A ControlNet Union: the control types it supports (a unit names one); null: a plain one."
+    )
+    models: list[str] = Field(description="The models it fits (ids).")
+
+
+class PreprocessorInfo(BaseModel):
+    name: str
+    description: str
+
+
+class ControlNetList(BaseModel):
+    controlnets: list[ControlNetInfo]
+    preprocessors: list[PreprocessorInfo] = Field(
+        description="What a unit's `preprocessor` may be: those that need no weights."
+    )
 
 
 class ModelList(BaseModel):

@@ -13,10 +13,11 @@ from typing import Any
 
 from PIL import Image
 
-from imagen.api.schemas import GenerationRequest
+from imagen.api.schemas import ControlNetUnit, GenerationRequest
 from imagen.config import Settings
-from imagen.generation.base import GenerationTask, LoraChoice
+from imagen.generation.base import ControlNetChoice, GenerationTask, LoraChoice, control_role
 from imagen.generation.samplers import available_samplers
+from imagen.inputs.control_maps import PREPROCESSORS
 from imagen.inputs.images import (
     BadImage,
     CheckedImage,
@@ -30,7 +31,7 @@ from imagen.inputs.images import (
 from imagen.inputs.sizes import size_from_image, size_problem
 from imagen.jobs.types import NewJob, Upload
 from imagen.outputs.names import image_names, make_output_name
-from imagen.registry import Registry
+from imagen.registry import ModelSpec, Registry
 from imagen.webhooks.urls import TargetPolicy
 
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds
@@ -100,6 +101,7 @@ def prepare_job(
                 ("ip_strength",), "ip_strength > 0 needs the server's reference image, which is missing "
                 f"({adapter.reference_image.name}); use 0.0", request.ip_strength,
             ))
+    controlnets = _controlnet_choices(request.controlnets, model, registry, settings, errors)
     errors.extend(_webhook_errors(request, settings))
     errors.extend(_sdxl_option_errors(request))
     images = _RequestImages(request, key_name, uploads, errors)
@@ -125,6 +127,7 @@ def prepare_job(
         init_image="init" in images.pngs,
         mask_image="mask" in images.pngs,
         ip_image="ip" in images.pngs,
+        controlnets=controlnets,
     )
     output_name = make_output_name(model.file_prefix)
     return NewJob(
@@ -135,6 +138,69 @@ def prepare_job(
         inputs=images.pngs,
         output_names=tuple(image_names(output_name, request.num_images)),
     )
+
+
+def _controlnet_choices(
+    units: list[ControlNetUnit],
+    model: ModelSpec | None,
+    registry: Registry,
+    settings: Settings,
+    errors: list[FieldError],
+) -> tuple[ControlNetChoice, ...]:
+    """The request's ControlNet units checked against the registry and the job's model (their images are
+    checked with the others); problems are added to ``errors`` with their field."""
+    if len(units) > settings.max_controlnets:
+        errors.append(FieldError(
+            ("controlnets",), f"at most {settings.max_controlnets} ControlNets per request on this server "
+            f"(IMAGEN_MAX_CONTROLNETS), not {len(units)}", [unit.model for unit in units],
+        ))
+    fitting = registry.controlnets_for(model) if model is not None else registry.controlnets
+    fitting_ids = ", ".join(c.id for c in fitting) or "none"
+    choices = []
+    for index, unit in enumerate(units):
+        spec = registry.controlnet(unit.model)
+        if spec is None:
+            available = ", ".join(registry.controlnet_ids) or "none (no ControlNet is configured on this server)"
+            errors.append(FieldError(
+                ("controlnets", index, "model"), f"unknown ControlNet {unit.model!r}; available: {available}",
+                unit.model,
+            ))
+        elif model is not None and spec.base != model.base:
+            errors.append(FieldError(
+                ("controlnets", index, "model"), f"ControlNet {spec.id!r} (for {spec.base} models) does not fit "
+                f"model {model.id!r} ({model.base}); the ControlNets that fit it: {fitting_ids}", unit.model,
+            ))
+        elif spec.control_types is not None and unit.control_type not in spec.control_types:
+            errors.append(FieldError(
+                ("controlnets", index, "control_type"), f"ControlNet {spec.id!r} is a ControlNet Union: "
+                f"control_type must be one of {', '.join(spec.control_types)}", unit.control_type,
+            ))
+        elif spec.control_types is None and unit.control_type is not None:
+            errors.append(FieldError(
+                ("controlnets", index, "control_type"), f"ControlNet {spec.id!r} has one control type: "
+                "control_type is for ControlNet Union models only; leave it out", unit.control_type,
+            ))
+        if unit.start >= unit.end:
+            errors.append(FieldError(
+                ("controlnets", index, "start"), f"start ({unit.start}) must be before end ({unit.end})", unit.start
+            ))
+        if unit.preprocessor not in PREPROCESSORS:
+            errors.append(FieldError(
+                ("controlnets", index, "preprocessor"), f"unknown preprocessor {unit.preprocessor!r}; available "
+                f"here: {', '.join(PREPROCESSORS)} (preprocessors that need weights, such as depth, pose or "
+                "line art, are not installed on this server)", unit.preprocessor,
+            ))
+        if unit.low_threshold > unit.high_threshold:
+            errors.append(FieldError(
+                ("controlnets", index, "low_threshold"), f"low_threshold ({unit.low_threshold}) must not be above "
+                f"high_threshold ({unit.high_threshold})", unit.low_threshold,
+            ))
+        choices.append(ControlNetChoice(
+            model=unit.model, scale=unit.scale, start=unit.start, end=unit.end, preprocessor=unit.preprocessor,
+            resize_mode=unit.resize_mode, control_type=unit.control_type, low_threshold=unit.low_threshold,
+            high_threshold=unit.high_threshold, processor_res=unit.processor_res,
+        ))
+    return tuple(choices)
 
 
 def _sdxl_option_errors(request: GenerationRequest) -> list[FieldError]:
@@ -179,11 +245,15 @@ class _RequestImages:
         self._errors = errors
         self._key_name = key_name
         self._uploads = uploads
-        init = self._load("init_image", request.init_image)
-        mask = self._load("mask_image", request.mask_image)
-        ip = self._load("ip_image", request.ip_image)
+        init = self._load(("init_image",), request.init_image)
+        mask = self._load(("mask_image",), request.mask_image)
+        ip = self._load(("ip_image",), request.ip_image)
         if ip is not None:
             self.pngs["ip"] = to_png(flatten(ip.image))
+        for index, unit in enumerate(request.controlnets):
+            control = self._load(("controlnets", index, "image"), unit.image)
+            if control is not None:
+                self.pngs[control_role(index)] = to_png(flatten(control.image))
         if init is None:
             return
         self.init = init
@@ -205,7 +275,7 @@ class _RequestImages:
         if mask_image is not None:
             self.pngs["mask"] = to_png(mask_image)
 
-    def _load(self, field: str, value: str | None) -> CheckedImage | None:
+    def _load(self, loc: tuple[str | int, ...], value: str | None) -> CheckedImage | None:
         if value is None:
             return None
         try:
@@ -219,7 +289,7 @@ class _RequestImages:
                 return check_image(upload.data)
             return check_image(decode_data_url(value))
         except BadImage as exc:
-            self._errors.append(FieldError((field,), str(exc), value[:64] + ("…" if len(value) > 64 else "")))
+            self._errors.append(FieldError(loc, str(exc), value[:64] + ("…" if len(value) > 64 else "")))
             return None
 
 

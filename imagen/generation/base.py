@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imagen.config import Settings
+from imagen.config import CONTROLNETS_PER_REQUEST_CAP, Settings
+from imagen.inputs.control_maps import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD
 from imagen.registry import Registry
 
 # Step names reported in ``meta.step`` (the reference shows ``generation_gpu`` for denoising).
@@ -57,6 +58,45 @@ class LoraChoice:
 
 
 @dataclass(frozen=True)
+class ControlNetChoice:
+    """One ControlNet unit of a job; its control image travels beside the task (role ``control<i>``)."""
+
+    model: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "none"
+    resize_mode: str = "crop"
+    control_type: str | None = None
+    low_threshold: int = DEFAULT_LOW_THRESHOLD
+    high_threshold: int = DEFAULT_HIGH_THRESHOLD
+    processor_res: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "scale": self.scale, "start": self.start, "end": self.end,
+            "preprocessor": self.preprocessor, "resize_mode": self.resize_mode, "control_type": self.control_type,
+            "low_threshold": self.low_threshold, "high_threshold": self.high_threshold,
+            "processor_res": self.processor_res,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControlNetChoice:
+        return cls(
+            model=str(data["model"]),
+            scale=float(data.get("scale", 1.0)),
+            start=float(data.get("start", 0.0)),
+            end=float(data.get("end", 1.0)),
+            preprocessor=str(data.get("preprocessor", "none")),
+            resize_mode=str(data.get("resize_mode", "crop")),
+            control_type=data.get("control_type"),
+            low_threshold=int(data.get("low_threshold", DEFAULT_LOW_THRESHOLD)),
+            high_threshold=int(data.get("high_threshold", DEFAULT_HIGH_THRESHOLD)),
+            processor_res=_optional_int(data.get("processor_res")),
+        )
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """Everything an engine needs for one image; plain data, JSON-serialisable via ``as_dict``."""
 
@@ -79,6 +119,7 @@ class GenerationTask:
     init_image: bool = False  # whether the job has these input images (the images travel beside the task)
     mask_image: bool = False
     ip_image: bool = False
+    controlnets: tuple[ControlNetChoice, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -95,6 +136,8 @@ class GenerationTask:
             value = getattr(self, key)
             if value != default:
                 data[key] = value
+        if self.controlnets:
+            data["controlnets"] = [unit.as_dict() for unit in self.controlnets]
         return data
 
     @classmethod
@@ -117,6 +160,7 @@ class GenerationTask:
             init_image=bool(data.get("init_image", False)),
             mask_image=bool(data.get("mask_image", False)),
             ip_image=bool(data.get("ip_image", False)),
+            controlnets=tuple(ControlNetChoice.from_dict(unit) for unit in data.get("controlnets", [])),
         )
 
 
@@ -151,21 +195,29 @@ def denoising_steps(task: GenerationTask) -> int:
     return task.steps
 
 
-INPUT_ROLES = ("init", "mask", "ip")
+def control_role(index: int) -> str:
+    """The stored role of a job's ControlNet unit ``index``'s control image."""
+    return f"control{index}"
+
+
+CONTROL_ROLES = tuple(control_role(index) for index in range(CONTROLNETS_PER_REQUEST_CAP))
+INPUT_ROLES = ("init", "mask", "ip", *CONTROL_ROLES)
 
 
 @dataclass(frozen=True)
 class InputImages:
-    """A job's input images, decoded: ``init`` and ``ip`` RGB, ``mask`` mode "L" (white = repaint)."""
+    """A job's input images, decoded: ``init``, ``ip`` and each ControlNet unit's control image RGB, ``mask``
+    mode "L" (white = repaint)."""
 
     init: Image.Image | None = None
     mask: Image.Image | None = None
     ip: Image.Image | None = None
+    controls: tuple[Image.Image, ...] = ()
 
     @classmethod
     def from_png_bytes(cls, images: Mapping[str, bytes]) -> InputImages:
-        """Decode the job's stored input images (PNG bytes by role: "init", "mask", "ip"), which the API
-        side has already validated, EXIF-rotated and flattened."""
+        """Decode the job's stored input images (PNG bytes by role: "init", "mask", "ip", "control<i>"),
+        which the API side has already validated, EXIF-rotated and flattened."""
         unknown = set(images) - set(INPUT_ROLES)
         if unknown:
             raise ValueError(f"unknown input image roles: {', '.join(sorted(unknown))}")
@@ -173,7 +225,12 @@ class InputImages:
         for role, data in images.items():
             with Image.open(io.BytesIO(data)) as opened:
                 decoded[role] = opened.convert("L" if role == "mask" else "RGB")
-        return cls(init=decoded.get("init"), mask=decoded.get("mask"), ip=decoded.get("ip"))
+        controls = []
+        for role in CONTROL_ROLES:
+            if role not in decoded:
+                break
+            controls.append(decoded[role])
+        return cls(init=decoded.get("init"), mask=decoded.get("mask"), ip=decoded.get("ip"), controls=tuple(controls))
 
 
 NO_INPUTS = InputImages()  # a text-to-image job's inputs

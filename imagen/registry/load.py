@@ -29,7 +29,9 @@ def load_registry(path: Path | None) -> Registry:
     models = raw.get("models") or []
     declared_vae_paths = [entry.get("vae_path") if isinstance(entry, dict) else None for entry in models]
     ip_adapter = raw.get("ip_adapter")
-    entries = [*models, *(raw.get("loras") or []), *([ip_adapter] if ip_adapter else [])]
+    entries = [
+        *models, *(raw.get("loras") or []), *(raw.get("controlnets") or []), *([ip_adapter] if ip_adapter else [])
+    ]
     for entry in entries:
         if isinstance(entry, dict):
             for key in ("path", "vae_path", "preview_decoder", "image_encoder_path", "reference_image"):

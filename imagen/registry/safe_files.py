@@ -129,6 +129,14 @@ def check_vae_path(path: Path) -> None:
         read_safetensors_header(path)
 
 
+def check_controlnet_path(path: Path) -> None:
+    """A ControlNet: a diffusers model folder or one safetensors file."""
+    if path.is_dir():
+        check_weights_folder(path)
+    else:
+        read_safetensors_header(path)
+
+
 def lora_format(path: Path) -> str:
     """``kohya``, ``locon`` or ``peft``; raises :class:`UnsafeFileError` for unsupported LyCORIS types."""
     names = tensor_names(path)
@@ -185,6 +193,8 @@ def registry_problems(registry: Registry) -> list[str]:
             attempt(f"model {model.id!r} vae_path", check_vae_path, Path(model.vae_path))
     for lora in registry.loras:
         attempt(f"LoRA {lora.id!r}", lora_format, lora.path)
+    for controlnet in registry.controlnets:
+        attempt(f"ControlNet {controlnet.id!r}", check_controlnet_path, controlnet.path)
     if registry.ip_adapter is not None:
         ip = registry.ip_adapter
         attempt("ip_adapter path", read_safetensors_header, ip.path)

@@ -1,4 +1,5 @@
-"""What a registry declares: the models, LoRAs and IP-Adapter this server offers, as one YAML file writes them.
+"""What a registry declares: the models, LoRAs, ControlNets and IP-Adapter this server offers, as one YAML file
+writes them.
 
 Requests name models and LoRAs by id only; paths live in the registry and nowhere else.
 See ``registry.example.yaml`` for the documented format.
@@ -25,6 +26,13 @@ from imagen.registry.demo_model import DEMO_LATENT_RGB, DEMO_LATENT_RGB_BIAS, DE
 from imagen.sampler_names import SAMPLER_NAMES, is_sampler_name
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+BASE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,31}$"
+SDXL_BASE = "sdxl"
+DEMO_BASE = "demo-shapes"
+
+# The control types of a ControlNet Union (xinsir's ControlNet++ for SDXL), in the order of its
+# ``control_type`` vector: diffusers' ``ControlNetUnionModel`` takes each type as its index here.
+UNION_CONTROL_TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segment", "tile", "repaint")
 
 Rgb = tuple[FiniteFloat, FiniteFloat, FiniteFloat]
 
@@ -95,6 +103,11 @@ class ModelSpec(BaseModel):
         description="Share of the denoising steps after which classifier-free guidance stops, for this model's "
         "jobs (0 < x <= 1; the later steps run on the prompt alone, at half the cost). 1: guided to the end.",
     )
+    base: str = Field(
+        SDXL_BASE, pattern=BASE_PATTERN,
+        description="The architecture family it belongs to: a ControlNet fits the models of its own `base`. "
+        "Default `sdxl`; the demo model is `demo-shapes`.",
+    )
     # ``vae_path`` as the registry file writes it (``vae_path`` itself is resolved for loading): /models
     # shows this one, never a path of the server's disk the file did not write.
     _declared_vae_path: str | None = PrivateAttr(None)
@@ -123,6 +136,7 @@ class ModelSpec(BaseModel):
         if isinstance(data, dict) and data.get("demo") is True:
             demo_data = {
                 "path": DEMO_MODEL_DIR,
+                "base": DEMO_BASE,
                 "latent_rgb": {"factors": DEMO_LATENT_RGB, "bias": DEMO_LATENT_RGB_BIAS},
             }
             data = {**data, **{name: value for name, value in demo_data.items() if data.get(name) is None}}
@@ -155,6 +169,41 @@ class LoraSpec(BaseModel):
         return words or None
 
 
+class ControlNetSpec(BaseModel):
+    """A ControlNet: a diffusers folder or one ``.safetensors`` file (diffusers or original key layout); a
+    ControlNet Union when it lists ``control_types``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_PATTERN)
+    name: str
+    description: str = ""
+    path: Path = Field(description="Diffusers folder (config.json + safetensors) or one .safetensors file.")
+    base: str = Field(SDXL_BASE, pattern=BASE_PATTERN, description="The models it fits: those of this base.")
+    control_types: list[str] | None = Field(
+        None,
+        description="A ControlNet Union: the control types it supports (of "
+        f"{', '.join(UNION_CONTROL_TYPES)}); a request then names one per unit. Absent: a plain ControlNet.",
+    )
+
+    @field_validator("control_types")
+    @classmethod
+    def _known_control_types(cls, types: list[str] | None) -> list[str] | None:
+        if types is None:
+            return None
+        unknown = [name for name in types if name not in UNION_CONTROL_TYPES]
+        if unknown or not types or len(set(types)) != len(types):
+            raise ValueError(
+                f"control_types: a non-empty list without repeats, of {', '.join(UNION_CONTROL_TYPES)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        return types
+
+    @property
+    def is_union(self) -> bool:
+        return self.control_types is not None
+
+
 class IpAdapterSpec(BaseModel):
     """The SDXL IP-Adapter used when a request asks ``ip_strength`` > 0, and its reference image."""
 
@@ -170,6 +219,7 @@ class Registry(BaseModel):
 
     models: list[ModelSpec]
     loras: list[LoraSpec] = []
+    controlnets: list[ControlNetSpec] = []
     ip_adapter: IpAdapterSpec | None = None
     default_model: str | None = None
 
@@ -177,7 +227,11 @@ class Registry(BaseModel):
     def _check(self) -> Registry:
         if not self.models:
             raise ValueError("declare at least one model")
-        for kind, ids in (("model", [m.id for m in self.models]), ("LoRA", [lo.id for lo in self.loras])):
+        for kind, ids in (
+            ("model", [m.id for m in self.models]),
+            ("LoRA", [lo.id for lo in self.loras]),
+            ("ControlNet", [c.id for c in self.controlnets]),
+        ):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
                 raise ValueError(f"duplicate {kind} ids: {', '.join(duplicates)}")
@@ -198,6 +252,20 @@ class Registry(BaseModel):
 
     def lora(self, lora_id: str) -> LoraSpec | None:
         return next((lo for lo in self.loras if lo.id == lora_id), None)
+
+    @property
+    def controlnet_ids(self) -> list[str]:
+        return [c.id for c in self.controlnets]
+
+    def controlnet(self, controlnet_id: str) -> ControlNetSpec | None:
+        return next((c for c in self.controlnets if c.id == controlnet_id), None)
+
+    def controlnets_for(self, model: ModelSpec) -> list[ControlNetSpec]:
+        """The ControlNets that fit ``model``: those of its base."""
+        return [c for c in self.controlnets if c.base == model.base]
+
+    def models_for(self, controlnet: ControlNetSpec) -> list[ModelSpec]:
+        return [m for m in self.models if m.base == controlnet.base]
 
     def resolve_default_model(self, configured: str | None = None) -> str:
         """The model a request gets when it names none."""

@@ -11,6 +11,11 @@
   ``registry-unsupported.yaml``, ``loha-style`` (LyCORIS LoHa, refused);
 * ``ip-adapter/``: a tiny SDXL IP-Adapter (h94 layout) with its CLIP vision encoder, and
   ``reference/electra_ref.png``;
+* ``controlnets/``: ``tiny-canny`` (a ControlNet made from the fixture UNet with ``ControlNetModel.from_unet``,
+  as a diffusers folder), ``tiny-canny-single`` (the same weights as one ``.safetensors`` file, its config in
+  a sibling ``.config/`` folder) and ``tiny-union`` (a ``ControlNetUnionModel``), their zero convolutions
+  given random weights so that each changes the picture; the fixture models and ControlNets are of the base
+  ``tiny-sdxl``;
 * ``registry.yaml`` naming them all (native size 64 so that tests run fast).
 """
 
@@ -20,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 import yaml
@@ -199,6 +205,52 @@ def _ip_adapter(pipe: Any, seed: int, directory: Path) -> None:
     save_file(tensors, str(directory / "ip-adapter_sdxl.safetensors"), metadata={"format": "pt"})
 
 
+FIXTURE_BASE = "tiny-sdxl"
+CONTROLNET_EMBEDDING = (8, 8, 16, 16)  # the conditioning embedding: three stride-2 stages, as the tiny VAE's 8x
+
+
+def _controlnet(pipe: Any, seed: int, union: bool) -> Any:
+    """A ControlNet from the fixture UNet whose zero-initialised output convolutions get random weights (a
+    fresh ControlNet adds nothing: its outputs are zero until trained)."""
+    model_class = diffusers.ControlNetUnionModel if union else diffusers.ControlNetModel
+    controlnet = model_class.from_unet(pipe.unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING)
+    if union:
+        # from_unet keeps the Union's own transformer at SDXL's width (320); the tiny UNet's is its own
+        width = pipe.unet.config.block_out_channels[0]
+        config = {name: value for name, value in controlnet.config.items() if not name.startswith("_")}
+        config.update(num_trans_channel=width, num_proj_channel=width, num_trans_head=2)
+        weights = controlnet.state_dict()
+        torch.manual_seed(seed)
+        controlnet = model_class.from_config(config)  # type: ignore[no-untyped-call]
+        controlnet.load_state_dict(
+            {name: value for name, value in weights.items() if value.shape == controlnet.state_dict()[name].shape},
+            strict=False,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        outputs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        outputs.append(controlnet.controlnet_cond_embedding.conv_out)
+        for conv in outputs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+    return controlnet
+
+
+def _write_controlnets(pipe: Any, directory: Path) -> None:
+    plain = _controlnet(pipe, FIXTURE_SEED + 30, union=False)
+    plain.save_pretrained(str(directory / "tiny-canny"), safe_serialization=True)
+    save_file(
+        {name: tensor.contiguous() for name, tensor in plain.state_dict().items()},
+        str(directory / "tiny-canny-single.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config_dir = directory / "tiny-canny-single.config"
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / "config.json").write_text((directory / "tiny-canny" / "config.json").read_text("utf-8"), "utf-8")
+    _controlnet(pipe, FIXTURE_SEED + 31, union=True).save_pretrained(
+        str(directory / "tiny-union"), safe_serialization=True
+    )
+
+
 def _reference_image(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     tile = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
@@ -210,7 +262,8 @@ def write_fixtures(directory: Path) -> Path:
     """Write every fixture under ``directory`` and return the path of the registry YAML naming them."""
     directory = Path(directory)
     models, loras, ip_dir = directory / "models", directory / "loras", directory / "ip-adapter"
-    for folder in (models, loras, ip_dir):
+    controlnets = directory / "controlnets"
+    for folder in (models, loras, ip_dir, controlnets):
         folder.mkdir(parents=True, exist_ok=True)
     pipe = build_tiny_sdxl_pipeline(FIXTURE_SHAPE, seed=FIXTURE_SEED)
 
@@ -227,6 +280,7 @@ def write_fixtures(directory: Path) -> Path:
 
     _ip_adapter(pipe, FIXTURE_SEED + 20, ip_dir)
     _reference_image(directory / "reference" / "electra_ref.png", FIXTURE_SEED + 21)
+    _write_controlnets(pipe, controlnets)
 
     size = FIXTURE_SHAPE.size
     negative = "low quality, blurry, distorted, ugly, bad anatomy"
@@ -241,6 +295,7 @@ def write_fixtures(directory: Path) -> Path:
                 "default_negative": negative,
                 "prefix": "sdxl_base",
                 "size": size,
+                "base": FIXTURE_BASE,
             },
             {
                 "id": "sdxl-single-file",
@@ -250,6 +305,7 @@ def write_fixtures(directory: Path) -> Path:
                 "default_negative": negative,
                 "prefix": "sdxl_single",
                 "size": size,
+                "base": FIXTURE_BASE,
             },
         ],
         "loras": [
@@ -276,6 +332,30 @@ def write_fixtures(directory: Path) -> Path:
                 "path": "loras/locon-detail.safetensors",
                 "default_weight": 0.8,
                 "trigger_words": ["locon"],
+            },
+        ],
+        "controlnets": [
+            {
+                "id": "tiny-canny",
+                "name": "Tiny canny ControlNet",
+                "description": "diffusers folder",
+                "path": "controlnets/tiny-canny",
+                "base": FIXTURE_BASE,
+            },
+            {
+                "id": "tiny-canny-single",
+                "name": "Tiny canny ControlNet (single file)",
+                "description": "one .safetensors file, same weights as tiny-canny",
+                "path": "controlnets/tiny-canny-single.safetensors",
+                "base": FIXTURE_BASE,
+            },
+            {
+                "id": "tiny-union",
+                "name": "Tiny ControlNet Union",
+                "description": "ControlNetUnionModel, diffusers folder",
+                "path": "controlnets/tiny-union",
+                "base": FIXTURE_BASE,
+                "control_types": ["openpose", "depth", "softedge", "canny"],
             },
         ],
         "ip_adapter": {

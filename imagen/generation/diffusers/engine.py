@@ -18,7 +18,9 @@ One instance lives in each worker process and keeps its pipelines between jobs:
   pipeline's own scheduler config for that job only, and the pipeline's scheduler restored after it;
 * img2img and inpainting use ``StableDiffusionXLImg2ImgPipeline`` / ``StableDiffusionXLInpaintPipeline``
   made with ``from_pipe`` from the loaded pipeline, once per model: the same component objects, no second
-  copy of any weight.
+  copy of any weight; a job with ControlNets likewise runs diffusers' ControlNet pipeline of its mode
+  (:mod:`.controlnets`), its ControlNets read once and held with the model (counted in its budget, moved and
+  freed with it, one copy for all the models of their base);
 * on a CPU, the process keeps the memory that tensors free for the next job (:mod:`.host_memory`), and a VAE
   upcast to float32 for decoding stays float32 (:func:`_decode`): no page faults, no casts, job after job.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import logging
 import threading
 import time
@@ -53,6 +56,7 @@ from imagen.generation.base import (
     STEP_LOADING_MODEL,
     TIER_DEVICE,
     TIER_RAM,
+    ControlNetChoice,
     DeviceInfo,
     Engine,
     GeneratedImage,
@@ -61,7 +65,7 @@ from imagen.generation.base import (
     ProgressCallback,
     denoising_steps,
 )
-from imagen.generation.diffusers import acceleration, host_memory
+from imagen.generation.diffusers import acceleration, controlnets, host_memory
 from imagen.generation.diffusers.guidance import callback_inputs, guidance_stop, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
@@ -78,7 +82,7 @@ from imagen.generation.diffusers.schedulers import build_scheduler
 from imagen.generation.diffusers.shared_components import LORA_TARGETS, ComponentHashes, SharedComponents
 from imagen.generation.preview import wants_preview
 from imagen.generation.samplers import sampler_available, scheduler_for
-from imagen.registry import LoraSpec, ModelSpec, Registry
+from imagen.registry import ControlNetSpec, LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class EngineStats:
     shared_bytes: int = 0  # their bytes, held once instead of twice
     last_switch: tuple[str, float] | None = None  # (where the model came from: "disk" / "ram", seconds)
     lora_loads: int = 0
+    controlnet_loads: int = 0
     ip_adapter_loads: int = 0
     warm_up_runs: int = 0
     warm_up_seconds: float | None = None
@@ -121,6 +126,8 @@ class LoadedModel:
     derived: dict[str, Any] = field(default_factory=dict)
     # True once the text encoders are this model's own (no longer shared), as LoRAs need them
     private_text_encoders: bool = False
+    # the ControlNets its jobs used, by id (the same object for every model of their base that holds them)
+    controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def weight_modules(self) -> list[torch.nn.Module]:
         """What holds this model's weights, for the cache's budget (the IP-Adapter's encoder is the
@@ -128,7 +135,8 @@ class LoadedModel:
         pipe = self.pipe
         names = ("unet", "vae", "text_encoder", "text_encoder_2")
         modules = [module for name in names if (module := getattr(pipe, name, None)) is not None]
-        return modules + ([self.preview_decoder] if self.preview_decoder is not None else [])
+        extra = [self.preview_decoder] if self.preview_decoder is not None else []
+        return modules + extra + list(self.controlnets.values())
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,8 @@ class _Job:
     height: int
     sampler: str | None  # the task's, else the registry's; None: the pipeline's own scheduler
     clip_skip: int | None
+    # the ControlNet units that guide (scale > 0: a unit at 0 adds nothing, so its pipeline is not run)
+    controlnets: tuple[tuple[ControlNetChoice, ControlNetSpec], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -282,7 +292,7 @@ class DiffusersEngine(Engine):
             # Strength 0 (or too little to make one step): nothing is denoised; diffusers would fail on an
             # empty schedule. The init image comes back unchanged, as A1111 returns it.
             return self._unchanged(job, prompt, call)
-        stop = guidance_stop(job.spec, task, ip_kwargs)
+        stop = guidance_stop(job.spec, task, ip_kwargs) if not job.controlnets else None
         with self._job_sampler(loaded, call.run, job.sampler) as scheduler_class:
             latents = self._denoise(loaded, call, task, prompt.embeddings, ip_kwargs, stop, progress)
         decoded = self._decode_all(loaded.pipe, latents, progress)
@@ -306,6 +316,7 @@ class DiffusersEngine(Engine):
         mode = _mode(task, inputs)
         loras = self._lora_specs(task)
         width, height = _output_size(task, spec, inputs)
+        units = self._controlnet_specs(task, spec, inputs)
         return _Job(
             task=task,
             spec=spec,
@@ -315,7 +326,25 @@ class DiffusersEngine(Engine):
             height=height,
             sampler=task.scheduler if task.scheduler is not None else spec.scheduler,
             clip_skip=task.clip_skip if task.clip_skip is not None else spec.clip_skip,
+            controlnets=tuple(unit for unit in units if unit[0].scale > 0),
         )
+
+    def _controlnet_specs(
+        self, task: GenerationTask, spec: ModelSpec, inputs: InputImages
+    ) -> list[tuple[ControlNetChoice, ControlNetSpec]]:
+        if len(inputs.controls) != len(task.controlnets):
+            raise FatalGenerationError("the job's input images do not match its task (controlnets)")
+        units = []
+        for choice in task.controlnets:
+            controlnet = self.registry.controlnet(choice.model)
+            if controlnet is None:
+                raise FatalGenerationError(f"unknown ControlNet {choice.model!r}")
+            if controlnet.base != spec.base:
+                raise FatalGenerationError(f"ControlNet {controlnet.id!r} does not fit model {spec.id!r}")
+            units.append((choice, controlnet))
+        if len({controlnet.is_union for _, controlnet in units}) > 1:
+            raise FatalGenerationError("ControlNet Union models and plain ControlNets cannot guide one job together")
+        return units
 
     def _apply_adapters(
         self, loaded: LoadedModel, job: _Job, ip_image: Image.Image | None, progress: ProgressCallback
@@ -350,7 +379,8 @@ class DiffusersEngine(Engine):
 
     def _pipeline_call(self, loaded: LoadedModel, job: _Job, inputs: InputImages) -> _PipelineCall:
         """The pipeline that runs the job's mode (txt2img: the loaded one; img2img and inpainting: made from
-        it) and the arguments of its call that depend on the mode and the model."""
+        it; with ControlNets: the ControlNet pipeline of the mode) and the arguments of its call that depend on
+        the mode and the model."""
         if job.mode == "txt2img":
             call = _PipelineCall(run=loaded.pipe, kwargs={"width": job.width, "height": job.height})
         else:
@@ -362,11 +392,34 @@ class DiffusersEngine(Engine):
                 mask = _resized(inputs.mask, job.width, job.height)
                 kwargs.update(mask_image=mask, width=job.width, height=job.height)
             call = _PipelineCall(run=self._derived(loaded, job.mode), kwargs=kwargs, strength=strength)
-        if job.spec.guidance_rescale:
-            # every SDXL pipeline (txt2img, img2img, inpainting) takes it; 0 is left out, so that a model
-            # without it gets exactly the call it got before the field existed
+        if job.controlnets:
+            self._controlled(loaded, job, inputs, call)
+        if job.spec.guidance_rescale and _takes(call.run, "guidance_rescale"):
+            # the SDXL pipelines take it (of the ControlNet ones, inpainting's only); 0 is left out, so that a
+            # model without it gets exactly the call it got before the field existed
             call.kwargs["guidance_rescale"] = job.spec.guidance_rescale
         return call
+
+    def _controlled(self, loaded: LoadedModel, job: _Job, inputs: InputImages, call: _PipelineCall) -> None:
+        """Turn ``call`` into the ControlNet pipeline's: the job's ControlNets on the device, its control maps
+        made and fitted, the pipeline of its mode made from the loaded one (once, then kept)."""
+        indexes = [index for index, choice in enumerate(job.task.controlnets) if choice.scale > 0]
+        units = [
+            controlnets.Unit(
+                choice=choice,
+                spec=spec,
+                control_map=controlnets.control_map(choice, inputs.controls[index], job.width, job.height),
+            )
+            for index, (choice, spec) in zip(indexes, job.controlnets, strict=True)
+        ]
+        union = units[0].spec.is_union
+        modules = [self._controlnet(loaded, unit.spec) for unit in units]
+        run = self._derived(loaded, job.mode, controlnet=modules[0], union=union)
+        run.controlnet = controlnets.combined(modules, union)
+        if job.mode == "txt2img" or job.mode == "img2img":
+            call.kwargs.update(width=job.width, height=job.height)
+        call.kwargs.update(controlnets.call_arguments(job.mode, units))
+        call.run = run
 
     @contextmanager
     def _job_sampler(self, loaded: LoadedModel, run: Any, sampler: str | None) -> Iterator[str]:
@@ -407,9 +460,10 @@ class DiffusersEngine(Engine):
             "scheduler": sampler if sampler is not None else scheduler_class,
             **({"scheduler_class": scheduler_class} if sampler is not None else {}),
             **({"clip_skip": job.clip_skip} if job.clip_skip is not None else {}),
-            **({"guidance_rescale": job.spec.guidance_rescale} if job.spec.guidance_rescale else {}),
+            **({"guidance_rescale": job.spec.guidance_rescale} if "guidance_rescale" in call.kwargs else {}),
             **({"guidance_stop": stop} if stop is not None else {}),
             **({"strength": call.strength} if call.strength is not None else {}),
+            **({"controlnets": [unit.as_dict() for unit in job.task.controlnets]} if job.task.controlnets else {}),
             **self._device_metadata(),
             # no timings here: the same request and seed must give the same file, byte for byte
         }
@@ -505,22 +559,28 @@ class DiffusersEngine(Engine):
             for _ in range(job.task.num_images)
         ]
 
-    def _derived(self, loaded: LoadedModel, mode: str) -> Any:
-        """The loaded model's img2img or inpaint pipeline: built with ``from_pipe`` once, then kept; its
-        components are re-pointed at the loaded pipeline's before each use (the IP-Adapter's image encoder
-        comes and goes there)."""
-        derived = loaded.derived.get(mode)
+    def _derived(
+        self, loaded: LoadedModel, mode: str, controlnet: torch.nn.Module | None = None, union: bool = False
+    ) -> Any:
+        """The loaded model's img2img or inpaint pipeline, or (``controlnet`` given) its ControlNet pipeline of
+        ``mode``: built with ``from_pipe`` once, then kept; its components are re-pointed at the loaded
+        pipeline's before each use (the IP-Adapter's image encoder comes and goes there)."""
+        key = mode if controlnet is None else f"controlnet-{'union-' if union else ''}{mode}"
+        derived = loaded.derived.get(key)
         if derived is None:
-            pipeline_class = (
-                diffusers.StableDiffusionXLImg2ImgPipeline
-                if mode == "img2img"
-                else diffusers.StableDiffusionXLInpaintPipeline
-            )
+            extra: dict[str, Any] = {}
+            if controlnet is not None:
+                pipeline_class = controlnets.pipeline_class(union, mode)
+                extra["controlnet"] = controlnet
+            elif mode == "img2img":
+                pipeline_class = diffusers.StableDiffusionXLImg2ImgPipeline
+            else:
+                pipeline_class = diffusers.StableDiffusionXLInpaintPipeline
             # dtype: from_pipe casts every shared component to it, float32 unless told (which would
             # turn the loaded fp16/bf16 weights into a second, float32 copy)
-            derived = pipeline_class.from_pipe(loaded.pipe, dtype=self.dtype)
+            derived = pipeline_class.from_pipe(loaded.pipe, dtype=self.dtype, **extra)
             derived.set_progress_bar_config(disable=True)
-            loaded.derived[mode] = derived
+            loaded.derived[key] = derived
         for name, component in loaded.pipe.components.items():
             if name in derived.components and derived.components[name] is not component:
                 setattr(derived, name, component)
@@ -666,6 +726,23 @@ class DiffusersEngine(Engine):
             loaded.encoder = PromptEncoder(pipe, _execution_device(pipe), self.dtype)
         loaded.private_text_encoders = True
 
+    # --- ControlNets, LoRAs and IP-Adapter -------------------------------------------------------
+    def _controlnet(self, loaded: LoadedModel, spec: ControlNetSpec) -> torch.nn.Module:
+        """The ControlNet on the device, held with ``loaded``: as it is, taken from another held model of the
+        same base (one copy), or read from disk once (room made for it under the model cache's budget)."""
+        held = loaded.controlnets.get(spec.id)
+        if held is not None:
+            return held
+        module = next((e.controlnets[spec.id] for e in self._models.values() if spec.id in e.controlnets), None)
+        if module is None:
+            module = controlnets.load_controlnet(spec, self.dtype)
+            self.stats.controlnet_loads += 1
+            self._cache.make_room(loaded.spec.id, self._cache.incoming_bytes([module], keep=loaded.spec.id))
+        module.to(_execution_device(loaded.pipe))
+        loaded.controlnets[spec.id] = module
+        log.info("ControlNet %s ready for model %s%s", spec.id, loaded.spec.id, _cuda_memory())
+        return module
+
     # --- LoRAs and IP-Adapter ---------------------------------------------------------------
     def _lora_specs(self, task: GenerationTask) -> list[tuple[LoraSpec, float]]:
         if len(task.loras) > self.settings.max_loras:
@@ -703,6 +780,11 @@ class DiffusersEngine(Engine):
             loaded.ip_adapter_attached = True
         pipe.set_ip_adapter_scale(strength)
         return {"ip_adapter_image": reference if reference is not None else self._ip_weights.reference}
+
+
+def _takes(pipe: Any, argument: str) -> bool:
+    """Whether the pipeline's call has this argument."""
+    return argument in inspect.signature(pipe.__call__).parameters
 
 
 def _preview_maker(loaded: LoadedModel) -> Callable[[torch.Tensor], bytes]:
