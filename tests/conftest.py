@@ -101,6 +101,15 @@ loras:
     path: loras/detail.safetensors
     default_weight: 0.6
     trigger_words: null
+controlnets:
+  - id: canny-sdxl
+    name: Canny SDXL
+    description: edges
+    path: controlnets/canny.safetensors
+  - id: union-sdxl
+    name: Union SDXL
+    path: controlnets/union
+    control_types: [canny, depth]
 ip_adapter:
   path: ip/ip-adapter.safetensors
   image_encoder_path: ip/image_encoder

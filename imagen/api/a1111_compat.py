@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imagen import __version__
 from imagen.access.keys import Caller
+from imagen.api.a1111_controlnet import UnitProblem, client_field, controlnet_units
 from imagen.api.compat_jobs import LivePreviews, NoImages, Outcome, read_images, run_job
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
 from imagen.api.json_body import BadJson, read_json
@@ -57,6 +58,7 @@ from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobState
+from imagen.outputs.png import a1111_controlnet_fields
 from imagen.registry import Registry
 from imagen.registry.watch import RegistryWatcher
 
@@ -104,9 +106,9 @@ _NO_IMAGES: dict[Outcome, tuple[int, str, str]] = {
 }
 
 
-def _no_images(ended: NoImages) -> JSONResponse:
+def _no_images(ended: NoImages, unit_paths: list[str]) -> JSONResponse:
     if ended.outcome is Outcome.REFUSED:
-        return _error(422, _refusal(ended.problems), "ValidationError")
+        return _error(422, _refusal(ended.problems, unit_paths), "ValidationError")
     status, error, detail = _NO_IMAGES[ended.outcome]
     return _error(status, detail.format(ended.reason), error)
 
@@ -151,6 +153,11 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: Strength | None = None
     inpainting_mask_invert: Annotated[int, Field(ge=0, le=1), IntegerNotText] = Field(
         0, description="1: the mask's black is repainted."
+    )
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None,
+        description="`controlnet` (or `ControlNet`): `{\"args\": [unit, ...]}`, the ControlNet extension's units "
+        "(docs/controlnet.md); any other script is a 422 unless its args are `[]` or `[false]` (off).",
     )
 
 
@@ -215,7 +222,12 @@ def _inverted_mask(mask: str) -> str:
 
 
 def _generation_request(
-    fields: Txt2ImgRequest, registry: Registry, settings: Settings, default_model: str | None, mask: str | None
+    fields: Txt2ImgRequest,
+    registry: Registry,
+    settings: Settings,
+    default_model: str | None,
+    mask: str | None,
+    units: list[tuple[str, dict[str, Any]]],
 ) -> tuple[GenerationRequest | None, str | None]:
     tags = parse_lora_tags(fields.prompt, registry)
     if tags.unknown:
@@ -250,6 +262,7 @@ def _generation_request(
         "height": fields.height,
         "num_images": count,
         "scheduler": sampler,
+        "controlnets": [unit for _, unit in units],
     }
     if fields.steps is not None:
         values["steps"] = fields.steps
@@ -262,22 +275,28 @@ def _generation_request(
     try:
         return GenerationRequest.model_validate(values), None
     except ValidationError as exc:
-        return None, _problems(exc)
+        return None, _problems(exc, [path for path, _ in units])
 
 
-def _problems(exc: ValidationError) -> str:
+def _client_field(loc: tuple[str | int, ...], unit_paths: list[str]) -> str:
+    """A field of our request as the client named it (``cfg_scale``, ``alwayson_scripts.controlnet.args.0.weight``)."""
+    controlnet = client_field(loc, unit_paths)
+    if controlnet is not None:
+        return controlnet
+    return ".".join([_FIELD_NAMES.get(str(loc[0]), str(loc[0])), *map(str, loc[1:])])
+
+
+def _problems(exc: ValidationError, unit_paths: list[str] | None = None) -> str:
     """A refused body's problems, each after its field as the client named it (``cfg_scale``)."""
     return "; ".join(
-        ".".join([_FIELD_NAMES.get(str(error["loc"][0]), str(error["loc"][0])), *map(str, error["loc"][1:])])
-        + f": {error['msg']}"
-        if error["loc"] else error["msg"]
+        f"{_client_field(tuple(error['loc']), unit_paths or [])}: {error['msg']}" if error["loc"] else error["msg"]
         for error in exc.errors()
     )
 
 
-def _refusal(problems: tuple[FieldError, ...]) -> str:
+def _refusal(problems: tuple[FieldError, ...], unit_paths: list[str]) -> str:
     """The job's refusal, each problem after the field as the client named it (``mask``, not ``mask_image``)."""
-    return "; ".join(f"{_FIELD_NAMES.get(str(error.loc[0]), error.loc[0])}: {error.message}" for error in problems)
+    return "; ".join(f"{_client_field(error.loc, unit_paths)}: {error.message}" for error in problems)
 
 
 def _infotext(metadata: dict[str, Any], seed: int, model: str) -> str:
@@ -293,6 +312,7 @@ def _infotext(metadata: dict[str, Any], seed: int, model: str) -> str:
         ("Size", f"{metadata.get('width')}x{metadata.get('height')}"),
         ("Model", model),
         ("Lora", ", ".join(f"{lo['name']}:{lo['weight']}" for lo in metadata.get("loras", [])) or None),
+        *a1111_controlnet_fields(metadata).items(),
         ("Version", f"imagen {__version__}"),
     ]
     lines.append(", ".join(f"{name}: {value}" for name, value in params if value is not None))
@@ -315,7 +335,13 @@ async def _generate(
             mask = await run_in_threadpool(_inverted_mask, mask)
         except BadImage as exc:
             return _error(422, f"mask: {exc}", "ValidationError")
-    request, problem = _generation_request(fields, registry, settings, state.models.get(caller.name), mask)
+    try:
+        units = controlnet_units(
+            fields.alwayson_scripts, _data_url(fields.init_images[0]) if fields.init_images else None
+        )
+    except UnitProblem as exc:
+        return _error(422, str(exc), "ValidationError")
+    request, problem = _generation_request(fields, registry, settings, state.models.get(caller.name), mask, units)
     if request is None:
         return _error(422, problem or "invalid request", "ValidationError")
     try:
@@ -327,7 +353,7 @@ async def _generate(
         if ended.outcome is Outcome.CANCELLED:
             # A1111 answers an interrupted generation with what it has: here, no image
             return await run_in_threadpool(_images_answer, [], raw, {"interrupted": True})
-        return _no_images(ended)
+        return _no_images(ended, [path for path, _ in units])
     pngs = await read_images(backend, settings, job)
     seeds = [int(str(image["seed"])) for image in job.images]
     metadata = job.metadata

@@ -18,6 +18,7 @@ from imagen import __version__
 from imagen.access.keys import ANYONE, KeyRing
 from imagen.access.rate_limits import RateLimiter
 from imagen.api.a1111_compat import router as a1111_router
+from imagen.api.a1111_controlnet import router as a1111_controlnet_router
 from imagen.api.access import AccessMiddleware
 from imagen.api.answering import AnsweringMiddleware
 from imagen.api.body_limit import BodyLimitMiddleware
@@ -152,6 +153,7 @@ def create_app(settings: Settings | None = None, backend: JobBackend | None = No
     app.include_router(router)
     app.include_router(openai_router)  # OpenAI's /v1/images and /v1/models
     app.include_router(a1111_router)  # AUTOMATIC1111's /sdapi/v1
+    app.include_router(a1111_controlnet_router)  # its ControlNet extension's /controlnet
     install_openapi(app, lambda: registry_watcher.current, settings)
     install_web(app)  # the page at / and its files at /ui/
 

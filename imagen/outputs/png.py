@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagen.inputs.control_maps import A1111_NAMES
 from imagen.sampler_names import a1111_sampler_fields, is_sampler_name
 
 
@@ -41,6 +42,7 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     }
     if metadata.get("ip_strength"):
         fields["IP-Adapter strength"] = metadata["ip_strength"]
+    fields.update(a1111_controlnet_fields(metadata))
     loras = metadata.get("loras") or []
     lines = [prompt]
     if negative:
@@ -53,6 +55,31 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     settings += ", Version: imagen"
     lines.append(settings)
     return "\n".join(lines)
+
+
+def a1111_controlnet_fields(metadata: dict[str, Any]) -> dict[str, str]:
+    """Each ControlNet unit of a job as AUTOMATIC1111's ControlNet extension writes it in ``parameters``:
+    ``ControlNet 0: "Module: canny, Model: ..., Weight: 1.0, ..."``."""
+    fields: dict[str, str] = {}
+    width, height = metadata.get("width", 1024), metadata.get("height", 1024)
+    for index, unit in enumerate(metadata.get("controlnets") or []):
+        processor_res = unit.get("processor_res")
+        values = {
+            "Module": unit.get("preprocessor"),
+            "Model": unit.get("model"),
+            "Weight": unit.get("scale"),
+            "Resize Mode": A1111_NAMES.get(unit.get("resize_mode"), unit.get("resize_mode")),
+            "Processor Res": processor_res if processor_res is not None else min(width, height),
+            "Threshold A": unit.get("low_threshold"),
+            "Threshold B": unit.get("high_threshold"),
+            "Guidance Start": unit.get("start"),
+            "Guidance End": unit.get("end"),
+            "Pixel Perfect": processor_res is None,
+            "Control Mode": "Balanced",
+            **({"Control Type": unit["control_type"]} if unit.get("control_type") else {}),
+        }
+        fields[f"ControlNet {index}"] = '"' + ", ".join(f"{key}: {value}" for key, value in values.items()) + '"'
+    return fields
 
 
 def save_png(
