@@ -4,6 +4,7 @@ list settings; and a client of a running server: generate, status, cancel, model
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import sys
 from pathlib import Path
@@ -112,6 +113,29 @@ def _lora(text: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(f"the weight of {text!r} is not a number") from None
 
 
+def _control(text: str) -> dict[str, object]:
+    """``MODEL:IMAGE[:SCALE]``: a ControlNet unit whose control image is a local file (sent as a data URL)."""
+    model, sep, rest = text.partition(":")
+    if not model or not sep or not rest:
+        raise argparse.ArgumentTypeError(f"expected MODEL:IMAGE[:SCALE], not {text!r}")
+    unit: dict[str, object] = {"model": model}
+    path, colon, scale = rest.rpartition(":")
+    if colon:
+        try:
+            unit["scale"] = float(scale)
+        except ValueError:
+            path = rest  # a colon in the file's name, no scale
+    else:
+        path = rest
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the control image {path!r}: {exc.strerror}") from None
+    # the server reads the format from the bytes; the data URL's type is only a label
+    unit["image"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return unit
+
+
 def _client(args: argparse.Namespace) -> int:
     from imagen.client import run
 
@@ -123,6 +147,8 @@ def _client(args: argparse.Namespace) -> int:
         body.update({field: value for field, value in optional.items() if value is not None})
         if args.lora:
             body["loras"] = args.lora
+        if args.control:
+            body["controlnets"] = args.control
         if args.size is not None:
             body["width"], body["height"] = args.size
         options = {"body": body, "output": args.output}
@@ -174,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=None, help="model id (imagen models)")
     generate.add_argument("--lora", action="append", type=_lora, default=[], metavar="ID[:WEIGHT]",
                           help="a LoRA (imagen loras); repeat for several")
+    generate.add_argument("--control", action="append", type=_control, default=[], metavar="MODEL:IMAGE[:SCALE]",
+                          help="a ControlNet (imagen controlnets) guided by a control map file; repeat for several")
     generate.add_argument("--steps", type=int, default=None)
     generate.add_argument("--cfg", type=float, default=None, help="guidance scale")
     generate.add_argument("--seed", type=int, default=None)
@@ -188,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, parents=[server], help=help_text)
         command.add_argument("job_id")
         command.set_defaults(handler=_client)
-    for name, help_text in (("models", "the server's models"), ("loras", "the server's LoRAs")):
+    for name, help_text in (
+        ("models", "the server's models"), ("loras", "the server's LoRAs"), ("controlnets", "the server's ControlNets")
+    ):
         commands.add_parser(name, parents=[server], help=help_text).set_defaults(handler=_client)
     return parser
 

@@ -1,4 +1,4 @@
-"""The command-line client: ``imagen generate|status|cancel|models|loras`` against a running server.
+"""The command-line client: ``imagen generate|status|cancel|models|loras|controlnets`` against a running server.
 
 It speaks the server's own API (``POST /generate``, ``/events`` or ``/status``, ``/image``, ``/cancel``),
 follows a job with a live progress bar (the server's progress events when it has ``/events``, else polling
@@ -217,6 +217,17 @@ def list_loras(client: ImagenClient) -> int:
     return 0
 
 
+def list_controlnets(client: ImagenClient) -> int:
+    listed = client.json("GET", "/controlnets")
+    for controlnet in listed["controlnets"]:
+        types = controlnet["control_types"]
+        fits = ", ".join(controlnet["models"]) or "no model here"
+        line = f"{controlnet['id']}\t{controlnet['name']}\tfits: {fits}"
+        print(line + (f"\ttypes: {', '.join(types)}" if types else ""))
+    print("preprocessors: " + ", ".join(p["name"] for p in listed["preprocessors"]))
+    return 0
+
+
 def run(command: str, url: str | None, key: str | None, **options: Any) -> int:
     """One client command; errors are one line on stderr and exit 1."""
     client = ImagenClient(url, key)
@@ -230,6 +241,8 @@ def run(command: str, url: str | None, key: str | None, **options: Any) -> int:
             return cancel(client, options["job_id"])
         if command == "models":
             return list_models(client)
+        if command == "controlnets":
+            return list_controlnets(client)
         return list_loras(client)
     except ClientError as exc:
         print(f"imagen {command}: {exc}", file=sys.stderr)

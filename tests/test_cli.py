@@ -96,6 +96,20 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
     assert [line.split("\t")[0] for line in models.stdout.splitlines()] == ["sdxl-base", "pony-xl-v6"]
     loras = imagen("loras", cwd=tmp_path, env=env)
     assert "anime-style" in loras.stdout and "triggers: anime style, detailed" in loras.stdout
+    controlnets = imagen("controlnets", cwd=tmp_path, env=env).stdout.splitlines()
+    assert controlnets[1].endswith("fits: sdxl-base, pony-xl-v6\ttypes: canny, depth")
+    assert controlnets[-1] == "preprocessors: none, canny"
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "edges:map.png")  # a colon in a file's name is kept
+    guided = imagen("generate", "guided", "--control", "canny-sdxl:edges:map.png:0.6", "--steps", "10", cwd=tmp_path,
+                    env=env)  # fmt: skip
+    assert guided.returncode == 0, guided.stderr
+    guided_job = guided.stderr.split("job ", 1)[1].split()[0]
+    status_of_guided = httpx.get(f"{process.url}/status/{guided_job}", headers={"Authorization": f"Bearer {key}"})
+    assert [(u["model"], u["scale"]) for u in status_of_guided.json()["result"]["metadata"]["controlnets"]] == [
+        ("canny-sdxl", 0.6)
+    ]
+    assert imagen("generate", "x", "--control", "canny-sdxl:missing.png", cwd=tmp_path, env=env).returncode == 2
 
     # errors: one line, exit 1; usage: exit 2
     for args in (("generate", "fatal", "--steps", "10"), ("status", "no-such-job"), ("cancel", job_id),

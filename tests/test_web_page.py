@@ -194,6 +194,15 @@ def wait_image(page: Page) -> None:
     expect(page.locator("#details")).to_be_visible()
 
 
+def open_section(page: Page, name: str) -> None:
+    """Unfold a section of settings (``details[data-section]``, folded by default) by its summary, as a person
+    does."""
+    section = page.locator(f'details[data-section="{name}"]')
+    if section.get_attribute("open") is None:
+        section.locator("summary").click()
+    expect(section).to_have_attribute("open", "")
+
+
 def param(page: Page, name: str) -> str:
     return page.locator(f'#params [data-param="{name}"] dd').inner_text()
 
@@ -262,6 +271,7 @@ def job_status(server: ServerProcess, job_id: str, headers: dict[str, str] | Non
 # -- scenarios -----------------------------------------------------------------------------------------
 def test_cancel_a_running_job(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
     page = ready(make_page(scripted))
+    open_section(page, "size")
     page.locator("#steps").fill("50")
     run_job(page, "sleep 60")
     expect(page.locator("#phase")).to_have_text("Drawing")  # step names from the job's progress
@@ -279,6 +289,7 @@ def test_cancel_a_running_job(make_page: Callable[..., Page], scripted: ServerPr
 
 def test_a_422_is_shown_next_to_the_field(make_page: Callable[..., Page], scripted: ServerProcess, shots: Path) -> None:
     page = ready(make_page(scripted))
+    open_section(page, "size")
     page.locator("#steps").fill("5")  # the reference: 10-100; the page lets the server say so
     run_job(page, "a boat")
     error = page.locator("#error-steps")
@@ -306,6 +317,7 @@ def test_the_queue_position_then_the_queue_full_as_a_sentence(
         running = http.post("/generate", json={"prompt": "sleep 60", "steps": 10}).json()["job_id"]
         wait_for(lambda: job_status(server, running)["status"] == "PROGRESS", timeout=30)
     waiting_page = ready(make_page(server))
+    open_section(waiting_page, "size")
     waiting_page.locator("#steps").fill("10")
     run_job(waiting_page, "sleep 60")
     expect(waiting_page.locator("#phase")).to_have_text("Waiting in the queue · position 1")
@@ -334,6 +346,7 @@ def test_the_server_stopped_mid_job_then_back(
 ) -> None:
     server = servers.start("restart")
     page = ready(make_page(server))
+    open_section(page, "size")
     page.locator("#steps").fill("10")
     run_job(page, "sleep 3")
     expect(page.locator("#phase")).to_have_text("Drawing")
@@ -392,6 +405,7 @@ def test_usable_at_360_px(make_page: Callable[..., Page], scripted: ServerProces
     run_job(page, "a small house by a lake")
     wait_image(page)
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # nothing sticks out sideways
+    open_section(page, "size")
     for selector in ("#prompt", "#generate", "#frame", "#download", "#steps", "#seed"):
         box = page.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, selector
@@ -520,10 +534,12 @@ def test_live_previews_and_the_extra_fields_come_from_the_server(
     document = httpx.get(server.url + "/openapi.json").json()
     offered = document["components"]["schemas"]["GenerationRequest"]["properties"]
     core = {"prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "webhook",
-            "webhook_events_filter"}
+            "webhook_events_filter", "controlnets"}  # controlnets: a section of its own (its test below)
     expected = {name for name, spec in offered.items()
                 if name not in core and not (name == "ip_strength" and spec.get("maximum") == 0)}
-    assert set(page.locator("#extras [name]").evaluate_all("els => els.map(e => e.name)")) == expected
+    assert set(page.locator("[data-extra] [name]").evaluate_all("els => els.map(e => e.name)")) == expected
+    open_section(page, "size")
+    open_section(page, "images")
     for name in expected:
         expect(page.locator(f'label[for="{name}"]')).to_be_visible()
     page.locator("#steps").fill("20")
@@ -552,6 +568,7 @@ def test_without_events_or_cancel_in_the_document_the_page_polls_and_shows_no_ca
     ready(page)
     asked: list[str] = []
     page.on("request", lambda request: asked.append(request.url.removeprefix(scripted.url)))
+    open_section(page, "size")
     page.locator("#steps").fill("10")
     run_job(page, "sleep 1.5")
     expect(page.locator("#phase")).to_have_text("Drawing")
@@ -596,6 +613,7 @@ def test_size_images_and_sampler_appear_when_the_document_offers_them(
     page.route("**/generate", refuse_width)
     page.reload()
     ready(page)
+    open_section(page, "size")
     for name, label in (("width", "Width"), ("height", "Height"), ("num_images", "Number of images"),
                         ("scheduler", "Sampler")):
         expect(page.locator(f'label[for="{name}"]')).to_contain_text(label)
@@ -616,6 +634,296 @@ def test_size_images_and_sampler_appear_when_the_document_offers_them(
         "width": 1001, "height": 1216, "num_images": 2, "scheduler": "DPM++ 2M Karras",
     }, sent
     page.screenshot(path=shots / "13-extra-fields.png")
+
+
+SECTION_NAMES = ("size", "images", "controlnet")
+
+
+def shown_sections(page: Page) -> list[str]:
+    names: list[str] = page.locator("details[data-section]:not([hidden])").evaluate_all(
+        "els => els.map((d) => d.dataset.section)"
+    )
+    return names
+
+
+def no_sideways_scroll(page: Page) -> None:
+    overflow = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert overflow[0] <= overflow[1], overflow
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 800), (360, 740)], ids=["desktop", "360px"])
+def test_the_settings_are_in_folded_sections_that_remember_being_open(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path, width: int, height: int
+) -> None:
+    page = ready(make_page(scripted, width=width, height=height))
+    # first, always visible: the prompt, Generate, the model, the LoRAs; the rest folded
+    for selector in ("#prompt", "#generate", "#negative_prompt", "#model", "#loras-field"):
+        expect(page.locator(selector)).to_be_visible()
+    sections = shown_sections(page)
+    assert sections[:2] == ["size", "images"], sections
+    for name in sections:
+        expect(page.locator(f'details[data-section="{name}"]')).not_to_have_attribute("open", "")
+    for selector in ("#steps", "#guidance_scale", "#seed", "#init_image", "#strength"):
+        expect(page.locator(selector)).to_be_hidden()
+    expect(page.locator("#section-size summary")).to_have_text("Size and sampler")
+    expect(page.locator("#section-images summary")).to_have_text("Image inputs")
+    no_sideways_scroll(page)
+    generate = page.locator("#generate").bounding_box()
+    assert generate is not None and generate["y"] + generate["height"] <= height  # on the first screen
+    page.screenshot(path=shots / f"14-sections-folded-{width}.png", full_page=True)
+
+    # a summary opens with the keyboard (native <details>); its controls show, the other sections stay folded
+    page.locator("#section-size summary").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#section-size")).to_have_attribute("open", "")
+    for selector in ("#steps", "#guidance_scale", "#seed", "#seed-random"):
+        expect(page.locator(selector)).to_be_visible()
+    expect(page.locator("#init_image")).to_be_hidden()
+    open_section(page, "images")  # by a click
+    for selector in ("#init_image", "#mask_image", "#strength"):
+        expect(page.locator(selector)).to_be_visible()
+    for name in sections:
+        open_section(page, name)
+    no_sideways_scroll(page)
+    for selector in ("#steps", "#seed", "#init_image", "#strength"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, selector
+    page.screenshot(path=shots / f"15-sections-open-{width}.png", full_page=True)
+    check_accessibility(page, f"sections open at {width} px")
+
+    # kept across a reload; closing one is kept too
+    page.locator("#section-images summary").click()
+    expect(page.locator("#section-images")).not_to_have_attribute("open", "")
+    page.wait_for_function("() => JSON.parse(localStorage.getItem('imagen.sections') || '{}').images === false")
+    page.reload()
+    ready(page)
+    expect(page.locator("#section-size")).to_have_attribute("open", "")
+    expect(page.locator("#steps")).to_be_visible()
+    expect(page.locator("#section-images")).not_to_have_attribute("open", "")
+    expect(page.locator("#init_image")).to_be_hidden()
+
+
+def test_a_job_submits_from_the_first_screen_and_a_refused_field_opens_its_section(
+    make_page: Callable[..., Page], scripted: ServerProcess
+) -> None:
+    page = ready(make_page(scripted, width=360, height=740))
+    sent: list[dict[str, Any]] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data or "{}")) if r.url.endswith("/generate") else None)
+    page.locator("#prompt").fill("a lighthouse, the defaults")
+    page.locator("#generate").click()  # nothing unfolded
+    wait_image(page)
+    assert param(page, "steps") == "30" and param(page, "guidance_scale") == "7.5"
+    assert "controlnets" not in sent[-1] and sent[-1]["steps"] == 30, sent
+    expect(page.locator("#section-size")).not_to_have_attribute("open", "")
+    # a value the server refuses, in a section folded again since: the section opens on the field
+    open_section(page, "size")
+    page.locator("#steps").fill("5")
+    page.locator("#section-size summary").click()
+    expect(page.locator("#steps")).to_be_hidden()
+    page.locator("#prompt").press("Control+Enter")
+    expect(page.locator("#error-steps")).to_be_visible()
+    expect(page.locator("#section-size")).to_have_attribute("open", "")
+    expect(page.locator("#steps")).to_be_focused()
+
+
+def control_png(size: int = 128) -> bytes:
+    """A black square on white: its canny map is black with white edges."""
+    image = Image.new("RGB", (size, size), "white")
+    image.paste((0, 0, 0), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url_image(src: str) -> Image.Image:
+    assert src.startswith("data:image/"), src[:40]
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+def is_edge_map(image: Image.Image) -> bool:
+    """Mostly black, with some white: an edge map (not the white control image itself)."""
+    histogram = image.convert("L").histogram()
+    white = sum(histogram[128:]) / sum(histogram)
+    return 0.0 < white < 0.25
+
+
+def test_the_controlnet_section_against_a_described_server(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path
+) -> None:
+    """The section's own behaviour, the ControlNet routes answered by the test (the scripted engine draws no
+    ControlNet): only the ControlNets that fit the model, a Union's control type, the canny thresholds only
+    for canny, a detected preview, one unit sent with an image and none without, a unit's refused field."""
+    unit_schema = {
+        "type": "object", "required": ["model", "image"],
+        "properties": {
+            "model": {"type": "string"}, "image": {"type": "string"},
+            "scale": {"type": "number", "minimum": 0, "maximum": 2, "default": 1.0},
+            "start": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0},
+            "end": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0},
+            "preprocessor": {"type": "string", "enum": ["none", "canny"], "default": "none"},
+            "resize_mode": {"type": "string", "enum": ["crop", "fill", "stretch"], "default": "crop"},
+            "control_type": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "low_threshold": {"type": "integer", "minimum": 1, "maximum": 255, "default": 100},
+            "high_threshold": {"type": "integer", "minimum": 1, "maximum": 255, "default": 200},
+            "processor_res": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None},
+        },
+    }  # fmt: skip
+    listing = {
+        "controlnets": [
+            {"id": "canny-xl", "name": "Canny XL", "description": "Edges", "base": "sdxl", "control_types": None,
+             "models": ["sdxl-base"]},
+            {"id": "union-xl", "name": "Union XL", "description": "Many", "base": "sdxl",
+             "control_types": ["canny", "depth"], "models": ["sdxl-base"]},
+        ],
+        "preprocessors": [{"name": "none", "description": "as is"}, {"name": "canny", "description": "edges"}],
+    }  # fmt: skip
+    detected: list[dict[str, Any]] = []
+    sent: list[dict[str, Any]] = []
+
+    def described(route: Any) -> None:
+        document = route.fetch().json()
+        document["components"]["schemas"]["ControlNetUnit"] = unit_schema
+        document["components"]["schemas"]["GenerationRequest"]["properties"]["controlnets"] = {
+            "type": "array", "items": {"$ref": "#/components/schemas/ControlNetUnit"}, "maxItems": 3, "default": [],
+        }  # fmt: skip
+        document["paths"]["/controlnets"] = {"get": {"responses": {"200": {"description": "the ControlNets"}}}}
+        route.fulfill(json=document)
+
+    def detect(route: Any) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        detected.append(body)
+        edges = Image.new("L", (64, 64), 0)
+        edges.paste(255, (16, 16, 48, 17))
+        buffer = io.BytesIO()
+        edges.save(buffer, format="PNG")
+        route.fulfill(json={"images": [base64.b64encode(buffer.getvalue()).decode()], "info": "Success"})
+
+    def generate(route: Any) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        sent.append(body)
+        if "controlnets" in body:
+            route.fulfill(status=422, json={"detail": [
+                {"type": "less_than_equal", "loc": ["body", "controlnets", 0, "scale"],
+                 "msg": "Input should be less than or equal to 2", "input": 3}
+            ]})  # fmt: skip
+        else:
+            route.continue_()
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", described)
+    page.route("**/controlnets", lambda route: route.fulfill(json=listing))
+    page.route("**/controlnet/detect", detect)
+    page.route("**/generate", generate)
+    page.reload()
+    ready(page)
+    section = page.locator("#section-controlnet")
+    expect(section).to_be_visible()
+    expect(section).not_to_have_attribute("open", "")
+    open_section(page, "controlnet")
+    expect(page.locator("#cn-model option")).to_have_text(["Canny XL", "Union XL"])
+    expect(page.locator("#cn-scale")).to_have_value("1")
+    expect(page.locator('label[for="cn-scale"]')).to_contain_text("0–2")
+    expect(page.locator("#cn-preprocessor")).to_have_value("none")
+    expect(page.locator("#cn-thresholds")).to_be_hidden()
+    expect(page.locator("#cn-control_type-field")).to_be_hidden()
+    page.locator("#cn-model").select_option("union-xl")
+    expect(page.locator("#cn-control_type option")).to_have_text(["canny", "depth"])
+    page.locator("#cn-model").select_option("canny-xl")
+    expect(page.locator("#cn-control_type-field")).to_be_hidden()
+    # another model, none fits: the section says so (and which models have one)
+    page.locator("#model").select_option("pony-xl-v6")
+    expect(page.locator("#cn-status")).to_have_text(
+        "No ControlNet of this server fits Pony Diffusion XL V6. Models that have one: SDXL Base 1.0."
+    )
+    expect(page.locator("#cn-unit")).to_be_hidden()
+    page.locator("#model").select_option("sdxl-base")
+    expect(page.locator("#cn-unit")).to_be_visible()
+    expect(page.locator("#cn-status")).to_be_hidden()
+    expect(page.locator("#cn-model")).to_have_value("canny-xl")  # the choice kept
+
+    # an image: "none" shows the image itself; canny asks the server for the map
+    png = control_png()
+    page.locator("#cn-image").set_input_files({"name": "square.png", "mimeType": "image/png", "buffer": png})
+    preview = page.locator("#cn-preview")
+    expect(preview).to_have_attribute("data-preprocessor", "none")
+    assert (preview.get_attribute("src") or "") == "data:image/png;base64," + base64.b64encode(png).decode()
+    assert detected == []
+    page.locator("#cn-preprocessor").select_option("canny")
+    expect(page.locator("#cn-thresholds")).to_be_visible()
+    expect(page.locator("#cn-low_threshold")).to_have_value("100")
+    expect(page.locator("#cn-high_threshold")).to_have_value("200")
+    expect(preview).to_have_attribute("data-preprocessor", "canny")
+    image_loaded(page, "#cn-preview")
+    assert is_edge_map(data_url_image(preview.get_attribute("src") or ""))
+    expect(page.locator("#cn-preview-status")).to_have_text("Detected map (canny).")
+    assert detected[-1]["controlnet_module"] == "canny"
+    assert detected[-1]["controlnet_threshold_a"] == 100 and detected[-1]["controlnet_threshold_b"] == 200
+    assert detected[-1]["controlnet_input_images"][0].startswith("data:image/png;base64,")
+    with page.expect_request("**/controlnet/detect") as again:  # a threshold changed: detected again with it
+        page.locator("#cn-low_threshold").fill("50")
+    assert json.loads(again.value.post_data or "{}")["controlnet_threshold_a"] == 50
+    expect(page.locator("#cn-preview-box")).not_to_have_attribute("aria-busy", "true")
+    expect(preview).to_have_attribute("data-preprocessor", "canny")
+    no_sideways_scroll(page)
+    page.screenshot(path=shots / "16-controlnet-section.png", full_page=True)
+    check_accessibility(page, "the ControlNet section")
+    page.set_viewport_size({"width": 360, "height": 740})  # on a phone too
+    no_sideways_scroll(page)
+    for selector in ("#cn-image", "#cn-model", "#cn-high_threshold", "#cn-scale", "#cn-end", "#cn-preview"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, selector
+    page.screenshot(path=shots / "16b-controlnet-section-360.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+    # sent as one unit; a unit's field the server refuses is marked in the section, opened again for it
+    page.locator("#cn-scale").fill("1.5")
+    expect(page.locator("#cn-scale-out")).to_have_text("1.50")
+    page.locator("#section-controlnet summary").click()
+    run_job(page, "a house along the edges")
+    expect(page.locator("#error-cn-scale")).to_have_text("Input should be less than or equal to 2")
+    expect(section).to_have_attribute("open", "")
+    expect(page.locator("#cn-scale")).to_be_focused()
+    unit = sent[-1]["controlnets"]
+    assert len(unit) == 1 and unit[0] | {"image": None} == {
+        "model": "canny-xl", "image": None, "preprocessor": "canny", "scale": 1.5, "start": 0, "end": 1,
+        "low_threshold": 50, "high_threshold": 200,
+    }, unit  # fmt: skip
+    assert unit[0]["image"] == "data:image/png;base64," + base64.b64encode(png).decode()
+    # without the image: no unit at all
+    page.locator("#cn-clear").click()
+    expect(page.locator("#cn-preview-box")).to_be_hidden()
+    expect(page.locator("#cn-image")).to_be_focused()
+    page.locator("#generate").click()
+    wait_image(page)
+    assert "controlnets" not in sent[-1], sent[-1]
+    # in French
+    page.locator("#lang").select_option("fr")
+    expect(page.locator("#section-controlnet summary")).to_have_text("ControlNet")
+    expect(page.locator("#section-size summary")).to_have_text("Taille et échantillonneur")
+    expect(page.locator('label[for="cn-image"]')).to_have_text("Image de contrôle")
+    expect(page.locator("#cn-preprocessor option:checked")).to_have_text("Canny (contours)")
+
+
+def test_a_server_without_a_controlnet_says_so(make_page: Callable[..., Page], scripted: ServerProcess) -> None:
+    """A document that offers ``controlnets``, a registry with none: the section says there is none."""
+
+    def described(route: Any) -> None:
+        document = route.fetch().json()
+        document["components"]["schemas"]["GenerationRequest"]["properties"]["controlnets"] = {
+            "type": "array", "items": {"type": "object"}, "maxItems": 0, "default": []
+        }  # fmt: skip
+        route.fulfill(json=document)
+
+    page = make_page(scripted)
+    page.route("**/openapi.json", described)
+    page.route("**/controlnets", lambda route: route.fulfill(json={"controlnets": [], "preprocessors": []}))
+    page.reload()
+    ready(page)
+    open_section(page, "controlnet")
+    expect(page.locator("#cn-status")).to_have_text(
+        "This server has no ControlNet (its operator adds them to the registry)."
+    )
+    expect(page.locator("#cn-unit")).to_be_hidden()
 
 
 # -- real pipelines last: their servers load their models while the tests above run (load_the_models_early)
@@ -662,6 +970,7 @@ def test_generate_with_defaults_using_the_keyboard_only(
     expect(page.locator("#prompt")).to_have_value("a lighthouse on a cliff at dusk")
     expect(page.locator("#seed")).to_have_value(seed)
     expect(page.locator("#seed-random")).not_to_be_checked()
+    open_section(page, "size")
     page.locator("#seed-random").check()
     expect(page.locator("#seed")).to_be_disabled()
     page.locator("#seed-reuse").click()
@@ -697,6 +1006,7 @@ def test_a_lora_with_a_weight_is_shown_in_the_results_parameters(
     page.locator("#lora-anime-style").check()
     page.locator("#lora-weight-anime-style").fill("1.25")
     expect(lora.locator("output")).to_have_text("1.25")
+    open_section(page, "size")
     page.locator("#steps").fill("10")
     run_job(page, "a cute character with big eyes")
     wait_image(page)
@@ -712,6 +1022,7 @@ def test_a_fixed_seed_twice_gives_the_same_image_bytes(
     make_page: Callable[..., Page], diffusers: ServerProcess
 ) -> None:
     page = ready(make_page(diffusers))
+    open_section(page, "size")
     page.locator("#seed-random").uncheck()
     page.locator("#seed").fill("1234")
     page.locator("#steps").fill("10")
@@ -726,3 +1037,45 @@ def test_a_fixed_seed_twice_gives_the_same_image_bytes(
     assert images[0] == images[1]
     with diffusers.client() as http:
         assert http.get(f"/image/{first}").content == http.get(f"/image/{second}").content == images[0]
+
+
+def test_a_controlnet_job_with_a_detected_canny_map(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    """The tiny fixtures' ``tiny-canny``: listed for the model, a canny preview from POST /controlnet/detect
+    (an edge map), one unit sent with the job, and the job done by the real pipeline."""
+    listed = httpx.get(diffusers.url + "/controlnets").json()
+    assert "tiny-canny" in [c["id"] for c in listed["controlnets"]], listed
+    page = ready(make_page(diffusers))
+    open_section(page, "controlnet")
+    expect(page.locator("#cn-status")).to_be_hidden()
+    expect(page.locator('#cn-model option[value="tiny-canny"]')).to_be_attached()
+    page.locator("#cn-model").select_option("tiny-canny")
+    page.locator("#cn-image").set_input_files({"name": "square.png", "mimeType": "image/png", "buffer": control_png()})
+    preview = page.locator("#cn-preview")
+    expect(preview).to_have_attribute("data-preprocessor", "none")  # the image itself
+    page.locator("#cn-preprocessor").select_option("canny")
+    expect(page.locator("#cn-thresholds")).to_be_visible()
+    expect(preview).to_have_attribute("data-preprocessor", "canny")  # the server's map
+    image_loaded(page, "#cn-preview")
+    assert is_edge_map(data_url_image(preview.get_attribute("src") or ""))
+    page.screenshot(path=shots / "17-controlnet-canny.png", full_page=True)
+    open_section(page, "size")
+    page.locator("#steps").fill("10")
+    with page.expect_request("**/generate") as request:
+        run_job(page, "a house along the edges")
+    unit = json.loads(request.value.post_data or "{}")["controlnets"]
+    assert [(u["model"], u["preprocessor"], u["low_threshold"], u["high_threshold"]) for u in unit] == [
+        ("tiny-canny", "canny", 100, 200)
+    ], unit
+    wait_image(page)
+    job_id = gallery(page)[0]["id"]
+    assert job_status(diffusers, job_id)["status"] == "SUCCESS"
+    assert param(page, "controlnets") == "tiny-canny (canny) × 1"
+    # "Use these settings again" brings the unit's settings back (its image is chosen again)
+    page.locator("#cn-scale").fill("0.5")
+    page.locator("#cn-preprocessor").select_option("none")
+    page.locator("#reuse").click()
+    expect(page.locator("#cn-scale")).to_have_value("1")
+    expect(page.locator("#cn-preprocessor")).to_have_value("canny")
+    expect(page.locator("#cn-thresholds")).to_be_visible()

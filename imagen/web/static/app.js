@@ -14,11 +14,13 @@
   const LANG = "imagen.lang";
   const GALLERY = "imagen.gallery";
   const LAST_SEED = "imagen.lastSeed";
+  const SECTIONS = "imagen.sections"; // {size: true, ...}: the folded sections a person opened
   const GALLERY_MAX = 24;
   const POLL_MS = 1000;
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   // The reference's fields, drawn by the page itself; any other field the server offers gets a control.
-  const CORE = new Set(["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed"]);
+  // ``controlnets`` has a section of its own (a unit's image, model, preprocessor and preview).
+  const CORE = new Set(["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "controlnets"]);
   const NOT_FOR_PEOPLE = new Set(["webhook", "webhook_events_filter"]);
   const FALLBACK = { steps: { minimum: 10, maximum: 100, default: 30 }, guidance_scale: { minimum: 1, maximum: 30, default: 7.5 } };
 
@@ -85,6 +87,7 @@
       el.textContent = t(el.dataset.i18n, el.dataset.i18nVars ? JSON.parse(el.dataset.i18nVars) : undefined);
     }
     for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+    for (const el of document.querySelectorAll("[data-i18n-alt]")) el.alt = t(el.dataset.i18nAlt);
     for (const el of document.querySelectorAll("[data-i18n-aria-label]")) {
       el.setAttribute("aria-label", t(el.dataset.i18nAriaLabel, el.dataset.i18nVars ? JSON.parse(el.dataset.i18nVars) : undefined));
     }
@@ -164,6 +167,8 @@
     shown: null, // the gallery entry on the stage
     blobs: new Map(), // url -> object URL
     sentLoras: [],
+    controlnets: null, // GET /controlnets: {controlnets, preprocessors}; null where the server has none
+    cnUnit: {}, // the ControlNetUnit schema's fields (ranges, defaults)
   };
 
   // -- API keys ---------------------------------------------------------------------------------------
@@ -215,6 +220,7 @@
   function forgetPrompt() {
     $("prompt").value = "";
     $("negative_prompt").value = "";
+    clearControlImage(); // another person's picture is theirs too
   }
 
   function keyGiven() {
@@ -322,14 +328,20 @@
     state.features.events = Boolean(events) && typeof ReadableStream !== "undefined";
     state.features.preview = Boolean(events && events.get && (events.get.parameters || []).some((p) => p.name === "preview"));
     buildExtras(doc, props);
+    applyControlnetSchema(doc, props);
   }
 
   // Extra fields in this order when the server offers them; any other one after them.
   const EXTRA_ORDER = ["width", "height", "num_images", "scheduler", "sampler", "clip_skip", "init_image", "mask_image", "strength", "ip_strength", "ip_image"];
+  // The folded section each extra field goes to: images in "Image inputs", any other in "Size and sampler".
+  const IMAGE_INPUTS = new Set(["init_image", "mask_image", "strength", "ip_strength", "ip_image"]);
 
   function buildExtras(doc, props) {
-    const box = $("extras");
+    const box = $("extras-size");
+    const images = $("extras-images");
     box.replaceChildren();
+    images.replaceChildren();
+    $("extras-size-top").replaceChildren();
     state.extras = [];
     const sizes = [];
     const names = Object.keys(props).sort((a, b) => rank(a) - rank(b));
@@ -343,14 +355,17 @@
       const control = extraControl(name, spec);
       if (!control) continue;
       state.extras.push(name);
+      control.dataset.extra = name;
       if (name === "width" || name === "height") sizes.push(control);
+      else if (IMAGE_INPUTS.has(name) || /_image$/.test(name)) images.append(control);
       else box.append(control);
     }
+    $("section-images").hidden = images.childElementCount === 0;
     if (sizes.length) {
       const row = document.createElement("div");
       row.className = "grid2";
       row.append(...sizes);
-      box.prepend(row);
+      $("extras-size-top").append(row);
       for (const name of ["width", "height"]) if ($(name)) $(name).addEventListener("input", reserveFromForm);
     }
   }
@@ -490,6 +505,7 @@
     const model = state.models.find((m) => m.id === $("model").value);
     $("negative_prompt").placeholder = (model && model.default_negative) || "";
     $("model-desc").textContent = (model && model.description) || "";
+    renderControlnets();
   }
 
   function renderLoras() {
@@ -571,6 +587,293 @@
     }
   }
 
+  // -- the folded sections ----------------------------------------------------------------------------
+  /** Each section (a native <details>) opens as this browser left it; folded the first time. */
+  function wireSections() {
+    const open = store.get(SECTIONS, {}) || {};
+    for (const details of document.querySelectorAll("details[data-section]")) {
+      details.open = open[details.dataset.section] === true;
+      details.addEventListener("toggle", () => {
+        const kept = store.get(SECTIONS, {}) || {};
+        if (kept[details.dataset.section] === details.open) return;
+        kept[details.dataset.section] = details.open;
+        store.set(SECTIONS, kept);
+      });
+    }
+  }
+
+  /** Open the section that holds ``el`` (a field the server refused must be seen). */
+  function reveal(el) {
+    const details = el && el.closest("details");
+    if (details && !details.open) details.open = true;
+  }
+
+  // -- ControlNet: one unit ---------------------------------------------------------------------------
+  // Ranges and defaults come from the document's ControlNetUnit; these only until it says better.
+  const CN_FALLBACK = {
+    scale: { minimum: 0, maximum: 2, default: 1 },
+    start: { minimum: 0, maximum: 1, default: 0 },
+    end: { minimum: 0, maximum: 1, default: 1 },
+    low_threshold: { minimum: 1, maximum: 255, default: 100 },
+    high_threshold: { minimum: 1, maximum: 255, default: 200 },
+  };
+  const CN_PROCESSOR_RES = 512; // the preview's size (AUTOMATIC1111's default for /controlnet/detect)
+  const cn = { image: null, reading: null, run: 0, timer: null };
+
+  function applyControlnetSchema(doc, props) {
+    const schemas = (doc && doc.components && doc.components.schemas) || {};
+    const unit = (schemas.ControlNetUnit && schemas.ControlNetUnit.properties) || {};
+    state.cnUnit = {};
+    for (const [name, spec] of Object.entries(unit)) state.cnUnit[name] = resolveSchema(doc, spec) || {};
+    const list = props.controlnets ? resolveSchema(doc, props.controlnets) || {} : null;
+    state.cnOffered = Boolean(list);
+    state.cnMax = list && list.maxItems !== undefined ? list.maxItems : null;
+    for (const name of Object.keys(CN_FALLBACK)) {
+      const spec = { ...CN_FALLBACK[name] };
+      for (const [key, value] of Object.entries(state.cnUnit[name] || {})) if (value !== undefined) spec[key] = value;
+      const input = $(`cn-${name}`);
+      if (spec.minimum !== undefined) input.min = spec.minimum;
+      if (spec.maximum !== undefined) input.max = spec.maximum;
+      // a value left at the previous default takes the server's; one a person typed stays
+      if (spec.default !== undefined && spec.default !== null && (input.dataset.default === undefined || input.value === input.dataset.default)) {
+        input.value = String(spec.default);
+        input.dataset.default = input.value;
+      }
+      $(`cn-${name}-range`).textContent = `${spec.minimum ?? ""}–${spec.maximum ?? ""}`;
+    }
+    showScale();
+  }
+
+  function showScale() {
+    $("cn-scale-out").textContent = Number($("cn-scale").value).toFixed(2);
+  }
+
+  /** The section, filled for the model chosen: only the ControlNets that fit it. */
+  function renderControlnets() {
+    const section = $("section-controlnet");
+    const data = state.controlnets;
+    section.hidden = !(state.cnOffered && data);
+    if (section.hidden) return;
+    const preprocessors = $("cn-preprocessor");
+    if (!preprocessors.options.length) {
+      const spec = state.cnUnit.preprocessor || {};
+      const listed = Array.isArray(data.preprocessors) && data.preprocessors.length ? data.preprocessors : (spec.enum || ["none"]).map((name) => ({ name }));
+      for (const pre of listed) {
+        const option = document.createElement("option");
+        option.value = typeof pre === "string" ? pre : pre.name;
+        if (I18N.en[`pre_${option.value}`]) say(option, `pre_${option.value}`);
+        else option.textContent = option.value;
+        if (pre.description) option.dataset.description = plain(pre.description);
+        preprocessors.append(option);
+      }
+      preprocessors.value = spec.default || "none";
+      if (!preprocessors.value && preprocessors.options.length) preprocessors.selectedIndex = 0;
+      onPreprocessorChange();
+    }
+    const modelId = $("model").value;
+    const model = state.models.find((m) => m.id === modelId);
+    const all = state.cnMax === 0 ? [] : data.controlnets;
+    const fitting = (c, m) => {
+      if (Array.isArray(c.models)) return c.models.includes(m && m.id);
+      return m && Array.isArray(m.controlnets) ? m.controlnets.includes(c.id) : true;
+    };
+    const fits = all.filter((c) => fitting(c, model));
+    const select = $("cn-model");
+    const before = select.value;
+    select.replaceChildren();
+    for (const c of fits) {
+      const option = document.createElement("option");
+      option.value = c.id;
+      option.textContent = c.name || c.id;
+      select.append(option);
+    }
+    if (fits.some((c) => c.id === before)) select.value = before;
+    const status = $("cn-status");
+    if (!all.length) say(status, "cnNoneConfigured");
+    else if (!fits.length) {
+      const others = state.models.filter((m) => all.some((c) => fitting(c, m)));
+      say(status, others.length ? "cnNoneFits" : "cnNoneFitsAny", { model: (model && (model.name || model.id)) || modelId, others: others.map((m) => m.name || m.id).join(", ") });
+    } else {
+      delete status.dataset.i18n;
+      status.textContent = "";
+    }
+    status.hidden = status.textContent === "";
+    $("cn-unit").hidden = fits.length === 0;
+    onControlnetChange();
+  }
+
+  /** The server's descriptions are Markdown: its `code` marks read as plain text. */
+  function plain(text) {
+    return String(text).replace(/`/g, "");
+  }
+
+  function chosenControlnet() {
+    return (state.controlnets && state.controlnets.controlnets.find((c) => c.id === $("cn-model").value)) || null;
+  }
+
+  function onControlnetChange() {
+    const chosen = chosenControlnet();
+    $("cn-model-desc").textContent = plain((chosen && chosen.description) || "");
+    const types = (chosen && Array.isArray(chosen.control_types) && chosen.control_types) || [];
+    const typeSelect = $("cn-control_type");
+    const before = typeSelect.value;
+    typeSelect.replaceChildren();
+    for (const type of types) {
+      const option = document.createElement("option");
+      option.value = type;
+      option.textContent = type;
+      typeSelect.append(option);
+    }
+    if (types.includes(before)) typeSelect.value = before;
+    else if (types.includes($("cn-preprocessor").value)) typeSelect.value = $("cn-preprocessor").value;
+    $("cn-control_type-field").hidden = types.length === 0;
+  }
+
+  function onPreprocessorChange() {
+    const select = $("cn-preprocessor");
+    const option = select.selectedOptions[0];
+    $("cn-preprocessor-desc").textContent = (option && option.dataset.description) || "";
+    $("cn-thresholds").hidden = select.value !== "canny";
+    schedulePreview(0);
+  }
+
+  async function onControlImage() {
+    const input = $("cn-image");
+    const file = input.files && input.files[0];
+    $("error-cn-image").hidden = true;
+    input.removeAttribute("aria-invalid");
+    if (!file) {
+      clearControlImage();
+      return;
+    }
+    cn.reading = readAsDataURL(file);
+    try {
+      const image = await cn.reading;
+      if (input.files[0] !== file) return; // another file since
+      cn.image = image;
+    } catch (error) {
+      cn.image = null;
+      showFieldError("cn-image", String(error));
+    } finally {
+      cn.reading = null;
+    }
+    $("cn-clear").hidden = !cn.image;
+    schedulePreview(0);
+  }
+
+  function clearControlImage() {
+    $("cn-image").value = "";
+    cn.image = null;
+    cn.reading = null;
+    $("cn-clear").hidden = true;
+    schedulePreview(0);
+  }
+
+  function schedulePreview(delay) {
+    clearTimeout(cn.timer);
+    cn.timer = setTimeout(updatePreview, delay);
+  }
+
+  function thresholds() {
+    const value = (name) => {
+      const raw = $(`cn-${name}`).value.trim();
+      return raw === "" ? undefined : Number(raw);
+    };
+    return { low: value("low_threshold"), high: value("high_threshold") };
+  }
+
+  /** The map the ControlNet will follow: the image itself ("none"), else the server's detection of it. */
+  async function updatePreview() {
+    const run = ++cn.run;
+    const box = $("cn-preview-box");
+    const img = $("cn-preview");
+    const status = $("cn-preview-status");
+    if (!cn.image) {
+      box.hidden = true;
+      img.removeAttribute("src");
+      delete img.dataset.preprocessor;
+      return;
+    }
+    box.hidden = false;
+    const preprocessor = $("cn-preprocessor").value || "none";
+    if (preprocessor === "none") {
+      img.src = cn.image;
+      img.hidden = false;
+      img.dataset.preprocessor = "none";
+      say(status, "cnAsIs");
+      return;
+    }
+    delete img.dataset.preprocessor;
+    box.setAttribute("aria-busy", "true");
+    say(status, "cnDetecting");
+    const { low, high } = thresholds();
+    const json = { controlnet_module: preprocessor, controlnet_input_images: [cn.image], controlnet_processor_res: CN_PROCESSOR_RES };
+    if (low !== undefined) json.controlnet_threshold_a = low;
+    if (high !== undefined) json.controlnet_threshold_b = high;
+    try {
+      const { body } = await call("/controlnet/detect", { method: "POST", json });
+      if (run !== cn.run) return;
+      const map = body && Array.isArray(body.images) ? body.images[0] : null;
+      if (!map) throw new HttpError(200, { detail: (body && body.info) || "no image" });
+      img.src = map.startsWith("data:") ? map : `data:image/png;base64,${map}`;
+      img.hidden = false;
+      img.dataset.preprocessor = preprocessor;
+      say(status, "cnDetected", { name: preprocessor });
+    } catch (error) {
+      if (run !== cn.run) return;
+      img.hidden = true;
+      const [key, vars] = explain(error);
+      say(status, "cnDetectFailed", { detail: t(key, vars) });
+    } finally {
+      if (run === cn.run) box.removeAttribute("aria-busy");
+    }
+  }
+
+  /** The unit sent with the job, or null: no image (or no ControlNet for this model) sends none. */
+  async function controlnetUnit() {
+    if (cn.reading) await cn.reading.catch(() => {});
+    if ($("section-controlnet").hidden || $("cn-unit").hidden || !cn.image || !$("cn-model").value) return null;
+    const unit = { model: $("cn-model").value, image: cn.image, preprocessor: $("cn-preprocessor").value || "none" };
+    for (const name of ["scale", "start", "end"]) {
+      const raw = $(`cn-${name}`).value.trim();
+      if (raw !== "") unit[name] = Number(raw);
+    }
+    if (unit.preprocessor === "canny") {
+      const { low, high } = thresholds();
+      if (low !== undefined) unit.low_threshold = low;
+      if (high !== undefined) unit.high_threshold = high;
+    }
+    if (!$("cn-control_type-field").hidden && $("cn-control_type").value) unit.control_type = $("cn-control_type").value;
+    return unit;
+  }
+
+  /** A job's unit back in the section (the image is not kept with the job: it is chosen again). */
+  function reuseControlnet(unit) {
+    if (!unit || $("section-controlnet").hidden) return;
+    const has = (select, value) => [...$(select).options].some((o) => o.value === value);
+    if (has("cn-model", unit.model)) {
+      $("cn-model").value = unit.model;
+      onControlnetChange();
+    }
+    if (unit.control_type && has("cn-control_type", unit.control_type)) $("cn-control_type").value = unit.control_type;
+    for (const name of Object.keys(CN_FALLBACK)) if (typeof unit[name] === "number") $(`cn-${name}`).value = String(unit[name]);
+    showScale();
+    if (has("cn-preprocessor", unit.preprocessor)) $("cn-preprocessor").value = unit.preprocessor;
+    onPreprocessorChange();
+  }
+
+  function wireControlnet() {
+    $("cn-image").addEventListener("change", onControlImage);
+    $("cn-clear").addEventListener("click", () => {
+      clearControlImage();
+      $("cn-image").focus();
+    });
+    $("cn-model").addEventListener("change", onControlnetChange);
+    $("cn-preprocessor").addEventListener("change", onPreprocessorChange);
+    $("cn-scale").addEventListener("input", showScale);
+    for (const name of ["low_threshold", "high_threshold"]) $(`cn-${name}`).addEventListener("input", () => schedulePreview(300));
+  }
+
   function onRandomToggle() {
     $("seed").disabled = $("seed-random").checked;
     if (!$("seed-random").checked) $("seed").focus();
@@ -609,6 +912,8 @@
       const value = await extraValue(name);
       if (value !== undefined) body[name] = value;
     }
+    const unit = await controlnetUnit();
+    if (unit) body.controlnets = [unit];
     return body;
   }
 
@@ -628,6 +933,7 @@
     error.hidden = false;
     const input = name.startsWith("lora-") ? $(`lora-weight-${name.slice(5)}`) : $(name);
     if (input) input.setAttribute("aria-invalid", "true");
+    reveal(error);
     return input || error;
   }
 
@@ -638,6 +944,8 @@
       const loc = (error.loc || []).filter((part) => part !== "body");
       let name = loc.length ? String(loc[0]) : "";
       if (name === "loras" && typeof loc[1] === "number" && state.sentLoras[loc[1]]) name = `lora-${state.sentLoras[loc[1]]}`;
+      // the one unit the page sends: a unit's field under that field, the unit as a whole under the section
+      if (name === "controlnets") name = loc.length > 2 && $(`error-cn-${loc[2]}`) ? `cn-${loc[2]}` : "controlnets";
       const shown = name ? showFieldError(name, error.msg || JSON.stringify(error)) : false;
       if (shown) first = first || shown;
       else general.push(error.msg || JSON.stringify(error));
@@ -1058,6 +1366,10 @@
     add("p_sampler", m.sampler || m.scheduler);
     if (m.ip_strength) add("p_ip_strength", m.ip_strength);
     if (Array.isArray(m.loras) && m.loras.length) add("p_loras", m.loras.map((l) => `${l.name} × ${l.weight}`).join(", "), "two");
+    if (Array.isArray(m.controlnets) && m.controlnets.length) {
+      const unit = (c) => `${c.model || c.name || "?"}${c.preprocessor && c.preprocessor !== "none" ? ` (${c.preprocessor})` : ""}${c.scale !== undefined && c.scale !== null ? ` × ${c.scale}` : ""}`;
+      add("p_controlnets", m.controlnets.map(unit).join(", "), "two");
+    }
     if (m.num_images && m.num_images > 1) add("num_images", m.num_images);
     if (m.clip_skip) add("clip_skip", m.clip_skip);
     if (m.strength !== undefined && m.strength !== null && (m.init_image || m.mode === "img2img")) add("strength", m.strength);
@@ -1095,6 +1407,7 @@
       $("seed").value = seed;
       onRandomToggle();
     }
+    reuseControlnet(Array.isArray(m.controlnets) ? m.controlnets[0] : null);
     for (const name of state.extras) {
       const input = $(name);
       if (input && input.dataset.kind !== "file" && m[name] !== undefined && m[name] !== null && typeof m[name] !== "object") {
@@ -1253,17 +1566,20 @@
   // -- start ------------------------------------------------------------------------------------------
   async function boot() {
     try {
-      const [doc, models, loras] = await Promise.all([
-        call("/openapi.json").then((a) => a.body).catch((error) => {
-          if (error instanceof HttpError && error.status === 401) throw error;
-          if (error instanceof DownError) throw error;
-          return null; // no document: the reference's ranges, no extras
-        }),
+      const optional = (path) => call(path).then((a) => a.body).catch((error) => {
+        if (error instanceof HttpError && error.status === 401) throw error;
+        if (error instanceof DownError) throw error;
+        return null; // an older server: without what that route describes
+      });
+      const [doc, models, loras, controlnets] = await Promise.all([
+        optional("/openapi.json"), // none: the reference's ranges, no extras
         call("/models"),
         call("/loras"),
+        optional("/controlnets"),
       ]);
       state.models = models.body.models || [];
       state.loras = loras.body.loras || [];
+      state.controlnets = controlnets && Array.isArray(controlnets.controlnets) ? controlnets : null;
       applySchema(doc);
       renderModels();
       renderLoras();
@@ -1301,6 +1617,8 @@
       }
     });
     $("cancel").addEventListener("click", cancel);
+    wireSections();
+    wireControlnet();
     $("model").addEventListener("change", onModelChange);
     $("seed-random").addEventListener("change", onRandomToggle);
     $("seed-reuse").addEventListener("click", reuseLastSeed);
