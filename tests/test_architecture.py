@@ -57,9 +57,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     **{part: frozenset() for part in BOTTOM},
     "access": frozenset({"config", "watched_files"}),
     "inputs": frozenset(),
-    "outputs": frozenset({"config", "sampler_names"}),
+    "outputs": frozenset({"config", "inputs", "sampler_names"}),
     "registry": frozenset({"errors", "sampler_names", "watched_files"}),
-    "generation": frozenset({"config", "errors", "outputs", "registry", "sampler_names"}),
+    "generation": frozenset({"config", "errors", "inputs", "outputs", "registry", "sampler_names"}),
     "jobs": frozenset(
         {"config", "errors", "logs", "private_files", "watched_files", "outputs", "registry", "generation"}
     ),
