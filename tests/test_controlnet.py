@@ -19,7 +19,7 @@ import yaml
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from imagen.errors import RegistryError
+from imagen.errors import JobCancelled, RegistryError
 from imagen.generation.base import ControlNetChoice, GenerationTask, InputImages, LoraChoice
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.inputs.control_maps import detect, fit
@@ -202,7 +202,8 @@ def test_union_and_several_units_run_with_loras_img2img_and_inpainting(engine: D
     mask = Image.new("L", (64, 64))
     ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
     with_lora = replace(guided(ControlNetChoice("tiny-canny", preprocessor="canny")),
-                        loras=(LoraChoice("anime-style", 0.8),), init_image=True, strength=0.6)  # fmt: skip
+                        loras=(LoraChoice("anime-style", 0.8),), init_image=True, strength=0.6,
+                        ip_strength=0.5)  # fmt: skip
     img2img = engine.generate(with_lora, lambda step, percent: None, InputImages(init=init, controls=(silhouette(),)))
     assert img2img[0].extra_metadata["controlnets"][0]["preprocessor"] == "canny"
     inpaint = replace(guided(ControlNetChoice("tiny-union", control_type="canny"),
@@ -210,6 +211,24 @@ def test_union_and_several_units_run_with_loras_img2img_and_inpainting(engine: D
                       init_image=True, mask_image=True, strength=0.8)  # fmt: skip
     repainted = pixels(draw(engine, inpaint, InputImages(init=init, mask=mask, controls=two_maps.controls)))
     assert np.array_equal(repainted[:, 40:], pixels(init)[:, 40:])  # the unmasked half is kept
+
+
+def test_a_controlnet_job_makes_previews_and_can_be_cancelled(engine: DiffusersEngine) -> None:
+    previews: list[int] = []
+    engine.preview = lambda step, jpeg: previews.append(step)
+    try:
+        draw(engine, replace(guided(ControlNetChoice("tiny-canny")), steps=10), CONTROL)
+    finally:
+        engine.preview = None
+    assert previews == [5, 10]
+
+    def cancel_at_half(step: str, percent: int) -> None:
+        if step == "generation_gpu" and percent >= 50:
+            raise JobCancelled
+
+    with pytest.raises(JobCancelled):
+        engine.generate(replace(guided(ControlNetChoice("tiny-canny")), steps=10), cancel_at_half, CONTROL)
+    assert draw(engine, guided(ControlNetChoice("tiny-canny")), CONTROL).size == (64, 64)  # the next job runs
 
 
 def test_each_controlnet_is_read_once_and_switching_reads_nothing(engine: DiffusersEngine) -> None:
