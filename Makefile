@@ -61,14 +61,14 @@ docs: install
 bench: install
 	$(BIN)/python bench/run_cpu_set.py
 
-# Retrain the shipped demo model from its seed (about 85-90 min on 2 CPU cores) with training/ (kept out of
+# Retrain the shipped demo model from its seed (about 105-110 min on 2 CPU cores) with training/ (kept out of
 # the package, like diffusers' examples/) and put it in the package:
-# imagen/data/demo gets model/ (without tokenizers: the shared CLIP vocabulary), loras/, ip-adapter/ and
-# training.json; the contact sheet stays in build/demo-model.
+# imagen/data/demo gets model/ (without tokenizers: the shared CLIP vocabulary), loras/, ip-adapter/, controlnet/
+# and training.json; the contact sheet stays in build/demo-model.
 demo-model: install
 	$(BIN)/python -m training.train_demo build/demo-model
 	rm -rf imagen/data/demo && mkdir -p imagen/data/demo
-	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/training.json imagen/data/demo/
+	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/controlnet build/demo-model/training.json imagen/data/demo/
 	rm -rf imagen/data/demo/model/tokenizer imagen/data/demo/model/tokenizer_2
 
 clean:

@@ -70,7 +70,7 @@ def test_the_shipped_weights_are_the_ones_the_training_command_recorded() -> Non
     assert record["settings"] == dataclasses.asdict(TrainingSettings())
     model = [DEMO_DIR / name for name in record["weights"] if name.startswith("model/")]
     assert len(model) == 4 and sum(p.stat().st_size for p in model) <= WEIGHTS_LIMIT
-    assert len(record["weights"]) == 7  # and the LoRA, the IP-Adapter and its image encoder
+    assert len(record["weights"]) == 8  # and the LoRA, the IP-Adapter, its image encoder and the ControlNet
     assert not (DEMO_MODEL_DIR / "tokenizer").exists()  # the shared CLIP vocabulary, not a copy
 
 

@@ -12,7 +12,8 @@ from training.train_demo import TrainingSettings, train_demo
 pytestmark = pytest.mark.engine
 
 TINY = TrainingSettings(scenes=64, steps=3, batch=4, warmup_steps=2, lora_steps=2, ip_steps=3, ip_batch=4,
-                        checkpoint_every=2, contact_prompts=2, threads=1)
+                        checkpoint_every=2, contact_prompts=2, threads=1, controlnet_steps=2, controlnet_batch=4,
+                        controlnet_warmup_steps=2, controlnet_scenes=40)
 
 
 @pytest.mark.timeout(900)  # 2 tiny runs of every phase: 2.5 min on a fast 2-core CPU, 4.7 on a slower one
@@ -24,7 +25,7 @@ def test_training_is_deterministic_and_writes_a_loadable_model(tmp_path: Path) -
     first = train_demo(tmp_path / "one", TINY, report=lines.append)
     second = train_demo(tmp_path / "two", TINY, report=lambda line: None)
     assert first["weights"] == second["weights"] and first["lora"] == second["lora"]
-    assert len(first["weights"]) == 7  # the model's four, the LoRA, the IP-Adapter and its image encoder
+    assert len(first["weights"]) == 8  # the model's four, the LoRA, the IP-Adapter, its image encoder, the ControlNet
     assert json.loads((tmp_path / "one" / "training.json").read_text())["weights"] == first["weights"]
     assert any("base model: 3/3" in line and "ETA" in line for line in lines)
     assert (tmp_path / "one" / "checkpoint" / "model_index.json").is_file()  # the averaged weights at step 2

@@ -20,7 +20,10 @@ the same files. It runs in phases, each with its own seed:
 4. **IP-Adapter:** a plain IP-Adapter and its own tiny CLIP image encoder, trained on the saved base model
    with the picture itself as reference, half the captions dropped and a quarter of the others swapped for
    another picture's (:func:`train_ip_adapter`).
-5. **Contact sheet** of held-out prompts, and ``training.json``: the settings and each file's SHA-256.
+5. **ControlNet:** a silhouette ControlNet (white shape on black), made from the saved base model's UNet and
+   trained on it (frozen), into ``OUT/controlnet`` (:mod:`training.train_controlnet`, which also trains it
+   alone: ``python -m training.train_controlnet``).
+6. **Contact sheet** of held-out prompts, and ``training.json``: the settings and each file's SHA-256.
 
 The weights are saved in fp16 as a diffusers folder (``OUT/model``), with the tokenizers, so that
 ``StableDiffusionXLPipeline.from_pretrained(OUT / "model")`` loads it anywhere.
@@ -49,6 +52,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from imagen.registry.builtin import (
+    DEMO_CONTROLNET_DIR,
     DEMO_IP_ADAPTER_PATH,
     DEMO_IP_ENCODER_DIR,
     DEMO_IP_REFERENCE,
@@ -107,6 +111,20 @@ class TrainingSettings:
     checkpoint_every: int = 500
     contact_prompts: int = 12
     threads: int = 2
+    controlnet_steps: int = 1600
+    controlnet_batch: int = 16
+    controlnet_learning_rate: float = 1e-3
+    controlnet_warmup_steps: int = 50
+    controlnet_scenes: int = 10000
+    controlnet_held_out_per_shape: int = 2
+    controlnet_free_placement: float = 0.5
+    controlnet_zoom: float = 0.3
+    controlnet_shape_word: float = 0.4
+    controlnet_contradict: float = 0.15
+    controlnet_drop_position: float = 0.5
+    controlnet_drop_size: float = 0.5
+    controlnet_two_shapes: float = 0.15
+    controlnet_threads: int = 1
 
 
 ProgressFn = Callable[[str], None]
@@ -380,6 +398,12 @@ def outline_weights(latents: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + weight * edges
 
 
+ControlResiduals = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[Sequence[torch.Tensor], torch.Tensor]
+]
+"""ControlNet residuals (down blocks', middle block's) for the UNet's ``(noisy, t, embeds, added_cond_kwargs)``."""
+
+
 def denoising_loss(
     pipe: Any,
     text: TextEncoding,
@@ -391,10 +415,13 @@ def denoising_loss(
     generator: torch.Generator,
     image_embeds: torch.Tensor | None = None,
     words: tuple[WordHeads, torch.Tensor] | None = None,
+    controlnet: ControlResiduals | None = None,
 ) -> torch.Tensor:
     """The weighted denoising loss of one batch; with ``words`` (heads, targets from :func:`said`), plus
     ``word_loss`` times the heads' loss on the captions' encodings (dropped captions included: the heads read
-    the encoders, not what the UNet is given)."""
+    the encoders, not what the UNet is given); with ``controlnet``, the residuals it gives for the UNet's input
+    (``noisy, t, embeds, added_cond_kwargs``: the ControlNets' summed outputs) added to the UNet's blocks, as
+    the ControlNet pipelines do."""
     batch = latents.shape[0]
     noise = training_noise(latents.shape, settings, generator)
     t = torch.randint(0, schedule.steps, (batch,), generator=generator)
@@ -404,7 +431,11 @@ def denoising_loss(
     added: dict[str, Any] = {"text_embeds": pooled, "time_ids": time_ids(batch)}
     if image_embeds is not None:  # one IP-Adapter, one image per prompt: (batch, 1, width)
         added["image_embeds"] = [image_embeds[:, None, :]]
-    predicted = pipe.unet(noisy, t, embeds, added_cond_kwargs=added).sample
+    residuals: dict[str, Any] = {}
+    if controlnet is not None:
+        down, mid = controlnet(noisy, t, embeds, added)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    predicted = pipe.unet(noisy, t, embeds, added_cond_kwargs=added, **residuals).sample
     squared = (predicted - schedule.target(latents, noise, t)) ** 2
     if settings.outline_weight:
         squared = squared * outline_weights(latents, settings.outline_weight)
@@ -725,20 +756,20 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-SHIPPED = ("model", "loras", "ip-adapter")
+SHIPPED = ("model", "loras", "ip-adapter", DEMO_CONTROLNET_DIR.name)
 """What goes into the package (``imagen/data/demo``), beside ``training.json``."""
 
 
-def weight_hashes(out: Path) -> dict[str, str]:
-    """SHA-256 of every weights file that ships, by path relative to ``out``."""
-    files = [p for folder in SHIPPED for p in sorted((out / folder).rglob("*.safetensors"))]
+def weight_hashes(out: Path, folders: Sequence[str] = SHIPPED) -> dict[str, str]:
+    """SHA-256 of every weights file in ``folders`` (those that ship), by path relative to ``out``."""
+    files = [p for folder in folders for p in sorted((out / folder).rglob("*.safetensors"))]
     return {p.relative_to(out).as_posix(): sha256(p) for p in files}
 
 
 def train_demo(out: Path, settings: TrainingSettings, report: ProgressFn = _print) -> dict[str, Any]:
     """Run every phase; write ``out/model`` (diffusers, fp16), ``out/loras/<colour>.safetensors``,
-    ``out/contact-sheet.png`` and ``out/training.json``. Returns the record written. Torch's thread count and
-    determinism flag are set for the run and put back after it."""
+    ``out/ip-adapter``, ``out/controlnet``, ``out/contact-sheet.png`` and ``out/training.json``. Returns the
+    record written. Torch's thread count and determinism flag are set for the run and put back after it."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -776,6 +807,10 @@ def _train(out: Path, settings: TrainingSettings, report: ProgressFn) -> dict[st
     save_file(ip_tensors, str(ip_dir / IP_ADAPTER_FILE), metadata={"format": "pt"})
     reference = shapes.render(IP_REFERENCE_SCENE, 256)
     reference.save(ip_dir / IP_REFERENCE_FILE)
+
+    from training.train_controlnet import CONTROLNET_FOLDER, train_controlnet  # it imports this module
+
+    train_controlnet(model_dir, out / CONTROLNET_FOLDER, settings, report)
 
     lora_dir = out / "loras"
     lora_dir.mkdir(exist_ok=True)

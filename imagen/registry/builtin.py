@@ -1,10 +1,12 @@
-"""The registry a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter.
+"""The registry a fresh install serves: the demo model shipped in the package, its LoRA, its IP-Adapter and its
+ControlNet.
 
 A tiny SDXL-architecture model trained on shapes ("a small red star on the left on a navy background").
 Its files ship in ``imagen/data/demo/`` as ``make demo-model`` (``training/``) writes them: ``model/`` (a
 diffusers folder, fp16, without tokenizers: both use the shared CLIP vocabulary), ``loras/blue.safetensors``
 (a kohya LoRA trained with it: every shape blue), ``ip-adapter/`` (an IP-Adapter with its own tiny CLIP image
-encoder, and a default reference picture) and ``training.json`` (the settings and each file's SHA-256). They
+encoder, and a default reference picture), ``controlnet/`` (a ControlNet guided by the shape's silhouette) and
+``training.json`` (the settings and each file's SHA-256). They
 are ours, small (< 8 MB) and reproducible by that command. Where they are and how its latents are laid out:
 :mod:`imagen.registry.demo_model`.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagen.registry.demo_model import DEMO_DIR
-from imagen.registry.specs import IpAdapterSpec, LoraSpec, ModelSpec, Registry
+from imagen.registry.specs import DEMO_BASE, ControlNetSpec, IpAdapterSpec, LoraSpec, ModelSpec, Registry
 
 TRAINING_RECORD = "training.json"
 DEMO_MODEL_ID = "demo"
@@ -25,12 +27,14 @@ DEMO_IP_ADAPTER_DIR: Path = DEMO_DIR / "ip-adapter"
 DEMO_IP_ADAPTER_PATH: Path = DEMO_IP_ADAPTER_DIR / "ip-adapter.safetensors"
 DEMO_IP_ENCODER_DIR: Path = DEMO_IP_ADAPTER_DIR / "image_encoder"
 DEMO_IP_REFERENCE: Path = DEMO_IP_ADAPTER_DIR / "reference.png"
+DEMO_CONTROLNET_ID = "demo-silhouette"
+DEMO_CONTROLNET_DIR: Path = DEMO_DIR / "controlnet"
 DEMO_GUIDANCE_RESCALE = 0.7
 DEMO_GUIDANCE_STOP = 0.6
 
 
 def builtin_registry() -> Registry:
-    """What a fresh install serves: the demo model shipped in the package, its LoRA and its IP-Adapter."""
+    """What a fresh install serves: the demo model shipped in the package, its LoRA, IP-Adapter and ControlNet."""
     return Registry(
         models=[
             ModelSpec(
@@ -60,6 +64,17 @@ def builtin_registry() -> Registry:
                 path=DEMO_LORA_PATH,
                 default_weight=1.0,
                 trigger_words=[DEMO_LORA_TRIGGER],
+            )
+        ],
+        controlnets=[
+            ControlNetSpec(
+                id=DEMO_CONTROLNET_ID,
+                name="Silhouette (demo ControlNet)",
+                description="Trained with the demo model by the same command: the control image is a shape's "
+                "silhouette (white on black); the picture draws that shape there, at that size, in the colour "
+                "and on the background the prompt names.",
+                path=DEMO_CONTROLNET_DIR,
+                base=DEMO_BASE,
             )
         ],
         ip_adapter=IpAdapterSpec(

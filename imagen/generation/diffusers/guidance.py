@@ -21,16 +21,30 @@ from typing import Any
 from imagen.generation.base import GenerationTask
 from imagen.registry import ModelSpec
 
-HALVED_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents")
-"""What the SDXL pipelines (txt2img, img2img, inpainting) hold twice under guidance, negative half first, and
-hand to ``callback_on_step_end`` when asked for them."""
+HALVED_INPUTS = (
+    "prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents", "image", "control_image"
+)
+"""What the SDXL pipelines (txt2img, img2img, inpainting, and the ControlNet ones' control images: ``image`` in
+txt2img, ``control_image`` in img2img, a list with several ControlNets) hold twice under guidance, negative half
+first, and hand to ``callback_on_step_end`` when asked for them."""
+
+STOPPABLE_CONTROLNET_PIPELINES = frozenset(
+    {"StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline"}
+)
+"""The ControlNet pipelines whose step callback hands out and takes back every doubled tensor, the control
+image included. The others (inpainting, the Union ones) keep some to themselves: their jobs are guided to the
+end."""
 
 
-def guidance_stop(spec: ModelSpec, task: GenerationTask, ip_kwargs: dict[str, Any]) -> float | None:
+def guidance_stop(spec: ModelSpec, task: GenerationTask, ip_kwargs: dict[str, Any], pipe: Any) -> float | None:
     """Where this job's guidance stops (a fraction of its steps), or None: guided to the end, as the model's
-    ``guidance_stop`` is 1, the job is not guided (scale at most 1), or it uses an IP-Adapter (whose image
-    embeddings the pipeline does not let a callback halve)."""
+    ``guidance_stop`` is 1, the job is not guided (scale at most 1), it uses an IP-Adapter (whose image
+    embeddings the pipeline does not let a callback halve), or its ControlNet pipeline keeps a doubled tensor
+    from the callback."""
     if spec.guidance_stop >= 1 or task.guidance_scale <= 1 or ip_kwargs:
+        return None
+    is_controlnet = getattr(pipe, "controlnet", None) is not None
+    if is_controlnet and type(pipe).__name__ not in STOPPABLE_CONTROLNET_PIPELINES:
         return None
     return spec.guidance_stop
 
@@ -51,7 +65,9 @@ def stop_guidance(pipe: Any, tensors: dict[str, Any]) -> dict[str, Any]:
     (the callback's keyword arguments, returned) and set the pipeline's guidance scale to 1."""
     for name in HALVED_INPUTS:
         value = tensors.get(name)
-        if value is not None:
+        if isinstance(value, list):  # one control image per ControlNet
+            tensors[name] = [item.chunk(2)[1] for item in value]
+        elif value is not None:
             tensors[name] = value.chunk(2)[1]
     pipe._guidance_scale = 1.0
     return tensors
