@@ -3,8 +3,8 @@
 1. Seconds per image and peak memory for text-to-image with 0, 1 and 2 ControlNets (the demo's silhouette
    ControlNet; the second unit is a second ControlNet, a copy of it read from its own file), interleaved:
    each round runs the three once, in turn, after one untimed job of each. Peak memory: on CUDA
-   ``torch.cuda.max_memory_allocated`` over each job; on a CPU the process's peak RSS over each job
-   (reset before it), which includes what the allocator keeps.
+   ``torch.cuda.max_memory_allocated`` over each job; on a CPU the highest RSS sampled every 5 ms during it
+   (the kernel's own peak, VmHWM, cannot be reset on every machine), which includes what the allocator keeps.
 2. The weights held after switching between the two ControlNets ``--switches`` times (one job each): the bytes
    of the distinct weight tensors of the loaded model, its derived pipelines and its ControlNets, before and
    after, and the process's RSS. Flat means each ControlNet is read once and no switch copies a weight.
@@ -19,12 +19,13 @@ import gc
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from harness import Headline, Table, mib, peak_rss_bytes, quiet_libraries, report, reset_peak_rss, rss_bytes
+from harness import Headline, Table, mib, quiet_libraries, report, rss_bytes
 from PIL import Image, ImageDraw
 
 from imagen.config import Settings
@@ -71,21 +72,42 @@ def weight_bytes(engine: DiffusersEngine) -> int:
     return total
 
 
+class RssSampler:
+    """The highest RSS seen while the block runs, sampled every 5 ms by a thread."""
+
+    def __init__(self) -> None:
+        self.peak = rss_bytes()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 def measured(engine: DiffusersEngine, task: GenerationTask, inputs: InputImages) -> tuple[float, int]:
     """(seconds, peak bytes) of one job."""
     cuda = engine.device.type == "cuda"
+    gc.collect()
     if cuda:
         torch.cuda.synchronize(engine.device)
         torch.cuda.reset_peak_memory_stats(engine.device)
-    else:
-        gc.collect()
-        reset_peak_rss()
-    started = time.perf_counter()
-    engine.generate(task, lambda step, percent: None, inputs)
-    if cuda:
-        torch.cuda.synchronize(engine.device)
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(engine.device) if cuda else peak_rss_bytes()
+    with RssSampler() as sampler:
+        started = time.perf_counter()
+        engine.generate(task, lambda step, percent: None, inputs)
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(engine.device) if cuda else sampler.peak
     return seconds, peak
 
 
@@ -157,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=info.dtype,
         notes=[
             "peak memory: " + ("torch.cuda.max_memory_allocated per job" if engine.device.type == "cuda"
-                               else "the process's peak RSS per job (reset before each)"),
+                               else "the highest RSS sampled every 5 ms during each job"),
             f"switches between {DEMO_CONTROLNET_ID} and {SECOND}: {args.switches}, 10 steps each",
         ],
         headlines=[
