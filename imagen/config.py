@@ -312,7 +312,9 @@ class Settings(BaseSettings):
         "Off: diffusers' classic attention (slower, more memory; for debugging only).",
     )
     channels_last: bool = Field(
-        True, description="UNet weights in channels_last (NHWC) layout, and the VAE's when at least 64 channels wide."
+        True,
+        description="UNet and ControlNet weights in channels_last (NHWC) layout, and the VAE's when at least 64 "
+        "channels wide.",
     )
     fuse_qkv: bool = Field(
         True,
