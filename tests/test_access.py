@@ -105,6 +105,7 @@ ROUTES: dict[tuple[str, str], Row] = {
         "/models/sdxl-base/unload", 403, admin_only=True, admin_status=202, refusal={"detail": MODELS_ADMIN_ONLY}
     ),
     ("GET", "/loras"): Row("/loras", 200),
+    ("GET", "/controlnets"): Row("/controlnets", 200),
     ("GET", "/schedulers"): Row("/schedulers", 200),
     ("POST", "/uploads"): Row("/uploads", 201, files={"file": ("a.png", PNG, "image/png")}),
     ("GET", "/health"): Row("/health", 200, public=True),
@@ -135,6 +136,13 @@ ROUTES: dict[tuple[str, str], Row] = {
     ),
     ("POST", "/sdapi/v1/reload-checkpoint"): Row(
         "/sdapi/v1/reload-checkpoint", 403, admin_only=True, refusal=A1111_CHECKPOINTS_REFUSAL
+    ),
+    # AUTOMATIC1111's ControlNet extension (a1111_controlnet): the registry's lists, a map made of an image
+    ("GET", "/controlnet/model_list"): Row("/controlnet/model_list", 200),
+    ("GET", "/controlnet/module_list"): Row("/controlnet/module_list", 200),
+    ("POST", "/controlnet/detect"): Row(
+        "/controlnet/detect", 200,
+        body={"controlnet_module": "canny", "controlnet_input_images": [base64.b64encode(PNG).decode()]},
     ),
     # reads the registry file again, as the server does on its own within a second: any key
     ("POST", "/sdapi/v1/refresh-checkpoints"): Row("/sdapi/v1/refresh-checkpoints", 200),

@@ -123,10 +123,13 @@ def test_models_loras_health(client: TestClient) -> None:
         "vae_path": "madebyollin/sdxl-vae-fp16-fix",  # as the registry file writes it, never a server path
         "default_negative": "low quality, blurry, distorted, ugly, bad anatomy",
     }
-    # the extensions: sizes and defaults for width/height, scheduler, clip_skip, and the guidance rescale and stop
+    # the extensions: sizes and defaults for width/height, scheduler, clip_skip, the guidance rescale and stop,
+    # where it is held, and the ControlNets that fit it
     assert set(models[0]) - reference_fields == {
-        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop", "loaded_on"
+        "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop", "loaded_on",
+        "base", "controlnets",
     }
+    assert (models[0]["base"], models[0]["controlnets"]) == ("sdxl", ["canny-sdxl", "union-sdxl"])
     assert models[0]["native_size"] == {"width": 64, "height": 64} and models[0]["clip_skip"] == 1
     assert (models[0]["guidance_rescale"], models[0]["guidance_stop"]) == (0.0, 1.0)
     assert [m["id"] for m in models] == ["sdxl-base", "pony-xl-v6"]

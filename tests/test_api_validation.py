@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -199,17 +198,12 @@ def test_a_long_loras_array_is_refused_cheaply(client: TestClient) -> None:
     """Within the body limit, a 300,000-item array: refused at the schema's cap, nothing echoed whole."""
     body = b'{"prompt": "x", "loras": [' + b",".join([b"{}"] * 300_000) + b"]}"
     assert len(body) < client.app.state.settings.max_body_bytes  # type: ignore[attr-defined]
-    started = time.perf_counter()
-    json.loads(body)  # the floor: the JSON parser builds every item anyway
-    parse_seconds = time.perf_counter() - started
-    started = time.perf_counter()
     response = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
-    answer_seconds = time.perf_counter() - started
     assert response.status_code == 422
     assert len(response.content) < 2000, len(response.content)
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "loras"] and "at most 8 items" in error["msg"]
     assert error["input"].startswith("[{}, {}, {}") and error["input"].endswith("…")
-    # Echoing every item (as FastAPI's own handler does) took ~40x the parse; a cut echo adds little.
-    assert answer_seconds < 8 * parse_seconds + 0.5, (answer_seconds, parse_seconds)
+    # Echoing every item, as FastAPI's own handler does, took ~40x the parse: the echo is cut (its cost is not
+    # timed here: a test on a loaded machine cannot tell it from the load)
     assert client.get("/health").status_code == 200

@@ -288,17 +288,20 @@ def test_webuiapi_controlnet_units_on_txt2img_and_img2img(a1111: webuiapi.WebUIA
     # webuiapi always sends a size, 512 at the least (the API's smallest side)
     common: dict[str, Any] = {"prompt": "a lighthouse", "seed": 5, "steps": 10, "cfg_scale": 5.0, "width": 512,
                               "height": 512}  # fmt: skip
-    plain = api.txt2img(**common).image
+    plain = api.txt2img(**common, alwayson_scripts={}).image
     unit = webuiapi.ControlNetUnit(image=silhouette((512, 512), (96, 96, 416, 416)), module="canny",
                                    model="tiny-canny", pixel_perfect=True, threshold_a=100, threshold_b=200)
-    guided_result = api.txt2img(**common, controlnet_units=[unit])
+    # webuiapi writes the units into its `alwayson_scripts` default, one dict shared by every later call in the
+    # process (a mutable default argument): each call here brings its own
+    guided_result = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})
     assert np.abs(pixels(guided_result.image) - pixels(plain)).mean() > 2
     assert 'ControlNet 0: "Module: canny, Model: tiny-canny, Weight: 1.0, Resize Mode: Resize and Fill' in (
         guided_result.info["infotexts"][0]
     )
     # img2img: a unit without its own image takes the init image, as the extension does
     repainted = api.img2img(images=[plain], denoising_strength=0.6, seed=5, steps=10, prompt="a lighthouse",
-                            controlnet_units=[webuiapi.ControlNetUnit(model="tiny-canny [0000]", module="canny")])
+                            controlnet_units=[webuiapi.ControlNetUnit(model="tiny-canny [0000]", module="canny")],
+                            alwayson_scripts={})
     assert repainted.image.size == (512, 512)
 
 
@@ -311,7 +314,8 @@ def test_webuiapi_controlnet_units_on_txt2img_and_img2img(a1111: webuiapi.WebUIA
         ({"inpaint_crop_input_image": True}, "field 'inpaint_crop_input_image' is not available here"),
         ({"model": "depth-xl"}, "alwayson_scripts.controlnet.args.0.model: unknown ControlNet 'depth-xl'"),
         ({"weight": 3}, "alwayson_scripts.controlnet.args.0.weight: Input should be less than or equal to 2"),
-        ({"module": "openpose"}, "args.0.module: unknown preprocessor 'openpose'"),
+        ({"module": "openpose"}, "args.0.module: available here: none, canny"),
+        ({"enabled": False, "weight": "x"}, "args.0.weight: Input should be a valid number"),
         ({"resize_mode": 7}, "resize_mode: one of Just Resize, Crop and Resize, Resize and Fill"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,

@@ -27,13 +27,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import ImageOps
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from imagen import __version__
 from imagen.access.keys import Caller
-from imagen.api.a1111_controlnet import UnitProblem, client_field, controlnet_units
+from imagen.api.a1111_controlnet import ALWAYSON_SCRIPTS_SCHEMA, UnitProblem, client_field, controlnet_units
 from imagen.api.compat_jobs import LivePreviews, NoImages, Outcome, read_images, run_job
 from imagen.api.deps import BackendDep, CallerDep, RegistryDep, SettingsDep
 from imagen.api.json_body import BadJson, read_json
@@ -154,7 +154,7 @@ class Txt2ImgRequest(BaseModel):
     inpainting_mask_invert: Annotated[int, Field(ge=0, le=1), IntegerNotText] = Field(
         0, description="1: the mask's black is repainted."
     )
-    alwayson_scripts: dict[str, Any] | None = Field(
+    alwayson_scripts: Annotated[dict[str, Any] | None, WithJsonSchema(ALWAYSON_SCRIPTS_SCHEMA)] = Field(
         None,
         description="`controlnet` (or `ControlNet`): `{\"args\": [unit, ...]}`, the ControlNet extension's units "
         "(docs/controlnet.md); any other script is a 422 unless its args are `[]` or `[false]` (off).",

@@ -17,27 +17,28 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from imagen.api.deps import CallerDep, RegistryDep
 from imagen.api.json_body import BadJson, read_json
+from imagen.api.schemas import IntegerNotText
 from imagen.inputs.control_maps import (
     A1111_RESIZE_MODES,
     DEFAULT_HIGH_THRESHOLD,
     DEFAULT_LOW_THRESHOLD,
     PREPROCESSORS,
-    RESIZE_MODES,
     detect,
 )
 from imagen.inputs.images import BadImage, check_image, decode_data_url
 
 router = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111 compatible"])
 
-SCRIPT_NAME = "controlnet"  # matched without regard to case: clients send "controlnet" and "ControlNet"
+SCRIPT_NAMES = ("controlnet", "ControlNet")  # as clients send it (webuiapi: "ControlNet")
 MAX_DETECT_IMAGES = 4
 DEFAULT_PROCESSOR_RES = 512  # the extension's, when a unit sends -1
 # The extension's older names for its resize modes, which some clients still send.
@@ -48,22 +49,6 @@ UNIT_FIELD_NAMES = {
     "preprocessor": "module", "resize_mode": "resize_mode", "low_threshold": "threshold_a",
     "high_threshold": "threshold_b", "processor_res": "processor_res", "control_type": "control_type",
 }  # fmt: skip
-# Fields a unit may carry at a value that changes nothing here (the extension's UI and saving options).
-_NO_EFFECT: dict[str, tuple[Any, ...]] = {
-    "low_vram": (False, None),
-    "control_mode": (0, "Balanced", None),
-    "guessmode": (None, False),
-    "hr_option": ("Both", None),
-    "save_detected_map": (True, False, None),
-    "is_ui": (False, None),
-    "loopback": (False, None),
-    "mask": (None, ""),
-    "mask_image": (None, ""),
-}
-_READ = {
-    "enabled", "module", "model", "weight", "image", "input_image", "resize_mode", "processor_res", "threshold_a",
-    "threshold_b", "guidance_start", "guidance_end", "pixel_perfect", "control_type", "union_control_type",
-}  # fmt: skip
 _WHY_NOT: dict[str, str] = {
     "low_vram": "memory placement is this server's own (IMAGEN_CPU_OFFLOAD); send false",
     "control_mode": 'only "Balanced" (0) is available here',
@@ -71,7 +56,58 @@ _WHY_NOT: dict[str, str] = {
     "hr_option": 'only "Both" is available here (there is no hires pass)',
     "mask": "a ControlNet unit's own mask is not available here",
     "mask_image": "a ControlNet unit's own mask is not available here",
+    "image": "a base64 image (bare or a data URL), or {\"image\": ...} without a mask",
+    "module": f"available here: {', '.join(PREPROCESSORS)} (preprocessors that need weights are not installed)",
+    "resize_mode": "one of Just Resize, Crop and Resize, Resize and Fill (or 0-2)",
 }
+_Fraction = Annotated[float, Field(ge=0, le=1, strict=True, allow_inf_nan=False)]
+_Threshold = Literal[-1] | Annotated[int, Field(ge=1, le=255), IntegerNotText]
+
+
+class OldImage(BaseModel):
+    """The extension's older image form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    mask: Literal[""] | None = None
+
+
+class A1111Unit(BaseModel):
+    """One unit as the ControlNet extension's API takes it: every field it has that means something here, and
+    those that change nothing at the values allowed (a unit that is off is checked too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = True
+    module: Literal["none", "canny", "None"] = "none"
+    model: str = Field("None", description="A ControlNet id (GET /controlnet/model_list); `name [hash]` too.")
+    weight: Annotated[float, Field(ge=0, le=2, strict=True, allow_inf_nan=False)] = 1.0
+    image: str | OldImage | None = None
+    input_image: str | None = None
+    mask: Literal[""] | None = None
+    mask_image: Literal[""] | None = None
+    resize_mode: (
+        Literal["Just Resize", "Crop and Resize", "Resize and Fill", "Envelope (Outer Fit)",
+                "Scale to Fit (Inner Fit)", "crop", "fill", "stretch"]
+        | Annotated[int, Field(ge=0, le=2), IntegerNotText]
+    ) = "Crop and Resize"  # fmt: skip
+    processor_res: Literal[-1] | Annotated[int, Field(ge=64, le=2048), IntegerNotText] = -1
+    threshold_a: _Threshold = -1
+    threshold_b: _Threshold = -1
+    guidance_start: _Fraction = 0.0
+    guidance_end: _Fraction = 1.0
+    pixel_perfect: StrictBool = False
+    control_type: str | None = None
+    union_control_type: str | None = None
+    # the extension's fields that change nothing here at these values
+    low_vram: Literal[False] | None = None
+    control_mode: Literal[0, "Balanced"] | None = None
+    guessmode: Literal[False] | None = None
+    hr_option: Literal["Both"] | None = None
+    save_detected_map: StrictBool | None = None
+    is_ui: Literal[False] | None = None
+    loopback: Literal[False] | None = None
 
 
 def client_field(loc: tuple[str | int, ...], unit_paths: list[str]) -> str | None:
@@ -87,6 +123,41 @@ def client_field(loc: tuple[str | int, ...], unit_paths: list[str]) -> str | Non
 
 class UnitProblem(ValueError):
     """A unit the server cannot honour; its message starts with the field, as the client named it."""
+
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with each ``$ref`` to its ``$defs`` replaced by the definition: the unit's schema is written into
+    the txt2img/img2img bodies' as it is, where no ``$defs`` of its own can be resolved."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {key: _inlined(value, defs) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(item, defs) for item in schema]
+    return schema
+
+
+_UNIT_JSON_SCHEMA = A1111Unit.model_json_schema()
+_UNIT_SCHEMA = _inlined(_UNIT_JSON_SCHEMA, _UNIT_JSON_SCHEMA.get("$defs", {}))
+ALWAYSON_SCRIPTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "description": "`controlnet` (or `ControlNet`): the ControlNet extension's units (docs/controlnet.md). "
+            "Any other script only when off: its `args` `[]` or `[false]`.",
+            "properties": {
+                name: {"type": "object", "required": ["args"],
+                       "properties": {"args": {"type": "array", "items": _UNIT_SCHEMA}}}
+                for name in SCRIPT_NAMES
+            },
+            "additionalProperties": {
+                "type": "object", "required": ["args"],
+                "properties": {"args": {"type": "array", "items": {"enum": [False, None]}}},
+            },
+        },
+        {"type": "null"},
+    ]
+}  # fmt: skip
 
 
 def script_off(script: Any) -> bool:
@@ -106,7 +177,7 @@ def controlnet_units(scripts: Any, init_image: str | None) -> list[tuple[str, di
         raise UnitProblem("alwayson_scripts: must be an object of scripts, each with its `args`")
     units: list[tuple[str, dict[str, Any]]] = []
     for name, script in scripts.items():
-        if name.lower() != SCRIPT_NAME:
+        if name not in SCRIPT_NAMES:
             if not script_off(script):
                 raise UnitProblem(f"alwayson_scripts.{name}: this server has no such script (it has: ControlNet)")
             continue
@@ -117,89 +188,80 @@ def controlnet_units(scripts: Any, init_image: str | None) -> list[tuple[str, di
             where = f"alwayson_scripts.{name}.args.{index}"
             if not isinstance(unit, dict):
                 raise UnitProblem(f"{where}: each ControlNet unit must be an object (the extension's API form)")
-            if unit.get("enabled", True) is False:
-                continue
-            units.append((where, _unit(unit, where, init_image)))
+            try:
+                checked = A1111Unit.model_validate(unit)  # a unit that is off too: its fields, or a 422
+            except ValidationError as exc:
+                raise UnitProblem(_unit_problem(exc, where)) from None
+            if checked.enabled:
+                units.append((where, _unit(checked, where, init_image)))
     return units
 
 
-def _unit(unit: dict[str, Any], where: str, init_image: str | None) -> dict[str, Any]:
-    for key, value in unit.items():
-        if key in _READ:
-            continue
-        if key in _NO_EFFECT:
-            if value not in _NO_EFFECT[key]:
-                raise UnitProblem(f"{where}.{key}: {_WHY_NOT.get(key, 'not available here')} (got {value!r})")
-            continue
-        raise UnitProblem(f"{where}.{key}: the ControlNet extension's field {key!r} is not available here")
-    image = _image(unit.get("image", unit.get("input_image")), where)
+def _unit_problem(exc: ValidationError, where: str) -> str:
+    error = exc.errors()[0]
+    # pydantic names a union's branch in the location (``literal['Just Resize',...]``, ``int``): not a field
+    field = ".".join(str(part) for part in error["loc"] if "[" not in str(part) and str(part) not in ("int", "str"))
+    if error["type"] == "extra_forbidden":
+        return f"{where}.{field}: the ControlNet extension's field {field!r} is not available here"
+    name = str(error["loc"][0]) if error["loc"] else ""
+    why = _WHY_NOT.get(name, error["msg"])
+    return f"{where}.{field}: {why} (got {error['input']!r})"
+
+
+def _unit(unit: A1111Unit, where: str, init_image: str | None) -> dict[str, Any]:
+    image = _image(unit.image if unit.image is not None else unit.input_image)
     if image is None:
         if init_image is None:
             raise UnitProblem(f"{where}.image: a ControlNet unit needs its control image (base64)")
         image = init_image
-    model = unit.get("model")
-    if not isinstance(model, str) or model in ("", "None"):
+    if unit.model in ("", "None"):
         raise UnitProblem(f"{where}.model: name a ControlNet (GET /controlnet/model_list)")
-    module = unit.get("module", "none")
-    module = "none" if module in (None, "None") else module
     native: dict[str, Any] = {
-        "model": model.split(" [", 1)[0].strip(),  # A1111 lists "name [hash]"
+        "model": unit.model.split(" [", 1)[0].strip(),  # A1111 lists "name [hash]"
         "image": image,
-        "preprocessor": module.lower() if isinstance(module, str) else module,
+        "preprocessor": unit.module.lower(),
+        "scale": unit.weight,
+        "start": unit.guidance_start,
+        "end": unit.guidance_end,
+        "resize_mode": _resize_mode(unit.resize_mode),
     }
-    if "weight" in unit:
-        native["scale"] = unit["weight"]
-    if "guidance_start" in unit:
-        native["start"] = unit["guidance_start"]
-    if "guidance_end" in unit:
-        native["end"] = unit["guidance_end"]
-    if "resize_mode" in unit:
-        native["resize_mode"] = _resize_mode(unit["resize_mode"], where)
-    control_type = unit.get("control_type", unit.get("union_control_type"))
+    control_type = unit.control_type if unit.control_type is not None else unit.union_control_type
     if control_type not in (None, "", "All"):
-        native["control_type"] = control_type.lower() if isinstance(control_type, str) else control_type
-    if not unit.get("pixel_perfect", False):
-        res = unit.get("processor_res", -1)
-        native["processor_res"] = DEFAULT_PROCESSOR_RES if res in (None, -1) else res
+        native["control_type"] = str(control_type).lower()
+    if not unit.pixel_perfect:
+        native["processor_res"] = DEFAULT_PROCESSOR_RES if unit.processor_res == -1 else unit.processor_res
     if native["preprocessor"] == "canny":
-        native["low_threshold"] = _threshold(unit.get("threshold_a"), DEFAULT_LOW_THRESHOLD)
-        native["high_threshold"] = _threshold(unit.get("threshold_b"), DEFAULT_HIGH_THRESHOLD)
+        native["low_threshold"] = DEFAULT_LOW_THRESHOLD if unit.threshold_a == -1 else unit.threshold_a
+        native["high_threshold"] = DEFAULT_HIGH_THRESHOLD if unit.threshold_b == -1 else unit.threshold_b
     return native
 
 
-def _image(value: Any, where: str) -> str | None:
-    if isinstance(value, dict):  # the extension's older {"image": ..., "mask": ...} form
-        if value.get("mask"):
-            raise UnitProblem(f"{where}.image.mask: {_WHY_NOT['mask']}")
-        value = value.get("image")
-    if value in (None, ""):
+def _image(value: str | OldImage | None) -> str | None:
+    if isinstance(value, OldImage):  # the extension's older {"image": ..., "mask": ...} form
+        value = value.image
+    if not value:
         return None
-    if not isinstance(value, str):
-        raise UnitProblem(f"{where}.image: must be a base64 image (bare or a data URL)")
     return value if value.startswith("data:") else "data:image/png;base64," + value
 
 
-def _resize_mode(value: Any, where: str) -> str:
-    names = list(A1111_RESIZE_MODES)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        return A1111_RESIZE_MODES[names[value]]
-    if isinstance(value, str):
-        if value in A1111_RESIZE_MODES:
-            return A1111_RESIZE_MODES[value]
-        if value in _OLD_RESIZE_NAMES:
-            return _OLD_RESIZE_NAMES[value]
-        if value in RESIZE_MODES:
-            return value
-    raise UnitProblem(f"{where}.resize_mode: one of {', '.join(names)} (or 0-2), not {value!r}")
+def _resize_mode(value: str | int) -> str:
+    if isinstance(value, int):
+        return A1111_RESIZE_MODES[list(A1111_RESIZE_MODES)[value]]
+    return A1111_RESIZE_MODES.get(value) or _OLD_RESIZE_NAMES.get(value) or value
+
+
+def _whole(value: Any) -> Any:
+    """A whole number as an int (JSON's 64.0 is the integer 64, and the extension's sliders send floats);
+    anything else as it came, for the check that refuses it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _threshold(value: Any, default: int) -> Any:
     if value is None or value == -1:
         return default
-    # the extension's sliders send floats (64.0); a whole number is the threshold, anything else is refused
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    return _whole(value)
 
 
 # --- the extension's routes -----------------------------------------------------------------------------
@@ -219,7 +281,50 @@ def _error(detail: str) -> JSONResponse:
     return JSONResponse({"error": "ValidationError", "detail": detail, "body": "", "errors": ""}, status_code=422)
 
 
-@router.post("/detect", response_model=None)
+_THRESHOLD = {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1, "maximum": 255}]}
+_DETECT_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["controlnet_input_images"],
+    "properties": {
+        "controlnet_module": {"type": "string", "enum": list(PREPROCESSORS), "default": "none"},
+        "controlnet_input_images": {
+            "type": "array", "minItems": 1, "maxItems": MAX_DETECT_IMAGES, "items": {"type": "string"},
+            "description": "Base64 images (bare or data URLs); webuiapi sends them as `controlnet_images`.",
+        },
+        "controlnet_processor_res": {
+            "anyOf": [{"const": -1}, {"type": "integer", "minimum": 64, "maximum": 2048}], "default": 512,
+            "description": "The image's short side when detecting; -1: its own size.",
+        },
+        "controlnet_threshold_a": {**_THRESHOLD, "description": "Canny's low threshold (-1: 100)."},
+        "controlnet_threshold_b": {**_THRESHOLD, "description": "Canny's high threshold (-1: 200)."},
+    },
+}  # fmt: skip
+_DETECT_KEYS = {*_DETECT_BODY["properties"], "controlnet_images"}  # type: ignore[misc]
+_DETECT_ANSWER = {
+    "type": "object",
+    "required": ["images", "info"],
+    "properties": {"images": {"type": "array", "items": {"type": "string"}}, "info": {"type": "string"}},
+}
+_ERROR = {
+    "type": "object",
+    "required": ["error", "detail", "body", "errors"],
+    "properties": {name: {"type": "string"} for name in ("error", "detail", "body", "errors")},
+}
+
+
+@router.post(
+    "/detect",
+    response_model=None,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _DETECT_BODY}}}},
+    responses={
+        200: {"description": "The maps, base64 PNGs.", "content": {"application/json": {"schema": _DETECT_ANSWER}}},
+        422: {
+            "description": "A refused request: `detail` names the field.",
+            "content": {"application/json": {"schema": _ERROR}},
+        },
+    },
+)
 async def detect_maps(http: Request, caller: CallerDep) -> JSONResponse:
     """The control maps a preprocessor makes of up to four images: `{"images": [base64 PNG], "info"}`."""
     try:
@@ -228,13 +333,17 @@ async def detect_maps(http: Request, caller: CallerDep) -> JSONResponse:
         return _error(str(exc))
     if not isinstance(body, dict):
         return _error("the body must be a JSON object")
+    unknown = sorted(set(body) - _DETECT_KEYS)
+    if unknown:
+        fields = ", ".join(sorted(_DETECT_KEYS))
+        return _error(f"{unknown[0]}: not a field of /controlnet/detect here (its fields: {fields})")
     module = body.get("controlnet_module", "none")
-    if module not in PREPROCESSORS:
+    if not isinstance(module, str) or module not in PREPROCESSORS:
         return _error(f"controlnet_module: {module!r} is not available here; available: {', '.join(PREPROCESSORS)}")
     images = body.get("controlnet_input_images", body.get("controlnet_images"))
     if not isinstance(images, list) or not 1 <= len(images) <= MAX_DETECT_IMAGES:
         return _error(f"controlnet_input_images: a list of 1 to {MAX_DETECT_IMAGES} base64 images")
-    res = body.get("controlnet_processor_res", DEFAULT_PROCESSOR_RES)
+    res = _whole(body.get("controlnet_processor_res", DEFAULT_PROCESSOR_RES))
     low = _threshold(body.get("controlnet_threshold_a"), DEFAULT_LOW_THRESHOLD)
     high = _threshold(body.get("controlnet_threshold_b"), DEFAULT_HIGH_THRESHOLD)
     problem = _detect_problem(res, low, high)

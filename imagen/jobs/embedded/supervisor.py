@@ -492,7 +492,8 @@ class WorkerSlot(threading.Thread):
                         raise ChildStartFailed(error)
                     case _:
                         raise ProtocolError(f"unexpected message from a starting worker: {message!r:.200}")
-            if not process.is_alive():
+            # a child that said why it failed and exited between the poll and this check: read its message first
+            if not process.is_alive() and not parent_end.poll(0):
                 raise ChildStartFailed(f"exited with code {process.exitcode} before it was ready")
 
     def _send(self, message: ToChild) -> None:
