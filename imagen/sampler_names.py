@@ -22,9 +22,16 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "LMS",
     "DPM2",
     "DPM2 a",
+    "Euler SGM Uniform",
+    "LCM",
+    "TCD",
 )
 
 KARRAS_SUFFIX = " Karras"
+# A1111's "SGM Uniform" schedule type: timesteps spaced from the last one down ("trailing"), as few-step models
+# (SDXL-Lightning, Turbo, Hyper-SD) are sampled
+SGM_UNIFORM_SUFFIX = " SGM Uniform"
+SCHEDULE_SUFFIXES = {KARRAS_SUFFIX: "Karras", SGM_UNIFORM_SUFFIX: "SGM Uniform"}
 
 _NAMES = frozenset(SAMPLER_NAMES)
 
@@ -34,7 +41,9 @@ def is_sampler_name(name: str) -> bool:
 
 
 def a1111_sampler_fields(name: str) -> tuple[str, str | None]:
-    """(Sampler, Schedule type) as A1111 ≥ 1.9 writes them: "DPM++ 2M Karras" → ("DPM++ 2M", "Karras")."""
-    if name.endswith(KARRAS_SUFFIX):
-        return name.removesuffix(KARRAS_SUFFIX), "Karras"
+    """(Sampler, Schedule type) as A1111 ≥ 1.9 writes them: "DPM++ 2M Karras" → ("DPM++ 2M", "Karras"),
+    "Euler SGM Uniform" → ("Euler", "SGM Uniform")."""
+    for suffix, schedule in SCHEDULE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), schedule
     return name, None

@@ -29,6 +29,9 @@ IMAGE_FIELDS = ("init_image", "mask_image", "ip_image", "strength")
 KARRAS_CAPABLE = {
     name.removesuffix(" Karras") for name in available_samplers() if name.endswith(" Karras")
 } | {name for name in available_samplers() if name.endswith(" Karras")}
+SGM_UNIFORM_CAPABLE = {
+    name.removesuffix(" SGM Uniform") for name in available_samplers() if name.endswith(" SGM Uniform")
+} | {name for name in available_samplers() if name.endswith(" SGM Uniform")}
 MAX_IMAGES = 4
 
 
@@ -81,11 +84,15 @@ def _controlnet_units(body: dict[str, Any]) -> bool:
 
 
 def _karras_without_a_karras_sampler(body: dict[str, Any]) -> bool:
-    """A1111's Karras schedule type names only samplers that have a Karras variant (a 422 otherwise)."""
-    if str(body.get("scheduler") or "").lower() != "karras":
-        return False
+    """A1111's Karras (SGM Uniform) schedule type names only samplers that have a Karras (SGM Uniform) variant (a
+    422 otherwise)."""
+    schedule = str(body.get("scheduler") or "").lower()
     sampler = body.get("sampler_name") or body.get("sampler_index") or ""
-    return not (isinstance(sampler, str) and sampler in KARRAS_CAPABLE)
+    if schedule == "karras":
+        return not (isinstance(sampler, str) and sampler in KARRAS_CAPABLE)
+    if schedule == "sgm uniform":
+        return not (isinstance(sampler, str) and sampler in SGM_UNIFORM_CAPABLE)
+    return False
 
 
 def _negative(case: Any) -> bool:

@@ -123,7 +123,18 @@ def test_webuiapi_and_open_webui_on_both_backends(job_system: Callable[..., Test
             assert [u["name"] for u in webui.get("/sdapi/v1/upscalers").json()] == ["None"]
             assert webui.get("/sdapi/v1/latent-upscale-modes").json() == []
             assert webui.get("/sdapi/v1/sd-vae").json() == []
-            assert [s["name"] for s in webui.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
+            assert [s["name"] for s in webui.get("/sdapi/v1/schedulers").json()] == [
+                "automatic", "karras", "sgm uniform"
+            ]
+            # SGM Uniform: Euler's trailing timesteps (few-step models); refused for a sampler without it
+            trailing = webui.post("/sdapi/v1/txt2img", json={
+                "prompt": "x", "steps": 10, "sampler_name": "Euler", "scheduler": "SGM Uniform",
+            })
+            assert json.loads(trailing.json()["info"])["sampler_name"] == "Euler SGM Uniform", trailing.text
+            refused = webui.post(
+                "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "LCM", "scheduler": "SGM Uniform"}
+            )
+            assert refused.status_code == 422 and "needs a sampler_name that has it (Euler)" in refused.json()["detail"]
             # an unknown sampler: A1111's error shape
             refused = webui.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
             assert refused.status_code == 422 and "Nope" in refused.json()["detail"]

@@ -69,8 +69,9 @@ _FIELD_NAMES = {
     "init_image": "init_images", "mask_image": "mask", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
     "num_images": "batch_size × n_iter", "scheduler": "sampler_name", "loras": "prompt's <lora:…> tags",
 }  # fmt: skip
-# A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant.
-SCHEDULE_TYPES = ("Automatic", "Karras")
+# A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant, SGM Uniform
+# its trailing-timesteps variant (Euler's: for few-step models).
+SCHEDULE_TYPES = ("Automatic", "Karras", "SGM Uniform")
 
 
 @dataclass
@@ -141,8 +142,8 @@ class Txt2ImgRequest(BaseModel):
     sampler_index: str | None = Field(None, description="The old name of `sampler_name`, read when it is absent.")
     scheduler: str | None = Field(
         None,
-        description='A1111\'s "Schedule type": Automatic (the sampler as named) or Karras (its Karras variant, for '
-        "a sampler that has one; a 422 otherwise).",
+        description='A1111\'s "Schedule type": Automatic (the sampler as named), Karras or SGM Uniform (its variant '
+        "of that schedule, for a sampler that has one; a 422 otherwise).",
     )
     batch_size: ImageCount = Field(1, description=f"batch_size × n_iter images, at most {MAX_IMAGES}.")
     n_iter: ImageCount = 1
@@ -195,16 +196,16 @@ def _sampler(fields: Txt2ImgRequest) -> tuple[str | None, str | None]:
         return None, f"scheduler: schedule type {fields.scheduler!r} is not available here; available: " + ", ".join(
             SCHEDULE_TYPES
         )
-    if schedule != "karras" or (name and name.endswith(" Karras")):
+    suffix = f" {next((known for known in SCHEDULE_TYPES if known.lower() == schedule), '')}"
+    if schedule in ("", "automatic") or (name and name.endswith(suffix)):
         return name or None, None  # an empty name is the model's own sampler, as in A1111
-    # A Karras schedule we cannot give is refused, never dropped: the picture would not be the one asked for.
-    with_karras = [known.removesuffix(" Karras") for known in available if known.endswith(" Karras")]
-    if not name or name + " Karras" not in available:
+    # A schedule we cannot give is refused, never dropped: the picture would not be the one asked for.
+    with_it = [known.removesuffix(suffix) for known in available if known.endswith(suffix)]
+    if not name or name + suffix not in available:
         return None, (
-            f"scheduler: the Karras schedule needs a sampler_name that has it ({', '.join(with_karras)}), "
-            f"not {name!r}"
+            f"scheduler: the{suffix} schedule needs a sampler_name that has it ({', '.join(with_it)}), not {name!r}"
         )
-    return name + " Karras", None
+    return name + suffix, None
 
 
 def _data_url(image: str) -> str:

@@ -40,6 +40,10 @@ _CHOICES: dict[str, SchedulerChoice] = {
     "LMS": SchedulerChoice("LMSDiscreteScheduler"),
     "DPM2": SchedulerChoice("KDPM2DiscreteScheduler"),
     "DPM2 a": SchedulerChoice("KDPM2AncestralDiscreteScheduler"),
+    # few-step models and LoRAs (docs/sdxl-fields.md): as diffusers' pages for them run them
+    "Euler SGM Uniform": SchedulerChoice("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "LCM": SchedulerChoice("LCMScheduler"),
+    "TCD": SchedulerChoice("TCDScheduler"),
 }
 assert tuple(_CHOICES) == SAMPLER_NAMES
 
