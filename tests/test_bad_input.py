@@ -273,7 +273,7 @@ def test_a_405_lists_every_method_of_the_path(keyed: TestClient) -> None:
 def test_a1111_schedule_types_it_cannot_give_are_a_422(keyed: TestClient, execution_log: Path) -> None:
     unknown = {"prompt": "x", "sampler_name": "Euler", "scheduler": "Exponential"}
     assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json=unknown)) == (
-        "scheduler: schedule type 'Exponential' is not available here; available: Automatic, Karras"
+        "scheduler: schedule type 'Exponential' is not available here; available: Automatic, Karras, SGM Uniform"
     )
     no_karras_variant = {"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}
     assert _a1111_detail(keyed.post("/sdapi/v1/txt2img", json=no_karras_variant)).startswith(

@@ -107,7 +107,7 @@ def test_image_names() -> None:
 
 
 def test_sampler_names_and_mapping() -> None:
-    assert len(SAMPLER_NAMES) == 13 and SAMPLER_NAMES[0] == "Euler" and SAMPLER_NAMES[-1] == "DPM2 a"
+    assert len(SAMPLER_NAMES) == 16 and SAMPLER_NAMES[0] == "Euler" and SAMPLER_NAMES[-1] == "TCD"
     assert scheduler_for("DPM++ 2M Karras").class_name == "DPMSolverMultistepScheduler"
     assert scheduler_for("DPM++ 2M Karras").overrides == {"use_karras_sigmas": True}
     assert scheduler_for("DPM++ 2M SDE").overrides == {"algorithm_type": "sde-dpmsolver++"}
@@ -119,6 +119,9 @@ def test_sampler_names_and_mapping() -> None:
     assert not is_sampler_name("euler") and is_sampler_name("UniPC")
     assert a1111_sampler_fields("DPM++ 2M SDE Karras") == ("DPM++ 2M SDE", "Karras")
     assert a1111_sampler_fields("Euler a") == ("Euler a", None)
+    assert a1111_sampler_fields("Euler SGM Uniform") == ("Euler", "SGM Uniform")
+    assert scheduler_for("Euler SGM Uniform").overrides == {"timestep_spacing": "trailing"}
+    assert (scheduler_for("LCM").class_name, scheduler_for("TCD").class_name) == ("LCMScheduler", "TCDScheduler")
     assert all(sampler_available(name) for name in SAMPLER_NAMES if name != "LMS")
 
 
