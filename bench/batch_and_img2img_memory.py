@@ -31,24 +31,20 @@ from PIL import Image
 from imagen.config import Settings
 from imagen.generation.base import NO_INPUTS, GenerationTask, InputImages
 from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.diffusers.model_cache import storage_bytes
 from imagen.registry import builtin_registry
 from imagen.registry.builtin import DEMO_MODEL_ID
 
 
 def weight_bytes(engine: DiffusersEngine) -> int:
     """Bytes of the distinct tensors (by storage) held by every loaded pipeline, derived ones included."""
-    seen: set[int] = set()
-    total = 0
-    for loaded in engine._models.values():
-        for pipe in (loaded.pipe, *loaded.derived.values()):
-            for component in pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    for tensor in [*component.parameters(), *component.buffers()]:
-                        key = tensor.untyped_storage().data_ptr()
-                        if key not in seen:
-                            seen.add(key)
-                            total += tensor.untyped_storage().nbytes()
-    return total
+    return storage_bytes(
+        component
+        for loaded in engine._models.values()
+        for pipe in (loaded.pipe, *loaded.derived.values())
+        for component in pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+    )
 
 
 def sync(engine: DiffusersEngine) -> None:

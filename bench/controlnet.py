@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from imagen.config import Settings
 from imagen.generation.base import ControlNetChoice, GenerationTask, InputImages
 from imagen.generation.diffusers.engine import DiffusersEngine
+from imagen.generation.diffusers.model_cache import storage_bytes
 from imagen.registry import ControlNetSpec, Registry, builtin_registry
 from imagen.registry.builtin import DEMO_CONTROLNET_ID, DEMO_MODEL_ID
 
@@ -56,20 +57,18 @@ def silhouette(size: int, left: bool) -> Image.Image:
 
 
 def weight_bytes(engine: DiffusersEngine) -> int:
-    """Bytes of the distinct tensors (by storage) of every held model: its pipelines' components and its
-    ControlNets."""
-    seen: set[int] = set()
-    total = 0
-    for loaded in engine._models.values():
-        modules = [c for p in (loaded.pipe, *loaded.derived.values()) for c in p.components.values()]
-        for module in [*modules, *loaded.controlnets.values()]:
-            if isinstance(module, torch.nn.Module):
-                for tensor in [*module.parameters(), *module.buffers()]:
-                    key = tensor.untyped_storage().data_ptr()
-                    if key not in seen:
-                        seen.add(key)
-                        total += tensor.untyped_storage().nbytes()
-    return total
+    """Bytes of the distinct weight storages of every held model: its pipelines' components (the ControlNet
+    pipelines' ``controlnet`` included) and its ControlNets."""
+    modules = [
+        module
+        for loaded in engine._models.values()
+        for module in (
+            *(c for pipe in (loaded.pipe, *loaded.derived.values()) for c in pipe.components.values()),
+            *loaded.controlnets.values(),
+        )
+        if isinstance(module, torch.nn.Module)
+    ]
+    return storage_bytes(modules)
 
 
 class RssSampler:

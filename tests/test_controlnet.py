@@ -120,7 +120,7 @@ def unit(**fields: Any) -> dict[str, Any]:
         ([unit(control_type="canny")], "control_type", "ControlNet Union models only"),
         ([unit(resize_mode="Just Resize")], "resize_mode", "'crop', 'fill' or 'stretch'"),
         ([unit(preprocessor="canny", low_threshold=200, high_threshold=100)], "low_threshold", "not be above"),
-        ([unit(), unit(model="union-sdxl", control_type="canny")], "model", "cannot guide one job together"),
+        ([unit(), unit(model="union-sdxl", control_type="canny")], "controlnets", "cannot guide one job together"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

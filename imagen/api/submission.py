@@ -157,7 +157,6 @@ def _controlnet_choices(
     fitting = registry.controlnets_for(model) if model is not None else registry.controlnets
     fitting_ids = ", ".join(c.id for c in fitting) or "none"
     choices = []
-    is_union, first_kind = False, ""
     for index, unit in enumerate(units):
         spec = registry.controlnet(unit.model)
         if spec is None:
@@ -196,18 +195,16 @@ def _controlnet_choices(
                 ("controlnets", index, "low_threshold"), f"low_threshold ({unit.low_threshold}) must not be above "
                 f"high_threshold ({unit.high_threshold})", unit.low_threshold,
             ))
-        if spec is not None and first_kind and spec.is_union != is_union:
-            errors.append(FieldError(
-                ("controlnets", index, "model"), "ControlNet Union models and plain ControlNets cannot guide one job "
-                f"together (diffusers runs them in different pipelines): unit 0 is {first_kind}", unit.model,
-            ))
-        if spec is not None and index == 0:
-            is_union = spec.is_union
-            first_kind = "a ControlNet Union" if is_union else "a plain ControlNet"
         choices.append(ControlNetChoice(
             model=unit.model, scale=unit.scale, start=unit.start, end=unit.end, preprocessor=unit.preprocessor,
             resize_mode=unit.resize_mode, control_type=unit.control_type, low_threshold=unit.low_threshold,
             high_threshold=unit.high_threshold, processor_res=unit.processor_res,
+        ))
+    kinds = [spec.is_union for unit in units if (spec := registry.controlnet(unit.model)) is not None]
+    if len(set(kinds)) > 1:
+        errors.append(FieldError(
+            ("controlnets",), "ControlNet Union models and plain ControlNets cannot guide one job together "
+            "(diffusers runs them in different pipelines)", [unit.model for unit in units],
         ))
     return tuple(choices)
 

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import diffusers
@@ -152,8 +152,9 @@ class _Job:
     height: int
     sampler: str | None  # the task's, else the registry's; None: the pipeline's own scheduler
     clip_skip: int | None
-    # the ControlNet units that guide (scale > 0: a unit at 0 adds nothing, so its pipeline is not run)
-    controlnets: tuple[tuple[ControlNetChoice, ControlNetSpec], ...] = ()
+    # the ControlNet units that guide, each with its control image (scale > 0: a unit at 0 adds nothing, so its
+    # pipeline is not run)
+    controlnets: tuple[tuple[ControlNetChoice, ControlNetSpec, Image.Image], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,18 +332,18 @@ class DiffusersEngine(Engine):
 
     def _controlnet_specs(
         self, task: GenerationTask, spec: ModelSpec, inputs: InputImages
-    ) -> list[tuple[ControlNetChoice, ControlNetSpec]]:
+    ) -> list[tuple[ControlNetChoice, ControlNetSpec, Image.Image]]:
         if len(inputs.controls) != len(task.controlnets):
             raise FatalGenerationError("the job's input images do not match its task (controlnets)")
         units = []
-        for choice in task.controlnets:
+        for choice, image in zip(task.controlnets, inputs.controls, strict=True):
             controlnet = self.registry.controlnet(choice.model)
             if controlnet is None:
                 raise FatalGenerationError(f"unknown ControlNet {choice.model!r}")
             if controlnet.base != spec.base:
                 raise FatalGenerationError(f"ControlNet {controlnet.id!r} does not fit model {spec.id!r}")
-            units.append((choice, controlnet))
-        if len({controlnet.is_union for _, controlnet in units}) > 1:
+            units.append((choice, controlnet, image))
+        if len({controlnet.is_union for _, controlnet, _ in units}) > 1:
             raise FatalGenerationError("ControlNet Union models and plain ControlNets cannot guide one job together")
         return units
 
@@ -393,30 +394,27 @@ class DiffusersEngine(Engine):
                 kwargs.update(mask_image=mask, width=job.width, height=job.height)
             call = _PipelineCall(run=self._derived(loaded, job.mode), kwargs=kwargs, strength=strength)
         if job.controlnets:
-            self._controlled(loaded, job, inputs, call)
+            self._controlled(loaded, job, call)
         if job.spec.guidance_rescale and _takes(call.run, "guidance_rescale"):
             # the SDXL pipelines take it (of the ControlNet ones, inpainting's only); 0 is left out, so that a
             # model without it gets exactly the call it got before the field existed
             call.kwargs["guidance_rescale"] = job.spec.guidance_rescale
         return call
 
-    def _controlled(self, loaded: LoadedModel, job: _Job, inputs: InputImages, call: _PipelineCall) -> None:
+    def _controlled(self, loaded: LoadedModel, job: _Job, call: _PipelineCall) -> None:
         """Turn ``call`` into the ControlNet pipeline's: the job's ControlNets on the device, its control maps
         made and fitted, the pipeline of its mode made from the loaded one (once, then kept)."""
-        indexes = [index for index, choice in enumerate(job.task.controlnets) if choice.scale > 0]
         units = [
             controlnets.Unit(
-                choice=choice,
-                spec=spec,
-                control_map=controlnets.control_map(choice, inputs.controls[index], job.width, job.height),
+                choice=choice, spec=spec, control_map=controlnets.control_map(choice, image, job.width, job.height)
             )
-            for index, (choice, spec) in zip(indexes, job.controlnets, strict=True)
+            for choice, spec, image in job.controlnets
         ]
         union = units[0].spec.is_union
         modules = [self._controlnet(loaded, unit.spec) for unit in units]
         run = self._derived(loaded, job.mode, controlnet=modules[0], union=union)
         run.controlnet = controlnets.combined(modules, union)
-        if job.mode == "txt2img" or job.mode == "img2img":
+        if job.mode == "img2img":  # txt2img's and inpainting's calls have the size already
             call.kwargs.update(width=job.width, height=job.height)
         call.kwargs.update(controlnets.call_arguments(job.mode, units))
         call.run = run
@@ -788,7 +786,13 @@ class DiffusersEngine(Engine):
 
 def _takes(pipe: Any, argument: str) -> bool:
     """Whether the pipeline's call has this argument."""
-    return argument in inspect.signature(pipe.__call__).parameters
+    return argument in _call_parameters(pipe.__class__)
+
+
+@cache
+def _call_parameters(pipeline_class: Any) -> frozenset[str]:
+    # read once per pipeline class: a signature is rebuilt on every inspect call, and this runs for every job
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
 
 
 def _preview_maker(loaded: LoadedModel) -> Callable[[torch.Tensor], bytes]:
