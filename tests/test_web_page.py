@@ -35,7 +35,7 @@ if not CHROMIUM.exists():  # .ci/run installs it; a bare machine says why the mo
                 allow_module_level=True)
 
 from axe_playwright_python import sync_playwright as axe_package  # noqa: E402
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright  # noqa: E402
 
 AXE_JS = Path(axe_package.__file__).resolve().parent / "axe.min.js"
 TIMEOUT_MS = 30_000
@@ -464,6 +464,29 @@ def test_an_api_key_required_then_given(
     ready(page)
     expect(keybox).to_be_hidden()
     image_loaded(page, f'#gallery li[data-id="{job_id}"] img')
+
+
+def test_a_refusal_of_the_keyless_request_that_comes_after_the_key_leaves_the_box_closed(
+    make_page: Callable[..., Page], servers: Servers, tmp_path: Path
+) -> None:
+    """A request sent before the key was given can be refused after it (a loaded machine answers late):
+    that refusal is of no key, not of the new one, so the box stays closed and Generate works."""
+    keys = tmp_path / "keys.yaml"
+    key = add_key(keys, "late")
+    server = servers.start("late-refusal", api_keys_file=str(keys))
+    page = make_page(server)
+    held: list[Route] = []
+    page.route("**/controlnets", lambda route: held.append(route) if not held else route.continue_())
+    page.reload()
+    expect(page.locator("#keybox")).to_be_visible()
+    give_key(page, key, asked=True)
+    ready(page)  # its /controlnets went through: the keyless one, before it, is held
+    assert len(held) == 1 and "authorization" not in held[0].request.headers
+    with page.expect_response(lambda r: r.url.endswith("/controlnets") and r.status == 401):
+        held[0].continue_()
+    run_job(page, "after a late refusal")
+    wait_image(page)
+    expect(page.locator("#keybox")).to_be_hidden()
 
 
 def test_each_key_has_its_own_gallery_and_forgetting_a_key_forgets_it(

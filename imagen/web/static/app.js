@@ -133,7 +133,9 @@
     }
     if (response.status === 401) {
       const answer = await readJson(response);
-      askForKey(answer && answer.detail, Boolean(key));
+      // A refusal of a key already replaced (a request still in flight when the person gave a new one)
+      // says nothing about the new key: only a refusal of the key in use opens the box again.
+      if (store.get(KEY) === key) askForKey(answer && answer.detail, Boolean(key));
       throw new HttpError(401, answer);
     }
     return response;
