@@ -177,6 +177,14 @@ class Settings(BaseSettings):
         description="Distributed worker: CUDA device index it uses (sets `CUDA_VISIBLE_DEVICES`); "
         "same as `imagen worker --gpu N`. One worker per GPU.",
     )
+    broker_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="Distributed: how long a request waits for Redis (each call, and a whole submission: record, "
+        "broker message, confirmation) before answering 503. A submission not confirmed in this time is withdrawn, "
+        "never run. Set it alike on API replicas and workers.",
+    )
     job_lock_ttl_s: float = Field(
         30.0,
         gt=0,

@@ -3,8 +3,8 @@
 ``submit`` is one step from the user's view: the record goes in *unconfirmed* (with a short expiry, the
 ``max_queue`` and per-key checks included, one Lua script), the Celery message is published, then the record is
 confirmed. A 503 therefore leaves nothing behind: whatever failed or stalled half-way, the unconfirmed
-record is withdrawn or expires within ``CONFIRM_WINDOW_S``. Every Redis call of a request times out after
-``API_TIMEOUT_S`` without retrying a timeout, so a stalled Redis gives a 503 within about a second.
+record is withdrawn or expires within ``IMAGEN_BROKER_TIMEOUT_S``. Every Redis call of a request times out
+after that too, without retrying a timeout, so a stalled Redis gives a 503 within a few seconds.
 
 Live streams (``GET /events``) hear of job changes through one Redis pub/sub listener (``changes.py``).
 Two background threads: the image transfer (``image_transfer``) copies the PNGs that workers put in Redis
@@ -34,7 +34,6 @@ from imagen.jobs.distributed.changes import RedisChangeListener
 from imagen.jobs.distributed.image_transfer import STREAM_BLOCK_MS, ImageTransfer
 from imagen.jobs.distributed.model_orders import ModelOrders
 from imagen.jobs.distributed.reaper import Housekeeper
-from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import (
@@ -52,8 +51,6 @@ from imagen.jobs.types import (
 
 log = logging.getLogger("imagen.jobs")
 
-# No longer than the confirmation window: a confirmation the API gave up on arrives too late to keep the job.
-API_TIMEOUT_S = CONFIRM_WINDOW_S
 HEALTH_TIMEOUT_S = 0.5
 
 
@@ -63,8 +60,10 @@ class CeleryBackend(JobBackend):
             raise ValueError("CeleryBackend needs settings.broker_url")
         self.settings = settings
         url = settings.broker_url
+        # No longer than the confirmation window: a confirmation the API gave up on arrives too late to keep the job.
+        timeout_s = settings.broker_timeout_s
         # One retry on a broken connection (a pooled one after a Redis restart), none on a timeout.
-        api_client = connect(url, connect_timeout=API_TIMEOUT_S, socket_timeout=API_TIMEOUT_S, retry_on_timeout=False)
+        api_client = connect(url, connect_timeout=timeout_s, socket_timeout=timeout_s, retry_on_timeout=False)
         self.store = RedisJobStore.from_settings(settings, api_client)
         self.model_orders = ModelOrders(api_client)
         # Its own connections: a PING never queues behind other traffic, and never waits long.
@@ -78,8 +77,8 @@ class CeleryBackend(JobBackend):
         # Publishing from a request waits no longer than the other Redis calls of a request.
         self.celery.conf.broker_transport_options = {
             **self.celery.conf.broker_transport_options,
-            "socket_timeout": API_TIMEOUT_S,
-            "socket_connect_timeout": API_TIMEOUT_S,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
         }
         self.images = ImageTransfer(self.store.pngs, settings.outputs_dir)
         self.housekeeper = Housekeeper(

@@ -7,7 +7,7 @@ across API replicas and workers. Which module reads and writes each key is named
   it), attempts, seq, owner, ticket (the id of the broker message that started the running attempt),
   progress, result, error, times.
   A finished record gets a Redis expiry of ``result_ttl_s``. A new record is *unconfirmed* (field
-  ``unconfirmed``, expiry ``records.CONFIRM_WINDOW_S``) until its broker message is published: a submission
+  ``unconfirmed``, expiry IMAGEN_BROKER_TIMEOUT_S) until its broker message is published: a submission
   that fails half-way (Redis stalled, publish failed, the API killed) leaves nothing behind.
 - ``imagen:waiting``   sorted set of the PENDING job ids, scored by queue order: its size is the cluster-wide
   queue length checked by ``submit`` (check-and-add in one script, with the per-key waiting limit).

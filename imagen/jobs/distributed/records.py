@@ -1,7 +1,7 @@
 """The job records of the distributed backend and its fair queue: submit, confirm, read, cancel, and the
 order in which waiting jobs start.
 
-A submission is added *unconfirmed* and confirmed once its broker message is out (``CONFIRM_WINDOW_S``); the
+A submission is added *unconfirmed* and confirmed once its broker message is out (IMAGEN_BROKER_TIMEOUT_S); the
 queue's order is ``jobs.fairness``, read from the fair queue's index (``keys.py``): the next job is the oldest
 of the first key of ``imagen:queue_keys``, and a position needs the job's index within its key's queue
 (``ZCOUNT``) and each waiting key's rank and count. Submit, confirm, cancel, claim and position cost
@@ -48,10 +48,10 @@ from imagen.jobs.types import JobRecord, JobState, NewJob, Submitted
 
 log = logging.getLogger("imagen.jobs")
 
-# How long a new record lives before its message must be confirmed published. The API's Redis calls time out
-# sooner than this, so a confirmation that arrives late (Redis stalled) finds the record gone: never a job
-# that runs after its submitter was told 503.
-CONFIRM_WINDOW_S = 1.0
+# How long a new record lives before its message must be confirmed published (IMAGEN_BROKER_TIMEOUT_S). The
+# API's Redis calls time out no later than this, so a confirmation that arrives late (Redis stalled) finds the
+# record gone: never a job that runs after its submitter was told 503.
+DEFAULT_CONFIRM_WINDOW_S = 3.0
 
 
 class JobRecords:
@@ -62,9 +62,11 @@ class JobRecords:
         totals: JobTotals,
         *,
         result_ttl_s: float,
+        confirm_window_s: float = DEFAULT_CONFIRM_WINDOW_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
+        self.confirm_window_s = confirm_window_s
         self.scripts = scripts
         self.totals = totals
         self.result_ttl_s = result_ttl_s
@@ -77,7 +79,7 @@ class JobRecords:
 
     # -- submission (API side) -------------------------------------------------------------------
     def submit(self, job: NewJob, max_queue: int, key_max_waiting: int | None = None) -> Submitted:
-        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``CONFIRM_WINDOW_S``.
+        """Add the job, unconfirmed: publish its message, then ``confirm`` it within ``confirm_window_s``.
         ``QueueFullError`` when ``max_queue`` jobs wait (checked first), ``KeyQueueFullError`` when
         ``key_max_waiting`` jobs of the job's key do: both checked in the script that adds it."""
         answer = cast(
@@ -91,7 +93,7 @@ class JobRecords:
                     job.output_name,
                     repr(self.clock()),
                     max_queue,
-                    int(CONFIRM_WINDOW_S * 1000),
+                    max(1, int(self.confirm_window_s * 1000)),
                     JOB_PREFIX,
                     job.key_name,
                     "" if key_max_waiting is None else key_max_waiting,

@@ -24,7 +24,7 @@ from redis.retry import Retry
 
 from imagen.jobs.distributed.attempts import Attempts
 from imagen.jobs.distributed.pngs import PngLimits, Pngs
-from imagen.jobs.distributed.records import JobRecords
+from imagen.jobs.distributed.records import DEFAULT_CONFIRM_WINDOW_S, JobRecords
 from imagen.jobs.distributed.scripts import Scripts
 from imagen.jobs.distributed.totals import JobTotals
 from imagen.jobs.distributed.uploads import Uploads
@@ -68,12 +68,15 @@ class RedisJobStore:
         *,
         result_ttl_s: float,
         png_limits: PngLimits | None = None,
+        confirm_window_s: float = DEFAULT_CONFIRM_WINDOW_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         scripts = Scripts(client)
         self.totals = JobTotals(client, scripts)
-        self.jobs = JobRecords(client, scripts, self.totals, result_ttl_s=result_ttl_s, clock=clock)
+        self.jobs = JobRecords(
+            client, scripts, self.totals, result_ttl_s=result_ttl_s, confirm_window_s=confirm_window_s, clock=clock
+        )
         self.pngs = Pngs(client, scripts, png_limits or PngLimits.defaults())
         self.attempts = Attempts(client, scripts, self.jobs, self.pngs.limits, clock)
         self.uploads = Uploads(client, clock)
@@ -81,7 +84,12 @@ class RedisJobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> RedisJobStore:
-        return cls(client, result_ttl_s=settings.result_ttl_s, png_limits=PngLimits.from_settings(settings))
+        return cls(
+            client,
+            result_ttl_s=settings.result_ttl_s,
+            png_limits=PngLimits.from_settings(settings),
+            confirm_window_s=settings.broker_timeout_s,
+        )
 
     def close(self) -> None:
         self.client.close()

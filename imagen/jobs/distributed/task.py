@@ -56,7 +56,6 @@ from imagen.jobs import stats
 from imagen.jobs.affinity import Affinity
 from imagen.jobs.distributed.attempts import Attempts
 from imagen.jobs.distributed.outcomes import AttemptOutcome, Claim, ClaimOutcome, ProgressOutcome
-from imagen.jobs.distributed.records import CONFIRM_WINDOW_S
 from imagen.jobs.distributed.store import RedisJobStore, connect
 from imagen.jobs.lifecycle import OwnerToken, timeout_text
 from imagen.jobs.types import JobState
@@ -370,7 +369,7 @@ class GenerateTask(Task):  # type: ignore[misc]  # celery ships no type hints
             claim = self._claim_next(token, ticket, named_job_id, affinity)
         # Only submissions not confirmed yet wait: each is confirmed (or withdrawn) within the confirmation
         # window. Wait for that rather than drop a message that one of them may need.
-        deadline = time.monotonic() + 2 * CONFIRM_WINDOW_S
+        deadline = time.monotonic() + 2 * self.settings.broker_timeout_s
         while claim.outcome is ClaimOutcome.UNCONFIRMED and time.monotonic() < deadline:
             time.sleep(UNCONFIRMED_POLL_S)
             claim = self._claim_next(token, ticket, named_job_id, affinity)
