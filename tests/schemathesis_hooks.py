@@ -4,7 +4,7 @@ The document says everything about a valid request but what JSON Schema cannot e
 once; an image's content (a data URL or base64 of a real image, or an upload's id); ``width`` and ``height``
 both non-null or both null; ``strength`` and ``mask_image`` only with an init image; ``ip_image`` only with
 ``ip_strength`` > 0; a ControlNet unit's model, image and start before end; A1111's ``batch_size`` × ``n_iter``
-at most 4, and its Karras schedule type only with a
+at most 4, steps and CFG within the model's own range, and its Karras schedule type only with a
 sampler that has a Karras variant. Requests that break those are left out,
 so that "valid by the document" means "accepted" (tests/test_image_inputs.py covers each of them as a 422).
 Where a valid request needs an image (``POST /uploads``, ``/v1/images/edits``, ``/sdapi/v1/img2img``,
@@ -24,6 +24,7 @@ import schemathesis
 from PIL import Image
 
 from imagen.generation.samplers import available_samplers
+from imagen.registry import REFERENCE_GUIDANCE, REFERENCE_STEPS
 
 IMAGE_FIELDS = ("init_image", "mask_image", "ip_image", "strength")
 KARRAS_CAPABLE = {
@@ -33,6 +34,8 @@ SGM_UNIFORM_CAPABLE = {
     name.removesuffix(" SGM Uniform") for name in available_samplers() if name.endswith(" SGM Uniform")
 } | {name for name in available_samplers() if name.endswith(" SGM Uniform")}
 MAX_IMAGES = 4
+REFERENCE_STEPS_RANGE = (REFERENCE_STEPS.min, REFERENCE_STEPS.max)
+REFERENCE_GUIDANCE_RANGE = (REFERENCE_GUIDANCE.min, REFERENCE_GUIDANCE.max)
 
 
 def _png(mode: str, color: Any) -> bytes:
@@ -59,6 +62,8 @@ def filter_case(context: Any, case: Any) -> bool:
         return False
     if (body.get("width") is None) != (body.get("height") is None):
         return False
+    if not _negative(case) and _outside_the_models_range(body):
+        return False
     if _karras_without_a_karras_sampler(body):
         return False
     counts = [body.get("batch_size", 1), body.get("n_iter", 1)]
@@ -81,6 +86,19 @@ def _controlnet_units(body: dict[str, Any]) -> bool:
         return False
     return any(isinstance(script, dict) and script.get("args") for name, script in scripts.items()
                if name in ("controlnet", "ControlNet"))  # fmt: skip
+
+
+def _outside_the_models_range(body: dict[str, Any]) -> bool:
+    """The document gives the bounds of any model (steps 1-150, CFG 0-30); each model's own range (the
+    reference's 10-100 and 1.0-30.0 for the test registry's) is checked at submission
+    (tests/test_model_ranges.py covers it)."""
+    for names, (low, high) in ((("steps",), REFERENCE_STEPS_RANGE),
+                               (("guidance_scale", "cfg_scale"), REFERENCE_GUIDANCE_RANGE)):
+        for name in names:
+            value = body.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and not low <= value <= high:
+                return True
+    return False
 
 
 def _karras_without_a_karras_sampler(body: dict[str, Any]) -> bool:

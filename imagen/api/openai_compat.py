@@ -5,11 +5,11 @@ Each request becomes a ``POST /generate`` job (same checks, queue and per-key li
 for its end (``compat_jobs``). Errors are OpenAI's body, ``{"error": {"message", "type", "param",
 "code"}}``: a bad field 400 (naming it), an unknown model 404, a full queue 429, a failed job 500.
 
-Mappings (docs/clients.md): OpenAI's model names (``dall-e-2``, ``dall-e-3``,
-``gpt-image-1``...) mean the server's default model; ``quality`` low → 20 steps, high/hd → 50, else 30
-(an explicit ``steps`` wins); ``style`` is accepted and echoed, and changes nothing (dall-e-3 clients send it
-unasked); ``background: transparent`` is refused (our pictures are opaque); ``moderation`` and ``user`` are
-accepted (no moderation here; ``user`` is the caller's own label).
+Mappings (docs/clients.md): OpenAI's model names (``dall-e-2``, ``dall-e-3``, ``gpt-image-1``...) mean the
+server's default model; ``quality`` low → 2/3 of the model's default steps (20 of the reference's 30), high/hd
+→ 5/3 (50), else the default (an explicit ``steps`` wins); ``style`` is accepted and echoed, and changes nothing
+(dall-e-3 clients send it unasked); ``background: transparent`` is refused (our pictures are opaque);
+``moderation`` and ``user`` are accepted (no moderation here; ``user`` is the caller's own label).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from imagen.registry import Registry
 
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
-QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "auto": 30, "high": 50, "hd": 50}
+# ``quality`` as a share of the model's default steps (the reference's 30: low 20, high 50), kept in its range.
+QUALITY_STEPS = {"low": 2 / 3, "high": 5 / 3, "hd": 5 / 3}
 # Our field names as OpenAI's clients know them (an error names the field the client sent).
 _PARAM_NAMES = {"width": "size", "height": "size", "num_images": "n", "guidance_scale": "guidance_scale"}
 
@@ -209,16 +210,19 @@ def _model_id(model: str | None, registry: Registry) -> str | None:
 
 
 def _generation_request(
-    fields: ImageGenerationRequest, registry: Registry, init_image: str | None = None, mask: str | None = None
+    fields: ImageGenerationRequest,
+    registry: Registry,
+    default_model: str | None,
+    init_image: str | None = None,
+    mask: str | None = None,
 ) -> GenerationRequest:
     width, height = _parse_size(fields.size)
-    steps = fields.steps if fields.steps is not None else QUALITY_STEPS.get(fields.quality or "auto", 30)
+    model_id = _model_id(fields.model, registry)
     values: dict[str, Any] = {
         "prompt": fields.prompt,
         "negative_prompt": fields.negative_prompt,
-        "model": _model_id(fields.model, registry),
+        "model": model_id,
         "loras": fields.loras,
-        "steps": steps,
         "seed": fields.seed,
         "width": width,
         "height": height,
@@ -229,6 +233,12 @@ def _generation_request(
     }
     if fields.guidance_scale is not None:
         values["guidance_scale"] = fields.guidance_scale
+    if fields.steps is not None:
+        values["steps"] = fields.steps
+    elif (share := QUALITY_STEPS.get(fields.quality or "auto")) is not None:
+        model = registry.model(model_id or registry.resolve_default_model(default_model))
+        if model is not None:
+            values["steps"] = min(max(round(model.steps.default * share), model.steps.min), model.steps.max)
     try:
         return GenerationRequest.model_validate(values)
     except ValidationError as exc:
@@ -338,7 +348,7 @@ async def generations(
     try:
         raw = await read_json(http)
         fields = ImageGenerationRequest.model_validate(raw)
-        request = _generation_request(fields, registry)
+        request = _generation_request(fields, registry, settings.default_model)
     except BadJson as exc:
         return _invalid(str(exc), exc.field).response()
     except ValidationError as exc:
@@ -429,7 +439,9 @@ async def edits(
         values["n"] = int(values["n"]) if str(values["n"]).isdigit() else values["n"]
     try:
         fields = ImageGenerationRequest.model_validate(values)
-        request = await run_in_threadpool(_edit_request, fields, registry, picture, mask_bytes)
+        request = await run_in_threadpool(
+            _edit_request, fields, registry, settings.default_model, picture, mask_bytes
+        )
     except ValidationError as exc:
         return _from_validation(exc).response()
     except OpenAIError as exc:
@@ -438,7 +450,7 @@ async def edits(
 
 
 def _edit_request(
-    fields: ImageGenerationRequest, registry: Registry, picture: bytes, mask: bytes | None
+    fields: ImageGenerationRequest, registry: Registry, default_model: str | None, picture: bytes, mask: bytes | None
 ) -> GenerationRequest:
     """The edit's job request, its image and mask checked (which decodes them: an 11 MB JPEG takes more than a
     second) in a worker thread, never on the event loop."""
@@ -447,7 +459,7 @@ def _edit_request(
     except BadImage as exc:
         raise _invalid(f"image: {exc}", "image") from exc
     mask_url = _mask_from_transparency(mask) if mask is not None else None
-    return _generation_request(fields, registry, init_image=_data_url(picture), mask=mask_url)
+    return _generation_request(fields, registry, default_model, init_image=_data_url(picture), mask=mask_url)
 
 
 @router.get("/models")

@@ -358,6 +358,9 @@ def models(registry: RegistryDep, backend: BackendDep) -> ModelList:
                 loaded_on=holders.get(m.id, []),
                 base=m.base,
                 controlnets=[c.id for c in registry.controlnets_for(m)],
+                steps=m.steps,
+                guidance_scale=m.guidance_scale,
+                timestep_spacing=m.timestep_spacing,
             )
             for m in registry.models
         ]
@@ -497,7 +500,9 @@ def upload(
     )
 
 
-@router.get("/loras", response_model=LoraList)
+# The reference's fields always (trigger_words null included); ``needs`` only for a LoRA that states them, so
+# the reference's answer stays as it wrote it.
+@router.get("/loras", response_model=LoraList, response_model_exclude_unset=True)
 def loras(registry: RegistryDep) -> LoraList:
     return LoraList(
         loras=[
@@ -507,6 +512,7 @@ def loras(registry: RegistryDep) -> LoraList:
                 description=lo.description,
                 default_weight=lo.default_weight,
                 trigger_words=lo.trigger_words,
+                **({"needs": lo.needs} if lo.needs is not None else {}),
             )
             for lo in registry.loras
         ]

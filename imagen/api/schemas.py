@@ -23,6 +23,15 @@ from imagen.inputs.control_maps import (
     ResizeMode,
 )
 from imagen.inputs.sizes import MAX_SIDE, MIN_SIDE, SIDE_STEP
+from imagen.registry.specs import (
+    GUIDANCE_CAP,
+    REFERENCE_GUIDANCE,
+    REFERENCE_STEPS,
+    STEPS_CAP,
+    GuidanceRange,
+    LoraNeeds,
+    StepRange,
+)
 from imagen.webhooks.events import DEFAULT_EVENTS, EventName
 
 MAX_SEED = 2**53 - 1  # exact in JSON for every client, JavaScript included
@@ -60,8 +69,10 @@ IntegerNotText = BeforeValidator(_integer_not_text_or_bool)
 
 # The numbers a job takes, with their bounds: one place for the native, OpenAI and AUTOMATIC1111 requests
 # (each names them its own way: ``cfg_scale``, ``n``, ``batch_size``...).
-Steps = Annotated[int, Field(ge=10, le=100), IntegerNotText]
-GuidanceScale = Annotated[float, Field(ge=1.0, le=30.0, strict=True, allow_inf_nan=False)]
+# Steps and guidance: the hard bounds of any model here; each model's own range (the reference's 10-100 and
+# 1.0-30.0 unless its registry entry sets another) is checked at submission (``submission.py``).
+Steps = Annotated[int, Field(ge=1, le=STEPS_CAP), IntegerNotText]
+GuidanceScale = Annotated[float, Field(ge=0.0, le=GUIDANCE_CAP, strict=True, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), IntegerNotText]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP), IntegerNotText]
 ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES), IntegerNotText]
@@ -135,8 +146,14 @@ class GenerationRequest(BaseModel):
         description="Each LoRA at most once; at most IMAGEN_MAX_LORAS of them (4 unless the server says "
         f"otherwise, never more than {LORAS_PER_REQUEST_CAP}).",
     )
-    steps: Steps = Field(30, description="Diffusion steps, 10-100.")
-    guidance_scale: GuidanceScale = Field(7.5, description="CFG scale, 1.0-30.0.")
+    steps: Steps = Field(
+        30, description="Diffusion steps, 10-100 (default 30), unless the model's registry entry sets its own range "
+        "and default (GET /models: `steps`), or a LoRA of the request does (GET /loras: `needs`)."
+    )
+    guidance_scale: GuidanceScale = Field(
+        7.5, description="CFG scale, 1.0-30.0 (default 7.5), unless the model's registry entry sets its own range "
+        "and default (GET /models: `guidance_scale`), or a LoRA of the request does."
+    )
     seed: Seed | None = Field(
         None, description="null = random (the seed used is reported)."
     )
@@ -262,6 +279,13 @@ class ModelInfo(BaseModel):
     )
     base: str = Field("sdxl", description="Its architecture family: the ControlNets of the same `base` fit it.")
     controlnets: list[str] = Field([], description="The ControlNets that fit it (ids, see GET /controlnets).")
+    steps: StepRange = Field(REFERENCE_STEPS, description="The steps its jobs may ask for, and their default.")
+    guidance_scale: GuidanceRange = Field(
+        REFERENCE_GUIDANCE, description="The CFG scale its jobs may ask for, and their default."
+    )
+    timestep_spacing: str | None = Field(
+        None, description="How its samplers space their timesteps (`trailing` for few-step models); null: its own."
+    )
 
 
 class ModelOrderAccepted(BaseModel):
@@ -290,6 +314,10 @@ class LoraInfo(BaseModel):
     description: str
     default_weight: float
     trigger_words: list[str] | None
+    needs: LoraNeeds | None = Field(
+        None, description="What it needs (sampler, steps and CFG ranges): a job using it gets these unless it says "
+        "otherwise, and must keep its steps and CFG in these ranges. Absent for a LoRA that needs nothing."
+    )
 
 
 class ControlNetInfo(BaseModel):

@@ -31,7 +31,15 @@ from imagen.inputs.images import (
 from imagen.inputs.sizes import size_from_image, size_problem
 from imagen.jobs.types import NewJob, Upload
 from imagen.outputs.names import image_names, make_output_name
-from imagen.registry import ModelSpec, Registry
+from imagen.registry import (
+    REFERENCE_GUIDANCE,
+    REFERENCE_STEPS,
+    GuidanceRange,
+    LoraSpec,
+    ModelSpec,
+    Registry,
+    StepRange,
+)
 from imagen.webhooks.urls import TargetPolicy
 
 RANDOM_SEED_LIMIT = 2**32  # random seeds stay short, like other SD tools' seeds
@@ -101,11 +109,12 @@ def prepare_job(
                 ("ip_strength",), "ip_strength > 0 needs the server's reference image, which is missing "
                 f"({adapter.reference_image.name}); use 0.0", request.ip_strength,
             ))
+    sampling = _sampling(request, model, [spec for spec in map(registry.lora, lora_names(request)) if spec], errors)
     controlnets = _controlnet_choices(request.controlnets, model, registry, settings, errors)
     errors.extend(_webhook_errors(request, settings))
     errors.extend(_sdxl_option_errors(request))
     images = _RequestImages(request, key_name, uploads, errors)
-    if errors or model is None:
+    if errors or model is None or sampling is None:
         raise InvalidRequest(errors)
     seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_LIMIT)
     size = images.size
@@ -114,20 +123,21 @@ def prepare_job(
         negative_prompt=request.negative_prompt,
         model=model.id,
         loras=tuple(loras),
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
+        steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
         seed=seed,
         ip_strength=request.ip_strength,
         width=size[0] if size else None,
         height=size[1] if size else None,
         num_images=request.num_images,
-        scheduler=request.scheduler,
+        scheduler=sampling.scheduler,
         clip_skip=request.clip_skip,
         strength=(request.strength if request.strength is not None else DEFAULT_STRENGTH) if images.init else None,
         init_image="init" in images.pngs,
         mask_image="mask" in images.pngs,
         ip_image="ip" in images.pngs,
         controlnets=controlnets,
+        defaults_from=sampling.defaults_from,
     )
     output_name = make_output_name(model.file_prefix)
     return NewJob(
@@ -138,6 +148,74 @@ def prepare_job(
         inputs=images.pngs,
         output_names=tuple(image_names(output_name, request.num_images)),
     )
+
+
+def lora_names(request: GenerationRequest) -> list[str]:
+    return [lora.name for lora in request.loras]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A job's steps, guidance and sampler: the request's, else what its LoRAs or its model need."""
+
+    steps: int
+    guidance_scale: float
+    scheduler: str | None
+    defaults_from: tuple[tuple[str, str], ...]
+
+
+def _sampling(
+    request: GenerationRequest, model: ModelSpec | None, loras: list[LoraSpec], errors: list[FieldError]
+) -> Sampling | None:
+    """The job's steps, guidance and sampler, each checked against the range that applies: a LoRA's needs
+    (an LCM-LoRA: 4-8 steps) where one states them, else the model's own (the reference's unless its entry
+    sets another). A setting the request leaves out takes that range's default, and ``defaults_from`` says
+    whose it was when it is not the reference's."""
+    if model is None:
+        return None
+    sent = request.model_fields_set
+    defaults_from: list[tuple[str, str]] = []
+    ranges: list[tuple[StepRange | GuidanceRange, str]] = []
+    for name, model_range, reference in (
+        ("steps", model.steps, REFERENCE_STEPS), ("guidance_scale", model.guidance_scale, REFERENCE_GUIDANCE)
+    ):
+        stated = [(getattr(spec.needs, name), spec) for spec in loras if spec.needs and getattr(spec.needs, name)]
+        if stated:
+            low, high = max(r.min for r, _ in stated), min(r.max for r, _ in stated)
+            if low > high:
+                errors.append(FieldError(
+                    ("loras",), f"these LoRAs need {name} ranges with nothing in common: "
+                    + "; ".join(f"{spec.id} {r.min}-{r.max}" for r, spec in stated), lora_names(request),
+                ))
+                return None
+            first, spec = stated[0]
+            ranges.append((type(first)(min=low, max=high, default=min(max(first.default, low), high)),
+                           f"LoRA {spec.id}"))
+        else:
+            ranges.append((model_range, "" if model_range == reference else f"model {model.id}"))
+    values: dict[str, Any] = {}
+    for (name, (allowed, source)) in zip(("steps", "guidance_scale"), ranges, strict=True):
+        if name in sent:
+            value = getattr(request, name)
+            whose = source or f"model {model.id}"
+            if value < allowed.min:
+                errors.append(FieldError((name,), f"Input should be greater than or equal to {allowed.min} "
+                                         f"({whose} takes {allowed.min}-{allowed.max})", value))
+            elif value > allowed.max:
+                errors.append(FieldError((name,), f"Input should be less than or equal to {allowed.max} "
+                                         f"({whose} takes {allowed.min}-{allowed.max})", value))
+        else:
+            value = allowed.default
+            if source:
+                defaults_from.append((name, source))
+        values[name] = value
+    scheduler = request.scheduler
+    if scheduler is None:
+        needing = next((spec for spec in loras if spec.needs and spec.needs.scheduler), None)
+        if needing is not None and needing.needs is not None:
+            scheduler = needing.needs.scheduler
+            defaults_from.append(("scheduler", f"LoRA {needing.id}"))
+    return Sampling(int(values["steps"]), float(values["guidance_scale"]), scheduler, tuple(defaults_from))
 
 
 def _controlnet_choices(

@@ -120,6 +120,9 @@ class GenerationTask:
     mask_image: bool = False
     ip_image: bool = False
     controlnets: tuple[ControlNetChoice, ...] = ()
+    # Which settings the request left out and who chose them: {"steps": "LoRA lcm", "scheduler": "model turbo"}.
+    # Only settings that did not come from the API reference's defaults are named.
+    defaults_from: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -138,6 +141,8 @@ class GenerationTask:
                 data[key] = value
         if self.controlnets:
             data["controlnets"] = [unit.as_dict() for unit in self.controlnets]
+        if self.defaults_from:
+            data["defaults_from"] = dict(self.defaults_from)
         return data
 
     @classmethod
@@ -161,6 +166,7 @@ class GenerationTask:
             mask_image=bool(data.get("mask_image", False)),
             ip_image=bool(data.get("ip_image", False)),
             controlnets=tuple(ControlNetChoice.from_dict(unit) for unit in data.get("controlnets", [])),
+            defaults_from=tuple((str(name), str(source)) for name, source in data.get("defaults_from", {}).items()),
         )
 
 

@@ -4,9 +4,21 @@ the checks that their files are safe to load (safe_files)."""
 
 from imagen.registry.builtin import builtin_registry
 from imagen.registry.load import load_registry
-from imagen.registry.specs import ControlNetSpec, IpAdapterSpec, LatentRgb, LoraSpec, ModelSpec, Registry
+from imagen.registry.specs import (
+    REFERENCE_GUIDANCE,
+    REFERENCE_STEPS,
+    ControlNetSpec,
+    GuidanceRange,
+    IpAdapterSpec,
+    LatentRgb,
+    LoraNeeds,
+    LoraSpec,
+    ModelSpec,
+    Registry,
+    StepRange,
+)
 
 __all__ = [
-    "ControlNetSpec", "IpAdapterSpec", "LatentRgb", "LoraSpec", "ModelSpec", "Registry", "builtin_registry",
-    "load_registry",
+    "REFERENCE_GUIDANCE", "REFERENCE_STEPS", "ControlNetSpec", "GuidanceRange", "IpAdapterSpec", "LatentRgb",
+    "LoraNeeds", "LoraSpec", "ModelSpec", "Registry", "StepRange", "builtin_registry", "load_registry",
 ]

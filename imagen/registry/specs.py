@@ -37,6 +37,50 @@ UNION_CONTROL_TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segm
 Rgb = tuple[FiniteFloat, FiniteFloat, FiniteFloat]
 
 
+# The hard bounds of any request, whatever a registry says: AUTOMATIC1111's own step limit, and guidance from 0
+# (Turbo-style models sample without classifier-free guidance) to the reference's 30.
+STEPS_CAP = 150
+GUIDANCE_CAP = 30.0
+
+
+class StepRange(BaseModel):
+    """The denoising steps a model (or a LoRA) takes: the range a request must stay in, and its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(ge=1, le=STEPS_CAP)
+    max: int = Field(ge=1, le=STEPS_CAP)
+    default: int = Field(ge=1, le=STEPS_CAP)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StepRange:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"steps: min <= default <= max, not {self.min}, {self.default}, {self.max}")
+        return self
+
+
+class GuidanceRange(BaseModel):
+    """The CFG scale a model (or a LoRA) takes: the range a request must stay in, and its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float = Field(ge=0.0, le=GUIDANCE_CAP, allow_inf_nan=False)
+    max: float = Field(ge=0.0, le=GUIDANCE_CAP, allow_inf_nan=False)
+    default: float = Field(ge=0.0, le=GUIDANCE_CAP, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GuidanceRange:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"guidance_scale: min <= default <= max, not {self.min}, {self.default}, {self.max}")
+        return self
+
+
+# The API reference's numbers: every model whose entry says nothing of its own takes these.
+REFERENCE_STEPS = StepRange(min=10, max=100, default=30)
+REFERENCE_GUIDANCE = GuidanceRange(min=1.0, max=30.0, default=7.5)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
 class LatentRgb(BaseModel):
     """A linear map from a model's 4 latent channels, scaled as the denoising loop holds them, to RGB in
     [-1, 1]: how ``GET /events?preview=1`` previews are drawn without the VAE. ``factors``: one (R, G, B) row
@@ -92,6 +136,22 @@ class ModelSpec(BaseModel):
     scheduler: str | None = Field(
         None, description="Default sampler for this model's jobs, by its A1111 name (see GET /schedulers)."
     )
+    steps: StepRange = Field(
+        REFERENCE_STEPS,
+        description="The steps its jobs may ask for, and their default (`{min, max, default}`; default: the "
+        "reference's 10-100, 30). A few-step model (Lightning, Turbo, Hyper-SD) sets its own, e.g. 4-8, 6.",
+    )
+    guidance_scale: GuidanceRange = Field(
+        REFERENCE_GUIDANCE,
+        description="The CFG scale its jobs may ask for, and their default (`{min, max, default}`; default: the "
+        "reference's 1.0-30.0, 7.5). Turbo-style models: 0-1.",
+    )
+    timestep_spacing: str | None = Field(
+        None,
+        description="How its samplers space their timesteps: `leading`, `trailing` (what few-step models are "
+        "distilled for) or `linspace`; a sampler that sets its own (Euler SGM Uniform) keeps it. Absent: the "
+        "model's own scheduler config.",
+    )
     clip_skip: int | None = Field(None, ge=1, le=2, description="Default clip skip (A1111's numbering), e.g. 2.")
     guidance_rescale: float = Field(
         0.0, ge=0.0, le=1.0, allow_inf_nan=False,
@@ -123,9 +183,14 @@ class ModelSpec(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_sampler(cls, name: str | None) -> str | None:
-        if name is not None and not is_sampler_name(name):
-            raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
-        return name
+        return _known_sampler_name(name)
+
+    @field_validator("timestep_spacing")
+    @classmethod
+    def _known_spacing(cls, spacing: str | None) -> str | None:
+        if spacing is not None and spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing: one of {', '.join(TIMESTEP_SPACINGS)}, not {spacing!r}")
+        return spacing
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +214,28 @@ class ModelSpec(BaseModel):
         return self
 
 
+def _known_sampler_name(name: str | None) -> str | None:
+    if name is not None and not is_sampler_name(name):
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
+    return name
+
+
+class LoraNeeds(BaseModel):
+    """What a LoRA needs to draw well (an LCM-LoRA: the LCM sampler, 4-8 steps, guidance 1-2). A job that uses
+    it and does not say otherwise gets these; its steps and guidance must then stay in these ranges."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheduler: str | None = Field(None, description="The sampler its jobs get unless they name one.")
+    steps: StepRange | None = None
+    guidance_scale: GuidanceRange | None = None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_sampler(cls, name: str | None) -> str | None:
+        return _known_sampler_name(name)
+
+
 class LoraSpec(BaseModel):
     """A LoRA / LyCORIS file (kohya or diffusers/PEFT key layout, ``.safetensors`` only)."""
 
@@ -160,6 +247,9 @@ class LoraSpec(BaseModel):
     path: Path
     default_weight: float = Field(0.8, ge=0.0, le=2.0, allow_inf_nan=False)
     trigger_words: list[str] | None = None
+    needs: LoraNeeds | None = Field(
+        None, description="What it needs to draw well (`scheduler`, `steps`, `guidance_scale`), e.g. an LCM-LoRA."
+    )
 
     @field_validator("trigger_words")
     @classmethod

@@ -628,6 +628,10 @@ class DiffusersEngine(Engine):
             self.stats.shared_bytes += storage_bytes(reuse.values())
             log.info("model %s shares %s with a model already held", spec.id, ", ".join(sorted(reuse)))
         self._shared.register(pipe, hashes)
+        if spec.timestep_spacing is not None:
+            # its own scheduler, and every sampler built from its config (build_scheduler), space timesteps so
+            spacing = spec.timestep_spacing
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
         state = acceleration.prepare(pipe, self.acceleration_options)
         preview_decoder = (
             None

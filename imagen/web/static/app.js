@@ -507,7 +507,26 @@
     const model = state.models.find((m) => m.id === $("model").value);
     $("negative_prompt").placeholder = (model && model.default_negative) || "";
     $("model-desc").textContent = (model && model.description) || "";
+    applyModelRanges(model);
     renderControlnets();
+  }
+
+  /** A model's own steps and CFG range (a few-step model: 4-8 steps); a value still at the last model's
+   * default (or empty) moves to this one's, a value the person typed stays. Servers without them: the schema's. */
+  function applyModelRanges(model) {
+    for (const name of ["steps", "guidance_scale"]) {
+      const range = model && model[name];
+      if (!range || typeof range !== "object") continue;
+      const input = $(name);
+      const previous = input.dataset.modelDefault;
+      if (input.value === "" || previous === undefined || Number(input.value) === Number(previous)) {
+        input.value = range.default;
+      }
+      input.dataset.modelDefault = String(range.default);
+      input.min = range.min;
+      input.max = range.max;
+      $(`${name}-range`).textContent = `${range.min}–${range.max}`;
+    }
   }
 
   function renderLoras() {
