@@ -38,10 +38,11 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 # The other dependencies, read from pyproject.toml, in a layer of their own: a change to imagen/ rebuilds only the
 # last (small) layer, not this one.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-no-deps.txt ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
+    && pip install --no-deps -r requirements-no-deps.txt \
     && rm /tmp/requirements.txt
 COPY imagen ./imagen
 RUN pip install . && rm -rf /src

@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test test-suite test-browser test-gpu test-deploy lint docs bench demo-model clean
 
-$(BIN)/imagen: pyproject.toml
+$(BIN)/imagen: pyproject.toml requirements-no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-no-deps.txt
 	@touch $@
 
 install: $(BIN)/imagen

@@ -304,6 +304,13 @@ class Settings(BaseSettings):
     max_loras: int = Field(
         4, ge=0, le=LORAS_PER_REQUEST_CAP, description="Most LoRAs one request may apply at once."
     )
+    max_output_pixels: int = Field(
+        2048 * 2048,
+        ge=64 * 64,
+        le=8192 * 8192,
+        description="The largest picture a job may make, in pixels: the hires fix's final size and POST /upscale's "
+        "result stay within it (default 2048×2048).",
+    )
     max_controlnets: int = Field(
         3, ge=0, le=CONTROLNETS_PER_REQUEST_CAP, description="Most ControlNets one request may apply at once."
     )

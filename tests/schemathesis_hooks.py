@@ -64,6 +64,8 @@ def filter_case(context: Any, case: Any) -> bool:
         return False
     if not _negative(case) and _outside_the_models_range(body):
         return False
+    if not _negative(case) and _hires_or_what_we_refuse(body):
+        return False
     if _karras_without_a_karras_sampler(body):
         return False
     counts = [body.get("batch_size", 1), body.get("n_iter", 1)]
@@ -99,6 +101,18 @@ def _outside_the_models_range(body: dict[str, Any]) -> bool:
             if isinstance(value, int | float) and not isinstance(value, bool) and not low <= value <= high:
                 return True
     return False
+
+
+def _hires_or_what_we_refuse(body: dict[str, Any]) -> bool:
+    """A hires fix names an upscaler of the registry and stays within the server's size (tests/test_hires.py
+    covers it); A1111's fields this server cannot honour are refused when set (face restoration, tiling,
+    styles, variation seeds, scripts, a refiner, a second pass with its own prompt, sampler or model)."""
+    if body.get("hires") or body.get("enable_hr"):
+        return True
+    return any(body.get(name) for name in (
+        "restore_faces", "tiling", "styles", "subseed_strength", "script_name", "refiner_checkpoint", "hr_prompt",
+        "hr_negative_prompt", "hr_sampler_name", "hr_checkpoint_name",
+    ))  # fmt: skip
 
 
 def _karras_without_a_karras_sampler(body: dict[str, Any]) -> bool:

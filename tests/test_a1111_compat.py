@@ -120,8 +120,8 @@ def test_webuiapi_and_open_webui_on_both_backends(job_system: Callable[..., Test
             assert answer.status_code == 200, answer.text
             assert webui.post("/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 422
             # the lists SillyTavern's "Stable Diffusion WebUI" source reads (src/endpoints/stable-diffusion.js)
-            assert [u["name"] for u in webui.get("/sdapi/v1/upscalers").json()] == ["None"]
-            assert webui.get("/sdapi/v1/latent-upscale-modes").json() == []
+            assert [u["name"] for u in webui.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos"]
+            assert webui.get("/sdapi/v1/latent-upscale-modes").json() == [{"name": "Latent"}]
             assert webui.get("/sdapi/v1/sd-vae").json() == []
             assert [s["name"] for s in webui.get("/sdapi/v1/schedulers").json()] == [
                 "automatic", "karras", "sgm uniform"

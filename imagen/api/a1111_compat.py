@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import ImageOps
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
@@ -58,7 +58,7 @@ from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobState
-from imagen.outputs.png import a1111_controlnet_fields
+from imagen.outputs.png import a1111_controlnet_fields, a1111_hires_fields
 from imagen.registry import Registry
 from imagen.registry.watch import RegistryWatcher
 
@@ -68,6 +68,11 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 _FIELD_NAMES = {
     "init_image": "init_images", "mask_image": "mask", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
     "num_images": "batch_size × n_iter", "scheduler": "sampler_name", "loras": "prompt's <lora:…> tags",
+    "hires": "enable_hr",
+}  # fmt: skip
+_HIRES_NAMES = {
+    "scale": "hr_scale", "upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "denoise": "denoising_strength",
+    "width": "hr_resize_x", "height": "hr_resize_y",
 }  # fmt: skip
 # A1111's "Schedule type" values that mean something here: Karras picks a sampler's Karras variant, SGM Uniform
 # its trailing-timesteps variant (Euler's: for few-step models).
@@ -155,6 +160,36 @@ class Txt2ImgRequest(BaseModel):
     inpainting_mask_invert: Annotated[int, Field(ge=0, le=1), IntegerNotText] = Field(
         0, description="1: the mask's black is repainted."
     )
+    # hires fix (txt2img)
+    enable_hr: StrictBool = Field(False, description="Hires fix: upscale the first pass and denoise it again.")
+    hr_scale: float = Field(
+        2.0, ge=1.0, le=4.0, strict=True, allow_inf_nan=False, description="With enable_hr: the upscale."
+    )
+    hr_upscaler: str | None = Field(
+        None, description="Latent (the default), None or Lanczos (the picture resized), or an upscaler model "
+        "(GET /sdapi/v1/upscalers)."
+    )
+    hr_second_pass_steps: Annotated[int, Field(ge=0, le=150), IntegerNotText] = Field(
+        0, description="0: the first pass's steps."
+    )
+    hr_resize_x: Annotated[int, Field(ge=0, le=8192), IntegerNotText] = Field(0, description="A target width.")
+    hr_resize_y: Annotated[int, Field(ge=0, le=8192), IntegerNotText] = Field(0, description="A target height.")
+    # what this server cannot do: a 422 when set to anything but "off", never ignored
+    hr_checkpoint_name: str | None = Field(None, description="Refused unless empty or the job's model.")
+    hr_sampler_name: str | None = Field(None, description="Refused unless empty or the job's sampler.")
+    hr_prompt: str = Field("", description="Refused unless empty or the prompt itself.")
+    hr_negative_prompt: str = Field("", description="Refused unless empty or the negative prompt itself.")
+    refiner_checkpoint: str | None = Field(None, description="Refused: no refiner on this server yet.")
+    refiner_switch_at: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="Refused with a checkpoint."
+    )
+    restore_faces: StrictBool | None = Field(None, description="Refused when true: no face restoration here.")
+    tiling: StrictBool | None = Field(None, description="Refused when true: no tiling here.")
+    styles: list[str] | None = Field(None, max_length=16, description="Refused unless empty: no saved styles here.")
+    subseed_strength: float = Field(
+        0.0, strict=True, allow_inf_nan=False, description="Refused unless 0: no variation seeds."
+    )
+    script_name: str | None = Field(None, description="Refused unless empty: no scripts here.")
     alwayson_scripts: Annotated[dict[str, Any] | None, WithJsonSchema(ALWAYSON_SCRIPTS_SCHEMA)] = Field(
         None,
         description="`controlnet` (or `ControlNet`): `{\"args\": [unit, ...]}`, the ControlNet extension's units "
@@ -208,6 +243,71 @@ def _sampler(fields: Txt2ImgRequest) -> tuple[str | None, str | None]:
     return name + suffix, None
 
 
+def _unsupported(fields: Txt2ImgRequest, sampler: str | None) -> str | None:
+    """A field this server cannot honour, set to anything but its "off" value: refused, never ignored (the
+    picture would not be the one asked for)."""
+    same = {
+        "hr_prompt": (fields.hr_prompt, ("", fields.prompt)),
+        "hr_negative_prompt": (fields.hr_negative_prompt, ("", fields.negative_prompt or "")),
+        "hr_sampler_name": (fields.hr_sampler_name, (None, "", "Use same sampler", sampler, fields.sampler_name)),
+        "hr_checkpoint_name": (fields.hr_checkpoint_name, (None, "", "Use same checkpoint")),
+    }
+    for name, (value, allowed) in same.items():
+        if value not in allowed:
+            return f"{name}: a second pass with its own {name.removeprefix('hr_').replace('_', ' ')} is not "\
+                "supported here; leave it empty"
+    if fields.refiner_checkpoint not in (None, "", "None"):
+        return "refiner_checkpoint: no SDXL refiner on this server yet; leave it out"
+    off: dict[str, tuple[object, str]] = {
+        "restore_faces": (fields.restore_faces, "face restoration is not available here"),
+        "tiling": (fields.tiling, "seamless tiling is not available here"),
+        "styles": (fields.styles, "there are no saved styles here: put the style in the prompt"),
+        "subseed_strength": (fields.subseed_strength, "variation seeds are not available here"),
+        "script_name": (fields.script_name, "scripts are not available here"),
+    }
+    for name, (setting, why) in off.items():
+        if setting:
+            return f"{name}: {why}; leave it out"
+    return None
+
+
+# hr_upscaler names of A1111 that resize the picture with Lanczos here ("None" upscales nothing, then A1111
+# resizes with Lanczos); anything else names a latent mode or an upscaler model.
+_LANCZOS_NAMES = ("none", "lanczos")
+
+
+def _hires(fields: Txt2ImgRequest, registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
+    """A1111's hires fields as our ``hires``: hr_scale, hr_upscaler (by A1111 name, or a registry upscaler's
+    name or id), hr_second_pass_steps, hr_resize_x/y and denoising_strength (A1111's 0.7 when absent)."""
+    if not fields.enable_hr:
+        return None, None
+    if fields.init_images:
+        return None, "enable_hr: the hires fix is for txt2img"
+    wanted = (fields.hr_upscaler or "Latent").strip()
+    if wanted.lower() == "latent":
+        upscaler = "latent"
+    elif wanted.lower() in _LANCZOS_NAMES:
+        upscaler = "lanczos"
+    else:
+        found = next((u.id for u in registry.upscalers if wanted in (u.id, u.name)), None)
+        if found is None:
+            names = ["Latent", "None", "Lanczos", *(u.name for u in registry.upscalers)]
+            return None, f"hr_upscaler: {wanted!r} is not available here; available: {', '.join(names)}"
+        upscaler = found
+    hires: dict[str, Any] = {
+        "scale": fields.hr_scale,
+        "upscaler": upscaler,
+        "denoise": fields.denoising_strength if fields.denoising_strength is not None else 0.7,
+    }
+    if fields.hr_second_pass_steps:
+        hires["steps"] = fields.hr_second_pass_steps
+    if fields.hr_resize_x:
+        hires["width"] = fields.hr_resize_x
+    if fields.hr_resize_y:
+        hires["height"] = fields.hr_resize_y
+    return hires, None
+
+
 def _data_url(image: str) -> str:
     return image if image.startswith("data:") else "data:image/png;base64," + image
 
@@ -241,6 +341,12 @@ def _generation_request(
     sampler, problem = _sampler(fields)
     if problem is not None:
         return None, problem
+    problem = _unsupported(fields, sampler)
+    if problem is not None:
+        return None, problem
+    hires, problem = _hires(fields, registry)
+    if problem is not None:
+        return None, problem
     count = fields.batch_size * fields.n_iter
     if count > MAX_IMAGES:
         return None, f"batch_size × n_iter is at most {MAX_IMAGES} here, not {count}"
@@ -264,6 +370,7 @@ def _generation_request(
         "num_images": count,
         "scheduler": sampler,
         "controlnets": [unit for _, unit in units],
+        **({"hires": hires} if hires is not None else {}),
     }
     if fields.steps is not None:
         values["steps"] = fields.steps
@@ -284,6 +391,8 @@ def _client_field(loc: tuple[str | int, ...], unit_paths: list[str]) -> str:
     controlnet = client_field(loc, unit_paths)
     if controlnet is not None:
         return controlnet
+    if loc[0] == "hires" and len(loc) > 1:
+        return _HIRES_NAMES.get(str(loc[1]), "enable_hr")
     return ".".join([_FIELD_NAMES.get(str(loc[0]), str(loc[0])), *map(str, loc[1:])])
 
 
@@ -314,6 +423,7 @@ def _infotext(metadata: dict[str, Any], seed: int, model: str) -> str:
         ("Model", model),
         ("Lora", ", ".join(f"{lo['name']}:{lo['weight']}" for lo in metadata.get("loras", [])) or None),
         *a1111_controlnet_fields(metadata).items(),
+        *a1111_hires_fields(metadata).items(),
         ("Version", f"imagen {__version__}"),
     ]
     lines.append(", ".join(f"{name}: {value}" for name, value in params if value is not None))
@@ -542,14 +652,21 @@ def schedulers() -> list[dict[str, Any]]:
 
 
 @router.get("/upscalers")
-def upscalers() -> list[dict[str, Any]]:
-    """No upscaler here (SillyTavern lists them): only A1111's "None"."""
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+def upscalers(registry: RegistryDep) -> list[dict[str, Any]]:
+    """What ``hr_upscaler`` may name besides the latent modes: A1111's "None" and "Lanczos" (both resize with
+    Lanczos) and the registry's upscaler models, by name (their paths stay on the server)."""
+    return [
+        *({"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+          for name in ("None", "Lanczos")),
+        *({"name": u.name, "model_name": u.id, "model_path": None, "model_url": None, "scale": None}
+          for u in registry.upscalers),
+    ]  # fmt: skip
 
 
 @router.get("/latent-upscale-modes")
 def latent_upscale_modes() -> list[dict[str, Any]]:
-    return []
+    """``hr_upscaler``'s latent mode: A1111's "Latent" (bilinear)."""
+    return [{"name": "Latent"}]
 
 
 @router.get("/sd-vae")

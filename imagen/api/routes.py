@@ -49,6 +49,8 @@ from imagen.api.schemas import (
     SchedulerList,
     Size,
     UploadResponse,
+    UpscalerInfo,
+    UpscalerList,
     WorkerStatus,
 )
 from imagen.api.submission import InvalidRequest, prepare_job
@@ -517,6 +519,24 @@ def loras(registry: RegistryDep) -> LoraList:
             for lo in registry.loras
         ]
     )
+
+
+BUILTIN_UPSCALER_INFO = (
+    UpscalerInfo(id="latent", name="Latent", kind="latent",
+                 description="The first pass's latents resized (bilinear), as A1111's Latent: fast; needs denoise "
+                 "of about 0.5 or more to sharpen."),
+    UpscalerInfo(id="lanczos", name="Lanczos", kind="pixel",
+                 description="The first pass's picture resized with Lanczos, then encoded again."),
+)  # fmt: skip
+
+
+@router.get("/upscalers", response_model=UpscalerList)
+def upscalers(registry: RegistryDep) -> UpscalerList:
+    """What a hires fix's `upscaler` may name: the built-in ones and the registry's upscaler models."""
+    return UpscalerList(upscalers=[
+        *BUILTIN_UPSCALER_INFO,
+        *(UpscalerInfo(id=u.id, name=u.name, description=u.description, kind="model") for u in registry.upscalers),
+    ])
 
 
 @router.get("/controlnets", response_model=ControlNetList)

@@ -93,6 +93,34 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=Fal
 Threshold = Annotated[int, Field(ge=1, le=255), IntegerNotText]
 
 
+class HiresFix(BaseModel):
+    """A1111's hires fix: after the first pass, upscale and denoise again at the larger size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(
+        2.0, ge=1.0, le=4.0, allow_inf_nan=False,
+        description="The final size as a multiple of the first pass's (1.0-4.0), unless width or height is given.",
+    )
+    width: Annotated[int, Field(ge=64, le=8192), IntegerNotText] | None = Field(
+        None, description="A target width instead of `scale` (alone: the height keeps the aspect); rounded to 8."
+    )
+    height: Annotated[int, Field(ge=64, le=8192), IntegerNotText] | None = Field(
+        None, description="A target height instead of `scale` (alone: the width keeps the aspect); rounded to 8."
+    )
+    upscaler: Annotated[str, Field(min_length=1, max_length=80)] = Field(
+        "latent",
+        description="`latent` (the latents resized, A1111's Latent), `lanczos` (the picture resized), or an "
+        "upscaler model's id (GET /upscalers).",
+    )
+    steps: Steps | None = Field(None, description="Steps of the second pass (as img2img: × denoise run); null: "
+                                "the job's steps.")
+    denoise: float = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, strict=True,
+        description="How much the second pass changes the upscaled picture, 0.0-1.0 (A1111's denoising strength).",
+    )
+
+
 class ControlNetUnit(BaseModel):
     """One ControlNet applied to a job: its model, its control image and how strongly and when it guides."""
 
@@ -207,6 +235,11 @@ class GenerationRequest(BaseModel):
         description="ControlNets guiding the picture by a control image (edges, depth, a silhouette...), with "
         "text-to-image, img2img or inpainting; at most IMAGEN_MAX_CONTROLNETS (3 unless the server says "
         f"otherwise, never more than {CONTROLNETS_PER_REQUEST_CAP}).",
+    )
+    hires: HiresFix | None = Field(
+        None,
+        description="Hires fix (text-to-image only): upscale the first pass and denoise it again at the larger "
+        "size; the final size stays within IMAGEN_MAX_OUTPUT_PIXELS.",
     )
     webhook: Text | None = Field(
         None,
@@ -341,6 +374,18 @@ class ControlNetList(BaseModel):
     preprocessors: list[PreprocessorInfo] = Field(
         description="What a unit's `preprocessor` may be: those that need no weights."
     )
+
+
+class UpscalerInfo(BaseModel):
+    id: str = Field(description="What `hires.upscaler` names.")
+    name: str
+    description: str
+    kind: str = Field(description="`latent` (the latents resized), `pixel` (the picture resized) or `model` (an "
+                      "upscaler model of the registry, loaded with spandrel).")
+
+
+class UpscalerList(BaseModel):
+    upscalers: list[UpscalerInfo]
 
 
 class ModelList(BaseModel):

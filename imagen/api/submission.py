@@ -15,7 +15,7 @@ from PIL import Image
 
 from imagen.api.schemas import ControlNetUnit, GenerationRequest
 from imagen.config import Settings
-from imagen.generation.base import ControlNetChoice, GenerationTask, LoraChoice, control_role
+from imagen.generation.base import ControlNetChoice, GenerationTask, HiresChoice, LoraChoice, control_role
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.control_maps import PREPROCESSORS
 from imagen.inputs.images import (
@@ -28,7 +28,7 @@ from imagen.inputs.images import (
     mask_from_alpha,
     to_png,
 )
-from imagen.inputs.sizes import size_from_image, size_problem
+from imagen.inputs.sizes import hires_size, output_size_problem, size_from_image, size_problem
 from imagen.jobs.types import NewJob, Upload
 from imagen.outputs.names import image_names, make_output_name
 from imagen.registry import (
@@ -114,6 +114,7 @@ def prepare_job(
     errors.extend(_webhook_errors(request, settings))
     errors.extend(_sdxl_option_errors(request))
     images = _RequestImages(request, key_name, uploads, errors)
+    hires = _hires_choice(request, model, images, registry, settings, sampling.steps if sampling else 0, errors)
     if errors or model is None or sampling is None:
         raise InvalidRequest(errors)
     seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_LIMIT)
@@ -138,6 +139,7 @@ def prepare_job(
         ip_image="ip" in images.pngs,
         controlnets=controlnets,
         defaults_from=sampling.defaults_from,
+        hires=hires,
     )
     output_name = make_output_name(model.file_prefix)
     return NewJob(
@@ -147,6 +149,54 @@ def prepare_job(
         key_name=key_name,
         inputs=images.pngs,
         output_names=tuple(image_names(output_name, request.num_images)),
+    )
+
+
+def _hires_choice(
+    request: GenerationRequest,
+    model: ModelSpec | None,
+    images: _RequestImages,
+    registry: Registry,
+    settings: Settings,
+    job_steps: int,
+    errors: list[FieldError],
+) -> HiresChoice | None:
+    """The request's hires fix resolved to its final size, checked: text-to-image only, a known upscaler, a
+    final size within IMAGEN_MAX_OUTPUT_PIXELS."""
+    hires = request.hires
+    if hires is None or model is None:
+        return None
+    if images.init:
+        errors.append(FieldError(
+            ("hires",), "the hires fix is for text-to-image: leave it out with init_image (give the larger size "
+            "to img2img instead)", "hires",
+        ))
+    if request.controlnets:
+        errors.append(FieldError(
+            ("hires",), "the hires fix does not run with ControlNets here yet: leave out hires or controlnets",
+            "hires",
+        ))
+    if hires.upscaler not in registry.upscaler_ids:
+        errors.append(FieldError(
+            ("hires", "upscaler"), f"unknown upscaler {hires.upscaler!r}; available: "
+            f"{', '.join(registry.upscaler_ids)}", hires.upscaler,
+        ))
+    width, height = images.size or (model.size, model.size)
+    final = hires_size(width, height, hires.scale, hires.width, hires.height)
+    problem = output_size_problem(*final, settings.max_output_pixels)
+    if problem is not None:
+        field = "scale" if hires.width is None and hires.height is None else ("width" if hires.width else "height")
+        errors.append(FieldError(("hires", field), f"the hires fix's final size: {problem}", getattr(hires, field)))
+    steps = hires.steps or job_steps
+    if job_steps and int(steps * hires.denoise) < 1:
+        errors.append(FieldError(
+            ("hires", "denoise"), f"denoise {hires.denoise} of {steps} steps runs no step: at least "
+            f"{1 / steps:.3g}", hires.denoise,
+        ))
+    targeted = hires.width is not None or hires.height is not None
+    return HiresChoice(
+        width=final[0], height=final[1], upscaler=hires.upscaler, steps=hires.steps or 0, denoise=hires.denoise,
+        scale=None if targeted else hires.scale,
     )
 
 

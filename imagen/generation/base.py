@@ -97,6 +97,38 @@ class ControlNetChoice:
 
 
 @dataclass(frozen=True)
+class HiresChoice:
+    """A job's hires fix, as the submission resolved it: after the first pass, upscale to ``width`` x ``height``
+    with ``upscaler`` (``latent``, ``lanczos`` or a registry upscaler's id), then ``steps`` of img2img at
+    ``denoise``. ``scale`` is what was asked (for the metadata); None when a target size was."""
+
+    width: int
+    height: int
+    upscaler: str = "latent"
+    steps: int = 0  # 0: the job's own steps
+    denoise: float = 0.5
+    scale: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "width": self.width, "height": self.height, "upscaler": self.upscaler, "steps": self.steps,
+            "denoise": self.denoise, "scale": self.scale,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HiresChoice:
+        scale = data.get("scale")
+        return cls(
+            width=int(data["width"]),
+            height=int(data["height"]),
+            upscaler=str(data.get("upscaler", "latent")),
+            steps=int(data.get("steps", 0)),
+            denoise=float(data.get("denoise", 0.5)),
+            scale=None if scale is None else float(scale),
+        )
+
+
+@dataclass(frozen=True)
 class GenerationTask:
     """Everything an engine needs for one image; plain data, JSON-serialisable via ``as_dict``."""
 
@@ -123,6 +155,7 @@ class GenerationTask:
     # Which settings the request left out and who chose them: {"steps": "LoRA lcm", "scheduler": "model turbo"}.
     # Only settings that did not come from the API reference's defaults are named.
     defaults_from: tuple[tuple[str, str], ...] = ()
+    hires: HiresChoice | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -143,6 +176,8 @@ class GenerationTask:
             data["controlnets"] = [unit.as_dict() for unit in self.controlnets]
         if self.defaults_from:
             data["defaults_from"] = dict(self.defaults_from)
+        if self.hires is not None:
+            data["hires"] = self.hires.as_dict()
         return data
 
     @classmethod
@@ -167,6 +202,7 @@ class GenerationTask:
             ip_image=bool(data.get("ip_image", False)),
             controlnets=tuple(ControlNetChoice.from_dict(unit) for unit in data.get("controlnets", [])),
             defaults_from=tuple((str(name), str(source)) for name, source in data.get("defaults_from", {}).items()),
+            hires=HiresChoice.from_dict(data["hires"]) if data.get("hires") else None,
         )
 
 

@@ -30,6 +30,34 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
+HIRES_STEP = 8  # the hires fix's final sides: whole latent cells (SDXL's VAE: 8 pixels each)
+
+
+def hires_size(
+    width: int, height: int, scale: float, target_width: int | None, target_height: int | None
+) -> tuple[int, int]:
+    """The hires fix's final size, as A1111 computes it: the first pass's size times ``scale``; or the target
+    given (one side only: the other keeps the aspect); each side rounded to a multiple of 8."""
+
+    def rounded(side: float) -> int:
+        return max(HIRES_STEP, HIRES_STEP * round(side / HIRES_STEP))
+
+    if target_width and target_height:
+        return rounded(target_width), rounded(target_height)
+    if target_width:
+        return rounded(target_width), rounded(height * target_width / width)
+    if target_height:
+        return rounded(width * target_height / height), rounded(target_height)
+    return rounded(width * scale), rounded(height * scale)
+
+
+def output_size_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """Why a final picture of (width, height) is too big for this server (IMAGEN_MAX_OUTPUT_PIXELS)."""
+    if width * height > max_pixels:
+        return f"at most {max_pixels:,} pixels on this server (IMAGEN_MAX_OUTPUT_PIXELS), not {width}×{height}"
+    return None
+
+
 def _round_side(side: float) -> int:
     return max(MIN_SIDE, min(MAX_SIDE, SIDE_STEP * round(side / SIDE_STEP)))
 

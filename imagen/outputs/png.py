@@ -43,6 +43,7 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     if metadata.get("ip_strength"):
         fields["IP-Adapter strength"] = metadata["ip_strength"]
     fields.update(a1111_controlnet_fields(metadata))
+    fields.update(a1111_hires_fields(metadata))
     loras = metadata.get("loras") or []
     lines = [prompt]
     if negative:
@@ -55,6 +56,27 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     settings += ", Version: imagen"
     lines.append(settings)
     return "\n".join(lines)
+
+
+# The built-in upscalers as A1111 names them (a registry upscaler keeps its id).
+A1111_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+
+
+def a1111_hires_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A job's hires fix as A1111 writes it: ``Denoising strength: 0.5, Hires upscale: 2, Hires steps: 10,
+    Hires upscaler: Latent`` (``Hires resize: WxH`` for a target size; ``Size`` stays the first pass's)."""
+    hires = metadata.get("hires")
+    if not hires:
+        return {}
+    fields: dict[str, Any] = {"Denoising strength": hires.get("denoise")}
+    if hires.get("scale") is not None:
+        fields["Hires upscale"] = hires["scale"]
+    else:
+        fields["Hires resize"] = f"{hires.get('width')}x{hires.get('height')}"
+    if hires.get("steps"):
+        fields["Hires steps"] = hires["steps"]
+    fields["Hires upscaler"] = A1111_UPSCALER_NAMES.get(hires.get("upscaler"), hires.get("upscaler"))
+    return fields
 
 
 def a1111_controlnet_fields(metadata: dict[str, Any]) -> dict[str, str]:

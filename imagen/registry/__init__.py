@@ -16,9 +16,11 @@ from imagen.registry.specs import (
     ModelSpec,
     Registry,
     StepRange,
+    UpscalerSpec,
 )
 
 __all__ = [
     "REFERENCE_GUIDANCE", "REFERENCE_STEPS", "ControlNetSpec", "GuidanceRange", "IpAdapterSpec", "LatentRgb",
-    "LoraNeeds", "LoraSpec", "ModelSpec", "Registry", "StepRange", "builtin_registry", "load_registry",
+    "LoraNeeds", "LoraSpec", "ModelSpec", "Registry", "StepRange", "UpscalerSpec", "builtin_registry",
+    "load_registry",
 ]

@@ -30,7 +30,11 @@ def load_registry(path: Path | None) -> Registry:
     declared_vae_paths = [entry.get("vae_path") if isinstance(entry, dict) else None for entry in models]
     ip_adapter = raw.get("ip_adapter")
     entries = [
-        *models, *(raw.get("loras") or []), *(raw.get("controlnets") or []), *([ip_adapter] if ip_adapter else [])
+        *models,
+        *(raw.get("loras") or []),
+        *(raw.get("controlnets") or []),
+        *(raw.get("upscalers") or []),
+        *([ip_adapter] if ip_adapter else []),
     ]
     for entry in entries:
         if isinstance(entry, dict):

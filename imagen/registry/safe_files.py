@@ -195,6 +195,8 @@ def registry_problems(registry: Registry) -> list[str]:
         attempt(f"LoRA {lora.id!r}", lora_format, lora.path)
     for controlnet in registry.controlnets:
         attempt(f"ControlNet {controlnet.id!r}", check_controlnet_path, controlnet.path)
+    for upscaler in registry.upscalers:
+        attempt(f"upscaler {upscaler.id!r}", read_safetensors_header, upscaler.path)
     if registry.ip_adapter is not None:
         ip = registry.ip_adapter
         attempt("ip_adapter path", read_safetensors_header, ip.path)

@@ -304,12 +304,37 @@ class IpAdapterSpec(BaseModel):
     reference_image: Path = Field(Path("reference/electra_ref.png"), description="Style reference image.")
 
 
+# The upscalers every server has, besides its registry's upscaler models: the latents resized (A1111's "Latent")
+# and the picture resized with Lanczos.
+BUILTIN_UPSCALERS = ("latent", "lanczos")
+
+
+class UpscalerSpec(BaseModel):
+    """A single-image super-resolution model (ESRGAN, Real-ESRGAN, SwinIR, HAT...) in one ``.safetensors`` file,
+    loaded with spandrel, whose architecture and scale it reads from the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_PATTERN)
+    name: str
+    description: str = ""
+    path: Path = Field(description="One .safetensors file (never a pickle: .pth / .pt files are refused).")
+
+    @field_validator("id")
+    @classmethod
+    def _not_builtin(cls, upscaler_id: str) -> str:
+        if upscaler_id in BUILTIN_UPSCALERS:
+            raise ValueError(f"upscaler id {upscaler_id!r} is built in ({', '.join(BUILTIN_UPSCALERS)}): use another")
+        return upscaler_id
+
+
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: list[ModelSpec]
     loras: list[LoraSpec] = []
     controlnets: list[ControlNetSpec] = []
+    upscalers: list[UpscalerSpec] = []
     ip_adapter: IpAdapterSpec | None = None
     default_model: str | None = None
 
@@ -321,6 +346,7 @@ class Registry(BaseModel):
             ("model", [m.id for m in self.models]),
             ("LoRA", [lo.id for lo in self.loras]),
             ("ControlNet", [c.id for c in self.controlnets]),
+            ("upscaler", [u.id for u in self.upscalers]),
         ):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
@@ -349,6 +375,14 @@ class Registry(BaseModel):
 
     def controlnet(self, controlnet_id: str) -> ControlNetSpec | None:
         return next((c for c in self.controlnets if c.id == controlnet_id), None)
+
+    @property
+    def upscaler_ids(self) -> list[str]:
+        """Every upscaler a request may name: the built-in ones, then the registry's models."""
+        return [*BUILTIN_UPSCALERS, *(u.id for u in self.upscalers)]
+
+    def upscaler(self, upscaler_id: str) -> UpscalerSpec | None:
+        return next((u for u in self.upscalers if u.id == upscaler_id), None)
 
     def controlnets_for(self, model: ModelSpec) -> list[ControlNetSpec]:
         """The ControlNets that fit ``model``: those of its base."""

@@ -36,6 +36,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_sdxl_pipeline
 from imagen.registry import LoraSpec
 from imagen.testing import ldm_export
+from imagen.testing.upscaler_fixtures import write_tiny_esrgan
 
 FIXTURE_SEED = 1234
 LORA_RANK = 4
@@ -281,6 +282,7 @@ def write_fixtures(directory: Path) -> Path:
     _ip_adapter(pipe, FIXTURE_SEED + 20, ip_dir)
     _reference_image(directory / "reference" / "electra_ref.png", FIXTURE_SEED + 21)
     _write_controlnets(pipe, controlnets)
+    write_tiny_esrgan(directory / "upscalers", scale=4)
 
     size = FIXTURE_SHAPE.size
     negative = "low quality, blurry, distorted, ugly, bad anatomy"
@@ -356,6 +358,14 @@ def write_fixtures(directory: Path) -> Path:
                 "path": "controlnets/tiny-union",
                 "base": FIXTURE_BASE,
                 "control_types": ["openpose", "depth", "softedge", "canny"],
+            },
+        ],
+        "upscalers": [
+            {
+                "id": "tiny-esrgan",
+                "name": "Tiny ESRGAN 4x",
+                "description": "RRDBNet in the Real-ESRGAN key layout (spandrel's ESRGAN)",
+                "path": "upscalers/tiny-esrgan-x4.safetensors",
             },
         ],
         "ip_adapter": {

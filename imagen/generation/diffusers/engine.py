@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from typing import Any
 
@@ -61,6 +61,7 @@ from imagen.generation.base import (
     Engine,
     GeneratedImage,
     GenerationTask,
+    HiresChoice,
     InputImages,
     ProgressCallback,
     denoising_steps,
@@ -82,6 +83,7 @@ from imagen.generation.diffusers.schedulers import build_scheduler
 from imagen.generation.diffusers.shared_components import LORA_TARGETS, ComponentHashes, SharedComponents
 from imagen.generation.preview import wants_preview
 from imagen.generation.samplers import sampler_available, scheduler_for
+from imagen.generation.upscaling import UpscalerModel, lanczos, load_upscaler, upscale
 from imagen.registry import ControlNetSpec, LoraSpec, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,7 @@ class DiffusersEngine(Engine):
         # One job, load or unload at a time: an admin's unload waits for the model's running job.
         self._lock = threading.RLock()
         self._ip_weights: IpAdapterWeights | None = None
+        self._upscalers: dict[str, UpscalerModel] = {}
 
     @property
     def _models(self) -> Mapping[str, LoadedModel]:
@@ -294,8 +297,16 @@ class DiffusersEngine(Engine):
             # empty schedule. The init image comes back unchanged, as A1111 returns it.
             return self._unchanged(job, prompt, call)
         stop = guidance_stop(job.spec, task, ip_kwargs, call.run)
+        first_pass = progress
+        if task.hires is not None:
+            split = _hires_split(task, task.hires)
+            first_pass = _progress_share(progress, 0, split)
         with self._job_sampler(loaded, call.run, job.sampler) as scheduler_class:
-            latents = self._denoise(loaded, call, task, prompt.embeddings, ip_kwargs, stop, progress)
+            latents = self._denoise(loaded, call, task, prompt.embeddings, ip_kwargs, stop, first_pass)
+        if task.hires is not None:
+            latents = self._hires_pass(
+                loaded, job, task.hires, prompt, latents, ip_kwargs, _progress_share(progress, split, 100)
+            )
         decoded = self._decode_all(loaded.pipe, latents, progress)
         if job.mode == "inpaint":
             # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
@@ -305,6 +316,69 @@ class DiffusersEngine(Engine):
         return [
             GeneratedImage(image=image, pixels=pixels, extra_metadata=dict(metadata)) for image, pixels in decoded
         ]
+
+    def _hires_pass(
+        self,
+        loaded: LoadedModel,
+        job: _Job,
+        hires: HiresChoice,
+        prompt: _Prompt,
+        latents: torch.Tensor,
+        ip_kwargs: dict[str, Any],
+        progress: ProgressCallback,
+    ) -> torch.Tensor:
+        """A1111's hires fix: the first pass upscaled to the final size (its latents resized, ``latent``; or
+        decoded, resized with Lanczos or an upscaler model, and encoded again by the img2img pipeline), then
+        denoised again at ``hires.denoise`` by the loaded model's img2img pipeline, with the job's prompt,
+        sampler, seeds, LoRAs and IP-Adapter. Returns the final latents."""
+        task = job.task
+        if job.mode != "txt2img" or job.controlnets:
+            raise FatalGenerationError("the hires fix is for text-to-image jobs without ControlNets")
+        if hires.upscaler == "latent":
+            # bilinear, as A1111's "Latent": the latents as the loop holds them (scaled; img2img takes 4-channel
+            # input as latents, unencoded)
+            image: Any = torch.nn.functional.interpolate(
+                latents, size=(hires.height // 8, hires.width // 8), mode="bilinear", align_corners=False
+            )
+        else:
+            keep_upcast = self.device.type == "cpu"
+            pictures = [_decode(loaded.pipe, latents[i : i + 1], keep_upcast)[0] for i in range(latents.shape[0])]
+            image = [self._upscaled(picture, hires, progress) for picture in pictures]
+            image = image[0] if len(image) == 1 else image
+        second = replace(task, steps=hires.steps or task.steps, strength=hires.denoise, init_image=True)
+        run = self._derived(loaded, "img2img")
+        call = _PipelineCall(run=run, kwargs={"image": image, "strength": hires.denoise}, strength=hires.denoise)
+        if job.spec.guidance_rescale and _takes(run, "guidance_rescale"):
+            call.kwargs["guidance_rescale"] = job.spec.guidance_rescale
+        stop = guidance_stop(job.spec, second, ip_kwargs, run)
+        with self._job_sampler(loaded, run, job.sampler):
+            return self._denoise(loaded, call, second, prompt.embeddings, ip_kwargs, stop, progress)
+
+    def _upscaled(self, picture: Image.Image, hires: HiresChoice, progress: ProgressCallback) -> Image.Image:
+        """``picture`` at the hires fix's size: resized with Lanczos, or through the registry's upscaler model
+        (tiled; a cancel is heard between tiles), then Lanczos to the exact size."""
+        target = (hires.width, hires.height)
+        if hires.upscaler == "lanczos":
+            return lanczos(picture, target)
+        # between tiles, the progress callback raises JobCancelled for a cancelled job
+        return upscale(self._upscaler(hires.upscaler), picture, target, on_tile=lambda done, total: progress(
+            STEP_GENERATION, 0
+        ))
+
+    def _upscaler(self, upscaler_id: str) -> UpscalerModel:
+        """A registry upscaler model, read once per worker and kept (tens of MB: not counted in the budget)."""
+        held = self._upscalers.get(upscaler_id)
+        if held is not None:
+            return held
+        spec = self.registry.upscaler(upscaler_id)
+        if spec is None:
+            raise FatalGenerationError(f"unknown upscaler {upscaler_id!r}")
+        try:
+            model = load_upscaler(spec.path, self.device, self.dtype)
+        except (OSError, ValueError) as exc:
+            raise FatalGenerationError(f"upscaler {upscaler_id!r} could not be loaded: {exc}") from exc
+        self._upscalers[upscaler_id] = model
+        return model
 
     def _resolve(self, task: GenerationTask, inputs: InputImages) -> _Job:
         """The task checked against the registry and its input images, with the registry's defaults filled in;
@@ -861,6 +935,25 @@ def _cuda_memory() -> str:
 def _execution_device(pipe: Any) -> torch.device:
     device: torch.device = pipe._execution_device
     return device
+
+
+def _hires_split(task: GenerationTask, hires: HiresChoice) -> int:
+    """Where the first pass ends on a hires job's progress bar (0-100): the two passes' denoising steps."""
+    first = task.steps
+    second = max(1, int((hires.steps or task.steps) * hires.denoise))
+    return round(100 * first / (first + second))
+
+
+def _progress_share(progress: ProgressCallback, start: int, end: int) -> ProgressCallback:
+    """``progress`` with the generation step's 0-100 mapped onto ``start``-``end`` (one pass of several); the
+    other steps as they come."""
+
+    def report(step: str, percent: int) -> None:
+        if step == STEP_GENERATION:
+            percent = start + (end - start) * percent // 100
+        progress(step, percent)
+
+    return report
 
 
 def _decode(
