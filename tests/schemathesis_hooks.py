@@ -104,10 +104,11 @@ def _outside_the_models_range(body: dict[str, Any]) -> bool:
 
 
 def _hires_or_what_we_refuse(body: dict[str, Any]) -> bool:
-    """A hires fix names an upscaler of the registry and stays within the server's size (tests/test_hires.py
-    covers it); A1111's fields this server cannot honour are refused when set (face restoration, tiling,
-    styles, variation seeds, scripts, a refiner, a second pass with its own prompt, sampler or model)."""
-    if body.get("hires") or body.get("enable_hr"):
+    """A hires fix names an upscaler of the registry and stays within the server's size, a refiner names a
+    refiner of the registry (tests/test_hires.py, tests/test_refiner.py cover them); A1111's fields this
+    server cannot honour are refused when set (face restoration, tiling, styles, variation seeds, scripts, a
+    second pass with its own prompt, sampler or model)."""
+    if body.get("hires") or body.get("enable_hr") or body.get("refiner"):
         return True
     return any(body.get(name) for name in (
         "restore_faces", "tiling", "styles", "subseed_strength", "script_name", "refiner_checkpoint", "hr_prompt",

@@ -127,7 +127,8 @@ def test_models_loras_health(client: TestClient) -> None:
     # where it is held, and the ControlNets that fit it
     assert set(models[0]) - reference_fields == {
         "native_size", "sizes", "default_scheduler", "clip_skip", "guidance_rescale", "guidance_stop", "loaded_on",
-        "base", "controlnets", "steps", "guidance_scale", "timestep_spacing",
+        "base", "controlnets", "steps", "guidance_scale", "timestep_spacing", "refiner", "default_refiner",
+        "refiners",
     }
     assert (models[0]["base"], models[0]["controlnets"]) == ("sdxl", ["canny-sdxl", "union-sdxl"])
     assert models[0]["native_size"] == {"width": 64, "height": 64} and models[0]["clip_skip"] == 1

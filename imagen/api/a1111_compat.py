@@ -58,7 +58,7 @@ from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobState
-from imagen.outputs.png import a1111_controlnet_fields, a1111_hires_fields
+from imagen.outputs.png import a1111_controlnet_fields, a1111_hires_fields, a1111_refiner_fields
 from imagen.registry import Registry
 from imagen.registry.watch import RegistryWatcher
 
@@ -68,7 +68,7 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 _FIELD_NAMES = {
     "init_image": "init_images", "mask_image": "mask", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
     "num_images": "batch_size × n_iter", "scheduler": "sampler_name", "loras": "prompt's <lora:…> tags",
-    "hires": "enable_hr",
+    "hires": "enable_hr", "refiner": "refiner_checkpoint",
 }  # fmt: skip
 _HIRES_NAMES = {
     "scale": "hr_scale", "upscaler": "hr_upscaler", "steps": "hr_second_pass_steps", "denoise": "denoising_strength",
@@ -179,9 +179,11 @@ class Txt2ImgRequest(BaseModel):
     hr_sampler_name: str | None = Field(None, description="Refused unless empty or the job's sampler.")
     hr_prompt: str = Field("", description="Refused unless empty or the prompt itself.")
     hr_negative_prompt: str = Field("", description="Refused unless empty or the negative prompt itself.")
-    refiner_checkpoint: str | None = Field(None, description="Refused: no refiner on this server yet.")
+    refiner_checkpoint: str | None = Field(
+        None, description="An SDXL refiner that finishes the picture (GET /sdapi/v1/sd-models); \"\"/None: none."
+    )
     refiner_switch_at: float | None = Field(
-        None, strict=True, allow_inf_nan=False, description="Refused with a checkpoint."
+        None, strict=True, allow_inf_nan=False, description="When the refiner takes over, 0.5-0.95 (default 0.8)."
     )
     restore_faces: StrictBool | None = Field(None, description="Refused when true: no face restoration here.")
     tiling: StrictBool | None = Field(None, description="Refused when true: no tiling here.")
@@ -256,8 +258,6 @@ def _unsupported(fields: Txt2ImgRequest, sampler: str | None) -> str | None:
         if value not in allowed:
             return f"{name}: a second pass with its own {name.removeprefix('hr_').replace('_', ' ')} is not "\
                 "supported here; leave it empty"
-    if fields.refiner_checkpoint not in (None, "", "None"):
-        return "refiner_checkpoint: no SDXL refiner on this server yet; leave it out"
     off: dict[str, tuple[object, str]] = {
         "restore_faces": (fields.restore_faces, "face restoration is not available here"),
         "tiling": (fields.tiling, "seamless tiling is not available here"),
@@ -347,6 +347,16 @@ def _generation_request(
     hires, problem = _hires(fields, registry)
     if problem is not None:
         return None, problem
+    refiner: dict[str, Any] | None = None
+    if fields.refiner_checkpoint not in (None, "", "None"):
+        found = find_model(str(fields.refiner_checkpoint), registry)
+        if found is None:
+            return None, (
+                f"refiner_checkpoint: unknown model {fields.refiner_checkpoint!r}; available: "
+                f"{', '.join(registry.model_ids)}"
+            )
+        refiner = {"model": found, **({"switch_at": fields.refiner_switch_at}
+                                      if fields.refiner_switch_at is not None else {})}
     count = fields.batch_size * fields.n_iter
     if count > MAX_IMAGES:
         return None, f"batch_size × n_iter is at most {MAX_IMAGES} here, not {count}"
@@ -371,6 +381,8 @@ def _generation_request(
         "scheduler": sampler,
         "controlnets": [unit for _, unit in units],
         **({"hires": hires} if hires is not None else {}),
+        # A1111 has no refiner unless asked: a model's default refiner is not applied to its requests
+        "refiner": refiner,
     }
     if fields.steps is not None:
         values["steps"] = fields.steps
@@ -393,6 +405,8 @@ def _client_field(loc: tuple[str | int, ...], unit_paths: list[str]) -> str:
         return controlnet
     if loc[0] == "hires" and len(loc) > 1:
         return _HIRES_NAMES.get(str(loc[1]), "enable_hr")
+    if loc[0] == "refiner" and len(loc) > 1:
+        return "refiner_switch_at" if loc[1] == "switch_at" else "refiner_checkpoint"
     return ".".join([_FIELD_NAMES.get(str(loc[0]), str(loc[0])), *map(str, loc[1:])])
 
 
@@ -424,6 +438,7 @@ def _infotext(metadata: dict[str, Any], seed: int, model: str) -> str:
         ("Lora", ", ".join(f"{lo['name']}:{lo['weight']}" for lo in metadata.get("loras", [])) or None),
         *a1111_controlnet_fields(metadata).items(),
         *a1111_hires_fields(metadata).items(),
+        *a1111_refiner_fields(metadata).items(),
         ("Version", f"imagen {__version__}"),
     ]
     lines.append(", ".join(f"{name}: {value}" for name, value in params if value is not None))

@@ -363,6 +363,9 @@ def models(registry: RegistryDep, backend: BackendDep) -> ModelList:
                 steps=m.steps,
                 guidance_scale=m.guidance_scale,
                 timestep_spacing=m.timestep_spacing,
+                refiner=m.refiner,
+                default_refiner=m.default_refiner,
+                refiners=[r.id for r in registry.refiners_for(m)],
             )
             for m in registry.models
         ]

@@ -93,6 +93,20 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=Fal
 Threshold = Annotated[int, Field(ge=1, le=255), IntegerNotText]
 
 
+class RefinerRequest(BaseModel):
+    """SDXL's ensemble of experts: the model denoises the first part of the schedule, a refiner the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=80)] = Field(
+        description="A refiner of the registry (GET /models: `refiner: true`) that fits the job's model."
+    )
+    switch_at: float = Field(
+        0.8, ge=0.5, le=0.95, strict=True, allow_inf_nan=False,
+        description="The share of the schedule the model denoises before the refiner takes over (0.5-0.95).",
+    )
+
+
 class HiresFix(BaseModel):
     """A1111's hires fix: after the first pass, upscale and denoise again at the larger size."""
 
@@ -103,10 +117,10 @@ class HiresFix(BaseModel):
         description="The final size as a multiple of the first pass's (1.0-4.0), unless width or height is given.",
     )
     width: Annotated[int, Field(ge=64, le=8192), IntegerNotText] | None = Field(
-        None, description="A target width instead of `scale` (alone: the height keeps the aspect); rounded to 8."
+        None, description="A target width instead of `scale` (alone: the height keeps the aspect); rounded to 64."
     )
     height: Annotated[int, Field(ge=64, le=8192), IntegerNotText] | None = Field(
-        None, description="A target height instead of `scale` (alone: the width keeps the aspect); rounded to 8."
+        None, description="A target height instead of `scale` (alone: the width keeps the aspect); rounded to 64."
     )
     upscaler: Annotated[str, Field(min_length=1, max_length=80)] = Field(
         "latent",
@@ -236,6 +250,11 @@ class GenerationRequest(BaseModel):
         "text-to-image, img2img or inpainting; at most IMAGEN_MAX_CONTROLNETS (3 unless the server says "
         f"otherwise, never more than {CONTROLNETS_PER_REQUEST_CAP}).",
     )
+    refiner: RefinerRequest | None = Field(
+        None,
+        description="The SDXL refiner that finishes the picture (text-to-image). Absent: the model's "
+        "`default_refiner` if its registry entry names one; null: none.",
+    )
     hires: HiresFix | None = Field(
         None,
         description="Hires fix (text-to-image only): upscale the first pass and denoise it again at the larger "
@@ -319,6 +338,9 @@ class ModelInfo(BaseModel):
     timestep_spacing: str | None = Field(
         None, description="How its samplers space their timesteps (`trailing` for few-step models); null: its own."
     )
+    refiner: bool = Field(False, description="An SDXL refiner: it finishes other models' jobs (`refiner.model`).")
+    default_refiner: str | None = Field(None, description="The refiner that finishes its jobs unless told not to.")
+    refiners: list[str] = Field([], description="The refiners that can finish its jobs (ids).")
 
 
 class ModelOrderAccepted(BaseModel):

@@ -15,7 +15,14 @@ from PIL import Image
 
 from imagen.api.schemas import ControlNetUnit, GenerationRequest
 from imagen.config import Settings
-from imagen.generation.base import ControlNetChoice, GenerationTask, HiresChoice, LoraChoice, control_role
+from imagen.generation.base import (
+    ControlNetChoice,
+    GenerationTask,
+    HiresChoice,
+    LoraChoice,
+    RefinerChoice,
+    control_role,
+)
 from imagen.generation.samplers import available_samplers
 from imagen.inputs.control_maps import PREPROCESSORS
 from imagen.inputs.images import (
@@ -115,6 +122,7 @@ def prepare_job(
     errors.extend(_sdxl_option_errors(request))
     images = _RequestImages(request, key_name, uploads, errors)
     hires = _hires_choice(request, model, images, registry, settings, sampling.steps if sampling else 0, errors)
+    refiner = _refiner_choice(request, model, images, registry, errors)
     if errors or model is None or sampling is None:
         raise InvalidRequest(errors)
     seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_LIMIT)
@@ -140,6 +148,7 @@ def prepare_job(
         controlnets=controlnets,
         defaults_from=sampling.defaults_from,
         hires=hires,
+        refiner=refiner,
     )
     output_name = make_output_name(model.file_prefix)
     return NewJob(
@@ -150,6 +159,48 @@ def prepare_job(
         inputs=images.pngs,
         output_names=tuple(image_names(output_name, request.num_images)),
     )
+
+
+def _refiner_choice(
+    request: GenerationRequest,
+    model: ModelSpec | None,
+    images: _RequestImages,
+    registry: Registry,
+    errors: list[FieldError],
+) -> RefinerChoice | None:
+    """The job's refiner: the request's, else (when the request does not say ``"refiner": null``) the model's
+    default; checked: a refiner entry that fits the model, text-to-image without ControlNets or hires fix."""
+    if model is None:
+        return None
+    if model.refiner:
+        fitting = [m.id for m in registry.models if not m.refiner and m.base == model.base]
+        errors.append(FieldError(
+            ("model",), f"model {model.id!r} is an SDXL refiner: it only finishes other models' pictures; give "
+            f"it as refiner.model with one of: {', '.join(fitting) or 'none'}", model.id,
+        ))
+        return None
+    wanted = request.refiner
+    if wanted is None:
+        if "refiner" in request.model_fields_set or model.default_refiner is None:
+            return None
+        choice = RefinerChoice(model=model.default_refiner)
+    else:
+        choice = RefinerChoice(model=wanted.model, switch_at=wanted.switch_at)
+    spec = registry.model(choice.model)
+    refiners = ", ".join(r.id for r in registry.refiners_for(model)) or "none"
+    if spec is None or not spec.refiner or spec.base != model.base:
+        what = "unknown" if spec is None else ("not a refiner" if not spec.refiner else f"for {spec.base} models")
+        errors.append(FieldError(
+            ("refiner", "model"), f"{choice.model!r} is {what}; the refiners that fit model {model.id!r}: {refiners}",
+            choice.model,
+        ))
+    for given, field in ((images.init, "init_image"), (request.controlnets, "controlnets"), (request.hires, "hires")):
+        if given:
+            errors.append(FieldError(
+                ("refiner",), f"the refiner finishes text-to-image jobs without {field} here: leave out one of "
+                f"refiner and {field} (or send \"refiner\": null)", "refiner",
+            ))
+    return choice
 
 
 def _hires_choice(

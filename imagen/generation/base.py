@@ -97,6 +97,22 @@ class ControlNetChoice:
 
 
 @dataclass(frozen=True)
+class RefinerChoice:
+    """A job's SDXL refiner (ensemble of experts): the model denoises to ``switch_at`` of the schedule and the
+    refiner ``model`` finishes from there, on the same latents."""
+
+    model: str
+    switch_at: float = 0.8
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "switch_at": self.switch_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefinerChoice:
+        return cls(model=str(data["model"]), switch_at=float(data.get("switch_at", 0.8)))
+
+
+@dataclass(frozen=True)
 class HiresChoice:
     """A job's hires fix, as the submission resolved it: after the first pass, upscale to ``width`` x ``height``
     with ``upscaler`` (``latent``, ``lanczos`` or a registry upscaler's id), then ``steps`` of img2img at
@@ -156,6 +172,7 @@ class GenerationTask:
     # Only settings that did not come from the API reference's defaults are named.
     defaults_from: tuple[tuple[str, str], ...] = ()
     hires: HiresChoice | None = None
+    refiner: RefinerChoice | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -178,6 +195,8 @@ class GenerationTask:
             data["defaults_from"] = dict(self.defaults_from)
         if self.hires is not None:
             data["hires"] = self.hires.as_dict()
+        if self.refiner is not None:
+            data["refiner"] = self.refiner.as_dict()
         return data
 
     @classmethod
@@ -203,6 +222,7 @@ class GenerationTask:
             controlnets=tuple(ControlNetChoice.from_dict(unit) for unit in data.get("controlnets", [])),
             defaults_from=tuple((str(name), str(source)) for name, source in data.get("defaults_from", {}).items()),
             hires=HiresChoice.from_dict(data["hires"]) if data.get("hires") else None,
+            refiner=RefinerChoice.from_dict(data["refiner"]) if data.get("refiner") else None,
         )
 
 

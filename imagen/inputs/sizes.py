@@ -30,14 +30,16 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
-HIRES_STEP = 8  # the hires fix's final sides: whole latent cells (SDXL's VAE: 8 pixels each)
+# The hires fix's final sides: multiples of 64 like every size here, so whole latent cells for any VAE
+# (SDXL's: 8 pixels a cell; the demo model's: 32).
+HIRES_STEP = SIDE_STEP
 
 
 def hires_size(
     width: int, height: int, scale: float, target_width: int | None, target_height: int | None
 ) -> tuple[int, int]:
     """The hires fix's final size, as A1111 computes it: the first pass's size times ``scale``; or the target
-    given (one side only: the other keeps the aspect); each side rounded to a multiple of 8."""
+    given (one side only: the other keeps the aspect); each side rounded to a multiple of 64."""
 
     def rounded(side: float) -> int:
         return max(HIRES_STEP, HIRES_STEP * round(side / HIRES_STEP))

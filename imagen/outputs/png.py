@@ -44,6 +44,7 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
         fields["IP-Adapter strength"] = metadata["ip_strength"]
     fields.update(a1111_controlnet_fields(metadata))
     fields.update(a1111_hires_fields(metadata))
+    fields.update(a1111_refiner_fields(metadata))
     loras = metadata.get("loras") or []
     lines = [prompt]
     if negative:
@@ -77,6 +78,14 @@ def a1111_hires_fields(metadata: dict[str, Any]) -> dict[str, Any]:
         fields["Hires steps"] = hires["steps"]
     fields["Hires upscaler"] = A1111_UPSCALER_NAMES.get(hires.get("upscaler"), hires.get("upscaler"))
     return fields
+
+
+def a1111_refiner_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A job's refiner as A1111 writes it: ``Refiner: <name>, Refiner switch at: 0.8``."""
+    refiner = metadata.get("refiner")
+    if not refiner:
+        return {}
+    return {"Refiner": refiner.get("model"), "Refiner switch at": refiner.get("switch_at")}
 
 
 def a1111_controlnet_fields(metadata: dict[str, Any]) -> dict[str, str]:

@@ -152,6 +152,15 @@ class ModelSpec(BaseModel):
         "distilled for) or `linspace`; a sampler that sets its own (Euler SGM Uniform) keeps it. Absent: the "
         "model's own scheduler config.",
     )
+    refiner: StrictBool = Field(
+        False,
+        description="An SDXL refiner (one text encoder, aesthetic-score conditioning): it finishes the pictures of "
+        "the models of its `base` (a request's `refiner.model`) and draws none itself.",
+    )
+    default_refiner: str | None = Field(
+        None, description="A refiner (the id of a `refiner: true` entry) that finishes this model's jobs unless a "
+        "request says `\"refiner\": null`."
+    )
     clip_skip: int | None = Field(None, ge=1, le=2, description="Default clip skip (A1111's numbering), e.g. 2.")
     guidance_rescale: float = Field(
         0.0, ge=0.0, le=1.0, allow_inf_nan=False,
@@ -353,6 +362,17 @@ class Registry(BaseModel):
                 raise ValueError(f"duplicate {kind} ids: {', '.join(duplicates)}")
         if self.default_model is not None and self.default_model not in self.model_ids:
             raise ValueError(f"default_model {self.default_model!r} is not a declared model")
+        if self.default_model is not None and self.model(self.default_model).refiner:  # type: ignore[union-attr]
+            raise ValueError(f"default_model {self.default_model!r} is a refiner: it draws no picture itself")
+        for model in self.models:
+            if model.default_refiner is None:
+                continue
+            refiner = self.model(model.default_refiner)
+            if refiner is None or not refiner.refiner or refiner.base != model.base or model.refiner:
+                raise ValueError(
+                    f"model {model.id!r}: default_refiner {model.default_refiner!r} must be a refiner entry "
+                    f"(refiner: true) of its base ({model.base})"
+                )
         return self
 
     @property
@@ -398,4 +418,10 @@ class Registry(BaseModel):
                 if candidate not in self.model_ids:
                     raise RegistryError(f"default model {candidate!r} is not declared in the registry")
                 return candidate
-        return "sdxl-base" if "sdxl-base" in self.model_ids else self.models[0].id
+        if "sdxl-base" in self.model_ids:
+            return "sdxl-base"
+        return next((m.id for m in self.models if not m.refiner), self.models[0].id)
+
+    def refiners_for(self, model: ModelSpec) -> list[ModelSpec]:
+        """The refiners that can finish ``model``'s pictures: the refiner entries of its base."""
+        return [m for m in self.models if m.refiner and m.base == model.base and not model.refiner]

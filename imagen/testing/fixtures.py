@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_sdxl_pipeline
+from imagen.generation.diffusers.components import FIXTURE_SHAPE, build_tiny_refiner_pipeline, build_tiny_sdxl_pipeline
 from imagen.registry import LoraSpec
 from imagen.testing import ldm_export
 from imagen.testing.upscaler_fixtures import write_tiny_esrgan
@@ -282,6 +282,16 @@ def write_fixtures(directory: Path) -> Path:
     _ip_adapter(pipe, FIXTURE_SEED + 20, ip_dir)
     _reference_image(directory / "reference" / "electra_ref.png", FIXTURE_SEED + 21)
     _write_controlnets(pipe, controlnets)
+    refiner = build_tiny_refiner_pipeline(pipe, FIXTURE_SHAPE, seed=FIXTURE_SEED + 30)
+    refiner.save_pretrained(str(models / "sdxl-refiner"), safe_serialization=True)
+    refiner_state = {
+        **ldm_export.unet_to_ldm(refiner.unet.state_dict(), dict(refiner.unet.config)),
+        **ldm_export.vae_to_ldm(refiner.vae.state_dict(), dict(refiner.vae.config)),
+        **ldm_export.open_clip_to_ldm(refiner.text_encoder_2.state_dict(), ldm_export.REFINER_TE_PREFIX),
+    }
+    save_file({k: v.detach().clone().contiguous() for k, v in refiner_state.items()},
+              str(models / "sdxl-refiner-single-file.safetensors"), metadata={"format": "pt"})
+    _write_single_file_configs(models / "sdxl-refiner", models / "sdxl-refiner-single-file.config")
     write_tiny_esrgan(directory / "upscalers", scale=4)
 
     size = FIXTURE_SHAPE.size
@@ -308,6 +318,24 @@ def write_fixtures(directory: Path) -> Path:
                 "prefix": "sdxl_single",
                 "size": size,
                 "base": FIXTURE_BASE,
+            },
+            {
+                "id": "sdxl-refiner",
+                "name": "SDXL Refiner (tiny fixture)",
+                "description": "diffusers folder: one text encoder, aesthetic-score conditioning",
+                "path": "models/sdxl-refiner",
+                "size": size,
+                "base": FIXTURE_BASE,
+                "refiner": True,
+            },
+            {
+                "id": "sdxl-refiner-single-file",
+                "name": "SDXL Refiner single file (tiny fixture)",
+                "description": "original-layout single file, same weights as sdxl-refiner",
+                "path": "models/sdxl-refiner-single-file.safetensors",
+                "size": size,
+                "base": FIXTURE_BASE,
+                "refiner": True,
             },
         ],
         "loras": [

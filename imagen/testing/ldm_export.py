@@ -16,6 +16,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
+REFINER_TE_PREFIX = "conditioner.embedders.0.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -131,8 +132,9 @@ def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP bigG (second text encoder): fused q/k/v, transposed projection, OpenCLIP names."""
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = TE2_PREFIX) -> dict[str, torch.Tensor]:
+    """OpenCLIP bigG (SDXL base's second text encoder, the refiner's only one: ``REFINER_TE_PREFIX``): fused
+    q/k/v, transposed projection, OpenCLIP names."""
     source = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {
         "positional_embedding": source.pop("embeddings.position_embedding.weight"),
@@ -155,4 +157,4 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[dst + f"mlp.c_proj.{kind}"] = source.pop(src + f"mlp.fc2.{kind}")
     if source:
         raise KeyError(f"unconverted OpenCLIP keys: {sorted(source)[:5]}")
-    return {TE2_PREFIX + key: value for key, value in out.items()}
+    return {prefix + key: value for key, value in out.items()}

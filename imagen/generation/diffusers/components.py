@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 SDXL_CONFIG_DIR = DATA_DIR / "sdxl-base"
+SDXL_REFINER_CONFIG_DIR = DATA_DIR / "sdxl-refiner"
 CLIP_TOKENIZER_DIR = DATA_DIR / "clip-tokenizer"
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
@@ -140,6 +147,44 @@ def build_tiny_sdxl_pipeline(shape: TinySdxlShape, seed: int = 0) -> Any:
         unet=unet.eval(),
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_refiner_pipeline(base: Any, shape: TinySdxlShape, seed: int = 0) -> Any:
+    """A tiny SDXL *refiner* (``StableDiffusionXLImg2ImgPipeline``, ``requires_aesthetics_score``): the second
+    text encoder and the VAE of ``base`` (as SDXL's refiner shares them with SDXL base), a UNet of its own that
+    reads that encoder alone and five time ids (sizes, crop and the aesthetic score)."""
+    pooled_dim = shape.text_projection_2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=shape.size // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=shape.unet_channels,
+            layers_per_block=shape.unet_layers_per_block,
+            down_block_types=shape.unet_down,
+            up_block_types=shape.unet_up,
+            attention_head_dim=shape.unet_heads,
+            norm_num_groups=shape.unet_norm_groups,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=shape.time_embed_dim,
+            transformer_layers_per_block=1,
+            projection_class_embeddings_input_dim=shape.time_embed_dim * 5 + pooled_dim,
+            cross_attention_dim=shape.text_hidden_2,
+        )
+    return StableDiffusionXLImg2ImgPipeline(  # type: ignore[no-untyped-call]
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet.eval(),
+        scheduler=sdxl_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )
 

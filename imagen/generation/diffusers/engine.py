@@ -64,6 +64,7 @@ from imagen.generation.base import (
     HiresChoice,
     InputImages,
     ProgressCallback,
+    RefinerChoice,
     denoising_steps,
 )
 from imagen.generation.diffusers import acceleration, controlnets, host_memory
@@ -78,7 +79,7 @@ from imagen.generation.diffusers.loading import load_pipeline, place_pipeline, r
 from imagen.generation.diffusers.loras import LoraSwitcher, lora_switcher
 from imagen.generation.diffusers.model_cache import Budget, ModelCache, storage_bytes
 from imagen.generation.diffusers.preview import decoder_preview, latents_preview, load_preview_decoder
-from imagen.generation.diffusers.prompts import PromptEncoder, add_trigger_words, trigger_words_for
+from imagen.generation.diffusers.prompts import PromptEmbeddings, PromptEncoder, add_trigger_words, trigger_words_for
 from imagen.generation.diffusers.schedulers import build_scheduler
 from imagen.generation.diffusers.shared_components import LORA_TARGETS, ComponentHashes, SharedComponents
 from imagen.generation.preview import wants_preview
@@ -118,7 +119,7 @@ class EngineStats:
 class LoadedModel:
     spec: ModelSpec
     pipe: Any  # StableDiffusionXLPipeline (diffusers ships no usable type hints)
-    encoder: PromptEncoder
+    encoder: PromptEncoder | None  # None for a refiner: its pipeline encodes with its one text encoder
     acceleration: acceleration.AccelerationState
     loras: LoraSwitcher
     default_scheduler: Any  # the pipeline's own scheduler, put back after a job that chose another
@@ -297,9 +298,15 @@ class DiffusersEngine(Engine):
             # empty schedule. The init image comes back unchanged, as A1111 returns it.
             return self._unchanged(job, prompt, call)
         stop = guidance_stop(job.spec, task, ip_kwargs, call.run)
-        first_pass = progress
+        first_pass, split = progress, 100
         if task.hires is not None:
             split = _hires_split(task, task.hires)
+        refiner = task.refiner if task.refiner is not None and task.refiner.switch_at < 1 else None
+        if refiner is not None:
+            # the model denoises to switch_at and hands its latents (noisy, undecoded) to the refiner
+            split = round(100 * refiner.switch_at)
+            call.kwargs["denoising_end"] = refiner.switch_at
+        if split < 100:
             first_pass = _progress_share(progress, 0, split)
         with self._job_sampler(loaded, call.run, job.sampler) as scheduler_class:
             latents = self._denoise(loaded, call, task, prompt.embeddings, ip_kwargs, stop, first_pass)
@@ -307,7 +314,10 @@ class DiffusersEngine(Engine):
             latents = self._hires_pass(
                 loaded, job, task.hires, prompt, latents, ip_kwargs, _progress_share(progress, split, 100)
             )
-        decoded = self._decode_all(loaded.pipe, latents, progress)
+        decoder = loaded.pipe
+        if refiner is not None:
+            decoder, latents = self._refine(job, refiner, prompt, latents, _progress_share(progress, split, 100))
+        decoded = self._decode_all(decoder, latents, progress)
         if job.mode == "inpaint":
             # As A1111 does: the original pixels outside the mask, pasted back over the decoded image (the
             # VAE round trip would otherwise shift them slightly); the mask's grey levels blend the edge.
@@ -337,8 +347,9 @@ class DiffusersEngine(Engine):
         if hires.upscaler == "latent":
             # bilinear, as A1111's "Latent": the latents as the loop holds them (scaled; img2img takes 4-channel
             # input as latents, unencoded)
+            cell = int(loaded.pipe.vae_scale_factor)  # pixels per latent cell: SDXL's 8, the demo model's 32
             image: Any = torch.nn.functional.interpolate(
-                latents, size=(hires.height // 8, hires.width // 8), mode="bilinear", align_corners=False
+                latents, size=(hires.height // cell, hires.width // cell), mode="bilinear", align_corners=False
             )
         else:
             keep_upcast = self.device.type == "cpu"
@@ -353,6 +364,31 @@ class DiffusersEngine(Engine):
         stop = guidance_stop(job.spec, second, ip_kwargs, run)
         with self._job_sampler(loaded, run, job.sampler):
             return self._denoise(loaded, call, second, prompt.embeddings, ip_kwargs, stop, progress)
+
+    def _refine(
+        self, job: _Job, refiner: RefinerChoice, prompt: _Prompt, latents: torch.Tensor, progress: ProgressCallback
+    ) -> tuple[Any, torch.Tensor]:
+        """The SDXL refiner's part of an ensemble of experts: its img2img pipeline takes the model's latents at
+        ``switch_at`` (``denoising_start``) and finishes them with the job's prompt (read by its one text
+        encoder), steps, CFG, sampler and seeds. Returns the pipeline whose VAE decodes them, and the latents."""
+        spec = self.registry.model(refiner.model)
+        if spec is None or not spec.refiner:
+            raise FatalGenerationError(f"{refiner.model!r} is not a refiner of this registry")
+        loaded = self._model(spec, lambda step, percent: None)
+        run = loaded.pipe
+        negative = prompt.negative if prompt.negative.strip() else None
+        embeds, negative_embeds, pooled, negative_pooled = run.encode_prompt(
+            prompt=prompt.text, negative_prompt=negative, device=_execution_device(run), num_images_per_prompt=1,
+            do_classifier_free_guidance=True,  # the pipeline leaves the negative out itself at CFG <= 1
+        )
+        embeddings = PromptEmbeddings(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
+            negative_pooled_prompt_embeds=negative_pooled,
+        )
+        call = _PipelineCall(run=run, kwargs={"image": latents, "denoising_start": refiner.switch_at})
+        with self._job_sampler(loaded, run, job.sampler):
+            refined = self._denoise(loaded, call, job.task, embeddings, {}, None, progress)
+        return run, refined
 
     def _upscaled(self, picture: Image.Image, hires: HiresChoice, progress: ProgressCallback) -> Image.Image:
         """``picture`` at the hires fix's size: resized with Lanczos, or through the registry's upscaler model
@@ -448,6 +484,8 @@ class DiffusersEngine(Engine):
             task.prompt, trigger_words_for([(lora.id, weight) for lora, weight in job.loras], words)
         )
         negative = task.negative_prompt if task.negative_prompt is not None else job.spec.default_negative
+        if loaded.encoder is None:
+            raise FatalGenerationError(f"model {job.spec.id!r} is a refiner: it only finishes other models' jobs")
         embeddings = loaded.encoder.encode(text, negative, job.clip_skip or 1)
         progress(STEP_ENCODING_PROMPT, 100)
         return _Prompt(text=text, negative=negative, embeddings=embeddings)
@@ -726,7 +764,7 @@ class DiffusersEngine(Engine):
             spec=spec,
             pipe=pipe,
             default_scheduler=pipe.scheduler,
-            encoder=PromptEncoder(pipe, _execution_device(pipe), self.dtype),
+            encoder=None if spec.refiner else PromptEncoder(pipe, _execution_device(pipe), self.dtype),
             acceleration=state,
             loras=lora_switcher(
                 pipe, spec.id, self.lora_hotswap, settings.max_loras, settings.lora_hotswap_rank

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline  # untyped
+from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline  # untyped
 
 from imagen.config import Settings
 from imagen.errors import FatalGenerationError, ImagenError, is_out_of_memory
-from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, load_clip_tokenizers
+from imagen.generation.diffusers.components import SDXL_CONFIG_DIR, SDXL_REFINER_CONFIG_DIR, load_clip_tokenizers
 from imagen.registry import ModelSpec, safe_files
 
 
@@ -62,8 +62,13 @@ def sibling_config_dir(path: Path) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def _tokenizer_kwargs(folder: Path) -> dict[str, Any]:
-    """The shipped CLIP tokenizers, unless the folder brings its own."""
+def _tokenizer_kwargs(folder: Path, refiner: bool = False) -> dict[str, Any]:
+    """The shipped CLIP tokenizers, unless the folder brings its own (a refiner has the second only)."""
+    if refiner:
+        kwargs: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
+        if not (folder / "tokenizer_2").is_dir():
+            kwargs["tokenizer_2"] = load_clip_tokenizers()[1]
+        return kwargs
     if (folder / "tokenizer").is_dir() and (folder / "tokenizer_2").is_dir():
         return {}
     tokenizer, tokenizer_2 = load_clip_tokenizers()
@@ -102,23 +107,25 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype, reuse: Mapping[str, Any] 
     try:
         if spec.vae_path and "vae" not in extra:
             extra["vae"] = load_vae(Path(spec.vae_path), dtype)
+        # a refiner only finishes other models' pictures: the img2img pipeline, with its one text encoder
+        pipeline_class = StableDiffusionXLImg2ImgPipeline if spec.refiner else StableDiffusionXLPipeline
         if path.is_dir():
-            pipe = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+            pipe = pipeline_class.from_pretrained(  # type: ignore[no-untyped-call]
                 str(path),
                 dtype=dtype,
                 use_safetensors=True,
                 local_files_only=True,
-                **_tokenizer_kwargs(path),
+                **_tokenizer_kwargs(path, spec.refiner),
                 **extra,
             )
         else:
-            config = sibling_config_dir(path) or SDXL_CONFIG_DIR
-            pipe = StableDiffusionXLPipeline.from_single_file(
+            config = sibling_config_dir(path) or (SDXL_REFINER_CONFIG_DIR if spec.refiner else SDXL_CONFIG_DIR)
+            pipe = pipeline_class.from_single_file(
                 str(path),
                 config=str(config),
                 dtype=dtype,
                 local_files_only=True,
-                **_tokenizer_kwargs(config),
+                **_tokenizer_kwargs(config, spec.refiner),
                 **extra,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
