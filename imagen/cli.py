@@ -136,6 +136,38 @@ def _control(text: str) -> dict[str, object]:
     return unit
 
 
+def _hires(text: str) -> dict[str, object]:
+    """``SCALE[:UPSCALER[:DENOISE]]``: the hires fix (``1.5``, ``2:latent``, ``2:ultrasharp:0.4``)."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError(f"expected SCALE[:UPSCALER[:DENOISE]], not {text!r}")
+    try:
+        hires: dict[str, object] = {"scale": float(parts[0])}
+        if len(parts) > 1 and parts[1]:
+            hires["upscaler"] = parts[1]
+        if len(parts) > 2:
+            hires["denoise"] = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale or denoise of {text!r} is not a number") from None
+    return hires
+
+
+def _refiner(text: str) -> dict[str, object] | None:
+    """``MODEL[:SWITCH_AT]``, or ``none`` (no refiner, not even the model's default)."""
+    if text.lower() == "none":
+        return None
+    model, sep, switch_at = text.partition(":")
+    if not model:
+        raise argparse.ArgumentTypeError(f"expected MODEL[:SWITCH_AT] or none, not {text!r}")
+    try:
+        return {"model": model, **({"switch_at": float(switch_at)} if sep else {})}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the switch_at of {text!r} is not a number") from None
+
+
+_NOT_GIVEN = object()
+
+
 def _client(args: argparse.Namespace) -> int:
     from imagen.client import run
 
@@ -149,6 +181,10 @@ def _client(args: argparse.Namespace) -> int:
             body["loras"] = args.lora
         if args.control:
             body["controlnets"] = args.control
+        if args.hires is not None:
+            body["hires"] = args.hires
+        if args.refiner is not _NOT_GIVEN:
+            body["refiner"] = args.refiner
         if args.size is not None:
             body["width"], body["height"] = args.size
         options = {"body": body, "output": args.output}
@@ -202,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a LoRA (imagen loras); repeat for several")
     generate.add_argument("--control", action="append", type=_control, default=[], metavar="MODEL:IMAGE[:SCALE]",
                           help="a ControlNet (imagen controlnets) guided by a control map file; repeat for several")
+    generate.add_argument("--hires", type=_hires, default=None, metavar="SCALE[:UPSCALER[:DENOISE]]",
+                          help="the hires fix: upscale (imagen upscalers) and denoise again")
+    generate.add_argument("--refiner", type=_refiner, default=_NOT_GIVEN, metavar="MODEL[:SWITCH_AT]",
+                          help="an SDXL refiner that finishes the picture; none: not even the model's default")
     generate.add_argument("--steps", type=int, default=None)
     generate.add_argument("--cfg", type=float, default=None, help="guidance scale")
     generate.add_argument("--seed", type=int, default=None)
@@ -217,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         command.set_defaults(handler=_client)
     for name, help_text in (
-        ("models", "the server's models"), ("loras", "the server's LoRAs"), ("controlnets", "the server's ControlNets")
+        ("models", "the server's models"), ("loras", "the server's LoRAs"), ("controlnets", "the server's ControlNets"),
+        ("upscalers", "the server's upscalers (for --hires)"),
     ):
         commands.add_parser(name, parents=[server], help=help_text).set_defaults(handler=_client)
     return parser

@@ -1,4 +1,5 @@
-"""The command-line client: ``imagen generate|status|cancel|models|loras|controlnets`` against a running server.
+"""The command-line client: ``imagen generate|status|cancel|models|loras|controlnets|upscalers`` against a running
+server.
 
 It speaks the server's own API (``POST /generate``, ``/events`` or ``/status``, ``/image``, ``/cancel``),
 follows a job with a live progress bar (the server's progress events when it has ``/events``, else polling
@@ -205,7 +206,18 @@ def cancel(client: ImagenClient, job_id: str) -> int:
 
 def list_models(client: ImagenClient) -> int:
     for model in client.json("GET", "/models")["models"]:
-        print(f"{model['id']}\t{model['name']}\t{model['description']}")
+        line = f"{model['id']}\t{model['name']}\t{model['description']}"
+        if model.get("refiner"):
+            line += "\t(a refiner: --refiner)"
+        elif model.get("refiners"):
+            line += f"\trefiners: {', '.join(model['refiners'])}"
+        print(line)
+    return 0
+
+
+def list_upscalers(client: ImagenClient) -> int:
+    for upscaler in client.json("GET", "/upscalers")["upscalers"]:
+        print(f"{upscaler['id']}\t{upscaler['name']}\t{upscaler['kind']}")
     return 0
 
 
@@ -243,6 +255,8 @@ def run(command: str, url: str | None, key: str | None, **options: Any) -> int:
             return list_models(client)
         if command == "controlnets":
             return list_controlnets(client)
+        if command == "upscalers":
+            return list_upscalers(client)
         return list_loras(client)
     except ClientError as exc:
         print(f"imagen {command}: {exc}", file=sys.stderr)

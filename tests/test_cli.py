@@ -110,6 +110,18 @@ def test_cli_generates_lists_cancels_and_fails_cleanly(server: tuple[ServerProce
         ("canny-sdxl", 0.6)
     ]
     assert imagen("generate", "x", "--control", "canny-sdxl:missing.png", cwd=tmp_path, env=env).returncode == 2
+    upscalers = imagen("upscalers", cwd=tmp_path, env=env).stdout.splitlines()
+    assert upscalers == ["latent\tLatent\tlatent", "lanczos\tLanczos\tpixel"]
+    finished = imagen("generate", "finished", "--hires", "1.5:lanczos:0.4", "--refiner", "none", "--steps", "10",
+                      cwd=tmp_path, env=env)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    finished_job = finished.stderr.split("job ", 1)[1].split()[0]
+    hires = httpx.get(f"{process.url}/status/{finished_job}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert {k: hires["result"]["metadata"]["hires"][k] for k in ("upscaler", "denoise", "scale")} == {
+        "upscaler": "lanczos", "denoise": 0.4, "scale": 1.5}
+    no_refiner = imagen("generate", "x", "--refiner", "sdxl-refiner", cwd=tmp_path, env=env)
+    assert no_refiner.returncode == 1 and "'sdxl-refiner' is unknown" in no_refiner.stderr
+    assert imagen("generate", "x", "--hires", "big", cwd=tmp_path, env=env).returncode == 2
 
     # errors: one line, exit 1; usage: exit 2
     for args in (("generate", "fatal", "--steps", "10"), ("status", "no-such-job"), ("cancel", job_id),
