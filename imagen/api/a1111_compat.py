@@ -678,6 +678,16 @@ def upscalers(registry: RegistryDep) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+@router.get("/embeddings")
+def embeddings(registry: RegistryDep) -> dict[str, Any]:
+    """The registry's textual inversions as A1111 lists them (a prompt uses one by its name)."""
+    loaded = {
+        e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        for e in registry.embeddings
+    }
+    return {"loaded": loaded, "skipped": {}}
+
+
 @router.get("/latent-upscale-modes")
 def latent_upscale_modes() -> list[dict[str, Any]]:
     """``hr_upscaler``'s latent mode: A1111's "Latent" (bilinear)."""

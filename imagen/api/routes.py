@@ -32,6 +32,8 @@ from imagen.api.schemas import (
     ControlNetInfo,
     ControlNetList,
     Detail,
+    EmbeddingInfo,
+    EmbeddingList,
     GenerationRequest,
     GenerationResponse,
     Health,
@@ -531,6 +533,16 @@ BUILTIN_UPSCALER_INFO = (
     UpscalerInfo(id="lanczos", name="Lanczos", kind="pixel",
                  description="The first pass's picture resized with Lanczos, then encoded again."),
 )  # fmt: skip
+
+
+@router.get("/embeddings", response_model=EmbeddingList)
+def embeddings(registry: RegistryDep) -> EmbeddingList:
+    """The registry's textual inversions: a prompt uses one by writing its name."""
+    return EmbeddingList(embeddings=[
+        EmbeddingInfo(name=e.name, description=e.description, base=e.base,
+                      models=[m.id for m in registry.models if m.base == e.base and not m.refiner])
+        for e in registry.embeddings
+    ])  # fmt: skip
 
 
 @router.get("/upscalers", response_model=UpscalerList)

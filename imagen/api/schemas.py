@@ -398,6 +398,17 @@ class ControlNetList(BaseModel):
     )
 
 
+class EmbeddingInfo(BaseModel):
+    name: str = Field(description="The word a prompt (or negative prompt) writes to use it.")
+    description: str
+    base: str = Field(description="The models it fits: those of this base.")
+    models: list[str] = Field(description="The models it fits (ids).")
+
+
+class EmbeddingList(BaseModel):
+    embeddings: list[EmbeddingInfo]
+
+
 class UpscalerInfo(BaseModel):
     id: str = Field(description="What `hires.upscaler` names.")
     name: str

@@ -104,6 +104,14 @@ def prepare_job(
             continue
         weight = wanted.weight if wanted.weight is not None else spec.default_weight
         loras.append(LoraChoice(spec.id, weight))
+        names = {e.name.lower() for e in registry.embeddings}
+        clashing = [word for word in spec.trigger_words or [] if word.lower() in names]
+        if clashing:
+            errors.append(FieldError(
+                ("loras", index, "name"), f"LoRA {spec.id!r}'s trigger word {clashing[0]!r} is also an embedding's "
+                "name on this server: the prompt would use both; ask the server's operator to rename one",
+                wanted.name,
+            ))
     if request.ip_strength > 0:
         adapter = registry.ip_adapter
         if adapter is None:

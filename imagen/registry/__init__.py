@@ -8,6 +8,7 @@ from imagen.registry.specs import (
     REFERENCE_GUIDANCE,
     REFERENCE_STEPS,
     ControlNetSpec,
+    EmbeddingSpec,
     GuidanceRange,
     IpAdapterSpec,
     LatentRgb,
@@ -20,7 +21,7 @@ from imagen.registry.specs import (
 )
 
 __all__ = [
-    "REFERENCE_GUIDANCE", "REFERENCE_STEPS", "ControlNetSpec", "GuidanceRange", "IpAdapterSpec", "LatentRgb",
-    "LoraNeeds", "LoraSpec", "ModelSpec", "Registry", "StepRange", "UpscalerSpec", "builtin_registry",
+    "REFERENCE_GUIDANCE", "REFERENCE_STEPS", "ControlNetSpec", "EmbeddingSpec", "GuidanceRange", "IpAdapterSpec",
+    "LatentRgb", "LoraNeeds", "LoraSpec", "ModelSpec", "Registry", "StepRange", "UpscalerSpec", "builtin_registry",
     "load_registry",
 ]

@@ -34,6 +34,7 @@ def load_registry(path: Path | None) -> Registry:
         *(raw.get("loras") or []),
         *(raw.get("controlnets") or []),
         *(raw.get("upscalers") or []),
+        *(raw.get("embeddings") or []),
         *([ip_adapter] if ip_adapter else []),
     ]
     for entry in entries:

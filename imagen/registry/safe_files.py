@@ -137,6 +137,15 @@ def check_controlnet_path(path: Path) -> None:
         read_safetensors_header(path)
 
 
+def check_embedding(path: Path) -> None:
+    """An SDXL textual inversion: a safetensors file with ``clip_l`` and ``clip_g`` (A1111 / civitai)."""
+    names = set(tensor_names(path))
+    missing = [name for name in ("clip_l", "clip_g") if name not in names]
+    if missing:
+        raise UnsafeFileError(f"{path} is not an SDXL embedding: no {' or '.join(missing)} tensor "
+                              f"(it holds {', '.join(sorted(names)[:5]) or 'nothing'})")
+
+
 def lora_format(path: Path) -> str:
     """``kohya``, ``locon`` or ``peft``; raises :class:`UnsafeFileError` for unsupported LyCORIS types."""
     names = tensor_names(path)
@@ -195,6 +204,8 @@ def registry_problems(registry: Registry) -> list[str]:
         attempt(f"LoRA {lora.id!r}", lora_format, lora.path)
     for controlnet in registry.controlnets:
         attempt(f"ControlNet {controlnet.id!r}", check_controlnet_path, controlnet.path)
+    for embedding in registry.embeddings:
+        attempt(f"embedding {embedding.name!r}", check_embedding, embedding.path)
     for upscaler in registry.upscalers:
         attempt(f"upscaler {upscaler.id!r}", read_safetensors_header, upscaler.path)
     if registry.ip_adapter is not None:

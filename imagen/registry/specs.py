@@ -337,6 +337,21 @@ class UpscalerSpec(BaseModel):
         return upscaler_id
 
 
+EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class EmbeddingSpec(BaseModel):
+    """A textual inversion (embedding) as AUTOMATIC1111 and civitai ship SDXL ones: one ``.safetensors`` holding
+    ``clip_l`` and ``clip_g``. A prompt uses it by writing its ``name`` (A1111's convention: the file's name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=EMBEDDING_NAME_PATTERN, description="The word a prompt writes to use it.")
+    description: str = ""
+    path: Path = Field(description="One .safetensors file with `clip_l` and `clip_g` tensors.")
+    base: str = Field(SDXL_BASE, pattern=BASE_PATTERN, description="The models it fits: those of this base.")
+
+
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -344,6 +359,7 @@ class Registry(BaseModel):
     loras: list[LoraSpec] = []
     controlnets: list[ControlNetSpec] = []
     upscalers: list[UpscalerSpec] = []
+    embeddings: list[EmbeddingSpec] = []
     ip_adapter: IpAdapterSpec | None = None
     default_model: str | None = None
 
@@ -356,6 +372,7 @@ class Registry(BaseModel):
             ("LoRA", [lo.id for lo in self.loras]),
             ("ControlNet", [c.id for c in self.controlnets]),
             ("upscaler", [u.id for u in self.upscalers]),
+            ("embedding", [e.name.lower() for e in self.embeddings]),
         ):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})
             if duplicates:
@@ -403,6 +420,10 @@ class Registry(BaseModel):
 
     def upscaler(self, upscaler_id: str) -> UpscalerSpec | None:
         return next((u for u in self.upscalers if u.id == upscaler_id), None)
+
+    def embeddings_for(self, model: ModelSpec) -> list[EmbeddingSpec]:
+        """The embeddings a prompt of ``model`` may use: those of its base."""
+        return [e for e in self.embeddings if e.base == model.base]
 
     def controlnets_for(self, model: ModelSpec) -> list[ControlNetSpec]:
         """The ControlNets that fit ``model``: those of its base."""

@@ -252,6 +252,18 @@ def _write_controlnets(pipe: Any, directory: Path) -> None:
     )
 
 
+def _embedding(pipe: Any, seed: int, path: Path, vectors: int = 2) -> None:
+    """An SDXL textual inversion as A1111 / civitai ship them: ``clip_l`` and ``clip_g``, ``vectors`` rows each,
+    at the fixture's encoder widths; random, scaled like the encoders' own token embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        table = encoder.get_input_embeddings().weight
+        state[key] = (torch.randn(vectors, table.shape[1], generator=gen) * table.std() * 4).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
 def _reference_image(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     tile = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
@@ -293,6 +305,7 @@ def write_fixtures(directory: Path) -> Path:
               str(models / "sdxl-refiner-single-file.safetensors"), metadata={"format": "pt"})
     _write_single_file_configs(models / "sdxl-refiner", models / "sdxl-refiner-single-file.config")
     write_tiny_esrgan(directory / "upscalers", scale=4)
+    _embedding(pipe, FIXTURE_SEED + 40, directory / "embeddings" / "tinyword.safetensors")
 
     size = FIXTURE_SHAPE.size
     negative = "low quality, blurry, distorted, ugly, bad anatomy"
@@ -394,6 +407,14 @@ def write_fixtures(directory: Path) -> Path:
                 "name": "Tiny ESRGAN 4x",
                 "description": "RRDBNet in the Real-ESRGAN key layout (spandrel's ESRGAN)",
                 "path": "upscalers/tiny-esrgan-x4.safetensors",
+            },
+        ],
+        "embeddings": [
+            {
+                "name": "tinyword",
+                "description": "a two-vector textual inversion (clip_l + clip_g)",
+                "path": "embeddings/tinyword.safetensors",
+                "base": FIXTURE_BASE,
             },
         ],
         "ip_adapter": {

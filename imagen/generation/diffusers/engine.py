@@ -68,6 +68,7 @@ from imagen.generation.base import (
     denoising_steps,
 )
 from imagen.generation.diffusers import acceleration, controlnets, host_memory
+from imagen.generation.diffusers import embeddings as embeddings_module
 from imagen.generation.diffusers.guidance import callback_inputs, guidance_stop, guided_steps, stop_guidance
 from imagen.generation.diffusers.ip_adapter import (
     IpAdapterWeights,
@@ -131,6 +132,8 @@ class LoadedModel:
     private_text_encoders: bool = False
     # the ControlNets its jobs used, by id (the same object for every model of their base that holds them)
     controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # the registry's embeddings (textual inversions) loaded into its tokenizers and text encoders, by name
+    embeddings: set[str] = field(default_factory=set)
 
     def weight_modules(self) -> list[torch.nn.Module]:
         """What holds this model's weights, for the cache's budget (the IP-Adapter's encoder is the
@@ -165,6 +168,7 @@ class _Prompt:
     text: str  # the task's prompt with its LoRAs' trigger words
     negative: str
     embeddings: Any  # PromptEmbeddings, for the pipeline call
+    embeddings_used: tuple[str, ...] = ()  # the textual inversions the prompt or negative prompt writes
 
 
 @dataclass
@@ -457,6 +461,20 @@ class DiffusersEngine(Engine):
             raise FatalGenerationError("ControlNet Union models and plain ControlNets cannot guide one job together")
         return units
 
+    def _embeddings_used(self, loaded: LoadedModel, text: str) -> list[str]:
+        """The registry's embeddings of the model's base that ``text`` writes, loaded into the model first
+        (once; an embedding added to the registry later is loaded by the first job that writes it)."""
+        specs = self.registry.embeddings_for(loaded.spec)
+        used = embeddings_module.used_in(text, [spec.name for spec in specs])
+        for spec in specs:
+            if spec.name in used and spec.name not in loaded.embeddings:
+                if not loaded.private_text_encoders:
+                    self._private_text_encoders(loaded)  # its rows are this model's, not a sharing model's
+                embeddings_module.load_embedding(loaded.pipe, spec)
+                loaded.embeddings.add(spec.name)
+                loaded.encoder = PromptEncoder(loaded.pipe, _execution_device(loaded.pipe), self.dtype)
+        return used
+
     def _apply_adapters(
         self, loaded: LoadedModel, job: _Job, ip_image: Image.Image | None, progress: ProgressCallback
     ) -> dict[str, Any]:
@@ -486,9 +504,14 @@ class DiffusersEngine(Engine):
         negative = task.negative_prompt if task.negative_prompt is not None else job.spec.default_negative
         if loaded.encoder is None:
             raise FatalGenerationError(f"model {job.spec.id!r} is a refiner: it only finishes other models' jobs")
-        embeddings = loaded.encoder.encode(text, negative, job.clip_skip or 1)
+        used = self._embeddings_used(loaded, text + "\n" + negative)
+        encoded_text, encoded_negative = (
+            (embeddings_module.expanded(loaded.pipe, text), embeddings_module.expanded(loaded.pipe, negative))
+            if used else (text, negative)
+        )
+        embeddings = loaded.encoder.encode(encoded_text, encoded_negative, job.clip_skip or 1)
         progress(STEP_ENCODING_PROMPT, 100)
-        return _Prompt(text=text, negative=negative, embeddings=embeddings)
+        return _Prompt(text=text, negative=negative, embeddings=embeddings, embeddings_used=tuple(used))
 
     def _pipeline_call(self, loaded: LoadedModel, job: _Job, inputs: InputImages) -> _PipelineCall:
         """The pipeline that runs the job's mode (txt2img: the loaded one; img2img and inpainting: made from
@@ -585,6 +608,7 @@ class DiffusersEngine(Engine):
             "final_negative_prompt": prompt.negative,
             "width": job.width,
             "height": job.height,
+            **({"embeddings": list(prompt.embeddings_used)} if prompt.embeddings_used else {}),
         }
 
     def _device_metadata(self) -> dict[str, Any]:
