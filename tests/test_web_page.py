@@ -557,7 +557,8 @@ def test_live_previews_and_the_extra_fields_come_from_the_server(
     document = httpx.get(server.url + "/openapi.json").json()
     offered = document["components"]["schemas"]["GenerationRequest"]["properties"]
     core = {"prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "webhook",
-            "webhook_events_filter", "controlnets"}  # controlnets: a section of its own (its test below)
+            "webhook_events_filter", "controlnets",  # controlnets: a section of its own (its test below)
+            "hires", "refiner"}  # hires, refiner (objects): the Finishing section (its tests below)
     expected = {name for name, spec in offered.items()
                 if name not in core and not (name == "ip_strength" and spec.get("maximum") == 0)}
     assert set(page.locator("[data-extra] [name]").evaluate_all("els => els.map(e => e.name)")) == expected
@@ -659,7 +660,7 @@ def test_size_images_and_sampler_appear_when_the_document_offers_them(
     page.screenshot(path=shots / "13-extra-fields.png")
 
 
-SECTION_NAMES = ("size", "images", "controlnet")
+SECTION_NAMES = ("size", "images", "controlnet", "finishing")
 
 
 def shown_sections(page: Page) -> list[str]:
@@ -949,13 +950,158 @@ def test_a_server_without_a_controlnet_says_so(make_page: Callable[..., Page], s
     expect(page.locator("#cn-unit")).to_be_hidden()
 
 
+def test_the_finishing_section_against_a_described_server(
+    make_page: Callable[..., Page], scripted: ServerProcess, shots: Path
+) -> None:
+    """The Finishing section's own behaviour, GET /models answered by the test (a model with a default refiner,
+    a refiner model) and every POST /generate refused with the test's 422: the default refiner preselected and
+    "None" sent as ``"refiner": null``, a refiner and the hires fix never sent together, the section disabled by
+    a starting image, each refused field of ``refiner`` / ``hires`` under its control, no hires fix on a server
+    without GET /upscalers."""
+    sent: list[dict[str, Any]] = []
+    refusal: dict[str, Any] = {}
+
+    def described_models(route: Any) -> None:
+        listing = route.fetch().json()
+        for model in listing["models"]:
+            model["refiners"] = ["xl-refiner"] if model["id"] == "sdxl-base" else []
+            model["default_refiner"] = "xl-refiner" if model["id"] == "sdxl-base" else None
+        listing["models"].append({**listing["models"][0], "id": "xl-refiner", "name": "XL Refiner", "refiner": True,
+                                  "refiners": [], "default_refiner": None})  # fmt: skip
+        route.fulfill(json=listing)
+
+    def generate(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data or "{}"))
+        route.fulfill(status=422, json={"detail": [{"type": "value_error", "input": None, **refusal}]})
+
+    def refuse(loc: list[Any], msg: str) -> None:
+        refusal.update(loc=["body", *loc], msg=msg)
+
+    page = make_page(scripted)
+    page.route("**/models", described_models)
+    page.route("**/generate", generate)
+    page.reload()
+    ready(page)
+    assert "xl-refiner" not in page.locator("#model option").evaluate_all("os => os.map((o) => o.value)")
+    section = page.locator("#section-finishing")
+    expect(section).to_be_visible()
+    expect(section).not_to_have_attribute("open", "")
+    expect(section.locator("summary")).to_have_text("Finishing")
+    open_section(page, "finishing")
+    refiner = page.locator("#refiner-model")
+    expect(refiner).to_have_value("xl-refiner")  # the model's default refiner, preselected
+    expect(page.locator("#refiner-model option")).to_have_text(["None", "XL Refiner"])
+    expect(page.locator("#refiner-hint")).to_contain_text("finished by XL Refiner unless you choose “None”")
+    expect(page.locator("#refiner-switch_at")).to_have_value("0.8")  # RefinerRequest's default and range
+    expect(page.locator('label[for="refiner-switch_at"]')).to_contain_text("0.5–0.95")
+    expect(page.locator("#hires-enabled")).not_to_be_checked()
+    expect(page.locator("#hires-upscaler")).to_be_disabled()  # until the hires fix is ticked
+    expect(page.locator("#hires-upscaler option")).to_have_text(["Latent", "Lanczos"])  # GET /upscalers
+    expect(page.locator("#hires-scale")).to_have_value("2")  # HiresFix's defaults and ranges
+    expect(page.locator('label[for="hires-scale"]')).to_contain_text("1–4")
+    expect(page.locator("#hires-denoise")).to_have_value("0.5")
+    expect(page.locator("#hires-steps")).to_have_value("")
+    no_sideways_scroll(page)
+    page.screenshot(path=shots / "18-finishing-section.png", full_page=True)
+    check_accessibility(page, "the Finishing section")
+
+    # the refiner sent; a refused field of it under its control, in the section opened again for it
+    page.locator("#refiner-switch_at").fill("0.9")
+    section.locator("summary").click()
+    expect(section).not_to_have_attribute("open", "")
+    refuse(["refiner", "switch_at"], "Input should be less than or equal to 0.95")
+    run_job(page, "a finished lighthouse")
+    expect(page.locator("#error-refiner-switch_at")).to_have_text("Input should be less than or equal to 0.95")
+    expect(section).to_have_attribute("open", "")
+    expect(page.locator("#refiner-switch_at")).to_be_focused()
+    assert sent[-1]["refiner"] == {"model": "xl-refiner", "switch_at": 0.9} and "hires" not in sent[-1], sent[-1]
+
+    # "None" turns the default refiner off; the hires fix sent; its fields' refusals under them
+    refiner.select_option("")
+    page.locator("#hires-enabled").check()
+    expect(page.locator("#hires-upscaler")).to_be_enabled()
+    page.locator("#hires-upscaler").select_option("lanczos")
+    page.locator("#hires-denoise").fill("0.05")
+    page.locator("#hires-steps").fill("10")
+    refuse(["hires", "denoise"], "denoise 0.05 of 10 steps runs no step: at least 0.1")
+    page.locator("#generate").click()
+    expect(page.locator("#error-hires-denoise")).to_have_text("denoise 0.05 of 10 steps runs no step: at least 0.1")
+    expect(page.locator("#hires-denoise")).to_be_focused()
+    expect(page.locator("#hires-denoise")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#error-refiner-switch_at")).to_be_hidden()
+    assert "refiner" in sent[-1] and sent[-1]["refiner"] is None, sent[-1]
+    assert sent[-1]["hires"] == {"upscaler": "lanczos", "scale": 2, "denoise": 0.05, "steps": 10}, sent[-1]
+    refuse(["hires"], "the hires fix is for text-to-image")  # the object as a whole: under its box
+    page.locator("#generate").click()
+    expect(page.locator("#error-hires")).to_have_text("the hires fix is for text-to-image")
+    expect(page.locator("#hires-enabled")).to_be_focused()
+    expect(page.locator("#error-hires-denoise")).to_be_hidden()
+
+    # a refiner and the hires fix together: said at once, nothing sent
+    refiner.select_option("xl-refiner")
+    count = len(sent)
+    page.locator("#generate").click()
+    expect(page.locator("#error-refiner-model")).to_have_text(
+        "The refiner and the hires fix do not run together: choose “None” here, or untick Hires fix."
+    )
+    expect(refiner).to_be_focused()
+    assert len(sent) == count
+
+    # a starting image: the section's controls disabled and said why; nothing of it sent but "refiner": null
+    page.locator("#hires-enabled").uncheck()
+    open_section(page, "images")
+    page.locator("#init_image").set_input_files({"name": "start.png", "mimeType": "image/png", "buffer": control_png()})
+    blocked = page.locator("#finishing-blocked")
+    expect(blocked).to_have_text(
+        "Finishing is for text-to-image without ControlNet: remove the starting image and the control image to use it."
+    )
+    for control in ("#refiner-model", "#refiner-switch_at", "#hires-enabled"):
+        expect(page.locator(control)).to_be_disabled()
+    refuse(["init_image"], "not this time")
+    page.locator("#generate").click()
+    expect(page.locator("#error-init_image")).to_have_text("not this time")
+    assert "init_image" in sent[-1] and sent[-1]["refiner"] is None and "hires" not in sent[-1], sent[-1]
+    page.locator("#init_image").set_input_files([])
+    expect(blocked).to_be_hidden()
+    expect(refiner).to_be_enabled()
+
+    # a model without a refiner: no refiner part (the hires fix stays); back, its default is chosen again
+    refiner.select_option("")
+    page.locator("#model").select_option("pony-xl-v6")
+    expect(page.locator("#refiner-part")).to_be_hidden()
+    expect(page.locator("#hires-part")).to_be_visible()
+    page.locator("#model").select_option("sdxl-base")
+    expect(refiner).to_have_value("xl-refiner")
+
+    # in French
+    page.locator("#lang").select_option("fr")
+    expect(section.locator("summary")).to_have_text("Finitions")
+    expect(page.locator("#refiner-model option").first).to_have_text("Aucun")
+    expect(page.locator('label[for="hires-denoise"]')).to_contain_text("Débruitage")
+    page.locator("#lang").select_option("en")
+
+    # a server without GET /upscalers: no hires fix (the refiner stays)
+    def older_document(route: Any) -> None:
+        document = route.fetch().json()
+        del document["paths"]["/upscalers"]
+        route.fulfill(json=document)
+
+    page.route("**/openapi.json", older_document)
+    page.reload()
+    ready(page)
+    expect(page.locator("#hires-part")).to_be_hidden()
+    expect(page.locator("#refiner-part")).to_be_visible()
+
+
 # -- real pipelines last: their servers load their models while the tests above run (load_the_models_early)
 def test_generate_with_defaults_using_the_keyboard_only(
     make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
 ) -> None:
     page = ready(make_page(diffusers))
-    # model picker from /models, the model's default negative prompt as placeholder, the reference's ranges
-    expect(page.locator("#model option")).to_have_count(len(httpx.get(diffusers.url + "/models").json()["models"]))
+    # model picker from /models (its refiners are not models to draw with), the model's default negative prompt
+    # as placeholder, the reference's ranges
+    models = httpx.get(diffusers.url + "/models").json()["models"]
+    expect(page.locator("#model option")).to_have_count(len([m for m in models if not m["refiner"]]))
     assert page.locator("#negative_prompt").get_attribute("placeholder")
     expect(page.locator("#steps")).to_have_value("30")
     expect(page.locator("#steps-range")).to_have_text("10–100")
@@ -1102,3 +1248,89 @@ def test_a_controlnet_job_with_a_detected_canny_map(
     expect(page.locator("#cn-scale")).to_have_value("1")
     expect(page.locator("#cn-preprocessor")).to_have_value("canny")
     expect(page.locator("#cn-thresholds")).to_be_visible()
+
+
+def test_finishing_with_the_hires_fix_then_a_refiner(
+    make_page: Callable[..., Page], diffusers: ServerProcess, shots: Path
+) -> None:
+    """The tiny fixtures' upscaler ``tiny-esrgan`` and refiner ``sdxl-refiner``, run by the real pipelines from
+    the Finishing section: the 64 px model's picture comes back at 128 px with the hires fix at scale 2, then a
+    job finished by the refiner; each job's metadata says so, and "Use these settings again" brings them back."""
+    models = httpx.get(diffusers.url + "/models").json()["models"]
+    assert {"sdxl-refiner", "sdxl-refiner-single-file"} <= {m["id"] for m in models if m["refiner"]}, models
+    page = ready(make_page(diffusers))
+    # refiners finish other models' pictures: never offered as the model to draw with
+    offered = page.locator("#model option").evaluate_all("os => os.map((o) => o.value)")
+    assert offered == [m["id"] for m in models if not m["refiner"]], offered
+    section = page.locator("#section-finishing")
+    expect(section).to_be_visible()
+    expect(section).not_to_have_attribute("open", "")  # folded the first time
+    open_section(page, "finishing")
+    expect(page.locator("#refiner-model")).to_have_value("")  # no default refiner in the fixtures
+    expect(page.locator("#refiner-model option")).to_have_text(
+        ["None", "SDXL Refiner (tiny fixture)", "SDXL Refiner single file (tiny fixture)"]
+    )
+    expect(page.locator("#hires-upscaler option")).to_have_text(["Latent", "Lanczos", "Tiny ESRGAN 4x"])
+
+    # keyboard only: each control reached with Tab, the hires fix ticked with Space
+    page.locator("#section-finishing summary").focus()
+    for control in ("#refiner-model", "#refiner-switch_at", "#hires-enabled"):
+        page.keyboard.press("Tab")
+        expect(page.locator(control)).to_be_focused()
+    page.keyboard.press("Space")
+    expect(page.locator("#hires-enabled")).to_be_checked()
+    for control in ("#hires-upscaler", "#hires-scale", "#hires-denoise", "#hires-steps"):
+        page.keyboard.press("Tab")
+        expect(page.locator(control)).to_be_focused()
+    page.locator("#hires-upscaler").select_option("tiny-esrgan")
+    expect(page.locator("#hires-upscaler-desc")).to_contain_text("RRDBNet")
+    page.locator("#hires-scale").fill("2")
+    no_sideways_scroll(page)
+    check_accessibility(page, "the Finishing section, hires fix ticked")
+    page.screenshot(path=shots / "19-finishing-hires.png", full_page=True)
+    page.set_viewport_size({"width": 360, "height": 740})  # on a phone too
+    no_sideways_scroll(page)
+    for selector in ("#refiner-model", "#refiner-switch_at", "#hires-upscaler", "#hires-scale", "#hires-denoise",
+                     "#hires-steps"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, selector
+    page.screenshot(path=shots / "19b-finishing-360.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+    # the hires fix: 64 px drawn, 128 px shown
+    open_section(page, "size")
+    page.locator("#steps").fill("10")
+    with page.expect_request("**/generate") as request:
+        hires_job = generate_and_wait(page, "a lighthouse, finished larger")
+    body = json.loads(request.value.post_data or "{}")
+    assert body["hires"] == {"upscaler": "tiny-esrgan", "scale": 2, "denoise": 0.5} and "refiner" not in body, body
+    image_loaded(page, "#image")
+    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
+    metadata = job_status(diffusers, hires_job["id"])["result"]["metadata"]
+    assert metadata["hires"]["upscaler"] == "tiny-esrgan", metadata
+    assert (metadata["hires"]["width"], metadata["hires"]["height"]) == (128, 128), metadata
+    assert param(page, "hires") == "tiny-esrgan → 128 × 128, denoise 0.5"
+
+    # the refiner, the hires fix unticked
+    page.locator("#refiner-model").select_option("sdxl-refiner")
+    page.locator("#hires-enabled").uncheck()
+    expect(page.locator("#hires-upscaler")).to_be_disabled()
+    with page.expect_request("**/generate") as request:
+        refined_job = generate_and_wait(page, "a lighthouse, refined")
+    body = json.loads(request.value.post_data or "{}")
+    assert body["refiner"] == {"model": "sdxl-refiner", "switch_at": 0.8} and "hires" not in body, body
+    metadata = job_status(diffusers, refined_job["id"])["result"]["metadata"]
+    assert metadata["refiner"]["model"] == "sdxl-refiner" and "hires" not in metadata, metadata
+    image_loaded(page, "#image")
+    assert page.locator("#image").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    assert param(page, "refiner") == "sdxl-refiner · 0.8"
+    page.screenshot(path=shots / "19c-finishing-refined.png")
+
+    # "Use these settings again" on the hires job: its hires fix back, no refiner
+    page.locator(f'#gallery li[data-id="{hires_job["id"]}"] button').click()
+    expect(page.locator('#params [data-param="hires"]')).to_be_visible()
+    page.locator("#reuse").click()
+    expect(page.locator("#hires-enabled")).to_be_checked()
+    expect(page.locator("#hires-upscaler")).to_have_value("tiny-esrgan")
+    expect(page.locator("#hires-scale")).to_have_value("2")
+    expect(page.locator("#refiner-model")).to_have_value("")

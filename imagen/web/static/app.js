@@ -19,8 +19,9 @@
   const POLL_MS = 1000;
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   // The reference's fields, drawn by the page itself; any other field the server offers gets a control.
-  // ``controlnets`` has a section of its own (a unit's image, model, preprocessor and preview).
-  const CORE = new Set(["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "controlnets"]);
+  // ``controlnets`` has a section of its own (a unit's image, model, preprocessor and preview); ``hires`` and
+  // ``refiner`` (objects) are drawn in the "Finishing" section.
+  const CORE = new Set(["prompt", "negative_prompt", "model", "loras", "steps", "guidance_scale", "seed", "controlnets", "hires", "refiner"]);
   const NOT_FOR_PEOPLE = new Set(["webhook", "webhook_events_filter"]);
   const FALLBACK = { steps: { minimum: 10, maximum: 100, default: 30 }, guidance_scale: { minimum: 1, maximum: 30, default: 7.5 } };
 
@@ -171,6 +172,9 @@
     sentLoras: [],
     controlnets: null, // GET /controlnets: {controlnets, preprocessors}; null where the server has none
     cnUnit: {}, // the ControlNetUnit schema's fields (ranges, defaults)
+    refinerModels: [], // GET /models' refiners (`refiner: true`): never the main model
+    upscalers: null, // GET /upscalers' list; null where the server has none
+    finishing: { refiner: false, hires: false, upscalerDefault: "latent", model: undefined },
   };
 
   // -- API keys ---------------------------------------------------------------------------------------
@@ -331,6 +335,7 @@
     state.features.preview = Boolean(events && events.get && (events.get.parameters || []).some((p) => p.name === "preview"));
     buildExtras(doc, props);
     applyControlnetSchema(doc, props);
+    applyFinishingSchema(doc, props);
   }
 
   // Extra fields in this order when the server offers them; any other one after them.
@@ -492,7 +497,7 @@
   }
 
   function renderModels() {
-    const select = $("model");
+    const select = $("model"); // refiners finish other models' pictures: never offered here
     select.replaceChildren();
     for (const model of state.models) {
       const option = document.createElement("option");
@@ -509,6 +514,7 @@
     $("model-desc").textContent = (model && model.description) || "";
     applyModelRanges(model);
     renderControlnets();
+    renderFinishing();
   }
 
   /** A model's own steps and CFG range (a few-step model: 4-8 steps); a value still at the last model's
@@ -721,6 +727,7 @@
     status.hidden = status.textContent === "";
     $("cn-unit").hidden = fits.length === 0;
     onControlnetChange();
+    updateFinishing();
   }
 
   /** The server's descriptions are Markdown: its `code` marks read as plain text. */
@@ -780,6 +787,7 @@
     }
     $("cn-clear").hidden = !cn.image;
     schedulePreview(0);
+    updateFinishing();
   }
 
   function clearControlImage() {
@@ -788,6 +796,7 @@
     cn.reading = null;
     $("cn-clear").hidden = true;
     schedulePreview(0);
+    updateFinishing();
   }
 
   function schedulePreview(delay) {
@@ -850,10 +859,15 @@
     }
   }
 
+  /** Whether the job will have a ControlNet unit: a control image, and a ControlNet for this model. */
+  function controlnetChosen() {
+    return !$("section-controlnet").hidden && !$("cn-unit").hidden && Boolean(cn.image) && Boolean($("cn-model").value);
+  }
+
   /** The unit sent with the job, or null: no image (or no ControlNet for this model) sends none. */
   async function controlnetUnit() {
     if (cn.reading) await cn.reading.catch(() => {});
-    if ($("section-controlnet").hidden || $("cn-unit").hidden || !cn.image || !$("cn-model").value) return null;
+    if (!controlnetChosen()) return null;
     const unit = { model: $("cn-model").value, image: cn.image, preprocessor: $("cn-preprocessor").value || "none" };
     for (const name of ["scale", "start", "end"]) {
       const raw = $(`cn-${name}`).value.trim();
@@ -893,6 +907,211 @@
     $("cn-preprocessor").addEventListener("change", onPreprocessorChange);
     $("cn-scale").addEventListener("input", showScale);
     for (const name of ["low_threshold", "high_threshold"]) $(`cn-${name}`).addEventListener("input", () => schedulePreview(300));
+  }
+
+  // -- Finishing: the SDXL refiner and the hires fix ---------------------------------------------------
+  // Ranges and defaults come from the document's RefinerRequest and HiresFix; these only until it says better.
+  const FINISH_FALLBACK = {
+    refiner: { switch_at: { minimum: 0.5, maximum: 0.95, default: 0.8 } },
+    hires: {
+      scale: { minimum: 1, maximum: 4, default: 2 },
+      denoise: { minimum: 0, maximum: 1, default: 0.5 },
+      steps: { minimum: 1 }, // no default: empty is the job's own steps
+    },
+  };
+
+  /** The fields of the request's ``refiner`` / ``hires`` object (its $ref resolved), else of the named schema. */
+  function objectFields(doc, spec, schemaName) {
+    const resolved = spec ? resolveSchema(doc, spec) || {} : {};
+    const schemas = (doc && doc.components && doc.components.schemas) || {};
+    const props = resolved.properties || (schemas[schemaName] && schemas[schemaName].properties) || {};
+    const fields = {};
+    for (const [name, field] of Object.entries(props)) fields[name] = resolveSchema(doc, field) || {};
+    return fields;
+  }
+
+  function applyFinishingSchema(doc, props) {
+    const paths = (doc && doc.paths) || {};
+    state.finishing.refiner = Boolean(props.refiner);
+    // the hires fix needs its upscalers' list (GET /upscalers): a server without that route gets none
+    state.finishing.hires = Boolean(props.hires) && Boolean(paths["/upscalers"]);
+    const own = {
+      refiner: objectFields(doc, props.refiner, "RefinerRequest"),
+      hires: objectFields(doc, props.hires, "HiresFix"),
+    };
+    for (const [object, fallbacks] of Object.entries(FINISH_FALLBACK)) {
+      for (const [name, fallback] of Object.entries(fallbacks)) {
+        const spec = { ...fallback };
+        for (const [key, value] of Object.entries(own[object][name] || {})) if (value !== undefined) spec[key] = value;
+        const input = $(`${object}-${name}`);
+        if (spec.minimum !== undefined) input.min = spec.minimum;
+        if (spec.maximum !== undefined) input.max = spec.maximum;
+        // a value left at the previous default takes the server's; one a person typed stays
+        if (spec.default !== undefined && spec.default !== null && (input.dataset.default === undefined || input.value === input.dataset.default)) {
+          input.value = String(spec.default);
+          input.dataset.default = input.value;
+        }
+        $(`${object}-${name}-range`).textContent = spec.minimum !== undefined || spec.maximum !== undefined ? `${spec.minimum ?? ""}–${spec.maximum ?? ""}` : "";
+      }
+    }
+    const upscaler = own.hires.upscaler || {};
+    state.finishing.upscalerDefault = typeof upscaler.default === "string" ? upscaler.default : "latent";
+    renderUpscalers();
+  }
+
+  function renderUpscalers() {
+    const select = $("hires-upscaler");
+    const before = select.value;
+    select.replaceChildren();
+    for (const upscaler of state.upscalers || []) {
+      const option = document.createElement("option");
+      option.value = upscaler.id;
+      option.textContent = upscaler.name || upscaler.id;
+      if (upscaler.description) option.dataset.description = plain(upscaler.description);
+      select.append(option);
+    }
+    const has = (value) => [...select.options].some((o) => o.value === value);
+    if (has(before)) select.value = before;
+    else if (has(state.finishing.upscalerDefault)) select.value = state.finishing.upscalerDefault;
+    onUpscalerChange();
+    $("hires-part").hidden = !(state.finishing.hires && select.options.length);
+    showFinishingSection();
+  }
+
+  function onUpscalerChange() {
+    const option = $("hires-upscaler").selectedOptions[0];
+    $("hires-upscaler-desc").textContent = (option && option.dataset.description) || "";
+  }
+
+  function onHiresToggle() {
+    $("hires-settings").disabled = !$("hires-enabled").checked;
+  }
+
+  /** The section shows when either part does. */
+  function showFinishingSection() {
+    $("section-finishing").hidden = $("refiner-part").hidden && $("hires-part").hidden;
+  }
+
+  function chosenModel() {
+    return state.models.find((m) => m.id === $("model").value) || null;
+  }
+
+  /** The refiners that fit the model chosen; its default one chosen when the model changes. */
+  function renderFinishing() {
+    const model = chosenModel();
+    const select = $("refiner-model");
+    const before = select.value;
+    const fits = model && Array.isArray(model.refiners) ? [...model.refiners] : [];
+    const fallback = model && model.default_refiner;
+    if (fallback && !fits.includes(fallback)) fits.push(fallback);
+    select.replaceChildren();
+    const none = document.createElement("option");
+    none.value = "";
+    say(none, "refinerNone");
+    select.append(none);
+    for (const id of fits) {
+      const option = document.createElement("option");
+      const known = state.refinerModels.find((m) => m.id === id);
+      option.value = id;
+      option.textContent = (known && known.name) || id;
+      select.append(option);
+    }
+    const changed = state.finishing.model !== (model && model.id);
+    state.finishing.model = model && model.id;
+    if (changed && fallback) select.value = fallback; // the model's default refiner, as the server would use
+    else select.value = fits.includes(before) ? before : "";
+    const hint = $("refiner-hint");
+    if (fallback) {
+      const known = state.refinerModels.find((m) => m.id === fallback);
+      say(hint, "refinerDefaultHint", { name: (known && known.name) || fallback });
+    } else say(hint, "refinerHint");
+    $("refiner-part").hidden = !(state.finishing.refiner && fits.length);
+    showFinishingSection();
+    updateFinishing();
+  }
+
+  /** Finishing is for text-to-image without ControlNet: with a starting image or a control image, its
+   * controls are disabled and nothing of it is sent. */
+  function finishingBlocked() {
+    const init = $("init_image");
+    return Boolean((init && init.files && init.files.length) || controlnetChosen());
+  }
+
+  function updateFinishing() {
+    const blocked = finishingBlocked();
+    $("finishing-box").disabled = blocked;
+    $("finishing-blocked").hidden = !blocked;
+  }
+
+  const refinerChosen = () => (!$("section-finishing").hidden && !$("refiner-part").hidden ? $("refiner-model").value : "");
+  const hiresChosen = () => !$("section-finishing").hidden && !$("hires-part").hidden && $("hires-enabled").checked;
+
+  /** A refiner and the hires fix at once: the server runs one or the other. */
+  function finishingConflict() {
+    return !finishingBlocked() && Boolean(refinerChosen()) && hiresChosen();
+  }
+
+  function addFinishing(body) {
+    const model = chosenModel();
+    // without a word, the server finishes with the model's default refiner: "None" (or a job that cannot
+    // have one) says so with "refiner": null
+    const offDefault = state.finishing.refiner && model && model.default_refiner;
+    if (finishingBlocked()) {
+      if (offDefault) body.refiner = null;
+      return;
+    }
+    const number = (id) => {
+      const raw = $(id).value.trim();
+      return raw === "" ? undefined : Number(raw);
+    };
+    const refiner = refinerChosen();
+    if (refiner) {
+      body.refiner = { model: refiner };
+      const switchAt = number("refiner-switch_at");
+      if (switchAt !== undefined) body.refiner.switch_at = switchAt;
+    } else if (offDefault) {
+      body.refiner = null;
+    }
+    if (hiresChosen()) {
+      const hires = { upscaler: $("hires-upscaler").value || state.finishing.upscalerDefault };
+      for (const name of ["scale", "denoise", "steps"]) {
+        const value = number(`hires-${name}`);
+        if (value !== undefined) hires[name] = value;
+      }
+      body.hires = hires;
+    }
+  }
+
+  /** A job's refiner and hires fix back in the section (none in its metadata: none used). */
+  function reuseFinishing(m) {
+    const has = (select, value) => [...$(select).options].some((o) => o.value === value);
+    if (!$("refiner-part").hidden) {
+      const refiner = m.refiner && typeof m.refiner === "object" ? m.refiner : null;
+      $("refiner-model").value = refiner && has("refiner-model", refiner.model) ? refiner.model : "";
+      if (refiner && typeof refiner.switch_at === "number") $("refiner-switch_at").value = String(refiner.switch_at);
+    }
+    if (!$("hires-part").hidden) {
+      const hires = m.hires && typeof m.hires === "object" ? m.hires : null;
+      $("hires-enabled").checked = Boolean(hires);
+      if (hires) {
+        if (has("hires-upscaler", hires.upscaler)) $("hires-upscaler").value = hires.upscaler;
+        if (typeof hires.scale === "number") $("hires-scale").value = String(hires.scale);
+        if (typeof hires.denoise === "number") $("hires-denoise").value = String(hires.denoise);
+        $("hires-steps").value = hires.steps ? String(hires.steps) : ""; // 0: the job's steps
+      }
+      onUpscalerChange();
+      onHiresToggle();
+    }
+  }
+
+  function wireFinishing() {
+    $("hires-enabled").addEventListener("change", onHiresToggle);
+    $("hires-upscaler").addEventListener("change", onUpscalerChange);
+    // the starting image is an extra field, drawn from the document: heard from the form
+    $("form").addEventListener("change", (event) => {
+      if (event.target && event.target.id === "init_image") updateFinishing();
+    });
+    onHiresToggle();
   }
 
   function onRandomToggle() {
@@ -935,6 +1154,7 @@
     }
     const unit = await controlnetUnit();
     if (unit) body.controlnets = [unit];
+    addFinishing(body);
     return body;
   }
 
@@ -946,13 +1166,16 @@
     hideNotice();
   }
 
+  // A field whose message goes under another control than its own id: the hires fix as a whole, under its box.
+  const FIELD_INPUTS = { hires: "hires-enabled" };
+
   function showFieldError(name, message) {
     const error = $(`error-${name}`);
     if (!error) return false;
     error.textContent = message;
     delete error.dataset.i18n;
     error.hidden = false;
-    const input = name.startsWith("lora-") ? $(`lora-weight-${name.slice(5)}`) : $(name);
+    const input = name.startsWith("lora-") ? $(`lora-weight-${name.slice(5)}`) : $(FIELD_INPUTS[name] || name);
     if (input) input.setAttribute("aria-invalid", "true");
     reveal(error);
     return input || error;
@@ -967,6 +1190,10 @@
       if (name === "loras" && typeof loc[1] === "number" && state.sentLoras[loc[1]]) name = `lora-${state.sentLoras[loc[1]]}`;
       // the one unit the page sends: a unit's field under that field, the unit as a whole under the section
       if (name === "controlnets") name = loc.length > 2 && $(`error-cn-${loc[2]}`) ? `cn-${loc[2]}` : "controlnets";
+      // the Finishing objects: a field under its control (hires.denoise: #hires-denoise); the object as a whole
+      // under the hires box, or under the refiner's select
+      if (name === "hires") name = loc.length > 1 && $(`error-hires-${loc[1]}`) ? `hires-${loc[1]}` : "hires";
+      if (name === "refiner") name = loc.length > 1 && $(`error-refiner-${loc[1]}`) ? `refiner-${loc[1]}` : "refiner-model";
       const shown = name ? showFieldError(name, error.msg || JSON.stringify(error)) : false;
       if (shown) first = first || shown;
       else general.push(error.msg || JSON.stringify(error));
@@ -1040,6 +1267,12 @@
       showFieldError("prompt", t("errPrompt"));
       $("error-prompt").dataset.i18n = "errPrompt";
       $("prompt").focus();
+      return;
+    }
+    if (finishingConflict()) {
+      const input = showFieldError("refiner-model", t("errRefinerHires"));
+      $("error-refiner-model").dataset.i18n = "errRefinerHires";
+      if (input && input.focus) input.focus();
       return;
     }
     state.job = { id: null, controller: new AbortController(), position: null };
@@ -1368,7 +1601,7 @@
     const dl = $("params");
     dl.replaceChildren();
     const add = (key, value, wide) => {
-      if (value === undefined || value === null || value === "") return;
+      if (value === undefined || value === null || value === "") return null;
       const div = document.createElement("div");
       if (wide) div.className = wide === true ? "wide" : wide;
       const dt = document.createElement("dt");
@@ -1378,6 +1611,7 @@
       div.append(dt, dd);
       div.dataset.param = key.replace(/^p_/, "");
       dl.append(div);
+      return dd;
     };
     add("p_seed", seed ?? m.seed);
     add("p_model", m.model);
@@ -1391,6 +1625,12 @@
       const unit = (c) => `${c.model || c.name || "?"}${c.preprocessor && c.preprocessor !== "none" ? ` (${c.preprocessor})` : ""}${c.scale !== undefined && c.scale !== null ? ` × ${c.scale}` : ""}`;
       add("p_controlnets", m.controlnets.map(unit).join(", "), "two");
     }
+    if (m.hires && typeof m.hires === "object") {
+      const h = m.hires;
+      const dd = add("p_hires", h.upscaler, "two");
+      if (dd) say(dd, "hiresParam", { upscaler: h.upscaler, width: h.width, height: h.height, denoise: h.denoise });
+    }
+    if (m.refiner && typeof m.refiner === "object") add("p_refiner", `${m.refiner.model} · ${m.refiner.switch_at}`);
     if (m.num_images && m.num_images > 1) add("num_images", m.num_images);
     if (m.clip_skip) add("clip_skip", m.clip_skip);
     if (m.strength !== undefined && m.strength !== null && (m.init_image || m.mode === "img2img")) add("strength", m.strength);
@@ -1429,6 +1669,7 @@
       onRandomToggle();
     }
     reuseControlnet(Array.isArray(m.controlnets) ? m.controlnets[0] : null);
+    reuseFinishing(m);
     for (const name of state.extras) {
       const input = $(name);
       if (input && input.dataset.kind !== "file" && m[name] !== undefined && m[name] !== null && typeof m[name] !== "object") {
@@ -1592,13 +1833,17 @@
         if (error instanceof DownError) throw error;
         return null; // an older server: without what that route describes
       });
-      const [doc, models, loras, controlnets] = await Promise.all([
+      const [doc, models, loras, controlnets, upscalers] = await Promise.all([
         optional("/openapi.json"), // none: the reference's ranges, no extras
         call("/models"),
         call("/loras"),
         optional("/controlnets"),
+        optional("/upscalers"), // none: no hires fix
       ]);
-      state.models = models.body.models || [];
+      const listed = models.body.models || [];
+      state.models = listed.filter((m) => !m.refiner);
+      state.refinerModels = listed.filter((m) => m.refiner);
+      state.upscalers = upscalers && Array.isArray(upscalers.upscalers) ? upscalers.upscalers : null;
       state.loras = loras.body.loras || [];
       state.controlnets = controlnets && Array.isArray(controlnets.controlnets) ? controlnets : null;
       applySchema(doc);
@@ -1640,6 +1885,7 @@
     $("cancel").addEventListener("click", cancel);
     wireSections();
     wireControlnet();
+    wireFinishing();
     $("model").addEventListener("change", onModelChange);
     $("seed-random").addEventListener("change", onRandomToggle);
     $("seed-reuse").addEventListener("click", reuseLastSeed);
