@@ -40,6 +40,7 @@ from imagen.api.json_body import BadJson, read_json
 from imagen.api.prompt_tags import parse_lora_tags
 from imagen.api.routes import MODELS_ADMIN_ONLY
 from imagen.api.schemas import (
+    MAX_IMAGE_FIELD_CHARS,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -50,6 +51,7 @@ from imagen.api.schemas import (
     Side,
     Steps,
     Strength,
+    UpscaleRequest,
 )
 from imagen.api.submission import FieldError
 from imagen.config import Settings
@@ -58,7 +60,7 @@ from imagen.inputs.images import BadImage, check_image, decode_data_url
 from imagen.jobs.backend import JobBackend
 from imagen.jobs.model_control import ModelOrder
 from imagen.jobs.types import JobState
-from imagen.outputs.png import a1111_controlnet_fields, a1111_hires_fields, a1111_refiner_fields
+from imagen.outputs.png import a1111_controlnet_fields, a1111_hires_fields, a1111_parameters, a1111_refiner_fields
 from imagen.registry import Registry
 from imagen.registry.watch import RegistryWatcher
 
@@ -197,6 +199,30 @@ class Txt2ImgRequest(BaseModel):
         description="`controlnet` (or `ControlNet`): `{\"args\": [unit, ...]}`, the ControlNet extension's units "
         "(docs/controlnet.md); any other script is a 422 unless its args are `[]` or `[false]` (off).",
     )
+
+
+class ExtraSingleImageRequest(BaseModel):
+    """A1111's extras (``/sdapi/v1/extra-single-image``): the upscale only. Face restoration and a second
+    upscaler are refused when asked for, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    image: str = Field(min_length=1, max_length=MAX_IMAGE_FIELD_CHARS, description="Base64 PNG, JPEG or WebP.")
+    resize_mode: Annotated[int, Field(ge=0, le=1), IntegerNotText] = Field(
+        0, description="0: by `upscaling_resize`; 1: to `upscaling_resize_w` x `upscaling_resize_h`."
+    )
+    upscaling_resize: float = Field(2.0, ge=1.0, le=8.0, strict=True, description="The scale (resize_mode 0).")
+    upscaling_resize_w: Annotated[int, Field(ge=1, le=16384), IntegerNotText] = 512
+    upscaling_resize_h: Annotated[int, Field(ge=1, le=16384), IntegerNotText] = 512
+    upscaling_crop: StrictBool = Field(True, description="resize_mode 1 to another aspect: refused (no crop here).")
+    upscaler_1: str = Field("None", description="None or Lanczos (resized with Lanczos), or an upscaler model.")
+    upscaler_2: str = Field("None", description="Refused unless None (or its visibility 0).")
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0, strict=True)
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0, strict=True, description="Refused unless 0.")
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0, strict=True, description="Refused unless 0.")
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0, strict=True)
+    upscale_first: StrictBool = False
+    show_extras_results: StrictBool = True
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -552,7 +578,8 @@ async def _read(http: Request, model: type[Txt2ImgRequest]) -> tuple[Txt2ImgRequ
 def request_schemas() -> dict[str, Any]:
     """The JSON Schemas of the bodies these routes read themselves, for the OpenAPI document's components."""
     _, schemas = models_json_schema(
-        [(Txt2ImgRequest, "validation"), (Img2ImgRequest, "validation")], ref_template="#/components/schemas/{model}"
+        [(Txt2ImgRequest, "validation"), (Img2ImgRequest, "validation"), (ExtraSingleImageRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
     )
     defs: dict[str, Any] = schemas["$defs"]
     return defs
@@ -598,6 +625,92 @@ def _generation_route(model: str) -> dict[str, Any]:
             504: _answers("The job did not end in time."),
         },
     }
+
+
+def _upscale_request(fields: ExtraSingleImageRequest, registry: Registry) -> UpscaleRequest | str:
+    """A1111's extras fields as our upscale request, or why they cannot be honoured."""
+    for name, value in (("gfpgan_visibility", fields.gfpgan_visibility),
+                        ("codeformer_visibility", fields.codeformer_visibility)):
+        if value:
+            return f"{name}: face restoration is not available here; send 0"
+    if fields.upscaler_2 not in ("", "None") and fields.extras_upscaler_2_visibility:
+        return "upscaler_2: a second upscaler blended in is not available here; send None"
+    wanted = fields.upscaler_1.strip()
+    if wanted.lower() in _LANCZOS_NAMES:
+        upscaler = "lanczos"
+    else:
+        found = next((u.id for u in registry.upscalers if wanted in (u.id, u.name)), None)
+        if found is None:
+            names = ["None", "Lanczos", *(u.name for u in registry.upscalers)]
+            return f"upscaler_1: {wanted!r} is not available here; available: {', '.join(names)}"
+        upscaler = found
+    values: dict[str, Any] = {"image": _data_url(fields.image), "upscaler": upscaler}
+    if fields.resize_mode == 1:
+        values.update(width=fields.upscaling_resize_w, height=fields.upscaling_resize_h)
+    else:
+        values["scale"] = fields.upscaling_resize
+    request = UpscaleRequest.model_validate(values)
+    if fields.resize_mode == 1 and fields.upscaling_crop:
+        return _crop_problem(request)
+    return request
+
+
+def _crop_problem(request: UpscaleRequest) -> UpscaleRequest | str:
+    """A1111 crops to fill another aspect; this server does not crop: the same aspect passes, another is refused."""
+    try:
+        picture = check_image(decode_data_url(request.image))
+    except BadImage as exc:
+        return f"image: {exc}"
+    assert request.width is not None and request.height is not None
+    if abs(picture.width * request.height - picture.height * request.width) > max(picture.width, picture.height):
+        return (f"upscaling_crop: cropping {picture.width}x{picture.height} to {request.width}x{request.height} "
+                "(another aspect) is not available here; send upscaling_crop false (the picture is stretched) or "
+                "a size of the picture's aspect")  # fmt: skip
+    return request
+
+
+@router.post(
+    "/extra-single-image",
+    response_model=None,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ExtraSingleImageRequest"}}}}},
+    responses={
+        200: _answers("`image`: the upscaled picture, base64 PNG; `html_info`: what was done.", {
+            "type": "object", "required": ["html_info", "image"],
+            "properties": {"html_info": {"type": "string"}, "image": {"type": "string"}},
+        }),
+        422: _answers("A refused request: `detail` names the field (`error`: ValidationError)."),
+        429: _answers("Queue full, or this key has as many jobs waiting as it may."),
+        500: _answers("The job failed (`error`: GenerationError)."),
+        503: _answers("The job queue is unreachable, the service cannot take jobs now, or it is restarting."),
+        504: _answers("The job did not end in time."),
+    },
+)  # fmt: skip
+async def extra_single_image(
+    http: Request, backend: BackendDep, registry: RegistryDep, settings: SettingsDep, caller: CallerDep
+) -> JSONResponse:
+    """A1111's extras tab for one picture: the upscale, as a job on the queue (POST /upscale's)."""
+    raw = await _json_object(http)
+    if isinstance(raw, JSONResponse):
+        return raw
+    try:
+        fields = ExtraSingleImageRequest.model_validate(raw)
+        request = await run_in_threadpool(_upscale_request, fields, registry)
+    except ValidationError as exc:
+        return _error(422, _problems(exc), "ValidationError")
+    if isinstance(request, str):
+        return _error(422, request, "ValidationError")
+    try:
+        job = await run_job(request, http, backend, registry, settings, caller)
+    except NoImages as ended:
+        if ended.outcome is Outcome.CANCELLED:
+            return JSONResponse({"html_info": "interrupted", "image": ""})
+        return _no_images(ended, [])
+    [png] = await read_images(backend, settings, job)
+    info = a1111_parameters(job.metadata)
+    return await run_in_threadpool(
+        lambda: JSONResponse({"html_info": f"<p>{info}</p>", "image": base64.b64encode(png).decode("ascii")})
+    )
 
 
 @router.post("/txt2img", response_model=None, **_generation_route("Txt2ImgRequest"))

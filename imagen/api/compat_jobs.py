@@ -35,8 +35,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive
 
 from imagen.access.keys import Caller
-from imagen.api.schemas import GenerationRequest
-from imagen.api.submission import FieldError, InvalidRequest, prepare_job
+from imagen.api.schemas import GenerationRequest, UpscaleRequest
+from imagen.api.submission import FieldError, InvalidRequest, prepare_job, prepare_upscale
 from imagen.config import Settings
 from imagen.errors import BrokerUnavailableError, KeyQueueFullError, QueueFullError, UnavailableError
 from imagen.jobs.backend import JobBackend
@@ -102,7 +102,7 @@ class LivePreviews:
 
 
 async def _submit(
-    request: GenerationRequest,
+    request: GenerationRequest | UpscaleRequest,
     backend: JobBackend,
     registry: Registry,
     settings: Settings,
@@ -112,7 +112,10 @@ async def _submit(
     queue's errors (``QueueFullError``, ``KeyQueueFullError``, ``BrokerUnavailableError``)."""
 
     def build_and_submit() -> str:
-        job = prepare_job(request, registry, settings, key_name=caller.name, uploads=backend.load_upload)
+        if isinstance(request, UpscaleRequest):
+            job = prepare_upscale(request, registry, settings, key_name=caller.name, uploads=backend.load_upload)
+        else:
+            job = prepare_job(request, registry, settings, key_name=caller.name, uploads=backend.load_upload)
         return backend.submit(job, key_max_waiting=caller.max_waiting).job_id
 
     return await run_in_threadpool(build_and_submit)
@@ -257,7 +260,7 @@ class NoImages(Exception):
 
 
 async def run_job(
-    request: GenerationRequest,
+    request: GenerationRequest | UpscaleRequest,
     http: Request,
     backend: JobBackend,
     registry: Registry,

@@ -51,11 +51,12 @@ from imagen.api.schemas import (
     SchedulerList,
     Size,
     UploadResponse,
+    UpscaleRequest,
     UpscalerInfo,
     UpscalerList,
     WorkerStatus,
 )
-from imagen.api.submission import InvalidRequest, prepare_job
+from imagen.api.submission import InvalidRequest, prepare_job, prepare_upscale
 from imagen.config import Settings
 from imagen.errors import UploadQuotaError
 from imagen.generation.base import MODEL_TIERS
@@ -160,6 +161,34 @@ def generate(
     )
     with subscribed:
         submitted = backend.submit(job, key_max_waiting=caller.max_waiting)
+    return GenerationResponse(
+        job_id=submitted.job_id,
+        status="queued",
+        message=f"Tâche en file d'attente. Position estimée: {submitted.position}",
+    )
+
+
+@router.post(
+    "/upscale",
+    status_code=201,
+    response_model=GenerationResponse,
+    responses={
+        413: {"model": Detail, "description": "Body larger than IMAGEN_MAX_BODY_BYTES."},
+        429: {"model": Detail, "description": "With API keys: this key has as many jobs waiting as it may, or sent "
+              "too many requests this minute.", "headers": _RETRY_AFTER},
+        503: {"model": Detail, "description": "Queue full, broker or job database unreachable, outputs disk full.",
+              "headers": _RETRY_AFTER},
+    },
+)  # fmt: skip
+def upscale(request: UpscaleRequest, backend: BackendDep, registry: RegistryDep, settings: SettingsDep,
+            caller: CallerDep) -> GenerationResponse:  # fmt: skip
+    """A picture made larger by an upscaler (Lanczos or an upscaler model): a job like POST /generate's, followed
+    with /status, /events, /cancel and fetched with /image; the result is upscale_<date>_<time>_<hex>.png."""
+    try:
+        job = prepare_upscale(request, registry, settings, key_name=caller.name, uploads=backend.load_upload)
+    except InvalidRequest as exc:
+        raise RequestValidationError([error.as_pydantic_error() for error in exc.errors]) from exc
+    submitted = backend.submit(job, key_max_waiting=caller.max_waiting)
     return GenerationResponse(
         job_id=submitted.job_id,
         status="queued",

@@ -93,6 +93,31 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=Fal
 Threshold = Annotated[int, Field(ge=1, le=255), IntegerNotText]
 
 
+class UpscaleRequest(BaseModel):
+    """POST /upscale: a picture made larger by an upscaler, as a job (queue, limits, keys, events)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Text = Field(
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description='The picture: a PNG, JPEG or WebP as a data URL ("data:image/png;base64,...") or '
+        '"upload:<upload_id>" from POST /uploads.',
+    )
+    upscaler: Annotated[str, Field(min_length=1, max_length=80)] = Field(
+        "lanczos", description="`lanczos`, or an upscaler model's id (GET /upscalers)."
+    )
+    scale: float = Field(
+        2.0, ge=1.0, le=8.0, strict=True, allow_inf_nan=False,
+        description="The result's size as a multiple of the picture's (1.0-8.0), unless width or height is given.",
+    )
+    width: Annotated[int, Field(ge=1, le=16384), IntegerNotText] | None = Field(
+        None, description="A target width instead of `scale` (alone: the height keeps the aspect)."
+    )
+    height: Annotated[int, Field(ge=1, le=16384), IntegerNotText] | None = Field(
+        None, description="A target height instead of `scale` (alone: the width keeps the aspect)."
+    )
+
+
 class RefinerRequest(BaseModel):
     """SDXL's ensemble of experts: the model denoises the first part of the schedule, a refiner the rest."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from imagen.api.schemas import ControlNetUnit, GenerationRequest
+from imagen.api.schemas import ControlNetUnit, GenerationRequest, UpscaleRequest
 from imagen.config import Settings
 from imagen.generation.base import (
     ControlNetChoice,
@@ -21,6 +21,7 @@ from imagen.generation.base import (
     HiresChoice,
     LoraChoice,
     RefinerChoice,
+    UpscaleChoice,
     control_role,
 )
 from imagen.generation.samplers import available_samplers
@@ -167,6 +168,73 @@ def prepare_job(
         inputs=images.pngs,
         output_names=tuple(image_names(output_name, request.num_images)),
     )
+
+
+UPSCALE_PREFIX = "upscale"  # file names of POST /upscale's results: upscale_YYYYMMDD_HHMMSS_xxxxxxxx.png
+
+
+def prepare_upscale(
+    request: UpscaleRequest,
+    registry: Registry,
+    settings: Settings,
+    key_name: str = "",
+    uploads: UploadLookup = lambda upload_id: None,
+) -> NewJob:
+    """POST /upscale's job: the picture checked and stored as the job's ``init`` input, the upscaler known, the
+    result's size within IMAGEN_MAX_OUTPUT_PIXELS. It runs on the queue as any job (no model is loaded)."""
+    errors: list[FieldError] = []
+    if request.upscaler not in registry.upscaler_ids or request.upscaler == "latent":
+        available = [name for name in registry.upscaler_ids if name != "latent"]
+        errors.append(FieldError(
+            ("upscaler",), f"unknown upscaler {request.upscaler!r}; available: {', '.join(available)} (latent is "
+            "for the hires fix: an upscale has no latents)", request.upscaler,
+        ))
+    try:
+        picture = load_image(request.image, key_name, uploads)
+    except BadImage as exc:
+        errors.append(FieldError(("image",), str(exc), request.image[:64] + ("…" if len(request.image) > 64 else "")))
+        raise InvalidRequest(errors) from exc
+    width, height = picture.width, picture.height
+    if request.width and request.height:
+        target = (request.width, request.height)
+    elif request.width:
+        target = (request.width, max(1, round(height * request.width / width)))
+    elif request.height:
+        target = (max(1, round(width * request.height / height)), request.height)
+    else:
+        target = (max(1, round(width * request.scale)), max(1, round(height * request.scale)))
+    problem = output_size_problem(*target, settings.max_output_pixels)
+    if problem is not None:
+        field = "width" if request.width else ("height" if request.height else "scale")
+        errors.append(FieldError((field,), f"the upscaled picture: {problem}", getattr(request, field)))
+    if errors:
+        raise InvalidRequest(errors)
+    targeted = request.width is not None or request.height is not None
+    task = GenerationTask(
+        prompt="", negative_prompt=None, model=registry.resolve_default_model(settings.default_model), steps=1,
+        guidance_scale=1.0, seed=0, init_image=True,
+        upscale=UpscaleChoice(width=target[0], height=target[1], upscaler=request.upscaler,
+                              scale=None if targeted else request.scale),
+    )  # fmt: skip
+    output_name = make_output_name(UPSCALE_PREFIX)
+    return NewJob(
+        job_id=str(uuid.uuid4()), task=task.as_dict(), output_name=output_name, key_name=key_name,
+        inputs={"init": to_png(flatten(picture.image))}, output_names=(output_name,),
+    )
+
+
+def load_image(value: str, key_name: str, uploads: UploadLookup) -> CheckedImage:
+    """A request's image: a data URL, bare base64 or ``upload:<id>`` of the caller's; checked (format by content,
+    size and bomb limits). Raises ``BadImage``."""
+    if value.startswith(UPLOAD_PREFIX):
+        upload = uploads(value.removeprefix(UPLOAD_PREFIX))
+        if upload is None or upload.key_name != key_name:
+            raise BadImage(
+                f"unknown or expired upload {value!r} (uploads are kept IMAGEN_UPLOAD_TTL_S seconds; "
+                "send it again with POST /uploads)"
+            )
+        return check_image(upload.data)
+    return check_image(decode_data_url(value))
 
 
 def _refiner_choice(
@@ -472,15 +540,7 @@ class _RequestImages:
         if value is None:
             return None
         try:
-            if value.startswith(UPLOAD_PREFIX):
-                upload = self._uploads(value.removeprefix(UPLOAD_PREFIX))
-                if upload is None or upload.key_name != self._key_name:
-                    raise BadImage(
-                        f"unknown or expired upload {value!r} (uploads are kept IMAGEN_UPLOAD_TTL_S seconds; "
-                        "send it again with POST /uploads)"
-                    )
-                return check_image(upload.data)
-            return check_image(decode_data_url(value))
+            return load_image(value, self._key_name, self._uploads)
         except BadImage as exc:
             self._errors.append(FieldError(loc, str(exc), value[:64] + ("…" if len(value) > 64 else "")))
             return None

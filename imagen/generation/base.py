@@ -97,6 +97,26 @@ class ControlNetChoice:
 
 
 @dataclass(frozen=True)
+class UpscaleChoice:
+    """A job that only upscales its input picture (role ``init``) to ``width`` x ``height`` with ``upscaler``
+    (``lanczos`` or a registry upscaler's id): no model runs. ``scale``: what was asked, for the metadata."""
+
+    width: int
+    height: int
+    upscaler: str = "lanczos"
+    scale: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"width": self.width, "height": self.height, "upscaler": self.upscaler, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UpscaleChoice:
+        scale = data.get("scale")
+        return cls(width=int(data["width"]), height=int(data["height"]), upscaler=str(data.get("upscaler", "lanczos")),
+                   scale=None if scale is None else float(scale))
+
+
+@dataclass(frozen=True)
 class RefinerChoice:
     """A job's SDXL refiner (ensemble of experts): the model denoises to ``switch_at`` of the schedule and the
     refiner ``model`` finishes from there, on the same latents."""
@@ -173,6 +193,7 @@ class GenerationTask:
     defaults_from: tuple[tuple[str, str], ...] = ()
     hires: HiresChoice | None = None
     refiner: RefinerChoice | None = None
+    upscale: UpscaleChoice | None = None  # an upscale-only job (POST /upscale)
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -197,6 +218,8 @@ class GenerationTask:
             data["hires"] = self.hires.as_dict()
         if self.refiner is not None:
             data["refiner"] = self.refiner.as_dict()
+        if self.upscale is not None:
+            data["upscale"] = self.upscale.as_dict()
         return data
 
     @classmethod
@@ -223,6 +246,7 @@ class GenerationTask:
             defaults_from=tuple((str(name), str(source)) for name, source in data.get("defaults_from", {}).items()),
             hires=HiresChoice.from_dict(data["hires"]) if data.get("hires") else None,
             refiner=RefinerChoice.from_dict(data["refiner"]) if data.get("refiner") else None,
+            upscale=UpscaleChoice.from_dict(data["upscale"]) if data.get("upscale") else None,
         )
 
 

@@ -17,9 +17,19 @@ from PIL import Image
 from imagen.inputs.control_maps import A1111_NAMES
 from imagen.sampler_names import a1111_sampler_fields, is_sampler_name
 
+# The built-in upscalers as A1111 names them (a registry upscaler keeps its id).
+A1111_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+
 
 def a1111_parameters(metadata: dict[str, Any]) -> str:
     """The ``parameters`` text chunk as AUTOMATIC1111 writes it (read by civitai and other tools)."""
+    upscale = metadata.get("upscale")
+    if upscale:  # an upscale-only job: what A1111's extras tab writes
+        size = f"{upscale.get('width')}x{upscale.get('height')}"
+        how = (f"Postprocess upscale by: {upscale['scale']}" if upscale.get("scale") is not None
+               else f"Postprocess upscale to: {size}")
+        name = A1111_UPSCALER_NAMES.get(upscale.get("upscaler"), upscale.get("upscaler"))
+        return f"{how}, Postprocess upscaler: {name}, Size: {size}, Version: imagen"
     prompt = metadata.get("final_prompt") or metadata.get("prompt", "")
     negative = metadata.get("final_negative_prompt", metadata.get("negative_prompt")) or ""
     sampler = metadata.get("sampler", "Euler")
@@ -57,10 +67,6 @@ def a1111_parameters(metadata: dict[str, Any]) -> str:
     settings += ", Version: imagen"
     lines.append(settings)
     return "\n".join(lines)
-
-
-# The built-in upscalers as A1111 names them (a registry upscaler keeps its id).
-A1111_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 
 
 def a1111_hires_fields(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from imagen.generation.base import (
     InputImages,
     ProgressCallback,
     RefinerChoice,
+    UpscaleChoice,
     denoising_steps,
 )
 from imagen.generation.diffusers import acceleration, controlnets, host_memory
@@ -292,6 +293,8 @@ class DiffusersEngine(Engine):
         """The job as the pipeline runs it: check it against the registry, load the model, put its LoRAs and
         IP-Adapter in effect, encode the prompt, choose the pipeline and its sampler, denoise, decode and (for
         inpainting) paste the unmasked pixels back."""
+        if task.upscale is not None:
+            return [self._upscale_only(task.upscale, inputs, progress)]
         job = self._resolve(task, inputs)
         loaded = self._model(job.spec, progress)
         ip_kwargs = self._apply_adapters(loaded, job, inputs.ip, progress)
@@ -393,6 +396,23 @@ class DiffusersEngine(Engine):
         with self._job_sampler(loaded, run, job.sampler):
             refined = self._denoise(loaded, call, job.task, embeddings, {}, None, progress)
         return run, refined
+
+    def _upscale_only(self, choice: UpscaleChoice, inputs: InputImages, progress: ProgressCallback) -> GeneratedImage:
+        """POST /upscale's job: the input picture upscaled (Lanczos, or the upscaler model tiled, progress and
+        cancel between tiles), no model loaded."""
+        if inputs.init is None:
+            raise FatalGenerationError("an upscale job needs its picture (input role init)")
+        target = (choice.width, choice.height)
+        progress(STEP_GENERATION, 0)
+        if choice.upscaler == "lanczos":
+            image = lanczos(inputs.init, target)
+        else:
+            image = upscale(self._upscaler(choice.upscaler), inputs.init, target,
+                            on_tile=lambda done, total: progress(STEP_GENERATION, 100 * done // total))
+        progress(STEP_GENERATION, 100)
+        pixels = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        metadata = {"width": choice.width, "height": choice.height, **self._device_metadata()}
+        return GeneratedImage(image=image, pixels=pixels, extra_metadata=metadata)
 
     def _upscaled(self, picture: Image.Image, hires: HiresChoice, progress: ProgressCallback) -> Image.Image:
         """``picture`` at the hires fix's size: resized with Lanczos, or through the registry's upscaler model
