@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from imagen.config import Settings
 from imagen.generation.base import GenerationTask, LoraChoice
@@ -25,6 +26,18 @@ def fixtures_registry_path() -> Path:
 
 def fixtures_registry() -> Registry:
     return load_registry(fixtures_registry_path())
+
+
+def fixtures_registry_data() -> dict[str, Any]:
+    """The fixtures' registry as YAML data with every path absolute: a test edits it and writes it anywhere."""
+    root = fixtures_registry_path().parent
+    raw: dict[str, Any] = yaml.safe_load(fixtures_registry_path().read_text(encoding="utf-8"))
+    for section in ("models", "loras", "controlnets", "upscalers", "embeddings"):
+        for entry in raw.get(section, []):
+            entry["path"] = str(root / entry["path"])
+    for key in ("path", "image_encoder_path", "reference_image"):
+        raw["ip_adapter"][key] = str(root / raw["ip_adapter"][key])
+    return raw
 
 
 def engine_settings(tmp: Path, **overrides: Any) -> Settings:

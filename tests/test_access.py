@@ -106,6 +106,11 @@ ROUTES: dict[tuple[str, str], Row] = {
     ),
     ("GET", "/loras"): Row("/loras", 200),
     ("GET", "/controlnets"): Row("/controlnets", 200),
+    ("GET", "/upscalers"): Row("/upscalers", 200),
+    ("GET", "/embeddings"): Row("/embeddings", 200),
+    ("POST", "/upscale"): Row(
+        "/upscale", 201, body={"image": "data:image/png;base64," + base64.b64encode(PNG).decode()}
+    ),
     ("GET", "/schedulers"): Row("/schedulers", 200),
     ("POST", "/uploads"): Row("/uploads", 201, files={"file": ("a.png", PNG, "image/png")}),
     ("GET", "/health"): Row("/health", 200, public=True),
@@ -125,6 +130,10 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/sdapi/v1/samplers"): Row("/sdapi/v1/samplers", 200),
     ("GET", "/sdapi/v1/schedulers"): Row("/sdapi/v1/schedulers", 200),
     ("GET", "/sdapi/v1/upscalers"): Row("/sdapi/v1/upscalers", 200),
+    ("GET", "/sdapi/v1/embeddings"): Row("/sdapi/v1/embeddings", 200),
+    ("POST", "/sdapi/v1/extra-single-image"): Row(
+        "/sdapi/v1/extra-single-image", 200, body={"image": base64.b64encode(PNG).decode()}
+    ),
     ("GET", "/sdapi/v1/latent-upscale-modes"): Row("/sdapi/v1/latent-upscale-modes", 200),
     ("GET", "/sdapi/v1/sd-vae"): Row("/sdapi/v1/sd-vae", 200),
     ("GET", "/sdapi/v1/options"): Row("/sdapi/v1/options", 200),

@@ -20,7 +20,14 @@ from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.registry import load_registry
 from imagen.registry.safe_files import check_registry_files
 from tests.conftest import submit, wait_status
-from tests.engine_fixtures import engine_settings, fixtures_registry, fixtures_registry_path, pixels, task
+from tests.engine_fixtures import (
+    engine_settings,
+    fixtures_registry,
+    fixtures_registry_data,
+    fixtures_registry_path,
+    pixels,
+    task,
+)
 
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
@@ -50,13 +57,7 @@ def test_writing_an_embeddings_name_uses_it_and_leaves_other_prompts_as_they_wer
 @pytest.fixture
 def api(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient:
     """The fixtures' registry, with a LoRA whose trigger word is the embedding's name."""
-    root = fixtures_registry_path().parent
-    registry = yaml.safe_load(fixtures_registry_path().read_text())
-    for section in ("models", "loras", "controlnets", "upscalers", "embeddings"):
-        for entry in registry.get(section, []):
-            entry["path"] = str(root / entry["path"])
-    for key in ("path", "image_encoder_path", "reference_image"):
-        registry["ip_adapter"][key] = str(root / registry["ip_adapter"][key])
+    registry = fixtures_registry_data()
     registry["loras"].append({**registry["loras"][0], "id": "clash", "trigger_words": ["TinyWord"]})
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump(registry))

@@ -15,6 +15,8 @@ import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from imagen.api.a1111_compat import Txt2ImgRequest
+from imagen.api.a1111_compat import hires_from_fields as a1111_hires
 from imagen.errors import JobCancelled
 from imagen.generation.base import STEP_GENERATION, GenerationTask, HiresChoice, InputImages
 from imagen.generation.diffusers.engine import DiffusersEngine
@@ -153,9 +155,9 @@ def test_webuiapi_enable_hr_makes_the_larger_picture_and_fields_we_cannot_honour
         names = [u["name"] for u in client.get_upscalers()]
         assert names == ["None", "Lanczos", "Tiny ESRGAN 4x"]
         answer = client.txt2img(prompt="a fox", steps=10, seed=7, enable_hr=True, hr_scale=1.5,
-                                hr_upscaler="Tiny ESRGAN 4x", denoising_strength=0.5, alwayson_scripts={})
+                                hr_upscaler="Lanczos", denoising_strength=0.5, alwayson_scripts={})
         assert answer.image.size == (768, 768)  # webuiapi's 512² first pass
-        assert "Hires upscale: 1.5, Hires upscaler: tiny-esrgan" in answer.info["infotexts"][0]
+        assert "Hires upscale: 1.5, Hires upscaler: Lanczos" in answer.info["infotexts"][0]
         resized = client.txt2img(prompt="a fox", steps=10, enable_hr=True, hr_resize_x=640, hr_upscaler="Latent",
                                  alwayson_scripts={})
         assert resized.image.size == (640, 640)
@@ -174,3 +176,14 @@ def test_webuiapi_enable_hr_makes_the_larger_picture_and_fields_we_cannot_honour
             response = api.post("/sdapi/v1/txt2img", json=body)
             assert response.status_code == 422, (fields, response.text)
             assert words in response.json()["detail"], (fields, response.json())
+
+
+def test_a1111_hr_upscaler_names_map_onto_ours() -> None:
+    """By A1111 name, a registry upscaler's name or id (the model itself runs in the service test above)."""
+    registry = fixtures_registry()
+    for name, ours in (("Latent", "latent"), (None, "latent"), ("None", "lanczos"), ("Lanczos", "lanczos"),
+                       ("Tiny ESRGAN 4x", "tiny-esrgan"), ("tiny-esrgan", "tiny-esrgan")):
+        fields = Txt2ImgRequest.model_validate({"prompt": "x", "enable_hr": True, "hr_upscaler": name})
+        hires, problem = a1111_hires(fields, registry)
+        assert problem is None and hires is not None and hires["upscaler"] == ours, name
+    assert a1111_hires(Txt2ImgRequest.model_validate({"prompt": "x"}), registry) == (None, None)

@@ -162,7 +162,8 @@ def _fixtures_registry_with(tmp_path: Path, **fields: object) -> Path:
     raw["models"] = [m for m in raw["models"] if m["id"] == "sdxl-base"]
     raw["models"][0]["path"] = str(source.parent / raw["models"][0]["path"])
     raw["models"][0].update(fields)
-    raw.pop("loras"), raw.pop("ip_adapter"), raw.pop("controlnets")
+    for section in ("loras", "ip_adapter", "controlnets", "upscalers", "embeddings"):
+        raw.pop(section)
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path

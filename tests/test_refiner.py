@@ -26,7 +26,7 @@ from imagen.generation.diffusers.components import SDXL_REFINER_CONFIG_DIR
 from imagen.generation.diffusers.engine import DiffusersEngine
 from imagen.outputs.png import a1111_parameters
 from tests.conftest import submit, wait_status
-from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, fixtures_registry_path, pixels, task
+from tests.engine_fixtures import ProgressLog, engine_settings, fixtures_registry, fixtures_registry_data, pixels, task
 from tests.http_thread import http_server
 
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
@@ -91,16 +91,8 @@ def test_the_shipped_refiner_config_is_sdxl_refiners_unet() -> None:
 @pytest.fixture
 def api(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient:
     """The fixtures' registry, where the single-file model names the folder refiner as its default."""
-    registry = yaml.safe_load(fixtures_registry_path().read_text())
-    for model in registry["models"]:
-        model["path"] = str(fixtures_registry_path().parent / model["path"])
-        if model["id"] == "sdxl-single-file":
-            model["default_refiner"] = "sdxl-refiner"
-    for section in ("loras", "controlnets", "upscalers"):
-        for entry in registry.get(section, []):
-            entry["path"] = str(fixtures_registry_path().parent / entry["path"])
-    for key in ("path", "image_encoder_path", "reference_image"):
-        registry["ip_adapter"][key] = str(fixtures_registry_path().parent / registry["ip_adapter"][key])
+    registry = fixtures_registry_data()
+    next(m for m in registry["models"] if m["id"] == "sdxl-single-file")["default_refiner"] = "sdxl-refiner"
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump(registry))
     return make_client(engine="diffusers", registry_path=path, device="cpu", dtype="float32")

@@ -302,7 +302,7 @@ def _unsupported(fields: Txt2ImgRequest, sampler: str | None) -> str | None:
 _LANCZOS_NAMES = ("none", "lanczos")
 
 
-def _hires(fields: Txt2ImgRequest, registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
+def hires_from_fields(fields: Txt2ImgRequest, registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
     """A1111's hires fields as our ``hires``: hr_scale, hr_upscaler (by A1111 name, or a registry upscaler's
     name or id), hr_second_pass_steps, hr_resize_x/y and denoising_strength (A1111's 0.7 when absent)."""
     if not fields.enable_hr:
@@ -370,7 +370,7 @@ def _generation_request(
     problem = _unsupported(fields, sampler)
     if problem is not None:
         return None, problem
-    hires, problem = _hires(fields, registry)
+    hires, problem = hires_from_fields(fields, registry)
     if problem is not None:
         return None, problem
     refiner: dict[str, Any] | None = None
