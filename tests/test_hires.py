@@ -158,11 +158,6 @@ def test_webuiapi_enable_hr_makes_the_larger_picture_and_fields_we_cannot_honour
                                 hr_upscaler="Lanczos", denoising_strength=0.5, alwayson_scripts={})
         assert answer.image.size == (768, 768)  # webuiapi's 512² first pass
         assert "Hires upscale: 1.5, Hires upscaler: Lanczos" in answer.info["infotexts"][0]
-        resized = client.txt2img(prompt="a fox", steps=10, enable_hr=True, hr_resize_x=640, hr_upscaler="Latent",
-                                 alwayson_scripts={})
-        assert resized.image.size == (640, 640)
-        plain = client.txt2img(prompt="a fox", steps=10, enable_hr=False, hr_scale=3, alwayson_scripts={})
-        assert plain.image.size == (512, 512)  # off: its fields mean nothing, as in A1111
         for fields, words in (
             ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: 'R-ESRGAN 4x+' is not available"),
             ({"enable_hr": True, "hr_scale": 4}, "hr_scale: the hires fix's final size"),
@@ -186,4 +181,9 @@ def test_a1111_hr_upscaler_names_map_onto_ours() -> None:
         fields = Txt2ImgRequest.model_validate({"prompt": "x", "enable_hr": True, "hr_upscaler": name})
         hires, problem = a1111_hires(fields, registry)
         assert problem is None and hires is not None and hires["upscaler"] == ours, name
-    assert a1111_hires(Txt2ImgRequest.model_validate({"prompt": "x"}), registry) == (None, None)
+    off = Txt2ImgRequest.model_validate({"prompt": "x", "enable_hr": False, "hr_scale": 3})
+    assert a1111_hires(off, registry) == (None, None)  # off: its fields mean nothing, as in A1111
+    resized = Txt2ImgRequest.model_validate({"prompt": "x", "enable_hr": True, "hr_resize_x": 640,
+                                             "hr_second_pass_steps": 12, "denoising_strength": 0.4})
+    assert a1111_hires(resized, registry) == (
+        {"scale": 2.0, "upscaler": "latent", "denoise": 0.4, "steps": 12, "width": 640}, None)
