@@ -68,8 +68,9 @@ bench: install
 # and training.json; the contact sheet stays in build/demo-model.
 demo-model: install
 	$(BIN)/python -m training.train_demo build/demo-model
+	$(BIN)/python -m training.train_embedding build/demo-model/embeddings --model build/demo-model/model --record build/demo-model/training.json
 	rm -rf imagen/data/demo && mkdir -p imagen/data/demo
-	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/controlnet build/demo-model/training.json imagen/data/demo/
+	cp -r build/demo-model/model build/demo-model/loras build/demo-model/ip-adapter build/demo-model/controlnet build/demo-model/embeddings build/demo-model/training.json imagen/data/demo/
 	rm -rf imagen/data/demo/model/tokenizer imagen/data/demo/model/tokenizer_2
 
 clean:

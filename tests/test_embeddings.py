@@ -87,3 +87,16 @@ def test_a_file_that_is_not_an_sdxl_embedding_stops_the_start(tmp_path: Path) ->
     }))  # fmt: skip
     with pytest.raises(RegistryError, match=r"embedding 'old': .* is not an SDXL embedding: no clip_l or clip_g"):
         check_registry_files(load_registry(tmp_path / "registry.yaml"))
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    """A small file (the demo embedding: a 128-255 byte header) begins with the byte a pickle stream begins with."""
+    from imagen.registry.safe_files import read_safetensors_header
+
+    for width in range(1, 40):
+        path = tmp_path / f"small-{width}.safetensors"
+        save_file({"clip_l": torch.zeros(1, width), "clip_g": torch.zeros(1, 2 * width)}, str(path))
+        if path.read_bytes()[:1] == b"\x80":
+            assert set(read_safetensors_header(path)) >= {"clip_l", "clip_g"}
+            return
+    raise AssertionError("no file of these sizes had a header length starting with 0x80")

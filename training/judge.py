@@ -234,3 +234,39 @@ def score(scene: Scene, verdict: Verdict) -> dict[str, bool]:
         "position": verdict.position == scene.position,
         "size": verdict.size == scene.size,
     }
+
+
+INTERIOR_SHARE = 0.5
+""":func:`interior_colour` reads the shape's pixels at least this share as far inside its outline as its innermost
+one."""
+
+
+def interior_colour(image: Image.Image | npt.NDArray[np.generic], verdict: Verdict) -> RGB | None:
+    """The median colour of the shape's interior (None where the judge found no shape): of the shape's pixels
+    as :func:`judge` finds them (at least half way from the background to the shape's colour, the largest
+    region), those at least :data:`INTERIOR_SHARE` as far from its outline as the innermost one. Unlike the
+    median over the whole shape (``verdict.colour_rgb``) it leaves out the soft edges, half shape and half
+    background, which on a small shape pull the colour towards the background's (a small yellow shape on
+    navy reads nearer the green-yellows than it is drawn); unlike the pixels farthest from the background's
+    colour, it is not pulled away from the background either."""
+    if verdict.colour_rgb is None:
+        return None
+    if isinstance(image, Image.Image):
+        pixels: FloatArray = np.asarray(image.convert("RGB"), dtype=np.float64)
+    else:
+        pixels = np.asarray(image, dtype=np.float64)[..., :3]
+    background = np.asarray(verdict.background_rgb, dtype=np.float64)
+    distance = np.linalg.norm(pixels - background, axis=-1)
+    half = 0.5 * float(np.linalg.norm(np.asarray(verdict.colour_rgb, dtype=np.float64) - background))
+    mask = _largest_region(distance > min(half, FIRST_PASS_DISTANCE * 2))
+    if int(mask.sum()) < 4:
+        return verdict.colour_rgb
+    inside = ndimage.distance_transform_edt(mask)
+    return _as_rgb(np.median(pixels[inside >= INTERIOR_SHARE * float(inside.max())], axis=0))
+
+
+def nearest_colour(rgb: RGB | FloatArray, extra: dict[str, RGB] | None = None) -> str:
+    """The name of the shape colour nearest ``rgb`` (RGB distance) among the palette's (:data:`COLOURS`) and
+    ``extra`` ones, e.g. ``{"chartreuse": (132, 198, 35)}``: a colour that no palette word says (a textual
+    inversion's, ``training/train_embedding.py``)."""
+    return _nearest(np.asarray(rgb, dtype=np.float64), {**COLOURS, **(extra or {})})

@@ -16,7 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagen.registry.demo_model import DEMO_DIR
-from imagen.registry.specs import DEMO_BASE, ControlNetSpec, IpAdapterSpec, LoraSpec, ModelSpec, Registry
+from imagen.registry.specs import (
+    DEMO_BASE,
+    ControlNetSpec,
+    EmbeddingSpec,
+    IpAdapterSpec,
+    LoraSpec,
+    ModelSpec,
+    Registry,
+)
 
 TRAINING_RECORD = "training.json"
 DEMO_MODEL_ID = "demo"
@@ -29,6 +37,8 @@ DEMO_IP_ENCODER_DIR: Path = DEMO_IP_ADAPTER_DIR / "image_encoder"
 DEMO_IP_REFERENCE: Path = DEMO_IP_ADAPTER_DIR / "reference.png"
 DEMO_CONTROLNET_ID = "demo-silhouette"
 DEMO_CONTROLNET_DIR: Path = DEMO_DIR / "controlnet"
+DEMO_EMBEDDING_WORD = "chartreuse"  # a yellow-green between the palette's yellow and green
+DEMO_EMBEDDING_PATH: Path = DEMO_DIR / "embeddings" / "chartreuse.safetensors"
 DEMO_GUIDANCE_RESCALE = 0.7
 DEMO_GUIDANCE_STOP = 0.6
 
@@ -74,6 +84,15 @@ def builtin_registry() -> Registry:
                 "silhouette (white on black); the picture draws that shape there, at that size, in the colour "
                 "and on the background the prompt names.",
                 path=DEMO_CONTROLNET_DIR,
+                base=DEMO_BASE,
+            )
+        ],
+        embeddings=[
+            EmbeddingSpec(
+                name=DEMO_EMBEDDING_WORD,
+                description="Textual inversion trained on the demo model: a yellow-green no palette word says "
+                "(between yellow and green), on white, beige and sky blue backgrounds.",
+                path=DEMO_EMBEDDING_PATH,
                 base=DEMO_BASE,
             )
         ],

@@ -65,16 +65,17 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     with path.open("rb") as handle:
         start = handle.read(8)
+        length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+        # read as safetensors first: a small header's length can itself begin with 0x80 (a 128-255 byte header)
+        raw = handle.read(length) if 2 <= length <= min(MAX_HEADER_BYTES, size - 8) else b""
+    if not raw.startswith(b"{"):
         if start[:2] == b"PK" or start[:1] == b"\x80":
             # A torch zip archive or a raw pickle stream (protocol 2+ starts with 0x80), renamed.
             raise UnsafeFileError(_pickle_hint(path) + " (its content is a pickle despite its name)")
         if len(start) < 8:
             raise UnsafeFileError(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", start)
-        if length < 2 or length > min(MAX_HEADER_BYTES, size - 8):
+        if not raw:
             raise UnsafeFileError(f"{path} is not a safetensors file (bad header length)")
-        raw = handle.read(length)
-    if not raw.startswith(b"{"):
         raise UnsafeFileError(f"{path} is not a safetensors file (header is not JSON)")
     try:
         header = json.loads(raw.decode("utf-8"))
