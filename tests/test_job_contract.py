@@ -43,13 +43,18 @@ def worker_pids(client: TestClient) -> list[int]:
 __all__ = ["shared_redis"]  # a fixture, used through request.getfixturevalue
 
 
-def test_job_runs_to_success_with_progress(job_system: Callable[..., TestClient], tmp_path: Path) -> None:
+def test_job_runs_to_success_with_progress(
+    job_system: Callable[..., TestClient], tmp_path: Path, latches: Latches
+) -> None:
     client = job_system()
-    job_id = submit(client, "sleep 1.0", steps=10, seed=7)
+    # held in its generation step until the test has seen it there: no window to miss on a loaded machine
+    job_id = submit(client, "hold progress", steps=10, seed=7)
+    latches.wait_started("progress")
     running = wait_status(client, job_id, {"PROGRESS"})
     assert running["meta"]["step"] == "generation_gpu"
     assert 0 <= running["meta"]["progress"] <= 100
     assert running["result"] is None
+    latches.release("progress")
     done = wait_status(client, job_id, TERMINAL)
     assert done["status"] == "SUCCESS"
     assert "meta" not in done and "error" not in done
