@@ -302,6 +302,14 @@ def _unsupported(fields: Txt2ImgRequest, sampler: str | None) -> str | None:
 _LANCZOS_NAMES = ("none", "lanczos")
 
 
+def _upscaler_named(name: str, registry: Registry) -> str | None:
+    """Our upscaler for an A1111 pixel upscaler's name: ``lanczos`` for None/Lanczos, else a registry
+    upscaler by its name or id; None when there is no such upscaler."""
+    if name.lower() in _LANCZOS_NAMES:
+        return "lanczos"
+    return next((u.id for u in registry.upscalers if name in (u.id, u.name)), None)
+
+
 def hires_from_fields(fields: Txt2ImgRequest, registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
     """A1111's hires fields as our ``hires``: hr_scale, hr_upscaler (by A1111 name, or a registry upscaler's
     name or id), hr_second_pass_steps, hr_resize_x/y and denoising_strength (A1111's 0.7 when absent)."""
@@ -310,16 +318,10 @@ def hires_from_fields(fields: Txt2ImgRequest, registry: Registry) -> tuple[dict[
     if fields.init_images:
         return None, "enable_hr: the hires fix is for txt2img"
     wanted = (fields.hr_upscaler or "Latent").strip()
-    if wanted.lower() == "latent":
-        upscaler = "latent"
-    elif wanted.lower() in _LANCZOS_NAMES:
-        upscaler = "lanczos"
-    else:
-        found = next((u.id for u in registry.upscalers if wanted in (u.id, u.name)), None)
-        if found is None:
-            names = ["Latent", "None", "Lanczos", *(u.name for u in registry.upscalers)]
-            return None, f"hr_upscaler: {wanted!r} is not available here; available: {', '.join(names)}"
-        upscaler = found
+    upscaler = "latent" if wanted.lower() == "latent" else _upscaler_named(wanted, registry)
+    if upscaler is None:
+        names = ["Latent", "None", "Lanczos", *(u.name for u in registry.upscalers)]
+        return None, f"hr_upscaler: {wanted!r} is not available here; available: {', '.join(names)}"
     hires: dict[str, Any] = {
         "scale": fields.hr_scale,
         "upscaler": upscaler,
@@ -636,14 +638,10 @@ def _upscale_request(fields: ExtraSingleImageRequest, registry: Registry) -> Ups
     if fields.upscaler_2 not in ("", "None") and fields.extras_upscaler_2_visibility:
         return "upscaler_2: a second upscaler blended in is not available here; send None"
     wanted = fields.upscaler_1.strip()
-    if wanted.lower() in _LANCZOS_NAMES:
-        upscaler = "lanczos"
-    else:
-        found = next((u.id for u in registry.upscalers if wanted in (u.id, u.name)), None)
-        if found is None:
-            names = ["None", "Lanczos", *(u.name for u in registry.upscalers)]
-            return f"upscaler_1: {wanted!r} is not available here; available: {', '.join(names)}"
-        upscaler = found
+    upscaler = _upscaler_named(wanted, registry)
+    if upscaler is None:
+        names = ["None", "Lanczos", *(u.name for u in registry.upscalers)]
+        return f"upscaler_1: {wanted!r} is not available here; available: {', '.join(names)}"
     values: dict[str, Any] = {"image": _data_url(fields.image), "upscaler": upscaler}
     if fields.resize_mode == 1:
         values.update(width=fields.upscaling_resize_w, height=fields.upscaling_resize_h)

@@ -194,15 +194,7 @@ def prepare_upscale(
     except BadImage as exc:
         errors.append(FieldError(("image",), str(exc), request.image[:64] + ("…" if len(request.image) > 64 else "")))
         raise InvalidRequest(errors) from exc
-    width, height = picture.width, picture.height
-    if request.width and request.height:
-        target = (request.width, request.height)
-    elif request.width:
-        target = (request.width, max(1, round(height * request.width / width)))
-    elif request.height:
-        target = (max(1, round(width * request.height / height)), request.height)
-    else:
-        target = (max(1, round(width * request.scale)), max(1, round(height * request.scale)))
+    target = hires_size(picture.width, picture.height, request.scale, request.width, request.height, step=1)
     problem = output_size_problem(*target, settings.max_output_pixels)
     if problem is not None:
         field = "width" if request.width else ("height" if request.height else "scale")

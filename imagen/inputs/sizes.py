@@ -36,13 +36,19 @@ HIRES_STEP = SIDE_STEP
 
 
 def hires_size(
-    width: int, height: int, scale: float, target_width: int | None, target_height: int | None
+    width: int,
+    height: int,
+    scale: float,
+    target_width: int | None,
+    target_height: int | None,
+    step: int = HIRES_STEP,
 ) -> tuple[int, int]:
-    """The hires fix's final size, as A1111 computes it: the first pass's size times ``scale``; or the target
-    given (one side only: the other keeps the aspect); each side rounded to a multiple of 64."""
+    """A picture's size made larger, as A1111 computes it (the hires fix, the extras' upscale): ``width`` x
+    ``height`` times ``scale``; or the target given (one side only: the other keeps the aspect); each side
+    rounded to a multiple of ``step`` (64 for the hires fix; 1 for a plain upscale)."""
 
     def rounded(side: float) -> int:
-        return max(HIRES_STEP, HIRES_STEP * round(side / HIRES_STEP))
+        return max(step, step * round(side / step))
 
     if target_width and target_height:
         return rounded(target_width), rounded(target_height)

@@ -92,28 +92,33 @@ def clip_text_config(
     )
 
 
+def _tiny_unet(shape: TinySdxlShape, cross_attention_dim: int, time_ids: int) -> Any:
+    """An SDXL-architecture UNet of ``shape``'s sizes (drawn from the global RNG: callers seed it)."""
+    return UNet2DConditionModel(  # type: ignore[no-untyped-call]
+        sample_size=shape.size // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block,
+        down_block_types=shape.unet_down,
+        up_block_types=shape.unet_up,
+        attention_head_dim=shape.unet_heads,
+        norm_num_groups=shape.unet_norm_groups,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=shape.time_embed_dim,
+        transformer_layers_per_block=1,
+        projection_class_embeddings_input_dim=shape.time_embed_dim * time_ids + shape.text_projection_2,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
 def build_tiny_sdxl_pipeline(shape: TinySdxlShape, seed: int = 0) -> Any:
     """A real ``StableDiffusionXLPipeline`` with random weights drawn from ``seed`` (global RNG untouched)."""
     pooled_dim = shape.text_projection_2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
-            sample_size=shape.size // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=shape.unet_channels,
-            layers_per_block=shape.unet_layers_per_block,
-            down_block_types=shape.unet_down,
-            up_block_types=shape.unet_up,
-            attention_head_dim=shape.unet_heads,
-            norm_num_groups=shape.unet_norm_groups,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=shape.time_embed_dim,
-            transformer_layers_per_block=1,
-            projection_class_embeddings_input_dim=shape.time_embed_dim * 6 + pooled_dim,
-            cross_attention_dim=shape.text_hidden + shape.text_hidden_2,
-        )
+        unet = _tiny_unet(shape, cross_attention_dim=shape.text_hidden + shape.text_hidden_2, time_ids=6)
         torch.manual_seed(seed + 1)
         vae: Any = AutoencoderKL(  # type: ignore[no-untyped-call]
             block_out_channels=shape.vae_channels,
@@ -155,26 +160,10 @@ def build_tiny_refiner_pipeline(base: Any, shape: TinySdxlShape, seed: int = 0) 
     """A tiny SDXL *refiner* (``StableDiffusionXLImg2ImgPipeline``, ``requires_aesthetics_score``): the second
     text encoder and the VAE of ``base`` (as SDXL's refiner shares them with SDXL base), a UNet of its own that
     reads that encoder alone and five time ids (sizes, crop and the aesthetic score)."""
-    pooled_dim = shape.text_projection_2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
-            sample_size=shape.size // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=shape.unet_channels,
-            layers_per_block=shape.unet_layers_per_block,
-            down_block_types=shape.unet_down,
-            up_block_types=shape.unet_up,
-            attention_head_dim=shape.unet_heads,
-            norm_num_groups=shape.unet_norm_groups,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=shape.time_embed_dim,
-            transformer_layers_per_block=1,
-            projection_class_embeddings_input_dim=shape.time_embed_dim * 5 + pooled_dim,
-            cross_attention_dim=shape.text_hidden_2,
-        )
+        # the refiner's UNet reads the second encoder alone, and five time ids (the aesthetic score for two)
+        unet = _tiny_unet(shape, cross_attention_dim=shape.text_hidden_2, time_ids=5)
     return StableDiffusionXLImg2ImgPipeline(  # type: ignore[no-untyped-call]
         vae=base.vae,
         text_encoder=None,
